@@ -1,0 +1,217 @@
+//! The `EventBus` trait and what subscribing takes and gives.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::envelope::Envelope;
+use crate::error::Error;
+use crate::handler::{EnvelopeHandler, MessageHandler};
+use crate::health::HealthReport;
+use crate::message::OutboundMessage;
+use crate::topic::{dead_letter_topic, validate_topic};
+
+/// An event bus: publish and subscribe on one backend (memory, NATS JetStream, Kafka).
+///
+/// Object safe: hold it as `Arc<dyn EventBus>`. The delivery contract is the same on every
+/// backend: envelopes at-least-once and in order per aggregate, plain messages at-most-once.
+#[async_trait]
+pub trait EventBus: Send + Sync {
+    /// Publishes a plain message to `topic`.
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error>;
+
+    /// Publishes an envelope to `topic`, with the envelope headers (`X-Event-ID`, ...) and, on
+    /// Kafka, the aggregate ID as the record key.
+    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error>;
+
+    /// Subscribes `handler` to the plain messages of `topic` (at-most-once).
+    async fn subscribe(
+        &self,
+        topic: &str,
+        handler: Arc<dyn MessageHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error>;
+
+    /// Subscribes `handler` to the envelopes of `topic` (at-least-once, in order per aggregate).
+    async fn subscribe_envelope(
+        &self,
+        topic: &str,
+        handler: Arc<dyn EnvelopeHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error>;
+
+    /// The bus's current health.
+    async fn health(&self) -> HealthReport;
+
+    /// Stops intake, lets in-flight handlers finish up to the drain timeout, acknowledges what
+    /// finished and leaves the rest for redelivery. Idempotent.
+    async fn close(&self) -> Result<(), Error>;
+}
+
+/// Where exhausted or undecodable envelopes of a subscription go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DeadLetter {
+    /// `{topic}.DLQ`.
+    #[default]
+    Default,
+    /// A topic of your choice.
+    Topic(String),
+    /// No dead-letter destination: an exhausted envelope is left unacknowledged for the broker
+    /// to redeliver, and an error is logged and counted.
+    Disabled,
+}
+
+/// Options of one subscription.
+///
+/// ```
+/// use eventbus_core::{DeadLetter, SubscribeOptions};
+///
+/// let options = SubscribeOptions::new()
+///     .with_dead_letter(DeadLetter::Topic("orders.failed".into()))
+///     .with_subject_keys(true);
+/// assert_eq!(options.dead_letter_topic("orders")?, Some("orders.failed".to_owned()));
+/// assert_eq!(SubscribeOptions::new().dead_letter_topic("orders")?, Some("orders.DLQ".to_owned()));
+/// # Ok::<(), eventbus_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscribeOptions {
+    /// Where exhausted or undecodable envelopes go.
+    pub dead_letter: DeadLetter,
+    /// Take the aggregate ID from the subject's tokens when no other source holds one (NATS).
+    pub subject_keys: bool,
+}
+
+impl SubscribeOptions {
+    /// The defaults: dead letters to `{topic}.DLQ`, no subject keys.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the dead-letter destination.
+    pub fn with_dead_letter(mut self, dead_letter: DeadLetter) -> Self {
+        self.dead_letter = dead_letter;
+        self
+    }
+
+    /// Opts into (or out of) aggregate IDs from subject tokens.
+    pub fn with_subject_keys(mut self, subject_keys: bool) -> Self {
+        self.subject_keys = subject_keys;
+        self
+    }
+
+    /// The dead-letter topic for a subscription to `topic`, validated; `None` when disabled.
+    pub fn dead_letter_topic(&self, topic: &str) -> Result<Option<String>, Error> {
+        match &self.dead_letter {
+            DeadLetter::Default => dead_letter_topic(topic).map(Some),
+            DeadLetter::Topic(custom) => {
+                validate_topic(custom)?;
+                Ok(Some(custom.clone()))
+            }
+            DeadLetter::Disabled => Ok(None),
+        }
+    }
+}
+
+/// The backend side of a [`Subscription`]: how to stop it.
+#[async_trait]
+pub trait SubscriptionControl: Send + Sync {
+    /// Stops delivery to the subscription's handler. In-flight messages finish; nothing new
+    /// starts. Durable broker state (a NATS consumer, a Kafka group's offsets) is kept.
+    async fn unsubscribe(&self) -> Result<(), Error>;
+}
+
+/// A running subscription.
+///
+/// Dropping the handle does **not** stop the subscription: it runs until
+/// [`unsubscribe`](Self::unsubscribe) or until the bus closes.
+pub struct Subscription {
+    topic: String,
+    control: Box<dyn SubscriptionControl>,
+}
+
+impl Subscription {
+    /// A handle for a subscription to `topic`; backends call this.
+    pub fn new(topic: impl Into<String>, control: impl SubscriptionControl + 'static) -> Self {
+        Self {
+            topic: topic.into(),
+            control: Box::new(control),
+        }
+    }
+
+    /// The subscribed topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Stops delivery to this subscription's handler (see [`SubscriptionControl::unsubscribe`]).
+    pub async fn unsubscribe(self) -> Result<(), Error> {
+        self.control.unsubscribe().await
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_topics_are_validated() {
+        assert_eq!(
+            SubscribeOptions::new()
+                .with_dead_letter(DeadLetter::Disabled)
+                .dead_letter_topic("orders")
+                .unwrap(),
+            None
+        );
+        let bad = SubscribeOptions::new().with_dead_letter(DeadLetter::Topic("a b".into()));
+        assert!(bad.dead_letter_topic("orders").is_err());
+        let long = "t".repeat(246);
+        assert!(SubscribeOptions::new().dead_letter_topic(&long).is_err());
+        assert!(
+            SubscribeOptions::new()
+                .dead_letter_topic(&long[..245])
+                .is_ok()
+        );
+    }
+
+    struct Flag(Arc<std::sync::atomic::AtomicBool>);
+
+    #[async_trait]
+    impl SubscriptionControl for Flag {
+        async fn unsubscribe(&self) -> Result<(), Error> {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unsubscribe_reaches_the_backend_control() {
+        let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let subscription = Subscription::new("orders", Flag(flag.clone()));
+        assert_eq!(subscription.topic(), "orders");
+        assert!(format!("{subscription:?}").contains("orders"));
+        futures_lite_block_on(subscription.unsubscribe()).unwrap();
+        assert!(flag.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    /// Polls a future that never waits (the control above) to completion without a runtime.
+    fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return output;
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Message headers.
+
+use bytes::Bytes;
+
+/// Message headers: ordered, case-preserving, repeated names kept, values are bytes.
+///
+/// This is the common shape of Kafka record headers and NATS message headers. Lookups by name
+/// are exact (case-sensitive); with a repeated name, [`get`](Self::get) returns the last value,
+/// as a map built from the list would.
+///
+/// ```
+/// use eventbus_core::Headers;
+///
+/// let mut headers = Headers::new();
+/// headers.append("X-Trace", "a");
+/// headers.append("X-Trace", "b");
+/// headers.insert("X-Event-Type", "OrderCreated");
+/// assert_eq!(headers.get("X-Trace"), Some(&b"b"[..]));
+/// assert_eq!(headers.get_all("X-Trace").count(), 2);
+/// assert_eq!(headers.get_str("X-Event-Type"), Some("OrderCreated"));
+/// assert_eq!(headers.get("x-trace"), None);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: Vec<(String, Bytes)>,
+}
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number of entries, repeated names counted each time.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Adds an entry after the existing ones, keeping any with the same name.
+    pub fn append(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        self.entries.push((name.into(), value.into()));
+    }
+
+    /// Sets `name` to `value`: removes every entry with that exact name, then appends.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
+        let name = name.into();
+        self.remove(&name);
+        self.entries.push((name, value.into()));
+    }
+
+    /// Removes every entry named `name`; returns how many there were.
+    pub fn remove(&mut self, name: &str) -> usize {
+        let before = self.entries.len();
+        self.entries.retain(|(entry, _)| entry != name);
+        before - self.entries.len()
+    }
+
+    /// The last value of `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .rev()
+            .find(|(entry, _)| entry == name)
+            .map(|(_, value)| value.as_ref())
+    }
+
+    /// The last value of `name`, if it is UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name)
+            .and_then(|value| std::str::from_utf8(value).ok())
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(entry, _)| entry == name)
+            .map(|(_, value)| value.as_ref())
+    }
+
+    /// True when at least one entry is named `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.iter().any(|(entry, _)| entry == name)
+    }
+
+    /// Every entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.as_ref()))
+    }
+}
+
+impl<N: Into<String>, V: Into<Bytes>> FromIterator<(N, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        let mut headers = Headers::new();
+        headers.extend(iter);
+        headers
+    }
+}
+
+impl<N: Into<String>, V: Into<Bytes>> Extend<(N, V)> for Headers {
+    fn extend<I: IntoIterator<Item = (N, V)>>(&mut self, iter: I) {
+        for (name, value) in iter {
+            self.append(name, value);
+        }
+    }
+}
+
+impl IntoIterator for Headers {
+    type Item = (String, Bytes);
+    type IntoIter = std::vec::IntoIter<(String, Bytes)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_keep_order_case_and_duplicates() {
+        let headers: Headers = [("B", "1"), ("a", "2"), ("B", "3"), ("b", "4")]
+            .into_iter()
+            .collect();
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["B", "a", "B", "b"]);
+        assert_eq!(headers.get("B"), Some(&b"3"[..]));
+        assert_eq!(headers.get("b"), Some(&b"4"[..]));
+        assert_eq!(headers.get_all("B").collect::<Vec<_>>(), [&b"1"[..], b"3"]);
+        assert_eq!(headers.len(), 4);
+    }
+
+    #[test]
+    fn insert_replaces_every_entry_of_that_exact_name() {
+        let mut headers: Headers = [("k", "1"), ("K", "2"), ("k", "3")].into_iter().collect();
+        headers.insert("k", "new");
+        assert_eq!(headers.get_all("k").collect::<Vec<_>>(), [&b"new"[..]]);
+        assert!(headers.contains("K"));
+        assert_eq!(headers.remove("k"), 1);
+        assert_eq!(headers.remove("k"), 0);
+        assert_eq!(headers.len(), 1);
+    }
+
+    #[test]
+    fn values_are_bytes_not_necessarily_text() {
+        let mut headers = Headers::new();
+        headers.append("bin", vec![0xff, 0x00]);
+        assert_eq!(headers.get("bin"), Some(&[0xff, 0x00][..]));
+        assert_eq!(headers.get_str("bin"), None);
+        assert!(Headers::new().is_empty());
+    }
+}

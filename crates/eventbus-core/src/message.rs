@@ -1,0 +1,110 @@
+//! Consumed and outbound messages.
+
+use bytes::Bytes;
+use time::OffsetDateTime;
+
+use crate::headers::Headers;
+
+/// Where a consumed message sits in its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Position {
+    /// A Kafka record.
+    Partition {
+        /// The partition.
+        partition: i32,
+        /// The record's offset in the partition.
+        offset: i64,
+    },
+    /// A sequence number in a stream: a NATS JetStream stream sequence, or a memory topic's.
+    Sequence(u64),
+    /// No position (core NATS).
+    #[default]
+    Unknown,
+}
+
+/// Delivery metadata of a consumed message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryMeta {
+    /// Where the message sits in the broker.
+    pub position: Position,
+    /// How many times the broker has delivered the message, this delivery included (1 = first).
+    /// Kafka does not count deliveries and always reports 1.
+    pub delivery_attempt: u32,
+    /// When the broker stored the message, when it says.
+    pub timestamp: Option<OffsetDateTime>,
+}
+
+/// A consumed message, as handed to a [`MessageHandler`](crate::MessageHandler).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The topic (NATS subject) it was consumed from.
+    pub topic: String,
+    /// The record key (Kafka), if any.
+    pub key: Option<Bytes>,
+    /// The headers.
+    pub headers: Headers,
+    /// The body.
+    pub payload: Bytes,
+    /// Delivery metadata.
+    pub meta: DeliveryMeta,
+}
+
+impl Message {
+    /// A message on `topic` with `payload`, no key, no headers, first delivery, no position.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            key: None,
+            headers: Headers::new(),
+            payload: payload.into(),
+            meta: DeliveryMeta {
+                delivery_attempt: 1,
+                ..DeliveryMeta::default()
+            },
+        }
+    }
+}
+
+/// A message to publish: payload, optional key, headers.
+///
+/// ```
+/// use eventbus_core::OutboundMessage;
+///
+/// let message = OutboundMessage::new(r#"{"hello":"world"}"#)
+///     .with_key("order-42")
+///     .with_header("X-Source", "billing");
+/// assert_eq!(message.key.as_deref(), Some(&b"order-42"[..]));
+/// assert_eq!(message.headers.get_str("X-Source"), Some("billing"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OutboundMessage {
+    /// The body.
+    pub payload: Bytes,
+    /// The record key (Kafka partitioning); NATS ignores it.
+    pub key: Option<Bytes>,
+    /// The headers.
+    pub headers: Headers,
+}
+
+impl OutboundMessage {
+    /// A message with `payload`, no key and no headers.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Self {
+            payload: payload.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the record key.
+    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Appends a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.append(name, value);
+        self
+    }
+}
