@@ -446,8 +446,9 @@ pub(crate) fn write_string(out: &mut Vec<u8>, text: &str) {
             }
             None => {
                 out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(byte >> 4)]);
-                out.push(HEX[usize::from(byte & 0xF)]);
+                for nibble in [byte >> 4, byte & 0xF] {
+                    out.extend(HEX.get(usize::from(nibble)));
+                }
                 i += 1;
             }
         }

@@ -2,6 +2,13 @@
 //! envelope code (`tests/go-oracle/main.go`, jsoniter 1.1.12): the bytes we encode for the same
 //! values are the bytes Go sends, and we accept exactly the inputs Go accepts.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)] // test helpers
+
 use eventbus_core::{Envelope, ErrorKind};
 use serde_json::Value;
 use time::OffsetDateTime;
