@@ -1,2 +1,210 @@
-//! Project automation. Run `cargo xtask help`.
-fn main() {}
+//! Project automation.
+//!
+//! ```text
+//! cargo xtask test-matrix   run every check CI runs; print a table; fail if any step fails
+//! cargo xtask deps          check the crate dependency rule only
+//! ```
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod deps;
+
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("test-matrix") => test_matrix(),
+        Some("deps") => match metadata().and_then(|m| deps::check(&m).map_err(|v| v.join("\n"))) {
+            Ok(()) => {
+                println!("dependency rule: ok");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("dependency rule violated:\n{message}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("help" | "--help" | "-h") | None => {
+            println!("usage: cargo xtask <test-matrix | deps>");
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("unknown command {other:?}; try `cargo xtask help`");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One step of the matrix.
+struct Step {
+    name: String,
+    action: Action,
+}
+
+enum Action {
+    /// A command run from the workspace root.
+    Command {
+        program: &'static str,
+        args: Vec<String>,
+        env: Vec<(&'static str, &'static str)>,
+    },
+    /// The dependency rule, checked in this process.
+    DependencyRule,
+}
+
+impl Step {
+    fn cargo(name: impl Into<String>, args: &[&str]) -> Self {
+        Step {
+            name: name.into(),
+            action: Action::Command {
+                program: "cargo",
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                env: Vec::new(),
+            },
+        }
+    }
+
+    fn with_env(mut self, key: &'static str, value: &'static str) -> Self {
+        if let Action::Command { env, .. } = &mut self.action {
+            env.push((key, value));
+        }
+        self
+    }
+}
+
+fn steps(metadata: &Value) -> Vec<Step> {
+    let mut steps = vec![
+        Step::cargo("format", &["fmt", "--all", "--", "--check"]),
+        Step::cargo(
+            "clippy",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        Step {
+            name: "dependency rule".into(),
+            action: Action::DependencyRule,
+        },
+    ];
+    for package in deps::members(metadata) {
+        steps.push(Step::cargo(
+            format!("test {}", package.name),
+            &["test", "--locked", "-p", &package.name, "--all-targets"],
+        ));
+        for feature in package.features.iter().filter(|f| *f != "default") {
+            steps.push(Step::cargo(
+                format!("test {} --features {feature} (alone)", package.name),
+                &[
+                    "test",
+                    "--locked",
+                    "-p",
+                    &package.name,
+                    "--no-default-features",
+                    "--features",
+                    feature,
+                    "--all-targets",
+                ],
+            ));
+        }
+    }
+    steps.push(Step::cargo(
+        "doctests",
+        &["test", "--locked", "--workspace", "--doc"],
+    ));
+    steps.push(
+        Step::cargo("docs", &["doc", "--locked", "--workspace", "--no-deps"])
+            .with_env("RUSTDOCFLAGS", "-D warnings"),
+    );
+    steps
+}
+
+fn test_matrix() -> ExitCode {
+    let metadata = match metadata() {
+        Ok(metadata) => metadata,
+        Err(error) => {
+            eprintln!("cannot read cargo metadata: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut results: Vec<(String, Result<(), String>, Duration)> = Vec::new();
+    for step in steps(&metadata) {
+        println!("\n==> {}", step.name);
+        let started = Instant::now();
+        let result = run(&step.action, &metadata);
+        if let Err(reason) = &result {
+            println!("==> {} FAILED: {reason}", step.name);
+        }
+        results.push((step.name, result, started.elapsed()));
+    }
+
+    let width = results
+        .iter()
+        .map(|(name, ..)| name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("\n{:width$}  result  seconds", "step");
+    println!("{:-<width$}  ------  -------", "");
+    for (name, result, elapsed) in &results {
+        let verdict = if result.is_ok() { "pass" } else { "FAIL" };
+        println!("{name:width$}  {verdict:6}  {:7.1}", elapsed.as_secs_f64());
+    }
+    let failed = results.iter().filter(|(_, r, _)| r.is_err()).count();
+    let total: Duration = results.iter().map(|(.., elapsed)| *elapsed).sum();
+    println!(
+        "\ntest-matrix: {} passed, {failed} failed in {:.0} s",
+        results.len() - failed,
+        total.as_secs_f64()
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run(action: &Action, metadata: &Value) -> Result<(), String> {
+    match action {
+        Action::Command { program, args, env } => {
+            let status = Command::new(program)
+                .args(args)
+                .envs(env.iter().copied())
+                .status()
+                .map_err(|e| format!("cannot start {program}: {e}"))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "`{program} {}` exited with {status}",
+                    args.join(" ")
+                ))
+            }
+        }
+        Action::DependencyRule => deps::check(metadata).map_err(|violations| {
+            for violation in &violations {
+                println!("    {violation}");
+            }
+            format!("{} violation(s)", violations.len())
+        }),
+    }
+}
+
+fn metadata() -> Result<Value, String> {
+    let output = Command::new("cargo")
+        .args(["metadata", "--format-version", "1", "--no-deps", "--locked"])
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| format!("bad cargo metadata: {e}"))
+}
