@@ -60,7 +60,7 @@ pub fn validate_aggregate_id(id: &str) -> Result<(), Error> {
 }
 
 /// Validates and returns the trimmed ID.
-fn check(id: &str) -> Result<&str, AggregateIdError> {
+pub(crate) fn check(id: &str) -> Result<&str, AggregateIdError> {
     let trimmed = id.trim();
     if trimmed.is_empty() {
         return Err(AggregateIdError::Empty);

@@ -200,12 +200,12 @@ mod tests {
         let subscription = Subscription::new("orders", Flag(flag.clone()));
         assert_eq!(subscription.topic(), "orders");
         assert!(format!("{subscription:?}").contains("orders"));
-        futures_lite_block_on(subscription.unsubscribe()).unwrap();
+        block_on_ready(subscription.unsubscribe()).unwrap();
         assert!(flag.load(std::sync::atomic::Ordering::SeqCst));
     }
 
-    /// Polls a future that never waits (the control above) to completion without a runtime.
-    fn futures_lite_block_on<F: std::future::Future>(future: F) -> F::Output {
+    /// Polls a future that is ready at once (the control above) without a runtime.
+    fn block_on_ready<F: std::future::Future>(future: F) -> F::Output {
         let mut future = std::pin::pin!(future);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         loop {

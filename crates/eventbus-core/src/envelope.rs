@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::aggregate_id::{AggregateId, AggregateIdError, validate_aggregate_id};
+use crate::aggregate_id::{self, AggregateId, AggregateIdError};
 use crate::error::Error;
 use crate::headers::Headers;
 use crate::json::{self, Next, Reader, SyntaxError};
@@ -287,10 +287,9 @@ impl Envelope {
         if self.payload.is_empty() || json::is_null(&self.payload) {
             return required("payload");
         }
-        validate_aggregate_id(&self.aggregate_id).map_err(|error| match error {
-            Error::InvalidAggregateId(reason) => EnvelopeError::AggregateId(reason).into(),
-            other => other,
-        })
+        aggregate_id::check(&self.aggregate_id)
+            .map(drop)
+            .map_err(|reason| EnvelopeError::AggregateId(reason).into())
     }
 
     /// Validates and encodes the envelope as the Go SDK does (see [Wire format](Self#wire-format)).
