@@ -1,12 +1,5 @@
 //! Aggregate-ID validation: the Go SDK's rules as a table.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)] // test helpers
-
 use eventbus_core::{AggregateId, AggregateIdError, Error, ErrorKind, validate_aggregate_id};
 
 /// (input, the trimmed ID when valid)

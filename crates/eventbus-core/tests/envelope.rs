@@ -1,12 +1,5 @@
 //! Envelope validation and decoding errors name the field, as a table.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)] // test helpers
-
 use eventbus_core::{Envelope, EnvelopeError, Error, ErrorKind};
 
 const GOOD: &str = r#"{"event_id":"e-1","aggregate_id":"order-1","event_type":"T","event_version":1,"timestamp":"2024-01-01T00:00:00Z","payload":{}}"#;

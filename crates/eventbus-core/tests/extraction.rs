@@ -3,13 +3,6 @@
 //! payload envelope → headers (`X-Aggregate-ID`, `x-aggregate-id`, `Aggregate-ID`,
 //! `aggregate-id`) → record key → subject tokens from the last (only when opted in).
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)] // test helpers
-
 use eventbus_core::{Headers, Message, MessageSource, extract_aggregate_id};
 
 struct Case {

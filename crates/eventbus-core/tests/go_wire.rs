@@ -2,22 +2,17 @@
 //! envelope code (`tests/go-oracle/main.go`, jsoniter 1.1.12): the bytes we encode for the same
 //! values are the bytes Go sends, and we accept exactly the inputs Go accepts.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)] // test helpers
-
 use eventbus_core::{Envelope, ErrorKind};
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+#[allow(clippy::unwrap_used)] // a broken fixture should fail loudly
 fn fixtures() -> Value {
     serde_json::from_str(include_str!("fixtures/go_envelopes.json")).unwrap()
 }
 
+#[allow(clippy::unwrap_used)] // a broken fixture should fail loudly
 fn hex(text: &str) -> Vec<u8> {
     (0..text.len())
         .step_by(2)
@@ -25,6 +20,7 @@ fn hex(text: &str) -> Vec<u8> {
         .collect()
 }
 
+#[allow(clippy::unwrap_used)] // a broken fixture should fail loudly
 fn text<'a>(case: &'a Value, field: &str) -> &'a str {
     case[field].as_str().unwrap()
 }

@@ -1,12 +1,5 @@
 //! Topic names valid on both Kafka and NATS, as a table.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::panic
-)] // test helpers
-
 use eventbus_core::{Error, ErrorKind, TopicError, dead_letter_topic, validate_topic};
 
 const VALID: &[&str] = &[
