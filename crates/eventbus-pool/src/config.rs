@@ -1,0 +1,216 @@
+//! Pool configuration and the retry policy.
+
+use std::time::Duration;
+
+use eventbus_core::Error;
+
+/// The largest `pool_size` accepted.
+pub const MAX_POOL_SIZE: usize = 65_536;
+/// The largest `inbox_size` accepted.
+pub const MAX_INBOX_SIZE: usize = 1_000_000;
+/// The largest engine capacity (`pool_size × inbox_size`) accepted.
+pub const MAX_CAPACITY: usize = 100_000_000;
+/// The largest backoff accepted.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+
+/// How an at-least-once job is retried inside its lane.
+///
+/// Attempt `n` (1-based) that fails waits a random delay in `[d/2, d]` with
+/// `d = min(initial_backoff × 2^(n-1), max_backoff)` before attempt `n + 1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1 = no retries). Default 3.
+    pub max_attempts: u32,
+    /// Backoff after the first failure. Default 1 s.
+    pub initial_backoff: Duration,
+    /// The longest backoff. Default 30 s.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before the attempt after failed attempt `attempt` (1-based), jitter included.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(31);
+        let ceiling = self
+            .initial_backoff
+            .checked_mul(1u32 << doublings)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff);
+        let half = ceiling / 2;
+        let spread = (ceiling - half).as_nanos().min(u128::from(u64::MAX)) as u64;
+        half + Duration::from_nanos(fastrand::u64(0..=spread))
+    }
+}
+
+/// Configuration of a [`Pool`](crate::Pool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Actors: the most handlers running at once. Default 256.
+    pub pool_size: usize,
+    /// The most jobs queued in one lane; the pool holds at most `pool_size × inbox_size`
+    /// queued jobs. Default 1000.
+    pub inbox_size: usize,
+    /// The most panics one job may cause before it is not run again. Default 3.
+    pub max_restarts: u32,
+    /// Retries of at-least-once jobs.
+    pub retry: RetryPolicy,
+    /// Prefix of the pool's metric names (see `eventbus_core::metric_namespace`).
+    /// Default `eventbus`.
+    pub metrics_namespace: String,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            pool_size: 256,
+            inbox_size: 1000,
+            max_restarts: 3,
+            retry: RetryPolicy::default(),
+            metrics_namespace: "eventbus".to_owned(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Checks every field; the error names the first bad one (`pool.pool_size`, ...).
+    pub fn validate(&self) -> Result<(), Error> {
+        let range = |field: &str, value: usize, max: usize| {
+            if value == 0 || value > max {
+                Err(Error::config(field, format!("{value} is outside 1..={max}")))
+            } else {
+                Ok(())
+            }
+        };
+        range("pool.pool_size", self.pool_size, MAX_POOL_SIZE)?;
+        range("pool.inbox_size", self.inbox_size, MAX_INBOX_SIZE)?;
+        range(
+            "pool.pool_size × pool.inbox_size",
+            self.pool_size.saturating_mul(self.inbox_size),
+            MAX_CAPACITY,
+        )?;
+        range("pool.max_restarts", self.max_restarts as usize, 1000)?;
+        range("retry.max_attempts", self.retry.max_attempts as usize, 1000)?;
+        if self.retry.max_backoff > MAX_BACKOFF {
+            return Err(Error::config(
+                "retry.max_backoff",
+                format!("{:?} is longer than {MAX_BACKOFF:?}", self.retry.max_backoff),
+            ));
+        }
+        if self.retry.initial_backoff > self.retry.max_backoff {
+            return Err(Error::config(
+                "retry.initial_backoff",
+                format!(
+                    "{:?} is longer than retry.max_backoff ({:?})",
+                    self.retry.initial_backoff, self.retry.max_backoff
+                ),
+            ));
+        }
+        let valid_name = !self.metrics_namespace.is_empty()
+            && self
+                .metrics_namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !self.metrics_namespace.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name {
+            return Err(Error::config(
+                "pool.metrics_namespace",
+                format!("{:?} is not a Prometheus name prefix", self.metrics_namespace),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The most queued jobs the pool holds.
+    pub fn capacity(&self) -> usize {
+        self.pool_size.saturating_mul(self.inbox_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventbus_core::{Error, ErrorKind};
+
+    fn field(config: PoolConfig) -> String {
+        match config.validate() {
+            Err(Error::Config { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_go_sdk_knobs_and_valid() {
+        let config = PoolConfig::default();
+        assert_eq!((config.pool_size, config.inbox_size, config.max_restarts), (256, 1000, 3));
+        assert_eq!(config.capacity(), 256_000);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn zero_and_absurd_values_are_rejected_with_the_field_named() {
+        let with = |f: fn(&mut PoolConfig)| {
+            let mut config = PoolConfig::default();
+            f(&mut config);
+            config
+        };
+        assert_eq!(field(with(|c| c.pool_size = 0)), "pool.pool_size");
+        assert_eq!(field(with(|c| c.pool_size = MAX_POOL_SIZE + 1)), "pool.pool_size");
+        assert_eq!(field(with(|c| c.inbox_size = 0)), "pool.inbox_size");
+        assert_eq!(field(with(|c| c.inbox_size = usize::MAX)), "pool.inbox_size");
+        assert_eq!(
+            field(with(|c| {
+                c.pool_size = MAX_POOL_SIZE;
+                c.inbox_size = MAX_INBOX_SIZE;
+            })),
+            "pool.pool_size × pool.inbox_size"
+        );
+        assert_eq!(field(with(|c| c.max_restarts = 0)), "pool.max_restarts");
+        assert_eq!(field(with(|c| c.retry.max_attempts = 0)), "retry.max_attempts");
+        assert_eq!(
+            field(with(|c| c.retry.max_backoff = Duration::from_secs(7200))),
+            "retry.max_backoff"
+        );
+        assert_eq!(
+            field(with(|c| c.retry.initial_backoff = Duration::from_secs(60))),
+            "retry.initial_backoff"
+        );
+        assert_eq!(field(with(|c| c.metrics_namespace = "a-b".into())), "pool.metrics_namespace");
+        assert_eq!(field(with(|c| c.metrics_namespace = String::new())), "pool.metrics_namespace");
+        assert_eq!(
+            PoolConfig { pool_size: 0, ..PoolConfig::default() }.validate().unwrap_err().kind(),
+            ErrorKind::Config
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stays_under_the_cap() {
+        let policy = RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+        };
+        for _ in 0..200 {
+            let first = policy.backoff(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.backoff(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = policy.backoff(40);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
+        }
+        let zero = RetryPolicy {
+            initial_backoff: Duration::ZERO,
+            ..policy
+        };
+        assert_eq!(zero.backoff(5), Duration::ZERO);
+    }
+}

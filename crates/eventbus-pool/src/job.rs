@@ -1,0 +1,103 @@
+//! Jobs: what is submitted, what a run sees, and how the submitter learns the outcome.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use eventbus_core::{AggregateId, CancellationToken, DeliveryClass, HandlerError, Outcome};
+use tokio::sync::oneshot;
+
+/// The future of one attempt.
+pub type AttemptFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
+
+type Run = Box<dyn FnMut(JobContext) -> AttemptFuture + Send + 'static>;
+
+/// A unit of work: an optional routing key, a delivery class, and a function that starts one
+/// attempt (called again for each retry).
+pub struct Job {
+    pub(crate) key: Option<AggregateId>,
+    pub(crate) class: DeliveryClass,
+    pub(crate) run: Run,
+}
+
+impl Job {
+    /// A job. Jobs with the same `key` run one at a time in submission order; jobs without a key
+    /// run on any free actor. `run` is called once per attempt.
+    pub fn new<F, Fut>(key: Option<AggregateId>, class: DeliveryClass, mut run: F) -> Self
+    where
+        F: FnMut(JobContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        Self {
+            key,
+            class,
+            run: Box::new(move |ctx| Box::pin(run(ctx))),
+        }
+    }
+
+    /// The routing key.
+    pub fn key(&self) -> Option<&AggregateId> {
+        self.key.as_ref()
+    }
+
+    /// The delivery class.
+    pub fn class(&self) -> DeliveryClass {
+        self.class
+    }
+}
+
+impl fmt::Debug for Job {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Job")
+            .field("key", &self.key)
+            .field("class", &self.class)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one attempt of a job knows.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub(crate) attempt: u32,
+    pub(crate) cancellation: CancellationToken,
+}
+
+impl JobContext {
+    /// The attempt number, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Cancelled when the pool's drain deadline passes; the attempt is then dropped.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancellation
+    }
+}
+
+/// The submitter's side of a job: resolves to its [`Outcome`] once it settles.
+///
+/// Dropping the handle does not cancel the job; its outcome is then discarded.
+#[derive(Debug)]
+pub struct JobHandle {
+    pub(crate) outcome: oneshot::Receiver<Outcome>,
+}
+
+impl JobHandle {
+    /// The outcome if the job has settled, without waiting.
+    pub fn try_outcome(&mut self) -> Option<Outcome> {
+        self.outcome.try_recv().ok()
+    }
+}
+
+impl Future for JobHandle {
+    type Output = Outcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        // The pool settles every job before it drops the sender; a closed channel only happens
+        // when the runtime itself is torn down, and the job then never finished.
+        Pin::new(&mut self.outcome)
+            .poll(cx)
+            .map(|outcome| outcome.unwrap_or(Outcome::Cancelled { attempts: 0 }))
+    }
+}
