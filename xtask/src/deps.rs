@@ -17,6 +17,8 @@ use serde_json::Value;
 pub(crate) struct Member {
     pub(crate) name: String,
     pub(crate) features: Vec<String>,
+    /// `cargo test` flags selecting its targets except benchmarks (`--lib`, `--bins`, ...).
+    pub(crate) test_targets: Vec<&'static str>,
 }
 
 const CORE: &str = "eventbus-core";
@@ -54,8 +56,31 @@ pub(crate) fn members(metadata: &Value) -> Vec<Member> {
                 .as_object()
                 .map(|features| features.keys().cloned().collect())
                 .unwrap_or_default(),
+            test_targets: test_targets(package),
         })
         .collect()
+}
+
+/// The flags that select every target of `package` but its benchmarks, which `cargo test` would
+/// otherwise run (criterion runs each benchmark once in test mode).
+fn test_targets(package: &Value) -> Vec<&'static str> {
+    let kinds: Vec<&str> = package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|target| target["kind"].as_array().into_iter().flatten())
+        .filter_map(Value::as_str)
+        .collect();
+    [
+        ("lib", "--lib"),
+        ("bin", "--bins"),
+        ("test", "--tests"),
+        ("example", "--examples"),
+    ]
+    .into_iter()
+    .filter(|(kind, _)| kinds.contains(kind))
+    .map(|(_, flag)| flag)
+    .collect()
 }
 
 fn packages(metadata: &Value) -> impl Iterator<Item = &Value> {
@@ -185,11 +210,18 @@ mod tests {
     }
 
     #[test]
-    fn members_list_their_features() {
+    fn members_list_their_features_and_test_targets_without_benches() {
         let mut facade = package(FACADE, &[]);
         facade["features"] = json!({"default": ["memory"], "memory": [], "nats": []});
-        let members = members(&workspace(vec![facade]));
+        facade["targets"] = json!([
+            {"kind": ["lib"]}, {"kind": ["bench"]}, {"kind": ["test"]}, {"kind": ["example"]}
+        ]);
+        let mut tool = package("xtask", &[]);
+        tool["targets"] = json!([{"kind": ["bin"]}]);
+        let members = members(&workspace(vec![facade, tool]));
         assert_eq!(members[0].name, FACADE);
         assert_eq!(members[0].features, ["default", "memory", "nats"]);
+        assert_eq!(members[0].test_targets, ["--lib", "--tests", "--examples"]);
+        assert_eq!(members[1].test_targets, ["--bins"]);
     }
 }

@@ -96,26 +96,31 @@ fn steps(metadata: &Value) -> Vec<Step> {
         },
     ];
     for package in deps::members(metadata) {
-        steps.push(Step::cargo(
-            format!("test {}", package.name),
-            &["test", "--locked", "-p", &package.name, "--all-targets"],
-        ));
+        let mut args = vec!["test", "--locked", "-p", &package.name];
+        args.extend(&package.test_targets);
+        steps.push(Step::cargo(format!("test {}", package.name), &args));
         for feature in package.features.iter().filter(|f| *f != "default") {
+            let mut args = vec![
+                "test",
+                "--locked",
+                "-p",
+                &package.name,
+                "--no-default-features",
+                "--features",
+                feature,
+            ];
+            args.extend(&package.test_targets);
             steps.push(Step::cargo(
                 format!("test {} --features {feature} (alone)", package.name),
-                &[
-                    "test",
-                    "--locked",
-                    "-p",
-                    &package.name,
-                    "--no-default-features",
-                    "--features",
-                    feature,
-                    "--all-targets",
-                ],
+                &args,
             ));
         }
     }
+    // Benchmarks are built here and run on demand (`cargo bench`).
+    steps.push(Step::cargo(
+        "benchmarks compile",
+        &["bench", "--locked", "--workspace", "--no-run"],
+    ));
     steps.push(Step::cargo(
         "doctests",
         &["test", "--locked", "--workspace", "--doc"],

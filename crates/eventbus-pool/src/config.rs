@@ -86,7 +86,10 @@ impl PoolConfig {
     pub fn validate(&self) -> Result<(), Error> {
         let range = |field: &str, value: usize, max: usize| {
             if value == 0 || value > max {
-                Err(Error::config(field, format!("{value} is outside 1..={max}")))
+                Err(Error::config(
+                    field,
+                    format!("{value} is outside 1..={max}"),
+                ))
             } else {
                 Ok(())
             }
@@ -103,7 +106,10 @@ impl PoolConfig {
         if self.retry.max_backoff > MAX_BACKOFF {
             return Err(Error::config(
                 "retry.max_backoff",
-                format!("{:?} is longer than {MAX_BACKOFF:?}", self.retry.max_backoff),
+                format!(
+                    "{:?} is longer than {MAX_BACKOFF:?}",
+                    self.retry.max_backoff
+                ),
             ));
         }
         if self.retry.initial_backoff > self.retry.max_backoff {
@@ -120,11 +126,16 @@ impl PoolConfig {
                 .metrics_namespace
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !self.metrics_namespace.starts_with(|c: char| c.is_ascii_digit());
+            && !self
+                .metrics_namespace
+                .starts_with(|c: char| c.is_ascii_digit());
         if !valid_name {
             return Err(Error::config(
                 "pool.metrics_namespace",
-                format!("{:?} is not a Prometheus name prefix", self.metrics_namespace),
+                format!(
+                    "{:?} is not a Prometheus name prefix",
+                    self.metrics_namespace
+                ),
             ));
         }
         Ok(())
@@ -151,7 +162,10 @@ mod tests {
     #[test]
     fn defaults_are_the_go_sdk_knobs_and_valid() {
         let config = PoolConfig::default();
-        assert_eq!((config.pool_size, config.inbox_size, config.max_restarts), (256, 1000, 3));
+        assert_eq!(
+            (config.pool_size, config.inbox_size, config.max_restarts),
+            (256, 1000, 3)
+        );
         assert_eq!(config.capacity(), 256_000);
         assert!(config.validate().is_ok());
     }
@@ -164,9 +178,15 @@ mod tests {
             config
         };
         assert_eq!(field(with(|c| c.pool_size = 0)), "pool.pool_size");
-        assert_eq!(field(with(|c| c.pool_size = MAX_POOL_SIZE + 1)), "pool.pool_size");
+        assert_eq!(
+            field(with(|c| c.pool_size = MAX_POOL_SIZE + 1)),
+            "pool.pool_size"
+        );
         assert_eq!(field(with(|c| c.inbox_size = 0)), "pool.inbox_size");
-        assert_eq!(field(with(|c| c.inbox_size = usize::MAX)), "pool.inbox_size");
+        assert_eq!(
+            field(with(|c| c.inbox_size = usize::MAX)),
+            "pool.inbox_size"
+        );
         assert_eq!(
             field(with(|c| {
                 c.pool_size = MAX_POOL_SIZE;
@@ -175,7 +195,10 @@ mod tests {
             "pool.pool_size × pool.inbox_size"
         );
         assert_eq!(field(with(|c| c.max_restarts = 0)), "pool.max_restarts");
-        assert_eq!(field(with(|c| c.retry.max_attempts = 0)), "retry.max_attempts");
+        assert_eq!(
+            field(with(|c| c.retry.max_attempts = 0)),
+            "retry.max_attempts"
+        );
         assert_eq!(
             field(with(|c| c.retry.max_backoff = Duration::from_secs(7200))),
             "retry.max_backoff"
@@ -184,10 +207,22 @@ mod tests {
             field(with(|c| c.retry.initial_backoff = Duration::from_secs(60))),
             "retry.initial_backoff"
         );
-        assert_eq!(field(with(|c| c.metrics_namespace = "a-b".into())), "pool.metrics_namespace");
-        assert_eq!(field(with(|c| c.metrics_namespace = String::new())), "pool.metrics_namespace");
         assert_eq!(
-            PoolConfig { pool_size: 0, ..PoolConfig::default() }.validate().unwrap_err().kind(),
+            field(with(|c| c.metrics_namespace = "a-b".into())),
+            "pool.metrics_namespace"
+        );
+        assert_eq!(
+            field(with(|c| c.metrics_namespace = String::new())),
+            "pool.metrics_namespace"
+        );
+        assert_eq!(
+            PoolConfig {
+                pool_size: 0,
+                ..PoolConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .kind(),
             ErrorKind::Config
         );
     }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use eventbus_core::{AggregateId, CancellationToken, DeliveryClass, HandlerError, Outcome};
@@ -60,7 +61,7 @@ impl fmt::Debug for Job {
 #[derive(Debug, Clone)]
 pub struct JobContext {
     pub(crate) attempt: u32,
-    pub(crate) cancellation: CancellationToken,
+    pub(crate) cancellation: Arc<CancellationToken>,
 }
 
 impl JobContext {

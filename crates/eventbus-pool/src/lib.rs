@@ -26,11 +26,19 @@
 //! ```
 //! use std::time::Duration;
 //! use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome};
-//! use eventbus_pool::{Job, Pool, PoolConfig};
+//! use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let pool = Pool::new(PoolConfig { pool_size: 4, ..PoolConfig::default() })?;
+//! let pool = Pool::new(PoolConfig {
+//!     pool_size: 4,
+//!     retry: RetryPolicy {
+//!         max_attempts: 3,
+//!         initial_backoff: Duration::from_millis(10),
+//!         max_backoff: Duration::from_millis(100),
+//!     },
+//!     ..PoolConfig::default()
+//! })?;
 //! let key = AggregateId::new("order-42")?;
 //! let handle = pool
 //!     .submit(Job::new(Some(key), DeliveryClass::AtLeastOnce, |ctx| async move {
@@ -40,7 +48,6 @@
 //!         Ok(())
 //!     }))
 //!     .await?;
-//! # tokio::time::pause();
 //! assert!(matches!(handle.await, Outcome::Succeeded { attempts: 2 }));
 //! let report = pool.shutdown(Duration::from_secs(5)).await;
 //! assert!(report.drained);

@@ -60,8 +60,9 @@ struct Shared {
     drained: Notify,
     /// Actors stop waiting for work (shutdown).
     stop: CancellationToken,
-    /// Running attempts are dropped (drain deadline passed, or the pool was dropped).
-    cancel: CancellationToken,
+    /// Running attempts are dropped (drain deadline passed, or the pool was dropped). Shared
+    /// behind an `Arc` with the jobs' contexts: cloning the token itself takes a lock.
+    cancel: Arc<CancellationToken>,
     tasks: TaskTracker,
     metrics: PoolMetrics,
 }
@@ -167,8 +168,9 @@ impl Pool {
     /// Install a `metrics` recorder before this call if the pool's metrics should be recorded.
     pub fn new(config: PoolConfig) -> Result<Self, Error> {
         config.validate()?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::config("runtime", "a Pool must be created inside a tokio runtime"))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::config("runtime", "a Pool must be created inside a tokio runtime")
+        })?;
         let shared = Arc::new(Shared {
             capacity: config.capacity(),
             metrics: PoolMetrics::new(&config.metrics_namespace),
@@ -178,7 +180,7 @@ impl Pool {
             space: Notify::new(),
             drained: Notify::new(),
             stop: CancellationToken::new(),
-            cancel: CancellationToken::new(),
+            cancel: Arc::new(CancellationToken::new()),
             tasks: TaskTracker::new(),
         });
         for actor in 0..shared.config.pool_size {
@@ -202,19 +204,20 @@ impl Pool {
         let shared = &*self.shared;
         let (mut entry, handle) = Entry::new(job);
         loop {
-            let mut state = shared.lock();
-            match shared.enqueue(&mut state, entry) {
-                Ok(()) => return Ok(handle),
-                Err((Blocked::Closed, _)) => return Err(Error::Closed),
-                Err((Blocked::Full(_), returned)) => entry = returned,
-            }
-            // Register for the wake-up before the lock is released, so none is missed.
             let notified = shared.space.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            state.waiting += 1;
-            let waiting = Waiting(shared);
-            drop(state);
+            let waiting = {
+                let mut state = shared.lock();
+                match shared.enqueue(&mut state, entry) {
+                    Ok(()) => return Ok(handle),
+                    Err((Blocked::Closed, _)) => return Err(Error::Closed),
+                    Err((Blocked::Full(_), returned)) => entry = returned,
+                }
+                // Registered for the wake-up before the lock is released, so none is missed.
+                notified.as_mut().enable();
+                state.waiting += 1;
+                Waiting(shared)
+            };
             notified.await;
             drop(waiting);
         }
@@ -671,7 +674,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// One actor: runs jobs until the pool stops.
 async fn actor_loop(shared: Arc<Shared>) {
-    let cancelled = shared.cancel.clone().cancelled_owned();
+    let cancelled = CancellationToken::clone(&shared.cancel).cancelled_owned();
     tokio::pin!(cancelled);
     let mut next = None;
     loop {

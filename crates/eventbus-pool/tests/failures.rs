@@ -1,5 +1,8 @@
 //! Retries, permanent errors and panics, per delivery class.
 
+// Test helpers build their inputs from constants; an unwrap failing is a broken test.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -21,7 +24,11 @@ fn pool(max_attempts: u32, max_restarts: u32) -> Pool {
     .unwrap()
 }
 
-fn counting(class: DeliveryClass, calls: &Arc<AtomicU32>, behave: fn(u32) -> Result<(), HandlerError>) -> Job {
+fn counting(
+    class: DeliveryClass,
+    calls: &Arc<AtomicU32>,
+    behave: fn(u32) -> Result<(), HandlerError>,
+) -> Job {
     let calls = calls.clone();
     Job::new(Some(AggregateId::new("a").unwrap()), class, move |ctx| {
         calls.fetch_add(1, Ordering::SeqCst);
@@ -35,7 +42,9 @@ async fn transient_errors_are_retried_until_max_attempts() {
     let pool = pool(4, 3);
     let calls = Arc::new(AtomicU32::new(0));
     let outcome = pool
-        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |_| Err(HandlerError::transient("down"))))
+        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |_| {
+            Err(HandlerError::transient("down"))
+        }))
         .await
         .unwrap()
         .await;
@@ -51,7 +60,9 @@ async fn a_permanent_error_skips_the_retries() {
     let pool = pool(4, 3);
     let calls = Arc::new(AtomicU32::new(0));
     let outcome = pool
-        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |_| Err(HandlerError::permanent("bad data"))))
+        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |_| {
+            Err(HandlerError::permanent("bad data"))
+        }))
         .await
         .unwrap()
         .await;
@@ -64,19 +75,27 @@ async fn at_most_once_jobs_run_once_whatever_happens() {
     let pool = pool(4, 3);
     let calls = Arc::new(AtomicU32::new(0));
     let failed = pool
-        .submit(counting(DeliveryClass::AtMostOnce, &calls, |_| Err(HandlerError::transient("down"))))
+        .submit(counting(DeliveryClass::AtMostOnce, &calls, |_| {
+            Err(HandlerError::transient("down"))
+        }))
         .await
         .unwrap()
         .await;
     assert!(matches!(failed, Outcome::Failed { attempts: 1, .. }));
     std::panic::set_hook(Box::new(|_| {}));
     let panicked = pool
-        .submit(counting(DeliveryClass::AtMostOnce, &calls, |_| panic!("boom")))
+        .submit(counting(DeliveryClass::AtMostOnce, &calls, |_| {
+            panic!("boom")
+        }))
         .await
         .unwrap()
         .await;
     match panicked {
-        Outcome::Panicked { attempts: 1, panics: 1, message } => assert_eq!(message, "boom"),
+        Outcome::Panicked {
+            attempts: 1,
+            panics: 1,
+            message,
+        } => assert_eq!(message, "boom"),
         other => panic!("{other:?}"),
     }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -88,12 +107,18 @@ async fn a_job_that_panics_max_restarts_times_is_not_run_again() {
     let pool = pool(10, 3);
     let calls = Arc::new(AtomicU32::new(0));
     let outcome = pool
-        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |attempt| panic!("panic {attempt}")))
+        .submit(counting(DeliveryClass::AtLeastOnce, &calls, |attempt| {
+            panic!("panic {attempt}")
+        }))
         .await
         .unwrap()
         .await;
     match outcome {
-        Outcome::Panicked { attempts: 3, panics: 3, message } => assert_eq!(message, "panic 3"),
+        Outcome::Panicked {
+            attempts: 3,
+            panics: 3,
+            message,
+        } => assert_eq!(message, "panic 3"),
         other => panic!("{other:?}"),
     }
     assert_eq!(calls.load(Ordering::SeqCst), 3);

@@ -1,5 +1,8 @@
 //! No head-of-line blocking: a stalled key holds one actor and its own lane, nothing else.
 
+// Test helpers build their inputs from constants; an unwrap failing is a broken test.
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -62,13 +65,17 @@ async fn a_key_blocked_forever_does_not_hold_up_a_thousand_other_keys() {
     for i in 0..1000 {
         let done = done.clone();
         others.push(
-            pool.submit(Job::new(key(&format!("other-{i}")), DeliveryClass::AtLeastOnce, move |_| {
-                let done = done.clone();
-                async move {
-                    done.fetch_add(1, Ordering::SeqCst);
-                    Ok(())
-                }
-            }))
+            pool.submit(Job::new(
+                key(&format!("other-{i}")),
+                DeliveryClass::AtLeastOnce,
+                move |_| {
+                    let done = done.clone();
+                    async move {
+                        done.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    }
+                },
+            ))
             .await
             .unwrap(),
         );
@@ -151,7 +158,10 @@ async fn a_retrying_lane_frees_its_actor_but_keeps_its_later_jobs_waiting() {
         move |ctx: eventbus_pool::JobContext| {
             let order = order.clone();
             async move {
-                order.lock().unwrap().push(format!("{name}#{}", ctx.attempt()));
+                order
+                    .lock()
+                    .unwrap()
+                    .push(format!("{name}#{}", ctx.attempt()));
                 if fail_first && ctx.attempt() == 1 {
                     return Err(eventbus_core::HandlerError::transient("first try fails"));
                 }
@@ -159,9 +169,30 @@ async fn a_retrying_lane_frees_its_actor_but_keeps_its_later_jobs_waiting() {
             }
         }
     };
-    let a1 = pool.submit(Job::new(key("a"), DeliveryClass::AtLeastOnce, record("a1", true))).await.unwrap();
-    let a2 = pool.submit(Job::new(key("a"), DeliveryClass::AtLeastOnce, record("a2", false))).await.unwrap();
-    let b1 = pool.submit(Job::new(key("b"), DeliveryClass::AtLeastOnce, record("b1", false))).await.unwrap();
+    let a1 = pool
+        .submit(Job::new(
+            key("a"),
+            DeliveryClass::AtLeastOnce,
+            record("a1", true),
+        ))
+        .await
+        .unwrap();
+    let a2 = pool
+        .submit(Job::new(
+            key("a"),
+            DeliveryClass::AtLeastOnce,
+            record("a2", false),
+        ))
+        .await
+        .unwrap();
+    let b1 = pool
+        .submit(Job::new(
+            key("b"),
+            DeliveryClass::AtLeastOnce,
+            record("b1", false),
+        ))
+        .await
+        .unwrap();
     // With one actor, b1 runs during a1's backoff; a2 waits for a1's retry.
     assert!(b1.await.is_success());
     assert!(matches!(a1.await, Outcome::Succeeded { attempts: 2 }));

@@ -27,10 +27,16 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
                 ..PoolConfig::default()
             })
             .unwrap();
-            let ok = Job::new(Some(AggregateId::new("order-1").unwrap()), DeliveryClass::AtLeastOnce, |_| async { Ok(()) });
-            let bad = Job::new(Some(AggregateId::new("order-2").unwrap()), DeliveryClass::AtLeastOnce, |_| async {
-                Err(HandlerError::transient("no"))
-            });
+            let ok = Job::new(
+                Some(AggregateId::new("order-1").unwrap()),
+                DeliveryClass::AtLeastOnce,
+                |_| async { Ok(()) },
+            );
+            let bad = Job::new(
+                Some(AggregateId::new("order-2").unwrap()),
+                DeliveryClass::AtLeastOnce,
+                |_| async { Err(HandlerError::transient("no")) },
+            );
             assert!(pool.submit(ok).await.unwrap().await.is_success());
             assert!(!pool.submit(bad).await.unwrap().await.is_success());
             pool.record_dead_letter();
@@ -45,24 +51,46 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
             .find(|(key, ..)| {
                 let key = key.key();
                 key.name() == format!("memory_eventbus_svc_a_actor_pool_{name}")
-                    && key.labels().map(|l| (l.key(), l.value())).eq(labels.iter().copied())
+                    && key
+                        .labels()
+                        .map(|l| (l.key(), l.value()))
+                        .eq(labels.iter().copied())
             })
             .map(|(.., value)| value)
             .unwrap_or_else(|| panic!("metric {name} {labels:?} missing"))
     };
     assert_eq!(value("messages_sent_total", &[]), &DebugValue::Counter(2));
-    assert_eq!(value("messages_processed_total", &[("success", "true")]), &DebugValue::Counter(1));
-    assert_eq!(value("messages_processed_total", &[("success", "false")]), &DebugValue::Counter(1));
+    assert_eq!(
+        value("messages_processed_total", &[("success", "true")]),
+        &DebugValue::Counter(1)
+    );
+    assert_eq!(
+        value("messages_processed_total", &[("success", "false")]),
+        &DebugValue::Counter(1)
+    );
     assert_eq!(value("retries_total", &[]), &DebugValue::Counter(1));
     assert_eq!(value("dead_letters_total", &[]), &DebugValue::Counter(1));
     assert_eq!(value("actor_restarted_total", &[]), &DebugValue::Counter(0));
-    assert!(matches!(value("message_latency_seconds", &[]), DebugValue::Histogram(h) if h.len() == 3));
-    for gauge in ["inbox_depth", "inbox_utilization", "lanes_active", "in_flight"] {
-        assert!(matches!(value(gauge, &[]), DebugValue::Gauge(g) if g.into_inner() == 0.0), "{gauge}");
+    assert!(
+        matches!(value("message_latency_seconds", &[]), DebugValue::Histogram(h) if h.len() == 3)
+    );
+    for gauge in [
+        "inbox_depth",
+        "inbox_utilization",
+        "lanes_active",
+        "in_flight",
+    ] {
+        assert!(
+            matches!(value(gauge, &[]), DebugValue::Gauge(g) if g.into_inner() == 0.0),
+            "{gauge}"
+        );
     }
     for (key, ..) in &snapshot {
         for label in key.key().labels() {
-            assert!(!label.value().contains("order-"), "aggregate ID used as a label");
+            assert!(
+                !label.value().contains("order-"),
+                "aggregate ID used as a label"
+            );
         }
     }
 }
@@ -72,7 +100,12 @@ async fn inbox_depth_is_exact() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let pool = metrics::with_local_recorder(&recorder, || {
-        Pool::new(PoolConfig { pool_size: 1, inbox_size: 10, metrics_namespace: "t".into(), ..PoolConfig::default() })
+        Pool::new(PoolConfig {
+            pool_size: 1,
+            inbox_size: 10,
+            metrics_namespace: "t".into(),
+            ..PoolConfig::default()
+        })
     })
     .unwrap();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
@@ -80,13 +113,17 @@ async fn inbox_depth_is_exact() {
     for _ in 0..7 {
         let gate = gate.clone();
         handles.push(
-            pool.submit(Job::new(Some(AggregateId::new("k").unwrap()), DeliveryClass::AtLeastOnce, move |_| {
-                let gate = gate.clone();
-                async move {
-                    gate.acquire().await.unwrap().forget();
-                    Ok(())
-                }
-            }))
+            pool.submit(Job::new(
+                Some(AggregateId::new("k").unwrap()),
+                DeliveryClass::AtLeastOnce,
+                move |_| {
+                    let gate = gate.clone();
+                    async move {
+                        gate.acquire().await.unwrap().forget();
+                        Ok(())
+                    }
+                },
+            ))
             .await
             .unwrap(),
         );

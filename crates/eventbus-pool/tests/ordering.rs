@@ -2,6 +2,10 @@
 //! included), at most `pool_size` handlers at once, and every job settling exactly once with the
 //! outcome its behaviour calls for.
 
+// The plan runner is test code outside `#[test]` functions: it indexes plans it built and
+// panics on purpose (planned panics).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -41,7 +45,12 @@ fn plan() -> impl Strategy<Value = Plan> {
         prop::collection::vec(step, 1..5),
         0u8..4,
     )
-        .prop_map(|(key, class, steps, millis)| Plan { key, class, steps, millis })
+        .prop_map(|(key, class, steps, millis)| Plan {
+            key,
+            class,
+            steps,
+            millis,
+        })
 }
 
 const MAX_ATTEMPTS: u32 = 4;
@@ -102,7 +111,11 @@ impl Drop for Running {
     }
 }
 
-async fn run_plans(plans: Vec<Plan>, pool_size: usize, inbox_size: usize) -> Result<(), TestCaseError> {
+async fn run_plans(
+    plans: Vec<Plan>,
+    pool_size: usize,
+    inbox_size: usize,
+) -> Result<(), TestCaseError> {
     let pool = Pool::new(PoolConfig {
         pool_size,
         inbox_size,
@@ -118,7 +131,9 @@ async fn run_plans(plans: Vec<Plan>, pool_size: usize, inbox_size: usize) -> Res
     let log = Arc::new(Log::default());
     let mut handles = Vec::new();
     for (index, plan) in plans.iter().enumerate() {
-        let key = plan.key.map(|k| AggregateId::new(format!("key-{k}")).unwrap());
+        let key = plan
+            .key
+            .map(|k| AggregateId::new(format!("key-{k}")).unwrap());
         let (log, plan_for_job) = (log.clone(), plan.clone());
         let job = Job::new(key, plan.class, move |ctx| {
             let (log, plan) = (log.clone(), plan_for_job.clone());
@@ -140,7 +155,9 @@ async fn run_plans(plans: Vec<Plan>, pool_size: usize, inbox_size: usize) -> Res
                 match step {
                     Step::Ok => Ok(()),
                     Step::Fail => Err(HandlerError::transient("planned failure")),
-                    Step::FailPermanently => Err(HandlerError::permanent("planned permanent failure")),
+                    Step::FailPermanently => {
+                        Err(HandlerError::permanent("planned permanent failure"))
+                    }
                     Step::Panic => panic!("planned panic"),
                 }
             }
@@ -151,19 +168,38 @@ async fn run_plans(plans: Vec<Plan>, pool_size: usize, inbox_size: usize) -> Res
     }
     for (index, handle) in handles.into_iter().enumerate() {
         let outcome = handle.await;
-        prop_assert_eq!(variant(&outcome), expected(&plans[index]), "job {}: {:?}", index, plans[index]);
+        prop_assert_eq!(
+            variant(&outcome),
+            expected(&plans[index]),
+            "job {}: {:?}",
+            index,
+            plans[index]
+        );
     }
-    prop_assert_eq!(log.overlaps.load(Ordering::SeqCst), 0, "handlers of one key overlapped");
+    prop_assert_eq!(
+        log.overlaps.load(Ordering::SeqCst),
+        0,
+        "handlers of one key overlapped"
+    );
     prop_assert!(log.max_active.load(Ordering::SeqCst) <= pool_size);
     // Per key, attempts start in submission order, and a job's retries come before the next job.
     let mut last_per_key: HashMap<u8, usize> = HashMap::new();
     for (key, index) in log.starts.lock().unwrap().iter() {
         if let Some(previous) = last_per_key.insert(*key, *index) {
-            prop_assert!(previous <= *index, "key {} started job {} after job {}", key, index, previous);
+            prop_assert!(
+                previous <= *index,
+                "key {} started job {} after job {}",
+                key,
+                index,
+                previous
+            );
         }
     }
     let stats = pool.stats();
-    prop_assert_eq!((stats.queued, stats.running, stats.retrying, stats.lanes), (0, 0, 0, 0));
+    prop_assert_eq!(
+        (stats.queued, stats.running, stats.retrying, stats.lanes),
+        (0, 0, 0, 0)
+    );
     let report = pool.shutdown(Duration::from_secs(1)).await;
     prop_assert!(report.drained);
     prop_assert_eq!(pool.live_tasks(), 0);

@@ -42,11 +42,11 @@ proptest! {
         let mut last_commit = None;
         while !pending.is_empty() || dispatched.len() < offsets.len() {
             let dispatch = *steps.next().unwrap();
-            if dispatch || dispatched.len() == completed.len() {
-                if let Some(&offset) = next.next() {
-                    prop_assert!(tracker.dispatched(offset));
-                    dispatched.push(offset);
-                }
+            if (dispatch || dispatched.len() == completed.len())
+                && let Some(&offset) = next.next()
+            {
+                prop_assert!(tracker.dispatched(offset));
+                dispatched.push(offset);
             }
             let all_dispatched = dispatched.len() == offsets.len();
             if (!dispatch || all_dispatched)

@@ -6,7 +6,14 @@
 //!   key, a boxed job and a oneshot per job; the baseline to beat;
 //! - our pool.
 
-#![allow(dead_code, unreachable_pub, missing_docs)]
+// Benchmark code: inputs are built here, so indexing and unwrapping cannot fail.
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    clippy::indexing_slicing,
+    clippy::unwrap_used
+)]
 
 use std::future::Future;
 use std::pin::Pin;
@@ -118,10 +125,14 @@ fn our_pool() -> Pool {
 }
 
 fn our_job(key: &AggregateId, work: Work) -> Job {
-    Job::new(Some(key.clone()), DeliveryClass::AtLeastOnce, move |_| async move {
-        work.run().await;
-        Ok(())
-    })
+    Job::new(
+        Some(key.clone()),
+        DeliveryClass::AtLeastOnce,
+        move |_| async move {
+            work.run().await;
+            Ok(())
+        },
+    )
 }
 
 /// Throughput run: `jobs` jobs over `keys`, each doing `work`; completions are awaited by a
@@ -210,12 +221,19 @@ pub async fn go_design_latencies(keys: &[AggregateId], stall: Option<Duration>) 
 pub async fn pool_latencies(keys: &[AggregateId], stall: Option<Duration>) -> Vec<Duration> {
     let pool = Arc::new(our_pool());
     if let Some(stall) = stall {
-        drop(pool.submit(our_job(&keys[0], Work::Sleep(stall))).await.unwrap());
+        drop(
+            pool.submit(our_job(&keys[0], Work::Sleep(stall)))
+                .await
+                .unwrap(),
+        );
         tokio::task::yield_now().await;
     }
     let mut pending = Vec::with_capacity(keys.len());
     for key in &keys[1..] {
-        pending.push((Instant::now(), pool.submit(our_job(key, Work::Nothing)).await.unwrap()));
+        pending.push((
+            Instant::now(),
+            pool.submit(our_job(key, Work::Nothing)).await.unwrap(),
+        ));
     }
     let waits = pending.into_iter().map(|(submitted, handle)| async move {
         assert!(handle.await.is_success());
