@@ -74,6 +74,6 @@ mod tracker;
 pub use config::{
     MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, PoolConfig, RetryPolicy,
 };
-pub use job::{AttemptFuture, Job, JobContext, JobHandle};
+pub use job::{Job, JobContext, JobHandle};
 pub use pool::{Pool, PoolStats, ShutdownReport};
 pub use tracker::CommitTracker;
