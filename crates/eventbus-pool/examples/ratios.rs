@@ -8,7 +8,9 @@
 //! Scenarios (see `benches/scenarios.rs`):
 //! (a) no-op handlers, 1,000,000 jobs over 10,000 keys;
 //! (b) one key stalled for 2 s among 10,000: completion latency of the other keys;
-//! (c) a 1 ms async sleep per handler, against `pool_size / 1 ms`.
+//! (c) a 1 ms async sleep per handler, against `pool_size / 1 ms`;
+//! and, to tell lock contention from per-job work, (a) again on a single-threaded runtime
+//! for several key counts.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::indexing_slicing)]
 
 #[path = "../benches/scenarios/mod.rs"]
@@ -86,5 +88,24 @@ fn main() {
         println!("    ratio to pool_size / 1 ms  {:.2}x (target >= 0.8x)", ours / ideal);
         println!("    ratio to raw sleepers      {:.2}x", ours / sleepers);
         println!("    ratio to Go design         {:.2}x", ours / go);
+    });
+    drop(runtime);
+
+    // (a) without contention: one thread, so no lock is ever contended.
+    let single = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let jobs = 200_000 / scale;
+    println!(
+        "\n(a) on a single-threaded runtime, {jobs} no-op jobs: our pool / Go design by key count"
+    );
+    single.block_on(async {
+        for count in [10, 1_000, 10_000, 100_000] {
+            let keys = scenarios::keys(count);
+            let go = per_second(jobs, scenarios::go_design_throughput(&keys, jobs, Work::Nothing).await);
+            let ours = per_second(jobs, scenarios::pool_throughput(&keys, jobs, Work::Nothing).await);
+            println!("    {count:>7} keys: Go design {go:>10.0} jobs/s, our pool {ours:>10.0} jobs/s, ratio {:.2}x", ours / go);
+        }
     });
 }

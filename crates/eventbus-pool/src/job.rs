@@ -10,7 +10,8 @@ use eventbus_core::{AggregateId, CancellationToken, DeliveryClass, HandlerError,
 use tokio::sync::oneshot;
 
 /// The future of one attempt.
-pub(crate) type AttemptFuture = Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
+pub(crate) type AttemptFuture =
+    Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
 
 type Run = Box<dyn FnMut(JobContext) -> AttemptFuture + Send + 'static>;
 
