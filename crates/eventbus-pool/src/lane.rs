@@ -10,22 +10,35 @@ pub(crate) type LaneId = usize;
 /// Emptied queues kept for reuse, so that a key coming back does not allocate.
 const SPARE_QUEUES: usize = 1024;
 
-/// The queue of one key.
+/// The state of one key.
+///
+/// The key's jobs wait in the pool's arrival-order queue; a job that reaches the head of that
+/// queue while its key is busy (or has older jobs parked) is parked here, behind them.
 ///
 /// Invariant (kept by the pool): a lane is in the ready queue exactly when it is not busy and has
-/// work (a queued job, or a job back from its retry backoff).
+/// a parked job or a job back from its retry backoff.
 pub(crate) struct Lane<E> {
-    pub(crate) queue: VecDeque<E>,
+    /// Jobs of this key not started yet: in the arrival queue or parked (the inbox bound).
+    pub(crate) queued: usize,
+    /// Jobs that reached the head of the arrival queue while the key was busy, oldest first.
+    pub(crate) parked: VecDeque<E>,
+    /// A job back from its retry backoff; it runs before the parked ones.
     pub(crate) retry: Option<E>,
+    /// A job of this key is running or waiting out a retry backoff.
     pub(crate) busy: bool,
     pub(crate) in_ready: bool,
     key: AggregateId,
 }
 
 impl<E> Lane<E> {
-    /// True when the lane has nothing queued, running or retrying.
+    /// True when the lane has nothing queued, parked, running or retrying.
     pub(crate) fn is_idle(&self) -> bool {
-        !self.busy && self.retry.is_none() && self.queue.is_empty()
+        !self.busy && self.retry.is_none() && self.queued == 0
+    }
+
+    /// True when a job of this key reaching the head of the arrival queue must wait.
+    pub(crate) fn must_park(&self) -> bool {
+        self.busy || self.in_ready || self.retry.is_some() || !self.parked.is_empty()
     }
 }
 
@@ -62,7 +75,8 @@ impl<E> Lanes<E> {
             Some(&id) => id,
             None => {
                 let lane = Lane {
-                    queue: self.spare.pop().unwrap_or_default(),
+                    queued: 0,
+                    parked: self.spare.pop().unwrap_or_default(),
                     retry: None,
                     busy: false,
                     in_ready: false,
@@ -97,15 +111,15 @@ impl<E> Lanes<E> {
         self.slots.get_mut(id)?.as_mut()
     }
 
-    /// Removes the lane at `id`, keeping its (empty) queue for reuse.
+    /// Removes the lane at `id`, keeping its (empty) parking queue for reuse.
     pub(crate) fn remove(&mut self, id: LaneId) {
         let Some(lane) = self.slots.get_mut(id).and_then(Option::take) else {
             return;
         };
         self.index.remove(&lane.key);
         self.free.push(id);
-        if self.spare.len() < SPARE_QUEUES && lane.queue.is_empty() {
-            self.spare.push(lane.queue);
+        if self.spare.len() < SPARE_QUEUES && lane.parked.is_empty() && lane.parked.capacity() > 0 {
+            self.spare.push(lane.parked);
         }
     }
 
@@ -129,23 +143,27 @@ mod tests {
     fn lanes_are_found_by_key_and_by_id_and_slots_are_reused() {
         let mut lanes: Lanes<u32> = Lanes::default();
         let (a, lane) = lanes.get_or_insert(&key("a"));
-        lane.queue.push_back(1);
+        lane.parked.push_back(1);
+        lane.queued = 1;
         let (b, _) = lanes.get_or_insert(&key("b"));
         assert_ne!(a, b);
         let (again, lane) = lanes.get_or_insert(&key("a"));
         assert_eq!(again, a);
-        assert_eq!(lane.queue.len(), 1);
+        assert_eq!(lane.parked.len(), 1);
+        assert!(lane.must_park());
         assert_eq!(lanes.len(), 2);
 
-        lanes.get_mut(a).unwrap().queue.clear();
-        assert!(lanes.get_mut(a).unwrap().is_idle());
+        let lane = lanes.get_mut(a).unwrap();
+        lane.parked.clear();
+        lane.queued = 0;
+        assert!(lane.is_idle() && !lane.must_park());
         lanes.remove(a);
         assert!(lanes.get_mut(a).is_none());
         assert_eq!(lanes.len(), 1);
-        // The freed slot and the emptied queue serve the next key.
+        // The freed slot and the emptied parking queue serve the next key.
         let (c, lane) = lanes.get_or_insert(&key("c"));
         assert_eq!(c, a);
-        assert!(lane.queue.capacity() >= 1);
+        assert!(lane.parked.capacity() >= 1);
         assert_eq!(lanes.drain().len(), 2);
         assert_eq!(lanes.len(), 0);
     }

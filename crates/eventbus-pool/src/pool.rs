@@ -70,6 +70,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     lanes: Lanes<Entry>,
+    /// Jobs not started yet, in arrival order, with their lane (none for unkeyed jobs).
+    arrivals: VecDeque<(Option<LaneId>, Entry)>,
+    /// Work that comes before the arrivals: lanes whose parked or retried job may start, and
+    /// unkeyed jobs back from a retry backoff.
     ready: VecDeque<Ready>,
     queued: usize,
     running: usize,
@@ -84,11 +88,11 @@ struct State {
     cancelled: bool,
 }
 
-/// Work ready for an actor.
+/// Work ready for an actor ahead of the arrivals.
 enum Ready {
-    /// The lane's next job (its retry first).
+    /// The lane's next job: its retry first, then its oldest parked job.
     Lane(LaneId),
-    Job(Entry),
+    /// An unkeyed job back from its retry backoff.
     Retry(Entry),
 }
 
@@ -324,22 +328,21 @@ impl Shared {
         if state.queued >= self.capacity {
             return Err((Blocked::Full("pool"), entry));
         }
-        match &entry.job.key {
-            None => self.make_ready(state, Ready::Job(entry)),
+        let lane = match &entry.job.key {
+            None => None,
             Some(key) => {
                 // A full lane exists already, so this never creates a lane it then refuses.
                 let (id, lane) = state.lanes.get_or_insert(key);
-                if lane.queue.len() >= self.config.inbox_size {
+                if lane.queued >= self.config.inbox_size {
                     return Err((Blocked::Full("lane"), entry));
                 }
-                lane.queue.push_back(entry);
-                if !lane.busy && !lane.in_ready {
-                    lane.in_ready = true;
-                    self.make_ready(state, Ready::Lane(id));
-                }
+                lane.queued += 1;
+                Some(id)
             }
-        }
+        };
+        state.arrivals.push_back((lane, entry));
         state.queued += 1;
+        self.wake_one(state);
         self.metrics.sent.increment(1);
         self.publish_gauges(state);
         Ok(())
@@ -360,50 +363,65 @@ impl Shared {
         }
     }
 
-    /// Takes the next job to run, marking its lane busy.
+    /// Takes the next job to run, marking its lane busy: ready lanes and retries first, then the
+    /// oldest arrival whose key is free (arrivals whose key is busy are parked in their lane).
     fn take_ready(&self, state: &mut State) -> Option<Next> {
+        let taken = self
+            .take_from_ready(state)
+            .or_else(|| self.take_arrival(state))?;
+        state.running += 1;
+        if !state.ready.is_empty() || !state.arrivals.is_empty() {
+            self.wake_one(state);
+        }
+        self.publish_gauges(state);
+        Some(taken)
+    }
+
+    fn take_from_ready(&self, state: &mut State) -> Option<Next> {
         while let Some(ready) = state.ready.pop_front() {
-            let taken = match ready {
-                Ready::Job(entry) => {
-                    state.queued -= 1;
-                    self.room_freed(state);
-                    (None, entry)
-                }
+            let id = match ready {
                 Ready::Retry(entry) => {
                     state.retrying -= 1;
-                    (None, entry)
+                    return Some((None, entry));
                 }
-                Ready::Lane(id) => {
-                    let Some(lane) = state.lanes.get_mut(id) else {
-                        continue;
-                    };
-                    lane.in_ready = false;
-                    lane.busy = true;
-                    let (entry, from_retry) = match lane.retry.take() {
-                        Some(entry) => (entry, true),
-                        None => match lane.queue.pop_front() {
-                            Some(entry) => (entry, false),
-                            None => {
-                                lane.busy = false;
-                                continue;
-                            }
-                        },
-                    };
-                    if from_retry {
-                        state.retrying -= 1;
-                    } else {
-                        state.queued -= 1;
-                        self.room_freed(state);
-                    }
-                    (Some(id), entry)
-                }
+                Ready::Lane(id) => id,
             };
-            state.running += 1;
-            if !state.ready.is_empty() {
-                self.wake_one(state);
+            let Some(lane) = state.lanes.get_mut(id) else {
+                continue;
+            };
+            lane.in_ready = false;
+            if let Some(entry) = lane.retry.take() {
+                lane.busy = true;
+                state.retrying -= 1;
+                return Some((Some(id), entry));
             }
-            self.publish_gauges(state);
-            return Some(taken);
+            if let Some(entry) = lane.parked.pop_front() {
+                lane.busy = true;
+                lane.queued -= 1;
+                state.queued -= 1;
+                self.room_freed(state);
+                return Some((Some(id), entry));
+            }
+        }
+        None
+    }
+
+    fn take_arrival(&self, state: &mut State) -> Option<Next> {
+        while let Some((lane, entry)) = state.arrivals.pop_front() {
+            if let Some(id) = lane {
+                let Some(lane) = state.lanes.get_mut(id) else {
+                    continue;
+                };
+                if lane.must_park() {
+                    lane.parked.push_back(entry);
+                    continue;
+                }
+                lane.busy = true;
+                lane.queued -= 1;
+            }
+            state.queued -= 1;
+            self.room_freed(state);
+            return Some((lane, entry));
         }
         None
     }
@@ -415,17 +433,18 @@ impl Shared {
         }
     }
 
-    /// Lane `id` is free again: schedule its next job, or drop the lane when it is idle.
+    /// Lane `id` is free again: schedule its parked or retried job, or drop the lane when it is
+    /// idle. (Jobs of the key still among the arrivals run when they reach the head.)
     fn release_lane(&self, state: &mut State, id: LaneId) {
         let Some(lane) = state.lanes.get_mut(id) else {
             return;
         };
         lane.busy = false;
-        if lane.is_idle() {
-            state.lanes.remove(id);
-        } else {
+        if lane.retry.is_some() || !lane.parked.is_empty() {
             lane.in_ready = true;
             self.make_ready(state, Ready::Lane(id));
+        } else if lane.is_idle() {
+            state.lanes.remove(id);
         }
     }
 
@@ -477,15 +496,14 @@ impl Shared {
             return 0;
         }
         state.cancelled = true;
-        let mut entries: Vec<Entry> = Vec::new();
+        let mut entries: Vec<Entry> = state.arrivals.drain(..).map(|(_, entry)| entry).collect();
         for ready in state.ready.drain(..) {
-            match ready {
-                Ready::Job(entry) | Ready::Retry(entry) => entries.push(entry),
-                Ready::Lane(_) => {}
+            if let Ready::Retry(entry) = ready {
+                entries.push(entry);
             }
         }
         for lane in state.lanes.drain() {
-            entries.extend(lane.queue);
+            entries.extend(lane.parked);
             entries.extend(lane.retry);
         }
         // Queued entries never ran; the others came back from a retry backoff.
