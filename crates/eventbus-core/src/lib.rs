@@ -63,6 +63,7 @@
 
 mod aggregate_id;
 mod bus;
+mod dead_letter;
 mod envelope;
 mod error;
 mod handler;
@@ -80,6 +81,11 @@ pub use aggregate_id::{
     extract_aggregate_id, validate_aggregate_id,
 };
 pub use bus::{DeadLetter, EventBus, SubscribeOptions, Subscription, SubscriptionControl};
+pub use dead_letter::{
+    HEADER_DEAD_LETTERED_AT, HEADER_ERROR_MESSAGE, HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC,
+    dead_letter_message,
+};
 pub use envelope::{
     Envelope, EnvelopeError, HEADER_AGGREGATE_ID, HEADER_CORRELATION_ID, HEADER_EVENT_ID,
     HEADER_EVENT_TYPE, HEADER_EVENT_VERSION, HEADER_TENANT_ID, HEADER_TRACE_ID,

@@ -1,0 +1,90 @@
+//! Dead-letter messages: what a failed message becomes on its dead-letter topic.
+
+use time::OffsetDateTime;
+
+use crate::message::{Message, OutboundMessage, Position};
+use crate::timestamp;
+
+/// Header: the topic the message was consumed from.
+pub const HEADER_ORIGINAL_TOPIC: &str = "X-Original-Topic";
+/// Header: why the message was dead-lettered (the last error or panic, or the decode error).
+pub const HEADER_ERROR_MESSAGE: &str = "X-Error-Message";
+/// Header: how many handler attempts were made (0 for an undecodable envelope).
+pub const HEADER_FAILED_ATTEMPTS: &str = "X-Failed-Attempts";
+/// Header: when the message was dead-lettered (RFC 3339, UTC).
+pub const HEADER_DEAD_LETTERED_AT: &str = "X-Dead-Lettered-At";
+/// Header: the Kafka partition the message came from.
+pub const HEADER_ORIGINAL_PARTITION: &str = "X-Original-Partition";
+/// Header: the Kafka offset the message came from.
+pub const HEADER_ORIGINAL_OFFSET: &str = "X-Original-Offset";
+/// Header: the stream sequence (NATS JetStream, memory) the message came from.
+pub const HEADER_ORIGINAL_STREAM_SEQUENCE: &str = "X-Original-Stream-Sequence";
+
+/// The message to write to the dead-letter topic for `message`: its payload, key and headers
+/// byte for byte, plus the `X-Original-*`, `X-Error-Message`, `X-Failed-Attempts` and
+/// `X-Dead-Lettered-At` headers (earlier values of those headers are replaced).
+///
+/// ```
+/// use eventbus_core::{dead_letter_message, Message, Position};
+///
+/// let mut message = Message::new("orders", &b"{}"[..]);
+/// message.meta.position = Position::Sequence(42);
+/// let dead = dead_letter_message(&message, "database down", 3);
+/// assert_eq!(dead.payload, message.payload);
+/// assert_eq!(dead.headers.get_str("X-Original-Topic"), Some("orders"));
+/// assert_eq!(dead.headers.get_str("X-Failed-Attempts"), Some("3"));
+/// assert_eq!(dead.headers.get_str("X-Original-Stream-Sequence"), Some("42"));
+/// ```
+pub fn dead_letter_message(message: &Message, error: &str, attempts: u32) -> OutboundMessage {
+    let mut headers = message.headers.clone();
+    headers.insert(HEADER_ORIGINAL_TOPIC, message.topic.clone());
+    headers.insert(HEADER_ERROR_MESSAGE, error.to_owned());
+    headers.insert(HEADER_FAILED_ATTEMPTS, attempts.to_string());
+    let now = timestamp::format(&OffsetDateTime::now_utc())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
+    headers.insert(HEADER_DEAD_LETTERED_AT, now);
+    match message.meta.position {
+        Position::Partition { partition, offset } => {
+            headers.insert(HEADER_ORIGINAL_PARTITION, partition.to_string());
+            headers.insert(HEADER_ORIGINAL_OFFSET, offset.to_string());
+        }
+        Position::Sequence(sequence) => {
+            headers.insert(HEADER_ORIGINAL_STREAM_SEQUENCE, sequence.to_string());
+        }
+        Position::Unknown => {}
+    }
+    OutboundMessage {
+        payload: message.payload.clone(),
+        key: message.key.clone(),
+        headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_key_and_headers_are_kept_and_the_reason_added() {
+        let mut message = Message::new("orders", &b"\xff raw"[..]);
+        message.key = Some("order-1".into());
+        message.headers.append("X-Trace", "t1");
+        message.headers.append("X-Error-Message", "stale");
+        message.meta.position = Position::Partition {
+            partition: 3,
+            offset: 99,
+        };
+        let dead = dead_letter_message(&message, "boom", 4);
+        assert_eq!(dead.payload, message.payload);
+        assert_eq!(dead.key, message.key);
+        assert_eq!(dead.headers.get_str("X-Trace"), Some("t1"));
+        assert_eq!(dead.headers.get_all("X-Error-Message").count(), 1);
+        assert_eq!(dead.headers.get_str("X-Error-Message"), Some("boom"));
+        assert_eq!(dead.headers.get_str("X-Failed-Attempts"), Some("4"));
+        assert_eq!(dead.headers.get_str("X-Original-Partition"), Some("3"));
+        assert_eq!(dead.headers.get_str("X-Original-Offset"), Some("99"));
+        assert!(!dead.headers.contains("X-Original-Stream-Sequence"));
+        let at = dead.headers.get_str("X-Dead-Lettered-At").unwrap();
+        assert!(timestamp::parse(at.as_bytes()).is_ok(), "{at}");
+    }
+}

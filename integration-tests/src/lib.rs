@@ -1,0 +1,573 @@
+//! The conformance suite: the delivery contract of `docs/semantics.md` as test functions over a
+//! [`BusFactory`], run unchanged against every backend (`tests/memory.rs`, and the broker
+//! backends when they exist).
+//!
+//! Every check waits on recorded events with a deadline ([`Recorder::wait_for`]), never on a
+//! fixed sleep.
+// Test code: a failed unwrap, index or panic is a failed check.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::{
+    Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, SubscribeOptions,
+};
+use tokio::sync::Notify;
+
+/// The engine and retry settings a test needs; each backend maps them to its configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Actors.
+    pub pool_size: usize,
+    /// Queued jobs per lane.
+    pub inbox_size: usize,
+    /// Attempts per envelope, the first included.
+    pub max_attempts: u32,
+    /// Panics per message before it is poison.
+    pub max_restarts: u32,
+    /// First retry backoff (then doubled).
+    pub backoff: Duration,
+    /// How long `close` lets in-flight work finish.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            inbox_size: 100,
+            max_attempts: 3,
+            max_restarts: 3,
+            backoff: Duration::from_millis(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Makes buses of one backend for the suite.
+#[async_trait]
+pub trait BusFactory: Send + Sync {
+    /// A new bus with `settings`.
+    async fn bus(&self, settings: Settings) -> Arc<dyn EventBus>;
+
+    /// A topic name unique to this test run (brokers keep topics between tests).
+    fn topic(&self, name: &str) -> String;
+}
+
+/// How long a check waits for what it expects.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// What handlers saw, with a way to wait for a condition on it.
+pub struct Recorder<T> {
+    events: Mutex<Vec<T>>,
+    changed: Notify,
+}
+
+impl<T: Clone> Recorder<T> {
+    /// An empty recorder.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            events: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Records one event.
+    pub fn push(&self, event: T) {
+        self.events.lock().unwrap().push(event);
+        self.changed.notify_waiters();
+    }
+
+    /// The events so far.
+    pub fn events(&self) -> Vec<T> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Waits until `condition` holds on the events, or panics with `what` after [`DEADLINE`].
+    pub async fn wait_for(&self, what: &str, condition: impl Fn(&[T]) -> bool) -> Vec<T> {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let events = self.events.lock().unwrap();
+                    if condition(&events) {
+                        return events.clone();
+                    }
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(DEADLINE, wait).await {
+            Ok(events) => events,
+            Err(_) => panic!(
+                "timed out after {DEADLINE:?} waiting for {what} ({} events so far)",
+                self.events.lock().unwrap().len()
+            ),
+        }
+    }
+}
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::new(
+        aggregate,
+        "Changed",
+        version,
+        &serde_json_value(aggregate, version),
+    )
+    .unwrap()
+}
+
+/// A small payload without pulling serde_json into the suite.
+fn serde_json_value(aggregate: &str, version: i64) -> HashMap<&str, String> {
+    HashMap::from([
+        ("aggregate", aggregate.to_owned()),
+        ("version", version.to_string()),
+    ])
+}
+
+/// Tracks handlers running per aggregate; records an overlap if two run at once.
+#[derive(Default)]
+struct Overlap {
+    running: Mutex<HashMap<String, usize>>,
+    overlaps: AtomicUsize,
+}
+
+impl Overlap {
+    fn enter(&self, aggregate: &str) {
+        let mut running = self.running.lock().unwrap();
+        let count = running.entry(aggregate.to_owned()).or_default();
+        if *count > 0 {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        *count += 1;
+    }
+
+    fn exit(&self, aggregate: &str) {
+        *self.running.lock().unwrap().get_mut(aggregate).unwrap() -= 1;
+    }
+}
+
+/// Many aggregates published interleaved: each aggregate's events are handled one at a time, in
+/// publish order.
+pub async fn per_aggregate_order_with_many_aggregates(factory: &dyn BusFactory) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("order");
+    let (aggregates, versions) = (40, 25);
+    let handled = Recorder::<(String, i64)>::new();
+    let overlap = Arc::new(Overlap::default());
+    let (h, o) = (handled.clone(), overlap.clone());
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (h, o) = (h.clone(), o.clone());
+            async move {
+                o.enter(&envelope.aggregate_id);
+                // Vary handler time so that aggregates interleave across actors.
+                if envelope.event_version % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                o.exit(&envelope.aggregate_id);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=versions {
+        for aggregate in 0..aggregates {
+            bus.publish_envelope(&topic, &envelope(&format!("agg-{aggregate}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    let events = handled
+        .wait_for("every event handled", |e| {
+            e.len() == (aggregates * versions) as usize
+        })
+        .await;
+    let mut per_aggregate: HashMap<String, Vec<i64>> = HashMap::new();
+    for (aggregate, version) in events {
+        per_aggregate.entry(aggregate).or_default().push(version);
+    }
+    for (aggregate, seen) in per_aggregate {
+        assert_eq!(seen, (1..=versions).collect::<Vec<_>>(), "{aggregate}");
+    }
+    assert_eq!(overlap.overlaps.load(Ordering::SeqCst), 0);
+    bus.close().await.unwrap();
+}
+
+/// A failing event is retried in its lane: later events of its aggregate wait, so the order of
+/// successful handling is the publish order.
+pub async fn retry_then_success_keeps_order(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            max_attempts: 5,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("retry");
+    let succeeded = Recorder::<i64>::new();
+    let attempts = Arc::new(Mutex::new(HashMap::<i64, u32>::new()));
+    let (s, a) = (succeeded.clone(), attempts.clone());
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+            let (s, a) = (s.clone(), a.clone());
+            async move {
+                *a.lock().unwrap().entry(envelope.event_version).or_default() += 1;
+                // Version 2 fails on its first two attempts.
+                if envelope.event_version == 2 && ctx.attempt() <= 2 {
+                    return Err(HandlerError::transient("not yet"));
+                }
+                s.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=5 {
+        bus.publish_envelope(&topic, &envelope("agg-retry", version))
+            .await
+            .unwrap();
+    }
+    let order = succeeded.wait_for("five successes", |e| e.len() == 5).await;
+    assert_eq!(order, [1, 2, 3, 4, 5]);
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts[&2], 3);
+    assert_eq!(
+        attempts[&3], 1,
+        "version 3 must not have started before version 2 succeeded"
+    );
+    bus.close().await.unwrap();
+}
+
+/// Collects what arrives on a topic through a plain subscription.
+async fn collect(bus: &Arc<dyn EventBus>, topic: &str) -> Arc<Recorder<Message>> {
+    let recorder = Recorder::<Message>::new();
+    let r = recorder.clone();
+    bus.subscribe(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, message: Message| {
+            let r = r.clone();
+            async move {
+                r.push(message);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    recorder
+}
+
+/// After `max_attempts` failures an envelope goes to `{topic}.DLQ` with its bytes and the
+/// dead-letter headers; the aggregate's later events are then handled.
+pub async fn exhausted_retries_go_to_the_dead_letter_topic(factory: &dyn BusFactory) {
+    let settings = Settings {
+        max_attempts: 3,
+        ..Settings::default()
+    };
+    let bus = factory.bus(settings).await;
+    let topic = factory.topic("exhaust");
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                if envelope.event_version == 2 {
+                    return Err(HandlerError::transient("database down"));
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let poisoned = envelope("agg-dlq", 2);
+    bus.publish_envelope(&topic, &envelope("agg-dlq", 1))
+        .await
+        .unwrap();
+    bus.publish_envelope(&topic, &poisoned).await.unwrap();
+    bus.publish_envelope(&topic, &envelope("agg-dlq", 3))
+        .await
+        .unwrap();
+
+    let letters = dead.wait_for("one dead letter", |e| !e.is_empty()).await;
+    let letter = &letters[0];
+    assert_eq!(letter.payload, poisoned.to_bytes().unwrap());
+    assert_eq!(letter.key.as_deref(), Some(&b"agg-dlq"[..]));
+    let header = |name: &str| letter.headers.get_str(name).map(str::to_owned);
+    assert_eq!(header("X-Original-Topic"), Some(topic.clone()));
+    assert_eq!(header("X-Error-Message").as_deref(), Some("database down"));
+    assert_eq!(header("X-Failed-Attempts").as_deref(), Some("3"));
+    assert_eq!(header("X-Event-ID"), Some(poisoned.event_id.clone()));
+    let at = header("X-Dead-Lettered-At").expect("X-Dead-Lettered-At");
+    assert!(at.ends_with('Z') && at.len() >= 20, "{at}");
+    assert!(
+        letter.headers.contains("X-Original-Stream-Sequence")
+            || letter.headers.contains("X-Original-Offset"),
+        "the original position is recorded"
+    );
+    assert_eq!(
+        handled.wait_for("versions 1 and 3", |e| e.len() == 2).await,
+        [1, 3]
+    );
+    bus.close().await.unwrap();
+}
+
+/// A payload that is not an envelope is dead-lettered at once: the handler never runs.
+pub async fn undecodable_envelopes_are_dead_lettered_without_retries(factory: &dyn BusFactory) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("poison");
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish(&topic, OutboundMessage::new(&b"not an envelope"[..]))
+        .await
+        .unwrap();
+    let letters = dead.wait_for("the poison message", |e| !e.is_empty()).await;
+    assert_eq!(letters[0].payload, &b"not an envelope"[..]);
+    assert_eq!(letters[0].headers.get_str("X-Failed-Attempts"), Some("0"));
+    assert!(
+        letters[0]
+            .headers
+            .get_str("X-Error-Message")
+            .unwrap()
+            .contains("invalid envelope")
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    bus.close().await.unwrap();
+}
+
+/// An envelope handler that always panics: retried until `max_restarts` panics, then
+/// dead-lettered; a plain handler that panics runs once and the next message is handled.
+pub async fn panics_are_caught_for_both_classes(factory: &dyn BusFactory) {
+    let settings = Settings {
+        max_attempts: 10,
+        max_restarts: 2,
+        ..Settings::default()
+    };
+    let bus = factory.bus(settings).await;
+    let topic = factory.topic("panic");
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let envelope_calls = Arc::new(AtomicUsize::new(0));
+    let c = envelope_calls.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { panic!("envelope handler bug") }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(&topic, &envelope("agg-panic", 1))
+        .await
+        .unwrap();
+    let letters = dead
+        .wait_for("the poisoned envelope", |e| !e.is_empty())
+        .await;
+    assert_eq!(letters[0].headers.get_str("X-Failed-Attempts"), Some("2"));
+    assert!(
+        letters[0]
+            .headers
+            .get_str("X-Error-Message")
+            .unwrap()
+            .contains("envelope handler bug")
+    );
+    assert_eq!(envelope_calls.load(Ordering::SeqCst), 2);
+
+    let plain_topic = factory.topic("panic-plain");
+    let handled = Recorder::<Vec<u8>>::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (h, c) = (handled.clone(), calls.clone());
+    bus.subscribe(
+        &plain_topic,
+        Arc::new(move |_ctx: HandlerContext, message: Message| {
+            let h = h.clone();
+            c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if message.payload.as_ref() == b"boom" {
+                    panic!("plain handler bug");
+                }
+                h.push(message.payload.to_vec());
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish(
+        &plain_topic,
+        OutboundMessage::new(&b"boom"[..]).with_key("k"),
+    )
+    .await
+    .unwrap();
+    bus.publish(
+        &plain_topic,
+        OutboundMessage::new(&b"after"[..]).with_key("k"),
+    )
+    .await
+    .unwrap();
+    handled
+        .wait_for("the message after the panic", |e| e.len() == 1)
+        .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the panicking plain message ran once"
+    );
+    bus.close().await.unwrap();
+}
+
+/// A plain handler's error is not retried.
+pub async fn plain_messages_are_at_most_once(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            max_attempts: 5,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("plain");
+    let seen = Recorder::<Vec<u8>>::new();
+    let s = seen.clone();
+    bus.subscribe(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, message: Message| {
+            let s = s.clone();
+            async move {
+                s.push(message.payload.to_vec());
+                if message.payload.as_ref() == b"fails" {
+                    return Err(HandlerError::transient("plain failure"));
+                }
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish(&topic, OutboundMessage::new(&b"fails"[..]).with_key("k"))
+        .await
+        .unwrap();
+    bus.publish(&topic, OutboundMessage::new(&b"next"[..]).with_key("k"))
+        .await
+        .unwrap();
+    let events = seen.wait_for("both messages", |e| e.len() >= 2).await;
+    assert_eq!(events, [b"fails".to_vec(), b"next".to_vec()]);
+    bus.close().await.unwrap();
+}
+
+/// After `unsubscribe`, the handler gets nothing more, while another subscription of the same
+/// topic keeps receiving (every subscription receives every message).
+pub async fn unsubscribe_stops_delivery(factory: &dyn BusFactory) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("unsub");
+    let first = collect(&bus, &topic).await;
+    let second = Recorder::<Message>::new();
+    let s = second.clone();
+    let subscription = bus
+        .subscribe(
+            &topic,
+            Arc::new(move |_ctx: HandlerContext, message: Message| {
+                let s = s.clone();
+                async move {
+                    s.push(message);
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    bus.publish(&topic, OutboundMessage::new(&b"one"[..]))
+        .await
+        .unwrap();
+    second.wait_for("the first message", |e| e.len() == 1).await;
+    subscription.unsubscribe().await.unwrap();
+    bus.publish(&topic, OutboundMessage::new(&b"two"[..]))
+        .await
+        .unwrap();
+    first
+        .wait_for("both messages on the other subscription", |e| e.len() == 2)
+        .await;
+    assert_eq!(second.events().len(), 1, "no delivery after unsubscribe");
+    bus.close().await.unwrap();
+}
+
+/// `close` lets in-flight handlers finish before it returns, and refuses new work after.
+pub async fn close_drains_in_flight_work(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            pool_size: 4,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("drain");
+    let done = Recorder::<i64>::new();
+    let d = done.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let d = d.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                d.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=40 {
+        bus.publish_envelope(&topic, &envelope(&format!("agg-{}", version % 8), version))
+            .await
+            .unwrap();
+    }
+    bus.close().await.unwrap();
+    assert_eq!(
+        done.events().len(),
+        40,
+        "close returned before in-flight work finished"
+    );
+    let error = bus
+        .publish(&topic, OutboundMessage::new(&b"late"[..]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), eventbus_core::ErrorKind::Closed);
+    bus.close().await.unwrap();
+}

@@ -1,0 +1,196 @@
+//! The conformance suite against the in-memory backend, plus what only memory can show.
+
+// A factory that cannot build its bus fails the test that asked for it.
+#![allow(clippy::panic)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::{EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions};
+use eventbus_memory::{MemoryBus, MemoryConfig};
+use eventbus_pool::{PoolConfig, RetryPolicy};
+use integration_tests::{BusFactory, Settings};
+
+struct Memory;
+
+fn config(settings: Settings) -> MemoryConfig {
+    MemoryConfig {
+        client_id: "conformance".into(),
+        pool: PoolConfig {
+            pool_size: settings.pool_size,
+            inbox_size: settings.inbox_size,
+            max_restarts: settings.max_restarts,
+            retry: RetryPolicy {
+                max_attempts: settings.max_attempts,
+                initial_backoff: settings.backoff,
+                max_backoff: settings.backoff * 8,
+            },
+            ..PoolConfig::default()
+        },
+        drain_timeout: settings.drain_timeout,
+    }
+}
+
+#[async_trait]
+impl BusFactory for Memory {
+    async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
+        match MemoryBus::new(config(settings)) {
+            Ok(bus) => Arc::new(bus),
+            Err(error) => panic!("memory bus: {error}"),
+        }
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("conformance.{name}")
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                integration_tests::$name(&Memory).await;
+            }
+        )*
+    };
+}
+
+conformance!(
+    per_aggregate_order_with_many_aggregates,
+    retry_then_success_keeps_order,
+    exhausted_retries_go_to_the_dead_letter_topic,
+    undecodable_envelopes_are_dead_lettered_without_retries,
+    panics_are_caught_for_both_classes,
+    plain_messages_are_at_most_once,
+    unsubscribe_stops_delivery,
+    close_drains_in_flight_work,
+);
+
+/// Memory has no broker to hold messages, so a slow handler must slow its publishers: the engine
+/// never holds more than its capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_makes_publishers_wait_and_memory_stays_bounded() {
+    let bus = Arc::new(
+        MemoryBus::new(config(Settings {
+            pool_size: 1,
+            inbox_size: 5,
+            ..Settings::default()
+        }))
+        .unwrap(),
+    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (g, h) = (gate.clone(), handled.clone());
+    bus.subscribe(
+        "slow",
+        Arc::new(move |_ctx: HandlerContext, _message: Message| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let (bus, published) = (bus.clone(), published.clone());
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                bus.publish(
+                    "slow",
+                    OutboundMessage::new(&b"work"[..]).with_key("one-key"),
+                )
+                .await
+                .unwrap();
+                published.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    // One job runs (blocked on the gate) and five wait in the key's lane: the lane is full, so
+    // the seventh publish cannot complete until a job finishes.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = bus.pool_stats();
+        if stats.running == 1 && stats.queued == 5 && published.load(Ordering::SeqCst) == 6 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "engine never filled: {stats:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(!publisher.is_finished());
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
+    gate.add_permits(100);
+    publisher.await.unwrap();
+    assert_eq!(published.load(Ordering::SeqCst), 20);
+    bus.close().await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test]
+async fn publishing_to_an_invalid_topic_or_a_closed_bus_is_a_typed_error() {
+    let bus = MemoryBus::new(MemoryConfig::default()).unwrap();
+    let invalid = bus
+        .publish("not a topic", OutboundMessage::new(&b"x"[..]))
+        .await
+        .unwrap_err();
+    assert_eq!(invalid.kind(), eventbus_core::ErrorKind::InvalidTopic);
+    bus.close().await.unwrap();
+    let closed = bus
+        .publish("fine", OutboundMessage::new(&b"x"[..]))
+        .await
+        .unwrap_err();
+    assert_eq!(closed.kind(), eventbus_core::ErrorKind::Closed);
+    let handler = Arc::new(|_ctx: HandlerContext, _m: Message| async { Ok(()) });
+    let subscribe = bus
+        .subscribe("fine", handler, SubscribeOptions::new())
+        .await;
+    assert_eq!(
+        subscribe.unwrap_err().kind(),
+        eventbus_core::ErrorKind::Closed
+    );
+    assert!(!bus.health().await.is_healthy());
+}
+
+#[tokio::test]
+async fn dead_lettering_disabled_drops_and_counts_the_message() {
+    let bus = MemoryBus::new(config(Settings {
+        max_attempts: 2,
+        ..Settings::default()
+    }))
+    .unwrap();
+    let handler = Arc::new(|_ctx: HandlerContext, _e: eventbus_core::Envelope| async {
+        Err(eventbus_core::HandlerError::transient("no"))
+    });
+    bus.subscribe_envelope(
+        "nodlq",
+        handler,
+        SubscribeOptions::new().with_dead_letter(eventbus_core::DeadLetter::Disabled),
+    )
+    .await
+    .unwrap();
+    let envelope = eventbus_core::Envelope::new("a", "T", 1, &1).unwrap();
+    bus.publish_envelope("nodlq", &envelope).await.unwrap();
+    bus.close().await.unwrap();
+    let stats = bus.stats();
+    assert_eq!((stats.dead_lettered, stats.dropped), (0, 1));
+}
+
+#[tokio::test]
+async fn health_reports_the_backend_and_its_engine() {
+    let bus = MemoryBus::new(MemoryConfig::default()).unwrap();
+    let report = bus.health().await;
+    assert_eq!(report.backend, "memory");
+    assert!(report.is_healthy());
+    assert!(report.components.iter().any(|c| c.name == "engine"));
+    bus.close().await.unwrap();
+}
