@@ -1,0 +1,363 @@
+//! The bus configuration: defaults, TOML or YAML files, `EVENTBUS_*` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use eventbus_core::Error;
+use eventbus_pool::{PoolConfig, RetryPolicy};
+use serde::{Deserialize, Serialize};
+
+/// The backend a [`Config`] selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Backend {
+    /// In-process topics (cargo feature `memory`, on by default).
+    #[default]
+    Memory,
+}
+
+impl Backend {
+    /// The name used in configuration, metrics and health reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Memory => "memory",
+        }
+    }
+}
+
+/// Everything a bus is built from. Every field has a default (see `docs/configuration.md`), so
+/// an empty file is a valid configuration.
+///
+/// ```
+/// use eventbus::Config;
+///
+/// let config = Config::from_toml_str(r#"
+///     type = "memory"
+///     client_id = "billing"
+///     [pool]
+///     pool_size = 64
+///     [retry]
+///     initial_backoff = "250ms"
+/// "#)?;
+/// assert_eq!(config.pool.pool_size, 64);
+/// assert_eq!(config.retry.initial_backoff, std::time::Duration::from_millis(250));
+/// assert_eq!(config.pool.inbox_size, 1000); // default
+/// # Ok::<(), eventbus::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Config {
+    /// The backend. Default `memory`.
+    #[serde(rename = "type")]
+    pub backend: Backend,
+    /// Names this service in metrics (`{type}_eventbus_{client_id}`) and to the broker.
+    /// Default `eventbus`.
+    pub client_id: String,
+    /// The ordering engine.
+    pub pool: PoolSection,
+    /// Retries of envelope handlers.
+    pub retry: RetrySection,
+    /// How long `close` lets in-flight messages finish. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSection,
+}
+
+/// `[pool]`: the ordering engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PoolSection {
+    /// Handlers running at most at once. Default 256.
+    pub pool_size: usize,
+    /// Messages queued at most per aggregate. Default 1000.
+    pub inbox_size: usize,
+    /// Panics one message may cause before it is poison. Default 3.
+    pub max_restarts: u32,
+}
+
+/// `[retry]`: retries of envelope handlers, inside the aggregate's lane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetrySection {
+    /// Attempts in all, the first included. Default 3.
+    pub max_attempts: u32,
+    /// Backoff after the first failure, doubled each time. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// The longest backoff. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MetricsSection {
+    /// Serve `/metrics` on this address when the bus connects. Default: not served.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Memory,
+            client_id: "eventbus".to_owned(),
+            pool: PoolSection::default(),
+            retry: RetrySection::default(),
+            drain_timeout: Duration::from_secs(30),
+            metrics: MetricsSection::default(),
+        }
+    }
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        let defaults = PoolConfig::default();
+        Self {
+            pool_size: defaults.pool_size,
+            inbox_size: defaults.inbox_size,
+            max_restarts: defaults.max_restarts,
+        }
+    }
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        let defaults = RetryPolicy::default();
+        Self {
+            max_attempts: defaults.max_attempts,
+            initial_backoff: defaults.initial_backoff,
+            max_backoff: defaults.max_backoff,
+        }
+    }
+}
+
+/// One environment override: its variable, the field it sets, and how.
+struct Override {
+    variable: &'static str,
+    apply: fn(&mut Config, &str) -> Result<(), String>,
+}
+
+fn number<T: std::str::FromStr>(value: &str) -> Result<T, String> {
+    value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a valid number"))
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(value.trim())
+        .map_err(|error| format!("{value:?} is not a duration like 500ms or 30s: {error}"))
+}
+
+/// Every override: `EVENTBUS_` followed by the field's path with `.` as `_`, upper case.
+const OVERRIDES: &[Override] = &[
+    Override {
+        variable: "EVENTBUS_TYPE",
+        apply: |c, v| {
+            c.backend = match v.trim() {
+                "memory" => Backend::Memory,
+                other => return Err(format!("{other:?} is not a backend (memory)")),
+            };
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_CLIENT_ID",
+        apply: |c, v| {
+            c.client_id = v.to_owned();
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_POOL_POOL_SIZE",
+        apply: |c, v| {
+            c.pool.pool_size = number(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_POOL_INBOX_SIZE",
+        apply: |c, v| {
+            c.pool.inbox_size = number(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_POOL_MAX_RESTARTS",
+        apply: |c, v| {
+            c.pool.max_restarts = number(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_RETRY_MAX_ATTEMPTS",
+        apply: |c, v| {
+            c.retry.max_attempts = number(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_RETRY_INITIAL_BACKOFF",
+        apply: |c, v| {
+            c.retry.initial_backoff = duration(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_RETRY_MAX_BACKOFF",
+        apply: |c, v| {
+            c.retry.max_backoff = duration(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_DRAIN_TIMEOUT",
+        apply: |c, v| {
+            c.drain_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_METRICS_LISTEN",
+        apply: |c, v| {
+            c.metrics.listen = if v.trim().is_empty() {
+                None
+            } else {
+                Some(
+                    v.trim()
+                        .parse()
+                        .map_err(|_| format!("{v:?} is not an address like 127.0.0.1:9898"))?,
+                )
+            };
+            Ok(())
+        },
+    },
+];
+
+impl Config {
+    /// The names of every environment override, in documentation order.
+    pub fn environment_variables() -> impl Iterator<Item = &'static str> {
+        OVERRIDES.iter().map(|o| o.variable)
+    }
+
+    /// Reads TOML. Unknown keys are errors (a typo must not pass silently).
+    pub fn from_toml_str(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|error| {
+            Error::config(
+                "toml",
+                error.message().to_owned() + &location(text, error.span()),
+            )
+        })
+    }
+
+    /// Reads YAML. Unknown keys are errors.
+    pub fn from_yaml_str(text: &str) -> Result<Self, Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        yaml_serde::from_str(text).map_err(|error| Error::config("yaml", error.to_string()))
+    }
+
+    /// Reads a `.toml`, `.yaml` or `.yml` file. Errors name the file.
+    pub fn from_file(path: &Path) -> Result<Self, Error> {
+        let shown = path.display().to_string();
+        let parse: fn(&str) -> Result<Self, Error> = match path.extension().and_then(|e| e.to_str())
+        {
+            Some("toml") => Self::from_toml_str,
+            Some("yaml" | "yml") => Self::from_yaml_str,
+            _ => {
+                return Err(Error::config(
+                    &shown,
+                    "unknown format: the file name must end in .toml, .yaml or .yml",
+                ));
+            }
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| Error::config(&shown, format!("cannot read it: {error}")))?;
+        let parsed = parse(&text);
+        parsed.map_err(|error| match error {
+            Error::Config { reason, .. } => Error::config(&shown, reason),
+            other => other,
+        })
+    }
+
+    /// Applies `EVENTBUS_*` overrides from `variables` (usually `std::env::vars()`). An
+    /// `EVENTBUS_` variable that is not an override is an error, so a typo cannot pass.
+    pub fn with_overrides(
+        mut self,
+        variables: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        for (name, value) in variables {
+            if !name.starts_with("EVENTBUS_") {
+                continue;
+            }
+            let Some(over) = OVERRIDES.iter().find(|o| o.variable == name) else {
+                return Err(Error::config(
+                    &name,
+                    "unknown EVENTBUS_ variable (see docs/configuration.md)",
+                ));
+            };
+            (over.apply)(&mut self, &value).map_err(|reason| Error::config(&name, reason))?;
+        }
+        Ok(self)
+    }
+
+    /// Defaults, then `file` if given, then the process environment; validated.
+    pub fn load(file: Option<&Path>) -> Result<Self, Error> {
+        let config = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let config = config.with_overrides(std::env::vars())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value; the error names the field.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.client_id.trim().is_empty() {
+            return Err(Error::config("client_id", "must not be empty"));
+        }
+        if self.drain_timeout.is_zero() {
+            return Err(Error::config("drain_timeout", "must be longer than 0"));
+        }
+        self.pool_config().validate()
+    }
+
+    /// The engine configuration this config describes.
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            pool_size: self.pool.pool_size,
+            inbox_size: self.pool.inbox_size,
+            max_restarts: self.pool.max_restarts,
+            retry: RetryPolicy {
+                max_attempts: self.retry.max_attempts,
+                initial_backoff: self.retry.initial_backoff,
+                max_backoff: self.retry.max_backoff,
+            },
+            metrics_namespace: eventbus_core::metric_namespace(
+                self.backend.name(),
+                &self.client_id,
+            ),
+        }
+    }
+}
+
+/// ` at line L, column C` for a byte span of `text`.
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return String::new();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(" (line {line}, column {column})")
+}

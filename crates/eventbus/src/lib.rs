@@ -1,0 +1,186 @@
+//! Domain events handled **in order per aggregate, concurrently across aggregates, without
+//! losing any**: the one crate a service needs.
+//!
+//! [`connect`] builds a bus from a [`Config`] (defaults, a TOML or YAML file, `EVENTBUS_*`
+//! environment overrides); the bus implements [`EventBus`]. Envelopes are delivered
+//! at-least-once, retried inside their aggregate's lane and dead-lettered to `{topic}.DLQ` when
+//! they keep failing; plain messages at-most-once. The contract is in `docs/semantics.md`.
+//!
+//! ```
+//! use eventbus::{Config, Envelope, EventBus, EventBusExt, HandlerContext, SubscribeOptions};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct OrderPlaced { total_cents: u64 }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), eventbus::Error> {
+//! let bus = eventbus::connect(Config::default()).await?;
+//! bus.subscribe_envelope_typed("orders", |_ctx: HandlerContext, envelope: Envelope, order: OrderPlaced| async move {
+//!     println!("{} placed for {} cents", envelope.aggregate_id, order.total_cents);
+//!     Ok(())
+//! }, SubscribeOptions::new())
+//! .await?;
+//! bus.publish_envelope("orders", &Envelope::new("order-42", "OrderPlaced", 1, &OrderPlaced { total_cents: 1250 })?)
+//!     .await?;
+//! bus.close().await?; // drains in-flight handlers first
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Backends are cargo features: `memory` (default). Metrics go through the `metrics` facade
+//! under `{type}_eventbus_{client_id}`; [`serve_metrics`] (or `metrics.listen` in the config)
+//! serves them for Prometheus.
+
+mod config;
+mod metrics;
+mod typed;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+pub use config::{Backend, Config, MetricsSection, PoolSection, RetrySection};
+pub use eventbus_core::*;
+pub use eventbus_pool::{PoolConfig, RetryPolicy};
+pub use metrics::serve_metrics;
+pub use typed::EventBusExt;
+
+/// Metric namespaces of the buses alive in this process.
+static NAMESPACES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Holds a metric namespace for one bus; two live buses never share one, so their metrics never
+/// mix.
+struct Namespace(String);
+
+impl Namespace {
+    fn claim(namespace: String) -> Result<Self, Error> {
+        let mut taken = NAMESPACES.lock().unwrap_or_else(PoisonError::into_inner);
+        if !taken
+            .get_or_insert_with(HashSet::new)
+            .insert(namespace.clone())
+        {
+            return Err(Error::config(
+                "client_id",
+                format!(
+                    "another bus in this process already uses the metrics namespace {namespace}; give each bus its own client_id"
+                ),
+            ));
+        }
+        Ok(Self(namespace))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let mut taken = NAMESPACES.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(taken) = taken.as_mut() {
+            taken.remove(&self.0);
+        }
+    }
+}
+
+/// A connected bus: the configured backend behind the [`EventBus`] trait.
+pub struct Bus {
+    backend: Backend,
+    inner: Arc<dyn EventBus>,
+    _namespace: Namespace,
+}
+
+impl Bus {
+    /// The backend this bus runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The bus as a shareable trait object.
+    pub fn as_event_bus(&self) -> Arc<dyn EventBus> {
+        self.inner.clone()
+    }
+}
+
+impl std::fmt::Debug for Bus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bus")
+            .field("backend", &self.backend)
+            .field("metrics_namespace", &self._namespace.0)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the bus `config` describes. Serves metrics first when `metrics.listen` is set, so the
+/// bus's metrics are recorded from the start.
+///
+/// Fails with [`ErrorKind::Config`] for an invalid configuration, a backend not compiled in, or
+/// a `client_id` whose metrics namespace another live bus of this process already uses.
+pub async fn connect(config: Config) -> Result<Bus, Error> {
+    config.validate()?;
+    if let Some(listen) = config.metrics.listen {
+        serve_metrics(listen)?;
+    }
+    let pool = config.pool_config();
+    let namespace = Namespace::claim(pool.metrics_namespace.clone())?;
+    let inner: Arc<dyn EventBus> = match config.backend {
+        Backend::Memory => memory(&config, pool)?,
+    };
+    tracing::info!(backend = config.backend.name(), client_id = %config.client_id, "event bus connected");
+    Ok(Bus {
+        backend: config.backend,
+        inner,
+        _namespace: namespace,
+    })
+}
+
+#[cfg(feature = "memory")]
+fn memory(config: &Config, pool: PoolConfig) -> Result<Arc<dyn EventBus>, Error> {
+    let bus = eventbus_memory::MemoryBus::new(eventbus_memory::MemoryConfig {
+        client_id: config.client_id.clone(),
+        pool,
+        drain_timeout: config.drain_timeout,
+    })?;
+    Ok(Arc::new(bus))
+}
+
+#[cfg(not(feature = "memory"))]
+fn memory(_config: &Config, _pool: PoolConfig) -> Result<Arc<dyn EventBus>, Error> {
+    Err(Error::config(
+        "type",
+        "the memory backend is not compiled in: enable the `memory` feature of the eventbus crate",
+    ))
+}
+
+#[async_trait]
+impl EventBus for Bus {
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
+        self.inner.publish(topic, message).await
+    }
+
+    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
+        self.inner.publish_envelope(topic, envelope).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        handler: Arc<dyn MessageHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.inner.subscribe(topic, handler, options).await
+    }
+
+    async fn subscribe_envelope(
+        &self,
+        topic: &str,
+        handler: Arc<dyn EnvelopeHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.inner.subscribe_envelope(topic, handler, options).await
+    }
+
+    async fn health(&self) -> HealthReport {
+        self.inner.health().await
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.close().await
+    }
+}

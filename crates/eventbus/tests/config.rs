@@ -1,0 +1,205 @@
+//! Configuration: defaults, files, environment overrides, and errors that say where and why.
+
+use std::io::Write;
+use std::time::Duration;
+
+use eventbus::{Backend, Config, Error, ErrorKind};
+
+#[allow(clippy::panic)] // a wrong error kind fails the test
+fn field(error: Error) -> (String, String) {
+    match error {
+        Error::Config { field, reason } => (field, reason),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_field_has_a_default_and_an_empty_file_is_valid() {
+    let defaults = Config::default();
+    assert_eq!(defaults.backend, Backend::Memory);
+    assert_eq!(defaults.client_id, "eventbus");
+    assert_eq!(
+        (
+            defaults.pool.pool_size,
+            defaults.pool.inbox_size,
+            defaults.pool.max_restarts
+        ),
+        (256, 1000, 3)
+    );
+    assert_eq!(defaults.retry.max_attempts, 3);
+    assert_eq!(defaults.retry.initial_backoff, Duration::from_secs(1));
+    assert_eq!(defaults.retry.max_backoff, Duration::from_secs(30));
+    assert_eq!(defaults.drain_timeout, Duration::from_secs(30));
+    assert_eq!(defaults.metrics.listen, None);
+    assert!(defaults.validate().is_ok());
+    assert_eq!(Config::from_toml_str("").unwrap(), defaults);
+    assert_eq!(Config::from_yaml_str("").unwrap(), defaults);
+}
+
+#[test]
+fn toml_and_yaml_describe_the_same_config() {
+    let toml = Config::from_toml_str(
+        r#"
+        type = "memory"
+        client_id = "billing"
+        drain_timeout = "5s"
+        [pool]
+        pool_size = 8
+        inbox_size = 50
+        max_restarts = 2
+        [retry]
+        max_attempts = 5
+        initial_backoff = "100ms"
+        max_backoff = "2s"
+        [metrics]
+        listen = "127.0.0.1:9898"
+        "#,
+    )
+    .unwrap();
+    let yaml = Config::from_yaml_str(
+        "type: memory\nclient_id: billing\ndrain_timeout: 5s\npool:\n  pool_size: 8\n  inbox_size: 50\n  max_restarts: 2\nretry:\n  max_attempts: 5\n  initial_backoff: 100ms\n  max_backoff: 2s\nmetrics:\n  listen: 127.0.0.1:9898\n",
+    )
+    .unwrap();
+    assert_eq!(toml, yaml);
+    assert_eq!(
+        toml.pool_config().metrics_namespace,
+        "memory_eventbus_billing"
+    );
+    assert_eq!(toml.retry.initial_backoff, Duration::from_millis(100));
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_errors_that_say_where() {
+    let (_, reason) = field(Config::from_toml_str("[pool]\npool_sise = 3\n").unwrap_err());
+    assert!(
+        reason.contains("pool_sise") && reason.contains("line 2"),
+        "{reason}"
+    );
+    let (_, reason) = field(Config::from_toml_str("type = \"rabbitmq\"").unwrap_err());
+    assert!(reason.contains("rabbitmq"), "{reason}");
+    let (_, reason) =
+        field(Config::from_toml_str("[retry]\ninitial_backoff = \"soon\"").unwrap_err());
+    assert!(
+        reason.contains("soon") || reason.contains("duration"),
+        "{reason}"
+    );
+    let (_, reason) = field(Config::from_yaml_str("pool:\n  pool_size: many\n").unwrap_err());
+    assert!(
+        reason.contains("pool_size") || reason.contains("invalid"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn files_are_read_by_extension_and_errors_name_the_file() {
+    let dir = std::env::temp_dir().join(format!("eventbus-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = dir.join("bus.toml");
+    std::fs::File::create(&toml)
+        .unwrap()
+        .write_all(b"client_id = \"svc\"\n")
+        .unwrap();
+    assert_eq!(Config::from_file(&toml).unwrap().client_id, "svc");
+    let yaml = dir.join("bus.yml");
+    std::fs::File::create(&yaml)
+        .unwrap()
+        .write_all(b"client_id: other\n")
+        .unwrap();
+    assert_eq!(Config::from_file(&yaml).unwrap().client_id, "other");
+
+    let bad = dir.join("bad.toml");
+    std::fs::File::create(&bad)
+        .unwrap()
+        .write_all(b"[pool]\npool_size = -1\n")
+        .unwrap();
+    let (file, _) = field(Config::from_file(&bad).unwrap_err());
+    assert_eq!(file, bad.display().to_string());
+    let (file, reason) = field(Config::from_file(&dir.join("missing.toml")).unwrap_err());
+    assert!(
+        file.ends_with("missing.toml") && reason.contains("cannot read"),
+        "{reason}"
+    );
+    let (_, reason) = field(Config::from_file(&dir.join("bus.json")).unwrap_err());
+    assert!(reason.contains(".toml"), "{reason}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn environment_variables_override_every_field() {
+    let config = Config::default()
+        .with_overrides(vars(&[
+            ("EVENTBUS_TYPE", "memory"),
+            ("EVENTBUS_CLIENT_ID", "from-env"),
+            ("EVENTBUS_POOL_POOL_SIZE", "12"),
+            ("EVENTBUS_POOL_INBOX_SIZE", "34"),
+            ("EVENTBUS_POOL_MAX_RESTARTS", "5"),
+            ("EVENTBUS_RETRY_MAX_ATTEMPTS", "6"),
+            ("EVENTBUS_RETRY_INITIAL_BACKOFF", "10ms"),
+            ("EVENTBUS_RETRY_MAX_BACKOFF", "1m"),
+            ("EVENTBUS_DRAIN_TIMEOUT", "3s"),
+            ("EVENTBUS_METRICS_LISTEN", "127.0.0.1:9100"),
+            ("PATH", "/usr/bin"),
+        ]))
+        .unwrap();
+    assert_eq!(config.client_id, "from-env");
+    assert_eq!(
+        (
+            config.pool.pool_size,
+            config.pool.inbox_size,
+            config.pool.max_restarts
+        ),
+        (12, 34, 5)
+    );
+    assert_eq!(config.retry.max_attempts, 6);
+    assert_eq!(config.retry.initial_backoff, Duration::from_millis(10));
+    assert_eq!(config.retry.max_backoff, Duration::from_secs(60));
+    assert_eq!(config.drain_timeout, Duration::from_secs(3));
+    assert_eq!(
+        config.metrics.listen,
+        Some("127.0.0.1:9100".parse().unwrap())
+    );
+    assert_eq!(Config::environment_variables().count(), 10);
+}
+
+#[test]
+fn bad_environment_values_name_the_variable() {
+    let (name, reason) = field(
+        Config::default()
+            .with_overrides(vars(&[("EVENTBUS_POOL_POOL_SIZE", "lots")]))
+            .unwrap_err(),
+    );
+    assert_eq!(name, "EVENTBUS_POOL_POOL_SIZE");
+    assert!(reason.contains("lots"), "{reason}");
+    let (name, _) = field(
+        Config::default()
+            .with_overrides(vars(&[("EVENTBUS_POOLSIZE", "1")]))
+            .unwrap_err(),
+    );
+    assert_eq!(name, "EVENTBUS_POOLSIZE");
+    let (name, _) = field(
+        Config::default()
+            .with_overrides(vars(&[("EVENTBUS_DRAIN_TIMEOUT", "forever")]))
+            .unwrap_err(),
+    );
+    assert_eq!(name, "EVENTBUS_DRAIN_TIMEOUT");
+}
+
+#[test]
+fn validation_names_the_field() {
+    let mut config = Config::default();
+    config.pool.pool_size = 0;
+    assert_eq!(field(config.validate().unwrap_err()).0, "pool.pool_size");
+    let mut config = Config::default();
+    config.client_id = " ".into();
+    assert_eq!(field(config.validate().unwrap_err()).0, "client_id");
+    let mut config = Config::default();
+    config.retry.initial_backoff = Duration::from_secs(60);
+    assert_eq!(config.validate().unwrap_err().kind(), ErrorKind::Config);
+}
