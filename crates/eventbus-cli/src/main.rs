@@ -1,0 +1,99 @@
+//! `eventbus`: the SDK's command line.
+//!
+//! ```text
+//! eventbus demo                 ordered, retried, dead-lettered handling on the memory backend
+//! eventbus publish --topic T    stdin JSON lines → messages (or envelopes with --envelope)
+//! eventbus subscribe --topic T  messages → stdout JSON lines
+//! ```
+// A command-line tool prints; that is its job.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod demo;
+mod shell;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Domain events in order per aggregate, concurrently across aggregates, without losing any.
+#[derive(Parser)]
+#[command(name = "eventbus", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish envelopes for many aggregates through a handler that is slow, fails and panics now
+    /// and then; check that nothing was lost or reordered.
+    Demo(demo::DemoArgs),
+    /// Publish each line of standard input to a topic.
+    Publish(shell::PublishArgs),
+    /// Print each message of a topic as a JSON line.
+    Subscribe(shell::SubscribeArgs),
+}
+
+/// A failure of the command itself, with what the user needs to fix it.
+#[derive(Debug)]
+pub(crate) struct CliError(String);
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<eventbus::Error> for CliError {
+    fn from(error: eventbus::Error) -> Self {
+        CliError(error.to_string())
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(error: std::io::Error) -> Self {
+        CliError(format!("I/O error: {error}"))
+    }
+}
+
+fn main() -> ExitCode {
+    // Bad flags: clap prints what is wrong and exits with status 2.
+    let cli = Cli::parse();
+    // Errors are logged by default; the demo's are the failures it injects on purpose, which its
+    // summary counts, so they are logged only when RUST_LOG asks for them.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "off",
+        _ => "error",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Publish(args) => shell::publish(args).await,
+            Command::Subscribe(args) => shell::subscribe(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

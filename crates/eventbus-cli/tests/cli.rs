@@ -1,0 +1,208 @@
+//! The `eventbus` binary, run as a user runs it.
+
+// Helpers run the binary; if it cannot be run or read, the test fails right there.
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn eventbus(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the eventbus binary runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin written");
+    child
+        .wait_with_output()
+        .expect("the eventbus binary finishes")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn summary_value(stdout: &str, label: &str) -> u64 {
+    stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with(label))
+        .and_then(|line| line.split_whitespace().last())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
+}
+
+#[test]
+fn the_demo_reports_no_loss_and_no_reordering_despite_failures_and_panics() {
+    let output = eventbus(
+        &[
+            "demo",
+            "--aggregates",
+            "30",
+            "--versions",
+            "20",
+            "--failure-rate",
+            "0.2",
+            "--panic-rate",
+            "0.05",
+            "--handler-delay-us",
+            "0",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert_eq!(summary_value(&stdout, "published"), 600);
+    assert_eq!(summary_value(&stdout, "lost"), 0);
+    assert_eq!(summary_value(&stdout, "order violations"), 0);
+    assert_eq!(summary_value(&stdout, "duplicates"), 0);
+    assert_eq!(
+        summary_value(&stdout, "handled") + summary_value(&stdout, "dead-lettered"),
+        600
+    );
+    assert!(
+        summary_value(&stdout, "retries") > 0,
+        "failures were injected"
+    );
+}
+
+#[test]
+fn bad_flags_are_explained_not_panicked_on() {
+    let output = eventbus(&["demo", "--failure-rate", "2"], "");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("--failure-rate") && stderr.contains("between 0 and 1"),
+        "{stderr}"
+    );
+    let output = eventbus(&["demo", "--aggregates", "0"], "");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(!text(&output.stderr).contains("panicked"));
+}
+
+#[test]
+fn a_bad_config_file_names_the_file_the_field_and_the_reason() {
+    let path = std::env::temp_dir().join(format!("eventbus-cli-{}.toml", std::process::id()));
+    std::fs::write(&path, "[pool]\npool_size = 0\n").unwrap();
+    let output = eventbus(&["demo", "--config", path.to_str().unwrap()], "");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("pool.pool_size"), "{stderr}");
+    std::fs::write(&path, "[pool]\npool_sise = 4\n").unwrap();
+    let output = eventbus(&["demo", "--config", path.to_str().unwrap()], "");
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr.contains(path.to_str().unwrap()) && stderr.contains("pool_sise"),
+        "{stderr}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn publish_on_memory_makes_a_round_trip_as_json_lines() {
+    let output = eventbus(&["publish", "--topic", "smoke"], "{\"n\":1}\nplain text\n");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let lines: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["topic"], "smoke");
+    assert_eq!(lines[0]["payload"]["n"], 1);
+    assert_eq!(lines[1]["payload"], "plain text");
+    assert_eq!(lines[1]["sequence"], 2);
+}
+
+#[test]
+fn envelopes_round_trip_and_a_bad_line_is_reported_by_number() {
+    let envelope = r#"{"event_id":"e-1","aggregate_id":"order-1","event_type":"T","event_version":1,"timestamp":"2024-01-01T00:00:00Z","payload":{"a":1}}"#;
+    let output = eventbus(
+        &["subscribe", "--topic", "orders", "--envelope"],
+        &format!("{envelope}\n"),
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).trim(), envelope);
+
+    let output = eventbus(
+        &["publish", "--topic", "orders", "--envelope"],
+        &format!("{envelope}\n{{\"event_id\":\"\"}}\n"),
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("line 2") && stderr.contains("event_id is required"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_demo_serves_pool_metrics_while_it_runs() {
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args([
+            "demo",
+            "--versions",
+            "200",
+            "--handler-delay-us",
+            "2000",
+            "--metrics-listen",
+            &listen,
+        ])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let scraped = loop {
+        let response = TcpStream::connect(&listen).ok().and_then(|mut stream| {
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+                .ok()?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).ok()?;
+            Some(body)
+        });
+        match response {
+            Some(body) if body.contains("actor_pool_messages_sent_total") => break body,
+            _ if Instant::now() > deadline => panic!("no metrics served on {listen}"),
+            // Poll the endpoint until it answers; the demo is starting up.
+            _ => std::thread::yield_now(),
+        }
+    };
+    assert!(
+        demo.try_wait().unwrap().is_none(),
+        "the demo was still running when scraped"
+    );
+    for name in [
+        "memory_eventbus_eventbus_actor_pool_messages_sent_total",
+        "memory_eventbus_eventbus_actor_pool_inbox_depth",
+        "memory_eventbus_eventbus_actor_pool_lanes_active",
+        "memory_eventbus_eventbus_actor_pool_in_flight",
+    ] {
+        assert!(scraped.contains(name), "{name} missing from:\n{scraped}");
+    }
+    let output = demo.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+}
