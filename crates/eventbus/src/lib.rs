@@ -184,3 +184,8 @@ impl EventBus for Bus {
         self.inner.close().await
     }
 }
+
+/// The README's example, compiled with the doctests so that it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeExample;
