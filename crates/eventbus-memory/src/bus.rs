@@ -15,7 +15,7 @@ use eventbus_core::{
     SubscriptionControl, dead_letter_message, extract_aggregate_id, metric_namespace,
     validate_topic,
 };
-use eventbus_pool::{Job, JobContext, JobHandle, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, JobContext, JobHandle, Pool, PoolConfig};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::sync::{Notify, mpsc};
@@ -49,7 +49,6 @@ pub struct MemoryStats {
 
 struct Inner {
     drain_timeout: Duration,
-    retry: RetryPolicy,
     pool: Pool,
     topics: Mutex<HashMap<String, TopicState>>,
     closed: AtomicBool,
@@ -117,7 +116,6 @@ impl MemoryBus {
         let (settle, settled) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             drain_timeout: config.drain_timeout,
-            retry: config.pool.retry.clone(),
             pool,
             topics: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -410,8 +408,8 @@ impl Inner {
         }
     }
 
-    /// Writes a dead letter, retrying with backoff while the engine is full; gives up only when
-    /// the engine is closed.
+    /// Writes a dead letter. Publishing in memory waits for room and fails only once the engine
+    /// is shut down; then the message is dropped and counted.
     async fn dead_letter(&self, sub: &Sub, message: &Message, reason: &str, attempts: u32) {
         let Some(topic) = &sub.dead_letter else {
             tracing::error!(
@@ -423,25 +421,15 @@ impl Inner {
             return;
         };
         let dead = dead_letter_message(message, reason, attempts);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.publish_to(topic, dead.clone()).await {
-                Ok(()) => {
-                    self.dead_lettered.fetch_add(1, Ordering::SeqCst);
-                    self.pool.record_dead_letter();
-                    tracing::warn!(topic = %sub.topic, dead_letter_topic = %topic, reason, attempts, "dead-lettered");
-                    return;
-                }
-                Err(Error::Closed) => {
-                    tracing::error!(topic = %sub.topic, reason, "bus closed before the dead letter was written: dropped");
-                    self.dropped.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, attempt, "dead-letter write failed; retrying");
-                    tokio::time::sleep(self.retry.backoff(attempt)).await;
-                }
+        match self.publish_to(topic, dead).await {
+            Ok(()) => {
+                self.dead_lettered.fetch_add(1, Ordering::SeqCst);
+                self.pool.record_dead_letter();
+                tracing::warn!(topic = %sub.topic, dead_letter_topic = %topic, reason, attempts, "dead-lettered");
+            }
+            Err(error) => {
+                tracing::error!(topic = %sub.topic, reason, %error, "dead letter not written: dropped");
+                self.dropped.fetch_add(1, Ordering::SeqCst);
             }
         }
     }
