@@ -12,6 +12,8 @@
     clippy::indexing_slicing
 )]
 
+pub mod nats_server;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

