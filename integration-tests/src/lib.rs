@@ -121,17 +121,11 @@ impl<T: Clone> Recorder<T> {
 }
 
 fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::new(
-        aggregate,
-        "Changed",
-        version,
-        &serde_json_value(aggregate, version),
-    )
-    .unwrap()
+    Envelope::new(aggregate, "Changed", version, &payload(aggregate, version)).unwrap()
 }
 
-/// A small payload without pulling serde_json into the suite.
-fn serde_json_value(aggregate: &str, version: i64) -> HashMap<&str, String> {
+/// A small JSON payload naming the aggregate and version.
+fn payload(aggregate: &str, version: i64) -> HashMap<&str, String> {
     HashMap::from([
         ("aggregate", aggregate.to_owned()),
         ("version", version.to_string()),

@@ -8,15 +8,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::CliError;
+use crate::counter::Counter;
 use clap::Args;
 use eventbus::{
     Config, Envelope, EventBus, HandlerContext, HandlerError, Message, OffsetDateTime,
     SubscribeOptions,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::sync::Notify;
-
-use crate::CliError;
 
 /// The payload of the demo's injected panics (kept out of the terminal by the panic hook).
 const INJECTED_PANIC: &str = "eventbus demo: injected panic";
@@ -84,7 +83,7 @@ struct AggregateState {
 struct Tally {
     aggregates: Mutex<HashMap<String, AggregateState>>,
     versions: usize,
-    accounted: AtomicU64,
+    accounted: Counter,
     handled: AtomicU64,
     dead_lettered: AtomicU64,
     retries: AtomicU64,
@@ -92,7 +91,6 @@ struct Tally {
     order_violations: AtomicU64,
     unknown: AtomicU64,
     latencies_us: Mutex<Vec<u64>>,
-    progress: Notify,
     bar: ProgressBar,
 }
 
@@ -101,7 +99,7 @@ impl Tally {
         Self {
             aggregates: Mutex::new(HashMap::new()),
             versions,
-            accounted: AtomicU64::new(0),
+            accounted: Counter::default(),
             handled: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             retries: AtomicU64::new(0),
@@ -109,7 +107,6 @@ impl Tally {
             order_violations: AtomicU64::new(0),
             unknown: AtomicU64::new(0),
             latencies_us: Mutex::new(Vec::new()),
-            progress: Notify::new(),
             bar,
         }
     }
@@ -145,24 +142,8 @@ impl Tally {
             self.dead_lettered.fetch_add(1, Ordering::SeqCst);
         }
         drop(aggregates);
-        self.accounted.fetch_add(1, Ordering::SeqCst);
+        self.accounted.add_one();
         self.bar.inc(1);
-        self.progress.notify_waiters();
-    }
-
-    async fn wait_for(&self, total: u64, deadline: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.progress.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.accounted.load(Ordering::SeqCst) >= total {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(deadline, wait).await.is_ok()
     }
 }
 
@@ -291,16 +272,19 @@ pub(crate) async fn run(args: DemoArgs) -> Result<ExitCode, CliError> {
             bus.publish_envelope(&args.topic, &envelope).await?;
         }
     }
-    let complete = tally
-        .wait_for(total, Duration::from_secs(args.deadline_secs))
-        .await;
+    let complete = tokio::time::timeout(
+        Duration::from_secs(args.deadline_secs),
+        tally.accounted.wait_for(total),
+    )
+    .await
+    .is_ok();
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     bus.close().await?;
 
     let handled = tally.handled.load(Ordering::SeqCst);
     let dead_lettered = tally.dead_lettered.load(Ordering::SeqCst);
-    let lost = total - tally.accounted.load(Ordering::SeqCst);
+    let lost = total - tally.accounted.get();
     let violations = tally.order_violations.load(Ordering::SeqCst);
     let duplicates = tally.duplicates.load(Ordering::SeqCst);
     let mut latencies =

@@ -8,6 +8,7 @@
 // A command-line tool prints; that is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod counter;
 mod demo;
 mod shell;
 

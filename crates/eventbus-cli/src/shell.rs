@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Args;
@@ -17,9 +16,9 @@ use eventbus::{
 };
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::sync::Notify;
 
 use crate::CliError;
+use crate::counter::Counter;
 
 /// Options of `eventbus publish`.
 #[derive(Args, Debug)]
@@ -53,31 +52,6 @@ pub(crate) struct SubscribeArgs {
     config: Option<PathBuf>,
 }
 
-/// Counts printed messages and wakes whoever waits for a number of them.
-struct Printed {
-    count: AtomicU64,
-    changed: Notify,
-}
-
-impl Printed {
-    fn one(&self) {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
-    }
-
-    async fn wait_for(&self, count: u64) {
-        loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.count.load(Ordering::SeqCst) >= count {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
 /// A consumed message as one JSON object.
 fn message_json(message: &Message) -> Value {
     let headers: Map<String, Value> = message
@@ -104,11 +78,8 @@ async fn print_subscription(
     bus: &Bus,
     topic: &str,
     envelope: bool,
-) -> Result<Arc<Printed>, CliError> {
-    let printed = Arc::new(Printed {
-        count: AtomicU64::new(0),
-        changed: Notify::new(),
-    });
+) -> Result<Arc<Counter>, CliError> {
+    let printed = Arc::new(Counter::default());
     let p = printed.clone();
     if envelope {
         bus.subscribe_envelope(
@@ -120,7 +91,7 @@ async fn print_subscription(
                         .to_bytes()
                         .map_err(eventbus::HandlerError::permanent)?;
                     println!("{}", String::from_utf8_lossy(&bytes));
-                    p.one();
+                    p.add_one();
                     Ok(())
                 }
             }),
@@ -134,7 +105,7 @@ async fn print_subscription(
                 let p = p.clone();
                 async move {
                     println!("{}", message_json(&message));
-                    p.one();
+                    p.add_one();
                     Ok(())
                 }
             }),
@@ -177,7 +148,7 @@ async fn connect(config: Option<&std::path::Path>) -> Result<Bus, CliError> {
 /// How long a round trip on memory may take before the command gives up.
 const ROUND_TRIP: Duration = Duration::from_secs(60);
 
-async fn round_trip(bus: &Bus, printed: &Printed, published: u64) -> Result<(), CliError> {
+async fn round_trip(bus: &Bus, printed: &Counter, published: u64) -> Result<(), CliError> {
     tokio::time::timeout(ROUND_TRIP, printed.wait_for(published))
         .await
         .map_err(|_| CliError(format!("messages did not come back within {ROUND_TRIP:?}")))?;
