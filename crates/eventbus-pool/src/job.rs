@@ -15,12 +15,18 @@ pub(crate) type AttemptFuture =
 
 type Run = Box<dyn FnMut(JobContext) -> AttemptFuture + Send + 'static>;
 
+/// The future of a job's finishing step.
+pub(crate) type FinishFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+pub(crate) type Finish = Box<dyn FnOnce(&Outcome) -> FinishFuture + Send + 'static>;
+
 /// A unit of work: an optional routing key, a delivery class, and a function that starts one
 /// attempt (called again for each retry).
 pub struct Job {
     pub(crate) key: Option<AggregateId>,
     pub(crate) class: DeliveryClass,
     pub(crate) run: Run,
+    pub(crate) finish: Option<Finish>,
 }
 
 impl Job {
@@ -35,7 +41,46 @@ impl Job {
             key,
             class,
             run: Box::new(move |ctx| Box::pin(run(ctx))),
+            finish: None,
         }
+    }
+
+    /// Adds a finishing step: once the job has its final outcome (succeeded, failed or
+    /// panicked; not cancelled), `finish` runs on the same actor **before the lane is
+    /// released**, so the key's next job starts only after it. A backend acknowledges or
+    /// dead-letters here: a dead-letter write that has to be retried keeps the aggregate's later
+    /// messages waiting, as the delivery contract asks.
+    ///
+    /// The step is dropped when the pool's drain deadline passes (the outcome is then still
+    /// delivered to the [`JobHandle`]); a panic in it is caught and logged.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use eventbus_core::{DeliveryClass, Outcome};
+    /// use eventbus_pool::{Job, Pool, PoolConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), eventbus_core::Error> {
+    /// let pool = Pool::new(PoolConfig::default())?;
+    /// let acked = Arc::new(Mutex::new(Vec::new()));
+    /// let log = acked.clone();
+    /// let job = Job::new(None, DeliveryClass::AtMostOnce, |_ctx| async { Ok(()) })
+    ///     .with_finish(move |outcome: &Outcome| {
+    ///         let succeeded = outcome.is_success();
+    ///         async move { log.lock().unwrap().push(succeeded) }
+    ///     });
+    /// pool.submit(job).await?.await;
+    /// assert_eq!(*acked.lock().unwrap(), [true]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_finish<F, Fut>(mut self, finish: F) -> Self
+    where
+        F: FnOnce(&Outcome) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.finish = Some(Box::new(move |outcome| Box::pin(finish(outcome))));
+        self
     }
 
     /// The routing key.

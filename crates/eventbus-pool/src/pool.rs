@@ -557,7 +557,7 @@ impl Shared {
         self: &Arc<Self>,
         lane: Option<LaneId>,
         mut entry: Entry,
-        cancelled: Pin<&mut WaitForCancellationFutureOwned>,
+        mut cancelled: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Option<Next> {
         entry.attempts += 1;
         let attempt = entry.attempts;
@@ -571,7 +571,7 @@ impl Shared {
             Ok(future) => {
                 tokio::select! {
                     biased;
-                    () = cancelled => Attempt::Cancelled,
+                    () = cancelled.as_mut() => Attempt::Cancelled,
                     result = AssertUnwindSafe(future).catch_unwind() => match result {
                         Ok(Ok(())) => Attempt::Succeeded,
                         Ok(Err(error)) => Attempt::Failed(error),
@@ -614,6 +614,11 @@ impl Shared {
                 }
             }
         };
+        if let Some(finish) = entry.job.finish.take()
+            && !matches!(outcome, Outcome::Cancelled { .. })
+        {
+            finish_job(finish, &outcome, cancelled).await;
+        }
         self.settle(lane, entry, outcome, Stage::Running, true)
     }
 
@@ -677,6 +682,30 @@ impl Shared {
             tokio::select! {
                 () = &mut notified => {}
                 () = self.stop.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Runs a job's finishing step while its lane is still held, until it ends or the pool cancels.
+async fn finish_job(
+    finish: crate::job::Finish,
+    outcome: &Outcome,
+    cancelled: Pin<&mut WaitForCancellationFutureOwned>,
+) {
+    let future = match std::panic::catch_unwind(AssertUnwindSafe(|| finish(outcome))) {
+        Ok(future) => future,
+        Err(panic) => {
+            tracing::error!(panic = %panic_message(panic.as_ref()), "finishing step panicked");
+            return;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = cancelled => tracing::debug!("finishing step dropped at the drain deadline"),
+        result = AssertUnwindSafe(future).catch_unwind() => {
+            if let Err(panic) = result {
+                tracing::error!(panic = %panic_message(panic.as_ref()), "finishing step panicked");
             }
         }
     }
