@@ -72,6 +72,23 @@ impl Outcome {
         }
     }
 
+    /// Why the message failed, as written to `X-Error-Message`: the last error, or the panic
+    /// message; empty for a success or a cancellation.
+    ///
+    /// ```
+    /// use eventbus_core::Outcome;
+    ///
+    /// let outcome = Outcome::Panicked { attempts: 2, panics: 2, message: "bug".into() };
+    /// assert_eq!(outcome.failure_reason(), "handler panicked: bug");
+    /// ```
+    pub fn failure_reason(&self) -> String {
+        match self {
+            Outcome::Failed { error, .. } => error.to_string(),
+            Outcome::Panicked { message, .. } => format!("handler panicked: {message}"),
+            Outcome::Succeeded { .. } | Outcome::Cancelled { .. } => String::new(),
+        }
+    }
+
     /// The delivery contract: what to do with a message of `class` that ended like this.
     ///
     /// | outcome | at-least-once | at-most-once |

@@ -11,9 +11,8 @@ use async_trait::async_trait;
 use eventbus_core::{
     DeliveryClass, DeliveryMeta, Envelope, EnvelopeHandler, Error, EventBus, HandlerContext,
     HealthReport, HealthStatus, Message, MessageHandler, MessageSource, OffsetDateTime,
-    OutboundMessage, Outcome, Position, Settlement, SubscribeOptions, Subscription,
-    SubscriptionControl, dead_letter_message, extract_aggregate_id, metric_namespace,
-    validate_topic,
+    OutboundMessage, Position, Settlement, SubscribeOptions, Subscription, SubscriptionControl,
+    dead_letter_message, extract_aggregate_id, metric_namespace, validate_topic,
 };
 use eventbus_pool::{Job, JobContext, JobHandle, Pool, PoolConfig};
 use futures::StreamExt;
@@ -501,22 +500,13 @@ async fn verdict(delivery: Delivery) -> (Arc<Sub>, Message, Verdict) {
                 Settlement::Ack => Verdict::Done,
                 Settlement::Redeliver => Verdict::Dropped("unfinished at the drain deadline"),
                 Settlement::DeadLetter => Verdict::DeadLetter {
-                    reason: failure_reason(&outcome),
+                    reason: outcome.failure_reason(),
                     attempts: outcome.attempts(),
                 },
             }
         }
     };
     (sub, message, verdict)
-}
-
-/// The reason written to `X-Error-Message`.
-fn failure_reason(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Failed { error, .. } => error.to_string(),
-        Outcome::Panicked { message, .. } => format!("handler panicked: {message}"),
-        _ => String::new(),
-    }
 }
 
 impl Inner {
