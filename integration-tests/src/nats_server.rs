@@ -52,7 +52,18 @@ impl NatsServer {
     }
 
     fn start_on(port: u16, monitor_port: u16, store: PathBuf) -> Self {
-        let child = Command::new(binary())
+        let mut server = Self {
+            child: Self::spawn(port, monitor_port, &store),
+            port,
+            monitor_port,
+            store,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn spawn(port: u16, monitor_port: u16, store: &PathBuf) -> Child {
+        Command::new(binary())
             .args([
                 "-a",
                 "127.0.0.1",
@@ -63,19 +74,25 @@ impl NatsServer {
             ])
             .arg("-js")
             .arg("-sd")
-            .arg(&store)
+            .arg(store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("nats-server starts");
-        let mut server = Self {
-            child,
-            port,
-            monitor_port,
-            store,
-        };
-        server.wait_ready();
-        server
+            .expect("nats-server starts")
+    }
+
+    /// Kills the server with SIGKILL (no clean shutdown) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same ports with the same JetStream store (after
+    /// [`kill`](Self::kill)); returns once JetStream is ready.
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.child = Self::spawn(self.port, self.monitor_port, &self.store);
+        self.wait_ready();
     }
 
     /// Polls the monitoring endpoint until JetStream answers healthy (30 s deadline).

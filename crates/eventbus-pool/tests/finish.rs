@@ -37,7 +37,10 @@ async fn the_next_job_of_a_key_waits_for_the_finishing_step() {
     let (first_log, finish_log, second_log) = (log.clone(), log.clone(), log.clone());
     let gate = release.clone();
     let first = Job::new(key(), DeliveryClass::AtLeastOnce, move |ctx| {
-        first_log.lock().unwrap().push(format!("run 1 attempt {}", ctx.attempt()));
+        first_log
+            .lock()
+            .unwrap()
+            .push(format!("run 1 attempt {}", ctx.attempt()));
         async move { Err(HandlerError::transient("down")) }
     })
     .with_finish(move |outcome: &Outcome| {
@@ -46,7 +49,10 @@ async fn the_next_job_of_a_key_waits_for_the_finishing_step() {
             finishing.notify_one();
             // A dead-letter write that takes a while: the lane stays held meanwhile.
             gate.notified().await;
-            finish_log.lock().unwrap().push(format!("finish 1 after {attempts}"));
+            finish_log
+                .lock()
+                .unwrap()
+                .push(format!("finish 1 after {attempts}"));
         }
     });
     let second = Job::new(key(), DeliveryClass::AtLeastOnce, move |_ctx| {
@@ -67,7 +73,12 @@ async fn the_next_job_of_a_key_waits_for_the_finishing_step() {
     assert!(matches!(second.await, Outcome::Succeeded { attempts: 1 }));
     assert_eq!(
         *log.lock().unwrap(),
-        ["run 1 attempt 1", "run 1 attempt 2", "finish 1 after 2", "run 2"]
+        [
+            "run 1 attempt 1",
+            "run 1 attempt 2",
+            "finish 1 after 2",
+            "run 2"
+        ]
     );
 }
 
@@ -84,7 +95,10 @@ async fn a_stuck_finishing_step_is_dropped_at_the_drain_deadline() {
     );
     let handle = pool.submit(job).await.unwrap();
     let report = pool.shutdown(Duration::from_secs(1)).await;
-    assert!(!report.drained, "the stuck step kept the pool from draining");
+    assert!(
+        !report.drained,
+        "the stuck step kept the pool from draining"
+    );
     assert!(matches!(handle.await, Outcome::Succeeded { attempts: 1 }));
     assert!(!*finished.lock().unwrap());
     assert_eq!(pool.live_tasks(), 0);
@@ -98,7 +112,9 @@ async fn a_panicking_finishing_step_still_settles_the_job_and_frees_the_lane() {
     let handle = pool.submit(job).await.unwrap();
     assert!(matches!(handle.await, Outcome::Succeeded { attempts: 1 }));
     let next = pool
-        .submit(Job::new(key(), DeliveryClass::AtMostOnce, |_ctx| async { Ok(()) }))
+        .submit(Job::new(key(), DeliveryClass::AtMostOnce, |_ctx| async {
+            Ok(())
+        }))
         .await
         .unwrap();
     assert!(matches!(next.await, Outcome::Succeeded { attempts: 1 }));

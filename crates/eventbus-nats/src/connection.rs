@@ -1,0 +1,171 @@
+//! The connection: options from the configuration, and its events in health, metrics and logs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+use eventbus_core::Error;
+
+use crate::config::{Auth, NatsConfig};
+
+/// What the bus knows about its connection, kept up to date by the client's event callback.
+pub(crate) struct ConnectionState {
+    connected: AtomicBool,
+    disconnects: AtomicU64,
+    last_event: Mutex<String>,
+    namespace: String,
+}
+
+impl ConnectionState {
+    fn new(namespace: &str) -> Self {
+        Self {
+            connected: AtomicBool::new(false),
+            disconnects: AtomicU64::new(0),
+            last_event: Mutex::new("connecting".to_owned()),
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn disconnects(&self) -> u64 {
+        self.disconnects.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn last_event(&self) -> String {
+        self.last_event
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, event: &Event) {
+        let name = match event {
+            Event::Connected => "connected",
+            Event::Disconnected => "disconnected",
+            Event::LameDuckMode => "lame_duck_mode",
+            Event::Draining => "draining",
+            Event::Closed => "closed",
+            Event::SlowConsumer(_) => "slow_consumer",
+            Event::ServerError(_) => "server_error",
+            Event::ClientError(_) => "client_error",
+        };
+        match event {
+            Event::Connected => {
+                self.connected.store(true, Ordering::SeqCst);
+                tracing::info!("connected to NATS");
+            }
+            Event::Disconnected | Event::Closed => {
+                if self.connected.swap(false, Ordering::SeqCst) {
+                    self.disconnects.fetch_add(1, Ordering::SeqCst);
+                }
+                tracing::warn!(event = %event, "NATS connection lost; reconnecting");
+            }
+            other => tracing::warn!(event = %other, "NATS connection event"),
+        }
+        metrics::counter!(
+            format!("{}_connection_events_total", self.namespace),
+            "event" => name
+        )
+        .increment(1);
+        metrics::gauge!(format!("{}_connected", self.namespace)).set(if self.is_connected() {
+            1.0
+        } else {
+            0.0
+        });
+        *self
+            .last_event
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = event.to_string();
+    }
+}
+
+/// Reconnect delay: 10 ms doubled per attempt, capped at `max`.
+fn reconnect_delay(attempt: usize, max: Duration) -> Duration {
+    let exponent = u32::try_from(attempt.min(20)).unwrap_or(20);
+    Duration::from_millis(10)
+        .saturating_mul(2u32.saturating_pow(exponent))
+        .min(max)
+}
+
+/// Connects with every option of `config`. Secrets go to the client library only; nothing here
+/// logs them.
+pub(crate) async fn connect(
+    config: &NatsConfig,
+    namespace: &str,
+) -> Result<(Client, Arc<ConnectionState>), Error> {
+    let state = Arc::new(ConnectionState::new(namespace));
+    let mut options =
+        match &config.auth {
+            Auth::None => ConnectOptions::new(),
+            Auth::Token(token) => ConnectOptions::new().token(token.expose().to_owned()),
+            Auth::UserPassword { user, password } => {
+                ConnectOptions::new().user_and_password(user.clone(), password.expose().to_owned())
+            }
+            Auth::NkeySeed(seed) => ConnectOptions::new().nkey(seed.expose().to_owned()),
+            Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(|error| {
+                    Error::config(
+                        "nats.auth.credentials_file",
+                        format!("{}: {error}", path.display()),
+                    )
+                })?,
+        };
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.client_cert, &tls.client_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    let max_delay = config.reconnect_max_delay;
+    let events = state.clone();
+    options = options
+        .name(&config.client_id)
+        .connection_timeout(config.connection_timeout)
+        .request_timeout(Some(config.request_timeout))
+        .max_reconnects(config.max_reconnects)
+        .reconnect_delay_callback(move |attempt| reconnect_delay(attempt, max_delay))
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move { events.record(&event) }
+        });
+    let urls: Vec<async_nats::ServerAddr> = config
+        .urls
+        .iter()
+        .map(|url| {
+            url.parse()
+                .map_err(|error| Error::config("nats.urls", format!("{url:?}: {error}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let client = options
+        .connect(urls)
+        .await
+        .map_err(|error| Error::broker("cannot connect to NATS", error))?;
+    // The callback may not have run yet for the first connection.
+    if client.connection_state() == async_nats::connection::State::Connected {
+        state.connected.store(true, Ordering::SeqCst);
+    }
+    Ok((client, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_exponentially_up_to_the_cap() {
+        let max = Duration::from_secs(5);
+        assert_eq!(reconnect_delay(0, max), Duration::from_millis(10));
+        assert_eq!(reconnect_delay(3, max), Duration::from_millis(80));
+        assert_eq!(reconnect_delay(12, max), max);
+        assert_eq!(reconnect_delay(usize::MAX, max), max);
+    }
+}

@@ -1,0 +1,73 @@
+//! NATS JetStream backend of the eventbus SDK.
+//!
+//! [`NatsBus`] implements [`EventBus`](eventbus_core::EventBus) on a NATS server with
+//! JetStream, through `async-nats`, with the delivery contract of every backend: envelopes
+//! at-least-once and in order per aggregate, plain messages at-most-once, many messages in
+//! flight at once through the ordering engine (`eventbus-pool`).
+//!
+//! - **Streams**: a topic lives in a configured stream whose subjects cover it, in a stream
+//!   already on the server that covers it, or in `{stream_prefix}{topic}` created on first use
+//!   (file storage for envelope and dead-letter topics, memory for plain ones, unless
+//!   [`TopicOptions`] say otherwise), with the [`StreamLimits`] of the configuration.
+//! - **Consumers**: each subscription is a durable pull consumer `{client_id}_{topic}`, created
+//!   or updated with [`ConsumerSettings`]; neither `unsubscribe` nor `close` deletes it
+//!   ([`NatsBus::delete_consumer`] does).
+//! - **Acks**: ack after success; an in-progress ack for every held message (queued in its
+//!   lane, running, retrying) before `ack_wait` runs out; a redelivered copy of a held message is
+//!   dropped; exhausted or undecodable envelopes are written to the dead-letter topic (retried
+//!   until the server confirms, while the aggregate's lane waits), then `term`ed; plain messages
+//!   are acked whatever the handler returned.
+//! - **Publish**: waits for the PubAck (`publish_timeout`); envelopes carry the `X-*` headers
+//!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
+//!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
+//! use eventbus_nats::{NatsBus, NatsConfig};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), eventbus_core::Error> {
+//! let bus = NatsBus::connect(NatsConfig {
+//!     client_id: "billing".into(),
+//!     urls: vec!["nats://127.0.0.1:4222".into()],
+//!     ..NatsConfig::default()
+//! })
+//! .await?;
+//! bus.subscribe_envelope(
+//!     "orders.created",
+//!     Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
+//!         tracing::info!(aggregate = %envelope.aggregate_id, "order created");
+//!         Ok(())
+//!     }),
+//!     SubscribeOptions::new(),
+//! )
+//! .await?;
+//! let envelope = Envelope::new("order-42", "OrderCreated", 1, &serde_json::json!({"total": 12}))?;
+//! bus.publish_envelope("orders.created", &envelope).await?;
+//! bus.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Metrics
+//!
+//! Under `nats_eventbus_{client_id}_`: the engine's `actor_pool_*` series, plus `connected`,
+//! `connection_events_total{event}`, `redeliveries_total`, `redeliveries_dropped_total`,
+//! `progress_acks_total`, `fetch_errors_total`, `dead_letter_failures_total` and
+//! `undeliverable_total` (exhausted with dead-lettering disabled).
+
+mod bus;
+mod config;
+mod connection;
+mod consume;
+mod names;
+mod streams;
+
+pub use bus::{KEY_HEADER, NatsBus};
+pub use config::{
+    Auth, ConsumerSettings, NatsConfig, Secret, Storage, StreamDefinition, StreamLimits, TlsConfig,
+    TopicOptions,
+};

@@ -1,0 +1,134 @@
+//! Streams: which stream holds a topic, created on first use.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use eventbus_core::Error;
+
+use crate::config::{NatsConfig, Storage, StreamDefinition, StreamLimits};
+use crate::names::{stream_name, subject_matches};
+
+/// Which stream holds each topic the bus has used, found or created once.
+pub(crate) struct Streams {
+    prefix: String,
+    limits: StreamLimits,
+    definitions: Vec<StreamDefinition>,
+    known: tokio::sync::Mutex<HashMap<String, String>>,
+}
+
+fn stream_config(
+    name: String,
+    subjects: Vec<String>,
+    storage: Storage,
+    limits: StreamLimits,
+) -> stream::Config {
+    let to_i64 = |value: Option<u64>| value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+    stream::Config {
+        name,
+        subjects,
+        storage: match storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        },
+        max_age: limits.max_age.unwrap_or(Duration::ZERO),
+        max_bytes: to_i64(limits.max_bytes),
+        max_messages: to_i64(limits.max_msgs),
+        ..stream::Config::default()
+    }
+}
+
+impl Streams {
+    pub(crate) fn new(config: &NatsConfig) -> Self {
+        Self {
+            prefix: config.stream_prefix.clone(),
+            limits: config.stream_limits,
+            definitions: config.streams.clone(),
+            known: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Creates or updates the configured streams.
+    pub(crate) async fn create_configured(&self, js: &jetstream::Context) -> Result<(), Error> {
+        for definition in &self.definitions {
+            js.create_or_update_stream(stream_config(
+                definition.name.clone(),
+                definition.subjects.clone(),
+                definition.storage,
+                definition.limits,
+            ))
+            .await
+            .map_err(|error| {
+                Error::broker(format!("cannot create stream {}", definition.name), error)
+            })?;
+            tracing::info!(stream = %definition.name, subjects = ?definition.subjects, "stream ready");
+        }
+        Ok(())
+    }
+
+    /// The stream that holds `topic`: a configured stream whose subjects cover it, a stream
+    /// already on the server that covers it, or a new `{prefix}{topic}` stream with `storage`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a dropped call leaves at most a created stream that the next call finds.
+    pub(crate) async fn ensure(
+        &self,
+        js: &jetstream::Context,
+        topic: &str,
+        storage: Storage,
+    ) -> Result<String, Error> {
+        let mut known = self.known.lock().await;
+        if let Some(name) = known.get(topic) {
+            return Ok(name.clone());
+        }
+        let configured = self.definitions.iter().find(|definition| {
+            definition
+                .subjects
+                .iter()
+                .any(|pattern| subject_matches(pattern, topic))
+        });
+        let name = if let Some(definition) = configured {
+            definition.name.clone()
+        } else if let Ok(name) = js.stream_by_subject(topic).await {
+            name
+        } else {
+            let name = stream_name(&self.prefix, topic);
+            let mut created = js
+                .get_or_create_stream(stream_config(
+                    name.clone(),
+                    vec![topic.to_owned()],
+                    storage,
+                    self.limits,
+                ))
+                .await
+                .map_err(|error| Error::broker(format!("cannot create stream {name}"), error))?;
+            let info = created
+                .info()
+                .await
+                .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+            if !info
+                .config
+                .subjects
+                .iter()
+                .any(|pattern| subject_matches(pattern, topic))
+            {
+                let mut config = info.config.clone();
+                config.subjects.push(topic.to_owned());
+                js.update_stream(config).await.map_err(|error| {
+                    Error::broker(format!("cannot add {topic} to stream {name}"), error)
+                })?;
+            }
+            tracing::info!(stream = %name, topic, ?storage, "stream ready");
+            name
+        };
+        known.insert(topic.to_owned(), name.clone());
+        Ok(name)
+    }
+
+    /// Forgets where `topic` lives (its stream was deleted, e.g. a memory stream after a
+    /// server restart), so the next [`ensure`](Self::ensure) looks again.
+    pub(crate) async fn forget(&self, topic: &str) {
+        self.known.lock().await.remove(topic);
+    }
+}

@@ -1,0 +1,79 @@
+//! The conformance suite against NATS JetStream, each test on its own nats-server.
+
+// A factory that cannot build its bus fails the test that asked for it.
+#![allow(clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::EventBus;
+use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig};
+use eventbus_pool::{PoolConfig, RetryPolicy};
+use integration_tests::nats_server::NatsServer;
+use integration_tests::{BusFactory, Settings};
+
+struct Nats {
+    server: NatsServer,
+}
+
+fn config(url: String, settings: Settings) -> NatsConfig {
+    NatsConfig {
+        client_id: "conformance".into(),
+        urls: vec![url],
+        consumer: ConsumerSettings {
+            fetch_expires: Duration::from_millis(200),
+            ..ConsumerSettings::default()
+        },
+        pool: PoolConfig {
+            pool_size: settings.pool_size,
+            inbox_size: settings.inbox_size,
+            max_restarts: settings.max_restarts,
+            retry: RetryPolicy {
+                max_attempts: settings.max_attempts,
+                initial_backoff: settings.backoff,
+                max_backoff: settings.backoff * 8,
+            },
+            ..PoolConfig::default()
+        },
+        drain_timeout: settings.drain_timeout,
+        ..NatsConfig::default()
+    }
+}
+
+#[async_trait]
+impl BusFactory for Nats {
+    async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
+        match NatsBus::connect(config(self.server.url(), settings)).await {
+            Ok(bus) => Arc::new(bus),
+            Err(error) => panic!("NATS bus: {error}"),
+        }
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("conformance.{name}")
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let nats = Nats { server: NatsServer::start() };
+                integration_tests::$name(&nats).await;
+            }
+        )*
+    };
+}
+
+conformance!(
+    per_aggregate_order_with_many_aggregates,
+    retry_then_success_keeps_order,
+    exhausted_retries_go_to_the_dead_letter_topic,
+    undecodable_envelopes_are_dead_lettered_without_retries,
+    panics_are_caught_for_both_classes,
+    plain_messages_are_at_most_once,
+    unsubscribe_stops_delivery,
+    close_drains_in_flight_work,
+);
