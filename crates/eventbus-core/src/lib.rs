@@ -73,6 +73,7 @@ mod json;
 mod message;
 mod metrics;
 mod outcome;
+mod secret;
 mod timestamp;
 mod topic;
 
@@ -99,6 +100,7 @@ pub use health::{ComponentHealth, HealthReport, HealthStatus};
 pub use message::{DeliveryMeta, Message, OutboundMessage, Position};
 pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
+pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
 
 /// Re-exported so that handlers can be written against this crate alone.

@@ -1,43 +1,11 @@
 //! Configuration of the NATS bus: connection, streams, consumers, engine.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use eventbus_core::{Error, validate_topic};
+use eventbus_core::{Error, Secret, validate_topic};
 use eventbus_pool::PoolConfig;
-
-/// A secret string (token, password, nkey seed): its `Debug` output is `"***"`, so it never
-/// reaches a log through a configuration dump.
-///
-/// ```
-/// use eventbus_nats::Secret;
-///
-/// let secret = Secret::new("s3cr3t");
-/// assert_eq!(format!("{secret:?}"), "***");
-/// assert_eq!(secret.expose(), "s3cr3t");
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret.
-    pub fn new(secret: impl Into<String>) -> Self {
-        Self(secret.into())
-    }
-
-    /// The secret itself, for the client library.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
 
 /// How the client authenticates.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -68,6 +68,6 @@ mod streams;
 
 pub use bus::{KEY_HEADER, NatsBus};
 pub use config::{
-    Auth, ConsumerSettings, NatsConfig, Secret, Storage, StreamDefinition, StreamLimits, TlsConfig,
+    Auth, ConsumerSettings, NatsConfig, Storage, StreamDefinition, StreamLimits, TlsConfig,
     TopicOptions,
 };

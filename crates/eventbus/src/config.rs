@@ -16,6 +16,8 @@ pub enum Backend {
     /// In-process topics (cargo feature `memory`, on by default).
     #[default]
     Memory,
+    /// NATS JetStream (cargo feature `nats`; the `[nats]` section).
+    Nats,
 }
 
 impl Backend {
@@ -23,6 +25,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Memory => "memory",
+            Backend::Nats => "nats",
         }
     }
 }
@@ -65,6 +68,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
+    /// The NATS backend (cargo feature `nats`).
+    #[cfg(feature = "nats")]
+    pub nats: crate::nats::NatsSection,
 }
 
 /// `[pool]`: the ordering engine.
@@ -113,6 +119,8 @@ impl Default for Config {
             retry: RetrySection::default(),
             drain_timeout: Duration::from_secs(30),
             metrics: MetricsSection::default(),
+            #[cfg(feature = "nats")]
+            nats: crate::nats::NatsSection::default(),
         }
     }
 }
@@ -164,7 +172,8 @@ const OVERRIDES: &[Override] = &[
         apply: |c, v| {
             c.backend = match v.trim() {
                 "memory" => Backend::Memory,
-                other => return Err(format!("{other:?} is not a backend (memory)")),
+                "nats" => Backend::Nats,
+                other => return Err(format!("{other:?} is not a backend (memory, nats)")),
             };
             Ok(())
         },
@@ -222,6 +231,91 @@ const OVERRIDES: &[Override] = &[
         variable: "EVENTBUS_DRAIN_TIMEOUT",
         apply: |c, v| {
             c.drain_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_URLS",
+        apply: |c, v| {
+            c.nats.urls = v
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_TOKEN",
+        apply: |c, v| {
+            c.nats.token = Some(eventbus_core::Secret::new(v));
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_USER",
+        apply: |c, v| {
+            c.nats.user = Some(v.to_owned());
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_PASSWORD",
+        apply: |c, v| {
+            c.nats.password = Some(eventbus_core::Secret::new(v));
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_NKEY_SEED",
+        apply: |c, v| {
+            c.nats.nkey_seed = Some(eventbus_core::Secret::new(v));
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_CREDENTIALS_FILE",
+        apply: |c, v| {
+            c.nats.credentials_file = Some(v.trim().into());
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_PUBLISH_TIMEOUT",
+        apply: |c, v| {
+            c.nats.publish_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_CONSUMER_ACK_WAIT",
+        apply: |c, v| {
+            c.nats.consumer.ack_wait = duration(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_CONSUMER_MAX_DELIVER",
+        apply: |c, v| {
+            c.nats.consumer.max_deliver = number(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_CONSUMER_MAX_ACK_PENDING",
+        apply: |c, v| {
+            c.nats.consumer.max_ack_pending = number(v)?;
             Ok(())
         },
     },
@@ -329,7 +423,19 @@ impl Config {
         if self.drain_timeout.is_zero() {
             return Err(Error::config("drain_timeout", "must be longer than 0"));
         }
-        self.pool_config().validate()
+        self.pool_config().validate()?;
+        #[cfg(feature = "nats")]
+        if self.backend == Backend::Nats {
+            self.nats_config()?;
+        }
+        Ok(())
+    }
+
+    /// The NATS backend configuration this config describes (feature `nats`).
+    #[cfg(feature = "nats")]
+    pub fn nats_config(&self) -> Result<eventbus_nats::NatsConfig, Error> {
+        self.nats
+            .to_nats_config(&self.client_id, self.pool_config(), self.drain_timeout)
     }
 
     /// The engine configuration this config describes.

@@ -34,6 +34,8 @@
 
 mod config;
 mod metrics;
+#[cfg(feature = "nats")]
+mod nats;
 mod typed;
 
 use std::collections::HashSet;
@@ -43,6 +45,11 @@ pub use config::{Backend, Config, MetricsSection, PoolSection, RetrySection};
 pub use eventbus_core::*;
 pub use eventbus_pool::{PoolConfig, RetryPolicy};
 pub use metrics::serve_metrics;
+#[cfg(feature = "nats")]
+pub use nats::{
+    ConsumerSection, NatsSection, NatsTlsSection, StorageName, StreamLimitsSection, StreamSection,
+    TopicSection,
+};
 pub use typed::EventBusExt;
 
 /// Metric namespaces of the buses alive in this process.
@@ -121,6 +128,7 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
     let namespace = Namespace::claim(pool.metrics_namespace.clone())?;
     let inner: Arc<dyn EventBus> = match config.backend {
         Backend::Memory => memory(&config, pool)?,
+        Backend::Nats => nats(&config).await?,
     };
     tracing::info!(backend = config.backend.name(), client_id = %config.client_id, "event bus connected");
     Ok(Bus {
@@ -145,6 +153,20 @@ fn memory(_config: &Config, _pool: PoolConfig) -> Result<Arc<dyn EventBus>, Erro
     Err(Error::config(
         "type",
         "the memory backend is not compiled in: enable the `memory` feature of the eventbus crate",
+    ))
+}
+
+#[cfg(feature = "nats")]
+async fn nats(config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+    let bus = eventbus_nats::NatsBus::connect(config.nats_config()?).await?;
+    Ok(Arc::new(bus))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn nats(_config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+    Err(Error::config(
+        "type",
+        "the NATS backend is not compiled in: enable the `nats` feature of the eventbus crate",
     ))
 }
 
