@@ -14,6 +14,49 @@
 
 pub mod nats_server;
 
+/// A NATS bus configuration for tests on `url`: short pull requests (so `close` is quick) and
+/// the default consumer settings otherwise.
+pub fn nats_config(url: &str, client_id: &str) -> eventbus_nats::NatsConfig {
+    eventbus_nats::NatsConfig {
+        client_id: client_id.to_owned(),
+        urls: vec![url.to_owned()],
+        consumer: eventbus_nats::ConsumerSettings {
+            fetch_expires: Duration::from_millis(200),
+            ..eventbus_nats::ConsumerSettings::default()
+        },
+        ..eventbus_nats::NatsConfig::default()
+    }
+}
+
+/// Checks that the first handling of each aggregate's events followed their versions 1, 2, 3,
+/// ... (later duplicates allowed) and that every aggregate reached `versions`; returns the
+/// number of duplicate handlings.
+pub fn assert_first_handlings_in_order(
+    handled: &[(String, i64)],
+    aggregates: usize,
+    versions: i64,
+) -> usize {
+    let mut next: HashMap<&str, i64> = HashMap::new();
+    let mut duplicates = 0;
+    for (aggregate, version) in handled {
+        let expected = next.entry(aggregate.as_str()).or_insert(1);
+        if *version < *expected {
+            duplicates += 1;
+            continue;
+        }
+        assert_eq!(
+            *version, *expected,
+            "{aggregate}: version {version} handled first before version {expected}"
+        );
+        *expected += 1;
+    }
+    assert_eq!(next.len(), aggregates, "every aggregate was handled");
+    for (aggregate, reached) in next {
+        assert_eq!(reached, versions + 1, "{aggregate} is missing versions");
+    }
+    duplicates
+}
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

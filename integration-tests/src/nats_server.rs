@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 /// A running nats-server.
 pub struct NatsServer {
     child: Child,
+    args: Vec<String>,
     port: u16,
     monitor_port: u16,
     store: PathBuf,
@@ -42,18 +43,22 @@ fn binary() -> PathBuf {
 impl NatsServer {
     /// Starts a server with JetStream and a fresh store; returns once JetStream is ready.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`start`](Self::start), with extra server arguments (e.g. `["--auth", "token"]`).
+    pub fn start_with(args: &[&str]) -> Self {
         let store = std::env::temp_dir().join(format!(
             "eventbus-nats-{}-{}",
             std::process::id(),
             free_port()
         ));
         std::fs::create_dir_all(&store).expect("a JetStream store directory");
-        Self::start_on(free_port(), free_port(), store)
-    }
-
-    fn start_on(port: u16, monitor_port: u16, store: PathBuf) -> Self {
+        let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+        let (port, monitor_port) = (free_port(), free_port());
         let mut server = Self {
-            child: Self::spawn(port, monitor_port, &store),
+            child: Self::spawn(port, monitor_port, &store, &args),
+            args,
             port,
             monitor_port,
             store,
@@ -62,7 +67,7 @@ impl NatsServer {
         server
     }
 
-    fn spawn(port: u16, monitor_port: u16, store: &PathBuf) -> Child {
+    fn spawn(port: u16, monitor_port: u16, store: &PathBuf, args: &[String]) -> Child {
         Command::new(binary())
             .args([
                 "-a",
@@ -75,6 +80,7 @@ impl NatsServer {
             .arg("-js")
             .arg("-sd")
             .arg(store)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -91,7 +97,7 @@ impl NatsServer {
     /// [`kill`](Self::kill)); returns once JetStream is ready.
     pub fn start_again(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.port, self.monitor_port, &self.store);
+        self.child = Self::spawn(self.port, self.monitor_port, &self.store, &self.args);
         self.wait_ready();
     }
 

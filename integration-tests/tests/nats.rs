@@ -4,11 +4,10 @@
 #![allow(clippy::panic)]
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::EventBus;
-use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig};
+use eventbus_nats::{NatsBus, NatsConfig};
 use eventbus_pool::{PoolConfig, RetryPolicy};
 use integration_tests::nats_server::NatsServer;
 use integration_tests::{BusFactory, Settings};
@@ -17,14 +16,8 @@ struct Nats {
     server: NatsServer,
 }
 
-fn config(url: String, settings: Settings) -> NatsConfig {
+fn config(url: &str, settings: Settings) -> NatsConfig {
     NatsConfig {
-        client_id: "conformance".into(),
-        urls: vec![url],
-        consumer: ConsumerSettings {
-            fetch_expires: Duration::from_millis(200),
-            ..ConsumerSettings::default()
-        },
         pool: PoolConfig {
             pool_size: settings.pool_size,
             inbox_size: settings.inbox_size,
@@ -37,14 +30,14 @@ fn config(url: String, settings: Settings) -> NatsConfig {
             ..PoolConfig::default()
         },
         drain_timeout: settings.drain_timeout,
-        ..NatsConfig::default()
+        ..integration_tests::nats_config(url, "conformance")
     }
 }
 
 #[async_trait]
 impl BusFactory for Nats {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
-        match NatsBus::connect(config(self.server.url(), settings)).await {
+        match NatsBus::connect(config(&self.server.url(), settings)).await {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("NATS bus: {error}"),
         }

@@ -22,6 +22,7 @@ use crate::config::{NatsConfig, Storage};
 use crate::connection::{ConnectionState, connect};
 use crate::consume::{self, Handler, Sub};
 use crate::names::durable_name;
+use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
@@ -47,7 +48,7 @@ pub(crate) struct Shared {
     pub(crate) js: jetstream::Context,
     pub(crate) config: NatsConfig,
     pub(crate) streams: Streams,
-    pub(crate) namespace: String,
+    pub(crate) counters: Counters,
 }
 
 struct Inner {
@@ -100,7 +101,7 @@ impl NatsBus {
                     js,
                     config,
                     streams,
-                    namespace,
+                    counters: Counters::new(&namespace),
                 }),
                 connection,
                 pool: Arc::new(pool),
@@ -110,6 +111,11 @@ impl NatsBus {
                 closing: tokio::sync::Mutex::new(false),
             }),
         })
+    }
+
+    /// What the bus did besides handling: redeliveries, in-progress acks, dead letters.
+    pub fn stats(&self) -> NatsStats {
+        self.inner.shared.counters.snapshot()
     }
 
     /// The ordering engine's counters.
@@ -226,7 +232,7 @@ impl NatsBus {
     }
 
     async fn ensure_consumer(&self, sub: &Sub) -> Result<PullConsumer, Error> {
-        consume::ensure_consumer(&self.inner.shared, sub).await
+        consume::ensure_consumer(&self.inner.shared, sub, true).await
     }
 }
 

@@ -18,6 +18,7 @@ use futures::StreamExt;
 
 use crate::bus::{KEY_HEADER, Shared, storage_for};
 use crate::config::Storage;
+use crate::stats::Stat;
 
 /// The handler of a subscription.
 #[derive(Clone)]
@@ -102,7 +103,17 @@ impl Sub {
 }
 
 /// The durable consumer of `sub`, created, or updated when its configuration changed.
-pub(crate) async fn ensure_consumer(shared: &Shared, sub: &Sub) -> Result<PullConsumer, Error> {
+///
+/// With `resume` (at subscribe), a durable left with unacknowledged messages by a previous run
+/// that is gone (no pull request of another client waiting) is re-created from its ack floor,
+/// so that the messages the dead run held come back first and in stream order: a crash replays
+/// a suffix in order instead of redelivering the held messages after newer ones once their
+/// `ack_wait` runs out.
+pub(crate) async fn ensure_consumer(
+    shared: &Shared,
+    sub: &Sub,
+    resume: bool,
+) -> Result<PullConsumer, Error> {
     let settings = &shared.config.consumer;
     let envelopes = matches!(sub.handler, Handler::Envelope(_));
     let storage = storage_for(&shared.config, &sub.topic, envelopes);
@@ -115,7 +126,7 @@ pub(crate) async fn ensure_consumer(shared: &Shared, sub: &Sub) -> Result<PullCo
         .get_stream_no_info(&stream_name)
         .await
         .map_err(|error| Error::broker(format!("cannot open stream {stream_name}"), error))?;
-    let wanted = pull::Config {
+    let mut wanted = pull::Config {
         durable_name: Some(sub.durable.clone()),
         filter_subject: sub.topic.clone(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
@@ -129,30 +140,54 @@ pub(crate) async fn ensure_consumer(shared: &Shared, sub: &Sub) -> Result<PullCo
         && let Ok(info) = existing.info().await
     {
         let current = &info.config;
-        if current.ack_wait != wanted.ack_wait
-            || current.max_deliver != wanted.max_deliver
-            || current.max_ack_pending != wanted.max_ack_pending
-            || current.backoff != wanted.backoff
-            || current.filter_subject != wanted.filter_subject
-        {
+        if resume && info.num_ack_pending > 0 && info.num_waiting == 0 {
+            let start = info.ack_floor.stream_sequence + 1;
             tracing::info!(
                 durable = %sub.durable,
-                ack_wait = ?wanted.ack_wait,
-                max_deliver = wanted.max_deliver,
-                max_ack_pending = wanted.max_ack_pending,
-                backoff = ?wanted.backoff,
-                "consumer configuration changed; updating the durable consumer"
+                unacknowledged = info.num_ack_pending,
+                start,
+                "a previous run left messages unacknowledged; replaying from the ack floor in order"
             );
+            stream
+                .delete_consumer(&sub.durable)
+                .await
+                .map_err(|error| {
+                    Error::broker(format!("cannot reset consumer {}", sub.durable), error)
+                })?;
+            wanted.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            };
+        } else {
+            if resume && info.num_ack_pending > 0 {
+                tracing::warn!(
+                    durable = %sub.durable,
+                    unacknowledged = info.num_ack_pending,
+                    "another client is pulling from this durable consumer; messages it holds keep their place"
+                );
+            }
+            // The start position cannot change on an existing consumer.
+            wanted.deliver_policy = current.deliver_policy;
+            if current.ack_wait != wanted.ack_wait
+                || current.max_deliver != wanted.max_deliver
+                || current.max_ack_pending != wanted.max_ack_pending
+                || current.backoff != wanted.backoff
+                || current.filter_subject != wanted.filter_subject
+            {
+                tracing::info!(
+                    durable = %sub.durable,
+                    ack_wait = ?wanted.ack_wait,
+                    max_deliver = wanted.max_deliver,
+                    max_ack_pending = wanted.max_ack_pending,
+                    backoff = ?wanted.backoff,
+                    "consumer configuration changed; updating the durable consumer"
+                );
+            }
         }
     }
     stream
         .create_consumer(wanted)
         .await
         .map_err(|error| Error::broker(format!("cannot create consumer {}", sub.durable), error))
-}
-
-fn metric(shared: &Shared, name: &str) -> String {
-    format!("{}_{name}", shared.namespace)
 }
 
 /// Fetches from the durable consumer until the subscription stops, submitting every message
@@ -192,13 +227,13 @@ pub(crate) async fn pull_loop(
             Err(error) => {
                 failures += 1;
                 tracing::warn!(durable = %sub.durable, %error, failures, "pull request failed");
-                metrics::counter!(metric(&shared, "fetch_errors_total")).increment(1);
+                shared.counters.add(Stat::FetchErrors, 1);
                 if backoff(&sub, failures).await {
                     break;
                 }
                 // The stream or consumer may be gone (a memory stream after a server restart).
                 shared.streams.forget(&sub.topic).await;
-                match ensure_consumer(&shared, &sub).await {
+                match ensure_consumer(&shared, &sub, false).await {
                     Ok(fresh) => consumer = fresh,
                     Err(error) => {
                         tracing::warn!(durable = %sub.durable, %error, "consumer not ready")
@@ -302,7 +337,7 @@ pub(crate) async fn progress_loop(shared: Arc<Shared>, sub: Arc<Sub>) {
             }
         }
         if !due.is_empty() {
-            metrics::counter!(metric(&shared, "progress_acks_total")).increment(due.len() as u64);
+            shared.counters.add(Stat::ProgressAcks, due.len() as u64);
         }
     }
 }
@@ -362,7 +397,7 @@ async fn dispatch(
         }
     };
     if delivered > 1 {
-        metrics::counter!(metric(shared, "redeliveries_total")).increment(1);
+        shared.counters.add(Stat::Redeliveries, 1);
     }
     let (message, acker) = message.split();
     let acker = Arc::new(acker);
@@ -371,7 +406,7 @@ async fn dispatch(
         if held.contains_key(&sequence) {
             // The server redelivered a message we still hold (its in-progress ack came late):
             // the held copy settles it.
-            metrics::counter!(metric(shared, "redeliveries_dropped_total")).increment(1);
+            shared.counters.add(Stat::RedeliveriesDropped, 1);
             tracing::debug!(durable = %sub.durable, sequence, "redelivered copy of a held message dropped");
             return Ok(());
         }
@@ -535,7 +570,7 @@ async fn settle(
                     reason,
                     "message failed with dead-lettering disabled; left for the server to redeliver"
                 );
-                metrics::counter!(metric(&shared, "undeliverable_total")).increment(1);
+                shared.counters.add(Stat::Undeliverable, 1);
             }
         },
     }
@@ -562,13 +597,13 @@ async fn write_dead_letter(
             .await
         {
             Ok(()) => {
-                metrics::counter!(metric(shared, "actor_pool_dead_letters_total")).increment(1);
+                shared.counters.add(Stat::DeadLettered, 1);
                 tracing::warn!(topic = %sub.topic, dead_letter_topic = topic, reason, attempts, "dead-lettered");
                 return;
             }
             Err(error) => {
                 failures += 1;
-                metrics::counter!(metric(shared, "dead_letter_failures_total")).increment(1);
+                shared.counters.add(Stat::DeadLetterFailures, 1);
                 tracing::error!(
                     topic = %sub.topic,
                     dead_letter_topic = topic,

@@ -64,6 +64,7 @@ mod config;
 mod connection;
 mod consume;
 mod names;
+mod stats;
 mod streams;
 
 pub use bus::{KEY_HEADER, NatsBus};
@@ -71,3 +72,4 @@ pub use config::{
     Auth, ConsumerSettings, NatsConfig, Storage, StreamDefinition, StreamLimits, TlsConfig,
     TopicOptions,
 };
+pub use stats::NatsStats;

@@ -1,0 +1,289 @@
+//! Fault injection against a real nats-server: the server killed and restarted, the consuming
+//! process killed, a handler slower than `ack_wait`.
+
+// Test code: a failed unwrap or expect is a failed check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus_nats::NatsBus;
+use integration_tests::nats_server::NatsServer;
+use integration_tests::{DEADLINE, Recorder, assert_first_handlings_in_order, nats_config};
+use tokio::sync::mpsc;
+
+fn envelope(aggregate: usize, version: i64) -> Envelope {
+    Envelope::new(
+        format!("agg-{aggregate}"),
+        "Changed",
+        version,
+        &serde_json::json!({"aggregate": aggregate, "version": version}),
+    )
+    .unwrap()
+}
+
+/// Publishes until the server confirms; the same event ID makes a retry safe (the server drops
+/// the duplicate). The pause between tries is the publisher's backoff, not a wait in the test.
+async fn publish_until_confirmed(bus: &NatsBus, topic: &str, envelope: &Envelope) {
+    loop {
+        match bus.publish_envelope(topic, envelope).await {
+            Ok(()) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Polls `check` until it holds, or panics with `what` after the deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_and_restarted_mid_stream_loses_no_envelope_and_keeps_order() {
+    let mut server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "restart");
+    config.publish_timeout = Duration::from_secs(1);
+    config.consumer.ack_wait = Duration::from_secs(3);
+    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let topic = "faults.restart";
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let (aggregates, versions) = (20usize, 50i64);
+    for version in 1..=versions / 2 {
+        for aggregate in 0..aggregates {
+            publish_until_confirmed(&bus, topic, &envelope(aggregate, version)).await;
+        }
+    }
+    handled.wait_for("some handled", |e| e.len() >= 150).await;
+
+    tokio::task::block_in_place(|| server.kill());
+    eventually("the bus to notice the lost connection", || {
+        let bus = bus.clone();
+        async move { !bus.health().await.is_healthy() }
+    })
+    .await;
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            for version in versions / 2 + 1..=versions {
+                for aggregate in 0..aggregates {
+                    publish_until_confirmed(&bus, topic, &envelope(aggregate, version)).await;
+                }
+            }
+        })
+    };
+    tokio::task::block_in_place(|| server.start_again());
+    publisher.await.unwrap();
+
+    let total = aggregates * versions as usize;
+    let events = handled
+        .wait_for("every envelope after the restart", |e| {
+            e.iter().collect::<HashSet<_>>().len() == total
+        })
+        .await;
+    let duplicates = assert_first_handlings_in_order(&events, aggregates, versions);
+    eprintln!("restart: {total} envelopes, {duplicates} handled twice");
+    assert!(
+        bus.health().await.is_healthy(),
+        "the bus recovered on its own"
+    );
+    bus.close().await.unwrap();
+}
+
+/// Lines a child consumer prints, read on a thread and sent to the test.
+fn spawn_consumer(url: &str, topic: &str, lines: mpsc::UnboundedSender<String>) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nats_consumer"))
+        .args([url, topic, "killed"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the consumer process starts");
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    child
+}
+
+/// Reads consumer output until `until` distinct envelopes were handled.
+async fn read(
+    lines: &mut mpsc::UnboundedReceiver<String>,
+    handled: &mut Vec<(String, i64)>,
+    until: usize,
+) {
+    let read_all = async {
+        while handled.iter().collect::<HashSet<_>>().len() < until {
+            let line = lines.recv().await.expect("consumer output");
+            handled.push(parse(&line));
+        }
+    };
+    tokio::time::timeout(DEADLINE * 3, read_all)
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {until} distinct envelopes handled"));
+}
+
+fn parse(line: &str) -> (String, i64) {
+    let (aggregate, version) = line.split_once(' ').unwrap();
+    (aggregate.to_owned(), version.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order() {
+    let server = NatsServer::start();
+    let publisher = NatsBus::connect(nats_config(&server.url(), "publisher"))
+        .await
+        .unwrap();
+    let topic = "faults.sigkill";
+    let (aggregates, versions) = (20usize, 50i64);
+    let publish = |from: i64, to: i64| {
+        let publisher = &publisher;
+        async move {
+            for version in from..=to {
+                for aggregate in 0..aggregates {
+                    publisher
+                        .publish_envelope(topic, &envelope(aggregate, version))
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    };
+    publish(1, versions / 2).await;
+    let total = aggregates * versions as usize;
+
+    let (sender, mut lines) = mpsc::unbounded_channel();
+    let mut first = spawn_consumer(&server.url(), topic, sender.clone());
+    let mut handled = Vec::new();
+    read(&mut lines, &mut handled, 300).await;
+    // SIGKILL: no close, no acks of what it held.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before_kill = handled.len();
+    // New events arrive while the messages the dead process held wait for their ack_wait: the
+    // restarted consumer must still handle each aggregate's events in order.
+    publish(versions / 2 + 1, versions).await;
+
+    let mut second = spawn_consumer(&server.url(), topic, sender);
+    read(&mut lines, &mut handled, total).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+
+    let duplicates = assert_first_handlings_in_order(&handled, aggregates, versions);
+    eprintln!(
+        "sigkill: {before_kill} handled before the kill, {total} in all, {duplicates} handled twice"
+    );
+    publisher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "slow");
+    config.consumer.ack_wait = Duration::from_secs(1);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = "faults.slow";
+    let calls = Arc::new(Mutex::new(HashMap::<(String, i64), usize>::new()));
+    let done = Recorder::<(String, i64)>::new();
+    let (c, d) = (calls.clone(), done.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (c, d) = (c.clone(), d.clone());
+            async move {
+                let id = (envelope.aggregate_id.clone(), envelope.event_version);
+                *c.lock().unwrap().entry(id.clone()).or_default() += 1;
+                if envelope.aggregate_id == "agg-0" && envelope.event_version == 1 {
+                    // Three and a half ack_waits.
+                    tokio::time::sleep(Duration::from_millis(3500)).await;
+                }
+                d.push(id);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=2 {
+        for aggregate in 0..5 {
+            bus.publish_envelope(topic, &envelope(aggregate, version))
+                .await
+                .unwrap();
+        }
+    }
+    let events = done.wait_for("all ten envelopes", |e| e.len() == 10).await;
+    assert_eq!(
+        events.last().unwrap(),
+        &("agg-0".to_owned(), 2),
+        "agg-0 version 2 waited for the slow version 1"
+    );
+    for (id, count) in calls.lock().unwrap().iter() {
+        assert_eq!(*count, 1, "{id:?} was handled {count} times");
+    }
+
+    let stats = bus.stats();
+    assert_eq!(
+        (stats.redeliveries, stats.redeliveries_dropped),
+        (0, 0),
+        "the server redelivered a message while it was held"
+    );
+    assert!(
+        stats.progress_acks > 0,
+        "held messages got in-progress acks"
+    );
+
+    // The server agrees: nothing is left unacknowledged.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(bus.durable_name(topic, 1), stream)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if consumer.info().await.unwrap().num_ack_pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks did not reach the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bus.close().await.unwrap();
+}
