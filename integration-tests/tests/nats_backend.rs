@@ -1,0 +1,377 @@
+//! What only the NATS backend has: streams, durable consumers, headers on the wire, ephemeral
+//! topics, authentication. Checked against a real nats-server with a raw async-nats client.
+
+// Test code: a failed unwrap or expect is a failed check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream::StorageType};
+use eventbus_core::{
+    Envelope, ErrorKind, EventBus, HandlerContext, Message, OutboundMessage, Secret,
+    SubscribeOptions,
+};
+use eventbus_nats::{
+    Auth, ConsumerSettings, NatsBus, NatsConfig, Storage, StreamDefinition, StreamLimits,
+    TopicOptions,
+};
+use futures::StreamExt;
+use integration_tests::nats_server::NatsServer;
+use integration_tests::{Recorder, nats_config};
+
+async fn raw(server: &NatsServer) -> jetstream::Context {
+    jetstream::new(async_nats::connect(server.url()).await.unwrap())
+}
+
+async fn stream_of(js: &jetstream::Context, topic: &str) -> jetstream::stream::Info {
+    let name = js.stream_by_subject(topic).await.unwrap();
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
+}
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::new(
+        aggregate,
+        "Changed",
+        version,
+        &serde_json::json!({"v": version}),
+    )
+    .unwrap()
+}
+
+async fn record_envelopes(bus: &NatsBus, topic: &str) -> Arc<Recorder<(String, i64)>> {
+    let recorder = Recorder::new();
+    let r = recorder.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let r = r.clone();
+            async move {
+                r.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    recorder
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_duplicates() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_config(&server.url(), "headers"))
+        .await
+        .unwrap();
+    let topic = "orders.created";
+    let sent = envelope("order-1", 1)
+        .with_correlation_id("corr-9")
+        .with_trace_id("trace-3");
+    bus.publish_envelope(topic, &sent).await.unwrap();
+    bus.publish_envelope(topic, &sent).await.unwrap();
+
+    let js = raw(&server).await;
+    let info = stream_of(&js, topic).await;
+    assert_eq!(info.state.messages, 1, "the second publish was a duplicate");
+    assert_eq!(info.config.name, "STREAM_orders_created");
+    let stored = js
+        .get_stream(&info.config.name)
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    let headers = stored.headers;
+    let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
+    assert_eq!(header("Nats-Msg-Id"), Some(sent.event_id.clone()));
+    assert_eq!(header("X-Event-ID"), Some(sent.event_id.clone()));
+    assert_eq!(header("X-Aggregate-ID").as_deref(), Some("order-1"));
+    assert_eq!(header("X-Event-Type").as_deref(), Some("Changed"));
+    assert_eq!(header("X-Event-Version").as_deref(), Some("1"));
+    assert_eq!(header("X-Correlation-ID").as_deref(), Some("corr-9"));
+    assert_eq!(header("X-Trace-ID").as_deref(), Some("trace-3"));
+    assert_eq!(header("X-Message-Key").as_deref(), Some("order-1"));
+    assert_eq!(stored.payload, sent.to_bytes().unwrap());
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_plain_topics() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "storage");
+    config.topics.insert(
+        "metrics.kept".into(),
+        TopicOptions {
+            storage: Some(Storage::File),
+            ephemeral: false,
+        },
+    );
+    config.stream_limits = StreamLimits {
+        max_age: Some(Duration::from_secs(3600)),
+        max_bytes: Some(1 << 20),
+        max_msgs: Some(500),
+    };
+    let bus = NatsBus::connect(config).await.unwrap();
+    bus.publish_envelope("orders.placed", &envelope("o-1", 1))
+        .await
+        .unwrap();
+    bus.publish("metrics.tick", OutboundMessage::new(&b"1"[..]))
+        .await
+        .unwrap();
+    bus.publish("metrics.kept", OutboundMessage::new(&b"1"[..]))
+        .await
+        .unwrap();
+    bus.subscribe(
+        "orders.placed.DLQ",
+        Arc::new(|_ctx: HandlerContext, _message: Message| async { Ok(()) }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+
+    let js = raw(&server).await;
+    let storage = |info: &jetstream::stream::Info| info.config.storage;
+    let envelopes = stream_of(&js, "orders.placed").await;
+    assert_eq!(storage(&envelopes), StorageType::File);
+    assert_eq!(envelopes.config.max_age, Duration::from_secs(3600));
+    assert_eq!(envelopes.config.max_bytes, 1 << 20);
+    assert_eq!(envelopes.config.max_messages, 500);
+    assert_eq!(
+        storage(&stream_of(&js, "metrics.tick").await),
+        StorageType::Memory
+    );
+    assert_eq!(
+        storage(&stream_of(&js, "metrics.kept").await),
+        StorageType::File
+    );
+    let dead = stream_of(&js, "orders.placed.DLQ").await;
+    assert_eq!(storage(&dead), StorageType::File);
+    assert_eq!(
+        dead.config.name, "STREAM_orders_placed_DLQ",
+        "its own stream"
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "configured");
+    config.streams.push(StreamDefinition {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        storage: Storage::File,
+        limits: StreamLimits::default(),
+    });
+    let bus = NatsBus::connect(config).await.unwrap();
+    let handled = record_envelopes(&bus, "orders.created").await;
+    bus.publish_envelope("orders.created", &envelope("o-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    let js = raw(&server).await;
+    let info = stream_of(&js, "orders.created").await;
+    assert_eq!(info.config.name, "ORDERS");
+    assert_eq!(info.state.messages, 1);
+    let names: Vec<String> = js.stream_names().map(|name| name.unwrap()).collect().await;
+    assert_eq!(names, ["ORDERS"], "no stream per topic was made");
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stopped() {
+    let server = NatsServer::start();
+    let topic = "orders.resumed";
+    let first = NatsBus::connect(nats_config(&server.url(), "billing"))
+        .await
+        .unwrap();
+    let handled = record_envelopes(&first, topic).await;
+    for version in 1..=3 {
+        first
+            .publish_envelope(topic, &envelope("o-1", version))
+            .await
+            .unwrap();
+    }
+    handled.wait_for("three envelopes", |e| e.len() == 3).await;
+    first.close().await.unwrap();
+
+    let js = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let durable = first.durable_name(topic, 1);
+    assert_eq!(durable, "billing_orders_resumed");
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(&durable, &stream)
+        .await
+        .expect("close keeps the durable consumer");
+    assert_eq!(consumer.info().await.unwrap().num_ack_pending, 0);
+
+    // Published while nobody consumes; the next run gets exactly these.
+    let publisher = NatsBus::connect(nats_config(&server.url(), "publisher"))
+        .await
+        .unwrap();
+    for version in 4..=5 {
+        publisher
+            .publish_envelope(topic, &envelope("o-1", version))
+            .await
+            .unwrap();
+    }
+    let second = NatsBus::connect(nats_config(&server.url(), "billing"))
+        .await
+        .unwrap();
+    let resumed = record_envelopes(&second, topic).await;
+    let events = resumed
+        .wait_for("the two new envelopes", |e| e.len() >= 2)
+        .await;
+    assert_eq!(events, [("o-1".to_owned(), 4), ("o-1".to_owned(), 5)]);
+
+    second.delete_consumer(topic, &durable).await.unwrap();
+    let gone: Result<jetstream::consumer::PullConsumer, _> =
+        js.get_consumer_from_stream(&durable, &stream).await;
+    assert!(gone.is_err(), "deleted only on the explicit call");
+    second.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_consumer_settings_update_the_durable_consumer() {
+    let server = NatsServer::start();
+    let topic = "orders.tuned";
+    let bus = NatsBus::connect(nats_config(&server.url(), "tuned"))
+        .await
+        .unwrap();
+    record_envelopes(&bus, topic).await;
+    bus.close().await.unwrap();
+
+    let mut config = nats_config(&server.url(), "tuned");
+    config.consumer = ConsumerSettings {
+        ack_wait: Duration::from_secs(12),
+        max_deliver: 20,
+        max_ack_pending: 64,
+        backoff: vec![Duration::from_secs(1), Duration::from_secs(12)],
+        ..config.consumer
+    };
+    let bus = NatsBus::connect(config).await.unwrap();
+    record_envelopes(&bus, topic).await;
+    let js = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
+        .await
+        .unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    assert_eq!(config.max_deliver, 20);
+    assert_eq!(config.max_ack_pending, 64);
+    assert_eq!(
+        config.backoff,
+        [Duration::from_secs(1), Duration::from_secs(12)]
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "ephemeral");
+    config.topics.insert(
+        "presence.ping".into(),
+        TopicOptions {
+            storage: None,
+            ephemeral: true,
+        },
+    );
+    let bus = NatsBus::connect(config).await.unwrap();
+    let seen = Recorder::<Message>::new();
+    let s = seen.clone();
+    bus.subscribe(
+        "presence.ping",
+        Arc::new(move |_ctx: HandlerContext, message: Message| {
+            let s = s.clone();
+            async move {
+                s.push(message);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish(
+        "presence.ping",
+        OutboundMessage::new(&b"here"[..]).with_key("user-7"),
+    )
+    .await
+    .unwrap();
+    let messages = seen.wait_for("the ping", |e| e.len() == 1).await;
+    assert_eq!(messages[0].payload, &b"here"[..]);
+    assert_eq!(messages[0].key.as_deref(), Some(&b"user-7"[..]));
+    let js = raw(&server).await;
+    assert!(
+        js.stream_by_subject("presence.ping").await.is_err(),
+        "no stream"
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_authentication_connects_and_a_wrong_token_is_a_broker_error() {
+    let server = NatsServer::start_with(&["--auth", "s3cret-token"]);
+    let mut config = nats_config(&server.url(), "auth");
+    config.auth = Auth::Token(Secret::new("s3cret-token"));
+    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    let health = bus.health().await;
+    assert!(health.is_healthy(), "{health:?}");
+    bus.close().await.unwrap();
+
+    config.auth = Auth::Token(Secret::new("wrong"));
+    config.max_reconnects = Some(0);
+    config.connection_timeout = Duration::from_secs(2);
+    let error = match NatsBus::connect(config).await {
+        Ok(_) => panic!("a wrong token connected"),
+        Err(error) => error,
+    };
+    assert_eq!(error.kind(), ErrorKind::Broker);
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("wrong"), "the token leaked: {shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authentication_connects() {
+    let server = NatsServer::start_with(&["--user", "svc", "--pass", "pa55word"]);
+    let mut config = nats_config(&server.url(), "userpass");
+    config.auth = Auth::UserPassword {
+        user: "svc".into(),
+        password: Secret::new("pa55word"),
+    };
+    let bus = NatsBus::connect(config).await.unwrap();
+    let handled = record_envelopes(&bus, "auth.checked").await;
+    bus.publish_envelope("auth.checked", &envelope("a-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_typed_error_not_a_hang() {
+    let server = NatsServer::start();
+    let url = server.url();
+    drop(server);
+    let config = NatsConfig {
+        connection_timeout: Duration::from_secs(1),
+        ..nats_config(&url, "unreachable")
+    };
+    let started = std::time::Instant::now();
+    let error = match NatsBus::connect(config).await {
+        Ok(_) => panic!("connected to a stopped server"),
+        Err(error) => error,
+    };
+    assert_eq!(error.kind(), ErrorKind::Broker);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
