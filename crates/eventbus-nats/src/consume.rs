@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use bytes::Bytes;
 use eventbus_core::{
     CancellationToken, DeliveryClass, DeliveryMeta, Envelope, EnvelopeHandler, Error,
-    HandlerContext, HandlerError, Headers, Message, MessageHandler, MessageSource, OffsetDateTime,
-    Outcome, Position, Settlement, dead_letter_message, extract_aggregate_id,
+    HandlerContext, HandlerError, Headers, Message, MessageHandler, MessageSource, Outcome,
+    Position, Settlement, dead_letter_message, extract_aggregate_id,
 };
 use eventbus_pool::{Job, JobContext, Pool};
 use futures::StreamExt;
@@ -36,6 +37,8 @@ struct Held {
 /// One subscription's state, shared by its tasks and its jobs.
 pub(crate) struct Sub {
     pub(crate) topic: String,
+    /// The topic for handler contexts, shared rather than copied per attempt.
+    topic_name: Arc<str>,
     pub(crate) durable: String,
     handler: Handler,
     subject_keys: bool,
@@ -61,6 +64,7 @@ impl Sub {
     ) -> Self {
         Self {
             topic: topic.to_owned(),
+            topic_name: Arc::from(topic),
             durable,
             handler,
             subject_keys,
@@ -200,12 +204,17 @@ pub(crate) async fn pull_loop(
 ) {
     let settings = shared.config.consumer.clone();
     let mut failures = 0u32;
+    // The next pull request, sent when the current one is half read, so that messages keep
+    // flowing while the rest of the current batch is dispatched.
+    let mut prefetched = None;
     loop {
         let draining = sub.stop.is_cancelled();
         if draining && !sub.draining.load(Ordering::SeqCst) {
             break;
         }
-        let batch = if draining {
+        let batch = if let Some(batch) = prefetched.take() {
+            Ok(batch)
+        } else if draining {
             // Closing: whatever the consumer still has, without waiting for more.
             consumer
                 .fetch()
@@ -261,6 +270,19 @@ pub(crate) async fn pull_loop(
                 Ok(message) => {
                     failures = 0;
                     received += 1;
+                    if received == settings.fetch_batch.div_ceil(2)
+                        && prefetched.is_none()
+                        && !sub.stop.is_cancelled()
+                    {
+                        // A failure here shows again, and is handled, at the next request.
+                        prefetched = consumer
+                            .batch()
+                            .max_messages(settings.fetch_batch)
+                            .expires(settings.fetch_expires)
+                            .messages()
+                            .await
+                            .ok();
+                    }
                     if let Err(error) = dispatch(&shared, &pool, &sub, message).await {
                         tracing::warn!(durable = %sub.durable, %error, "message not dispatched; the server redelivers it");
                     }
@@ -271,7 +293,7 @@ pub(crate) async fn pull_loop(
                 }
             }
         }
-        if draining && received == 0 {
+        if draining && received == 0 && prefetched.is_none() {
             break;
         }
     }
@@ -304,8 +326,18 @@ pub(crate) async fn core_loop(
             () = sub.stop.cancelled() => None,
         };
         let Some(message) = message else { break };
-        let message = convert(message, Position::Unknown, 1, None);
-        if let Err(error) = submit(&shared, &pool, &sub, message, None).await {
+        let meta = DeliveryMeta {
+            position: Position::Unknown,
+            delivery_attempt: 1,
+            timestamp: None,
+        };
+        let delivery = Delivery::new(
+            message,
+            matches!(sub.handler, Handler::Plain(_)),
+            meta,
+            None,
+        );
+        if let Err(error) = submit(&shared, &pool, &sub, delivery).await {
             tracing::warn!(topic = %sub.topic, %error, "message not dispatched");
         }
     }
@@ -342,37 +374,58 @@ pub(crate) async fn progress_loop(shared: Arc<Shared>, sub: Arc<Sub>) {
     }
 }
 
-/// A consumed NATS message as the handlers see it; the key header becomes the key.
-fn convert(
-    message: async_nats::Message,
-    position: Position,
-    delivery_attempt: u32,
-    timestamp: Option<OffsetDateTime>,
-) -> Message {
-    let mut headers = Headers::new();
-    let mut key = None;
-    if let Some(map) = &message.headers {
-        for (name, values) in map.iter() {
-            let name: &str = name.as_ref();
-            for value in values {
-                if name == KEY_HEADER {
-                    key = Some(Bytes::copy_from_slice(value.as_str().as_bytes()));
-                } else {
-                    headers.append(name, value.as_str().to_owned());
+/// A consumed message: what the handler sees and what settling needs.
+struct Delivery {
+    /// The message; for an envelope subscription without its headers and key (the handler
+    /// sees only the envelope), which [`Delivery::message`] adds when a dead letter needs them.
+    message: Message,
+    /// NATS headers not converted yet.
+    headers: Option<HeaderMap>,
+    ackable: Ackable,
+}
+
+impl Delivery {
+    /// Takes a NATS message apart; headers are converted now only if the handler sees them.
+    fn new(
+        message: async_nats::Message,
+        convert_headers: bool,
+        meta: DeliveryMeta,
+        ackable: Ackable,
+    ) -> Self {
+        let mut delivery = Self {
+            message: Message {
+                topic: message.subject.to_string(),
+                key: None,
+                headers: Headers::new(),
+                payload: message.payload,
+                meta,
+            },
+            headers: message.headers,
+            ackable,
+        };
+        if convert_headers {
+            delivery.message = delivery.message();
+            delivery.headers = None;
+        }
+        delivery
+    }
+
+    /// The full message: headers converted, the key header as the key.
+    fn message(&self) -> Message {
+        let mut message = self.message.clone();
+        if let Some(map) = &self.headers {
+            for (name, values) in map.iter() {
+                let name: &str = name.as_ref();
+                for value in values {
+                    if name == KEY_HEADER {
+                        message.key = Some(Bytes::copy_from_slice(value.as_str().as_bytes()));
+                    } else {
+                        message.headers.append(name, value.as_str().to_owned());
+                    }
                 }
             }
         }
-    }
-    Message {
-        topic: message.subject.to_string(),
-        key,
-        headers,
-        payload: message.payload,
-        meta: DeliveryMeta {
-            position,
-            delivery_attempt,
-            timestamp,
-        },
+        message
     }
 }
 
@@ -418,8 +471,18 @@ async fn dispatch(
             },
         );
     }
-    let message = convert(message, Position::Sequence(sequence), delivered, published);
-    let result = submit(shared, pool, sub, message, Some((sequence, acker.clone()))).await;
+    let meta = DeliveryMeta {
+        position: Position::Sequence(sequence),
+        delivery_attempt: delivered,
+        timestamp: published,
+    };
+    let delivery = Delivery::new(
+        message,
+        matches!(sub.handler, Handler::Plain(_)),
+        meta,
+        Some((sequence, acker.clone())),
+    );
+    let result = submit(shared, pool, sub, delivery).await;
     if result.is_err() {
         sub.held().remove(&sequence);
         let _ = acker.ack_with(AckKind::Nak(None)).await;
@@ -435,65 +498,27 @@ async fn submit(
     shared: &Arc<Shared>,
     pool: &Pool,
     sub: &Arc<Sub>,
-    message: Message,
-    ackable: Ackable,
+    delivery: Delivery,
 ) -> Result<(), Error> {
     let skipped = Arc::new(AtomicBool::new(false));
-    let (undecodable, job) = match sub.handler.clone() {
-        Handler::Plain(handler) => {
-            let mut source = MessageSource::from_message(&message);
+    let (key, undecodable, first) = match &sub.handler {
+        Handler::Plain(_) => {
+            let mut source = MessageSource::from_message(&delivery.message);
             if sub.subject_keys {
-                source = source.with_subject_keys(&message.topic);
+                source = source.with_subject_keys(&delivery.message.topic);
             }
-            let key = extract_aggregate_id(&source);
-            let (sub, message, skipped) = (sub.clone(), message.clone(), skipped.clone());
-            let job = move |ctx: JobContext| {
-                let context = context(&message, &ctx);
-                let run = sub.active.load(Ordering::SeqCst);
-                skipped.store(!run, Ordering::SeqCst);
-                let (handler, message) = (handler.clone(), message.clone());
-                async move {
-                    if run {
-                        handler.handle(context, message).await
-                    } else {
-                        Ok(())
-                    }
-                }
-            };
-            (None, Job::new(key, DeliveryClass::AtMostOnce, job))
+            (extract_aggregate_id(&source), None, None)
         }
-        Handler::Envelope(handler) => match Envelope::from_bytes(&message.payload) {
-            Err(error) => {
-                // Never run: the finishing step dead-letters it with the decode error.
-                let reason = error.to_string();
-                let job = Job::new(None, DeliveryClass::AtLeastOnce, |_ctx| async {
-                    Err(HandlerError::permanent("undecodable envelope"))
-                });
-                (Some(reason), job)
-            }
-            Ok(envelope) => {
-                let key = envelope.aggregate().ok();
-                let (sub, message, skipped) = (sub.clone(), message.clone(), skipped.clone());
-                let job = move |ctx: JobContext| {
-                    let context = context(&message, &ctx);
-                    let run = sub.active.load(Ordering::SeqCst);
-                    skipped.store(!run, Ordering::SeqCst);
-                    let (handler, envelope) = (handler.clone(), envelope.clone());
-                    async move {
-                        if run {
-                            handler.handle(context, envelope).await
-                        } else {
-                            Ok(())
-                        }
-                    }
-                };
-                (None, Job::new(key, DeliveryClass::AtLeastOnce, job))
-            }
+        Handler::Envelope(_) => match Envelope::from_bytes(&delivery.message.payload) {
+            Ok(envelope) => (envelope.aggregate().ok(), None, Some(envelope)),
+            Err(error) => (None, Some(error.to_string()), None),
         },
     };
+    let delivery = Arc::new(delivery);
+    let job = attempts(sub, &delivery, &skipped, first, undecodable.is_some());
     let class = sub.class();
     let (shared, sub) = (shared.clone(), sub.clone());
-    let job = job.with_finish(move |outcome: &Outcome| {
+    let job = Job::new(key, class, job).with_finish(move |outcome: &Outcome| {
         let verdict = if skipped.load(Ordering::SeqCst) {
             Verdict::GiveBack
         } else if let Some(reason) = undecodable {
@@ -511,18 +536,61 @@ async fn submit(
                 Settlement::Redeliver => Verdict::GiveBack,
             }
         };
-        settle(shared, sub, message, ackable, verdict)
+        settle(shared, sub, delivery, verdict)
     });
     pool.submit(job).await.map(drop)
 }
 
-fn context(message: &Message, ctx: &JobContext) -> HandlerContext {
-    HandlerContext::new(
-        message.topic.clone(),
-        message.meta.clone(),
-        ctx.attempt(),
-        ctx.cancellation().clone(),
-    )
+type AttemptFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
+
+/// The function that starts each attempt of a delivery: the handler, unless the subscription
+/// was stopped before the message ran (then it is given back). An undecodable envelope never
+/// reaches the handler. The first attempt takes the envelope decoded for its key; a retry
+/// decodes the payload again.
+fn attempts(
+    sub: &Arc<Sub>,
+    delivery: &Arc<Delivery>,
+    skipped: &Arc<AtomicBool>,
+    mut first: Option<Envelope>,
+    undecodable: bool,
+) -> impl FnMut(JobContext) -> AttemptFuture + Send + 'static {
+    let (sub, delivery, skipped) = (sub.clone(), delivery.clone(), skipped.clone());
+    move |ctx: JobContext| {
+        if undecodable {
+            return Box::pin(async { Err(HandlerError::permanent("undecodable envelope")) });
+        }
+        let run = sub.active.load(Ordering::SeqCst);
+        skipped.store(!run, Ordering::SeqCst);
+        if !run {
+            return Box::pin(async { Ok(()) });
+        }
+        let context = HandlerContext::new(
+            sub.topic_name.clone(),
+            delivery.message.meta.clone(),
+            ctx.attempt(),
+            ctx.cancellation().clone(),
+        );
+        match &sub.handler {
+            Handler::Plain(handler) => {
+                let (handler, message) = (handler.clone(), delivery.message.clone());
+                Box::pin(async move { handler.handle(context, message).await })
+            }
+            Handler::Envelope(handler) => {
+                let envelope = match first.take() {
+                    Some(envelope) => envelope,
+                    None => match Envelope::from_bytes(&delivery.message.payload) {
+                        Ok(envelope) => envelope,
+                        Err(error) => {
+                            return Box::pin(async { Err(HandlerError::permanent(error)) });
+                        }
+                    },
+                };
+                let handler = handler.clone();
+                Box::pin(async move { handler.handle(context, envelope).await })
+            }
+        }
+    }
 }
 
 /// What settling does with a message.
@@ -538,14 +606,8 @@ enum Verdict {
 
 /// Settles one message while its lane is still held: ack, or dead-letter (retried with backoff
 /// until written, so the aggregate's later messages keep waiting) then `term`.
-async fn settle(
-    shared: Arc<Shared>,
-    sub: Arc<Sub>,
-    message: Message,
-    ackable: Ackable,
-    verdict: Verdict,
-) {
-    let acker = ackable.as_ref().map(|(_, acker)| acker.clone());
+async fn settle(shared: Arc<Shared>, sub: Arc<Sub>, delivery: Arc<Delivery>, verdict: Verdict) {
+    let acker = delivery.ackable.as_ref().map(|(_, acker)| acker.clone());
     let ack = |kind: AckKind| {
         let acker = acker.clone();
         async move {
@@ -561,6 +623,7 @@ async fn settle(
         Verdict::GiveBack => ack(AckKind::Nak(None)).await,
         Verdict::DeadLetter { reason, attempts } => match &sub.dead_letter {
             Some(topic) => {
+                let message = delivery.message();
                 write_dead_letter(&shared, &sub, topic, &message, &reason, attempts).await;
                 ack(AckKind::Term).await;
             }
@@ -574,8 +637,8 @@ async fn settle(
             }
         },
     }
-    if let Some((sequence, _)) = ackable {
-        sub.held().remove(&sequence);
+    if let Some((sequence, _)) = &delivery.ackable {
+        sub.held().remove(sequence);
     }
 }
 
