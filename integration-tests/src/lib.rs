@@ -1,6 +1,5 @@
 //! The conformance suite: the delivery contract of `docs/semantics.md` as test functions over a
-//! [`BusFactory`], run unchanged against every backend (`tests/memory.rs`, and the broker
-//! backends when they exist).
+//! [`BusFactory`], run unchanged against every backend (`tests/memory.rs`, `tests/nats.rs`).
 //!
 //! Every check waits on recorded events with a deadline ([`Recorder::wait_for`]), never on a
 //! fixed sleep.
@@ -11,8 +10,6 @@
     clippy::panic,
     clippy::indexing_slicing
 )]
-
-pub mod nats_server;
 
 /// A NATS bus configuration for tests on `url`: short pull requests (so `close` is quick) and
 /// the default consumer settings otherwise.

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use eventbus_core::EventBus;
 use eventbus_nats::{NatsBus, NatsConfig};
 use eventbus_pool::{PoolConfig, RetryPolicy};
-use integration_tests::nats_server::NatsServer;
 use integration_tests::{BusFactory, Settings};
+use test_brokers::NatsServer;
 
 struct Nats {
     server: NatsServer,

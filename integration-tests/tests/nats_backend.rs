@@ -17,8 +17,8 @@ use eventbus_nats::{
     TopicOptions,
 };
 use futures::StreamExt;
-use integration_tests::nats_server::NatsServer;
 use integration_tests::{Recorder, nats_config};
+use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> jetstream::Context {
     jetstream::new(async_nats::connect(server.url()).await.unwrap())

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
-use integration_tests::nats_server::NatsServer;
 use integration_tests::{DEADLINE, Recorder, assert_first_handlings_in_order, nats_config};
+use test_brokers::NatsServer;
 use tokio::sync::mpsc;
 
 fn envelope(aggregate: usize, version: i64) -> Envelope {

@@ -31,7 +31,7 @@ const LEAVES: [&str; 3] = ["eventbus-cli", "xtask", "integration-tests"];
 fn allowed(crate_name: &str) -> Option<Vec<&'static str>> {
     let mut layer = vec![CORE, POOL];
     match crate_name {
-        CORE | "xtask" => Some(vec![]),
+        CORE | "xtask" | "test-brokers" => Some(vec![]),
         POOL => Some(vec![CORE]),
         name if BACKENDS.contains(&name) => Some(layer),
         FACADE => {

@@ -1,6 +1,6 @@
 //! The test harness's nats-server: it starts with JetStream on loopback and is gone when dropped.
 
-use integration_tests::nats_server::NatsServer;
+use test_brokers::NatsServer;
 
 #[test]
 fn a_nats_server_with_jetstream_starts_on_loopback_and_stops_when_dropped() {

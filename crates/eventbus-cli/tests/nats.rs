@@ -1,0 +1,136 @@
+//! The `eventbus` binary on NATS JetStream, against a nats-server the test starts.
+
+// Helpers run the binary; if it cannot be run or read, the test fails right there.
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use test_brokers::NatsServer;
+
+/// A config file for `server` in a fresh directory.
+fn config_file(server: &NatsServer, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("eventbus-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let path = dir.join("nats.toml");
+    let config = format!(
+        "type = \"nats\"\nclient_id = \"{name}\"\n[retry]\ninitial_backoff = \"10ms\"\nmax_backoff = \"50ms\"\n[nats]\nurls = [\"{}\"]\n[nats.consumer]\nfetch_expires = \"200ms\"\n",
+        server.url()
+    );
+    std::fs::write(&path, config).expect("config written");
+    path
+}
+
+fn eventbus(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the eventbus binary runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin written");
+    child
+        .wait_with_output()
+        .expect("the eventbus binary finishes")
+}
+
+fn summary_value(stdout: &str, label: &str) -> u64 {
+    stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with(label))
+        .and_then(|line| line.split_whitespace().last())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
+}
+
+#[test]
+fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
+    let server = NatsServer::start();
+    let config = config_file(&server, "demo");
+    let output = eventbus(
+        &[
+            "demo",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--aggregates",
+            "50",
+            "--versions",
+            "20",
+            "--failure-rate",
+            "0.2",
+            "--panic-rate",
+            "0.02",
+            "--handler-delay-us",
+            "100",
+        ],
+        "",
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("on the nats backend"), "{stdout}");
+    assert_eq!(summary_value(&stdout, "published"), 1000);
+    assert_eq!(summary_value(&stdout, "lost"), 0);
+    assert_eq!(summary_value(&stdout, "order violations"), 0);
+    assert!(summary_value(&stdout, "retries") > 0, "{stdout}");
+    assert_eq!(
+        summary_value(&stdout, "handled") + summary_value(&stdout, "dead-lettered"),
+        1000
+    );
+}
+
+#[test]
+fn subscribe_prints_what_publish_sent_through_the_server() {
+    let server = NatsServer::start();
+    let config = config_file(&server, "shell");
+    let config = config.to_str().expect("UTF-8 path");
+    let publish = eventbus(
+        &["publish", "--config", config, "--topic", "shell.lines"],
+        "first\nsecond\n",
+    );
+    assert!(
+        publish.status.success(),
+        "{}",
+        String::from_utf8_lossy(&publish.stderr)
+    );
+    // The durable consumer starts at the beginning of the stream: both lines are there.
+    let mut subscriber = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args([
+            "subscribe",
+            "--config",
+            config,
+            "--topic",
+            "shell.lines",
+            "--count",
+            "2",
+        ])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the eventbus binary runs");
+    let stdout = subscriber.stdout.take().expect("stdout");
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map(|line| line.expect("a line"))
+        .collect();
+    assert!(subscriber.wait().expect("exits").success());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    for (line, payload) in lines.iter().zip(["first", "second"]) {
+        let value: serde_json::Value = serde_json::from_str(line).expect("JSON");
+        assert_eq!(value["topic"], "shell.lines");
+        assert_eq!(value["payload"], payload);
+    }
+}
