@@ -561,3 +561,48 @@ impl SubscriptionControl for Control {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventbus_core::ErrorKind;
+
+    #[test]
+    fn headers_and_the_key_go_to_nats_headers() {
+        let message = OutboundMessage::new(&b"x"[..])
+            .with_key("order-7")
+            .with_header("X-Trace", "a")
+            .with_header("X-Trace", "b");
+        let headers = nats_headers(&message).unwrap();
+        assert_eq!(headers.get(KEY_HEADER).unwrap().as_str(), "order-7");
+        let traces: Vec<&str> = headers
+            .get_all("X-Trace")
+            .map(HeaderValue::as_str)
+            .collect();
+        assert_eq!(traces, ["a", "b"]);
+    }
+
+    #[test]
+    fn headers_nats_cannot_carry_are_typed_errors_not_panics() {
+        let cases = [
+            OutboundMessage::new(&b"x"[..]).with_header("Bad:Name", "v"),
+            OutboundMessage::new(&b"x"[..]).with_header("With Space", "v"),
+            OutboundMessage::new(&b"x"[..]).with_header("X-Line", "a\r\nInjected: 1"),
+            OutboundMessage::new(&b"x"[..]).with_header("X-Bytes", &b"\xff\xfe"[..]),
+            OutboundMessage::new(&b"x"[..]).with_key(&b"\xff"[..]),
+            OutboundMessage::new(&b"x"[..]).with_key("two\nlines"),
+        ];
+        for message in cases {
+            let error = nats_headers(&message).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Broker, "{error}");
+        }
+    }
+
+    #[test]
+    fn dead_letter_topics_and_envelopes_default_to_file_storage() {
+        let config = NatsConfig::default();
+        assert_eq!(storage_for(&config, "orders", true), Storage::File);
+        assert_eq!(storage_for(&config, "orders", false), Storage::Memory);
+        assert_eq!(storage_for(&config, "orders.DLQ", false), Storage::File);
+    }
+}

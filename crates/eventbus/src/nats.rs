@@ -94,17 +94,17 @@ impl From<StorageName> for Storage {
     }
 }
 
-/// `[nats.stream_limits]`: limits of the streams created per topic; unset is unlimited.
+/// `[nats.stream_limits]`: limits of the streams created per topic; `0` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct StreamLimitsSection {
-    /// The oldest message kept.
+    /// The oldest message kept (`0s`: no limit).
     #[serde(with = "humantime_serde")]
     pub max_age: Option<Duration>,
-    /// The most bytes kept.
+    /// The most bytes kept (`0`: no limit).
     pub max_bytes: Option<u64>,
-    /// The most messages kept.
+    /// The most messages kept (`0`: no limit).
     pub max_msgs: Option<u64>,
 }
 
@@ -121,11 +121,20 @@ impl Default for StreamLimitsSection {
 
 impl From<StreamLimitsSection> for StreamLimits {
     fn from(limits: StreamLimitsSection) -> Self {
-        Self {
-            max_age: limits.max_age,
-            max_bytes: limits.max_bytes,
-            max_msgs: limits.max_msgs,
-        }
+        limits_of(limits.max_age, limits.max_bytes, limits.max_msgs)
+    }
+}
+
+/// Limits as configured, where `0` (or `"0s"`) means unlimited, as on the server.
+fn limits_of(
+    max_age: Option<Duration>,
+    max_bytes: Option<u64>,
+    max_msgs: Option<u64>,
+) -> StreamLimits {
+    StreamLimits {
+        max_age: max_age.filter(|age| !age.is_zero()),
+        max_bytes: max_bytes.filter(|bytes| *bytes > 0),
+        max_msgs: max_msgs.filter(|msgs| *msgs > 0),
     }
 }
 
@@ -334,11 +343,7 @@ impl NatsSection {
                     name: stream.name.clone(),
                     subjects: stream.subjects.clone(),
                     storage: stream.storage.into(),
-                    limits: StreamLimits {
-                        max_age: stream.max_age,
-                        max_bytes: stream.max_bytes,
-                        max_msgs: stream.max_msgs,
-                    },
+                    limits: limits_of(stream.max_age, stream.max_bytes, stream.max_msgs),
                 })
                 .collect(),
             topics: self

@@ -27,6 +27,7 @@ ca_file = "/etc/ssl/nats-ca.pem"
 
 [nats.stream_limits]
 max_age = "7days"
+max_bytes = 0
 max_msgs = 5000
 
 [[nats.streams]]
@@ -75,6 +76,7 @@ fn a_full_nats_section_becomes_the_backend_configuration() {
         Some(Duration::from_secs(7 * 86400))
     );
     assert_eq!(nats.stream_limits.max_msgs, Some(5000));
+    assert_eq!(nats.stream_limits.max_bytes, None, "0 is unlimited");
     assert_eq!(nats.streams[0].name, "ORDERS");
     assert_eq!(nats.streams[0].limits.max_bytes, Some(1 << 20));
     assert_eq!(
