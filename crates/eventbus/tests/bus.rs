@@ -1,4 +1,5 @@
-//! Connecting, metric namespaces, typed handlers.
+//! Connecting, metric namespaces, typed handlers (on the memory backend).
+#![cfg(feature = "memory")]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -204,3 +204,12 @@ fn validation_names_the_field() {
     config.retry.initial_backoff = Duration::from_secs(60);
     assert_eq!(config.validate().unwrap_err().kind(), ErrorKind::Config);
 }
+
+#[cfg(not(feature = "nats"))]
+#[tokio::test]
+async fn a_backend_that_is_not_compiled_in_is_a_config_error() {
+    let mut config = Config::default();
+    config.backend = eventbus::Backend::Nats;
+    let error = eventbus::connect(config).await.unwrap_err();
+    assert_eq!(field(error).0, "type");
+}
