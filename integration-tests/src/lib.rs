@@ -95,6 +95,23 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// The engine configuration these settings describe (backoff doubling up to 8× the first).
+    pub fn pool_config(&self) -> eventbus_pool::PoolConfig {
+        eventbus_pool::PoolConfig {
+            pool_size: self.pool_size,
+            inbox_size: self.inbox_size,
+            max_restarts: self.max_restarts,
+            retry: eventbus_pool::RetryPolicy {
+                max_attempts: self.max_attempts,
+                initial_backoff: self.backoff,
+                max_backoff: self.backoff * 8,
+            },
+            ..eventbus_pool::PoolConfig::default()
+        }
+    }
+}
+
 /// Makes buses of one backend for the suite.
 #[async_trait]
 pub trait BusFactory: Send + Sync {

@@ -10,7 +10,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventbus_core::{EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions};
 use eventbus_memory::{MemoryBus, MemoryConfig};
-use eventbus_pool::{PoolConfig, RetryPolicy};
 use integration_tests::{BusFactory, Settings};
 
 struct Memory;
@@ -18,17 +17,7 @@ struct Memory;
 fn config(settings: Settings) -> MemoryConfig {
     MemoryConfig {
         client_id: "conformance".into(),
-        pool: PoolConfig {
-            pool_size: settings.pool_size,
-            inbox_size: settings.inbox_size,
-            max_restarts: settings.max_restarts,
-            retry: RetryPolicy {
-                max_attempts: settings.max_attempts,
-                initial_backoff: settings.backoff,
-                max_backoff: settings.backoff * 8,
-            },
-            ..PoolConfig::default()
-        },
+        pool: settings.pool_config(),
         drain_timeout: settings.drain_timeout,
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use eventbus_core::EventBus;
 use eventbus_nats::{NatsBus, NatsConfig};
-use eventbus_pool::{PoolConfig, RetryPolicy};
 use integration_tests::{BusFactory, Settings};
 use test_brokers::NatsServer;
 
@@ -18,17 +17,7 @@ struct Nats {
 
 fn config(url: &str, settings: Settings) -> NatsConfig {
     NatsConfig {
-        pool: PoolConfig {
-            pool_size: settings.pool_size,
-            inbox_size: settings.inbox_size,
-            max_restarts: settings.max_restarts,
-            retry: RetryPolicy {
-                max_attempts: settings.max_attempts,
-                initial_backoff: settings.backoff,
-                max_backoff: settings.backoff * 8,
-            },
-            ..PoolConfig::default()
-        },
+        pool: settings.pool_config(),
         drain_timeout: settings.drain_timeout,
         ..integration_tests::nats_config(url, "conformance")
     }

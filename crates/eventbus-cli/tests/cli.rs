@@ -4,40 +4,11 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-fn eventbus(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbus"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the eventbus binary runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("stdin written");
-    child
-        .wait_with_output()
-        .expect("the eventbus binary finishes")
-}
+mod common;
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn summary_value(stdout: &str, label: &str) -> u64 {
-    stdout
-        .lines()
-        .find(|line| line.trim_start().starts_with(label))
-        .and_then(|line| line.split_whitespace().last())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
-}
+use common::{eventbus, summary_value, text};
 
 #[test]
 fn the_demo_reports_no_loss_and_no_reordering_despite_failures_and_panics() {

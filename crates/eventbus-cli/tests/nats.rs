@@ -3,11 +3,15 @@
 // Helpers run the binary; if it cannot be run or read, the test fails right there.
 #![allow(clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use test_brokers::NatsServer;
+
+mod common;
+
+use common::{eventbus, summary_value, text};
 
 /// A config file for `server` in a fresh directory.
 fn config_file(server: &NatsServer, name: &str) -> PathBuf {
@@ -20,35 +24,6 @@ fn config_file(server: &NatsServer, name: &str) -> PathBuf {
     );
     std::fs::write(&path, config).expect("config written");
     path
-}
-
-fn eventbus(args: &[&str], stdin: &str) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbus"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the eventbus binary runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("stdin written");
-    child
-        .wait_with_output()
-        .expect("the eventbus binary finishes")
-}
-
-fn summary_value(stdout: &str, label: &str) -> u64 {
-    stdout
-        .lines()
-        .find(|line| line.trim_start().starts_with(label))
-        .and_then(|line| line.split_whitespace().last())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
 }
 
 #[test]
@@ -73,11 +48,11 @@ fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
         ],
         "",
     );
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = text(&output.stdout);
     assert!(
         output.status.success(),
         "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        text(&output.stderr)
     );
     assert!(stdout.contains("on the nats backend"), "{stdout}");
     assert_eq!(summary_value(&stdout, "published"), 1000);
@@ -99,11 +74,7 @@ fn subscribe_prints_what_publish_sent_through_the_server() {
         &["publish", "--config", config, "--topic", "shell.lines"],
         "first\nsecond\n",
     );
-    assert!(
-        publish.status.success(),
-        "{}",
-        String::from_utf8_lossy(&publish.stderr)
-    );
+    assert!(publish.status.success(), "{}", text(&publish.stderr));
     // The durable consumer starts at the beginning of the stream: both lines are there.
     let mut subscriber = Command::new(env!("CARGO_BIN_EXE_eventbus"))
         .args([

@@ -66,6 +66,30 @@ impl HealthReport {
         self
     }
 
+    /// Adds the `bus` component every backend reports: healthy while open, unhealthy once
+    /// closed, with the number of subscriptions.
+    ///
+    /// ```
+    /// use eventbus_core::HealthReport;
+    ///
+    /// let report = HealthReport::new("memory").with_bus_state(false, 2);
+    /// assert!(report.is_healthy());
+    /// assert_eq!(report.components[0].detail.as_deref(), Some("open (2 subscriptions)"));
+    /// assert!(!HealthReport::new("memory").with_bus_state(true, 0).is_healthy());
+    /// ```
+    pub fn with_bus_state(self, closed: bool, subscriptions: usize) -> Self {
+        let (status, state) = if closed {
+            (HealthStatus::Unhealthy, "closed")
+        } else {
+            (HealthStatus::Healthy, "open")
+        };
+        self.with_component(
+            "bus",
+            status,
+            Some(format!("{state} ({subscriptions} subscriptions)")),
+        )
+    }
+
     /// The worst status of the components (healthy when there are none).
     pub fn status(&self) -> HealthStatus {
         self.components

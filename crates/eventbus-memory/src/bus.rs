@@ -230,26 +230,8 @@ impl EventBus for MemoryBus {
             .map(|topic| topic.subscriptions.len())
             .sum();
         HealthReport::new("memory")
-            .with_component(
-                "bus",
-                if closed {
-                    HealthStatus::Unhealthy
-                } else {
-                    HealthStatus::Healthy
-                },
-                Some(format!(
-                    "{} ({subscriptions} subscriptions)",
-                    if closed { "closed" } else { "open" }
-                )),
-            )
-            .with_component(
-                "engine",
-                HealthStatus::Healthy,
-                Some(format!(
-                    "{} queued, {} running, {} retrying, {} lanes",
-                    pool.queued, pool.running, pool.retrying, pool.lanes
-                )),
-            )
+            .with_bus_state(closed, subscriptions)
+            .with_component("engine", HealthStatus::Healthy, Some(pool.to_string()))
     }
 
     /// Stops intake, waits until every delivery (dead letters included) is settled or the drain

@@ -445,26 +445,8 @@ impl EventBus for NatsBus {
                     inner.connection.disconnects()
                 )),
             )
-            .with_component(
-                "bus",
-                if closed {
-                    HealthStatus::Unhealthy
-                } else {
-                    HealthStatus::Healthy
-                },
-                Some(format!(
-                    "{} ({subscriptions} subscriptions)",
-                    if closed { "closed" } else { "open" }
-                )),
-            )
-            .with_component(
-                "engine",
-                HealthStatus::Healthy,
-                Some(format!(
-                    "{} queued, {} running, {} retrying, {} lanes",
-                    pool.queued, pool.running, pool.retrying, pool.lanes
-                )),
-            )
+            .with_bus_state(closed, subscriptions)
+            .with_component("engine", HealthStatus::Healthy, Some(pool.to_string()))
     }
 
     /// Stops fetching (each subscription first takes what its open pull request still brings

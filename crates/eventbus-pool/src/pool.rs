@@ -39,6 +39,17 @@ pub struct PoolStats {
     pub lanes: usize,
 }
 
+impl std::fmt::Display for PoolStats {
+    /// `3 queued, 2 running, 0 retrying, 4 lanes`: the engine's line in health reports.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} queued, {} running, {} retrying, {} lanes",
+            self.queued, self.running, self.retrying, self.lanes
+        )
+    }
+}
+
 /// What [`Pool::shutdown`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
