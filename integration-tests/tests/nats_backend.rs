@@ -375,3 +375,103 @@ async fn an_unreachable_server_is_a_typed_error_not_a_hang() {
     assert_eq!(error.kind(), ErrorKind::Broker);
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A directory for files a test writes (keys, certificates, server config).
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("eventbus-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_authentication_connects_with_the_seed() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = scratch("nkey");
+    let server_config = dir.join("server.conf");
+    std::fs::write(
+        &server_config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&["-c", server_config.to_str().unwrap()]);
+    let mut config = nats_config(&server.url(), "nkey");
+    config.auth = Auth::NkeySeed(Secret::new(user.seed().unwrap()));
+    let bus = NatsBus::connect(config).await.unwrap();
+    let handled = record_envelopes(&bus, "nkey.checked").await;
+    bus.publish_envelope("nkey.checked", &envelope("n-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    bus.close().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificate_is_refused() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+    let dir = scratch("tls");
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issue = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = issue(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = issue(vec!["client".into()]);
+    let file = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    };
+    let ca_file = file("ca.pem", &ca.pem());
+    let server_cert = file("server.pem", &server_cert);
+    let server_key = file("server-key.pem", &server_key);
+    let client_cert = file("client.pem", &client_cert);
+    let client_key = file("client-key.pem", &client_key);
+
+    let server = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        server_cert.to_str().unwrap(),
+        "--tlskey",
+        server_key.to_str().unwrap(),
+        "--tlsverify",
+        "--tlscacert",
+        ca_file.to_str().unwrap(),
+    ]);
+    let mut config = nats_config(&server.url(), "tls");
+    config.tls = eventbus_nats::TlsConfig {
+        required: true,
+        ca_file: Some(ca_file.clone()),
+        client_cert: Some(client_cert),
+        client_key: Some(client_key),
+    };
+    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    let handled = record_envelopes(&bus, "tls.checked").await;
+    bus.publish_envelope("tls.checked", &envelope("t-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    bus.close().await.unwrap();
+
+    config.tls.client_cert = None;
+    config.tls.client_key = None;
+    config.max_reconnects = Some(0);
+    config.connection_timeout = Duration::from_secs(2);
+    let refused = NatsBus::connect(config).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate was let in"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
