@@ -475,3 +475,22 @@ async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificat
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_in_the_url_list_is_passed_over() {
+    let dead = NatsServer::start();
+    let dead_url = dead.url();
+    drop(dead);
+    let live = NatsServer::start();
+    let mut config = nats_config(&live.url(), "failover");
+    config.urls = vec![dead_url, live.url()];
+    config.connection_timeout = Duration::from_secs(2);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let handled = record_envelopes(&bus, "failover.checked").await;
+    bus.publish_envelope("failover.checked", &envelope("f-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    assert!(bus.health().await.is_healthy());
+    bus.close().await.unwrap();
+}
