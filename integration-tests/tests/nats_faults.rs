@@ -287,3 +287,36 @@ async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
     }
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_while_the_server_is_down_fails_with_a_typed_error_in_time() {
+    let mut server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "down");
+    config.publish_timeout = Duration::from_millis(500);
+    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let topic = "faults.down";
+    bus.publish_envelope(topic, &envelope(0, 1)).await.unwrap();
+    tokio::task::block_in_place(|| server.kill());
+    eventually("the bus to notice the lost connection", || {
+        let bus = bus.clone();
+        async move { !bus.health().await.is_healthy() }
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let error = bus
+        .publish_envelope(topic, &envelope(0, 2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error.kind(),
+            eventbus_core::ErrorKind::Timeout | eventbus_core::ErrorKind::Broker
+        ),
+        "{error}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+    tokio::task::block_in_place(|| server.start_again());
+    // Back without user action: the same envelope goes through (and the server keeps one copy).
+    publish_until_confirmed(&bus, topic, &envelope(0, 2)).await;
+    bus.close().await.unwrap();
+}
