@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
 use eventbus_core::{
@@ -199,7 +199,7 @@ impl NatsBus {
                 subscriber,
             ))]
         } else {
-            let consumer = match self.ensure_consumer(&sub).await {
+            let consumer = match consume::ensure_consumer(shared, &sub, true).await {
                 Ok(consumer) => consumer,
                 Err(error) => {
                     release_slot();
@@ -229,10 +229,6 @@ impl NatsBus {
                 slot,
             },
         ))
-    }
-
-    async fn ensure_consumer(&self, sub: &Sub) -> Result<PullConsumer, Error> {
-        consume::ensure_consumer(&self.inner.shared, sub, true).await
     }
 }
 
