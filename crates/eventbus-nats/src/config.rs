@@ -240,6 +240,18 @@ impl NatsConfig {
             if url.trim().is_empty() || url.contains(char::is_whitespace) {
                 return Err(Error::config("nats.urls", format!("{url:?} is not a URL")));
             }
+            let authority = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+            if authority
+                .split('/')
+                .next()
+                .is_some_and(|host| host.contains('@'))
+            {
+                // The URL would show the secret wherever it is logged or printed.
+                return Err(Error::config(
+                    "nats.urls",
+                    "credentials in a URL are refused: use nats.token or nats.user/nats.password, which are kept secret",
+                ));
+            }
         }
         if let Auth::UserPassword { user, .. } = &self.auth
             && user.is_empty()
