@@ -494,3 +494,88 @@ async fn a_dead_server_in_the_url_list_is_passed_over() {
     assert!(bus.health().await.is_healthy());
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wait() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "giveback");
+    config.pool.pool_size = 1;
+    config.consumer.ack_wait = Duration::from_secs(60);
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = "orders.given-back";
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let first_run = Recorder::<(String, i64)>::new();
+    let (g, r) = (gate.clone(), first_run.clone());
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (g, r) = (g.clone(), r.clone());
+                async move {
+                    r.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    g.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    for aggregate in 0..5 {
+        bus.publish_envelope(topic, &envelope(&format!("o-{aggregate}"), 1))
+            .await
+            .unwrap();
+    }
+    // One runs (held at the gate) and four wait for the only actor.
+    first_run
+        .wait_for("the first handler", |e| e.len() == 1)
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bus.pool_stats().queued < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "four never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    subscription.unsubscribe().await.unwrap();
+    gate.add_permits(1);
+    while bus.pool_stats() != Default::default() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine never settled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        first_run.events().len(),
+        1,
+        "the stopped handler got nothing more"
+    );
+
+    // A raw reader of the same durable gets the four at once, well before the 60 s ack_wait;
+    // the one that ran was acknowledged.
+    let js = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
+        .await
+        .unwrap();
+    let mut given_back = Vec::new();
+    while given_back.len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "got back {given_back:?}"
+        );
+        let mut batch = consumer.fetch().max_messages(10).messages().await.unwrap();
+        while let Some(message) = batch.next().await {
+            let message = message.unwrap();
+            let envelope = Envelope::from_bytes(&message.payload).unwrap();
+            message.ack().await.unwrap();
+            given_back.push((envelope.aggregate_id, envelope.event_version));
+        }
+    }
+    assert_eq!(given_back.len(), 4, "{given_back:?}");
+    assert!(
+        !given_back.contains(&first_run.events()[0]),
+        "the message that ran before unsubscribe was acknowledged, not given back"
+    );
+    bus.close().await.unwrap();
+}
