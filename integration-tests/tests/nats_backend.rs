@@ -579,3 +579,64 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
     );
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_not_repeat_it() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "again");
+    config.pool.pool_size = 1;
+    let bus = NatsBus::connect(config).await.unwrap();
+    let topic = "orders.again";
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let old = Recorder::<(String, i64)>::new();
+    let (g, r) = (gate.clone(), old.clone());
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (g, r) = (g.clone(), r.clone());
+                async move {
+                    r.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    g.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    for aggregate in 0..5 {
+        bus.publish_envelope(topic, &envelope(&format!("o-{aggregate}"), 1))
+            .await
+            .unwrap();
+    }
+    old.wait_for("the first handler", |e| e.len() == 1).await;
+    subscription.unsubscribe().await.unwrap();
+    // The old handler still runs its message while the durable is subscribed again.
+    let new = record_envelopes(&bus, topic).await;
+    gate.add_permits(1);
+    let events = new.wait_for("the four others", |e| e.len() >= 4).await;
+
+    let js = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{info:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events_now = new.events();
+    assert_eq!(events_now.len(), 4, "{events:?}");
+    assert!(
+        !events_now.contains(&old.events()[0]),
+        "the message the old subscription was running was handled again"
+    );
+    bus.close().await.unwrap();
+}

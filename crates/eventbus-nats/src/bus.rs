@@ -58,6 +58,9 @@ struct Inner {
     subscriptions: Mutex<Vec<Running>>,
     /// Durable slots in use per topic.
     slots: Arc<Mutex<HashMap<String, BTreeSet<usize>>>>,
+    /// Durables this bus has read: only a durable a previous run left behind is replayed from
+    /// its ack floor (a re-subscription here may still hold messages of its earlier self).
+    read_durables: Mutex<std::collections::HashSet<String>>,
     closed: AtomicBool,
     closing: tokio::sync::Mutex<bool>,
 }
@@ -107,6 +110,7 @@ impl NatsBus {
                 pool: Arc::new(pool),
                 subscriptions: Mutex::new(Vec::new()),
                 slots: Arc::new(Mutex::new(HashMap::new())),
+                read_durables: Mutex::new(std::collections::HashSet::new()),
                 closed: AtomicBool::new(false),
                 closing: tokio::sync::Mutex::new(false),
             }),
@@ -199,7 +203,8 @@ impl NatsBus {
                 subscriber,
             ))]
         } else {
-            let consumer = match consume::ensure_consumer(shared, &sub, true).await {
+            let first_read = lock(&inner.read_durables).insert(durable.clone());
+            let consumer = match consume::ensure_consumer(shared, &sub, first_read).await {
                 Ok(consumer) => consumer,
                 Err(error) => {
                     release_slot();

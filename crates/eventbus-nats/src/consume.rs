@@ -108,8 +108,9 @@ impl Sub {
 
 /// The durable consumer of `sub`, created, or updated when its configuration changed.
 ///
-/// With `resume` (at subscribe), a durable left with unacknowledged messages by a previous run
-/// that is gone (no pull request of another client waiting) is re-created from its ack floor,
+/// With `resume` (the first subscribe of this bus to the durable), a durable left with
+/// unacknowledged messages by a previous run that is gone (no pull request of another client
+/// waiting) is re-created from its ack floor,
 /// so that the messages the dead run held come back first and in stream order: a crash replays
 /// a suffix in order instead of redelivering the held messages after newer ones once their
 /// `ack_wait` runs out.
@@ -208,8 +209,10 @@ pub(crate) async fn pull_loop(
     // flowing while the rest of the current batch is dispatched.
     let mut prefetched = None;
     loop {
-        let draining = sub.stop.is_cancelled();
-        if draining && !sub.draining.load(Ordering::SeqCst) {
+        let stopping = sub.stop.is_cancelled();
+        let draining = stopping && sub.draining.load(Ordering::SeqCst);
+        // Unsubscribed: nothing new is asked for (open requests were read to their end).
+        if stopping && !draining && prefetched.is_none() {
             break;
         }
         let batch = if let Some(batch) = prefetched.take() {
@@ -253,20 +256,24 @@ pub(crate) async fn pull_loop(
         };
         let mut received = 0usize;
         loop {
-            let next = if !sub.stop.is_cancelled() {
-                tokio::select! {
-                    next = batch.next() => next,
-                    // Look again: closing reads the open request to its end, unsubscribing
-                    // leaves it.
-                    () = sub.stop.cancelled() => continue,
-                }
-            } else if sub.draining.load(Ordering::SeqCst) {
+            // An open request is read to its end even when the subscription stops: what the
+            // server sends to it would otherwise wait for `ack_wait`.
+            let next = if sub.stop.is_cancelled() {
                 batch.next().await
             } else {
-                None
+                tokio::select! {
+                    next = batch.next() => next,
+                    () = sub.stop.cancelled() => continue,
+                }
             };
             let Some(next) = next else { break };
             match next {
+                Ok(message) if sub.stop.is_cancelled() && !sub.draining.load(Ordering::SeqCst) => {
+                    // Unsubscribed: give it back at once for the durable's next reader.
+                    if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+                        tracing::debug!(durable = %sub.durable, %error, "nak not sent");
+                    }
+                }
                 Ok(message) => {
                     failures = 0;
                     received += 1;
