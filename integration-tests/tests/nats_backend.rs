@@ -640,3 +640,79 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     );
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss() {
+    let server = NatsServer::start();
+    let topic = "orders.backlog";
+    let publisher = NatsBus::connect(nats_config(&server.url(), "backlog-publisher"))
+        .await
+        .unwrap();
+    let total = 2000usize;
+    for i in 0..total {
+        publisher
+            .publish_envelope(
+                topic,
+                &envelope(&format!("o-{}", i % 50), (i / 50 + 1) as i64),
+            )
+            .await
+            .unwrap();
+    }
+    let mut config = nats_config(&server.url(), "backlog");
+    config.pool.pool_size = 4;
+    config.drain_timeout = Duration::from_millis(500);
+    let first = NatsBus::connect(config.clone()).await.unwrap();
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    first
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    // Slow enough that a backlog is left at close.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    handled.wait_for("some handled", |e| e.len() >= 100).await;
+    let started = std::time::Instant::now();
+    first.close().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "close took {:?} with a 500 ms drain timeout",
+        started.elapsed()
+    );
+    let before = handled.events().len();
+    assert!(before < total, "the backlog was not left: {before} handled");
+
+    let second = NatsBus::connect(config).await.unwrap();
+    let h = handled.clone();
+    second
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    let events = handled
+        .wait_for("every envelope over both runs", |e| {
+            e.iter().collect::<std::collections::HashSet<_>>().len() == total
+        })
+        .await;
+    integration_tests::assert_first_handlings_in_order(&events, 50, (total / 50) as i64);
+    second.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

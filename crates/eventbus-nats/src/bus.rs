@@ -451,9 +451,9 @@ impl EventBus for NatsBus {
     }
 
     /// Stops fetching (each subscription first takes what its open pull request still brings
-    /// and what the consumer has pending, so that what was published before `close` is
-    /// handled), lets in-flight handlers finish and acknowledges them, up to the drain timeout;
-    /// what is left unfinished is not acknowledged and the server redelivers it.
+    /// and one more batch of what the consumer holds, so that what was published just before
+    /// `close` is handled), lets in-flight handlers finish and acknowledges them, up to the drain
+    /// timeout; what is left unfinished is not acknowledged and the server redelivers it.
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;
@@ -470,9 +470,13 @@ impl EventBus for NatsBus {
         let mut trackers = Vec::new();
         for running in running {
             let mut tasks = running.tasks.into_iter();
-            if let Some(fetcher) = tasks.next()
-                && tokio::time::timeout_at(deadline, fetcher).await.is_err()
+            if let Some(mut fetcher) = tasks.next()
+                && tokio::time::timeout_at(deadline, &mut fetcher)
+                    .await
+                    .is_err()
             {
+                // What it had fetched and not dispatched is redelivered after `ack_wait`.
+                fetcher.abort();
                 fetchers_done = false;
             }
             trackers.extend(tasks.map(|task| (running.sub.clone(), task)));

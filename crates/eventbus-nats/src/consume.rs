@@ -208,17 +208,23 @@ pub(crate) async fn pull_loop(
     // The next pull request, sent when the current one is half read, so that messages keep
     // flowing while the rest of the current batch is dispatched.
     let mut prefetched = None;
-    loop {
+    // Closing takes one last batch without waiting, after the open requests: what was
+    // published just before `close` is handled, and a long backlog is left for the next run.
+    let mut last_batch_taken = false;
+    'pulls: loop {
         let stopping = sub.stop.is_cancelled();
         let draining = stopping && sub.draining.load(Ordering::SeqCst);
         // Unsubscribed: nothing new is asked for (open requests were read to their end).
         if stopping && !draining && prefetched.is_none() {
             break;
         }
+        if draining && prefetched.is_none() && last_batch_taken {
+            break;
+        }
         let batch = if let Some(batch) = prefetched.take() {
             Ok(batch)
         } else if draining {
-            // Closing: whatever the consumer still has, without waiting for more.
+            last_batch_taken = true;
             consumer
                 .fetch()
                 .max_messages(settings.fetch_batch)
@@ -290,8 +296,13 @@ pub(crate) async fn pull_loop(
                             .await
                             .ok();
                     }
-                    if let Err(error) = dispatch(&shared, &pool, &sub, message).await {
-                        tracing::warn!(durable = %sub.durable, %error, "message not dispatched; the server redelivers it");
+                    match dispatch(&shared, &pool, &sub, message).await {
+                        Ok(()) => {}
+                        // The engine has shut down (close gave up waiting): stop fetching.
+                        Err(Error::Closed) => break 'pulls,
+                        Err(error) => {
+                            tracing::warn!(durable = %sub.durable, %error, "message not dispatched; the server redelivers it");
+                        }
                     }
                 }
                 Err(error) => {
@@ -299,9 +310,6 @@ pub(crate) async fn pull_loop(
                     break;
                 }
             }
-        }
-        if draining && received == 0 && prefetched.is_none() {
-            break;
         }
     }
     tracing::debug!(durable = %sub.durable, "stopped fetching");
