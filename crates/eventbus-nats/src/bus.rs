@@ -20,10 +20,12 @@ use tokio::task::JoinHandle;
 
 use crate::config::{NatsConfig, Storage};
 use crate::connection::{ConnectionState, connect};
-use crate::consume::{self, Handler, Sub};
+use crate::consumer::ensure_consumer;
 use crate::names::durable_name;
+use crate::pull;
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
+use crate::subscription::{Handler, Sub};
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
 /// consumer side turns it back into [`eventbus_core::Message::key`].
@@ -196,7 +198,7 @@ impl NatsBus {
                     return Err(Error::broker(format!("cannot subscribe to {topic}"), error));
                 }
             };
-            vec![tokio::spawn(consume::core_loop(
+            vec![tokio::spawn(pull::core_loop(
                 shared.clone(),
                 inner.pool.clone(),
                 sub.clone(),
@@ -204,7 +206,7 @@ impl NatsBus {
             ))]
         } else {
             let first_read = lock(&inner.read_durables).insert(durable.clone());
-            let consumer = match consume::ensure_consumer(shared, &sub, first_read).await {
+            let consumer = match ensure_consumer(shared, &sub, first_read).await {
                 Ok(consumer) => consumer,
                 Err(error) => {
                     release_slot();
@@ -212,13 +214,13 @@ impl NatsBus {
                 }
             };
             vec![
-                tokio::spawn(consume::pull_loop(
+                tokio::spawn(pull::pull_loop(
                     shared.clone(),
                     inner.pool.clone(),
                     sub.clone(),
                     consumer,
                 )),
-                tokio::spawn(consume::progress_loop(shared.clone(), sub.clone())),
+                tokio::spawn(pull::progress_loop(shared.clone(), sub.clone())),
             ]
         };
         lock(&inner.subscriptions).push(Running {

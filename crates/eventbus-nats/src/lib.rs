@@ -62,10 +62,13 @@
 mod bus;
 mod config;
 mod connection;
-mod consume;
+mod consumer;
+mod delivery;
 mod names;
+mod pull;
 mod stats;
 mod streams;
+mod subscription;
 
 pub use bus::{KEY_HEADER, NatsBus};
 pub use config::{
