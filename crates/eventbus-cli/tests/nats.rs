@@ -63,6 +63,37 @@ fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
         summary_value(&stdout, "handled") + summary_value(&stdout, "dead-lettered"),
         1000
     );
+
+    // Another service on the same server: its new durable reads the first run's events first;
+    // they are told apart and do not count as duplicates or reordering.
+    let other = config_file(&server, "demo-other");
+    let output = eventbus(
+        &[
+            "demo",
+            "--config",
+            other.to_str().expect("UTF-8 path"),
+            "--aggregates",
+            "50",
+            "--versions",
+            "20",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert_eq!(summary_value(&stdout, "lost"), 0);
+    assert_eq!(summary_value(&stdout, "duplicates"), 0);
+    assert_eq!(summary_value(&stdout, "order violations"), 0);
+    let earlier = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("from earlier runs"))
+        .and_then(|line| line.split_whitespace().nth(3))
+        .and_then(|value| value.parse::<u64>().ok());
+    assert!(earlier.is_some_and(|n| n >= 1000), "{stdout}");
 }
 
 #[test]
