@@ -64,6 +64,54 @@ async fn record_envelopes(bus: &NatsBus, topic: &str) -> Arc<Recorder<(String, i
     recorder
 }
 
+/// The durable consumer of `bus`'s first subscription to `topic`, read with a raw client.
+async fn first_durable(
+    js: &jetstream::Context,
+    bus: &NatsBus,
+    topic: &str,
+) -> jetstream::consumer::PullConsumer {
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    js.get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
+        .await
+        .unwrap()
+}
+
+/// Subscribes envelopes of `topic` with a handler that records each one and then waits for a
+/// permit of the returned gate, and publishes five envelopes of five aggregates.
+async fn gated_subscription(
+    bus: &NatsBus,
+    topic: &str,
+) -> (
+    eventbus_core::Subscription,
+    Arc<tokio::sync::Semaphore>,
+    Arc<Recorder<(String, i64)>>,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Recorder::<(String, i64)>::new();
+    let (g, r) = (gate.clone(), started.clone());
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (g, r) = (g.clone(), r.clone());
+                async move {
+                    r.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    g.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    for aggregate in 0..5 {
+        bus.publish_envelope(topic, &envelope(&format!("o-{aggregate}"), 1))
+            .await
+            .unwrap();
+    }
+    (subscription, gate, started)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_duplicates() {
     let server = NatsServer::start();
@@ -260,11 +308,7 @@ async fn changed_consumer_settings_update_the_durable_consumer() {
     let bus = NatsBus::connect(config).await.unwrap();
     record_envelopes(&bus, topic).await;
     let js = raw(&server).await;
-    let stream = js.stream_by_subject(topic).await.unwrap();
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
-        .await
-        .unwrap();
+    let mut consumer = first_durable(&js, &bus, topic).await;
     let config = consumer.info().await.unwrap().config.clone();
     assert_eq!(config.max_deliver, 20);
     assert_eq!(config.max_ack_pending, 64);
@@ -503,29 +547,7 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
     config.consumer.ack_wait = Duration::from_secs(60);
     let bus = NatsBus::connect(config).await.unwrap();
     let topic = "orders.given-back";
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let first_run = Recorder::<(String, i64)>::new();
-    let (g, r) = (gate.clone(), first_run.clone());
-    let subscription = bus
-        .subscribe_envelope(
-            topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let (g, r) = (g.clone(), r.clone());
-                async move {
-                    r.push((envelope.aggregate_id.clone(), envelope.event_version));
-                    g.acquire().await.unwrap().forget();
-                    Ok(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
-    for aggregate in 0..5 {
-        bus.publish_envelope(topic, &envelope(&format!("o-{aggregate}"), 1))
-            .await
-            .unwrap();
-    }
+    let (subscription, gate, first_run) = gated_subscription(&bus, topic).await;
     // One runs (held at the gate) and four wait for the only actor.
     first_run
         .wait_for("the first handler", |e| e.len() == 1)
@@ -553,11 +575,7 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
     // A raw reader of the same durable gets the four at once, well before the 60 s ack_wait;
     // the one that ran was acknowledged.
     let js = raw(&server).await;
-    let stream = js.stream_by_subject(topic).await.unwrap();
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
-        .await
-        .unwrap();
+    let consumer = first_durable(&js, &bus, topic).await;
     let mut given_back = Vec::new();
     while given_back.len() < 4 {
         assert!(
@@ -587,29 +605,7 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     config.pool.pool_size = 1;
     let bus = NatsBus::connect(config).await.unwrap();
     let topic = "orders.again";
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let old = Recorder::<(String, i64)>::new();
-    let (g, r) = (gate.clone(), old.clone());
-    let subscription = bus
-        .subscribe_envelope(
-            topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let (g, r) = (g.clone(), r.clone());
-                async move {
-                    r.push((envelope.aggregate_id.clone(), envelope.event_version));
-                    g.acquire().await.unwrap().forget();
-                    Ok(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
-    for aggregate in 0..5 {
-        bus.publish_envelope(topic, &envelope(&format!("o-{aggregate}"), 1))
-            .await
-            .unwrap();
-    }
+    let (subscription, gate, old) = gated_subscription(&bus, topic).await;
     old.wait_for("the first handler", |e| e.len() == 1).await;
     subscription.unsubscribe().await.unwrap();
     // The old handler still runs its message while the durable is subscribed again.
@@ -618,11 +614,7 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     let events = new.wait_for("the four others", |e| e.len() >= 4).await;
 
     let js = raw(&server).await;
-    let stream = js.stream_by_subject(topic).await.unwrap();
-    let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
-        .await
-        .unwrap();
+    let mut consumer = first_durable(&js, &bus, topic).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let info = consumer.info().await.unwrap();

@@ -38,3 +38,26 @@ pub(crate) fn summary_value(stdout: &str, label: &str) -> u64 {
         .and_then(|value| value.parse().ok())
         .unwrap_or_else(|| panic!("no {label:?} in the summary:\n{stdout}"))
 }
+
+/// Runs `eventbus demo` with `args`, checks that it exited successfully, and checks its summary:
+/// `total` events published, each handled or dead-lettered, none lost, none out of order.
+/// Returns the summary for further checks.
+pub(crate) fn demo_accounting_for_every_event(args: &[&str], total: u64) -> String {
+    let mut all = vec!["demo"];
+    all.extend_from_slice(args);
+    let output = eventbus(&all, "");
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert_eq!(summary_value(&stdout, "published"), total);
+    assert_eq!(summary_value(&stdout, "lost"), 0);
+    assert_eq!(summary_value(&stdout, "order violations"), 0);
+    assert_eq!(
+        summary_value(&stdout, "handled") + summary_value(&stdout, "dead-lettered"),
+        total
+    );
+    stdout
+}
