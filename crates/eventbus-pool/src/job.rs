@@ -9,6 +9,8 @@ use std::task::{Context, Poll};
 use eventbus_core::{AggregateId, CancellationToken, DeliveryClass, HandlerError, Outcome};
 use tokio::sync::oneshot;
 
+use crate::scope::{Scope, UNSCOPED};
+
 /// The future of one attempt.
 pub(crate) type AttemptFuture =
     Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
@@ -27,6 +29,8 @@ pub struct Job {
     pub(crate) class: DeliveryClass,
     pub(crate) run: Run,
     pub(crate) finish: Option<Finish>,
+    pub(crate) scope: Option<Scope>,
+    pub(crate) unlimited: bool,
 }
 
 impl Job {
@@ -42,17 +46,46 @@ impl Job {
             class,
             run: Box::new(move |ctx| Box::pin(run(ctx))),
             finish: None,
+            scope: None,
+            unlimited: false,
         }
     }
 
-    /// Adds a finishing step: once the job has its final outcome (succeeded, failed or
-    /// panicked; not cancelled), `finish` runs on the same actor **before the lane is
+    /// Puts the job in `scope`: its lane is (scope, key), so it never waits for jobs of the same
+    /// key in other scopes, and [`Pool::close_scope`](crate::Pool::close_scope) finds it.
+    /// Submitting into a closed scope fails with `Closed`.
+    pub fn in_scope(mut self, scope: &Scope) -> Self {
+        self.scope = Some(scope.clone());
+        self
+    }
+
+    /// Retries an at-least-once job past `max_attempts` (at the backoff of its last attempt,
+    /// capped by `max_backoff`), permanent errors and panics included, until it succeeds or is
+    /// cancelled: for a message that has nowhere to go when it fails, so its aggregate waits
+    /// instead of losing its order. Such a job counts as *stalled* ([`PoolStats::stalled`])
+    /// while it retries past `max_attempts`.
+    ///
+    /// [`PoolStats::stalled`]: crate::PoolStats::stalled
+    pub fn with_unlimited_attempts(mut self) -> Self {
+        self.unlimited = true;
+        self
+    }
+
+    pub(crate) fn scope_id(&self) -> u64 {
+        self.scope.as_ref().map_or(UNSCOPED, |scope| scope.id)
+    }
+
+    /// Adds a finishing step: once the job has its outcome, `finish` runs **before the lane is
     /// released**, so the key's next job starts only after it. A backend acknowledges or
     /// dead-letters here: a dead-letter write that has to be retried keeps the aggregate's later
     /// messages waiting, as the delivery contract asks.
     ///
-    /// The step is dropped when the pool's drain deadline passes (the outcome is then still
-    /// delivered to the [`JobHandle`]); a panic in it is caught and logged.
+    /// A final outcome (succeeded, failed, panicked) is finished on the actor, and the step is
+    /// dropped if the job's drain deadline passes meanwhile (the outcome still reaches the
+    /// [`JobHandle`]). A cancelled job (handed back by a closing scope, or cancelled at a drain
+    /// deadline) is finished with [`Outcome::Cancelled`] and that step is not cut short, so it
+    /// must be quick (give the message back); cancelled jobs of one lane are finished in lane
+    /// order. A panic in the step is caught and logged.
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
@@ -99,6 +132,8 @@ impl fmt::Debug for Job {
         f.debug_struct("Job")
             .field("key", &self.key)
             .field("class", &self.class)
+            .field("scope", &self.scope_id())
+            .field("unlimited", &self.unlimited)
             .finish_non_exhaustive()
     }
 }
@@ -116,7 +151,8 @@ impl JobContext {
         self.attempt
     }
 
-    /// Cancelled when the pool's drain deadline passes; the attempt is then dropped.
+    /// Cancelled when the job's drain deadline passes (its scope's, or the pool's); the attempt
+    /// is then dropped.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancellation
     }

@@ -1,4 +1,4 @@
-//! Lanes: the queue of one routing key, and the table that holds them.
+//! Lanes: the queue of one routing key in one scope, and the table that holds them.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -10,7 +10,7 @@ pub(crate) type LaneId = usize;
 /// Emptied queues kept for reuse, so that a key coming back does not allocate.
 const SPARE_QUEUES: usize = 1024;
 
-/// The state of one key.
+/// The state of one key in one scope.
 ///
 /// The key's jobs wait in the pool's arrival-order queue; a job that reaches the head of that
 /// queue while its key is busy (or has older jobs parked) is parked here, behind them.
@@ -27,7 +27,11 @@ pub(crate) struct Lane<E> {
     /// A job of this key is running or waiting out a retry backoff.
     pub(crate) busy: bool,
     pub(crate) in_ready: bool,
+    /// The scope the lane belongs to ([`UNSCOPED`](crate::scope::UNSCOPED) for plain jobs).
+    pub(crate) scope: u64,
     key: AggregateId,
+    /// The next lane of the same key in another scope (lanes of one key form a chain).
+    next_of_key: Option<LaneId>,
 }
 
 impl<E> Lane<E> {
@@ -42,14 +46,16 @@ impl<E> Lane<E> {
     }
 }
 
-/// Lanes by key, stored in a slab so that the ready queue and the actors refer to a lane by its
-/// [`LaneId`] without hashing the key again. Hashing uses a per-table random seed, so keys taken
-/// from messages cannot be chosen to collide.
+/// Lanes by (scope, key), stored in a slab so that the ready queue and the actors refer to a lane
+/// by its [`LaneId`] without hashing the key again. Hashing uses a per-table random seed, so keys
+/// taken from messages cannot be chosen to collide. The index maps a key to the first of its
+/// lanes; lanes of the same key in other scopes follow it in a chain (usually of one).
 pub(crate) struct Lanes<E> {
     index: HashMap<AggregateId, LaneId, foldhash::fast::RandomState>,
     slots: Vec<Option<Lane<E>>>,
     free: Vec<LaneId>,
     spare: Vec<VecDeque<E>>,
+    count: usize,
 }
 
 impl<E> Default for Lanes<E> {
@@ -59,6 +65,7 @@ impl<E> Default for Lanes<E> {
             slots: Vec::new(),
             free: Vec::new(),
             spare: Vec::new(),
+            count: 0,
         }
     }
 }
@@ -66,44 +73,69 @@ impl<E> Default for Lanes<E> {
 impl<E> Lanes<E> {
     /// Lanes alive.
     pub(crate) fn len(&self) -> usize {
-        self.index.len()
+        self.count
     }
 
-    /// The lane of `key`, created when missing.
-    pub(crate) fn get_or_insert(&mut self, key: &AggregateId) -> (LaneId, &mut Lane<E>) {
-        let id = match self.index.get(key) {
-            Some(&id) => id,
-            None => {
-                let lane = Lane {
-                    queued: 0,
-                    parked: self.spare.pop().unwrap_or_default(),
-                    retry: None,
-                    busy: false,
-                    in_ready: false,
-                    key: key.clone(),
-                };
-                let id = match self.free.pop() {
-                    Some(id) => {
-                        if let Some(slot) = self.slots.get_mut(id) {
-                            *slot = Some(lane);
-                        }
-                        id
-                    }
-                    None => {
-                        self.slots.push(Some(lane));
-                        self.slots.len() - 1
-                    }
-                };
-                self.index.insert(key.clone(), id);
+    /// The lane of `key` in `scope`, created when missing.
+    pub(crate) fn get_or_insert(
+        &mut self,
+        scope: u64,
+        key: &AggregateId,
+    ) -> (LaneId, &mut Lane<E>) {
+        let head = self.index.get(key).copied();
+        let mut cursor = head;
+        while let Some(id) = cursor {
+            let lane = self.live(id);
+            if lane.scope == scope {
+                return (id, self.live(id));
+            }
+            cursor = lane.next_of_key;
+        }
+        let lane = Lane {
+            queued: 0,
+            parked: self.spare.pop().unwrap_or_default(),
+            retry: None,
+            busy: false,
+            in_ready: false,
+            scope,
+            key: key.clone(),
+            next_of_key: head,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                if let Some(slot) = self.slots.get_mut(id) {
+                    *slot = Some(lane);
+                }
                 id
             }
+            None => {
+                self.slots.push(Some(lane));
+                self.slots.len() - 1
+            }
         };
-        let lane = self
-            .slots
+        self.index.insert(key.clone(), id);
+        self.count += 1;
+        (id, self.live(id))
+    }
+
+    fn live(&mut self, id: LaneId) -> &mut Lane<E> {
+        self.slots
             .get_mut(id)
             .and_then(Option::as_mut)
-            .unwrap_or_else(|| unreachable!("the index only names live slots"));
-        (id, lane)
+            .unwrap_or_else(|| unreachable!("the index and chains only name live slots"))
+    }
+
+    /// The lanes of `scope`, or every lane.
+    pub(crate) fn ids(&self, scope: Option<u64>) -> Vec<LaneId> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(id, slot)| {
+                slot.as_ref()
+                    .filter(|lane| scope.is_none_or(|scope| lane.scope == scope))
+                    .map(|_| id)
+            })
+            .collect()
     }
 
     /// The lane at `id`, if it lives.
@@ -116,7 +148,28 @@ impl<E> Lanes<E> {
         let Some(lane) = self.slots.get_mut(id).and_then(Option::take) else {
             return;
         };
-        self.index.remove(&lane.key);
+        // Unlink it from its key's chain.
+        if self.index.get(&lane.key) == Some(&id) {
+            match lane.next_of_key {
+                Some(next) => {
+                    self.index.insert(lane.key.clone(), next);
+                }
+                None => {
+                    self.index.remove(&lane.key);
+                }
+            }
+        } else {
+            let mut cursor = self.index.get(&lane.key).copied();
+            while let Some(at) = cursor {
+                let before = self.live(at);
+                if before.next_of_key == Some(id) {
+                    before.next_of_key = lane.next_of_key;
+                    break;
+                }
+                cursor = before.next_of_key;
+            }
+        }
+        self.count -= 1;
         self.free.push(id);
         if self.spare.len() < SPARE_QUEUES && lane.parked.is_empty() && lane.parked.capacity() > 0 {
             self.spare.push(lane.parked);
@@ -124,7 +177,9 @@ impl<E> Lanes<E> {
     }
 
     /// Removes every lane, returning them.
+    #[cfg(test)]
     pub(crate) fn drain(&mut self) -> Vec<Lane<E>> {
+        self.count = 0;
         self.index.clear();
         self.free.clear();
         self.slots.drain(..).flatten().collect()
@@ -142,12 +197,12 @@ mod tests {
     #[test]
     fn lanes_are_found_by_key_and_by_id_and_slots_are_reused() {
         let mut lanes: Lanes<u32> = Lanes::default();
-        let (a, lane) = lanes.get_or_insert(&key("a"));
+        let (a, lane) = lanes.get_or_insert(0, &key("a"));
         lane.parked.push_back(1);
         lane.queued = 1;
-        let (b, _) = lanes.get_or_insert(&key("b"));
+        let (b, _) = lanes.get_or_insert(0, &key("b"));
         assert_ne!(a, b);
-        let (again, lane) = lanes.get_or_insert(&key("a"));
+        let (again, lane) = lanes.get_or_insert(0, &key("a"));
         assert_eq!(again, a);
         assert_eq!(lane.parked.len(), 1);
         assert!(lane.must_park());
@@ -161,10 +216,33 @@ mod tests {
         assert!(lanes.get_mut(a).is_none());
         assert_eq!(lanes.len(), 1);
         // The freed slot and the emptied parking queue serve the next key.
-        let (c, lane) = lanes.get_or_insert(&key("c"));
+        let (c, lane) = lanes.get_or_insert(0, &key("c"));
         assert_eq!(c, a);
         assert!(lane.parked.capacity() >= 1);
         assert_eq!(lanes.drain().len(), 2);
         assert_eq!(lanes.len(), 0);
+    }
+
+    #[test]
+    fn one_key_has_a_lane_per_scope_and_removing_one_keeps_the_others() {
+        let mut lanes: Lanes<u32> = Lanes::default();
+        let (a1, _) = lanes.get_or_insert(1, &key("k"));
+        let (a2, _) = lanes.get_or_insert(2, &key("k"));
+        let (a3, _) = lanes.get_or_insert(3, &key("k"));
+        assert!(a1 != a2 && a2 != a3 && a1 != a3);
+        assert_eq!(lanes.len(), 3);
+        assert_eq!(lanes.ids(Some(2)), [a2]);
+        assert_eq!(lanes.ids(None).len(), 3);
+        // The chain is 3 -> 2 -> 1: remove its middle, then its head, then its last lane.
+        lanes.remove(a2);
+        assert_eq!(lanes.get_or_insert(1, &key("k")).0, a1);
+        assert_eq!(lanes.get_or_insert(3, &key("k")).0, a3);
+        lanes.remove(a3);
+        assert_eq!(lanes.get_or_insert(1, &key("k")).0, a1);
+        lanes.remove(a1);
+        assert_eq!(lanes.len(), 0);
+        let (again, _) = lanes.get_or_insert(2, &key("k"));
+        assert_eq!(lanes.get_or_insert(2, &key("k")).0, again);
+        assert_eq!(lanes.len(), 1);
     }
 }

@@ -62,13 +62,15 @@
 //! `messages_processed_total{success}`, `message_latency_seconds` (per attempt),
 //! `inbox_depth` (exact queued jobs), `inbox_utilization` (queued / capacity),
 //! `actor_restarted_total` (panics), `dead_letters_total` (counted by the backends),
-//! `lanes_active`, `in_flight`, `retries_total`. No label carries an aggregate ID.
+//! `lanes_active`, `in_flight`, `retries_total`, `stalled` (jobs retrying past `max_attempts`
+//! because their message has nowhere to go). No label carries an aggregate ID.
 
 mod config;
 mod job;
 mod lane;
 mod metrics;
 mod pool;
+mod scope;
 mod tracker;
 
 pub use config::{
@@ -76,4 +78,5 @@ pub use config::{
 };
 pub use job::{Job, JobContext, JobHandle};
 pub use pool::{Pool, PoolStats, ShutdownReport};
+pub use scope::{Scope, ScopeReport};
 pub use tracker::CommitTracker;

@@ -18,6 +18,7 @@ pub(crate) struct PoolMetrics {
     pub(crate) lanes: Gauge,
     pub(crate) in_flight: Gauge,
     pub(crate) retries: Counter,
+    pub(crate) stalled: Gauge,
 }
 
 impl PoolMetrics {
@@ -35,6 +36,7 @@ impl PoolMetrics {
             lanes: gauge!(name("lanes_active")),
             in_flight: gauge!(name("in_flight")),
             retries: counter!(name("retries_total")),
+            stalled: gauge!(name("stalled")),
         }
     }
 }

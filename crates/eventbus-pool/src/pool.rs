@@ -1,6 +1,6 @@
 //! The pool: lanes per routing key served by a fixed set of actors.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,6 +17,13 @@ use crate::config::PoolConfig;
 use crate::job::{Job, JobContext, JobHandle};
 use crate::lane::{LaneId, Lanes};
 use crate::metrics::PoolMetrics;
+use crate::scope::{Scope, ScopeReport, ScopeState, UNSCOPED};
+
+tokio::task_local! {
+    /// The pool whose actor runs the current task (its `Shared` address), so that a job
+    /// submitted from inside one of the pool's own jobs is recognised.
+    static ACTOR_OF: usize;
+}
 
 /// The ordering engine.
 ///
@@ -37,15 +44,19 @@ pub struct PoolStats {
     pub retrying: usize,
     /// Lanes alive (keys with queued, running or retrying jobs).
     pub lanes: usize,
+    /// Jobs retrying past `max_attempts` ([`Job::with_unlimited_attempts`]): aggregates that
+    /// wait on a message with nowhere to go.
+    pub stalled: usize,
 }
 
 impl std::fmt::Display for PoolStats {
-    /// `3 queued, 2 running, 0 retrying, 4 lanes`: the engine's line in health reports.
+    /// `3 queued, 2 running, 0 retrying, 4 lanes, 0 stalled`: the engine's line in health
+    /// reports.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} queued, {} running, {} retrying, {} lanes",
-            self.queued, self.running, self.retrying, self.lanes
+            "{} queued, {} running, {} retrying, {} lanes, {} stalled",
+            self.queued, self.running, self.retrying, self.lanes, self.stalled
         )
     }
 }
@@ -55,7 +66,7 @@ impl std::fmt::Display for PoolStats {
 pub struct ShutdownReport {
     /// Every job settled before the drain deadline.
     pub drained: bool,
-    /// Jobs settled as [`Outcome::Cancelled`] at the deadline.
+    /// Jobs settled as [`Outcome::Cancelled`] after the deadline: running, retrying and queued.
     pub cancelled: usize,
 }
 
@@ -75,6 +86,10 @@ struct Shared {
     /// behind an `Arc` with the jobs' contexts: cloning the token itself takes a lock.
     cancel: Arc<CancellationToken>,
     tasks: TaskTracker,
+    /// Jobs settled as cancelled so far.
+    cancelled_jobs: std::sync::atomic::AtomicUsize,
+    /// Where hand-back tasks are spawned (also from `Drop`).
+    runtime: tokio::runtime::Handle,
     metrics: PoolMetrics,
 }
 
@@ -89,6 +104,13 @@ struct State {
     queued: usize,
     running: usize,
     retrying: usize,
+    /// Cancelled jobs whose finishing steps a hand-back task is running.
+    settling: usize,
+    /// Jobs retrying past `max_attempts`.
+    stalled: usize,
+    /// Open scopes and scopes closing.
+    scopes: HashMap<u64, ScopeState>,
+    next_scope: u64,
     /// Submitters waiting for room (only then is `space` notified).
     waiting: usize,
     /// Actors waiting for work.
@@ -111,6 +133,8 @@ struct Entry {
     job: Job,
     attempts: u32,
     panics: u32,
+    /// Counted in `State::stalled`.
+    stalled: bool,
     settle: oneshot::Sender<Outcome>,
 }
 
@@ -122,6 +146,7 @@ impl Entry {
             job,
             attempts: 0,
             panics: 0,
+            stalled: false,
             settle,
         };
         (entry, JobHandle { outcome })
@@ -147,13 +172,6 @@ impl Drop for Waiting<'_> {
 /// A job an actor takes: its lane (none for unkeyed jobs) and its entry.
 type Next = (Option<LaneId>, Entry);
 
-/// Where a settling job comes from.
-#[derive(Clone, Copy)]
-enum Stage {
-    Running,
-    Retrying,
-}
-
 /// How one attempt ended.
 enum Attempt {
     Succeeded,
@@ -164,7 +182,7 @@ enum Attempt {
 
 impl State {
     fn pending(&self) -> usize {
-        self.queued + self.running + self.retrying
+        self.queued + self.running + self.retrying + self.settling
     }
 
     fn stats(&self) -> PoolStats {
@@ -173,7 +191,95 @@ impl State {
             running: self.running,
             retrying: self.retrying,
             lanes: self.lanes.len(),
+            stalled: self.stalled,
         }
+    }
+
+    /// True when jobs of `scope` must be handed back instead of started.
+    fn hands_back(&self, scope: u64) -> bool {
+        self.cancelled
+            || (scope != UNSCOPED && self.scopes.get(&scope).is_none_or(|state| state.closed))
+    }
+
+    /// A job of `scope` left the pool for good. True when that emptied a closing scope (which
+    /// is then forgotten), so its closer must be woken.
+    fn scope_done(&mut self, scope: u64) -> bool {
+        if scope == UNSCOPED {
+            return false;
+        }
+        let Some(state) = self.scopes.get_mut(&scope) else {
+            return false;
+        };
+        state.pending -= 1;
+        if state.pending == 0 && state.closed {
+            self.scopes.remove(&scope);
+            return true;
+        }
+        false
+    }
+
+    /// Forgets a settling entry's marks; true when a closing scope emptied.
+    fn forget(&mut self, entry: &Entry) -> bool {
+        if entry.stalled {
+            self.stalled -= 1;
+        }
+        self.scope_done(entry.job.scope_id())
+    }
+
+    /// Takes out every job not started yet of the scopes `filter` accepts (all when `None`),
+    /// in lane order, for handing back: the queued jobs and retries of idle lanes, and unkeyed
+    /// ones. A busy lane keeps its queued jobs until its running job settles (they are handed
+    /// back then, after it, so a lane's jobs are given back in order).
+    fn take_for_hand_back(&mut self, filter: Option<u64>) -> Vec<Entry> {
+        let matches = |scope: u64| filter.is_none_or(|wanted| wanted == scope);
+        let mut taken = Vec::new();
+        for (lane, entry) in std::mem::take(&mut self.arrivals) {
+            if !matches(entry.job.scope_id()) {
+                self.arrivals.push_back((lane, entry));
+                continue;
+            }
+            match lane.and_then(|id| self.lanes.get_mut(id)) {
+                // Behind the lane's parked jobs, which are older.
+                Some(lane) => lane.parked.push_back(entry),
+                None => {
+                    self.queued -= 1;
+                    taken.push(entry);
+                }
+            }
+        }
+        let mut removed = HashSet::new();
+        for id in self.lanes.ids(filter) {
+            let Some(lane) = self.lanes.get_mut(id) else {
+                continue;
+            };
+            if lane.busy {
+                continue;
+            }
+            if let Some(entry) = lane.retry.take() {
+                self.retrying -= 1;
+                taken.push(entry);
+            }
+            let parked = lane.parked.len();
+            taken.extend(lane.parked.drain(..));
+            lane.queued -= parked;
+            self.queued -= parked;
+            self.lanes.remove(id);
+            removed.insert(id);
+        }
+        let mut ready = VecDeque::with_capacity(self.ready.len());
+        for item in std::mem::take(&mut self.ready) {
+            match item {
+                Ready::Lane(id) if removed.contains(&id) => {}
+                Ready::Retry(entry) if matches(entry.job.scope_id()) => {
+                    self.retrying -= 1;
+                    taken.push(entry);
+                }
+                other => ready.push_back(other),
+            }
+        }
+        self.ready = ready;
+        self.settling += taken.len();
+        taken
     }
 }
 
@@ -187,6 +293,8 @@ impl Pool {
             Error::config("runtime", "a Pool must be created inside a tokio runtime")
         })?;
         let shared = Arc::new(Shared {
+            runtime: runtime.clone(),
+            cancelled_jobs: std::sync::atomic::AtomicUsize::new(0),
             capacity: config.capacity(),
             metrics: PoolMetrics::new(&config.metrics_namespace),
             config,
@@ -198,18 +306,24 @@ impl Pool {
             cancel: Arc::new(CancellationToken::new()),
             tasks: TaskTracker::new(),
         });
+        let identity = Arc::as_ptr(&shared) as usize;
         for actor in 0..shared.config.pool_size {
             let span = tracing::debug_span!("actor", actor);
-            shared
-                .tasks
-                .spawn_on(actor_loop(shared.clone()).instrument(span), &runtime);
+            shared.tasks.spawn_on(
+                ACTOR_OF.scope(identity, actor_loop(shared.clone()).instrument(span)),
+                &runtime,
+            );
         }
         Ok(Self { shared })
     }
 
     /// Submits a job, waiting while its lane or the pool is full.
     ///
-    /// Fails with [`Error::Closed`] once shutdown has begun.
+    /// A job submitted from inside one of this pool's own jobs (a handler that publishes on its
+    /// own in-process bus) never waits: it is queued over the bounds, since the actor it would
+    /// wait for may be the one running it. Work spawned onto other tasks is not recognised.
+    ///
+    /// Fails with [`Error::Closed`] once shutdown has begun, or when the job's scope is closed.
     ///
     /// # Cancel safety
     ///
@@ -218,12 +332,16 @@ impl Pool {
     pub async fn submit(&self, job: Job) -> Result<JobHandle, Error> {
         let shared = &*self.shared;
         let (mut entry, handle) = Entry::new(job);
+        let identity = Arc::as_ptr(&self.shared) as usize;
+        let bounded = !ACTOR_OF
+            .try_with(|actor_of| *actor_of == identity)
+            .unwrap_or(false);
         loop {
             let notified = shared.space.notified();
             tokio::pin!(notified);
             let waiting = {
                 let mut state = shared.lock();
-                match shared.enqueue(&mut state, entry) {
+                match shared.enqueue(&mut state, entry, bounded) {
                     Ok(()) => return Ok(handle),
                     Err((Blocked::Closed, _)) => return Err(Error::Closed),
                     Err((Blocked::Full(_), returned)) => entry = returned,
@@ -245,7 +363,7 @@ impl Pool {
     pub fn try_submit(&self, job: Job) -> Result<JobHandle, Error> {
         let (entry, handle) = Entry::new(job);
         let mut state = self.shared.lock();
-        match self.shared.enqueue(&mut state, entry) {
+        match self.shared.enqueue(&mut state, entry, true) {
             Ok(()) => Ok(handle),
             Err((Blocked::Closed, _)) => Err(Error::Closed),
             Err((Blocked::Full(what), _)) => Err(Error::Full { what }),
@@ -262,10 +380,99 @@ impl Pool {
         self.shared.tasks.len()
     }
 
-    /// Counts a dead-lettered message in `actor_pool_dead_letters_total` (the backends write
-    /// dead letters; the pool counts them with its other metrics).
+    /// Counts a dead-lettered message in `actor_pool_dead_letters_total` (the consume runtime
+    /// writes dead letters; the pool counts them with its other metrics).
     pub fn record_dead_letter(&self) {
         self.shared.metrics.dead_letters.increment(1);
+    }
+
+    /// Opens a scope: a group of lanes that jobs join with [`Job::in_scope`] and that
+    /// [`close_scope`](Self::close_scope) closes. Fails with [`Error::Closed`] once shutdown has
+    /// begun.
+    pub fn open_scope(&self) -> Result<Scope, Error> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(Error::Closed);
+        }
+        state.next_scope += 1;
+        let id = state.next_scope;
+        state.scopes.insert(
+            id,
+            ScopeState {
+                pending: 0,
+                closed: false,
+            },
+        );
+        Ok(Scope {
+            id,
+            cancel: Arc::new(self.shared.cancel.child_token()),
+        })
+    }
+
+    /// Jobs of `scope` not settled yet.
+    pub fn scope_pending(&self, scope: &Scope) -> usize {
+        self.shared
+            .lock()
+            .scopes
+            .get(&scope.id)
+            .map_or(0, |state| state.pending)
+    }
+
+    /// Closes `scope`: refuses new jobs for it, hands its queued jobs back unstarted (settled as
+    /// [`Outcome::Cancelled`], their finishing steps run in lane order, a busy lane's after its
+    /// running job), lets its running and retrying jobs finish until `drain` has passed, then
+    /// cancels them through the scope's token. Returns when no job of the scope is left. Other
+    /// scopes are not touched. Calling it again only waits.
+    ///
+    /// # Cancel safety
+    ///
+    /// The scope is closed and its queued jobs handed back at the first poll. If the future is
+    /// dropped later, its running jobs go on (the deadline no longer applies) and settle as
+    /// usual.
+    pub async fn close_scope(&self, scope: &Scope, drain: Duration) -> ScopeReport {
+        let shared = &self.shared;
+        let handed_back = {
+            let mut state = shared.lock();
+            let opening_close = match state.scopes.get_mut(&scope.id) {
+                None => false,
+                Some(scope_state) => !std::mem::replace(&mut scope_state.closed, true),
+            };
+            let taken = if opening_close {
+                state.take_for_hand_back(Some(scope.id))
+            } else {
+                Vec::new()
+            };
+            if state
+                .scopes
+                .get(&scope.id)
+                .is_some_and(|scope_state| scope_state.pending == 0)
+            {
+                state.scopes.remove(&scope.id);
+            }
+            shared.publish_gauges(&state);
+            // Submitters waiting for room in this scope learn that it is closed.
+            shared.space.notify_waiters();
+            taken
+        };
+        let count = handed_back.len();
+        shared.hand_back(handed_back);
+        let drained = tokio::time::timeout(drain, shared.scope_idle(scope.id))
+            .await
+            .is_ok();
+        if !drained {
+            scope.cancel.cancel();
+            shared.scope_idle(scope.id).await;
+        }
+        tracing::debug!(
+            scope = scope.id,
+            drained,
+            handed_back = count,
+            "scope closed"
+        );
+        ScopeReport {
+            drained,
+            handed_back: count,
+        }
     }
 
     /// Stops intake, lets queued, running and retrying jobs finish until `drain` has passed,
@@ -296,10 +503,19 @@ impl Pool {
             }
         };
         let drained = tokio::time::timeout(drain, drained).await.is_ok();
-        let cancelled = if drained { 0 } else { shared.cancel_all() };
+        let before = shared
+            .cancelled_jobs
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if !drained {
+            shared.cancel_all();
+        }
         shared.stop.cancel();
         shared.tasks.close();
         shared.tasks.wait().await;
+        let cancelled = shared
+            .cancelled_jobs
+            .load(std::sync::atomic::Ordering::SeqCst)
+            - before;
         tracing::debug!(drained, cancelled, "pool shut down");
         ShutdownReport { drained, cancelled }
     }
@@ -329,28 +545,94 @@ impl Shared {
             .set(state.queued as f64 / self.capacity as f64);
         self.metrics.lanes.set(state.lanes.len() as f64);
         self.metrics.in_flight.set(state.running as f64);
+        self.metrics.stalled.set(state.stalled as f64);
     }
 
-    /// Queues `entry`, or says why it cannot be queued now (and gives it back).
-    fn enqueue(&self, state: &mut State, entry: Entry) -> Result<(), (Blocked, Entry)> {
-        if state.closed {
+    /// Waits until no job of `scope` is left.
+    async fn scope_idle(&self, scope: u64) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock().scopes.contains_key(&scope) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Finishes handed-back entries as cancelled, one after the other (so a lane's entries are
+    /// given back in order), on a task of the pool.
+    fn hand_back(self: &Arc<Self>, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        let shared = self.clone();
+        let task = async move {
+            for mut entry in entries {
+                let outcome = Outcome::Cancelled {
+                    attempts: entry.attempts,
+                };
+                if let Some(finish) = entry.job.finish.take() {
+                    finish_job(finish, &outcome, std::future::pending()).await;
+                }
+                let wake = {
+                    let mut state = shared.lock();
+                    state.settling -= 1;
+                    let emptied = state.forget(&entry);
+                    shared.publish_gauges(&state);
+                    emptied || state.pending() == 0
+                };
+                if wake {
+                    shared.drained.notify_waiters();
+                }
+                shared
+                    .cancelled_jobs
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = entry.settle.send(outcome);
+            }
+        };
+        self.tasks.spawn_on(task, &self.runtime);
+    }
+
+    /// The token that cancels `entry`: its scope's, or the pool's.
+    fn token_of(&self, entry: &Entry) -> Arc<CancellationToken> {
+        match &entry.job.scope {
+            Some(scope) => scope.cancel.clone(),
+            None => self.cancel.clone(),
+        }
+    }
+
+    /// Queues `entry`, or says why it cannot be queued now (and gives it back). `bounded`
+    /// false queues it over the lane and pool bounds.
+    fn enqueue(
+        &self,
+        state: &mut State,
+        entry: Entry,
+        bounded: bool,
+    ) -> Result<(), (Blocked, Entry)> {
+        let scope = entry.job.scope_id();
+        if state.closed || (scope != UNSCOPED && state.hands_back(scope)) {
             return Err((Blocked::Closed, entry));
         }
-        if state.queued >= self.capacity {
+        if bounded && state.queued >= self.capacity {
             return Err((Blocked::Full("pool"), entry));
         }
         let lane = match &entry.job.key {
             None => None,
             Some(key) => {
                 // A full lane exists already, so this never creates a lane it then refuses.
-                let (id, lane) = state.lanes.get_or_insert(key);
-                if lane.queued >= self.config.inbox_size {
+                let (id, lane) = state.lanes.get_or_insert(scope, key);
+                if bounded && lane.queued >= self.config.inbox_size {
                     return Err((Blocked::Full("lane"), entry));
                 }
                 lane.queued += 1;
                 Some(id)
             }
         };
+        if let Some(scope_state) = state.scopes.get_mut(&scope) {
+            scope_state.pending += 1;
+        }
         state.arrivals.push_back((lane, entry));
         state.queued += 1;
         self.wake_one(state);
@@ -445,38 +727,54 @@ impl Shared {
     }
 
     /// Lane `id` is free again: schedule its parked or retried job, or drop the lane when it is
-    /// idle. (Jobs of the key still among the arrivals run when they reach the head.)
-    fn release_lane(&self, state: &mut State, id: LaneId) {
+    /// idle. (Jobs of the key still among the arrivals run when they reach the head.) In a scope
+    /// that hands back, the lane's queued jobs are returned for handing back instead.
+    fn release_lane(&self, state: &mut State, id: LaneId) -> Vec<Entry> {
         let Some(lane) = state.lanes.get_mut(id) else {
-            return;
+            return Vec::new();
         };
         lane.busy = false;
+        let scope = lane.scope;
+        if state.hands_back(scope) {
+            let Some(lane) = state.lanes.get_mut(id) else {
+                return Vec::new();
+            };
+            // Its jobs left the arrivals when the scope closed: all are parked here.
+            let taken: Vec<Entry> = lane.parked.drain(..).collect();
+            lane.queued -= taken.len();
+            state.queued -= taken.len();
+            state.settling += taken.len();
+            state.lanes.remove(id);
+            return taken;
+        }
+        let Some(lane) = state.lanes.get_mut(id) else {
+            return Vec::new();
+        };
         if lane.retry.is_some() || !lane.parked.is_empty() {
             lane.in_ready = true;
             self.make_ready(state, Ready::Lane(id));
         } else if lane.is_idle() {
             state.lanes.remove(id);
         }
+        Vec::new()
     }
 
-    /// Settles a job for good. An actor settling its job asks for the next one in the same
+    /// Settles a running job for good. An actor settling its job asks for the next one in the same
     /// critical section (`take_next`).
     fn settle(
-        &self,
+        self: &Arc<Self>,
         lane: Option<LaneId>,
         entry: Entry,
         outcome: Outcome,
-        from: Stage,
         take_next: bool,
     ) -> Option<Next> {
         let mut state = self.lock();
-        match from {
-            Stage::Running => state.running -= 1,
-            Stage::Retrying => state.retrying -= 1,
-        }
-        if let Some(id) = lane {
-            self.release_lane(&mut state, id);
-        }
+        state.running -= 1;
+        let emptied = state.forget(&entry);
+        let handed_back = match lane {
+            Some(id) => self.release_lane(&mut state, id),
+            None => Vec::new(),
+        };
         let next = if take_next && !state.cancelled {
             self.take_ready(&mut state)
         } else {
@@ -485,72 +783,68 @@ impl Shared {
         self.publish_gauges(&state);
         let idle = state.pending() == 0;
         drop(state);
-        if idle {
+        if idle || emptied {
             self.drained.notify_waiters();
         }
         match &outcome {
             Outcome::Succeeded { .. } => self.metrics.succeeded.increment(1),
-            Outcome::Cancelled { .. } => {}
+            Outcome::Cancelled { .. } => {
+                self.cancelled_jobs
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             _ => self.metrics.failed.increment(1),
         }
         // The submitter may have dropped its handle; the outcome is then not wanted.
         let _ = entry.settle.send(outcome);
+        self.hand_back(handed_back);
         next
     }
 
-    /// Cancels every job not running: queued, waiting for a retry, or ready. Running attempts
-    /// are dropped by their actors when `cancel` fires, and retry timers settle their own jobs.
-    /// Returns how many were cancelled here.
-    fn cancel_all(&self) -> usize {
+    /// Cancels every job not running: queued, waiting for a retry, or ready, handed back in lane
+    /// order (a busy lane's after its running job). Running attempts are dropped by their actors
+    /// when `cancel` fires, and retry timers settle their own jobs.
+    fn cancel_all(self: &Arc<Self>) {
         let mut state = self.lock();
         if state.cancelled {
-            return 0;
+            return;
         }
         state.cancelled = true;
-        let mut entries: Vec<Entry> = state.arrivals.drain(..).map(|(_, entry)| entry).collect();
-        for ready in state.ready.drain(..) {
-            if let Ready::Retry(entry) = ready {
-                entries.push(entry);
-            }
-        }
-        for lane in state.lanes.drain() {
-            entries.extend(lane.parked);
-            entries.extend(lane.retry);
-        }
-        // Queued entries never ran; the others came back from a retry backoff.
-        let retried = entries.iter().filter(|entry| entry.attempts > 0).count();
-        state.retrying -= retried;
-        state.queued = 0;
+        let taken = state.take_for_hand_back(None);
         self.publish_gauges(&state);
-        let idle = state.pending() == 0;
         drop(state);
         self.cancel.cancel();
-        let cancelled = entries.len();
-        for entry in entries {
-            let attempts = entry.attempts;
-            let _ = entry.settle.send(Outcome::Cancelled { attempts });
-        }
-        if idle {
-            self.drained.notify_waiters();
-        }
-        cancelled
+        self.hand_back(taken);
+        self.drained.notify_waiters();
     }
 
-    /// Puts a job back in line after its retry backoff.
-    fn requeue(&self, lane: Option<LaneId>, entry: Entry) {
+    /// Puts a job back in line after its retry backoff, or hands it back (with its lane's queued
+    /// jobs, in order) when its deadline has passed.
+    fn requeue(self: &Arc<Self>, lane: Option<LaneId>, entry: Entry) {
         let mut state = self.lock();
-        if state.cancelled {
+        if self.token_of(&entry).is_cancelled() {
+            state.retrying -= 1;
+            state.settling += 1;
+            let mut taken = vec![entry];
+            if let Some(id) = lane
+                && let Some(lane) = state.lanes.get_mut(id)
+            {
+                let parked: Vec<Entry> = lane.parked.drain(..).collect();
+                lane.queued -= parked.len();
+                state.queued -= parked.len();
+                state.settling += parked.len();
+                taken.extend(parked);
+                state.lanes.remove(id);
+            }
+            self.publish_gauges(&state);
             drop(state);
-            let attempts = entry.attempts;
-            let outcome = Outcome::Cancelled { attempts };
-            self.settle(lane, entry, outcome, Stage::Retrying, false);
+            self.hand_back(taken);
             return;
         }
         match lane {
             None => self.make_ready(&mut state, Ready::Retry(entry)),
             Some(id) => {
-                // The lane stays while its job waits for a retry; only a cancel removes it, and
-                // that case was handled above.
+                // The lane stays while its job waits for a retry; only a hand-back removes it,
+                // and that case was handled above.
                 if let Some(lane) = state.lanes.get_mut(id) {
                     lane.retry = Some(entry);
                     lane.busy = false;
@@ -570,36 +864,43 @@ impl Shared {
         mut entry: Entry,
         mut cancelled: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Option<Next> {
+        // A scoped job watches its scope's token (a child of the pool's); an unscoped one the
+        // actor's own registration on the pool's token, made once per actor.
+        let scope = entry.job.scope.as_ref().map(|scope| scope.cancel.clone());
+        if scope.as_ref().is_some_and(|token| token.is_cancelled()) {
+            // Its deadline passed while it waited in the ready queue.
+            let outcome = Outcome::Cancelled {
+                attempts: entry.attempts,
+            };
+            if let Some(finish) = entry.job.finish.take() {
+                finish_job(finish, &outcome, std::future::pending()).await;
+            }
+            return self.settle(lane, entry, outcome, true);
+        }
         entry.attempts += 1;
         let attempt = entry.attempts;
         let ctx = JobContext {
             attempt,
-            cancellation: self.cancel.clone(),
+            cancellation: scope.clone().unwrap_or_else(|| self.cancel.clone()),
         };
         let started = Instant::now();
         let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (entry.job.run)(ctx))) {
             Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
-            Ok(future) => {
-                tokio::select! {
-                    biased;
-                    () = cancelled.as_mut() => Attempt::Cancelled,
-                    result = AssertUnwindSafe(future).catch_unwind() => match result {
-                        Ok(Ok(())) => Attempt::Succeeded,
-                        Ok(Err(error)) => Attempt::Failed(error),
-                        Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
-                    },
-                }
-            }
+            Ok(future) => match &scope {
+                Some(token) => run_attempt(future, token.cancelled()).await,
+                None => run_attempt(future, cancelled.as_mut()).await,
+            },
         };
         self.metrics.latency.record(started.elapsed().as_secs_f64());
 
         let class = entry.job.class;
-        let may_retry =
-            class == DeliveryClass::AtLeastOnce && attempt < self.config.retry.max_attempts;
+        let unlimited = entry.job.unlimited && class == DeliveryClass::AtLeastOnce;
+        let may_retry = class == DeliveryClass::AtLeastOnce
+            && (unlimited || attempt < self.config.retry.max_attempts);
         let outcome = match result {
             Attempt::Succeeded => Outcome::Succeeded { attempts: attempt },
             Attempt::Cancelled => Outcome::Cancelled { attempts: attempt },
-            Attempt::Failed(error) if error.is_permanent() || !may_retry => {
+            Attempt::Failed(error) if (error.is_permanent() && !unlimited) || !may_retry => {
                 tracing::warn!(attempts = attempt, %error, permanent = error.is_permanent(), "job failed");
                 Outcome::Failed {
                     attempts: attempt,
@@ -611,9 +912,9 @@ impl Shared {
                 return self.retry_later(lane, entry);
             }
             Attempt::Panicked(message) => {
-                entry.panics += 1;
+                entry.panics = entry.panics.saturating_add(1);
                 self.metrics.restarted.increment(1);
-                if may_retry && entry.panics < self.config.max_restarts {
+                if may_retry && (unlimited || entry.panics < self.config.max_restarts) {
                     tracing::warn!(attempt, panic = %message, "handler panicked; retrying in its lane");
                     return self.retry_later(lane, entry);
                 }
@@ -625,24 +926,40 @@ impl Shared {
                 }
             }
         };
-        if let Some(finish) = entry.job.finish.take()
-            && !matches!(outcome, Outcome::Cancelled { .. })
-        {
-            finish_job(finish, &outcome, cancelled).await;
+        if let Some(finish) = entry.job.finish.take() {
+            match (&outcome, &scope) {
+                // Handing back is quick and must happen: not raced against the deadline.
+                (Outcome::Cancelled { .. }, _) => {
+                    finish_job(finish, &outcome, std::future::pending()).await;
+                }
+                (_, Some(token)) => finish_job(finish, &outcome, token.cancelled()).await,
+                (_, None) => finish_job(finish, &outcome, cancelled).await,
+            }
         }
-        self.settle(lane, entry, outcome, Stage::Running, true)
+        self.settle(lane, entry, outcome, true)
     }
 
     /// Frees the actor and schedules the next attempt after the backoff; the lane stays busy.
     /// Returns the next job for this actor.
-    fn retry_later(self: &Arc<Self>, lane: Option<LaneId>, entry: Entry) -> Option<Next> {
+    fn retry_later(self: &Arc<Self>, lane: Option<LaneId>, mut entry: Entry) -> Option<Next> {
         self.metrics.retries.increment(1);
+        let stalls = !entry.stalled && entry.attempts >= self.config.retry.max_attempts;
+        if stalls {
+            entry.stalled = true;
+            tracing::error!(
+                attempts = entry.attempts,
+                "job retried past max_attempts: nowhere to send it, so its lane waits"
+            );
+        }
         // The job counts as retrying before its timer exists, so the timer can never requeue a
         // job the counters do not know about.
         let next = {
             let mut state = self.lock();
             state.running -= 1;
             state.retrying += 1;
+            if stalls {
+                state.stalled += 1;
+            }
             let next = if state.cancelled {
                 None
             } else {
@@ -652,11 +969,12 @@ impl Shared {
             next
         };
         let delay = self.config.retry.backoff(entry.attempts);
+        let token = self.token_of(&entry);
         let shared = self.clone();
         self.tasks.spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = shared.cancel.cancelled() => {}
+                () = token.cancelled() => {}
             }
             shared.requeue(lane, entry);
         });
@@ -698,11 +1016,28 @@ impl Shared {
     }
 }
 
-/// Runs a job's finishing step while its lane is still held, until it ends or the pool cancels.
+/// Runs one attempt until it ends or `cancelled` fires, catching a panic.
+async fn run_attempt(
+    future: crate::job::AttemptFuture,
+    cancelled: impl std::future::Future<Output = ()>,
+) -> Attempt {
+    tokio::select! {
+        biased;
+        () = cancelled => Attempt::Cancelled,
+        result = AssertUnwindSafe(future).catch_unwind() => match result {
+            Ok(Ok(())) => Attempt::Succeeded,
+            Ok(Err(error)) => Attempt::Failed(error),
+            Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
+        },
+    }
+}
+
+/// Runs a job's finishing step while its lane is still held, until it ends or `cancelled`
+/// fires.
 async fn finish_job(
     finish: crate::job::Finish,
     outcome: &Outcome,
-    cancelled: Pin<&mut WaitForCancellationFutureOwned>,
+    cancelled: impl std::future::Future<Output = ()>,
 ) {
     let future = match std::panic::catch_unwind(AssertUnwindSafe(|| finish(outcome))) {
         Ok(future) => future,

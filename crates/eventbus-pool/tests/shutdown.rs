@@ -121,8 +121,8 @@ async fn at_the_deadline_running_queued_and_retrying_jobs_are_cancelled() {
     let report = pool.shutdown(Duration::from_secs(5)).await;
     assert!(!report.drained);
     assert_eq!(
-        report.cancelled, 1,
-        "the queued job is cancelled by the sweep"
+        report.cancelled, 3,
+        "the running, the queued and the retrying job are cancelled"
     );
     assert!(matches!(stuck.await, Outcome::Cancelled { attempts: 1 }));
     assert!(matches!(queued.await, Outcome::Cancelled { attempts: 0 }));
