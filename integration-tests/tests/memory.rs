@@ -150,15 +150,29 @@ async fn publishing_to_an_invalid_topic_or_a_closed_bus_is_a_typed_error() {
     assert!(!bus.health().await.is_healthy());
 }
 
-#[tokio::test]
-async fn dead_lettering_disabled_drops_and_counts_the_message() {
+/// Memory cannot redeliver: with dead-lettering disabled an exhausted envelope keeps retrying in
+/// its lane (the aggregate waits, the health report shows it), and what close gives back at its
+/// deadline is dropped and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettering_disabled_keeps_the_envelope_in_its_lane_until_close() {
     let bus = MemoryBus::new(config(Settings {
         max_attempts: 2,
+        backoff: Duration::from_millis(5),
+        drain_timeout: Duration::from_millis(300),
         ..Settings::default()
     }))
     .unwrap();
-    let handler = Arc::new(|_ctx: HandlerContext, _e: eventbus_core::Envelope| async {
-        Err(eventbus_core::HandlerError::transient("no"))
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let handler = Arc::new(move |_ctx: HandlerContext, e: eventbus_core::Envelope| {
+        let h = h.clone();
+        async move {
+            h.lock().unwrap().push(e.event_version);
+            if e.event_version == 1 {
+                return Err(eventbus_core::HandlerError::permanent("no"));
+            }
+            Ok(())
+        }
     });
     bus.subscribe_envelope(
         "nodlq",
@@ -167,11 +181,33 @@ async fn dead_lettering_disabled_drops_and_counts_the_message() {
     )
     .await
     .unwrap();
-    let envelope = eventbus_core::Envelope::new("a", "T", 1, &1).unwrap();
-    bus.publish_envelope("nodlq", &envelope).await.unwrap();
+    for version in 1..=2 {
+        let envelope = eventbus_core::Envelope::new("a", "T", version, &1).unwrap();
+        bus.publish_envelope("nodlq", &envelope).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while handled.lock().unwrap().len() < 5 || bus.pool_stats().stalled == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            bus.pool_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        handled.lock().unwrap().iter().all(|version| *version == 1),
+        "version 2 ran while version 1 was unsettled: {:?}",
+        handled.lock().unwrap()
+    );
+    let report = bus.health().await;
+    assert_eq!(
+        report.status(),
+        eventbus_core::HealthStatus::Degraded,
+        "{report:?}"
+    );
     bus.close().await.unwrap();
     let stats = bus.stats();
-    assert_eq!((stats.dead_lettered, stats.dropped), (0, 1));
+    assert_eq!((stats.dead_lettered, stats.dropped), (0, 2));
 }
 
 #[tokio::test]

@@ -66,6 +66,7 @@
 //! because their message has nowhere to go). No label carries an aggregate ID.
 
 mod config;
+pub mod consume;
 mod job;
 mod lane;
 mod metrics;

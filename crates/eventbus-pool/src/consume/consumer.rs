@@ -1,0 +1,402 @@
+//! One subscription's consumer: deliveries in, engine jobs out, held messages tracked.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use eventbus_core::{
+    CancellationToken, DeliveryClass, Envelope, Error, HandlerContext, HandlerError, Message,
+    MessageSource, Outcome, extract_aggregate_id,
+};
+use tokio::task::JoinHandle;
+
+use super::Shared;
+use super::settle::{Settling, Verdict, settle};
+use super::stats::Stat;
+use super::transport::{Delivery, Handler, Receipt};
+use crate::job::AttemptFuture;
+use crate::{Job, JobContext, Scope, ScopeReport};
+
+/// What a subscription consumes and where its failures go.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct SubscriptionSpec {
+    /// The subscribed topic (handler contexts show it).
+    pub topic: String,
+    /// The subscription's identity at the broker (a durable consumer, a consumer group): named
+    /// in logs, and part of each dead letter's idempotency key.
+    pub name: String,
+    /// The handler.
+    pub handler: Handler,
+    /// Take the aggregate ID from subject tokens when no other source has one.
+    pub subject_keys: bool,
+    /// Where exhausted and undecodable envelopes go; `None` keeps an exhausted envelope in its
+    /// lane, retried at the longest backoff.
+    pub dead_letter: Option<String>,
+    /// How often held messages get an in-progress signal ([`Receipt::in_progress`]); `None`
+    /// for none.
+    pub progress_interval: Option<Duration>,
+}
+
+impl SubscriptionSpec {
+    /// A subscription of `handler` to `topic` named `name`: dead letters to `{topic}.DLQ`, no
+    /// subject keys, no progress signals.
+    pub fn new(topic: impl Into<String>, name: impl Into<String>, handler: Handler) -> Self {
+        let topic = topic.into();
+        Self {
+            dead_letter: Some(format!("{topic}{}", eventbus_core::DEAD_LETTER_SUFFIX)),
+            topic,
+            name: name.into(),
+            handler,
+            subject_keys: false,
+            progress_interval: None,
+        }
+    }
+
+    /// Sets the dead-letter topic (`None`: none).
+    pub fn with_dead_letter(mut self, topic: Option<String>) -> Self {
+        self.dead_letter = topic;
+        self
+    }
+
+    /// Opts into aggregate IDs from subject tokens.
+    pub fn with_subject_keys(mut self, subject_keys: bool) -> Self {
+        self.subject_keys = subject_keys;
+        self
+    }
+
+    /// Sends in-progress signals for held messages every `interval`.
+    pub fn with_progress_interval(mut self, interval: Option<Duration>) -> Self {
+        self.progress_interval = interval;
+        self
+    }
+}
+
+/// What [`Consumer::deliver`] did with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Queued in the engine; its receipt will be settled.
+    Queued,
+    /// A copy of a message still held: dropped, the held copy settles it.
+    Duplicate,
+}
+
+/// A message held: delivered and not yet settled.
+struct Held {
+    receipt: Arc<dyn Receipt>,
+    since: Instant,
+}
+
+type HeldMap = Arc<Mutex<HashMap<u64, Held>>>;
+
+/// Removes a held message from the registry when its job is done with it (settled, or dropped).
+pub(crate) struct HeldGuard {
+    held: Option<(HeldMap, u64)>,
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        if let Some((held, id)) = self.held.take() {
+            lock(&held).remove(&id);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One subscription's consume state. Made by
+/// [`Runtime::subscribe`](super::Runtime::subscribe).
+pub struct Consumer {
+    spec: SubscriptionSpec,
+    topic: Arc<str>,
+    scope: Scope,
+    /// Weak: the runtime holds its consumers.
+    runtime: Weak<Shared>,
+    held: HeldMap,
+    closed: AtomicBool,
+    /// Ends the progress task.
+    finished: CancellationToken,
+    progress: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Consumer {
+    pub(crate) fn start(runtime: &Arc<Shared>, spec: SubscriptionSpec) -> Result<Arc<Self>, Error> {
+        let scope = runtime.pool.open_scope()?;
+        let consumer = Arc::new(Self {
+            topic: Arc::from(spec.topic.as_str()),
+            spec,
+            scope,
+            runtime: Arc::downgrade(runtime),
+            held: Arc::default(),
+            closed: AtomicBool::new(false),
+            finished: CancellationToken::new(),
+            progress: Mutex::new(None),
+        });
+        if let Some(interval) = consumer.spec.progress_interval {
+            let task = tokio::spawn(progress_loop(
+                consumer.held.clone(),
+                Arc::downgrade(runtime),
+                consumer.finished.clone(),
+                interval,
+            ));
+            *lock(&consumer.progress) = Some(task);
+        }
+        Ok(consumer)
+    }
+
+    /// The subscription's description.
+    pub fn spec(&self) -> &SubscriptionSpec {
+        &self.spec
+    }
+
+    /// True when the handler needs the message's headers and key (plain handlers); envelope
+    /// handlers see only the envelope, so a backend may leave headers for
+    /// [`Receipt::full_message`].
+    pub fn wants_headers(&self) -> bool {
+        !self.spec.handler.is_envelope()
+    }
+
+    /// True once [`close`](Self::close) has begun (or the runtime closed).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Messages held now (queued, running, retrying, settling).
+    pub fn held(&self) -> usize {
+        lock(&self.held).len()
+    }
+
+    /// Hands one message to the engine, waiting while its lane or the engine is full
+    /// (backpressure). Envelopes are decoded here; the aggregate ID picks the lane. The receipt
+    /// is settled in the lane once the message has its outcome.
+    ///
+    /// Fails with `Closed` when the subscription or the runtime is closing; the receipt is then
+    /// not used, and the backend gives the message back.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the message was not queued,
+    /// nothing of it stays held, and its receipt was not used.
+    pub async fn deliver(&self, delivery: Delivery) -> Result<Delivered, Error> {
+        let runtime = match self.runtime.upgrade() {
+            Some(runtime) if !self.is_closed() => runtime,
+            _ => return Err(Error::Closed),
+        };
+        let Delivery {
+            message,
+            receipt,
+            held_id,
+        } = delivery;
+        let guard = match held_id {
+            None => HeldGuard { held: None },
+            Some(id) => {
+                let mut held = lock(&self.held);
+                if held.contains_key(&id) {
+                    drop(held);
+                    runtime.counters.add(Stat::RedeliveriesDropped, 1);
+                    tracing::debug!(subscription = %self.spec.name, id, "redelivered copy of a held message dropped");
+                    return Ok(Delivered::Duplicate);
+                }
+                held.insert(
+                    id,
+                    Held {
+                        receipt: receipt.clone(),
+                        since: Instant::now(),
+                    },
+                );
+                HeldGuard {
+                    held: Some((self.held.clone(), id)),
+                }
+            }
+        };
+        let job = self.job(&runtime, message, receipt, guard);
+        // A refused job drops its guard: the message is no longer held.
+        runtime.pool.submit(job).await?;
+        Ok(Delivered::Queued)
+    }
+
+    /// The engine job of one message: its lane, its attempts, and its settlement.
+    fn job(
+        &self,
+        runtime: &Arc<Shared>,
+        message: Message,
+        receipt: Arc<dyn Receipt>,
+        guard: HeldGuard,
+    ) -> Job {
+        let (key, class, first, undecodable) = match &self.spec.handler {
+            Handler::Plain(_) => {
+                let mut source = MessageSource::from_message(&message);
+                if self.spec.subject_keys {
+                    source = source.with_subject_keys(&message.topic);
+                }
+                (
+                    extract_aggregate_id(&source),
+                    DeliveryClass::AtMostOnce,
+                    None,
+                    None,
+                )
+            }
+            Handler::Envelope(_) => match Envelope::from_bytes(&message.payload) {
+                Ok(envelope) => (
+                    envelope.aggregate().ok(),
+                    DeliveryClass::AtLeastOnce,
+                    Some(envelope),
+                    None,
+                ),
+                Err(error) => (
+                    None,
+                    DeliveryClass::AtLeastOnce,
+                    None,
+                    Some(error.to_string()),
+                ),
+            },
+        };
+        let message = Arc::new(message);
+        let attempts = attempts(
+            self.spec.handler.clone(),
+            self.topic.clone(),
+            message.clone(),
+            first,
+            undecodable.is_some(),
+        );
+        let mut job = Job::new(key, class, attempts).in_scope(&self.scope);
+        if class == DeliveryClass::AtLeastOnce
+            && self.spec.dead_letter.is_none()
+            && undecodable.is_none()
+        {
+            job = job.with_unlimited_attempts();
+        }
+        let settling = Settling {
+            runtime: Arc::downgrade(runtime),
+            subscription: self.spec.name.clone(),
+            dead_letter: self.spec.dead_letter.clone(),
+            receipt,
+            message,
+            guard,
+        };
+        job.with_finish(move |outcome: &Outcome| {
+            let verdict = Verdict::of(outcome, class, undecodable, settling.dead_letter.is_some());
+            settle(settling, verdict)
+        })
+    }
+
+    /// Stops the subscription (unsubscribe): no delivery is accepted any more, its queued
+    /// messages are given back in lane order, its running ones finish until `drain` has
+    /// passed (then they are cancelled and given back), and its progress task ends.
+    ///
+    /// # Cancel safety
+    ///
+    /// Intake stops and queued messages are given back at the first poll; if the future is
+    /// dropped later, running messages settle as usual and the progress task ends once the
+    /// runtime closes.
+    pub async fn close(&self, drain: Duration) -> ScopeReport {
+        self.closed.store(true, Ordering::SeqCst);
+        let Some(runtime) = self.runtime.upgrade() else {
+            return ScopeReport {
+                drained: true,
+                handed_back: 0,
+            };
+        };
+        let report = runtime.pool.close_scope(&self.scope, drain).await;
+        self.stop_progress().await;
+        runtime
+            .consumers()
+            .retain(|consumer| !std::ptr::eq(Arc::as_ptr(consumer), self));
+        tracing::debug!(subscription = %self.spec.name, drained = report.drained, handed_back = report.handed_back, "subscription closed");
+        report
+    }
+
+    /// Ends the progress task and waits for it.
+    pub(crate) async fn stop_progress(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.finished.cancel();
+        let task = lock(&self.progress).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+
+    /// Ends the progress task without waiting (the runtime is dropped).
+    pub(crate) fn abort_progress(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.finished.cancel();
+    }
+}
+
+/// The function that starts each attempt of a message: the handler with a fresh context. An
+/// undecodable envelope never reaches the handler. The first attempt takes the envelope decoded
+/// for its key; a retry decodes the payload again.
+fn attempts(
+    handler: Handler,
+    topic: Arc<str>,
+    message: Arc<Message>,
+    mut first: Option<Envelope>,
+    undecodable: bool,
+) -> impl FnMut(JobContext) -> AttemptFuture + Send + 'static {
+    move |ctx: JobContext| -> AttemptFuture {
+        if undecodable {
+            return Box::pin(async { Err(HandlerError::permanent("undecodable envelope")) });
+        }
+        let context = HandlerContext::new(
+            topic.clone(),
+            message.meta.clone(),
+            ctx.attempt(),
+            ctx.cancellation().clone(),
+        );
+        match &handler {
+            Handler::Plain(handler) => {
+                let (handler, message) = (handler.clone(), Message::clone(&message));
+                Box::pin(async move { handler.handle(context, message).await })
+            }
+            Handler::Envelope(handler) => {
+                let envelope = match first.take() {
+                    Some(envelope) => envelope,
+                    None => match Envelope::from_bytes(&message.payload) {
+                        Ok(envelope) => envelope,
+                        Err(error) => {
+                            return Box::pin(async { Err(HandlerError::permanent(error)) });
+                        }
+                    },
+                };
+                let handler = handler.clone();
+                Box::pin(async move { handler.handle(context, envelope).await })
+            }
+        }
+    }
+}
+
+/// Sends an in-progress signal for every message held longer than `interval`, until `finished`.
+async fn progress_loop(
+    held: HeldMap,
+    runtime: Weak<Shared>,
+    finished: CancellationToken,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = finished.cancelled() => break,
+        }
+        let due: Vec<Arc<dyn Receipt>> = lock(&held)
+            .values()
+            .filter(|held| held.since.elapsed() >= interval)
+            .map(|held| held.receipt.clone())
+            .collect();
+        let Some(runtime) = runtime.upgrade() else {
+            break;
+        };
+        for receipt in due {
+            match receipt.in_progress().await {
+                Ok(()) => runtime.counters.add(Stat::ProgressSignals, 1),
+                Err(error) => {
+                    runtime.counters.add(Stat::SettleFailures, 1);
+                    tracing::debug!(%error, "in-progress signal not sent");
+                }
+            }
+        }
+    }
+}

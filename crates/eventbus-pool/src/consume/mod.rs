@@ -1,0 +1,206 @@
+//! The consume runtime: the one consume path of every backend.
+//!
+//! A backend is a transport: it fetches messages, hands each to [`Consumer::deliver`] with a
+//! [`Receipt`] (how to ack, give back, terminate or mark in progress), and writes dead letters
+//! through its [`Transport`]. Everything in between happens here, once:
+//!
+//! - envelope decode and aggregate-ID extraction (`eventbus_core::extract_aggregate_id`);
+//! - the attempt closure: the handler, retried in the aggregate's lane by the engine;
+//! - settlement inside the lane, before the aggregate's next message starts: ack; or the
+//!   dead-letter write, retried with backoff while it fails (the lane waits), then terminate;
+//!   a subscription without a dead-letter topic keeps retrying an exhausted envelope (the
+//!   aggregate waits; the engine counts it as stalled) instead of giving up its order;
+//! - the registry of held messages, for in-progress signals and for dropping a broker's
+//!   redelivered copy of a message still held;
+//! - unsubscribe ([`Consumer::close`]): the subscription's scope is closed, its queued messages
+//!   are given back in lane order, its running ones finish up to the drain timeout;
+//! - close ([`Runtime::close`]): everything drains up to a deadline, the rest is given back.
+//!
+//! # Example
+//!
+//! A transport that keeps what it is told, as a test double would:
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use eventbus_core::{async_trait, Envelope, Error, HandlerContext, Message, OutboundMessage};
+//! use eventbus_pool::PoolConfig;
+//! use eventbus_pool::consume::{Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport};
+//!
+//! #[derive(Default)]
+//! struct Log(Mutex<Vec<String>>);
+//!
+//! #[async_trait]
+//! impl Transport for Log {
+//!     async fn publish_dead_letter(&self, topic: &str, _: OutboundMessage, _: Option<&str>) -> Result<(), Error> {
+//!         self.0.lock().unwrap().push(format!("dead letter to {topic}"));
+//!         Ok(())
+//!     }
+//! }
+//!
+//! struct Acks(Arc<Log>);
+//!
+//! #[async_trait]
+//! impl Receipt for Acks {
+//!     async fn ack(&self) -> Result<(), Error> { self.0.0.lock().unwrap().push("ack".into()); Ok(()) }
+//!     async fn give_back(&self) -> Result<(), Error> { Ok(()) }
+//!     async fn terminate(&self) -> Result<(), Error> { Ok(()) }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Error> {
+//! let log = Arc::new(Log::default());
+//! let runtime = Runtime::new(PoolConfig::default(), log.clone())?;
+//! let handler = Handler::Envelope(Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
+//!     assert_eq!(envelope.aggregate_id, "order-1");
+//!     Ok(())
+//! }));
+//! let consumer = runtime.subscribe(SubscriptionSpec::new("orders", "example", handler))?;
+//! let envelope = Envelope::new("order-1", "OrderPlaced", 1, &1)?;
+//! let message = Message::new("orders", envelope.to_bytes()?);
+//! consumer.deliver(Delivery { message, receipt: Arc::new(Acks(log.clone())), held_id: None }).await?;
+//! runtime.close(tokio::time::Instant::now() + Duration::from_secs(5)).await;
+//! assert_eq!(*log.0.lock().unwrap(), ["ack"]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod consumer;
+mod settle;
+mod stats;
+mod transport;
+
+use eventbus_core::{Error, HealthStatus};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+pub use consumer::{Consumer, Delivered, SubscriptionSpec};
+pub use stats::ConsumeStats;
+pub use transport::{Delivery, Handler, Receipt, Transport};
+
+use crate::{Pool, PoolConfig, PoolStats, ShutdownReport};
+use stats::Counters;
+
+/// The consume runtime of one bus: the engine, the transport's dead-letter writer, and the
+/// subscriptions.
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+/// What the runtime's consumers share.
+pub(crate) struct Shared {
+    pub(crate) pool: Pool,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) retry: crate::RetryPolicy,
+    pub(crate) counters: Counters,
+    consumers: Mutex<Vec<Arc<Consumer>>>,
+}
+
+impl Shared {
+    fn consumers(&self) -> MutexGuard<'_, Vec<Arc<Consumer>>> {
+        // Nothing panics while holding this lock.
+        self.consumers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Runtime {
+    /// Starts the engine of `pool` on the current tokio runtime; dead letters go out through
+    /// `transport`. Metrics go under `pool.metrics_namespace`.
+    pub fn new(pool: PoolConfig, transport: Arc<dyn Transport>) -> Result<Self, Error> {
+        let counters = Counters::new(&pool.metrics_namespace);
+        let retry = pool.retry.clone();
+        let pool = Pool::new(pool)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                pool,
+                transport,
+                retry,
+                counters,
+                consumers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Starts consuming for one subscription: a scope of the engine, a registry of held
+    /// messages and, when `spec` asks, a task sending in-progress signals. Fails with `Closed`
+    /// once the runtime is closing.
+    pub fn subscribe(&self, spec: SubscriptionSpec) -> Result<Arc<Consumer>, Error> {
+        let consumer = Consumer::start(&self.shared, spec)?;
+        self.shared.consumers().push(consumer.clone());
+        Ok(consumer)
+    }
+
+    /// The engine's counters.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.pool.stats()
+    }
+
+    /// What the runtime did besides handling.
+    pub fn stats(&self) -> ConsumeStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Subscriptions consuming now.
+    pub fn subscriptions(&self) -> usize {
+        self.shared.consumers().len()
+    }
+
+    /// The engine's health line: `Degraded` while an aggregate waits on a message that has
+    /// nowhere to go (retried past its attempts, or a dead letter the broker does not accept).
+    pub fn engine_health(&self) -> (HealthStatus, String) {
+        let pool = self.shared.pool.stats();
+        let waiting = self.shared.counters.dead_letters_waiting();
+        let status = if pool.stalled > 0 || waiting > 0 {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Healthy
+        };
+        (
+            status,
+            format!("{pool}, {waiting} waiting on a dead-letter write"),
+        )
+    }
+
+    /// Closes the runtime: no new delivery is accepted, queued and running messages are
+    /// handled until `deadline`, then the rest is cancelled and given back in lane order;
+    /// returns when every task of the runtime has ended (progress tasks included).
+    ///
+    /// # Cancel safety
+    ///
+    /// Intake stops at the first poll. If the future is dropped during the drain, the engine
+    /// keeps draining; dropping the `Runtime` then cancels what is left.
+    pub async fn close(&self, deadline: tokio::time::Instant) -> ShutdownReport {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let report = self.shared.pool.shutdown(remaining).await;
+        let consumers: Vec<Arc<Consumer>> = self.shared.consumers().drain(..).collect();
+        for consumer in consumers {
+            consumer.stop_progress().await;
+        }
+        report
+    }
+
+    /// Tasks of the runtime still alive (the engine's actors and timers).
+    pub fn live_tasks(&self) -> usize {
+        self.shared.pool.live_tasks()
+    }
+}
+
+impl Drop for Runtime {
+    /// A runtime dropped without [`close`](Runtime::close) ends its progress tasks; dropping
+    /// the engine cancels what it still holds.
+    fn drop(&mut self) {
+        for consumer in self.shared.consumers().drain(..) {
+            consumer.abort_progress();
+        }
+    }
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("pool", &self.shared.pool.stats())
+            .field("subscriptions", &self.subscriptions())
+            .finish_non_exhaustive()
+    }
+}

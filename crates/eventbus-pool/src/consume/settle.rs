@@ -1,0 +1,185 @@
+//! Settling one message in its lane: ack, give back, or dead-letter then terminate.
+
+use std::sync::{Arc, Weak};
+
+use eventbus_core::{DeliveryClass, Message, Outcome, Position, Settlement, dead_letter_message};
+
+use super::Shared;
+use super::consumer::HeldGuard;
+use super::stats::{Counters, Stat};
+use super::transport::Receipt;
+
+/// What settling does with a message.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Ack,
+    /// Not handled here (its subscription closed before it ran, or the deadline passed).
+    GiveBack,
+    DeadLetter {
+        reason: String,
+        attempts: u32,
+    },
+    /// Undecodable with nowhere to send it: left to the broker.
+    Abandon,
+}
+
+impl Verdict {
+    /// The delivery contract for a message of `class` that ended with `outcome`.
+    pub(crate) fn of(
+        outcome: &Outcome,
+        class: DeliveryClass,
+        undecodable: Option<String>,
+        dead_letters: bool,
+    ) -> Self {
+        match (outcome.settlement(class), undecodable) {
+            (Settlement::Redeliver, _) => Verdict::GiveBack,
+            (_, Some(reason)) if dead_letters => Verdict::DeadLetter {
+                reason,
+                attempts: 0,
+            },
+            (_, Some(_)) => Verdict::Abandon,
+            (Settlement::Ack, None) => Verdict::Ack,
+            // Without a dead-letter topic an envelope retries without limit, so it only gets
+            // here with one.
+            (Settlement::DeadLetter, None) if dead_letters => Verdict::DeadLetter {
+                reason: outcome.failure_reason(),
+                attempts: outcome.attempts(),
+            },
+            (Settlement::DeadLetter, None) => Verdict::Abandon,
+        }
+    }
+}
+
+/// What settling one message needs.
+pub(crate) struct Settling {
+    pub(crate) runtime: Weak<Shared>,
+    pub(crate) subscription: String,
+    pub(crate) dead_letter: Option<String>,
+    pub(crate) receipt: Arc<dyn Receipt>,
+    pub(crate) message: Arc<Message>,
+    /// Dropped when settling ends (or is cut short at the deadline).
+    pub(crate) guard: HeldGuard,
+}
+
+/// Settles one message while its lane is held. Acks and terminates are retried with the
+/// engine's backoff while they fail; a dead letter is retried until the broker accepts it (the
+/// aggregate's later messages wait; the engine cuts this short at the drain deadline).
+pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
+    let Some(runtime) = settling.runtime.upgrade() else {
+        return;
+    };
+    let receipt = &settling.receipt;
+    match verdict {
+        Verdict::Ack => retried(&runtime, "ack", || receipt.ack()).await,
+        Verdict::GiveBack => {
+            runtime.counters.add(Stat::GivenBack, 1);
+            if let Err(error) = receipt.give_back().await {
+                runtime.counters.add(Stat::SettleFailures, 1);
+                tracing::warn!(subscription = %settling.subscription, %error, "message not given back; the broker redelivers it after its timeout");
+            }
+        }
+        Verdict::Abandon => {
+            runtime.counters.add(Stat::Undeliverable, 1);
+            tracing::error!(
+                subscription = %settling.subscription,
+                topic = %settling.message.topic,
+                "undecodable envelope with dead-lettering disabled: left to the broker"
+            );
+            receipt.abandon();
+        }
+        Verdict::DeadLetter { reason, attempts } => {
+            let Some(topic) = &settling.dead_letter else {
+                return;
+            };
+            write_dead_letter(&runtime, &settling, topic, &reason, attempts).await;
+            retried(&runtime, "terminate", || receipt.terminate()).await;
+        }
+    }
+    drop(settling.guard);
+}
+
+/// Runs `operation` until it succeeds, backing off between failures.
+async fn retried<F, Fut>(runtime: &Shared, what: &'static str, mut operation: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), eventbus_core::Error>>,
+{
+    let mut failures = 0u32;
+    while let Err(error) = operation().await {
+        failures = failures.saturating_add(1);
+        runtime.counters.add(Stat::SettleFailures, 1);
+        tracing::warn!(%error, failures, what, "settling failed; retrying (the aggregate's later messages wait)");
+        tokio::time::sleep(runtime.retry.backoff(failures)).await;
+    }
+}
+
+/// The idempotency key of a dead letter: the subscription, the topic and the message's position.
+fn dedup_id(subscription: &str, message: &Message) -> Option<String> {
+    let position = match message.meta.position {
+        Position::Sequence(sequence) => sequence.to_string(),
+        Position::Partition { partition, offset } => format!("{partition}-{offset}"),
+        _ => return None,
+    };
+    Some(format!("dlq:{subscription}:{}:{position}", message.topic))
+}
+
+/// Writes a dead letter, retrying with the engine's backoff (up to its longest) until the
+/// broker accepts it.
+async fn write_dead_letter(
+    runtime: &Shared,
+    settling: &Settling,
+    topic: &str,
+    reason: &str,
+    attempts: u32,
+) {
+    let full = settling.receipt.full_message(&settling.message);
+    let letter = dead_letter_message(&full, reason, attempts);
+    let id = dedup_id(&settling.subscription, &full);
+    let mut failures = 0u32;
+    // Counts the message as waiting on its dead letter while the write fails, until it is
+    // written or the deadline cuts the loop short.
+    let mut waiting = None;
+    loop {
+        match runtime
+            .transport
+            .publish_dead_letter(topic, letter.clone(), id.as_deref())
+            .await
+        {
+            Ok(()) => {
+                drop(waiting);
+                runtime.counters.add(Stat::DeadLettered, 1);
+                tracing::warn!(subscription = %settling.subscription, topic = %full.topic, dead_letter_topic = topic, reason, attempts, "dead-lettered");
+                return;
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                waiting.get_or_insert_with(|| Waiting::new(&runtime.counters));
+                runtime.counters.add(Stat::DeadLetterFailures, 1);
+                tracing::error!(
+                    subscription = %settling.subscription,
+                    dead_letter_topic = topic,
+                    %error,
+                    failures,
+                    "dead letter not written; retrying (the aggregate's later messages wait)"
+                );
+                tokio::time::sleep(runtime.retry.backoff(failures)).await;
+            }
+        }
+    }
+}
+
+/// A message counted as waiting on its dead-letter write while this lives.
+struct Waiting<'a>(&'a Counters);
+
+impl<'a> Waiting<'a> {
+    fn new(counters: &'a Counters) -> Self {
+        counters.dead_letter_waiting(true);
+        Self(counters)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dead_letter_waiting(false);
+    }
+}
