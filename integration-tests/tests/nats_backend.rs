@@ -557,21 +557,12 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
         assert!(tokio::time::Instant::now() < deadline, "four never queued");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    subscription.unsubscribe().await.unwrap();
-    gate.add_permits(1);
-    while bus.pool_stats() != Default::default() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the engine never settled"
-        );
+    // Unsubscribe waits for the running handler; the four queued are given back meanwhile.
+    let unsubscribing = tokio::spawn(subscription.unsubscribe());
+    while bus.pool_stats().queued > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never given back");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        first_run.events().len(),
-        1,
-        "the stopped handler got nothing more"
-    );
-
     // A raw reader of the same durable gets the four at once, well before the 60 s ack_wait;
     // the one that ran was acknowledged.
     let js = raw(&server).await;
@@ -593,7 +584,20 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
     assert_eq!(given_back.len(), 4, "{given_back:?}");
     assert!(
         !given_back.contains(&first_run.events()[0]),
-        "the message that ran before unsubscribe was acknowledged, not given back"
+        "the running message is still held, not given back"
+    );
+    gate.add_permits(1);
+    unsubscribing.await.unwrap().unwrap();
+    assert_eq!(
+        first_run.events().len(),
+        1,
+        "the stopped handler got nothing more"
+    );
+    let info = consumer.clone().info().await.unwrap().clone();
+    assert_eq!(
+        (info.num_ack_pending, info.num_pending),
+        (0, 0),
+        "the message that ran was acknowledged: {info:?}"
     );
     bus.close().await.unwrap();
 }
@@ -603,19 +607,33 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     let server = NatsServer::start();
     let mut config = nats_config(&server.url(), "again");
     config.pool.pool_size = 1;
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
     let topic = "orders.again";
     let (subscription, gate, old) = gated_subscription(&bus, topic).await;
     old.wait_for("the first handler", |e| e.len() == 1).await;
-    subscription.unsubscribe().await.unwrap();
-    // The old handler still runs its message while the durable is subscribed again.
-    let new = record_envelopes(&bus, topic).await;
+    let unsubscribing = tokio::spawn(subscription.unsubscribe());
+    // The old handler still runs its message while the topic is subscribed again: the new
+    // subscription waits for the old one to finish giving back, then reads the same durable.
+    let resubscribing = {
+        let bus = bus.clone();
+        tokio::spawn(async move { record_envelopes(&bus, topic).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while bus.pool_stats().queued > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never given back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        !resubscribing.is_finished(),
+        "subscribed while the old one was closing"
+    );
     gate.add_permits(1);
+    unsubscribing.await.unwrap().unwrap();
+    let new = resubscribing.await.unwrap();
     let events = new.wait_for("the four others", |e| e.len() >= 4).await;
 
     let js = raw(&server).await;
     let mut consumer = first_durable(&js, &bus, topic).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let info = consumer.info().await.unwrap();
         if info.num_ack_pending == 0 && info.num_pending == 0 {

@@ -3,10 +3,11 @@
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use eventbus_core::Error;
 
-use crate::bus::{Shared, storage_for};
-use crate::subscription::{Handler, Sub};
+use crate::publish::{Broker, storage_for};
 
-/// The durable consumer of `sub`, created, or updated when its configuration changed.
+/// The durable consumer `durable` of `topic`, created, or updated when its configuration
+/// changed. A durable of that name that filters another subject belongs to something else (or
+/// to a name collision): that is an error, never a silent move of its filter.
 ///
 /// With `resume` (the first subscribe of this bus to the durable), a durable left with
 /// unacknowledged messages by a previous run that is gone (no pull request of another client
@@ -15,25 +16,23 @@ use crate::subscription::{Handler, Sub};
 /// a suffix in order instead of redelivering the held messages after newer ones once their
 /// `ack_wait` runs out.
 pub(crate) async fn ensure_consumer(
-    shared: &Shared,
-    sub: &Sub,
+    broker: &Broker,
+    topic: &str,
+    durable: &str,
+    envelopes: bool,
     resume: bool,
 ) -> Result<PullConsumer, Error> {
-    let settings = &shared.config.consumer;
-    let envelopes = matches!(sub.handler, Handler::Envelope(_));
-    let storage = storage_for(&shared.config, &sub.topic, envelopes);
-    let stream_name = shared
-        .streams
-        .ensure(&shared.js, &sub.topic, storage)
-        .await?;
-    let stream = shared
+    let settings = &broker.config.consumer;
+    let storage = storage_for(&broker.config, topic, envelopes);
+    let stream_name = broker.streams.ensure(&broker.js, topic, storage).await?;
+    let stream = broker
         .js
         .get_stream_no_info(&stream_name)
         .await
         .map_err(|error| Error::broker(format!("cannot open stream {stream_name}"), error))?;
     let mut wanted = pull::Config {
-        durable_name: Some(sub.durable.clone()),
-        filter_subject: sub.topic.clone(),
+        durable_name: Some(durable.to_owned()),
+        filter_subject: topic.to_owned(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: settings.ack_wait,
         max_deliver: settings.max_deliver,
@@ -41,31 +40,37 @@ pub(crate) async fn ensure_consumer(
         backoff: settings.backoff.clone(),
         ..pull::Config::default()
     };
-    if let Ok(mut existing) = stream.get_consumer::<pull::Config>(&sub.durable).await
+    if let Ok(mut existing) = stream.get_consumer::<pull::Config>(durable).await
         && let Ok(info) = existing.info().await
     {
         let current = &info.config;
+        if current.filter_subject != topic {
+            return Err(Error::config(
+                "nats.client_id",
+                format!(
+                    "the durable consumer {durable} of stream {stream_name} filters {:?}, not {topic:?}: another subscriber owns this name",
+                    current.filter_subject
+                ),
+            ));
+        }
         if resume && info.num_ack_pending > 0 && info.num_waiting == 0 {
             let start = info.ack_floor.stream_sequence + 1;
             tracing::info!(
-                durable = %sub.durable,
+                durable = %durable,
                 unacknowledged = info.num_ack_pending,
                 start,
                 "a previous run left messages unacknowledged; replaying from the ack floor in order"
             );
-            stream
-                .delete_consumer(&sub.durable)
-                .await
-                .map_err(|error| {
-                    Error::broker(format!("cannot reset consumer {}", sub.durable), error)
-                })?;
+            stream.delete_consumer(durable).await.map_err(|error| {
+                Error::broker(format!("cannot reset consumer {}", durable), error)
+            })?;
             wanted.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: start,
             };
         } else {
             if resume && info.num_ack_pending > 0 {
                 tracing::warn!(
-                    durable = %sub.durable,
+                    durable = %durable,
                     unacknowledged = info.num_ack_pending,
                     "another client is pulling from this durable consumer; messages it holds keep their place"
                 );
@@ -76,10 +81,9 @@ pub(crate) async fn ensure_consumer(
                 || current.max_deliver != wanted.max_deliver
                 || current.max_ack_pending != wanted.max_ack_pending
                 || current.backoff != wanted.backoff
-                || current.filter_subject != wanted.filter_subject
             {
                 tracing::info!(
-                    durable = %sub.durable,
+                    durable = %durable,
                     ack_wait = ?wanted.ack_wait,
                     max_deliver = wanted.max_deliver,
                     max_ack_pending = wanted.max_ack_pending,
@@ -92,5 +96,5 @@ pub(crate) async fn ensure_consumer(
     stream
         .create_consumer(wanted)
         .await
-        .map_err(|error| Error::broker(format!("cannot create consumer {}", sub.durable), error))
+        .map_err(|error| Error::broker(format!("cannot create consumer {}", durable), error))
 }

@@ -63,16 +63,17 @@ mod bus;
 mod config;
 mod connection;
 mod consumer;
-mod delivery;
+mod fetch;
 mod names;
-mod pull;
+mod publish;
+mod receipt;
 mod stats;
 mod streams;
-mod subscription;
 
-pub use bus::{KEY_HEADER, NatsBus};
+pub use bus::NatsBus;
 pub use config::{
     Auth, ConsumerSettings, NatsConfig, Storage, StreamDefinition, StreamLimits, TlsConfig,
     TopicOptions,
 };
+pub use publish::KEY_HEADER;
 pub use stats::NatsStats;

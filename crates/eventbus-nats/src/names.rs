@@ -10,25 +10,53 @@ pub(crate) fn stream_name(prefix: &str, topic: &str) -> String {
     format!("{prefix}{}", escape(topic))
 }
 
-/// The durable consumer name of a subscription: `{client_id}_{topic}`, and `_{slot}` for the
-/// second and later subscriptions of one bus to the same topic (slot 2, 3, ...).
+/// The durable consumer name of a subscription.
+///
+/// The common case keeps the readable name `{client_id}_{topic}` with `.` as `_`: a client ID
+/// of ASCII letters, digits and `-`, a topic of those and `.`, the first subscription (slot 1).
+/// There the first `_` separates the two parts and every other `_` was a `.`, so no two such
+/// subscriptions share a name. Anything else (a client ID with `_` or other characters, a topic
+/// with `_`, a second subscription) gets the sanitized parts, the slot, and a 64-bit hash of the
+/// exact (client ID, topic, slot): `a.b` and `a_b`, or topic `t` slot 2 and topic `t.2`, differ.
 pub(crate) fn durable_name(client_id: &str, topic: &str, slot: usize) -> String {
+    let plain_client = !client_id.is_empty()
+        && client_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-');
+    let plain_topic = topic
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if plain_client && plain_topic && slot <= 1 {
+        return format!("{client_id}_{}", topic.replace('.', "_"));
+    }
     let client: String = client_id
         .chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+            if c.is_ascii_alphanumeric() || c == '-' {
                 c
             } else {
                 '_'
             }
         })
         .collect();
-    let base = format!("{client}_{}", escape(topic));
-    if slot <= 1 {
-        base
-    } else {
-        format!("{base}_{slot}")
-    }
+    let mut exact = Vec::with_capacity(client_id.len() + topic.len() + 24);
+    exact.extend_from_slice(client_id.as_bytes());
+    exact.push(0);
+    exact.extend_from_slice(topic.as_bytes());
+    exact.push(0);
+    exact.extend_from_slice(slot.to_string().as_bytes());
+    format!(
+        "{client}_{}_{slot}-{:016x}",
+        topic.replace('.', "_"),
+        fnv1a64(&exact)
+    )
+}
+
+/// 64-bit FNV-1a: stable across versions and platforms, unlike the std hasher.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `topic` with `.` as `_`, plus `-{fnv1a32 hex}` when the topic itself contains `_`.
@@ -77,11 +105,43 @@ mod tests {
             durable_name("billing", "orders.created", 1),
             "billing_orders_created"
         );
-        assert_eq!(
-            durable_name("billing", "orders.created", 2),
-            "billing_orders_created_2"
-        );
-        assert_eq!(durable_name("svc.eu@1", "orders", 1), "svc_eu_1_orders");
+        assert_eq!(durable_name("svc-eu", "orders", 1), "svc-eu_orders");
+        let second = durable_name("billing", "orders.created", 2);
+        assert!(second.starts_with("billing_orders_created_2-"), "{second}");
+        let odd = durable_name("svc.eu@1", "orders", 1);
+        assert!(odd.starts_with("svc_eu_1_orders_1-"), "{odd}");
+    }
+
+    #[test]
+    fn different_subscriptions_never_share_a_durable_name() {
+        let cases = [
+            ("c", "t", 2),
+            ("c", "t.2", 1),
+            ("c", "t_2", 1),
+            ("a.b", "t", 1),
+            ("a_b", "t", 1),
+            ("a", "b.t", 1),
+            ("a", "b_t", 1),
+            ("billing_svc", "orders", 1),
+            ("billing", "svc.orders", 1),
+            ("billing", "svc_orders", 1),
+            ("c", "t", 3),
+            ("c", "t", 1),
+        ];
+        let names: Vec<String> = cases
+            .iter()
+            .map(|(client, topic, slot)| durable_name(client, topic, *slot))
+            .collect();
+        for (i, a) in names.iter().enumerate() {
+            assert!(
+                a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "{a}"
+            );
+            for (j, b) in names.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "{:?} and {:?}", cases[i], cases[j]);
+            }
+        }
     }
 
     #[test]

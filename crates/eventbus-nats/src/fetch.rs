@@ -1,0 +1,244 @@
+//! Fetching: the pull loop of a durable subscription and the loop of an ephemeral one, handing
+//! every message to the subscription's consumer in the runtime.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::PullConsumer;
+use eventbus_core::{CancellationToken, DeliveryMeta, Error, Position};
+use eventbus_pool::consume::{Consumer, Delivery, Receipt};
+use futures::StreamExt;
+
+use crate::consumer::ensure_consumer;
+use crate::publish::Broker;
+use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
+use crate::stats::Stat;
+
+/// What a subscription's fetcher works with.
+pub(crate) struct Fetch {
+    pub(crate) topic: String,
+    pub(crate) durable: String,
+    pub(crate) consumer: Arc<Consumer>,
+    /// Stop fetching.
+    pub(crate) stop: CancellationToken,
+    /// Stopping because the bus closes: take one last batch first.
+    draining: AtomicBool,
+}
+
+impl Fetch {
+    pub(crate) fn new(topic: &str, durable: String, consumer: Arc<Consumer>) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            durable,
+            consumer,
+            stop: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Stops fetching; `drain` (close) takes one last batch first. Open pull requests are read
+    /// to their end either way, and what they bring is delivered (an unsubscribe then gives it
+    /// back in lane order with the rest of the queue).
+    pub(crate) fn stop(&self, drain: bool) {
+        if drain {
+            self.draining.store(true, Ordering::SeqCst);
+        }
+        self.stop.cancel();
+    }
+
+    fn draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// Fetches from the durable consumer until the subscription stops, delivering every message to
+/// the runtime without waiting for the ones before it.
+pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consumer: PullConsumer) {
+    let settings = broker.config.consumer.clone();
+    let envelopes = !fetch.consumer.wants_headers();
+    let mut failures = 0u32;
+    // The next pull request, sent when the current one is half read, so that messages keep
+    // flowing while the rest of the current batch is delivered.
+    let mut prefetched = None;
+    // Closing takes one last batch without waiting, after the open requests: what was
+    // published just before `close` is handled, and a long backlog is left for the next run.
+    let mut last_batch_taken = false;
+    'pulls: loop {
+        let stopping = fetch.stop.is_cancelled();
+        if stopping && prefetched.is_none() && (!fetch.draining() || last_batch_taken) {
+            break;
+        }
+        let batch = if let Some(batch) = prefetched.take() {
+            Ok(batch)
+        } else if stopping {
+            last_batch_taken = true;
+            consumer
+                .fetch()
+                .max_messages(settings.fetch_batch)
+                .messages()
+                .await
+        } else {
+            // Not raced against `stop`: a pull request dropped half-sent could still be
+            // answered, and what it brought would wait for `ack_wait`.
+            consumer
+                .batch()
+                .max_messages(settings.fetch_batch)
+                .expires(settings.fetch_expires)
+                .messages()
+                .await
+        };
+        let mut failed = None;
+        match batch {
+            Err(error) => failed = Some(error.to_string()),
+            Ok(mut batch) => {
+                let mut received = 0usize;
+                loop {
+                    // An open request is read to its end even when the subscription stops:
+                    // what the server sends to it would otherwise wait for `ack_wait`.
+                    let next = if fetch.stop.is_cancelled() {
+                        batch.next().await
+                    } else {
+                        tokio::select! {
+                            next = batch.next() => next,
+                            () = fetch.stop.cancelled() => continue,
+                        }
+                    };
+                    let Some(next) = next else { break };
+                    let message = match next {
+                        Ok(message) => message,
+                        Err(error) => {
+                            // The stream or consumer went away, the server is unreachable, ...:
+                            // back off and find them again rather than asking again at once.
+                            failed = Some(error.to_string());
+                            break;
+                        }
+                    };
+                    failures = 0;
+                    received += 1;
+                    if received == settings.fetch_batch.div_ceil(2)
+                        && prefetched.is_none()
+                        && !fetch.stop.is_cancelled()
+                    {
+                        // A failure here shows again, and is handled, at the next request.
+                        prefetched = consumer
+                            .batch()
+                            .max_messages(settings.fetch_batch)
+                            .expires(settings.fetch_expires)
+                            .messages()
+                            .await
+                            .ok();
+                    }
+                    match deliver(&broker, &fetch, message).await {
+                        Ok(()) => {}
+                        // The runtime has shut down (close gave up waiting): stop fetching.
+                        Err(Error::Closed) => break 'pulls,
+                        Err(error) => {
+                            tracing::warn!(durable = %fetch.durable, %error, "message not delivered; given back");
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(error) = failed {
+            failures = failures.saturating_add(1);
+            prefetched = None;
+            tracing::warn!(durable = %fetch.durable, %error, failures, "pull request failed");
+            broker.counters.add(Stat::FetchErrors, 1);
+            if backoff(&fetch, failures).await {
+                break;
+            }
+            // The stream or consumer may be gone (a memory stream after a server restart, a
+            // deleted consumer): find or make them again.
+            broker.streams.forget(&fetch.topic).await;
+            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, false).await {
+                Ok(fresh) => consumer = fresh,
+                Err(error) => {
+                    tracing::warn!(durable = %fetch.durable, %error, "consumer not ready")
+                }
+            }
+        }
+    }
+    tracing::debug!(durable = %fetch.durable, "stopped fetching");
+}
+
+/// Waits before the next pull after `failures` failures in a row; true when the subscription
+/// stopped meanwhile (a closing bus still takes its last batch).
+async fn backoff(fetch: &Fetch, failures: u32) -> bool {
+    let delay = Duration::from_millis(50)
+        .saturating_mul(2u32.saturating_pow(failures.min(6)))
+        .min(Duration::from_secs(2));
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {}
+        () = fetch.stop.cancelled() => {}
+    }
+    fetch.stop.is_cancelled() && !fetch.draining()
+}
+
+/// Hands one JetStream message to the runtime; gives it back when the runtime refuses it.
+async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) -> Result<(), Error> {
+    let info = message.info().map_err(|error| Error::Broker {
+        message: format!("message without JetStream metadata: {error}"),
+        source: None,
+    })?;
+    let (sequence, delivered, published) = (
+        info.stream_sequence,
+        u32::try_from(info.delivered).unwrap_or(u32::MAX),
+        info.published,
+    );
+    if delivered > 1 {
+        broker.counters.add(Stat::Redeliveries, 1);
+    }
+    let (message, acker) = message.split();
+    let meta = DeliveryMeta {
+        position: Position::Sequence(sequence),
+        delivery_attempt: delivered,
+        timestamp: Some(published),
+    };
+    let (message, headers) = take_apart(message, fetch.consumer.wants_headers(), meta);
+    let receipt = Arc::new(JetStreamReceipt { acker, headers });
+    let delivery = Delivery {
+        message,
+        receipt: receipt.clone(),
+        held_id: Some(sequence),
+    };
+    match fetch.consumer.deliver(delivery).await {
+        Ok(_) => Ok(()),
+        Err(error) => {
+            let _ = receipt.give_back().await;
+            Err(error)
+        }
+    }
+}
+
+/// Takes core NATS messages of an ephemeral topic until the subscription stops (at-most-once:
+/// there is nothing to acknowledge).
+pub(crate) async fn core_loop(fetch: Arc<Fetch>, mut subscriber: async_nats::Subscriber) {
+    let receipt: Arc<dyn Receipt> = Arc::new(CoreReceipt);
+    loop {
+        let message = tokio::select! {
+            message = subscriber.next() => message,
+            () = fetch.stop.cancelled() => None,
+        };
+        let Some(message) = message else { break };
+        let meta = DeliveryMeta {
+            position: Position::Unknown,
+            delivery_attempt: 1,
+            timestamp: None,
+        };
+        let (message, _) = take_apart(message, true, meta);
+        let delivery = Delivery {
+            message,
+            receipt: receipt.clone(),
+            held_id: None,
+        };
+        if let Err(error) = fetch.consumer.deliver(delivery).await {
+            tracing::warn!(topic = %fetch.topic, %error, "message not delivered");
+            if matches!(error, Error::Closed) {
+                break;
+            }
+        }
+    }
+    let _ = subscriber.unsubscribe().await;
+}

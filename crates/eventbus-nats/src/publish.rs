@@ -1,0 +1,257 @@
+//! Publishing: JetStream publishes that wait for the PubAck, core NATS for ephemeral topics, and
+//! dead letters for the consume runtime.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
+use async_trait::async_trait;
+use eventbus_core::{Error, OutboundMessage};
+use eventbus_pool::consume::Transport;
+
+use crate::config::{NatsConfig, Storage};
+use crate::stats::Counters;
+use crate::streams::Streams;
+
+/// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
+/// consumer side turns it back into [`eventbus_core::Message::key`].
+pub const KEY_HEADER: &str = "X-Message-Key";
+
+/// The connection and what publishing and consuming share: the client, JetStream, the
+/// configuration, the streams and the counters.
+pub(crate) struct Broker {
+    pub(crate) client: Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    pub(crate) streams: Streams,
+    pub(crate) counters: Counters,
+}
+
+/// The default storage of a topic's stream: file for envelope and dead-letter topics, memory
+/// for plain topics, unless the topic's options say otherwise.
+pub(crate) fn storage_for(config: &NatsConfig, topic: &str, envelopes: bool) -> Storage {
+    config.topic(topic).storage.unwrap_or(
+        if envelopes || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX) {
+            Storage::File
+        } else {
+            Storage::Memory
+        },
+    )
+}
+
+/// NATS headers from ours, plus the key header; a header NATS cannot carry is a typed error.
+fn nats_headers(message: &OutboundMessage) -> Result<HeaderMap, Error> {
+    let mut headers = HeaderMap::new();
+    let invalid = |name: &str, why: String| Error::Broker {
+        message: format!("header {name:?} cannot be sent on NATS: {why}"),
+        source: None,
+    };
+    for (name, value) in message.headers.iter() {
+        let header =
+            HeaderName::try_from(name).map_err(|error| invalid(name, error.to_string()))?;
+        let text = std::str::from_utf8(value)
+            .map_err(|_| invalid(name, "the value is not UTF-8".to_owned()))?;
+        let value: HeaderValue =
+            text.parse()
+                .map_err(|error: async_nats::header::ParseHeaderValueError| {
+                    invalid(name, error.to_string())
+                })?;
+        headers.append(header, value);
+    }
+    if let Some(key) = &message.key {
+        let text = std::str::from_utf8(key)
+            .map_err(|_| invalid(KEY_HEADER, "the key is not UTF-8".to_owned()))?;
+        let value: HeaderValue =
+            text.parse()
+                .map_err(|error: async_nats::header::ParseHeaderValueError| {
+                    invalid(KEY_HEADER, error.to_string())
+                })?;
+        headers.insert(KEY_HEADER, value);
+    }
+    Ok(headers)
+}
+
+impl Broker {
+    /// Publishes to `topic`: core NATS for an ephemeral topic, otherwise JetStream into the
+    /// topic's stream (created with `storage` if needed), waiting for the PubAck.
+    pub(crate) async fn publish_to(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        message_id: Option<&str>,
+        storage: Storage,
+    ) -> Result<(), Error> {
+        let headers = nats_headers(&message)?;
+        if self.config.topic(topic).ephemeral {
+            return self
+                .client
+                .publish_with_headers(topic.to_owned(), headers, message.payload)
+                .await
+                .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error));
+        }
+        self.streams.ensure(&self.js, topic, storage).await?;
+        match self
+            .send(topic, &message, headers.clone(), message_id)
+            .await
+        {
+            Err(PublishFailure::StreamNotFound) => {
+                // The stream went away (a memory stream after a server restart): find or make
+                // it again, once.
+                self.streams.forget(topic).await;
+                self.streams.ensure(&self.js, topic, storage).await?;
+                self.send(topic, &message, headers, message_id)
+                    .await
+                    .map_err(|failure| failure.into_error(topic))
+            }
+            result => result.map_err(|failure| failure.into_error(topic)),
+        }
+    }
+
+    /// One JetStream publish, waiting for the PubAck up to `publish_timeout`.
+    async fn send(
+        &self,
+        topic: &str,
+        message: &OutboundMessage,
+        headers: HeaderMap,
+        message_id: Option<&str>,
+    ) -> Result<(), PublishFailure> {
+        let mut publish = PublishMessage::build()
+            .payload(message.payload.clone())
+            .headers(headers);
+        if let Some(id) = message_id {
+            publish = publish.message_id(id);
+        }
+        let timeout = self.config.publish_timeout;
+        let attempt = async {
+            let ack = self.js.send_publish(topic.to_owned(), publish).await?;
+            ack.await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Err(_) => Err(PublishFailure::Timeout(timeout)),
+            Ok(Ok(_ack)) => Ok(()),
+            Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
+                Err(PublishFailure::StreamNotFound)
+            }
+            Ok(Err(error)) => Err(PublishFailure::Broker(error)),
+        }
+    }
+}
+
+/// Why one JetStream publish failed.
+enum PublishFailure {
+    StreamNotFound,
+    Timeout(Duration),
+    Broker(jetstream::context::PublishError),
+}
+
+impl PublishFailure {
+    fn into_error(self, topic: &str) -> Error {
+        match self {
+            PublishFailure::StreamNotFound => Error::Broker {
+                message: format!("no stream holds {topic}"),
+                source: None,
+            },
+            PublishFailure::Timeout(after) => Error::Timeout {
+                operation: "publish (waiting for the PubAck)",
+                after,
+            },
+            PublishFailure::Broker(error) => {
+                Error::broker(format!("cannot publish to {topic}"), error)
+            }
+        }
+    }
+}
+
+/// Dead letters: JetStream publishes into a file stream, without the consumed message's `Nats-*`
+/// control headers (a copied `Nats-Msg-Id` would make the server drop a second subscription's
+/// dead letter as a duplicate; a copied `Nats-Expected-*` would make every write fail), with the
+/// runtime's idempotency key as `Nats-Msg-Id`.
+#[async_trait]
+impl Transport for Broker {
+    async fn publish_dead_letter(
+        &self,
+        topic: &str,
+        mut letter: OutboundMessage,
+        dedup_id: Option<&str>,
+    ) -> Result<(), Error> {
+        let control: Vec<String> = letter
+            .headers
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| is_control_header(name))
+            .map(str::to_owned)
+            .collect();
+        for name in control {
+            letter.headers.remove(&name);
+        }
+        self.publish_to(topic, letter, dedup_id, Storage::File)
+            .await
+    }
+}
+
+/// True for the `Nats-*` headers that steer the server (`Nats-Msg-Id`, `Nats-Expected-*`, ...).
+fn is_control_header(name: &str) -> bool {
+    name.get(..5)
+        .is_some_and(|prefix| prefix.eq_ignore_ascii_case("nats-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eventbus_core::ErrorKind;
+
+    #[test]
+    fn headers_and_the_key_go_to_nats_headers() {
+        let message = OutboundMessage::new(&b"x"[..])
+            .with_key("order-7")
+            .with_header("X-Trace", "a")
+            .with_header("X-Trace", "b");
+        let headers = nats_headers(&message).unwrap();
+        assert_eq!(headers.get(KEY_HEADER).unwrap().as_str(), "order-7");
+        let traces: Vec<&str> = headers
+            .get_all("X-Trace")
+            .map(HeaderValue::as_str)
+            .collect();
+        assert_eq!(traces, ["a", "b"]);
+    }
+
+    #[test]
+    fn headers_nats_cannot_carry_are_typed_errors_not_panics() {
+        let cases = [
+            OutboundMessage::new(&b"x"[..]).with_header("Bad:Name", "v"),
+            OutboundMessage::new(&b"x"[..]).with_header("With Space", "v"),
+            OutboundMessage::new(&b"x"[..]).with_header("X-Line", "a\r\nInjected: 1"),
+            OutboundMessage::new(&b"x"[..]).with_header("X-Bytes", &b"\xff\xfe"[..]),
+            OutboundMessage::new(&b"x"[..]).with_key(&b"\xff"[..]),
+            OutboundMessage::new(&b"x"[..]).with_key("two\nlines"),
+        ];
+        for message in cases {
+            let error = nats_headers(&message).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::Broker, "{error}");
+        }
+    }
+
+    #[test]
+    fn only_nats_control_headers_are_control_headers() {
+        for name in [
+            "Nats-Msg-Id",
+            "nats-expected-stream",
+            "NATS-Expected-Last-Sequence",
+        ] {
+            assert!(is_control_header(name), "{name}");
+        }
+        for name in ["X-Event-ID", "Nats", "X-Nats-Msg-Id", "natsy", ""] {
+            assert!(!is_control_header(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn dead_letter_topics_and_envelopes_default_to_file_storage() {
+        let config = NatsConfig::default();
+        assert_eq!(storage_for(&config, "orders", true), Storage::File);
+        assert_eq!(storage_for(&config, "orders", false), Storage::Memory);
+        assert_eq!(storage_for(&config, "orders.DLQ", false), Storage::File);
+    }
+}
