@@ -102,10 +102,16 @@ impl SubscribeOptions {
         self
     }
 
-    /// The dead-letter topic for a subscription to `topic`, validated; `None` when disabled.
+    /// The dead-letter topic for a subscription to `topic`, validated; `None` when disabled. A
+    /// dead-letter topic equal to `topic` is refused (a failure would be consumed again by the
+    /// subscription that failed it, for ever).
     pub fn dead_letter_topic(&self, topic: &str) -> Result<Option<String>, Error> {
         match &self.dead_letter {
             DeadLetter::Default => dead_letter_topic(topic).map(Some),
+            DeadLetter::Topic(custom) if custom == topic => Err(Error::config(
+                "dead_letter",
+                format!("the dead-letter topic of {topic:?} cannot be {topic:?} itself"),
+            )),
             DeadLetter::Topic(custom) => {
                 validate_topic(custom)?;
                 Ok(Some(custom.clone()))
@@ -175,6 +181,11 @@ mod tests {
         );
         let bad = SubscribeOptions::new().with_dead_letter(DeadLetter::Topic("a b".into()));
         assert!(bad.dead_letter_topic("orders").is_err());
+        let itself = SubscribeOptions::new().with_dead_letter(DeadLetter::Topic("orders".into()));
+        assert_eq!(
+            itself.dead_letter_topic("orders").unwrap_err().kind(),
+            crate::ErrorKind::Config
+        );
         let long = "t".repeat(246);
         assert!(SubscribeOptions::new().dead_letter_topic(&long).is_err());
         assert!(

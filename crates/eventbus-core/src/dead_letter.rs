@@ -2,6 +2,7 @@
 
 use time::OffsetDateTime;
 
+use crate::headers::header_value;
 use crate::message::{Message, OutboundMessage, Position};
 use crate::timestamp;
 
@@ -22,7 +23,9 @@ pub const HEADER_ORIGINAL_STREAM_SEQUENCE: &str = "X-Original-Stream-Sequence";
 
 /// The message to write to the dead-letter topic for `message`: its payload, key and headers
 /// byte for byte, plus the `X-Original-*`, `X-Error-Message`, `X-Failed-Attempts` and
-/// `X-Dead-Lettered-At` headers (earlier values of those headers are replaced).
+/// `X-Dead-Lettered-At` headers (earlier values of those headers are replaced). The error text
+/// goes through [`header_value`](crate::header_value): line breaks and control characters
+/// escaped, at most 4 KiB.
 ///
 /// ```
 /// use eventbus_core::{dead_letter_message, Message, Position};
@@ -38,7 +41,7 @@ pub const HEADER_ORIGINAL_STREAM_SEQUENCE: &str = "X-Original-Stream-Sequence";
 pub fn dead_letter_message(message: &Message, error: &str, attempts: u32) -> OutboundMessage {
     let mut headers = message.headers.clone();
     headers.insert(HEADER_ORIGINAL_TOPIC, message.topic.clone());
-    headers.insert(HEADER_ERROR_MESSAGE, error.to_owned());
+    headers.insert(HEADER_ERROR_MESSAGE, header_value(error));
     headers.insert(HEADER_FAILED_ATTEMPTS, attempts.to_string());
     let now = timestamp::format(&OffsetDateTime::now_utc())
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".to_owned());
@@ -86,5 +89,22 @@ mod tests {
         assert!(!dead.headers.contains("X-Original-Stream-Sequence"));
         let at = dead.headers.get_str("X-Dead-Lettered-At").unwrap();
         assert!(timestamp::parse(at.as_bytes()).is_ok(), "{at}");
+    }
+
+    #[test]
+    fn a_multi_line_error_is_one_escaped_line() {
+        let message = Message::new("orders", &b"{}"[..]);
+        let reason = "assertion `left == right` failed\n  left: 1\n right: 2\r\0";
+        let dead = dead_letter_message(&message, reason, 1);
+        let written = dead.headers.get_str("X-Error-Message").unwrap();
+        assert_eq!(
+            written,
+            "assertion `left == right` failed\\n  left: 1\\n right: 2\\r\\u0000"
+        );
+        assert!(!written.chars().any(|c| c.is_control()));
+        let long = "x".repeat(10_000);
+        let dead = dead_letter_message(&message, &long, 1);
+        let written = dead.headers.get_str("X-Error-Message").unwrap();
+        assert!(written.len() <= crate::MAX_HEADER_VALUE && written.ends_with('…'));
     }
 }

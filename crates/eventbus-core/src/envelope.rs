@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::aggregate_id::{self, AggregateId, AggregateIdError};
 use crate::error::Error;
-use crate::headers::Headers;
+use crate::headers::{Headers, header_value};
 use crate::json::{self, Next, Reader, SyntaxError};
 use crate::timestamp;
 
@@ -346,15 +346,15 @@ impl Envelope {
     /// `X-Tenant-ID`.
     pub fn headers(&self) -> Headers {
         let mut headers = Headers::new();
-        headers.append(HEADER_EVENT_ID, self.event_id.clone());
+        headers.append(HEADER_EVENT_ID, header_value(&self.event_id));
         headers.append(HEADER_AGGREGATE_ID, self.aggregate_id.clone());
-        headers.append(HEADER_EVENT_TYPE, self.event_type.clone());
+        headers.append(HEADER_EVENT_TYPE, header_value(&self.event_type));
         headers.append(HEADER_EVENT_VERSION, self.event_version.to_string());
         if !self.trace_id.is_empty() {
-            headers.append(HEADER_TRACE_ID, self.trace_id.clone());
+            headers.append(HEADER_TRACE_ID, header_value(&self.trace_id));
         }
         if !self.correlation_id.is_empty() {
-            headers.append(HEADER_CORRELATION_ID, self.correlation_id.clone());
+            headers.append(HEADER_CORRELATION_ID, header_value(&self.correlation_id));
         }
         if self.tenant_id != 0 {
             headers.append(HEADER_TENANT_ID, self.tenant_id.to_string());

@@ -2,6 +2,43 @@
 
 use bytes::Bytes;
 
+/// The longest header value the bus writes itself (`X-Error-Message` and the envelope headers):
+/// longer text is cut at a character boundary and ends with `…`.
+pub const MAX_HEADER_VALUE: usize = 4096;
+
+/// `text` made safe as a header value on every transport: CR, LF and tab as `\r`, `\n`, `\t`,
+/// other control characters (U+0000–U+001F, U+007F) as `\u00xx`, and at most
+/// [`MAX_HEADER_VALUE`] bytes. The bus applies it to the header values it generates from fields
+/// that may hold anything (an error message, an envelope's event type or trace ID), so that a
+/// multi-line `assert_eq!` panic or a Go service's odd field cannot make a publish or a
+/// dead-letter write fail.
+///
+/// ```
+/// use eventbus_core::header_value;
+///
+/// assert_eq!(header_value("assertion failed\n  left: 1"), "assertion failed\\n  left: 1");
+/// assert_eq!(header_value("bell\u{7}"), "bell\\u0007");
+/// assert_eq!(header_value("plain ünïcode"), "plain ünïcode");
+/// ```
+pub fn header_value(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len().min(MAX_HEADER_VALUE));
+    for c in text.chars() {
+        let piece = match c {
+            '\r' => "\\r".to_owned(),
+            '\n' => "\\n".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if c.is_ascii_control() => format!("\\u{:04x}", u32::from(c)),
+            c => c.to_string(),
+        };
+        if escaped.len() + piece.len() > MAX_HEADER_VALUE - '…'.len_utf8() {
+            escaped.push('…');
+            break;
+        }
+        escaped.push_str(&piece);
+    }
+    escaped
+}
+
 /// Message headers: ordered, case-preserving, repeated names kept, values are bytes.
 ///
 /// This is the common shape of Kafka record headers and NATS message headers. Lookups by name

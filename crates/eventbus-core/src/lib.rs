@@ -95,7 +95,7 @@ pub use error::{BoxError, Error, ErrorKind};
 pub use handler::{
     EnvelopeHandler, HandlerContext, HandlerError, HandlerErrorKind, MessageHandler,
 };
-pub use headers::Headers;
+pub use headers::{Headers, MAX_HEADER_VALUE, header_value};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
 pub use message::{DeliveryMeta, Message, OutboundMessage, Position};
 pub use metrics::metric_namespace;

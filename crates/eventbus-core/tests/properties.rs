@@ -203,3 +203,20 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever an error or an envelope field holds, the header value the bus writes from it is
+    /// one line of printable characters within the size limit, and text without control
+    /// characters is kept as it is.
+    #[test]
+    fn header_values_have_no_control_characters_and_a_bounded_size(text in any::<String>()) {
+        let value = eventbus_core::header_value(&text);
+        prop_assert!(!value.chars().any(|c| c.is_ascii_control()), "{value:?}");
+        prop_assert!(value.len() <= eventbus_core::MAX_HEADER_VALUE);
+        if !text.chars().any(|c| c.is_ascii_control()) && text.len() < 4000 {
+            prop_assert_eq!(value, text);
+        }
+    }
+}
