@@ -54,6 +54,31 @@ pub fn assert_first_handlings_in_order(
     duplicates
 }
 
+/// Checks that each aggregate's handlings only ever go forward by one version or start a replay
+/// (a version already handled), and that every replay runs on to the last version: a
+/// redelivery replays a suffix in order, and no old event is handled alone after newer ones.
+pub fn assert_replays_are_in_order_suffixes(handled: &[(String, i64)]) {
+    let mut per_aggregate: HashMap<&str, Vec<i64>> = HashMap::new();
+    for (aggregate, version) in handled {
+        per_aggregate.entry(aggregate).or_default().push(*version);
+    }
+    for (aggregate, versions) in per_aggregate {
+        for pair in versions.windows(2) {
+            let (before, after) = (pair[0], pair[1]);
+            assert!(
+                after == before + 1 || after <= before,
+                "{aggregate}: version {after} handled right after {before}: {versions:?}"
+            );
+        }
+        let last = versions.last().copied().unwrap_or_default();
+        let highest = versions.iter().copied().max().unwrap_or_default();
+        assert_eq!(
+            last, highest,
+            "{aggregate}: an old version was handled after the newest: {versions:?}"
+        );
+    }
+}
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,6 +145,12 @@ pub trait BusFactory: Send + Sync {
 
     /// A topic name unique to this test run (brokers keep topics between tests).
     fn topic(&self, name: &str) -> String;
+
+    /// Whether the backend delivers again what a subscription gave back (a broker does; memory
+    /// drops it).
+    fn redelivers(&self) -> bool {
+        true
+    }
 }
 
 /// How long a check waits for what it expects.
@@ -623,4 +654,309 @@ pub async fn close_drains_in_flight_work(factory: &dyn BusFactory) {
         .unwrap_err();
     assert_eq!(error.kind(), eventbus_core::ErrorKind::Closed);
     bus.close().await.unwrap();
+}
+
+/// Handled versions per aggregate in the order their first handling happened.
+fn first_handlings(handled: &[i64]) -> Vec<i64> {
+    let mut first = Vec::new();
+    for version in handled {
+        if !first.contains(version) {
+            first.push(*version);
+        }
+    }
+    first
+}
+
+/// v1 of an aggregate is running and v2 queued when the subscription is stopped; the topic is
+/// subscribed again (while the old subscription still finishes v1) and v3 published: the
+/// aggregate's events are still handled in order, and on a broker v2 is not lost.
+pub async fn resubscribing_keeps_each_aggregates_order(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            pool_size: 2,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("resubscribe");
+    let handled = Recorder::<i64>::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (h, g) = (handled.clone(), gate.clone());
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (h, g) = (h.clone(), g.clone());
+            async move {
+                h.push(envelope.event_version);
+                if envelope.event_version == 1 {
+                    g.acquire().await.unwrap().forget();
+                }
+                Ok(())
+            }
+        })
+    };
+    let first = bus
+        .subscribe_envelope(&topic, handler.clone(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    for version in 1..=2 {
+        bus.publish_envelope(&topic, &envelope("agg-re", version))
+            .await
+            .unwrap();
+    }
+    handled.wait_for("v1 running", |e| e == [1]).await;
+    let unsubscribing = tokio::spawn(first.unsubscribe());
+    let resubscribing = {
+        let (bus, topic, handler) = (bus.clone(), topic.clone(), handler.clone());
+        tokio::spawn(async move {
+            bus.subscribe_envelope(&topic, handler, SubscribeOptions::new())
+                .await
+        })
+    };
+    gate.add_permits(1);
+    unsubscribing.await.unwrap().unwrap();
+    let _second = resubscribing.await.unwrap().unwrap();
+    bus.publish_envelope(&topic, &envelope("agg-re", 3))
+        .await
+        .unwrap();
+    let expected: &[i64] = if factory.redelivers() {
+        &[1, 2, 3]
+    } else {
+        &[1, 3]
+    };
+    let events = handled
+        .wait_for("the aggregate's events after re-subscribing", |e| {
+            expected.iter().all(|version| e.contains(version))
+        })
+        .await;
+    assert_eq!(first_handlings(&events), expected, "handled {events:?}");
+    bus.close().await.unwrap();
+}
+
+/// A failure whose text spans lines (any `assert_eq!` panic) is dead-lettered with that text as
+/// one escaped header line, and the aggregate moves on; envelope fields with control characters
+/// travel too.
+pub async fn a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("multiline");
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                if envelope.event_version == 1 {
+                    return Err(HandlerError::permanent(
+                        "assertion failed\n  left: 1\n right: 2",
+                    ));
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let mut first = envelope("agg-lines", 1);
+    first.trace_id = "trace\r\nX-Injected: 1\u{1}".into();
+    first.event_type = "Changed\tTwice".into();
+    bus.publish_envelope(&topic, &first).await.unwrap();
+    bus.publish_envelope(&topic, &envelope("agg-lines", 2))
+        .await
+        .unwrap();
+    let letters = dead.wait_for("the dead letter", |e| !e.is_empty()).await;
+    assert_eq!(
+        letters[0].headers.get_str("X-Error-Message"),
+        Some("assertion failed\\n  left: 1\\n right: 2")
+    );
+    assert_eq!(letters[0].payload, first.to_bytes().unwrap());
+    assert!(!letters[0].headers.contains("X-Injected"));
+    assert_eq!(handled.wait_for("v2", |e| e.len() == 1).await, [2]);
+    bus.close().await.unwrap();
+}
+
+/// Two subscriptions of one topic that both fail the same envelope both write their dead
+/// letter: neither is taken for a duplicate of the other.
+pub async fn two_subscriptions_dead_lettering_one_message_both_write_it(factory: &dyn BusFactory) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("twice");
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    for _ in 0..2 {
+        bus.subscribe_envelope(
+            &topic,
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Err(HandlerError::permanent("refused"))
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    }
+    let event = envelope("agg-twice", 1);
+    bus.publish_envelope(&topic, &event).await.unwrap();
+    let letters = dead.wait_for("two dead letters", |e| e.len() >= 2).await;
+    for letter in &letters {
+        assert_eq!(
+            letter.headers.get_str("X-Event-ID"),
+            Some(event.event_id.as_str())
+        );
+    }
+    bus.close().await.unwrap();
+}
+
+/// With one actor and room for one queued job, a handler that publishes on its own bus while
+/// the engine is full keeps the bus moving: every follow-up is handled.
+pub async fn a_handler_publishing_on_its_own_bus_does_not_deadlock(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            pool_size: 1,
+            inbox_size: 1,
+            ..Settings::default()
+        })
+        .await;
+    let (first, second) = (factory.topic("chain.a"), factory.topic("chain.b"));
+    let followed = collect(&bus, &second).await;
+    let started = Recorder::<i64>::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (publisher, next, s, g) = (bus.clone(), second.clone(), started.clone(), gate.clone());
+    bus.subscribe_envelope(
+        &first,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (publisher, next, s, g) = (publisher.clone(), next.clone(), s.clone(), g.clone());
+            async move {
+                s.push(envelope.event_version);
+                if envelope.event_version == 1 {
+                    // Publish only once the engine is full behind this handler.
+                    g.acquire().await.unwrap().forget();
+                }
+                let message = OutboundMessage::new(envelope.event_version.to_string().into_bytes())
+                    .with_key(envelope.aggregate_id.clone());
+                publisher
+                    .publish(&next, message)
+                    .await
+                    .map_err(HandlerError::transient)
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(&first, &envelope("agg-chain", 1))
+        .await
+        .unwrap();
+    started.wait_for("v1 running", |e| e.len() == 1).await;
+    bus.publish_envelope(&first, &envelope("agg-chain", 2))
+        .await
+        .unwrap();
+    gate.add_permits(1);
+    let rest = {
+        let (bus, first) = (bus.clone(), first.clone());
+        tokio::spawn(async move {
+            for version in 3..=5 {
+                bus.publish_envelope(&first, &envelope("agg-chain", version))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let events = followed.wait_for("five follow-ups", |e| e.len() >= 5).await;
+    let payloads: Vec<&[u8]> = events.iter().map(|m| m.payload.as_ref()).collect();
+    assert_eq!(payloads, [&b"1"[..], b"2", b"3", b"4", b"5"]);
+    rest.await.unwrap();
+    bus.close().await.unwrap();
+}
+
+/// A publish future dropped while it waits (for room in a full engine, or for the broker) does
+/// not keep `close` from finishing.
+pub async fn a_dropped_publish_does_not_hang_close(factory: &dyn BusFactory) {
+    let bus = factory
+        .bus(Settings {
+            pool_size: 1,
+            inbox_size: 1,
+            drain_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("dropped");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Recorder::<i64>::new();
+    let (g, s) = (gate.clone(), started.clone());
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (g, s) = (g.clone(), s.clone());
+            async move {
+                s.push(envelope.event_version);
+                g.acquire().await.unwrap().forget();
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(&topic, &envelope("agg-drop", 1))
+        .await
+        .unwrap();
+    started.wait_for("v1 running", |e| e.len() == 1).await;
+    bus.publish_envelope(&topic, &envelope("agg-drop", 2))
+        .await
+        .unwrap();
+    // The engine is full (one running, one queued): this publish may wait, and is dropped.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        bus.publish_envelope(&topic, &envelope("agg-drop", 3)),
+    )
+    .await;
+    gate.add_permits(10);
+    tokio::time::timeout(Duration::from_secs(15), bus.close())
+        .await
+        .expect("close hung after a dropped publish")
+        .unwrap();
+}
+
+/// After a subscription is stopped and the bus closed and dropped, no task of the bus is left
+/// running (no in-progress signals after `close`).
+pub async fn close_after_unsubscribe_leaves_no_task_running(factory: &dyn BusFactory) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("tasks");
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    let subscription = bus
+        .subscribe_envelope(
+            &topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push(envelope.event_version);
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    for version in 1..=3 {
+        bus.publish_envelope(&topic, &envelope("agg-tasks", version))
+            .await
+            .unwrap();
+    }
+    handled.wait_for("three handled", |e| e.len() == 3).await;
+    subscription.unsubscribe().await.unwrap();
+    bus.close().await.unwrap();
+    drop(bus);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while metrics.num_alive_tasks() > before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} tasks still alive after close (before the bus: {before})",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -34,6 +34,10 @@ impl BusFactory for Memory {
     fn topic(&self, name: &str) -> String {
         format!("conformance.{name}")
     }
+
+    fn redelivers(&self) -> bool {
+        false
+    }
 }
 
 macro_rules! conformance {
@@ -56,6 +60,12 @@ conformance!(
     plain_messages_are_at_most_once,
     unsubscribe_stops_delivery,
     close_drains_in_flight_work,
+    resubscribing_keeps_each_aggregates_order,
+    a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on,
+    two_subscriptions_dead_lettering_one_message_both_write_it,
+    a_handler_publishing_on_its_own_bus_does_not_deadlock,
+    a_dropped_publish_does_not_hang_close,
+    close_after_unsubscribe_leaves_no_task_running,
 );
 
 /// Memory has no broker to hold messages, so a slow handler must slow its publishers: the engine

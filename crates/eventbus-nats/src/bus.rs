@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::NatsConfig;
 use crate::connection::{ConnectionState, connect};
-use crate::consumer::ensure_consumer;
+use crate::consumer::{Resume, ensure_consumer};
 use crate::fetch::{self, Fetch};
 use crate::names::durable_name;
 use crate::publish::{Broker, storage_for};
@@ -270,8 +270,12 @@ impl NatsBus {
                 .map_err(|error| Error::broker(format!("cannot subscribe to {topic}"), error))?;
             Source::Core(subscriber)
         } else {
-            let first_read = !lock(&inner.read_durables).contains(&durable);
-            let consumer = ensure_consumer(broker, topic, &durable, envelopes, first_read).await?;
+            let resume = if lock(&inner.read_durables).contains(&durable) {
+                Resume::No
+            } else {
+                Resume::IfAbandoned
+            };
+            let consumer = ensure_consumer(broker, topic, &durable, envelopes, resume).await?;
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
         };
@@ -282,7 +286,12 @@ impl NatsBus {
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
         let consumer = inner.runtime.subscribe(spec)?;
-        let fetch = Arc::new(Fetch::new(topic, durable, consumer));
+        let fetch = Arc::new(Fetch::new(
+            topic,
+            durable,
+            consumer,
+            inner.connection.clone(),
+        ));
         let task = match source {
             Source::Core(subscriber) => tokio::spawn(fetch::core_loop(fetch.clone(), subscriber)),
             Source::Pull(consumer) => {

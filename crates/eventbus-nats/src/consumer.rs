@@ -5,22 +5,34 @@ use eventbus_core::Error;
 
 use crate::publish::{Broker, storage_for};
 
+/// When [`ensure_consumer`] re-creates a durable from its ack floor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resume {
+    /// Never: keep the durable's position.
+    No,
+    /// When it has unacknowledged messages and no other client is pulling (a dead run's).
+    IfAbandoned,
+    /// When it has unacknowledged messages: the caller holds none, so the server's view is
+    /// stale (it came back from a crash with an older state).
+    Always,
+}
+
 /// The durable consumer `durable` of `topic`, created, or updated when its configuration
 /// changed. A durable of that name that filters another subject belongs to something else (or
 /// to a name collision): that is an error, never a silent move of its filter.
 ///
-/// With `resume` (the first subscribe of this bus to the durable), a durable left with
-/// unacknowledged messages by a previous run that is gone (no pull request of another client
-/// waiting) is re-created from its ack floor,
-/// so that the messages the dead run held come back first and in stream order: a crash replays
-/// a suffix in order instead of redelivering the held messages after newer ones once their
-/// `ack_wait` runs out.
+/// With [`Resume::IfAbandoned`] (the first subscribe of this bus to the durable), a durable left
+/// with unacknowledged messages by a previous run that is gone (no pull request of another
+/// client waiting) is re-created from its ack floor, so that the messages the dead run held come
+/// back first and in stream order: a crash replays a suffix in order instead of redelivering the
+/// held messages after newer ones once their `ack_wait` runs out. [`Resume::Always`] does so
+/// whenever messages are unacknowledged (the caller holds none: they are stale).
 pub(crate) async fn ensure_consumer(
     broker: &Broker,
     topic: &str,
     durable: &str,
     envelopes: bool,
-    resume: bool,
+    resume: Resume,
 ) -> Result<PullConsumer, Error> {
     let settings = &broker.config.consumer;
     let storage = storage_for(&broker.config, topic, envelopes);
@@ -53,13 +65,18 @@ pub(crate) async fn ensure_consumer(
                 ),
             ));
         }
-        if resume && info.num_ack_pending > 0 && info.num_waiting == 0 {
+        let abandoned = match resume {
+            Resume::No => false,
+            Resume::IfAbandoned => info.num_ack_pending > 0 && info.num_waiting == 0,
+            Resume::Always => info.num_ack_pending > 0,
+        };
+        if abandoned {
             let start = info.ack_floor.stream_sequence + 1;
             tracing::info!(
                 durable = %durable,
                 unacknowledged = info.num_ack_pending,
                 start,
-                "a previous run left messages unacknowledged; replaying from the ack floor in order"
+                "messages are unacknowledged that this bus does not hold; replaying from the ack floor in order"
             );
             stream.delete_consumer(durable).await.map_err(|error| {
                 Error::broker(format!("cannot reset consumer {}", durable), error)
@@ -68,7 +85,7 @@ pub(crate) async fn ensure_consumer(
                 start_sequence: start,
             };
         } else {
-            if resume && info.num_ack_pending > 0 {
+            if resume != Resume::No && info.num_ack_pending > 0 {
                 tracing::warn!(
                     durable = %durable,
                     unacknowledged = info.num_ack_pending,

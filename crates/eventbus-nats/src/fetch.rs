@@ -11,8 +11,9 @@ use eventbus_core::{CancellationToken, DeliveryMeta, Error, Position};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
 use futures::StreamExt;
 
-use crate::consumer::ensure_consumer;
-use crate::publish::Broker;
+use crate::connection::ConnectionState;
+use crate::consumer::{Resume, ensure_consumer};
+use crate::publish::{Broker, storage_for};
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
 
@@ -25,16 +26,24 @@ pub(crate) struct Fetch {
     pub(crate) stop: CancellationToken,
     /// Stopping because the bus closes: take one last batch first.
     draining: AtomicBool,
+    /// The connection, to notice that the server was lost (and may come back with older state).
+    connection: Arc<ConnectionState>,
 }
 
 impl Fetch {
-    pub(crate) fn new(topic: &str, durable: String, consumer: Arc<Consumer>) -> Self {
+    pub(crate) fn new(
+        topic: &str,
+        durable: String,
+        consumer: Arc<Consumer>,
+        connection: Arc<ConnectionState>,
+    ) -> Self {
         Self {
             topic: topic.to_owned(),
             durable,
             consumer,
             stop: CancellationToken::new(),
             draining: AtomicBool::new(false),
+            connection,
         }
     }
 
@@ -65,7 +74,24 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
     // Closing takes one last batch without waiting, after the open requests: what was
     // published just before `close` is handled, and a long backlog is left for the next run.
     let mut last_batch_taken = false;
+    let mut disconnects = fetch.connection.disconnects();
     'pulls: loop {
+        if fetch.connection.disconnects() != disconnects && !fetch.stop.is_cancelled() {
+            // The server was lost: its pull requests died with it, and it may have come back
+            // with an older view of the durable.
+            prefetched = None;
+            match reconcile(&broker, &fetch, envelopes).await {
+                Ok(Some(fresh)) => {
+                    consumer = fresh;
+                    disconnects = fetch.connection.disconnects();
+                }
+                Ok(None) => disconnects = fetch.connection.disconnects(),
+                // Not reachable yet: checked again before the next pull.
+                Err(error) => {
+                    tracing::debug!(durable = %fetch.durable, %error, "durable not checked yet")
+                }
+            }
+        }
         let stopping = fetch.stop.is_cancelled();
         if stopping && prefetched.is_none() && (!fetch.draining() || last_batch_taken) {
             break;
@@ -152,7 +178,9 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             // The stream or consumer may be gone (a memory stream after a server restart, a
             // deleted consumer): find or make them again.
             broker.streams.forget(&fetch.topic).await;
-            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, false).await {
+            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, Resume::No)
+                .await
+            {
                 Ok(fresh) => consumer = fresh,
                 Err(error) => {
                     tracing::warn!(durable = %fetch.durable, %error, "consumer not ready")
@@ -161,6 +189,57 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         }
     }
     tracing::debug!(durable = %fetch.durable, "stopped fetching");
+}
+
+/// After the server was lost: once this subscription holds nothing, a durable that still has
+/// unacknowledged messages has them only in the server's (older) view, since everything this
+/// bus took was settled. Left alone, the server would redeliver them after `ack_wait`, after
+/// newer events of their aggregates; instead the durable is re-created from its ack floor, so
+/// that the server replays a suffix in order. `None` when nothing had to change.
+async fn reconcile(
+    broker: &Broker,
+    fetch: &Fetch,
+    envelopes: bool,
+) -> Result<Option<PullConsumer>, Error> {
+    while fetch.consumer.held() > 0 {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            () = fetch.stop.cancelled() => return Ok(None),
+        }
+    }
+    let storage = storage_for(&broker.config, &fetch.topic, envelopes);
+    let stream = broker
+        .streams
+        .ensure(&broker.js, &fetch.topic, storage)
+        .await?;
+    let read = |error: String| Error::Broker {
+        message: format!("cannot read consumer {}: {error}", fetch.durable),
+        source: None,
+    };
+    let mut existing = broker
+        .js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            &fetch.durable,
+            &stream,
+        )
+        .await
+        .map_err(|error| read(error.to_string()))?;
+    let info = existing
+        .info()
+        .await
+        .map_err(|error| read(error.to_string()))?;
+    if info.num_ack_pending == 0 {
+        return Ok(None);
+    }
+    ensure_consumer(
+        broker,
+        &fetch.topic,
+        &fetch.durable,
+        envelopes,
+        Resume::Always,
+    )
+    .await
+    .map(Some)
 }
 
 /// Waits before the next pull after `failures` failures in a row; true when the subscription
