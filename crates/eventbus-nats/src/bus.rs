@@ -21,7 +21,7 @@ use crate::connection::{ConnectionState, connect};
 use crate::consumer::{Resume, ensure_consumer};
 use crate::fetch::{self, Fetch};
 use crate::names::durable_name;
-use crate::publish::{Broker, storage_for};
+use crate::publish::{Broker, Kind, stream_spec};
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
 
@@ -329,8 +329,8 @@ impl EventBus for NatsBus {
             return Err(Error::Closed);
         }
         let broker = &self.inner.broker;
-        let storage = storage_for(&broker.config, topic, false);
-        broker.publish_to(topic, message, None, storage).await
+        let stream = stream_spec(&broker.config, topic, Kind::Plain);
+        broker.publish_to(topic, message, None, stream).await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
@@ -344,9 +344,9 @@ impl EventBus for NatsBus {
             headers: envelope.headers(),
         };
         let broker = &self.inner.broker;
-        let storage = storage_for(&broker.config, topic, true);
+        let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
         broker
-            .publish_to(topic, message, Some(&envelope.event_id), storage)
+            .publish_to(topic, message, Some(&envelope.event_id), stream)
             .await
     }
 

@@ -62,6 +62,17 @@ pub struct StreamLimits {
     pub max_msgs: Option<u64>,
 }
 
+impl StreamLimits {
+    /// The default limits of dead-letter streams: no age limit (a dead letter waits until
+    /// someone looks at it), the default size limits.
+    pub fn dead_letters() -> Self {
+        Self {
+            max_age: None,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for StreamLimits {
     fn default() -> Self {
         Self {
@@ -176,6 +187,9 @@ pub struct NatsConfig {
     pub stream_prefix: String,
     /// Limits of the streams created per topic.
     pub stream_limits: StreamLimits,
+    /// Limits of the dead-letter streams the bus creates (always file storage). Default
+    /// [`StreamLimits::dead_letters`]: no age limit.
+    pub dead_letter_limits: StreamLimits,
     /// Streams created or updated at connect; a topic their subjects cover uses them.
     pub streams: Vec<StreamDefinition>,
     /// Options per topic.
@@ -203,6 +217,7 @@ impl Default for NatsConfig {
             publish_timeout: Duration::from_secs(5),
             stream_prefix: "STREAM_".to_owned(),
             stream_limits: StreamLimits::default(),
+            dead_letter_limits: StreamLimits::dead_letters(),
             streams: Vec::new(),
             topics: BTreeMap::new(),
             consumer: ConsumerSettings::default(),

@@ -3,7 +3,7 @@
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use eventbus_core::Error;
 
-use crate::publish::{Broker, storage_for};
+use crate::publish::{Broker, Kind, stream_spec};
 
 /// When [`ensure_consumer`] re-creates a durable from its ack floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,8 +35,15 @@ pub(crate) async fn ensure_consumer(
     resume: Resume,
 ) -> Result<PullConsumer, Error> {
     let settings = &broker.config.consumer;
-    let storage = storage_for(&broker.config, topic, envelopes);
-    let stream_name = broker.streams.ensure(&broker.js, topic, storage).await?;
+    let kind = if envelopes {
+        Kind::Envelopes
+    } else {
+        Kind::Plain
+    };
+    let stream_name = broker
+        .streams
+        .ensure(&broker.js, topic, stream_spec(&broker.config, topic, kind))
+        .await?;
     let stream = broker
         .js
         .get_stream_no_info(&stream_name)

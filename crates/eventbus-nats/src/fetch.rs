@@ -13,7 +13,7 @@ use futures::StreamExt;
 
 use crate::connection::ConnectionState;
 use crate::consumer::{Resume, ensure_consumer};
-use crate::publish::{Broker, storage_for};
+use crate::publish::{Broker, Kind, stream_spec};
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
 
@@ -207,10 +207,15 @@ async fn reconcile(
             () = fetch.stop.cancelled() => return Ok(None),
         }
     }
-    let storage = storage_for(&broker.config, &fetch.topic, envelopes);
+    let kind = if envelopes {
+        Kind::Envelopes
+    } else {
+        Kind::Plain
+    };
+    let spec = stream_spec(&broker.config, &fetch.topic, kind);
     let stream = broker
         .streams
-        .ensure(&broker.js, &fetch.topic, storage)
+        .ensure(&broker.js, &fetch.topic, spec)
         .await?;
     let read = |error: String| Error::Broker {
         message: format!("cannot read consumer {}: {error}", fetch.durable),

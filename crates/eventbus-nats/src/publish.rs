@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, OutboundMessage};
 use eventbus_pool::consume::Transport;
 
-use crate::config::{NatsConfig, Storage};
+use crate::config::{NatsConfig, Storage, StreamLimits};
 use crate::stats::Counters;
 use crate::streams::Streams;
 
@@ -29,16 +29,46 @@ pub(crate) struct Broker {
     pub(crate) counters: Counters,
 }
 
-/// The default storage of a topic's stream: file for envelope and dead-letter topics, memory
-/// for plain topics, unless the topic's options say otherwise.
-pub(crate) fn storage_for(config: &NatsConfig, topic: &str, envelopes: bool) -> Storage {
-    config.topic(topic).storage.unwrap_or(
-        if envelopes || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX) {
-            Storage::File
-        } else {
-            Storage::Memory
-        },
-    )
+/// What a topic's messages are, for the stream made for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Plain,
+    Envelopes,
+    DeadLetters,
+}
+
+/// The stream a topic needs: its storage and limits, and whether it holds dead letters (which
+/// must be stored on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamSpec {
+    pub(crate) storage: Storage,
+    pub(crate) limits: StreamLimits,
+    pub(crate) dead_letters: bool,
+}
+
+/// The stream for `topic`: file storage for envelope and dead-letter topics, memory for plain
+/// topics, unless the topic's options say otherwise; dead-letter topics (`kind`, or a name ending
+/// in `.DLQ`) always on file, with the dead-letter limits (no age limit by default).
+pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> StreamSpec {
+    let dead_letters =
+        kind == Kind::DeadLetters || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX);
+    if dead_letters {
+        return StreamSpec {
+            storage: Storage::File,
+            limits: config.dead_letter_limits,
+            dead_letters,
+        };
+    }
+    let default = if kind == Kind::Envelopes {
+        Storage::File
+    } else {
+        Storage::Memory
+    };
+    StreamSpec {
+        storage: config.topic(topic).storage.unwrap_or(default),
+        limits: config.stream_limits,
+        dead_letters,
+    }
 }
 
 /// NATS headers from ours, plus the key header; a header NATS cannot carry is a typed error.
@@ -81,7 +111,7 @@ impl Broker {
         topic: &str,
         message: OutboundMessage,
         message_id: Option<&str>,
-        storage: Storage,
+        stream: StreamSpec,
     ) -> Result<(), Error> {
         let headers = nats_headers(&message)?;
         if self.config.topic(topic).ephemeral {
@@ -91,7 +121,7 @@ impl Broker {
                 .await
                 .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error));
         }
-        self.streams.ensure(&self.js, topic, storage).await?;
+        self.streams.ensure(&self.js, topic, stream).await?;
         match self
             .send(topic, &message, headers.clone(), message_id)
             .await
@@ -100,7 +130,7 @@ impl Broker {
                 // The stream went away (a memory stream after a server restart): find or make
                 // it again, once.
                 self.streams.forget(topic).await;
-                self.streams.ensure(&self.js, topic, storage).await?;
+                self.streams.ensure(&self.js, topic, stream).await?;
                 self.send(topic, &message, headers, message_id)
                     .await
                     .map_err(|failure| failure.into_error(topic))
@@ -186,8 +216,8 @@ impl Transport for Broker {
         for name in control {
             letter.headers.remove(&name);
         }
-        self.publish_to(topic, letter, dedup_id, Storage::File)
-            .await
+        let stream = stream_spec(&self.config, topic, Kind::DeadLetters);
+        self.publish_to(topic, letter, dedup_id, stream).await
     }
 }
 
@@ -250,8 +280,21 @@ mod tests {
     #[test]
     fn dead_letter_topics_and_envelopes_default_to_file_storage() {
         let config = NatsConfig::default();
-        assert_eq!(storage_for(&config, "orders", true), Storage::File);
-        assert_eq!(storage_for(&config, "orders", false), Storage::Memory);
-        assert_eq!(storage_for(&config, "orders.DLQ", false), Storage::File);
+        let storage = |topic, kind| stream_spec(&config, topic, kind).storage;
+        assert_eq!(storage("orders", Kind::Envelopes), Storage::File);
+        assert_eq!(storage("orders", Kind::Plain), Storage::Memory);
+        assert_eq!(storage("orders.DLQ", Kind::Plain), Storage::File);
+        assert_eq!(storage("orders.failed", Kind::DeadLetters), Storage::File);
+        let limits = stream_spec(&config, "orders.failed", Kind::DeadLetters).limits;
+        assert_eq!(
+            limits.max_age, None,
+            "dead letters do not expire by default"
+        );
+        assert!(
+            stream_spec(&config, "orders", Kind::Envelopes)
+                .limits
+                .max_age
+                .is_some()
+        );
     }
 }

@@ -8,11 +8,11 @@ use eventbus_core::Error;
 
 use crate::config::{NatsConfig, Storage, StreamDefinition, StreamLimits};
 use crate::names::{stream_name, subject_matches};
+use crate::publish::StreamSpec;
 
 /// Which stream holds each topic the bus has used, found or created once.
 pub(crate) struct Streams {
     prefix: String,
-    limits: StreamLimits,
     definitions: Vec<StreamDefinition>,
     known: tokio::sync::Mutex<HashMap<String, String>>,
 }
@@ -38,11 +38,21 @@ fn stream_config(
     }
 }
 
+/// The error for dead letters that would land in a memory stream.
+fn memory_dead_letters(topic: &str, stream: &str) -> Error {
+    Error::config(
+        "nats.streams",
+        format!(
+            "dead-letter topic {topic} is held by stream {stream}, which keeps messages in memory: \
+             dead letters would be lost at the next server restart; give {topic} a file stream"
+        ),
+    )
+}
+
 impl Streams {
     pub(crate) fn new(config: &NatsConfig) -> Self {
         Self {
             prefix: config.stream_prefix.clone(),
-            limits: config.stream_limits,
             definitions: config.streams.clone(),
             known: tokio::sync::Mutex::new(HashMap::new()),
         }
@@ -67,7 +77,9 @@ impl Streams {
     }
 
     /// The stream that holds `topic`: a configured stream whose subjects cover it, a stream
-    /// already on the server that covers it, or a new `{prefix}{topic}` stream with `storage`.
+    /// already on the server that covers it, or a new `{prefix}{topic}` stream made to `spec`.
+    /// Dead letters are refused a stream kept in memory (someone's wildcard stream that covers
+    /// the dead-letter topic): they would be lost with the next server restart.
     ///
     /// # Cancel safety
     ///
@@ -76,7 +88,7 @@ impl Streams {
         &self,
         js: &jetstream::Context,
         topic: &str,
-        storage: Storage,
+        spec: StreamSpec,
     ) -> Result<String, Error> {
         let mut known = self.known.lock().await;
         if let Some(name) = known.get(topic) {
@@ -89,8 +101,24 @@ impl Streams {
                 .any(|pattern| subject_matches(pattern, topic))
         });
         let name = if let Some(definition) = configured {
+            if spec.dead_letters && definition.storage == Storage::Memory {
+                return Err(memory_dead_letters(topic, &definition.name));
+            }
             definition.name.clone()
         } else if let Ok(name) = js.stream_by_subject(topic).await {
+            if spec.dead_letters {
+                let mut stream = js
+                    .get_stream(&name)
+                    .await
+                    .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+                let info = stream
+                    .info()
+                    .await
+                    .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+                if info.config.storage == stream::StorageType::Memory {
+                    return Err(memory_dead_letters(topic, &name));
+                }
+            }
             name
         } else {
             let name = stream_name(&self.prefix, topic);
@@ -98,8 +126,8 @@ impl Streams {
                 .get_or_create_stream(stream_config(
                     name.clone(),
                     vec![topic.to_owned()],
-                    storage,
-                    self.limits,
+                    spec.storage,
+                    spec.limits,
                 ))
                 .await
                 .map_err(|error| Error::broker(format!("cannot create stream {name}"), error))?;
@@ -119,7 +147,7 @@ impl Streams {
                     Error::broker(format!("cannot add {topic} to stream {name}"), error)
                 })?;
             }
-            tracing::info!(stream = %name, topic, ?storage, "stream ready");
+            tracing::info!(stream = %name, topic, storage = ?spec.storage, "stream ready");
             name
         };
         known.insert(topic.to_owned(), name.clone());

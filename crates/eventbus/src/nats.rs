@@ -52,6 +52,9 @@ pub struct NatsSection {
     pub stream_prefix: String,
     /// Limits of the streams created per topic.
     pub stream_limits: StreamLimitsSection,
+    /// Limits of the dead-letter streams created per dead-letter topic (always file storage).
+    /// Default: no age limit, the default size limits.
+    pub dead_letter_limits: StreamLimitsSection,
     /// Streams created or updated at connect.
     pub streams: Vec<StreamSection>,
     /// Options per topic, by topic name.
@@ -110,7 +113,12 @@ pub struct StreamLimitsSection {
 
 impl Default for StreamLimitsSection {
     fn default() -> Self {
-        let limits = StreamLimits::default();
+        StreamLimits::default().into()
+    }
+}
+
+impl From<StreamLimits> for StreamLimitsSection {
+    fn from(limits: StreamLimits) -> Self {
         Self {
             max_age: limits.max_age,
             max_bytes: limits.max_bytes,
@@ -273,6 +281,7 @@ impl Default for NatsSection {
             publish_timeout: defaults.publish_timeout,
             stream_prefix: defaults.stream_prefix,
             stream_limits: StreamLimitsSection::default(),
+            dead_letter_limits: StreamLimits::dead_letters().into(),
             streams: Vec::new(),
             topics: BTreeMap::new(),
             consumer: ConsumerSection::default(),
@@ -336,6 +345,7 @@ impl NatsSection {
             publish_timeout: self.publish_timeout,
             stream_prefix: self.stream_prefix.clone(),
             stream_limits: self.stream_limits.into(),
+            dead_letter_limits: self.dead_letter_limits.into(),
             streams: self
                 .streams
                 .iter()

@@ -1,0 +1,316 @@
+//! NATS dead letters and recovery, against a real nats-server: what a dead letter carries on the
+//! wire, where it is stored, and a subscription that comes back after its stream or durable
+//! vanished.
+
+// Test code: a failed unwrap or expect is a failed check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::StorageType};
+use eventbus_core::{
+    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Message, OutboundMessage,
+    SubscribeOptions,
+};
+use eventbus_nats::NatsBus;
+use integration_tests::{Recorder, nats_config};
+use test_brokers::NatsServer;
+
+async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    (client.clone(), jetstream::new(client))
+}
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::new(aggregate, "Changed", version, &version).unwrap()
+}
+
+async fn record_messages(bus: &NatsBus, topic: &str) -> Arc<Recorder<Message>> {
+    let recorder = Recorder::new();
+    let r = recorder.clone();
+    bus.subscribe(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, message: Message| {
+            let r = r.clone();
+            async move {
+                r.push(message);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    recorder
+}
+
+/// Polls `check` until it holds, or panics with `what` after 30 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_with_nats_control_headers_is_dead_lettered_without_them() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_config(&server.url(), "control"))
+        .await
+        .unwrap();
+    let topic = "orders.control";
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+            Err(HandlerError::permanent("refused"))
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let (client, js) = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    // A Go service publishing with optimistic concurrency control: the stream name expected.
+    let event = envelope("o-1", 1);
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event.event_id.as_str());
+    headers.insert("Nats-Expected-Stream", stream.as_str());
+    js.publish_with_headers(topic, headers, event.to_bytes().unwrap())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    drop(client);
+
+    let dead_letters = record_messages(&bus, "orders.control.DLQ").await;
+    let letters = dead_letters
+        .wait_for("the dead letter", |e| !e.is_empty())
+        .await;
+    let letter = &letters[0];
+    assert_eq!(letter.payload, event.to_bytes().unwrap());
+    assert_eq!(letter.headers.get_str("X-Error-Message"), Some("refused"));
+    // The original's control headers are gone; the dead letter has its own message ID.
+    let control: Vec<&str> = letter
+        .headers
+        .iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.to_ascii_lowercase().starts_with("nats-"))
+        .collect();
+    assert_eq!(control, ["Nats-Msg-Id"], "{:?}", letter.headers);
+    let id = letter.headers.get_str("Nats-Msg-Id").unwrap();
+    assert!(id != event.event_id && id.starts_with("dlq:"), "{id}");
+    assert_eq!(bus.stats().dead_letter_failures, 0);
+
+    let dead = js.stream_by_subject("orders.control.DLQ").await.unwrap();
+    let info = js
+        .get_stream(dead)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.config.storage, StorageType::File);
+    assert_eq!(
+        info.config.max_age,
+        Duration::ZERO,
+        "dead letters do not expire by default"
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_refused_a_memory_stream_and_the_aggregate_waits() {
+    let server = NatsServer::start();
+    let (client, js) = raw(&server).await;
+    // Someone's wildcard stream, in memory, covers the dead-letter topic.
+    js.create_stream(jetstream::stream::Config {
+        name: "WILD".into(),
+        subjects: vec!["wild.>".into()],
+        storage: StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(client);
+    let bus = NatsBus::connect(nats_config(&server.url(), "wild"))
+        .await
+        .unwrap();
+    let topic = "wild.orders";
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.event_version);
+                if envelope.event_version == 1 {
+                    return Err(HandlerError::permanent("refused"));
+                }
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=2 {
+        bus.publish_envelope(topic, &envelope("w-1", version))
+            .await
+            .unwrap();
+    }
+    eventually("the dead-letter write to fail", || async {
+        bus.stats().dead_letter_failures >= 2
+    })
+    .await;
+    assert_eq!(handled.events(), [1], "v2 ran before v1 was settled");
+    let report = bus.health().await;
+    assert_eq!(
+        report.status(),
+        eventbus_core::HealthStatus::Degraded,
+        "{report:?}"
+    );
+    let info = js
+        .get_stream("WILD")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        info.state.messages, 2,
+        "nothing was written to the memory stream"
+    );
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memory_stream() {
+    let mut server = NatsServer::start();
+    let mut config = nats_config(&server.url(), "memory-stream");
+    config.publish_timeout = Duration::from_secs(1);
+    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let topic = "metrics.lost";
+    let seen = record_messages(&bus, topic).await;
+    bus.publish(topic, OutboundMessage::new(&b"before"[..]))
+        .await
+        .unwrap();
+    seen.wait_for("the first message", |e| e.len() == 1).await;
+    tokio::task::block_in_place(|| server.start_again());
+    // The memory stream and its consumer are gone; publishing re-creates the stream.
+    let publisher = bus.clone();
+    eventually("a publish after the restart", || {
+        let publisher = publisher.clone();
+        async move {
+            publisher
+                .publish(topic, OutboundMessage::new(&b"after"[..]))
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let events = seen
+        .wait_for("the message after the restart", |e| {
+            e.iter().any(|m| m.payload.as_ref() == b"after")
+        })
+        .await;
+    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    assert!(events.len() >= 2);
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_config(&server.url(), "deleted"))
+        .await
+        .unwrap();
+    let topic = "orders.deleted";
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(topic, &envelope("d-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("v1", |e| e.contains(&1)).await;
+    bus.delete_consumer(topic, &bus.durable_name(topic, 1))
+        .await
+        .unwrap();
+    bus.publish_envelope(topic, &envelope("d-1", 2))
+        .await
+        .unwrap();
+    handled.wait_for("v2", |e| e.contains(&2)).await;
+    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_config(&server.url(), "owner"))
+        .await
+        .unwrap();
+    let topic = "shared.one";
+    // One stream holds both topics; our durable name already filters the other one.
+    let (client, js) = raw(&server).await;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "SHARED".into(),
+            subjects: vec!["shared.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(bus.durable_name(topic, 1)),
+            filter_subject: "shared.two".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    drop(client);
+    let refused = bus
+        .subscribe(
+            topic,
+            Arc::new(|_ctx: HandlerContext, _message: Message| async { Ok(()) }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    let (_client, js) = raw(&server).await;
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream(bus.durable_name(topic, 1), "SHARED")
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer.info().await.unwrap().config.filter_subject,
+        "shared.two"
+    );
+    bus.close().await.unwrap();
+}
