@@ -61,7 +61,7 @@
 //! Under `{metrics_namespace}_actor_pool_`: `messages_sent_total`,
 //! `messages_processed_total{success}`, `message_latency_seconds` (per attempt),
 //! `inbox_depth` (exact queued jobs), `inbox_utilization` (queued / capacity),
-//! `actor_restarted_total` (panics), `dead_letters_total` (counted by the backends),
+//! `actor_restarted_total` (panics), `dead_letters_total` (counted by the consume runtime),
 //! `lanes_active`, `in_flight`, `retries_total`, `stalled` (jobs retrying past `max_attempts`
 //! because their message has nowhere to go). No label carries an aggregate ID.
 

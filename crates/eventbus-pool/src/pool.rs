@@ -380,12 +380,6 @@ impl Pool {
         self.shared.tasks.len()
     }
 
-    /// Counts a dead-lettered message in `actor_pool_dead_letters_total` (the consume runtime
-    /// writes dead letters; the pool counts them with its other metrics).
-    pub fn record_dead_letter(&self) {
-        self.shared.metrics.dead_letters.increment(1);
-    }
-
     /// Opens a scope: a group of lanes that jobs join with [`Job::in_scope`] and that
     /// [`close_scope`](Self::close_scope) closes. Fails with [`Error::Closed`] once shutdown has
     /// begun.

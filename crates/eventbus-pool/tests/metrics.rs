@@ -39,7 +39,6 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
             );
             assert!(pool.submit(ok).await.unwrap().await.is_success());
             assert!(!pool.submit(bad).await.unwrap().await.is_success());
-            pool.record_dead_letter();
             pool.shutdown(Duration::from_secs(1)).await;
         });
     });
@@ -69,7 +68,6 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
         &DebugValue::Counter(1)
     );
     assert_eq!(value("retries_total", &[]), &DebugValue::Counter(1));
-    assert_eq!(value("dead_letters_total", &[]), &DebugValue::Counter(1));
     assert_eq!(value("actor_restarted_total", &[]), &DebugValue::Counter(0));
     assert!(
         matches!(value("message_latency_seconds", &[]), DebugValue::Histogram(h) if h.len() == 3)

@@ -1,0 +1,442 @@
+//! The consume runtime with a recording transport: settlement in the lane, dead letters that
+//! fail, held messages, closing a subscription, and the cancel-safety notes.
+
+// Test code: a failed unwrap or index is a failed check.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{
+    DeliveryMeta, Envelope, Error, HandlerContext, HandlerError, Message, OutboundMessage,
+    Position, async_trait,
+};
+use eventbus_pool::consume::{
+    Delivered, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
+};
+use eventbus_pool::{PoolConfig, RetryPolicy};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use tokio::sync::Semaphore;
+
+/// What the transport and the receipts were told, in order.
+#[derive(Default)]
+struct Log {
+    events: Mutex<Vec<String>>,
+    /// Dead-letter writes that fail before one succeeds.
+    failing_writes: AtomicUsize,
+}
+
+impl Log {
+    fn push(&self, event: String) {
+        self.events.lock().unwrap().push(event);
+    }
+
+    fn events(&self) -> Vec<String> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+struct Broker(Arc<Log>);
+
+#[async_trait]
+impl Transport for Broker {
+    async fn publish_dead_letter(
+        &self,
+        topic: &str,
+        letter: OutboundMessage,
+        dedup_id: Option<&str>,
+    ) -> Result<(), Error> {
+        let failing = &self.0.failing_writes;
+        if failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.0.push("dead letter refused".into());
+            return Err(Error::Broker {
+                message: "stream unavailable".into(),
+                source: None,
+            });
+        }
+        let reason = letter
+            .headers
+            .get_str("X-Error-Message")
+            .unwrap_or_default();
+        self.0.push(format!(
+            "dead letter to {topic} ({reason}) id {}",
+            dedup_id.unwrap_or("-")
+        ));
+        Ok(())
+    }
+}
+
+/// The receipt of message `name`.
+struct Named(Arc<Log>, String);
+
+#[async_trait]
+impl Receipt for Named {
+    async fn ack(&self) -> Result<(), Error> {
+        self.0.push(format!("ack {}", self.1));
+        Ok(())
+    }
+
+    async fn give_back(&self) -> Result<(), Error> {
+        self.0.push(format!("give back {}", self.1));
+        Ok(())
+    }
+
+    async fn terminate(&self) -> Result<(), Error> {
+        self.0.push(format!("terminate {}", self.1));
+        Ok(())
+    }
+
+    async fn in_progress(&self) -> Result<(), Error> {
+        self.0.push(format!("in progress {}", self.1));
+        Ok(())
+    }
+}
+
+fn runtime(pool_size: usize, log: &Arc<Log>) -> Runtime {
+    Runtime::new(
+        PoolConfig {
+            pool_size,
+            inbox_size: 10,
+            retry: RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(20),
+            },
+            metrics_namespace: "t".into(),
+            ..PoolConfig::default()
+        },
+        Arc::new(Broker(log.clone())),
+    )
+    .unwrap()
+}
+
+/// Envelope `aggregate` v`version` as delivered at stream sequence `sequence`.
+fn delivery(log: &Arc<Log>, aggregate: &str, version: i64, sequence: u64) -> Delivery {
+    let envelope = Envelope::new(aggregate, "Changed", version, &version).unwrap();
+    let mut message = Message::new("orders", envelope.to_bytes().unwrap());
+    message.meta = DeliveryMeta {
+        position: Position::Sequence(sequence),
+        delivery_attempt: 1,
+        timestamp: None,
+    };
+    Delivery {
+        message,
+        receipt: Arc::new(Named(log.clone(), format!("{aggregate}/{version}"))),
+        held_id: Some(sequence),
+    }
+}
+
+/// An envelope handler that records versions, fails `failing` permanently, and waits for a
+/// permit on version 1.
+fn handler(seen: &Arc<Log>, gate: &Arc<Semaphore>, failing: i64) -> Handler {
+    let (seen, gate) = (seen.clone(), gate.clone());
+    Handler::Envelope(Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        async move {
+            seen.push(format!(
+                "run {}/{}",
+                envelope.aggregate_id, envelope.event_version
+            ));
+            if envelope.event_version == 1 {
+                gate.acquire().await.unwrap().forget();
+            }
+            if envelope.event_version == failing {
+                return Err(HandlerError::permanent("broken"));
+            }
+            Ok(())
+        }
+    }))
+}
+
+async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_dead_letter_write_is_retried_while_the_aggregate_waits() {
+    let log = Arc::new(Log::default());
+    log.failing_writes.store(3, Ordering::SeqCst);
+    let runtime = runtime(4, &log);
+    let gate = Arc::new(Semaphore::new(10));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-a",
+            handler(&log, &gate, 1),
+        ))
+        .unwrap();
+    for version in 1..=2 {
+        consumer
+            .deliver(delivery(&log, "k", version, version as u64))
+            .await
+            .unwrap();
+    }
+    wait_until("v2 acknowledged", || {
+        log.events().contains(&"ack k/2".to_owned())
+    })
+    .await;
+    let events: Vec<String> = log
+        .events()
+        .into_iter()
+        .filter(|e| !e.starts_with("in progress"))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "run k/1",
+            "dead letter refused",
+            "dead letter refused",
+            "dead letter refused",
+            "dead letter to orders.DLQ (broken) id dlq:sub-a:orders:1",
+            "terminate k/1",
+            "run k/2",
+            "ack k/2",
+        ]
+    );
+    let stats = runtime.stats();
+    assert_eq!((stats.dead_lettered, stats.dead_letter_failures), (1, 3));
+    assert_eq!(stats.dead_letters_waiting, 0);
+    assert_eq!(consumer.held(), 0);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_copy_of_a_held_message_is_dropped() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(2, &log);
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-b",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 7)).await.unwrap();
+    wait_until("v1 running", || {
+        log.events().contains(&"run k/1".to_owned())
+    })
+    .await;
+    assert_eq!(
+        consumer.deliver(delivery(&log, "k", 1, 7)).await.unwrap(),
+        Delivered::Duplicate
+    );
+    gate.add_permits(1);
+    wait_until("v1 acknowledged", || consumer.held() == 0).await;
+    assert_eq!(log.events(), ["run k/1", "ack k/1"]);
+    assert_eq!(runtime.stats().redeliveries_dropped, 1);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_subscription_gives_back_its_queue_in_lane_order_after_the_running_message() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-c",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    let other = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-d",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    for version in 1..=3 {
+        consumer
+            .deliver(delivery(&log, "k", version, version as u64))
+            .await
+            .unwrap();
+    }
+    wait_until("v1 running", || {
+        log.events().contains(&"run k/1".to_owned())
+    })
+    .await;
+    let closing = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move { consumer.close(Duration::from_secs(5)).await })
+    };
+    wait_until("closing", || consumer.is_closed()).await;
+    let refused = consumer.deliver(delivery(&log, "k", 4, 4)).await;
+    assert!(matches!(refused, Err(Error::Closed)));
+    gate.add_permits(1);
+    let report = closing.await.unwrap();
+    assert!(report.drained);
+    assert_eq!(
+        log.events(),
+        ["run k/1", "ack k/1", "give back k/2", "give back k/3"]
+    );
+    assert_eq!(runtime.stats().given_back, 2);
+    assert_eq!(runtime.subscriptions(), 1);
+    // The other subscription still works.
+    other.deliver(delivery(&log, "k", 2, 2)).await.unwrap();
+    wait_until("the other subscription", || other.held() == 0).await;
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_messages_get_in_progress_signals_until_they_settle() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-e", handler(&log, &gate, 0))
+                .with_progress_interval(Some(Duration::from_secs(1))),
+        )
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+    consumer.deliver(delivery(&log, "k", 2, 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let signals = |name: &str| {
+        log.events()
+            .iter()
+            .filter(|e| *e == &format!("in progress {name}"))
+            .count()
+    };
+    assert!(signals("k/1") >= 2, "{:?}", log.events());
+    assert!(signals("k/2") >= 2, "queued messages are kept alive too");
+    gate.add_permits(1);
+    while consumer.held() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = log.events().len();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(log.events().len(), after, "no signal once nothing is held");
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+/// The cancel-safety note of `Consumer::deliver`: a dropped call leaves nothing held and never
+/// uses the receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_delivery_leaves_nothing_held() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-f",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+    wait_until("v1 running", || {
+        log.events().contains(&"run k/1".to_owned())
+    })
+    .await;
+    // Fill the lane (10) so the next delivery waits for room, then drop it.
+    for version in 2..=11 {
+        consumer
+            .deliver(delivery(&log, "k", version, version as u64))
+            .await
+            .unwrap();
+    }
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(50),
+        consumer.deliver(delivery(&log, "k", 12, 12)),
+    )
+    .await;
+    assert!(
+        waiting.is_err(),
+        "the lane was full, so the delivery waited"
+    );
+    assert_eq!(consumer.held(), 11, "the dropped delivery is not held");
+    gate.add_permits(1);
+    wait_until("all settled", || consumer.held() == 0).await;
+    assert!(!log.events().iter().any(|e| e.ends_with("k/12")));
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+/// The cancel-safety note of `Consumer::close`: dropped after its first poll, the subscription
+/// is closed, its queue given back, and its running message still settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_close_still_gives_back_the_queue_and_settles_the_running_message() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-g",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+    consumer.deliver(delivery(&log, "j", 2, 2)).await.unwrap();
+    wait_until("v1 running", || {
+        log.events().contains(&"run k/1".to_owned())
+    })
+    .await;
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        consumer.close(Duration::from_secs(30)),
+    )
+    .await;
+    assert!(dropped.is_err());
+    assert!(consumer.is_closed());
+    gate.add_permits(1);
+    wait_until("all settled", || consumer.held() == 0).await;
+    assert_eq!(log.events(), ["run k/1", "give back j/2", "ack k/1"]);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[test]
+fn dead_letters_are_counted_under_the_go_sdk_name() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        tokio.block_on(async {
+            let log = Arc::new(Log::default());
+            let runtime = runtime(1, &log);
+            let gate = Arc::new(Semaphore::new(1));
+            let consumer = runtime
+                .subscribe(SubscriptionSpec::new(
+                    "orders",
+                    "sub-h",
+                    handler(&log, &gate, 1),
+                ))
+                .unwrap();
+            consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+            wait_until("dead-lettered", || consumer.held() == 0).await;
+            runtime
+                .close(tokio::time::Instant::now() + Duration::from_secs(5))
+                .await;
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let dead_letters = snapshot
+        .iter()
+        .find(|(key, ..)| key.key().name() == "t_actor_pool_dead_letters_total")
+        .map(|(.., value)| value);
+    assert_eq!(dead_letters, Some(&DebugValue::Counter(1)));
+}
