@@ -41,19 +41,20 @@
 //! # }
 //! ```
 //!
-//! What happens to a message:
+//! The bus is a transport on the consume runtime every backend shares
+//! (`eventbus_pool::consume`), so a message goes the same way as on a broker:
 //!
 //! - envelope subscriptions: decoded once; an undecodable payload goes to the dead-letter topic
 //!   at once (`X-Failed-Attempts: 0`); otherwise the handler runs in the aggregate's lane, is
 //!   retried with backoff, and after `max_attempts` failures, a permanent error or `max_restarts`
 //!   panics the message goes to the dead-letter topic with the headers of
-//!   `eventbus_core::dead_letter_message`;
+//!   `eventbus_core::dead_letter_message`; with dead-lettering disabled it stays in its lane,
+//!   retried, until `close`;
 //! - plain subscriptions: run once in the lane of the aggregate ID found by
 //!   `eventbus_core::extract_aggregate_id`, whatever the handler returns;
-//! - dead-lettering disabled, or work still unfinished when `close` reaches its drain deadline:
-//!   there is no broker to redeliver from, so the message is dropped, logged and counted in
-//!   [`MemoryBus::stats`];
-//! - after `unsubscribe`, messages still queued for that subscription are not delivered.
+//! - what a subscription gives back (queued at `unsubscribe`, unfinished when `close` reaches
+//!   its drain deadline): there is no broker to redeliver from, so it is dropped, logged and
+//!   counted in [`MemoryBus::stats`].
 
 mod bus;
 mod config;

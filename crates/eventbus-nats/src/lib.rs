@@ -9,14 +9,16 @@
 //!   already on the server that covers it, or in `{stream_prefix}{topic}` created on first use
 //!   (file storage for envelope and dead-letter topics, memory for plain ones, unless
 //!   [`TopicOptions`] say otherwise), with the [`StreamLimits`] of the configuration.
-//! - **Consumers**: each subscription is a durable pull consumer `{client_id}_{topic}`, created
-//!   or updated with [`ConsumerSettings`]; neither `unsubscribe` nor `close` deletes it
-//!   ([`NatsBus::delete_consumer`] does).
-//! - **Acks**: ack after success; an in-progress ack for every held message (queued in its
-//!   lane, running, retrying) before `ack_wait` runs out; a redelivered copy of a held message is
-//!   dropped; exhausted or undecodable envelopes are written to the dead-letter topic (retried
-//!   until the server confirms, while the aggregate's lane waits), then `term`ed; plain messages
-//!   are acked whatever the handler returned.
+//! - **Consumers**: each subscription is a durable pull consumer `{client_id}_{topic}` (see
+//!   [`NatsBus::durable_name`]), created or updated with [`ConsumerSettings`]; neither
+//!   `unsubscribe` nor `close` deletes it ([`NatsBus::delete_consumer`] does).
+//! - **Consuming** is a transport on the consume runtime every backend shares
+//!   (`eventbus_pool::consume`): the pull loop hands each message over with a receipt (ack, nak,
+//!   term, in-progress ack); decoding, retries, dead letters and the held registry are the
+//!   runtime's. An in-progress ack goes out for every held message before `ack_wait` runs out; a
+//!   redelivered copy of a held message is dropped; exhausted or undecodable envelopes are
+//!   written to the dead-letter topic (retried until the server confirms, while the aggregate's
+//!   lane waits), then `term`ed; plain messages are acked whatever the handler returned.
 //! - **Publish**: waits for the PubAck (`publish_timeout`); envelopes carry the `X-*` headers
 //!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
 //!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).
@@ -56,8 +58,9 @@
 //!
 //! Under `nats_eventbus_{client_id}_`: the engine's `actor_pool_*` series, plus `connected`,
 //! `connection_events_total{event}`, `redeliveries_total`, `redeliveries_dropped_total`,
-//! `progress_acks_total`, `fetch_errors_total`, `dead_letter_failures_total` and
-//! `undeliverable_total` (exhausted with dead-lettering disabled).
+//! `progress_acks_total`, `fetch_errors_total`, `dead_letter_failures_total`,
+//! `dead_letters_waiting`, `settle_failures_total`, `given_back_total` and `undeliverable_total`
+//! (undecodable with dead-lettering disabled).
 
 mod bus;
 mod config;

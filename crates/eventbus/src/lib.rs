@@ -28,9 +28,18 @@
 //! # }
 //! ```
 //!
-//! Backends are cargo features: `memory` (default). Metrics go through the `metrics` facade
-//! under `{type}_eventbus_{client_id}`; [`serve_metrics`] (or `metrics.listen` in the config)
-//! serves them for Prometheus.
+//! Backends are cargo features, one per backend, each selected at run time by `type` in the
+//! configuration:
+//!
+//! | feature | backend | configuration |
+//! |---|---|---|
+//! | `memory` (default) | in process (`eventbus-memory`): the demo, tests, in-process events | top-level settings only |
+//! | `nats` | NATS JetStream (`eventbus-nats`, async-nats) | the `[nats]` section |
+//!
+//! Every backend runs the same consume runtime (`eventbus_pool::consume`), so the delivery
+//! contract is the same on each. Metrics go through the `metrics` facade under
+//! `{type}_eventbus_{client_id}`; [`serve_metrics`] (or `metrics.listen` in the config) serves
+//! them for Prometheus.
 
 mod config;
 mod metrics;
