@@ -132,7 +132,6 @@ impl Settings {
                 initial_backoff: self.backoff,
                 max_backoff: self.backoff * 8,
             },
-            ..eventbus_pool::PoolConfig::default()
         }
     }
 }
@@ -703,7 +702,11 @@ pub async fn resubscribing_keeps_each_aggregates_order(factory: &dyn BusFactory)
             .unwrap();
     }
     handled.wait_for("v1 running", |e| e == [1]).await;
-    let unsubscribing = tokio::spawn(first.unsubscribe());
+    // Started before the topic is subscribed again: its first poll stops intake.
+    let mut unsubscribing = Box::pin(first.unsubscribe());
+    let first_poll =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(unsubscribing.as_mut().poll(cx))).await;
+    assert!(first_poll.is_pending(), "unsubscribe waits for v1");
     let resubscribing = {
         let (bus, topic, handler) = (bus.clone(), topic.clone(), handler.clone());
         tokio::spawn(async move {
@@ -712,7 +715,7 @@ pub async fn resubscribing_keeps_each_aggregates_order(factory: &dyn BusFactory)
         })
     };
     gate.add_permits(1);
-    unsubscribing.await.unwrap().unwrap();
+    unsubscribing.await.unwrap();
     let _second = resubscribing.await.unwrap().unwrap();
     bus.publish_envelope(&topic, &envelope("agg-re", 3))
         .await

@@ -726,3 +726,57 @@ async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss()
     second.close().await.unwrap();
     publisher.close().await.unwrap();
 }
+
+/// Envelopes trickle in while pull requests wait on the server: every aggregate's next version
+/// at once, versions one after the other, four times over. With two pull requests open, the
+/// server spread messages over both and an aggregate's later event could be handled first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
+    let server = NatsServer::start();
+    // The default pull requests (256 messages): filled while the envelopes trickle in.
+    let bus = Arc::new(
+        NatsBus::connect(nats_config(&server.url(), "bursts"))
+            .await
+            .unwrap(),
+    );
+    for round in 0..4 {
+        let topic = format!("orders.bursts{round}");
+        let handled = Recorder::<(String, i64)>::new();
+        let h = handled.clone();
+        bus.subscribe_envelope(
+            &topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+        let (aggregates, versions) = (50usize, 20i64);
+        for version in 1..=versions {
+            let publishes = (0..aggregates).map(|aggregate| {
+                let (bus, topic) = (bus.clone(), topic.clone());
+                async move {
+                    bus.publish_envelope(&topic, &envelope(&format!("b-{aggregate}"), version))
+                        .await
+                }
+            });
+            for result in futures::future::join_all(publishes).await {
+                result.unwrap();
+            }
+        }
+        let total = aggregates * versions as usize;
+        let events = handled
+            .wait_for("every envelope", |e| {
+                e.iter().collect::<std::collections::HashSet<_>>().len() == total
+            })
+            .await;
+        integration_tests::assert_first_handlings_in_order(&events, aggregates, versions);
+    }
+    bus.close().await.unwrap();
+}

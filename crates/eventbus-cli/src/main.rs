@@ -10,6 +10,7 @@
 
 mod counter;
 mod demo;
+mod output;
 mod shell;
 
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ enum Command {
     /// Publish each line of standard input to a topic.
     Publish(shell::PublishArgs),
     /// Print each message of a topic as a JSON line.
+    ///
+    /// Stops with status 1 when standard output is closed (`| head -n 5`): the message being
+    /// printed is not acknowledged, and a broker keeps it for the next subscriber.
     Subscribe(shell::SubscribeArgs),
 }
 

@@ -3,7 +3,12 @@
 //! The memory backend lives inside one process, so there both commands make a round trip: they
 //! subscribe to the topic, publish the lines of standard input, print what the subscription
 //! receives, and stop once every line came back.
+//!
+//! When standard output is closed (`eventbus subscribe … | head -n 5`), the command stops: the
+//! message being printed is not acknowledged (a broker gives it back), nothing more is taken, the
+//! bus closes after a short drain and the command exits with status 1, saying so on stderr.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,14 +16,15 @@ use std::time::Duration;
 
 use clap::Args;
 use eventbus::{
-    Backend, Bus, Config, Envelope, EventBus, HandlerContext, Message, OutboundMessage, Position,
-    SubscribeOptions,
+    Backend, Bus, Config, Envelope, EventBus, HandlerContext, HandlerError, Message,
+    OutboundMessage, Position, SubscribeOptions,
 };
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::CliError;
 use crate::counter::Counter;
+use crate::output::Output;
 
 /// Options of `eventbus publish`.
 #[derive(Args, Debug)]
@@ -74,25 +80,44 @@ fn message_json(message: &Message) -> Value {
     })
 }
 
+/// Prints `line` for the message of `ctx` and counts it in `printed`.
+///
+/// When standard output is closed, the message is neither acknowledged nor failed (an error
+/// would retry and then dead-letter it): the call waits until the bus, which the command is
+/// closing, cancels it at its drain deadline, and the message is given back to the broker.
+async fn print_or_give_back(
+    output: &Output,
+    printed: &Counter,
+    ctx: &HandlerContext,
+    line: Vec<u8>,
+) -> Result<(), HandlerError> {
+    if output.print_line(line).await {
+        printed.add_one();
+        return Ok(());
+    }
+    ctx.cancellation().cancelled().await;
+    // The bus settles a cancelled attempt as cancelled whatever it returns.
+    Err(HandlerError::transient("standard output is closed"))
+}
+
+/// Subscribes to `topic` with a handler that prints each message to `output` as a JSON line;
+/// returns the count of printed messages.
 async fn print_subscription(
     bus: &Bus,
     topic: &str,
     envelope: bool,
+    output: &Arc<Output>,
 ) -> Result<Arc<Counter>, CliError> {
     let printed = Arc::new(Counter::default());
-    let p = printed.clone();
+    let (p, out) = (printed.clone(), output.clone());
     if envelope {
         bus.subscribe_envelope(
             topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let p = p.clone();
+            Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+                let (p, out) = (p.clone(), out.clone());
                 async move {
-                    let bytes = envelope
-                        .to_bytes()
-                        .map_err(eventbus::HandlerError::permanent)?;
-                    println!("{}", String::from_utf8_lossy(&bytes));
-                    p.add_one();
-                    Ok(())
+                    let bytes = envelope.to_bytes().map_err(HandlerError::permanent)?;
+                    print_or_give_back(&out, &p, &ctx, bytes.into()).await
                 }
             }),
             SubscribeOptions::new(),
@@ -101,12 +126,11 @@ async fn print_subscription(
     } else {
         bus.subscribe(
             topic,
-            Arc::new(move |_ctx: HandlerContext, message: Message| {
-                let p = p.clone();
+            Arc::new(move |ctx: HandlerContext, message: Message| {
+                let (p, out) = (p.clone(), out.clone());
                 async move {
-                    println!("{}", message_json(&message));
-                    p.add_one();
-                    Ok(())
+                    let line = message_json(&message).to_string().into_bytes();
+                    print_or_give_back(&out, &p, &ctx, line).await
                 }
             }),
             SubscribeOptions::new(),
@@ -114,6 +138,31 @@ async fn print_subscription(
         .await?;
     }
     Ok(printed)
+}
+
+/// Runs `work` until it ends, then closes `bus` and returns what `work` returned; stops early,
+/// closing `bus`, with an error when standard output is closed.
+async fn close_when_done<T>(
+    bus: &Bus,
+    output: &Output,
+    printed: &Counter,
+    work: impl Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::select! {
+        done = work => {
+            let done = done?;
+            bus.close().await?;
+            Ok(done)
+        }
+        reason = output.closed() => {
+            bus.close().await?;
+            Err(CliError(format!(
+                "standard output closed ({reason}): stopped after printing {} messages; the \
+                 others were not acknowledged",
+                printed.get()
+            )))
+        }
+    }
 }
 
 /// Publishes every line of standard input; returns how many.
@@ -141,65 +190,83 @@ async fn publish_stdin(bus: &Bus, topic: &str, envelope: bool) -> Result<u64, Cl
     Ok(published)
 }
 
+/// The longest a shell command's bus waits for running handlers when it closes (shorter if the
+/// configuration says so). The handlers only print a line: one still running after this waits on
+/// a standard output that is full or closed, and its message is given back.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connects the bus `config` describes (memory without one), with at most [`DRAIN_TIMEOUT`].
 async fn connect(config: Option<&std::path::Path>) -> Result<Bus, CliError> {
-    Ok(eventbus::connect(Config::load(config)?).await?)
+    let mut config = Config::load(config)?;
+    config.drain_timeout = config.drain_timeout.min(DRAIN_TIMEOUT);
+    Ok(eventbus::connect(config).await?)
 }
 
 /// How long a round trip on memory may take before the command gives up.
 const ROUND_TRIP: Duration = Duration::from_secs(60);
 
-async fn round_trip(bus: &Bus, printed: &Counter, published: u64) -> Result<(), CliError> {
-    tokio::time::timeout(ROUND_TRIP, printed.wait_for(published))
+/// Waits until `printed` reaches `wanted`, for at most [`ROUND_TRIP`].
+async fn round_trip(printed: &Counter, wanted: u64) -> Result<(), CliError> {
+    tokio::time::timeout(ROUND_TRIP, printed.wait_for(wanted))
         .await
-        .map_err(|_| CliError(format!("messages did not come back within {ROUND_TRIP:?}")))?;
-    bus.close().await?;
-    Ok(())
+        .map_err(|_| CliError(format!("messages did not come back within {ROUND_TRIP:?}")))
 }
 
+/// `eventbus publish`.
 pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode, CliError> {
     let bus = connect(args.config.as_deref()).await?;
-    let printed = match bus.backend() {
-        Backend::Memory => Some(print_subscription(&bus, &args.topic, args.envelope).await?),
+    let published = match bus.backend() {
+        Backend::Memory => {
+            let output = Output::stdout();
+            let printed = print_subscription(&bus, &args.topic, args.envelope, &output).await?;
+            close_when_done(&bus, &output, &printed, async {
+                let published = publish_stdin(&bus, &args.topic, args.envelope).await?;
+                round_trip(&printed, published).await?;
+                Ok(published)
+            })
+            .await?
+        }
         // A broker keeps the messages for its subscribers.
-        _ => None,
+        _ => {
+            let published = publish_stdin(&bus, &args.topic, args.envelope).await?;
+            bus.close().await?;
+            published
+        }
     };
-    let published = publish_stdin(&bus, &args.topic, args.envelope).await?;
-    match printed {
-        Some(printed) => round_trip(&bus, &printed, published).await?,
-        None => bus.close().await?,
-    }
     eprintln!("published {published} messages to {}", args.topic);
     Ok(ExitCode::SUCCESS)
 }
 
+/// `eventbus subscribe`.
 pub(crate) async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, CliError> {
     let bus = connect(args.config.as_deref()).await?;
-    let printed = print_subscription(&bus, &args.topic, args.envelope).await?;
-    match bus.backend() {
-        Backend::Memory => {
-            let published = publish_stdin(&bus, &args.topic, args.envelope).await?;
-            let wanted = args.count.map_or(published, |count| count.min(published));
-            tokio::time::timeout(ROUND_TRIP, printed.wait_for(wanted))
+    let output = Output::stdout();
+    let printed = print_subscription(&bus, &args.topic, args.envelope, &output).await?;
+    let work = async {
+        match bus.backend() {
+            Backend::Memory => {
+                let published = publish_stdin(&bus, &args.topic, args.envelope).await?;
+                round_trip(
+                    &printed,
+                    args.count.map_or(published, |count| count.min(published)),
+                )
                 .await
-                .map_err(|_| {
-                    CliError(format!("messages did not come back within {ROUND_TRIP:?}"))
-                })?;
-            bus.close().await?;
-        }
-        // A broker: print until `--count` messages arrived or Ctrl-C.
-        _ => {
-            let until_count = async {
-                match args.count {
-                    Some(count) => printed.wait_for(count).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = until_count => {}
-                interrupted = tokio::signal::ctrl_c() => interrupted?,
             }
-            bus.close().await?;
+            // A broker: print until `--count` messages arrived or Ctrl-C.
+            _ => {
+                let until_count = async {
+                    match args.count {
+                        Some(count) => printed.wait_for(count).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = until_count => Ok(()),
+                    interrupted = tokio::signal::ctrl_c() => Ok(interrupted?),
+                }
+            }
         }
-    }
+    };
+    close_when_done(&bus, &output, &printed, work).await?;
     Ok(ExitCode::SUCCESS)
 }

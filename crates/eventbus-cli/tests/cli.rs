@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 
 mod common;
 
-use common::{demo_accounting_for_every_event, eventbus, summary_value, text};
+use common::{
+    demo_accounting_for_every_event, eventbus, padded_envelopes, subscribe_until_stdout_closes,
+    summary_value, text,
+};
 
 #[test]
 fn the_demo_reports_no_loss_and_no_reordering_despite_failures_and_panics() {
@@ -101,6 +104,16 @@ fn envelopes_round_trip_and_a_bad_line_is_reported_by_number() {
     assert!(
         stderr.contains("line 2") && stderr.contains("event_id is required"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_stops_the_subscriber_on_memory_too() {
+    subscribe_until_stdout_closes(
+        &["subscribe", "--envelope", "--topic", "closed.stdout"],
+        padded_envelopes(200),
+        5,
+        std::time::Duration::from_secs(5),
     );
 }
 

@@ -6,12 +6,18 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use test_brokers::NatsServer;
 
 mod common;
 
-use common::{demo_accounting_for_every_event, eventbus, summary_value, text};
+use common::{
+    demo_accounting_for_every_event, eventbus, exit_within, padded_envelopes,
+    read_to_end_in_background, spawn_eventbus, subscribe_until_stdout_closes, summary_value, tail,
+    text,
+};
 
 /// A config file for `server` in a fresh directory.
 fn config_file(server: &NatsServer, name: &str) -> PathBuf {
@@ -112,4 +118,101 @@ fn subscribe_prints_what_publish_sent_through_the_server() {
         assert_eq!(value["topic"], "shell.lines");
         assert_eq!(value["payload"], payload);
     }
+}
+
+/// How many messages the stream holding `subject` has on `server`: 0 when no stream holds it.
+fn messages_stored(server: &NatsServer, subject: &str) -> u64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let client = async_nats::connect(server.url())
+            .await
+            .expect("connected to the server");
+        let js = async_nats::jetstream::new(client);
+        match js.stream_by_subject(subject).await {
+            Ok(name) => {
+                let mut stream = js.get_stream(name).await.expect("the stream");
+                stream.info().await.expect("its info").state.messages
+            }
+            Err(error) if error.kind() == GetStreamByNameErrorKind::NotFound => 0,
+            Err(error) => panic!("cannot look up the stream of {subject}: {error}"),
+        }
+    })
+}
+
+#[test]
+fn a_closed_stdout_stops_the_subscriber_and_gives_the_event_back() {
+    const TOTAL: usize = 200;
+    const READ: usize = 5;
+    // Lines printed into the pipe that the test never reads: the pipe buffer (64 KiB) and the
+    // reader's buffer hold only a few padded envelopes.
+    const UNREAD_AT_MOST: usize = 10;
+    let server = NatsServer::start();
+    let config = config_file(&server, "closed-stdout");
+    let config = config.to_str().expect("UTF-8 path");
+    let topic = "closed.stdout";
+    let publish = eventbus(
+        &[
+            "publish",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+        ],
+        &padded_envelopes(TOTAL),
+    );
+    assert!(publish.status.success(), "{}", text(&publish.stderr));
+
+    // `eventbus subscribe … | head -n 5`.
+    subscribe_until_stdout_closes(
+        &[
+            "subscribe",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+        ],
+        String::new(),
+        READ,
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        messages_stored(&server, &format!("{topic}.DLQ")),
+        0,
+        "nothing dead-lettered"
+    );
+
+    // The next subscriber of the durable gets what was not printed: it was not acknowledged.
+    let rest = (TOTAL - READ - UNREAD_AT_MOST).to_string();
+    let mut next = spawn_eventbus(
+        &[
+            "subscribe",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+            "--count",
+            &rest,
+        ],
+        String::new(),
+    );
+    let stdout = read_to_end_in_background(next.stdout.take().expect("stdout"));
+    let stderr = read_to_end_in_background(next.stderr.take().expect("stderr"));
+    let status = exit_within(&mut next, Duration::from_secs(30));
+    let (stdout, stderr) = (
+        stdout.join().expect("stdout read"),
+        stderr.join().expect("stderr read"),
+    );
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "{status:?}: {} lines\n{}",
+        stdout.lines().count(),
+        tail(&stderr)
+    );
+    assert!(stdout.lines().count() >= TOTAL - READ - UNREAD_AT_MOST);
 }

@@ -11,7 +11,6 @@ use eventbus_core::{
     MessageHandler, OffsetDateTime, OutboundMessage, Position, SubscribeOptions, Subscription,
     SubscriptionControl, metric_namespace, validate_topic,
 };
-use eventbus_pool::PoolConfig;
 use eventbus_pool::consume::{
     Consumer, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
 };
@@ -120,10 +119,8 @@ impl MemoryBus {
         config.validate()?;
         let topics = Arc::new(Topics::default());
         let runtime = Runtime::new(
-            PoolConfig {
-                metrics_namespace: metric_namespace("memory", &config.client_id),
-                ..config.pool.clone()
-            },
+            config.pool.clone(),
+            &metric_namespace("memory", &config.client_id),
             Arc::new(DeadLetters(Arc::downgrade(&topics))),
         )?;
         Ok(Self {

@@ -10,8 +10,7 @@ use eventbus_pool::PoolConfig;
 pub struct MemoryConfig {
     /// Names the bus in metrics: `memory_eventbus_{client_id}` (sanitized). Default `eventbus`.
     pub client_id: String,
-    /// The ordering engine and its retry policy (its `metrics_namespace` is set from
-    /// `client_id`).
+    /// The ordering engine and its retry policy.
     pub pool: PoolConfig,
     /// How long `close` lets in-flight messages finish. Default 30 s.
     pub drain_timeout: Duration,
@@ -33,10 +32,6 @@ impl MemoryConfig {
         if self.client_id.trim().is_empty() {
             return Err(Error::config("client_id", "must not be empty"));
         }
-        PoolConfig {
-            metrics_namespace: eventbus_core::metric_namespace("memory", &self.client_id),
-            ..self.pool.clone()
-        }
-        .validate()
+        self.pool.validate()
     }
 }

@@ -12,7 +12,6 @@ use eventbus_core::{
     OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, metric_namespace,
     validate_topic,
 };
-use eventbus_pool::PoolConfig;
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
 use tokio::task::JoinHandle;
 
@@ -91,19 +90,6 @@ impl Drop for SlotClaim<'_> {
     }
 }
 
-/// Frees a slot when dropped.
-struct ReleaseSlot<'a> {
-    inner: &'a Inner,
-    topic: &'a str,
-    slot: usize,
-}
-
-impl Drop for ReleaseSlot<'_> {
-    fn drop(&mut self) {
-        self.inner.release_slot(self.topic, self.slot);
-    }
-}
-
 impl Inner {
     /// Claims the first free slot of `topic`, waiting while a subscription of the topic is
     /// unsubscribing.
@@ -163,10 +149,7 @@ impl NatsBus {
         js.set_timeout(config.request_timeout);
         let streams = Streams::new(&config);
         streams.create_configured(&js).await?;
-        let pool = PoolConfig {
-            metrics_namespace: namespace.clone(),
-            ..config.pool.clone()
-        };
+        let pool = config.pool.clone();
         let broker = Arc::new(Broker {
             client,
             js,
@@ -174,7 +157,7 @@ impl NatsBus {
             streams,
             counters: Counters::new(&namespace),
         });
-        let runtime = Runtime::new(pool, broker.clone())?;
+        let runtime = Runtime::new(pool, &namespace, broker.clone())?;
         tracing::info!(client_id = %broker.config.client_id, servers = ?broker.config.urls, "NATS bus connected");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -418,6 +401,8 @@ impl EventBus for NatsBus {
         let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
         for running in &running {
             running.fetch.stop(true);
+            // What the fetchers still take joins its lanes at once instead of waiting for room.
+            running.fetch.consumer.begin_stop();
         }
         let mut fetchers_done = true;
         for mut running in running {
@@ -475,20 +460,15 @@ impl SubscriptionControl for Control {
     ///
     /// # Cancel safety
     ///
-    /// Fetching stops at the first poll. If the future is dropped later, the slot is freed and
-    /// what was queued keeps settling in the runtime.
+    /// Fetching stops at the first poll, and the rest runs on a task of its own: a dropped call
+    /// still gives the queue back, and a new subscription of the topic still waits for that.
     async fn unsubscribe(&self) -> Result<(), Error> {
         self.fetch.stop(false);
+        self.fetch.consumer.begin_stop();
         let Some(inner) = self.inner.upgrade() else {
             return Ok(());
         };
         inner.mark_slot_closing(&self.fetch.topic, self.slot);
-        // Frees the slot when done, or when this future is dropped half way.
-        let _release = ReleaseSlot {
-            inner: &inner,
-            topic: &self.fetch.topic,
-            slot: self.slot,
-        };
         let running = {
             let mut subscriptions = lock(&inner.subscriptions);
             let position = subscriptions
@@ -496,15 +476,21 @@ impl SubscriptionControl for Control {
                 .position(|running| Arc::ptr_eq(&running.fetch, &self.fetch));
             position.map(|position| subscriptions.remove(position))
         };
-        if let Some(running) = running {
-            let _ = running.task.await;
-        }
-        let report = self
-            .fetch
-            .consumer
-            .close(inner.broker.config.drain_timeout)
-            .await;
-        tracing::info!(topic = %self.fetch.topic, durable = %self.fetch.durable, drained = report.drained, given_back = report.handed_back, "unsubscribed; durable consumer kept");
+        let (fetch, slot) = (self.fetch.clone(), self.slot);
+        // The rest runs on a task of its own: a dropped call does not cut it short, and the
+        // slot stays closing (a new subscription of the topic waits) until the queue is back.
+        let closing = tokio::spawn(async move {
+            if let Some(running) = running {
+                let _ = running.task.await;
+            }
+            let report = fetch
+                .consumer
+                .close(inner.broker.config.drain_timeout)
+                .await;
+            inner.release_slot(&fetch.topic, slot);
+            tracing::info!(topic = %fetch.topic, durable = %fetch.durable, drained = report.drained, given_back = report.handed_back, "unsubscribed; durable consumer kept");
+        });
+        let _ = closing.await;
         Ok(())
     }
 }

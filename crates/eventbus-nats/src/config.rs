@@ -196,8 +196,7 @@ pub struct NatsConfig {
     pub topics: BTreeMap<String, TopicOptions>,
     /// The durable consumers.
     pub consumer: ConsumerSettings,
-    /// The ordering engine and its retry policy (its `metrics_namespace` is set from
-    /// `client_id`).
+    /// The ordering engine and its retry policy.
     pub pool: PoolConfig,
     /// How long `close` lets in-flight messages finish. Default 30 s.
     pub drain_timeout: Duration,
@@ -343,11 +342,7 @@ impl NatsConfig {
                 "must be at least 1",
             ));
         }
-        PoolConfig {
-            metrics_namespace: eventbus_core::metric_namespace("nats", &self.client_id),
-            ..self.pool.clone()
-        }
-        .validate()
+        self.pool.validate()
     }
 
     /// The options of `topic` (defaults when it has none).

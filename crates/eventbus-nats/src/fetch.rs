@@ -64,13 +64,14 @@ impl Fetch {
 
 /// Fetches from the durable consumer until the subscription stops, delivering every message to
 /// the runtime without waiting for the ones before it.
+///
+/// One pull request is open at a time. With two open, the server spreads new messages over
+/// both (it serves waiting requests in turn), and reading one request's messages before the
+/// other's would hand an aggregate's later event to the runtime before an earlier one.
 pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consumer: PullConsumer) {
     let settings = broker.config.consumer.clone();
     let envelopes = !fetch.consumer.wants_headers();
     let mut failures = 0u32;
-    // The next pull request, sent when the current one is half read, so that messages keep
-    // flowing while the rest of the current batch is delivered.
-    let mut prefetched = None;
     // Closing takes one last batch without waiting, after the open requests: what was
     // published just before `close` is handled, and a long backlog is left for the next run.
     let mut last_batch_taken = false;
@@ -79,7 +80,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         if fetch.connection.disconnects() != disconnects && !fetch.stop.is_cancelled() {
             // The server was lost: its pull requests died with it, and it may have come back
             // with an older view of the durable.
-            prefetched = None;
             match reconcile(&broker, &fetch, envelopes).await {
                 Ok(Some(fresh)) => {
                     consumer = fresh;
@@ -93,12 +93,10 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             }
         }
         let stopping = fetch.stop.is_cancelled();
-        if stopping && prefetched.is_none() && (!fetch.draining() || last_batch_taken) {
+        if stopping && (!fetch.draining() || last_batch_taken) {
             break;
         }
-        let batch = if let Some(batch) = prefetched.take() {
-            Ok(batch)
-        } else if stopping {
+        let batch = if stopping {
             last_batch_taken = true;
             consumer
                 .fetch()
@@ -119,7 +117,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         match batch {
             Err(error) => failed = Some(error.to_string()),
             Ok(mut batch) => {
-                let mut received = 0usize;
                 loop {
                     // An open request is read to its end even when the subscription stops:
                     // what the server sends to it would otherwise wait for `ack_wait`.
@@ -142,20 +139,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                         }
                     };
                     failures = 0;
-                    received += 1;
-                    if received == settings.fetch_batch.div_ceil(2)
-                        && prefetched.is_none()
-                        && !fetch.stop.is_cancelled()
-                    {
-                        // A failure here shows again, and is handled, at the next request.
-                        prefetched = consumer
-                            .batch()
-                            .max_messages(settings.fetch_batch)
-                            .expires(settings.fetch_expires)
-                            .messages()
-                            .await
-                            .ok();
-                    }
                     match deliver(&broker, &fetch, message).await {
                         Ok(()) => {}
                         // The runtime has shut down (close gave up waiting): stop fetching.
@@ -169,7 +152,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         }
         if let Some(error) = failed {
             failures = failures.saturating_add(1);
-            prefetched = None;
             tracing::warn!(durable = %fetch.durable, %error, failures, "pull request failed");
             broker.counters.add(Stat::FetchErrors, 1);
             if backoff(&fetch, failures).await {
@@ -191,9 +173,9 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
     tracing::debug!(durable = %fetch.durable, "stopped fetching");
 }
 
-/// After the server was lost: once this subscription holds nothing, a durable that still has
-/// unacknowledged messages has them only in the server's (older) view, since everything this
-/// bus took was settled. Left alone, the server would redeliver them after `ack_wait`, after
+/// After the server was lost: once this subscription holds nothing (or only messages stalled for
+/// good), a durable with more unacknowledged messages than it holds has them only in the
+/// server's (older) view, since everything else this bus took was settled. Left alone, the server would redeliver them after `ack_wait`, after
 /// newer events of their aggregates; instead the durable is re-created from its ack floor, so
 /// that the server replays a suffix in order. `None` when nothing had to change.
 async fn reconcile(
@@ -201,7 +183,10 @@ async fn reconcile(
     fetch: &Fetch,
     envelopes: bool,
 ) -> Result<Option<PullConsumer>, Error> {
-    while fetch.consumer.held() > 0 {
+    // Messages still being handled finish first; one stalled for good (no dead-letter topic, a
+    // dead letter the server refuses) is not waited for beyond the progress interval.
+    let patience = tokio::time::Instant::now() + broker.config.consumer.progress_interval();
+    while fetch.consumer.held() > 0 && tokio::time::Instant::now() < patience {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
             () = fetch.stop.cancelled() => return Ok(None),
@@ -233,7 +218,9 @@ async fn reconcile(
         .info()
         .await
         .map_err(|error| read(error.to_string()))?;
-    if info.num_ack_pending == 0 {
+    // Everything unacknowledged that this bus does not hold is stale. Held messages come back
+    // from a re-created durable as copies: dropped, and settled through the newest delivery.
+    if info.num_ack_pending <= fetch.consumer.held() {
         return Ok(None);
     }
     ensure_consumer(

@@ -64,9 +64,6 @@ pub struct PoolConfig {
     pub max_restarts: u32,
     /// Retries of at-least-once jobs.
     pub retry: RetryPolicy,
-    /// Prefix of the pool's metric names (see `eventbus_core::metric_namespace`).
-    /// Default `eventbus`.
-    pub metrics_namespace: String,
 }
 
 impl Default for PoolConfig {
@@ -76,7 +73,6 @@ impl Default for PoolConfig {
             inbox_size: 1000,
             max_restarts: 3,
             retry: RetryPolicy::default(),
-            metrics_namespace: "eventbus".to_owned(),
         }
     }
 }
@@ -121,29 +117,29 @@ impl PoolConfig {
                 ),
             ));
         }
-        let valid_name = !self.metrics_namespace.is_empty()
-            && self
-                .metrics_namespace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !self
-                .metrics_namespace
-                .starts_with(|c: char| c.is_ascii_digit());
-        if !valid_name {
-            return Err(Error::config(
-                "pool.metrics_namespace",
-                format!(
-                    "{:?} is not a Prometheus name prefix",
-                    self.metrics_namespace
-                ),
-            ));
-        }
         Ok(())
     }
 
     /// The most queued jobs the pool holds.
     pub fn capacity(&self) -> usize {
         self.pool_size.saturating_mul(self.inbox_size)
+    }
+}
+
+/// Checks that `namespace` can prefix Prometheus metric names: `[a-zA-Z_][a-zA-Z0-9_]*`.
+pub(crate) fn validate_namespace(namespace: &str) -> Result<(), Error> {
+    let valid = !namespace.is_empty()
+        && namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !namespace.starts_with(|c: char| c.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "metrics_namespace",
+            format!("{namespace:?} is not a Prometheus name prefix"),
+        ))
     }
 }
 
@@ -206,14 +202,6 @@ mod tests {
         assert_eq!(
             field(with(|c| c.retry.initial_backoff = Duration::from_secs(60))),
             "retry.initial_backoff"
-        );
-        assert_eq!(
-            field(with(|c| c.metrics_namespace = "a-b".into())),
-            "pool.metrics_namespace"
-        );
-        assert_eq!(
-            field(with(|c| c.metrics_namespace = String::new())),
-            "pool.metrics_namespace"
         );
         assert_eq!(
             PoolConfig {

@@ -80,9 +80,10 @@ impl Job {
     /// dead-letters here: a dead-letter write that has to be retried keeps the aggregate's later
     /// messages waiting, as the delivery contract asks.
     ///
-    /// A final outcome (succeeded, failed, panicked) is finished on the actor, and the step is
-    /// dropped if the job's drain deadline passes meanwhile (the outcome still reaches the
-    /// [`JobHandle`]). A cancelled job (handed back by a closing scope, or cancelled at a drain
+    /// A final outcome (succeeded, failed, panicked) is finished on the actor. For a job without
+    /// a scope the step is dropped if the pool's drain deadline passes meanwhile (the outcome
+    /// still reaches the [`JobHandle`]); a scoped job's step is not cut short: it watches its
+    /// scope's cancellation token itself (the consume runtime gives the message back then). A cancelled job (handed back by a closing scope, or cancelled at a drain
     /// deadline) is finished with [`Outcome::Cancelled`] and that step is not cut short, so it
     /// must be quick (give the message back); cancelled jobs of one lane are finished in lane
     /// order. A panic in the step is caught and logged.

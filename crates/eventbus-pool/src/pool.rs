@@ -284,11 +284,20 @@ impl State {
 }
 
 impl Pool {
-    /// Starts a pool of `config.pool_size` actors on the current tokio runtime.
+    /// Starts a pool of `config.pool_size` actors on the current tokio runtime, its metrics
+    /// under the namespace `eventbus`.
     ///
     /// Install a `metrics` recorder before this call if the pool's metrics should be recorded.
     pub fn new(config: PoolConfig) -> Result<Self, Error> {
+        Self::with_metrics_namespace(config, "eventbus")
+    }
+
+    /// Like [`new`](Self::new), with metric names under `{namespace}_actor_pool_` (a bus's
+    /// namespace comes from `eventbus_core::metric_namespace`). Fails with a `Config` error
+    /// naming `metrics_namespace` when it is not a Prometheus name prefix.
+    pub fn with_metrics_namespace(config: PoolConfig, namespace: &str) -> Result<Self, Error> {
         config.validate()?;
+        crate::config::validate_namespace(namespace)?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::config("runtime", "a Pool must be created inside a tokio runtime")
         })?;
@@ -296,7 +305,7 @@ impl Pool {
             runtime: runtime.clone(),
             cancelled_jobs: std::sync::atomic::AtomicUsize::new(0),
             capacity: config.capacity(),
-            metrics: PoolMetrics::new(&config.metrics_namespace),
+            metrics: PoolMetrics::new(namespace),
             config,
             state: Mutex::new(State::default()),
             work: Notify::new(),
@@ -330,12 +339,30 @@ impl Pool {
     /// Cancel safe: if the returned future is dropped before it completes, the job was not
     /// submitted (it is dropped with the future) and nothing of it stays in the pool.
     pub async fn submit(&self, job: Job) -> Result<JobHandle, Error> {
+        self.submit_until(job, std::future::pending()).await
+    }
+
+    /// Like [`submit`](Self::submit), but once `overflow` completes the job stops waiting for
+    /// room and is queued over the bounds. A transport that stops a subscription uses it: the
+    /// messages it already took (at most one fetch) join their lanes at once, so that the
+    /// subscription's close gives them back in lane order instead of waiting for room that only
+    /// the close itself would make.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`submit`](Self::submit).
+    pub async fn submit_until(
+        &self,
+        job: Job,
+        overflow: impl std::future::Future<Output = ()>,
+    ) -> Result<JobHandle, Error> {
         let shared = &*self.shared;
         let (mut entry, handle) = Entry::new(job);
         let identity = Arc::as_ptr(&self.shared) as usize;
-        let bounded = !ACTOR_OF
+        let mut bounded = !ACTOR_OF
             .try_with(|actor_of| *actor_of == identity)
             .unwrap_or(false);
+        tokio::pin!(overflow);
         loop {
             let notified = shared.space.notified();
             tokio::pin!(notified);
@@ -351,7 +378,10 @@ impl Pool {
                 state.waiting += 1;
                 Waiting(shared)
             };
-            notified.await;
+            tokio::select! {
+                () = &mut notified => {}
+                () = &mut overflow, if bounded => bounded = false,
+            }
             drop(waiting);
         }
     }
@@ -624,7 +654,9 @@ impl Shared {
                 Some(id)
             }
         };
-        if let Some(scope_state) = state.scopes.get_mut(&scope) {
+        if scope != UNSCOPED
+            && let Some(scope_state) = state.scopes.get_mut(&scope)
+        {
             scope_state.pending += 1;
         }
         state.arrivals.push_back((lane, entry));
@@ -926,7 +958,9 @@ impl Shared {
                 (Outcome::Cancelled { .. }, _) => {
                     finish_job(finish, &outcome, std::future::pending()).await;
                 }
-                (_, Some(token)) => finish_job(finish, &outcome, token.cancelled()).await,
+                // A scoped job's owner (the consume runtime) watches the scope's token in its
+                // step and gives the message back when it is cut short.
+                (_, Some(_)) => finish_job(finish, &outcome, std::future::pending()).await,
                 (_, None) => finish_job(finish, &outcome, cancelled).await,
             }
         }

@@ -106,9 +106,9 @@ fn runtime(pool_size: usize, log: &Arc<Log>) -> Runtime {
                 initial_backoff: Duration::from_millis(5),
                 max_backoff: Duration::from_millis(20),
             },
-            metrics_namespace: "t".into(),
             ..PoolConfig::default()
         },
+        "t",
         Arc::new(Broker(log.clone())),
     )
     .unwrap()
@@ -195,7 +195,7 @@ async fn a_failing_dead_letter_write_is_retried_while_the_aggregate_waits() {
             "dead letter refused",
             "dead letter refused",
             "dead letter refused",
-            "dead letter to orders.DLQ (broken) id dlq:sub-a:orders:1",
+            "dead letter to orders.DLQ (broken) id dlq:sub-a:orders:1:0",
             "terminate k/1",
             "run k/2",
             "ack k/2",

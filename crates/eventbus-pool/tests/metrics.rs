@@ -16,16 +16,18 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
         .unwrap();
     metrics::with_local_recorder(&recorder, || {
         runtime.block_on(async {
-            let pool = Pool::new(PoolConfig {
-                pool_size: 2,
-                metrics_namespace: "memory_eventbus_svc_a".into(),
-                retry: eventbus_pool::RetryPolicy {
-                    max_attempts: 2,
-                    initial_backoff: Duration::ZERO,
-                    max_backoff: Duration::ZERO,
+            let pool = Pool::with_metrics_namespace(
+                PoolConfig {
+                    pool_size: 2,
+                    retry: eventbus_pool::RetryPolicy {
+                        max_attempts: 2,
+                        initial_backoff: Duration::ZERO,
+                        max_backoff: Duration::ZERO,
+                    },
+                    ..PoolConfig::default()
                 },
-                ..PoolConfig::default()
-            })
+                "memory_eventbus_svc_a",
+            )
             .unwrap();
             let ok = Job::new(
                 Some(AggregateId::new("order-1").unwrap()),
@@ -98,12 +100,14 @@ async fn inbox_depth_is_exact() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let pool = metrics::with_local_recorder(&recorder, || {
-        Pool::new(PoolConfig {
-            pool_size: 1,
-            inbox_size: 10,
-            metrics_namespace: "t".into(),
-            ..PoolConfig::default()
-        })
+        Pool::with_metrics_namespace(
+            PoolConfig {
+                pool_size: 1,
+                inbox_size: 10,
+                ..PoolConfig::default()
+            },
+            "t",
+        )
     })
     .unwrap();
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));

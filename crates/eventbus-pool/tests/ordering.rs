@@ -125,7 +125,6 @@ async fn run_plans(
             initial_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(4),
         },
-        ..PoolConfig::default()
     })
     .unwrap();
     let log = Arc::new(Log::default());

@@ -47,11 +47,22 @@ impl Backend {
 /// assert_eq!(config.pool.pool_size, 64);
 /// assert_eq!(config.retry.initial_backoff, std::time::Duration::from_millis(250));
 /// assert_eq!(config.pool.inbox_size, 1000); // default
+///
+/// // The same in code: every section has defaults to fill in the rest.
+/// let built = Config {
+///     client_id: "billing".into(),
+///     pool: eventbus::PoolSection { pool_size: 64, ..Default::default() },
+///     retry: eventbus::RetrySection {
+///         initial_backoff: std::time::Duration::from_millis(250),
+///         ..Default::default()
+///     },
+///     ..Default::default()
+/// };
+/// assert_eq!(built, config);
 /// # Ok::<(), eventbus::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct Config {
     /// The backend. Default `memory`.
     #[serde(rename = "type")]
@@ -76,7 +87,6 @@ pub struct Config {
 /// `[pool]`: the ordering engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct PoolSection {
     /// Handlers running at most at once. Default 256.
     pub pool_size: usize,
@@ -89,7 +99,6 @@ pub struct PoolSection {
 /// `[retry]`: retries of envelope handlers, inside the aggregate's lane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct RetrySection {
     /// Attempts in all, the first included. Default 3.
     pub max_attempts: u32,
@@ -104,7 +113,6 @@ pub struct RetrySection {
 /// `[metrics]`: the Prometheus endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct MetricsSection {
     /// Serve `/metrics` on this address when the bus connects. Default: not served.
     pub listen: Option<SocketAddr>,
@@ -449,11 +457,12 @@ impl Config {
                 initial_backoff: self.retry.initial_backoff,
                 max_backoff: self.retry.max_backoff,
             },
-            metrics_namespace: eventbus_core::metric_namespace(
-                self.backend.name(),
-                &self.client_id,
-            ),
         }
+    }
+
+    /// The metric namespace of the bus this config describes: `{type}_eventbus_{client_id}`.
+    pub fn metrics_namespace(&self) -> String {
+        eventbus_core::metric_namespace(self.backend.name(), &self.client_id)
     }
 }
 

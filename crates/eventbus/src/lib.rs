@@ -134,7 +134,7 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
         serve_metrics(listen)?;
     }
     let pool = config.pool_config();
-    let namespace = Namespace::claim(pool.metrics_namespace.clone())?;
+    let namespace = Namespace::claim(config.metrics_namespace())?;
     let inner: Arc<dyn EventBus> = match config.backend {
         Backend::Memory => memory(&config, pool)?,
         Backend::Nats => nats(&config).await?,

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 /// Secrets are [`Secret`]s: never shown by `Debug` or written back out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct NatsSection {
     /// Servers to connect to (the client fails over between them).
     pub urls: Vec<String>,
@@ -66,7 +65,6 @@ pub struct NatsSection {
 /// `[nats.tls]`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct NatsTlsSection {
     /// Refuse to connect without TLS.
     pub required: bool,
@@ -100,7 +98,6 @@ impl From<StorageName> for Storage {
 /// `[nats.stream_limits]`: limits of the streams created per topic; `0` is unlimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct StreamLimitsSection {
     /// The oldest message kept (`0s`: no limit).
     #[serde(with = "humantime_serde")]
@@ -149,7 +146,6 @@ fn limits_of(
 /// One `[[nats.streams]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[non_exhaustive]
 pub struct StreamSection {
     /// The stream name.
     pub name: String,
@@ -188,7 +184,6 @@ fn default_max_msgs() -> Option<u64> {
 /// `[nats.topics."<topic>"]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct TopicSection {
     /// Storage of the topic's stream instead of the default.
     pub storage: Option<StorageName>,
@@ -199,7 +194,6 @@ pub struct TopicSection {
 /// `[nats.consumer]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-#[non_exhaustive]
 pub struct ConsumerSection {
     /// How long the server waits for an ack before redelivering.
     #[serde(with = "humantime_serde")]

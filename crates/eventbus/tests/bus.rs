@@ -11,12 +11,19 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 fn config(client_id: &str) -> Config {
-    let mut config = Config::default();
-    config.client_id = client_id.to_owned();
-    config.pool.pool_size = 4;
-    config.retry.initial_backoff = Duration::from_millis(5);
-    config.retry.max_backoff = Duration::from_millis(20);
-    config
+    Config {
+        client_id: client_id.to_owned(),
+        pool: eventbus::PoolSection {
+            pool_size: 4,
+            ..Default::default()
+        },
+        retry: eventbus::RetrySection {
+            initial_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            ..Default::default()
+        },
+        ..Config::default()
+    }
 }
 
 #[tokio::test]

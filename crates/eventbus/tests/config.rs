@@ -68,10 +68,7 @@ fn toml_and_yaml_describe_the_same_config() {
     )
     .unwrap();
     assert_eq!(toml, yaml);
-    assert_eq!(
-        toml.pool_config().metrics_namespace,
-        "memory_eventbus_billing"
-    );
+    assert_eq!(toml.metrics_namespace(), "memory_eventbus_billing");
     assert_eq!(toml.retry.initial_backoff, Duration::from_millis(100));
 }
 
@@ -197,8 +194,10 @@ fn validation_names_the_field() {
     let mut config = Config::default();
     config.pool.pool_size = 0;
     assert_eq!(field(config.validate().unwrap_err()).0, "pool.pool_size");
-    let mut config = Config::default();
-    config.client_id = " ".into();
+    let config = Config {
+        client_id: " ".into(),
+        ..Config::default()
+    };
     assert_eq!(field(config.validate().unwrap_err()).0, "client_id");
     let mut config = Config::default();
     config.retry.initial_backoff = Duration::from_secs(60);

@@ -89,7 +89,7 @@ fn a_full_nats_section_becomes_the_backend_configuration() {
     assert_eq!(nats.consumer.ack_wait, Duration::from_secs(10));
     assert_eq!(nats.consumer.backoff.len(), 3);
     assert_eq!(nats.consumer.fetch_batch, 64);
-    assert_eq!(nats.pool.metrics_namespace, "nats_eventbus_billing");
+    assert_eq!(config.metrics_namespace(), "nats_eventbus_billing");
 }
 
 #[test]

@@ -97,6 +97,15 @@ pub(crate) struct HeldGuard {
     held: Option<(HeldMap, u64)>,
 }
 
+impl HeldGuard {
+    /// The receipt of the message's latest delivery (a broker's redelivered copy replaces the
+    /// first one, so that settling answers the delivery the broker knows now).
+    pub(crate) fn latest_receipt(&self) -> Option<Arc<dyn Receipt>> {
+        let (held, id) = self.held.as_ref()?;
+        lock(held).get(id).map(|held| held.receipt.clone())
+    }
+}
+
 impl Drop for HeldGuard {
     fn drop(&mut self) {
         if let Some((held, id)) = self.held.take() {
@@ -120,6 +129,8 @@ pub struct Consumer {
     runtime: Weak<Shared>,
     held: HeldMap,
     closed: AtomicBool,
+    /// The transport is stopping: deliveries stop waiting for room.
+    stopping: CancellationToken,
     /// Ends the progress task.
     finished: CancellationToken,
     progress: Mutex<Option<JoinHandle<()>>>,
@@ -135,6 +146,7 @@ impl Consumer {
             runtime: Arc::downgrade(runtime),
             held: Arc::default(),
             closed: AtomicBool::new(false),
+            stopping: CancellationToken::new(),
             finished: CancellationToken::new(),
             progress: Mutex::new(None),
         });
@@ -197,7 +209,10 @@ impl Consumer {
             None => HeldGuard { held: None },
             Some(id) => {
                 let mut held = lock(&self.held);
-                if held.contains_key(&id) {
+                if let Some(earlier) = held.get_mut(&id) {
+                    // Settle through the latest delivery: the broker may have forgotten the
+                    // first one (a consumer re-created after a server restart).
+                    earlier.receipt = receipt;
                     drop(held);
                     runtime.counters.add(Stat::RedeliveriesDropped, 1);
                     tracing::debug!(subscription = %self.spec.name, id, "redelivered copy of a held message dropped");
@@ -217,7 +232,10 @@ impl Consumer {
         };
         let job = self.job(&runtime, message, receipt, guard);
         // A refused job drops its guard: the message is no longer held.
-        runtime.pool.submit(job).await?;
+        runtime
+            .pool
+            .submit_until(job, self.stopping.cancelled())
+            .await?;
         Ok(Delivered::Queued)
     }
 
@@ -274,6 +292,7 @@ impl Consumer {
         }
         let settling = Settling {
             runtime: Arc::downgrade(runtime),
+            cancel: self.scope.cancellation().clone(),
             subscription: self.spec.name.clone(),
             dead_letter: self.spec.dead_letter.clone(),
             receipt,
@@ -284,6 +303,14 @@ impl Consumer {
             let verdict = Verdict::of(outcome, class, undecodable, settling.dead_letter.is_some());
             settle(settling, verdict)
         })
+    }
+
+    /// The transport is stopping this subscription: from now on a delivery does not wait for
+    /// room in a full lane or engine (it joins its lane over the bounds), so the transport can
+    /// hand over what it already took (at most one fetch) and [`close`](Self::close) gives it
+    /// back in lane order. Call it before waiting for the fetcher to end.
+    pub fn begin_stop(&self) {
+        self.stopping.cancel();
     }
 
     /// Stops the subscription (unsubscribe): no delivery is accepted any more, its queued

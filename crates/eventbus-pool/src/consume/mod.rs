@@ -50,7 +50,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Error> {
 //! let log = Arc::new(Log::default());
-//! let runtime = Runtime::new(PoolConfig::default(), log.clone())?;
+//! let runtime = Runtime::new(PoolConfig::default(), "example", log.clone())?;
 //! let handler = Handler::Envelope(Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
 //!     assert_eq!(envelope.aggregate_id, "order-1");
 //!     Ok(())
@@ -105,12 +105,17 @@ impl Shared {
 }
 
 impl Runtime {
-    /// Starts the engine of `pool` on the current tokio runtime; dead letters go out through
-    /// `transport`. Metrics go under `pool.metrics_namespace`.
-    pub fn new(pool: PoolConfig, transport: Arc<dyn Transport>) -> Result<Self, Error> {
-        let counters = Counters::new(&pool.metrics_namespace);
+    /// Starts the engine of `pool` on the current tokio runtime, with metrics under
+    /// `metrics_namespace` (`eventbus_core::metric_namespace(backend, client_id)`); dead letters
+    /// go out through `transport`.
+    pub fn new(
+        pool: PoolConfig,
+        metrics_namespace: &str,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Self, Error> {
         let retry = pool.retry.clone();
-        let pool = Pool::new(pool)?;
+        let pool = Pool::with_metrics_namespace(pool, metrics_namespace)?;
+        let counters = Counters::new(metrics_namespace);
         Ok(Self {
             shared: Arc::new(Shared {
                 pool,

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Weak};
 
-use eventbus_core::{DeliveryClass, Message, Outcome, Position, Settlement, dead_letter_message};
+use eventbus_core::{
+    CancellationToken, DeliveryClass, Message, Outcome, Position, Settlement, dead_letter_message,
+};
 
 use super::Shared;
 use super::consumer::HeldGuard;
@@ -53,6 +55,8 @@ impl Verdict {
 /// What settling one message needs.
 pub(crate) struct Settling {
     pub(crate) runtime: Weak<Shared>,
+    /// The subscription's scope token: fires at its drain deadline.
+    pub(crate) cancel: CancellationToken,
     pub(crate) subscription: String,
     pub(crate) dead_letter: Option<String>,
     pub(crate) receipt: Arc<dyn Receipt>,
@@ -63,21 +67,50 @@ pub(crate) struct Settling {
 
 /// Settles one message while its lane is held. Acks and terminates are retried with the
 /// engine's backoff while they fail; a dead letter is retried until the broker accepts it (the
-/// aggregate's later messages wait; the engine cuts this short at the drain deadline).
+/// aggregate's later messages wait). When the subscription's drain deadline cuts this short,
+/// the message is given back before the lane is released, so the broker delivers it again ahead
+/// of the aggregate's later messages.
 pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
     let Some(runtime) = settling.runtime.upgrade() else {
         return;
     };
-    let receipt = &settling.receipt;
-    match verdict {
-        Verdict::Ack => retried(&runtime, "ack", || receipt.ack()).await,
-        Verdict::GiveBack => {
-            runtime.counters.add(Stat::GivenBack, 1);
-            if let Err(error) = receipt.give_back().await {
-                runtime.counters.add(Stat::SettleFailures, 1);
-                tracing::warn!(subscription = %settling.subscription, %error, "message not given back; the broker redelivers it after its timeout");
+    let receipt = settling
+        .guard
+        .latest_receipt()
+        .unwrap_or_else(|| settling.receipt.clone());
+    if matches!(verdict, Verdict::GiveBack | Verdict::Abandon) {
+        settle_now(&runtime, &settling, &receipt, verdict).await;
+    } else {
+        tokio::select! {
+            biased;
+            () = settle_now(&runtime, &settling, &receipt, verdict) => {}
+            () = settling.cancel.cancelled() => {
+                tracing::warn!(subscription = %settling.subscription, "settling cut short at the drain deadline; the message is given back");
+                give_back(&runtime, &settling, &receipt).await;
             }
         }
+    }
+    drop(settling.guard);
+}
+
+/// Gives a message back to the broker (once: a failure leaves it to the broker's timeout).
+async fn give_back(runtime: &Shared, settling: &Settling, receipt: &Arc<dyn Receipt>) {
+    runtime.counters.add(Stat::GivenBack, 1);
+    if let Err(error) = receipt.give_back().await {
+        runtime.counters.add(Stat::SettleFailures, 1);
+        tracing::warn!(subscription = %settling.subscription, %error, "message not given back; the broker redelivers it after its timeout");
+    }
+}
+
+async fn settle_now(
+    runtime: &Shared,
+    settling: &Settling,
+    receipt: &Arc<dyn Receipt>,
+    verdict: Verdict,
+) {
+    match verdict {
+        Verdict::Ack => retried(runtime, "ack", || receipt.ack()).await,
+        Verdict::GiveBack => give_back(runtime, settling, receipt).await,
         Verdict::Abandon => {
             runtime.counters.add(Stat::Undeliverable, 1);
             tracing::error!(
@@ -91,11 +124,10 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
             let Some(topic) = &settling.dead_letter else {
                 return;
             };
-            write_dead_letter(&runtime, &settling, topic, &reason, attempts).await;
-            retried(&runtime, "terminate", || receipt.terminate()).await;
+            write_dead_letter(runtime, settling, topic, &reason, attempts).await;
+            retried(runtime, "terminate", || receipt.terminate()).await;
         }
     }
-    drop(settling.guard);
 }
 
 /// Runs `operation` until it succeeds, backing off between failures.
@@ -113,14 +145,24 @@ where
     }
 }
 
-/// The idempotency key of a dead letter: the subscription, the topic and the message's position.
+/// The idempotency key of a dead letter: the subscription, the topic, the message's position and
+/// the time the broker stored it. The same for every retry of one write; different for another
+/// subscription, and for another message at the same position after the broker's positions
+/// started over (a stream lost and made again).
 fn dedup_id(subscription: &str, message: &Message) -> Option<String> {
     let position = match message.meta.position {
         Position::Sequence(sequence) => sequence.to_string(),
         Position::Partition { partition, offset } => format!("{partition}-{offset}"),
         _ => return None,
     };
-    Some(format!("dlq:{subscription}:{}:{position}", message.topic))
+    let stored = message
+        .meta
+        .timestamp
+        .map_or(0, |time| time.unix_timestamp_nanos());
+    Some(format!(
+        "dlq:{subscription}:{}:{position}:{stored}",
+        message.topic
+    ))
 }
 
 /// Writes a dead letter, retrying with the engine's backoff (up to its longest) until the
