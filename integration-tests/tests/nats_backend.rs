@@ -611,7 +611,12 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     let topic = "orders.again";
     let (subscription, gate, old) = gated_subscription(&bus, topic).await;
     old.wait_for("the first handler", |e| e.len() == 1).await;
-    let unsubscribing = tokio::spawn(subscription.unsubscribe());
+    // Started (its first poll stops the old subscription) before the topic is subscribed again.
+    let mut unsubscribing = Box::pin(subscription.unsubscribe());
+    let first_poll =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(unsubscribing.as_mut().poll(cx))).await;
+    assert!(first_poll.is_pending());
+    let unsubscribing = tokio::spawn(unsubscribing);
     // The old handler still runs its message while the topic is subscribed again: the new
     // subscription waits for the old one to finish giving back, then reads the same durable.
     let resubscribing = {

@@ -21,6 +21,9 @@ pub const MAX_HEADER_VALUE: usize = 4096;
 /// assert_eq!(header_value("plain ünïcode"), "plain ünïcode");
 /// ```
 pub fn header_value(text: &str) -> String {
+    if text.len() <= MAX_HEADER_VALUE && !text.bytes().any(|byte| byte.is_ascii_control()) {
+        return text.to_owned();
+    }
     let mut escaped = String::with_capacity(text.len().min(MAX_HEADER_VALUE));
     for c in text.chars() {
         let piece = match c {

@@ -1,6 +1,7 @@
 //! Fetching: the pull loop of a durable subscription and the loop of an ephemeral one, handing
 //! every message to the subscription's consumer in the runtime.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use eventbus_core::{CancellationToken, DeliveryMeta, Error, Position};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 
 use crate::connection::ConnectionState;
 use crate::consumer::{Resume, ensure_consumer};
@@ -67,7 +68,9 @@ impl Fetch {
 ///
 /// One pull request is open at a time. With two open, the server spreads new messages over
 /// both (it serves waiting requests in turn), and reading one request's messages before the
-/// other's would hand an aggregate's later event to the runtime before an earlier one.
+/// other's would hand an aggregate's later event to the runtime before an earlier one. The
+/// next request is sent as soon as the current one has *arrived* in full (all `fetch_batch`
+/// messages received, not yet delivered), so the server prepares it while these are delivered.
 pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consumer: PullConsumer) {
     let settings = broker.config.consumer.clone();
     let envelopes = !fetch.consumer.wants_headers();
@@ -76,10 +79,13 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
     // published just before `close` is handled, and a long backlog is left for the next run.
     let mut last_batch_taken = false;
     let mut disconnects = fetch.connection.disconnects();
+    // The request sent when the current one had arrived in full.
+    let mut next_request = None;
     'pulls: loop {
         if fetch.connection.disconnects() != disconnects && !fetch.stop.is_cancelled() {
             // The server was lost: its pull requests died with it, and it may have come back
             // with an older view of the durable.
+            next_request = None;
             match reconcile(&broker, &fetch, envelopes).await {
                 Ok(Some(fresh)) => {
                     consumer = fresh;
@@ -93,10 +99,12 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             }
         }
         let stopping = fetch.stop.is_cancelled();
-        if stopping && (!fetch.draining() || last_batch_taken) {
+        if stopping && next_request.is_none() && (!fetch.draining() || last_batch_taken) {
             break;
         }
-        let batch = if stopping {
+        let batch = if let Some(batch) = next_request.take() {
+            batch
+        } else if stopping {
             last_batch_taken = true;
             consumer
                 .fetch()
@@ -117,15 +125,51 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         match batch {
             Err(error) => failed = Some(error.to_string()),
             Ok(mut batch) => {
+                let mut arrived = VecDeque::new();
+                let (mut received, mut ended) = (0usize, false);
                 loop {
+                    // What has arrived already, without waiting.
+                    while !ended {
+                        match batch.next().now_or_never() {
+                            Some(Some(item)) => {
+                                received += usize::from(item.is_ok());
+                                arrived.push_back(item);
+                            }
+                            Some(None) => ended = true,
+                            None => break,
+                        }
+                    }
+                    if received >= settings.fetch_batch
+                        && next_request.is_none()
+                        && !fetch.stop.is_cancelled()
+                    {
+                        next_request = Some(
+                            consumer
+                                .batch()
+                                .max_messages(settings.fetch_batch)
+                                .expires(settings.fetch_expires)
+                                .messages()
+                                .await,
+                        );
+                    }
                     // An open request is read to its end even when the subscription stops:
                     // what the server sends to it would otherwise wait for `ack_wait`.
-                    let next = if fetch.stop.is_cancelled() {
-                        batch.next().await
-                    } else {
-                        tokio::select! {
-                            next = batch.next() => next,
-                            () = fetch.stop.cancelled() => continue,
+                    let next = match arrived.pop_front() {
+                        Some(item) => Some(item),
+                        None if ended => None,
+                        None => {
+                            let item = if fetch.stop.is_cancelled() {
+                                batch.next().await
+                            } else {
+                                tokio::select! {
+                                    next = batch.next() => next,
+                                    () = fetch.stop.cancelled() => continue,
+                                }
+                            };
+                            if let Some(item) = &item {
+                                received += usize::from(item.is_ok());
+                            }
+                            item
                         }
                     };
                     let Some(next) = next else { break };
@@ -151,6 +195,7 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             }
         }
         if let Some(error) = failed {
+            next_request = None;
             failures = failures.saturating_add(1);
             tracing::warn!(durable = %fetch.durable, %error, failures, "pull request failed");
             broker.counters.add(Stat::FetchErrors, 1);

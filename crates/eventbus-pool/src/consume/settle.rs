@@ -6,6 +6,8 @@ use eventbus_core::{
     CancellationToken, DeliveryClass, Message, Outcome, Position, Settlement, dead_letter_message,
 };
 
+use futures::FutureExt;
+
 use super::Shared;
 use super::consumer::HeldGuard;
 use super::stats::{Counters, Stat};
@@ -78,15 +80,24 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
         .guard
         .latest_receipt()
         .unwrap_or_else(|| settling.receipt.clone());
-    if matches!(verdict, Verdict::GiveBack | Verdict::Abandon) {
-        settle_now(&runtime, &settling, &receipt, verdict).await;
-    } else {
-        tokio::select! {
-            biased;
-            () = settle_now(&runtime, &settling, &receipt, verdict) => {}
-            () = settling.cancel.cancelled() => {
-                tracing::warn!(subscription = %settling.subscription, "settling cut short at the drain deadline; the message is given back");
-                give_back(&runtime, &settling, &receipt).await;
+    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon);
+    {
+        let work = settle_now(&runtime, &settling, &receipt, verdict);
+        tokio::pin!(work);
+        // Most settlements finish at the first poll (an ack handed to the client): only one that
+        // waits is raced against the deadline, sparing the token's waiter list per message.
+        if (&mut work).now_or_never().is_none() {
+            if cut_short {
+                tokio::select! {
+                    biased;
+                    () = &mut work => {}
+                    () = settling.cancel.cancelled() => {
+                        tracing::warn!(subscription = %settling.subscription, "settling cut short at the drain deadline; the message is given back");
+                        give_back(&runtime, &settling, &receipt).await;
+                    }
+                }
+            } else {
+                work.await;
             }
         }
     }
