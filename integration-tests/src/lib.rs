@@ -155,6 +155,23 @@ pub trait BusFactory: Send + Sync {
 /// How long a check waits for what it expects.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Polls `check` every 20 ms until it holds, or panics with `what` after 60 s (broker restarts
+/// and reconnects take a while on a loaded machine).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// What handlers saw, with a way to wait for a condition on it.
 pub struct Recorder<T> {
     events: Mutex<Vec<T>>,

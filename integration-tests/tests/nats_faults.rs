@@ -14,7 +14,7 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
 use integration_tests::{
     DEADLINE, Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes,
-    nats_config,
+    eventually, nats_config,
 };
 use test_brokers::NatsServer;
 use tokio::sync::mpsc;
@@ -37,22 +37,6 @@ async fn publish_until_confirmed(bus: &NatsBus, topic: &str, envelope: &Envelope
             Ok(()) => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    }
-}
-
-/// Polls `check` until it holds, or panics with `what` after the deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

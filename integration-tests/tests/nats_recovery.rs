@@ -15,7 +15,7 @@ use eventbus_core::{
     SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, nats_config};
+use integration_tests::{Recorder, eventually, nats_config};
 use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
@@ -44,22 +44,6 @@ async fn record_messages(bus: &NatsBus, topic: &str) -> Arc<Recorder<Message>> {
     .await
     .unwrap();
     recorder
-}
-
-/// Polls `check` until it holds, or panics with `what` after 30 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

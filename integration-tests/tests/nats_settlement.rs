@@ -19,27 +19,11 @@ use eventbus_core::{
     DeadLetter, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, nats_config};
+use integration_tests::{Recorder, eventually, nats_config};
 use test_brokers::NatsServer;
 
 fn envelope(aggregate: &str, version: i64) -> Envelope {
     Envelope::new(aggregate, "Changed", version, &version).unwrap()
-}
-
-/// Polls `check` until it holds, or panics with `what` after 30 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Polls `check` for up to `limit`; true when it held (no panic when it did not).
