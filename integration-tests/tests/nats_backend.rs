@@ -785,3 +785,37 @@ async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
     }
     bus.close().await.unwrap();
 }
+
+/// The cancel-safety note of `subscribe`: a call dropped half way frees its durable slot, so the
+/// next subscription of the topic takes the same durable instead of starting a new one from the
+/// beginning of the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscribe_frees_its_durable_for_the_next_one() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_config(&server.url(), "dropped"))
+        .await
+        .unwrap();
+    let topic = "orders.dropped";
+    bus.publish_envelope(topic, &envelope("d-1", 1))
+        .await
+        .unwrap();
+    let handler = Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async { Ok(()) });
+    // Polled once (it claims the slot and starts talking to the server), then dropped.
+    let dropped = tokio::time::timeout(
+        Duration::from_micros(1),
+        bus.subscribe_envelope(topic, handler.clone(), SubscribeOptions::new()),
+    )
+    .await;
+    assert!(dropped.is_err(), "the subscribe finished at once");
+    let handled = record_envelopes(&bus, topic).await;
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    let js = raw(&server).await;
+    let stream = js.stream_by_subject(topic).await.unwrap();
+    let mut names = js.get_stream(&stream).await.unwrap().consumer_names();
+    let mut durables = Vec::new();
+    while let Some(name) = names.next().await {
+        durables.push(name.unwrap());
+    }
+    assert_eq!(durables, [bus.durable_name(topic, 1)]);
+    bus.close().await.unwrap();
+}
