@@ -20,9 +20,10 @@ use crate::connection::{ConnectionState, connect};
 use crate::consumer::{Resume, ensure_consumer};
 use crate::fetch::{self, Fetch};
 use crate::names::durable_name;
-use crate::publish::{Broker, Kind, stream_spec};
+use crate::publish::Broker;
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
+use crate::streams::{Kind, stream_spec};
 
 /// An event bus on NATS JetStream.
 ///

@@ -3,7 +3,8 @@
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use eventbus_core::Error;
 
-use crate::publish::{Broker, Kind, stream_spec};
+use crate::publish::Broker;
+use crate::streams::{Kind, stream_spec};
 
 /// When [`ensure_consumer`] re-creates a durable from its ack floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

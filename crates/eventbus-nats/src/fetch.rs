@@ -14,9 +14,10 @@ use futures::{FutureExt, StreamExt};
 
 use crate::connection::ConnectionState;
 use crate::consumer::{Resume, ensure_consumer};
-use crate::publish::{Broker, Kind, stream_spec};
+use crate::publish::Broker;
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
+use crate::streams::{Kind, stream_spec};
 
 /// What a subscription's fetcher works with.
 pub(crate) struct Fetch {

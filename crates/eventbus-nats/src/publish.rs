@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use eventbus_core::{Error, OutboundMessage};
 use eventbus_pool::consume::Transport;
 
-use crate::config::{NatsConfig, Storage, StreamLimits};
+use crate::config::NatsConfig;
 use crate::stats::Counters;
-use crate::streams::Streams;
+use crate::streams::{Kind, StreamSpec, Streams, stream_spec};
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
 /// consumer side turns it back into [`eventbus_core::Message::key`].
@@ -27,48 +27,6 @@ pub(crate) struct Broker {
     pub(crate) config: NatsConfig,
     pub(crate) streams: Streams,
     pub(crate) counters: Counters,
-}
-
-/// What a topic's messages are, for the stream made for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    Plain,
-    Envelopes,
-    DeadLetters,
-}
-
-/// The stream a topic needs: its storage and limits, and whether it holds dead letters (which
-/// must be stored on disk).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct StreamSpec {
-    pub(crate) storage: Storage,
-    pub(crate) limits: StreamLimits,
-    pub(crate) dead_letters: bool,
-}
-
-/// The stream for `topic`: file storage for envelope and dead-letter topics, memory for plain
-/// topics, unless the topic's options say otherwise; dead-letter topics (`kind`, or a name ending
-/// in `.DLQ`) always on file, with the dead-letter limits (no age limit by default).
-pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> StreamSpec {
-    let dead_letters =
-        kind == Kind::DeadLetters || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX);
-    if dead_letters {
-        return StreamSpec {
-            storage: Storage::File,
-            limits: config.dead_letter_limits,
-            dead_letters,
-        };
-    }
-    let default = if kind == Kind::Envelopes {
-        Storage::File
-    } else {
-        Storage::Memory
-    };
-    StreamSpec {
-        storage: config.topic(topic).storage.unwrap_or(default),
-        limits: config.stream_limits,
-        dead_letters,
-    }
 }
 
 /// NATS headers from ours, plus the key header; a header NATS cannot carry is a typed error.

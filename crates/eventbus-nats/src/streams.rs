@@ -8,7 +8,48 @@ use eventbus_core::Error;
 
 use crate::config::{NatsConfig, Storage, StreamDefinition, StreamLimits};
 use crate::names::{stream_name, subject_matches};
-use crate::publish::StreamSpec;
+
+/// What a topic's messages are, for the stream made for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Plain,
+    Envelopes,
+    DeadLetters,
+}
+
+/// The stream a topic needs: its storage and limits, and whether it holds dead letters (which
+/// must be stored on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamSpec {
+    pub(crate) storage: Storage,
+    pub(crate) limits: StreamLimits,
+    pub(crate) dead_letters: bool,
+}
+
+/// The stream for `topic`: file storage for envelope and dead-letter topics, memory for plain
+/// topics, unless the topic's options say otherwise; dead-letter topics (`kind`, or a name ending
+/// in `.DLQ`) always on file, with the dead-letter limits (no age limit by default).
+pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> StreamSpec {
+    let dead_letters =
+        kind == Kind::DeadLetters || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX);
+    if dead_letters {
+        return StreamSpec {
+            storage: Storage::File,
+            limits: config.dead_letter_limits,
+            dead_letters,
+        };
+    }
+    let default = if kind == Kind::Envelopes {
+        Storage::File
+    } else {
+        Storage::Memory
+    };
+    StreamSpec {
+        storage: config.topic(topic).storage.unwrap_or(default),
+        limits: config.stream_limits,
+        dead_letters,
+    }
+}
 
 /// Which stream holds each topic the bus has used, found or created once.
 pub(crate) struct Streams {
