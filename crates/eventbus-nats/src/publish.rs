@@ -188,6 +188,7 @@ fn is_control_header(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Storage;
     use eventbus_core::ErrorKind;
 
     #[test]
