@@ -456,3 +456,52 @@ async fn run_plan(plan: Vec<Planned>, close_after: usize) {
     pool.shutdown(Duration::from_secs(5)).await;
     assert_eq!(pool.live_tasks(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_waiting_for_room_joins_its_lane_over_the_bounds_once_told_to() {
+    let pool = Arc::new(pool(1, 1, Duration::from_millis(10)));
+    let log: Log = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let scope = pool.open_scope().unwrap();
+    let job = |name: &'static str| {
+        let (log, gate) = (log.clone(), gate.clone());
+        Job::new(key("k"), DeliveryClass::AtLeastOnce, move |_| {
+            let (log, gate) = (log.clone(), gate.clone());
+            async move {
+                if name == "v1" {
+                    gate.acquire().await.unwrap().forget();
+                }
+                log.lock().unwrap().push(name.to_owned());
+                Ok(())
+            }
+        })
+        .in_scope(&scope)
+    };
+    let v1 = pool.submit(job("v1")).await.unwrap();
+    while pool.stats().running == 0 {
+        tokio::task::yield_now().await;
+    }
+    let v2 = pool.submit(job("v2")).await.unwrap();
+    // The lane is full: v3 waits for room, until the overflow signal.
+    let overflow = Arc::new(Notify::new());
+    let waiting = {
+        let (pool, overflow, v3) = (pool.clone(), overflow.clone(), job("v3"));
+        tokio::spawn(async move { pool.submit_until(v3, overflow.notified()).await })
+    };
+    while pool.stats().queued < 1 || waiting.is_finished() {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished(), "v3 waited for room");
+    overflow.notify_one();
+    let v3 = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("v3 joined its lane once told to")
+        .unwrap()
+        .unwrap();
+    assert_eq!(pool.stats().queued, 2, "over the lane's bound of 1");
+    gate.add_permits(1);
+    for handle in [v1, v2, v3] {
+        assert!(handle.await.is_success());
+    }
+    assert_eq!(*log.lock().unwrap(), ["v1", "v2", "v3"]);
+}
