@@ -95,7 +95,8 @@ impl Outcome {
     /// |---|---|---|
     /// | succeeded | ack | ack |
     /// | failed, panicked | dead-letter | ack |
-    /// | cancelled | redeliver | redeliver |
+    /// | cancelled before it ran | redeliver | redeliver |
+    /// | cancelled while it ran | redeliver | ack (it ran: it must not run again) |
     ///
     /// ```
     /// use eventbus_core::{DeliveryClass, Outcome, Settlement};
@@ -105,6 +106,9 @@ impl Outcome {
     /// ```
     pub fn settlement(&self, class: DeliveryClass) -> Settlement {
         match (self, class) {
+            (Outcome::Cancelled { attempts }, DeliveryClass::AtMostOnce) if *attempts > 0 => {
+                Settlement::Ack
+            }
             (Outcome::Cancelled { .. }, _) => Settlement::Redeliver,
             (Outcome::Succeeded { .. }, _) | (_, DeliveryClass::AtMostOnce) => Settlement::Ack,
             (Outcome::Failed { .. } | Outcome::Panicked { .. }, DeliveryClass::AtLeastOnce) => {
@@ -163,8 +167,14 @@ mod tests {
                 Settlement::Ack,
                 Settlement::Ack,
                 Settlement::Ack,
-                Settlement::Redeliver
+                // Cancelled after its one run started: it ran, so it is not run again.
+                Settlement::Ack
             ]
+        );
+        assert_eq!(
+            Outcome::Cancelled { attempts: 0 }.settlement(DeliveryClass::AtMostOnce),
+            Settlement::Redeliver,
+            "a plain message that never ran is given back"
         );
     }
 

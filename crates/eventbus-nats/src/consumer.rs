@@ -1,7 +1,7 @@
 //! The durable pull consumer of a subscription: created, updated, or replayed from its ack floor.
 
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
-use eventbus_core::Error;
+use eventbus_core::{Error, OffsetDateTime};
 
 use crate::publish::Broker;
 use crate::streams::{Kind, stream_spec};
@@ -16,6 +16,21 @@ pub(crate) enum Resume {
     /// When it has unacknowledged messages: the caller holds none, so the server's view is
     /// stale (it came back from a crash with an older state).
     Always,
+    /// Re-create it to start at this stream sequence (the bus's own position: its lowest held
+    /// message, or the one after the last it took), so the server replays exactly what the bus
+    /// has not settled, in order.
+    ResetTo(Position),
+    /// Keep it; create it, when it is missing (deleted under a live subscription, lost with a
+    /// memory stream), to start at this stream sequence instead of the stream's beginning.
+    MissingFrom(Position),
+}
+
+/// The bus's position in a stream: the sequence to start at, and when the last message it took
+/// was stored (a stream created after that is a new stream whose sequences started over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) start: u64,
+    pub(crate) last_stored: OffsetDateTime,
 }
 
 /// The durable consumer `durable` of `topic`, created, or updated when its configuration
@@ -73,18 +88,21 @@ pub(crate) async fn ensure_consumer(
                 ),
             ));
         }
-        let abandoned = match resume {
-            Resume::No => false,
-            Resume::IfAbandoned => info.num_ack_pending > 0 && info.num_waiting == 0,
-            Resume::Always => info.num_ack_pending > 0,
+        let reset_to = match resume {
+            Resume::No | Resume::MissingFrom(_) => None,
+            Resume::IfAbandoned => (info.num_ack_pending > 0 && info.num_waiting == 0)
+                .then_some(info.ack_floor.stream_sequence + 1),
+            Resume::Always => {
+                (info.num_ack_pending > 0).then_some(info.ack_floor.stream_sequence + 1)
+            }
+            Resume::ResetTo(position) => Some(position.start),
         };
-        if abandoned {
-            let start = info.ack_floor.stream_sequence + 1;
+        if let Some(start) = reset_to {
             tracing::info!(
                 durable = %durable,
                 unacknowledged = info.num_ack_pending,
                 start,
-                "messages are unacknowledged that this bus does not hold; replaying from the ack floor in order"
+                "messages are unacknowledged that this bus does not hold; replaying in order from the bus's position"
             );
             stream.delete_consumer(durable).await.map_err(|error| {
                 Error::broker(format!("cannot reset consumer {}", durable), error)
@@ -116,6 +134,32 @@ pub(crate) async fn ensure_consumer(
                     "consumer configuration changed; updating the durable consumer"
                 );
             }
+        }
+    } else if let Resume::MissingFrom(position) | Resume::ResetTo(position) = resume {
+        let start = position.start;
+        // A stream made again (a memory stream lost with a restart) starts its sequences over:
+        // the bus's position then means nothing, and the new stream is read from its beginning.
+        let read = |error: String| Error::Broker {
+            message: format!("cannot read stream {stream_name}: {error}"),
+            source: None,
+        };
+        let mut info = broker
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|error| read(error.to_string()))?;
+        let created = info
+            .info()
+            .await
+            .map_err(|error| read(error.to_string()))?
+            .created;
+        if created <= position.last_stored {
+            tracing::info!(durable = %durable, start, "durable consumer missing; made again from the bus's position");
+            wanted.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            };
+        } else {
+            tracing::info!(durable = %durable, start, "durable consumer and its stream made again; reading the new stream from its beginning");
         }
     }
     stream

@@ -4,16 +4,18 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::PullConsumer;
-use eventbus_core::{CancellationToken, DeliveryMeta, Error, Position};
+use async_nats::jetstream::consumer::{PullConsumer, pull};
+use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
 use futures::{FutureExt, StreamExt};
 
+use crate::config::ConsumerSettings;
 use crate::connection::ConnectionState;
-use crate::consumer::{Resume, ensure_consumer};
+use crate::consumer::{Position, Resume, ensure_consumer};
 use crate::publish::Broker;
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
@@ -30,6 +32,8 @@ pub(crate) struct Fetch {
     draining: AtomicBool,
     /// The connection, to notice that the server was lost (and may come back with older state).
     connection: Arc<ConnectionState>,
+    /// The highest stream sequence taken so far and when it was stored (none yet: `None`).
+    last_taken: Mutex<Option<(u64, OffsetDateTime)>>,
 }
 
 impl Fetch {
@@ -46,6 +50,7 @@ impl Fetch {
             stop: CancellationToken::new(),
             draining: AtomicBool::new(false),
             connection,
+            last_taken: Mutex::new(None),
         }
     }
 
@@ -61,6 +66,20 @@ impl Fetch {
 
     fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Where the durable must start if the server lost it or holds a stale view of it: the
+    /// lowest message still held, else the one after the last taken; `None` before any.
+    fn position(&self) -> Option<Position> {
+        let (last, last_stored) = (*self
+            .last_taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))?;
+        let start = self
+            .consumer
+            .lowest_held()
+            .unwrap_or_else(|| last.saturating_add(1));
+        Some(Position { start, last_stored })
     }
 }
 
@@ -112,88 +131,79 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                 .max_messages(settings.fetch_batch)
                 .messages()
                 .await
+                .map(Open::new)
+                .map_err(|error| error.to_string())
         } else {
             // Not raced against `stop`: a pull request dropped half-sent could still be
             // answered, and what it brought would wait for `ack_wait`.
-            consumer
-                .batch()
-                .max_messages(settings.fetch_batch)
-                .expires(settings.fetch_expires)
-                .messages()
-                .await
+            request(&consumer, &settings).await
         };
         let mut failed = None;
         match batch {
-            Err(error) => failed = Some(error.to_string()),
-            Ok(mut batch) => {
-                let mut arrived = VecDeque::new();
-                let (mut received, mut ended) = (0usize, false);
-                loop {
-                    // What has arrived already, without waiting.
-                    while !ended {
-                        match batch.next().now_or_never() {
-                            Some(Some(item)) => {
-                                received += usize::from(item.is_ok());
-                                arrived.push_back(item);
+            Err(error) => failed = Some(error),
+            Ok(mut current) => loop {
+                current.take_arrived();
+                if current.received >= settings.fetch_batch
+                    && next_request.is_none()
+                    && !fetch.stop.is_cancelled()
+                {
+                    next_request = Some(request(&consumer, &settings).await);
+                }
+                // An open request is read to its end even when the subscription stops: what
+                // the server sends to it would otherwise wait for `ack_wait`.
+                let next = match current.arrived.pop_front() {
+                    Some(item) => Some(item),
+                    None if current.ended => None,
+                    None => {
+                        let item = if fetch.stop.is_cancelled() {
+                            current.batch.next().await
+                        } else {
+                            tokio::select! {
+                                next = current.batch.next() => next,
+                                () = fetch.stop.cancelled() => continue,
                             }
-                            Some(None) => ended = true,
-                            None => break,
+                        };
+                        current.count(item.as_ref());
+                        item
+                    }
+                };
+                let Some(next) = next else { break };
+                let message = match next {
+                    Ok(message) => message,
+                    Err(error) => {
+                        // The stream or consumer went away, the server is unreachable, ...:
+                        // back off and find them again rather than asking again at once.
+                        failed = Some(error.to_string());
+                        break;
+                    }
+                };
+                failures = 0;
+                // While the runtime makes room, what arrives is read into memory: the client
+                // ends a pull request's stream `expires` + 5 s after it was sent, and drops what
+                // is still unread then.
+                let delivering = deliver(&broker, &fetch, message);
+                tokio::pin!(delivering);
+                let delivered = loop {
+                    tokio::select! {
+                        biased;
+                        result = &mut delivering => break result,
+                        item = current.batch.next(), if !current.ended => current.keep(item),
+                        item = next_of(&mut next_request) => {
+                            if let Some(Ok(open)) = next_request.as_mut() {
+                                open.keep(item);
+                            }
                         }
                     }
-                    if received >= settings.fetch_batch
-                        && next_request.is_none()
-                        && !fetch.stop.is_cancelled()
-                    {
-                        next_request = Some(
-                            consumer
-                                .batch()
-                                .max_messages(settings.fetch_batch)
-                                .expires(settings.fetch_expires)
-                                .messages()
-                                .await,
-                        );
-                    }
-                    // An open request is read to its end even when the subscription stops:
-                    // what the server sends to it would otherwise wait for `ack_wait`.
-                    let next = match arrived.pop_front() {
-                        Some(item) => Some(item),
-                        None if ended => None,
-                        None => {
-                            let item = if fetch.stop.is_cancelled() {
-                                batch.next().await
-                            } else {
-                                tokio::select! {
-                                    next = batch.next() => next,
-                                    () = fetch.stop.cancelled() => continue,
-                                }
-                            };
-                            if let Some(item) = &item {
-                                received += usize::from(item.is_ok());
-                            }
-                            item
-                        }
-                    };
-                    let Some(next) = next else { break };
-                    let message = match next {
-                        Ok(message) => message,
-                        Err(error) => {
-                            // The stream or consumer went away, the server is unreachable, ...:
-                            // back off and find them again rather than asking again at once.
-                            failed = Some(error.to_string());
-                            break;
-                        }
-                    };
-                    failures = 0;
-                    match deliver(&broker, &fetch, message).await {
-                        Ok(()) => {}
-                        // The runtime has shut down (close gave up waiting): stop fetching.
-                        Err(Error::Closed) => break 'pulls,
-                        Err(error) => {
-                            tracing::warn!(durable = %fetch.durable, %error, "message not delivered; given back");
-                        }
+                };
+                match delivered {
+                    Ok(()) => {}
+                    // The runtime has shut down (close gave up waiting): stop fetching.
+                    Err(Error::Closed) => break 'pulls,
+                    Err(error) => {
+                        tracing::warn!(durable = %fetch.durable, %error, "message not delivered; given back");
                     }
                 }
-            }
+            },
         }
         if let Some(error) = failed {
             next_request = None;
@@ -206,9 +216,8 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             // The stream or consumer may be gone (a memory stream after a server restart, a
             // deleted consumer): find or make them again.
             broker.streams.forget(&fetch.topic).await;
-            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, Resume::No)
-                .await
-            {
+            let resume = fetch.position().map_or(Resume::No, Resume::MissingFrom);
+            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, resume).await {
                 Ok(fresh) => consumer = fresh,
                 Err(error) => {
                     tracing::warn!(durable = %fetch.durable, %error, "consumer not ready")
@@ -274,10 +283,78 @@ async fn reconcile(
         &fetch.topic,
         &fetch.durable,
         envelopes,
-        Resume::Always,
+        fetch.position().map_or(Resume::Always, Resume::ResetTo),
     )
     .await
     .map(Some)
+}
+
+/// What one pull request yields.
+type Item = <pull::Batch as futures::Stream>::Item;
+
+/// An open pull request: its stream and what arrived from it and was not delivered yet.
+struct Open {
+    batch: pull::Batch,
+    arrived: VecDeque<Item>,
+    /// Messages received from it so far.
+    received: usize,
+    /// Its stream ended.
+    ended: bool,
+}
+
+impl Open {
+    fn new(batch: pull::Batch) -> Self {
+        Self {
+            batch,
+            arrived: VecDeque::new(),
+            received: 0,
+            ended: false,
+        }
+    }
+
+    /// Counts an item taken from the stream.
+    fn count(&mut self, item: Option<&Item>) {
+        match item {
+            Some(item) => self.received += usize::from(item.is_ok()),
+            None => self.ended = true,
+        }
+    }
+
+    /// Keeps an item taken from the stream for later.
+    fn keep(&mut self, item: Option<Item>) {
+        self.count(item.as_ref());
+        self.arrived.extend(item);
+    }
+
+    /// Moves what has arrived already into `arrived`, without waiting.
+    fn take_arrived(&mut self) {
+        while !self.ended {
+            match self.batch.next().now_or_never() {
+                Some(item) => self.keep(item),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Sends a pull request for up to `fetch_batch` messages, waiting up to `fetch_expires`.
+async fn request(consumer: &PullConsumer, settings: &ConsumerSettings) -> Result<Open, String> {
+    consumer
+        .batch()
+        .max_messages(settings.fetch_batch)
+        .expires(settings.fetch_expires)
+        .messages()
+        .await
+        .map(Open::new)
+        .map_err(|error| error.to_string())
+}
+
+/// The next item of the pipelined request, or never when there is none open.
+async fn next_of(next_request: &mut Option<Result<Open, String>>) -> Option<Item> {
+    match next_request {
+        Some(Ok(open)) if !open.ended => open.batch.next().await,
+        _ => std::future::pending().await,
+    }
 }
 
 /// Waits before the next pull after `failures` failures in a row; true when the subscription
@@ -307,9 +384,18 @@ async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) ->
     if delivered > 1 {
         broker.counters.add(Stat::Redeliveries, 1);
     }
+    {
+        let mut last = fetch
+            .last_taken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if last.is_none_or(|(taken, _)| taken < sequence) {
+            *last = Some((sequence, published));
+        }
+    }
     let (message, acker) = message.split();
     let meta = DeliveryMeta {
-        position: Position::Sequence(sequence),
+        position: eventbus_core::Position::Sequence(sequence),
         delivery_attempt: delivered,
         timestamp: Some(published),
     };
@@ -340,7 +426,7 @@ pub(crate) async fn core_loop(fetch: Arc<Fetch>, mut subscriber: async_nats::Sub
         };
         let Some(message) = message else { break };
         let meta = DeliveryMeta {
-            position: Position::Unknown,
+            position: eventbus_core::Position::Unknown,
             delivery_attempt: 1,
             timestamp: None,
         };

@@ -184,6 +184,12 @@ impl Consumer {
         lock(&self.held).len()
     }
 
+    /// The lowest `held_id` held now (a stream sequence on NATS): where a transport that lost
+    /// its broker-side position resumes, so that nothing unsettled is skipped.
+    pub fn lowest_held(&self) -> Option<u64> {
+        lock(&self.held).keys().min().copied()
+    }
+
     /// Hands one message to the engine, waiting while its lane or the engine is full
     /// (backpressure). Envelopes are decoded here; the aggregate ID picks the lane. The receipt
     /// is settled in the lane once the message has its outcome.

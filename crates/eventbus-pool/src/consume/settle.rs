@@ -80,7 +80,10 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
         .guard
         .latest_receipt()
         .unwrap_or_else(|| settling.receipt.clone());
-    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon);
+    // A job cancelled while it ran (its token already fired) settles as it must; only a
+    // settlement the deadline interrupts is cut short.
+    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon)
+        && !settling.cancel.is_cancelled();
     {
         let work = settle_now(&runtime, &settling, &receipt, verdict);
         tokio::pin!(work);
