@@ -82,8 +82,8 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
         .unwrap_or_else(|| settling.receipt.clone());
     // A job cancelled while it ran (its token already fired) settles as it must; only a
     // settlement the deadline interrupts is cut short.
-    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon)
-        && !settling.cancel.is_cancelled();
+    let cut_short =
+        !matches!(verdict, Verdict::GiveBack | Verdict::Abandon) && !settling.cancel.is_cancelled();
     {
         let work = settle_now(&runtime, &settling, &receipt, verdict);
         tokio::pin!(work);
