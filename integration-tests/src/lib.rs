@@ -990,3 +990,63 @@ pub async fn close_after_unsubscribe_leaves_no_task_running(factory: &dyn BusFac
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// With dead-lettering disabled, an envelope that fails for good stays in its lane, retried: the
+/// aggregate's next event never overtakes it, and the health report says the bus is degraded.
+pub async fn dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory
+        .bus(Settings {
+            max_attempts: 2,
+            backoff: Duration::from_millis(5),
+            drain_timeout: Duration::from_millis(300),
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("nodlq");
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.event_version);
+                if envelope.event_version == 1 {
+                    return Err(HandlerError::permanent("nowhere to go"));
+                }
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new().with_dead_letter(eventbus_core::DeadLetter::Disabled),
+    )
+    .await
+    .unwrap();
+    for version in 1..=2 {
+        bus.publish_envelope(&topic, &envelope("agg-nodlq", version))
+            .await
+            .unwrap();
+    }
+    // Past max_attempts (2): it keeps being retried.
+    handled
+        .wait_for("v1 retried past its attempts", |e| e.len() >= 4)
+        .await;
+    let degraded = async {
+        loop {
+            if bus.health().await.status() == eventbus_core::HealthStatus::Degraded {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, degraded)
+        .await
+        .expect("the health report shows the stalled aggregate");
+    assert!(
+        handled.events().iter().all(|version| *version == 1),
+        "v2 ran while v1 was unsettled: {:?}",
+        handled.events()
+    );
+    bus.close().await.unwrap();
+}

@@ -66,6 +66,7 @@ conformance!(
     a_handler_publishing_on_its_own_bus_does_not_deadlock,
     a_dropped_publish_does_not_hang_close,
     close_after_unsubscribe_leaves_no_task_running,
+    dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
 );
 
 /// Memory has no broker to hold messages, so a slow handler must slow its publishers: the engine

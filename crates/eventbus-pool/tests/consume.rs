@@ -306,21 +306,23 @@ async fn held_messages_get_in_progress_signals_until_they_settle() {
         .unwrap();
     consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
     consumer.deliver(delivery(&log, "k", 2, 2)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
     let signals = |name: &str| {
         log.events()
             .iter()
             .filter(|e| *e == &format!("in progress {name}"))
             .count()
     };
-    assert!(signals("k/1") >= 2, "{:?}", log.events());
-    assert!(signals("k/2") >= 2, "queued messages are kept alive too");
+    // The running message and the one queued behind it are both kept alive.
+    wait_until("two signals for each held message", || {
+        signals("k/1") >= 2 && signals("k/2") >= 2
+    })
+    .await;
     gate.add_permits(1);
-    while consumer.held() > 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("both settled", || consumer.held() == 0).await;
     let after = log.events().len();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Five progress intervals on the paused clock: none may bring a signal.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    tokio::task::yield_now().await;
     assert_eq!(log.events().len(), after, "no signal once nothing is held");
     runtime
         .close(tokio::time::Instant::now() + Duration::from_secs(5))

@@ -274,7 +274,9 @@ async fn a_job_with_unlimited_attempts_keeps_its_lane_and_shows_as_stalled() {
         }))
         .await
         .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while *attempts.lock().unwrap() < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "retries stopped");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(pool.stats().stalled, 1);

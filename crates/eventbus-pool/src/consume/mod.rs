@@ -184,11 +184,6 @@ impl Runtime {
         }
         report
     }
-
-    /// Tasks of the runtime still alive (the engine's actors and timers).
-    pub fn live_tasks(&self) -> usize {
-        self.shared.pool.live_tasks()
-    }
 }
 
 impl Drop for Runtime {
