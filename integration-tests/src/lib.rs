@@ -356,8 +356,8 @@ pub async fn retry_then_success_keeps_order(factory: &dyn BusFactory) {
     bus.close().await.unwrap();
 }
 
-/// Collects what arrives on a topic through a plain subscription.
-async fn collect(bus: &Arc<dyn EventBus>, topic: &str) -> Arc<Recorder<Message>> {
+/// Subscribes a plain handler to `topic` that records every message it gets.
+pub async fn collect(bus: &dyn EventBus, topic: &str) -> Arc<Recorder<Message>> {
     let recorder = Recorder::<Message>::new();
     let r = recorder.clone();
     bus.subscribe(
@@ -385,7 +385,7 @@ pub async fn exhausted_retries_go_to_the_dead_letter_topic(factory: &dyn BusFact
     };
     let bus = factory.bus(settings).await;
     let topic = factory.topic("exhaust");
-    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
     let handled = Recorder::<i64>::new();
     let h = handled.clone();
     bus.subscribe_envelope(
@@ -440,7 +440,7 @@ pub async fn exhausted_retries_go_to_the_dead_letter_topic(factory: &dyn BusFact
 pub async fn undecodable_envelopes_are_dead_lettered_without_retries(factory: &dyn BusFactory) {
     let bus = factory.bus(Settings::default()).await;
     let topic = factory.topic("poison");
-    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     bus.subscribe_envelope(
@@ -480,7 +480,7 @@ pub async fn panics_are_caught_for_both_classes(factory: &dyn BusFactory) {
     };
     let bus = factory.bus(settings).await;
     let topic = factory.topic("panic");
-    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
     let envelope_calls = Arc::new(AtomicUsize::new(0));
     let c = envelope_calls.clone();
     bus.subscribe_envelope(
@@ -596,7 +596,7 @@ pub async fn plain_messages_are_at_most_once(factory: &dyn BusFactory) {
 pub async fn unsubscribe_stops_delivery(factory: &dyn BusFactory) {
     let bus = factory.bus(Settings::default()).await;
     let topic = factory.topic("unsub");
-    let first = collect(&bus, &topic).await;
+    let first = collect(bus.as_ref(), &topic).await;
     let second = Recorder::<Message>::new();
     let s = second.clone();
     let subscription = bus
@@ -759,7 +759,7 @@ pub async fn a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_move
 ) {
     let bus = factory.bus(Settings::default()).await;
     let topic = factory.topic("multiline");
-    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
     let handled = Recorder::<i64>::new();
     let h = handled.clone();
     bus.subscribe_envelope(
@@ -803,7 +803,7 @@ pub async fn a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_move
 pub async fn two_subscriptions_dead_lettering_one_message_both_write_it(factory: &dyn BusFactory) {
     let bus = factory.bus(Settings::default()).await;
     let topic = factory.topic("twice");
-    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
     for _ in 0..2 {
         bus.subscribe_envelope(
             &topic,
@@ -838,7 +838,7 @@ pub async fn a_handler_publishing_on_its_own_bus_does_not_deadlock(factory: &dyn
         })
         .await;
     let (first, second) = (factory.topic("chain.a"), factory.topic("chain.b"));
-    let followed = collect(&bus, &second).await;
+    let followed = collect(bus.as_ref(), &second).await;
     let started = Recorder::<i64>::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let (publisher, next, s, g) = (bus.clone(), second.clone(), started.clone(), gate.clone());

@@ -15,7 +15,7 @@ use eventbus_core::{
     SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, eventually, nats_config};
+use integration_tests::{Recorder, collect, eventually, nats_config};
 use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
@@ -25,25 +25,6 @@ async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
 
 fn envelope(aggregate: &str, version: i64) -> Envelope {
     Envelope::new(aggregate, "Changed", version, &version).unwrap()
-}
-
-async fn record_messages(bus: &NatsBus, topic: &str) -> Arc<Recorder<Message>> {
-    let recorder = Recorder::new();
-    let r = recorder.clone();
-    bus.subscribe(
-        topic,
-        Arc::new(move |_ctx: HandlerContext, message: Message| {
-            let r = r.clone();
-            async move {
-                r.push(message);
-                Ok(())
-            }
-        }),
-        SubscribeOptions::new(),
-    )
-    .await
-    .unwrap();
-    recorder
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,7 +57,7 @@ async fn a_message_published_with_nats_control_headers_is_dead_lettered_without_
         .unwrap();
     drop(client);
 
-    let dead_letters = record_messages(&bus, "orders.control.DLQ").await;
+    let dead_letters = collect(&bus, "orders.control.DLQ").await;
     let letters = dead_letters
         .wait_for("the dead letter", |e| !e.is_empty())
         .await;
@@ -187,7 +168,7 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
     config.publish_timeout = Duration::from_secs(1);
     let bus = Arc::new(NatsBus::connect(config).await.unwrap());
     let topic = "metrics.lost";
-    let seen = record_messages(&bus, topic).await;
+    let seen = collect(bus.as_ref(), topic).await;
     bus.publish(topic, OutboundMessage::new(&b"before"[..]))
         .await
         .unwrap();
