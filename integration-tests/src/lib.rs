@@ -11,11 +11,15 @@
     clippy::indexing_slicing
 )]
 
+/// The default settings of a NATS bus named `client_id`.
+pub fn nats_settings(client_id: &str) -> eventbus_nats::BusSettings {
+    eventbus_nats::BusSettings::new("nats", client_id)
+}
+
 /// A NATS bus configuration for tests on `url`: short pull requests (so `close` is quick) and
 /// the default consumer settings otherwise.
-pub fn nats_config(url: &str, client_id: &str) -> eventbus_nats::NatsConfig {
+pub fn nats_config(url: &str) -> eventbus_nats::NatsConfig {
     eventbus_nats::NatsConfig {
-        client_id: client_id.to_owned(),
         urls: vec![url.to_owned()],
         consumer: eventbus_nats::ConsumerSettings {
             fetch_expires: Duration::from_millis(200),
@@ -121,6 +125,16 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The shared settings of a `backend` bus named `conformance` with this engine and drain
+    /// timeout.
+    pub fn bus_settings(&self, backend: &str) -> eventbus_pool::BusSettings {
+        eventbus_pool::BusSettings {
+            pool: self.pool_config(),
+            drain_timeout: self.drain_timeout,
+            ..eventbus_pool::BusSettings::new(backend, "conformance")
+        }
+    }
+
     /// The engine configuration these settings describe (backoff doubling up to 8× the first).
     pub fn pool_config(&self) -> eventbus_pool::PoolConfig {
         eventbus_pool::PoolConfig {

@@ -9,23 +9,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions};
-use eventbus_memory::{MemoryBus, MemoryConfig};
+use eventbus_memory::{BusSettings, MemoryBus};
 use integration_tests::{BusFactory, Settings};
 
 struct Memory;
 
-fn config(settings: Settings) -> MemoryConfig {
-    MemoryConfig {
-        client_id: "conformance".into(),
-        pool: settings.pool_config(),
-        drain_timeout: settings.drain_timeout,
-    }
-}
-
 #[async_trait]
 impl BusFactory for Memory {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
-        match MemoryBus::new(config(settings)) {
+        match MemoryBus::new(settings.bus_settings("memory")) {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("memory bus: {error}"),
         }
@@ -74,11 +66,14 @@ conformance!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_makes_publishers_wait_and_memory_stays_bounded() {
     let bus = Arc::new(
-        MemoryBus::new(config(Settings {
-            pool_size: 1,
-            inbox_size: 5,
-            ..Settings::default()
-        }))
+        MemoryBus::new(
+            Settings {
+                pool_size: 1,
+                inbox_size: 5,
+                ..Settings::default()
+            }
+            .bus_settings("memory"),
+        )
         .unwrap(),
     );
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -138,7 +133,7 @@ async fn a_slow_handler_makes_publishers_wait_and_memory_stays_bounded() {
 
 #[tokio::test]
 async fn publishing_to_an_invalid_topic_or_a_closed_bus_is_a_typed_error() {
-    let bus = MemoryBus::new(MemoryConfig::default()).unwrap();
+    let bus = MemoryBus::new(BusSettings::new("memory", "eventbus")).unwrap();
     let invalid = bus
         .publish("not a topic", OutboundMessage::new(&b"x"[..]))
         .await
@@ -166,13 +161,13 @@ async fn publishing_to_an_invalid_topic_or_a_closed_bus_is_a_typed_error() {
 /// deadline is dropped and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_lettering_disabled_keeps_the_envelope_in_its_lane_until_close() {
-    let bus = MemoryBus::new(config(Settings {
+    let settings = Settings {
         max_attempts: 2,
         backoff: Duration::from_millis(5),
         drain_timeout: Duration::from_millis(300),
         ..Settings::default()
-    }))
-    .unwrap();
+    };
+    let bus = MemoryBus::new(settings.bus_settings("memory")).unwrap();
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let h = handled.clone();
     let handler = Arc::new(move |_ctx: HandlerContext, e: eventbus_core::Envelope| {
@@ -223,7 +218,7 @@ async fn dead_lettering_disabled_keeps_the_envelope_in_its_lane_until_close() {
 
 #[tokio::test]
 async fn health_reports_the_backend_and_its_engine() {
-    let bus = MemoryBus::new(MemoryConfig::default()).unwrap();
+    let bus = MemoryBus::new(BusSettings::new("memory", "eventbus")).unwrap();
     let report = bus.health().await;
     assert_eq!(report.backend, "memory");
     assert!(report.is_healthy());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use eventbus_core::EventBus;
-use eventbus_nats::{NatsBus, NatsConfig};
+use eventbus_nats::NatsBus;
 use integration_tests::{BusFactory, Settings};
 use test_brokers::NatsServer;
 
@@ -15,18 +15,15 @@ struct Nats {
     server: NatsServer,
 }
 
-fn config(url: &str, settings: Settings) -> NatsConfig {
-    NatsConfig {
-        pool: settings.pool_config(),
-        drain_timeout: settings.drain_timeout,
-        ..integration_tests::nats_config(url, "conformance")
-    }
-}
-
 #[async_trait]
 impl BusFactory for Nats {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
-        match NatsBus::connect(config(&self.server.url(), settings)).await {
+        match NatsBus::connect(
+            settings.bus_settings("nats"),
+            integration_tests::nats_config(&self.server.url()),
+        )
+        .await
+        {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("NATS bus: {error}"),
         }

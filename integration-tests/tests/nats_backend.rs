@@ -9,15 +9,14 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::StorageType};
 use eventbus_core::{
-    Envelope, ErrorKind, EventBus, HandlerContext, Message, OutboundMessage, Secret,
-    SubscribeOptions,
+    Envelope, ErrorKind, EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions,
 };
 use eventbus_nats::{
     Auth, ConsumerSettings, NatsBus, NatsConfig, Storage, StreamDefinition, StreamLimits,
     TopicOptions,
 };
 use futures::StreamExt;
-use integration_tests::{Recorder, nats_config};
+use integration_tests::{Recorder, nats_config, nats_settings};
 use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> jetstream::Context {
@@ -115,7 +114,7 @@ async fn gated_subscription(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_duplicates() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "headers"))
+    let bus = NatsBus::connect(nats_settings("headers"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.created";
@@ -153,7 +152,7 @@ async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_dupl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_plain_topics() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "storage");
+    let (settings, mut config) = (nats_settings("storage"), nats_config(&server.url()));
     config.topics.insert(
         "metrics.kept".into(),
         TopicOptions {
@@ -166,7 +165,7 @@ async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_p
         max_bytes: Some(1 << 20),
         max_msgs: Some(500),
     };
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     bus.publish_envelope("orders.placed", &envelope("o-1", 1))
         .await
         .unwrap();
@@ -211,14 +210,14 @@ async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_p
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "configured");
+    let (settings, mut config) = (nats_settings("configured"), nats_config(&server.url()));
     config.streams.push(StreamDefinition {
         name: "ORDERS".into(),
         subjects: vec!["orders.>".into()],
         storage: Storage::File,
         limits: StreamLimits::default(),
     });
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let handled = record_envelopes(&bus, "orders.created").await;
     bus.publish_envelope("orders.created", &envelope("o-1", 1))
         .await
@@ -237,7 +236,7 @@ async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
 async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stopped() {
     let server = NatsServer::start();
     let topic = "orders.resumed";
-    let first = NatsBus::connect(nats_config(&server.url(), "billing"))
+    let first = NatsBus::connect(nats_settings("billing"), nats_config(&server.url()))
         .await
         .unwrap();
     let handled = record_envelopes(&first, topic).await;
@@ -261,7 +260,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
     assert_eq!(consumer.info().await.unwrap().num_ack_pending, 0);
 
     // Published while nobody consumes; the next run gets exactly these.
-    let publisher = NatsBus::connect(nats_config(&server.url(), "publisher"))
+    let publisher = NatsBus::connect(nats_settings("publisher"), nats_config(&server.url()))
         .await
         .unwrap();
     for version in 4..=5 {
@@ -270,7 +269,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
             .await
             .unwrap();
     }
-    let second = NatsBus::connect(nats_config(&server.url(), "billing"))
+    let second = NatsBus::connect(nats_settings("billing"), nats_config(&server.url()))
         .await
         .unwrap();
     let resumed = record_envelopes(&second, topic).await;
@@ -291,13 +290,13 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
 async fn changed_consumer_settings_update_the_durable_consumer() {
     let server = NatsServer::start();
     let topic = "orders.tuned";
-    let bus = NatsBus::connect(nats_config(&server.url(), "tuned"))
+    let bus = NatsBus::connect(nats_settings("tuned"), nats_config(&server.url()))
         .await
         .unwrap();
     record_envelopes(&bus, topic).await;
     bus.close().await.unwrap();
 
-    let mut config = nats_config(&server.url(), "tuned");
+    let (settings, mut config) = (nats_settings("tuned"), nats_config(&server.url()));
     config.consumer = ConsumerSettings {
         ack_wait: Duration::from_secs(12),
         max_deliver: 20,
@@ -305,7 +304,7 @@ async fn changed_consumer_settings_update_the_durable_consumer() {
         backoff: vec![Duration::from_secs(1), Duration::from_secs(12)],
         ..config.consumer
     };
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     record_envelopes(&bus, topic).await;
     let js = raw(&server).await;
     let mut consumer = first_durable(&js, &bus, topic).await;
@@ -322,7 +321,7 @@ async fn changed_consumer_settings_update_the_durable_consumer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "ephemeral");
+    let (settings, mut config) = (nats_settings("ephemeral"), nats_config(&server.url()));
     config.topics.insert(
         "presence.ping".into(),
         TopicOptions {
@@ -330,7 +329,7 @@ async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
             ephemeral: true,
         },
     );
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let seen = Recorder::<Message>::new();
     let s = seen.clone();
     bus.subscribe(
@@ -366,17 +365,19 @@ async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_authentication_connects_and_a_wrong_token_is_a_broker_error() {
     let server = NatsServer::start_with(&["--auth", "s3cret-token"]);
-    let mut config = nats_config(&server.url(), "auth");
-    config.auth = Auth::Token(Secret::new("s3cret-token"));
-    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    let (settings, mut config) = (nats_settings("auth"), nats_config(&server.url()));
+    config.auth = Auth::token("s3cret-token");
+    let bus = NatsBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
     let health = bus.health().await;
     assert!(health.is_healthy(), "{health:?}");
     bus.close().await.unwrap();
 
-    config.auth = Auth::Token(Secret::new("wrong"));
+    config.auth = Auth::token("wrong");
     config.max_reconnects = Some(0);
     config.connection_timeout = Duration::from_secs(2);
-    let error = match NatsBus::connect(config).await {
+    let error = match NatsBus::connect(settings.clone(), config).await {
         Ok(_) => panic!("a wrong token connected"),
         Err(error) => error,
     };
@@ -388,12 +389,9 @@ async fn token_authentication_connects_and_a_wrong_token_is_a_broker_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_authentication_connects() {
     let server = NatsServer::start_with(&["--user", "svc", "--pass", "pa55word"]);
-    let mut config = nats_config(&server.url(), "userpass");
-    config.auth = Auth::UserPassword {
-        user: "svc".into(),
-        password: Secret::new("pa55word"),
-    };
-    let bus = NatsBus::connect(config).await.unwrap();
+    let (settings, mut config) = (nats_settings("userpass"), nats_config(&server.url()));
+    config.auth = Auth::user_password("svc", "pa55word");
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let handled = record_envelopes(&bus, "auth.checked").await;
     bus.publish_envelope("auth.checked", &envelope("a-1", 1))
         .await
@@ -409,10 +407,10 @@ async fn an_unreachable_server_is_a_typed_error_not_a_hang() {
     drop(server);
     let config = NatsConfig {
         connection_timeout: Duration::from_secs(1),
-        ..nats_config(&url, "unreachable")
+        ..nats_config(&url)
     };
     let started = std::time::Instant::now();
-    let error = match NatsBus::connect(config).await {
+    let error = match NatsBus::connect(nats_settings("unreachable"), config).await {
         Ok(_) => panic!("connected to a stopped server"),
         Err(error) => error,
     };
@@ -441,9 +439,9 @@ async fn nkey_authentication_connects_with_the_seed() {
     )
     .unwrap();
     let server = NatsServer::start_with(&["-c", server_config.to_str().unwrap()]);
-    let mut config = nats_config(&server.url(), "nkey");
-    config.auth = Auth::NkeySeed(Secret::new(user.seed().unwrap()));
-    let bus = NatsBus::connect(config).await.unwrap();
+    let (settings, mut config) = (nats_settings("nkey"), nats_config(&server.url()));
+    config.auth = Auth::nkey_seed(user.seed().unwrap());
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let handled = record_envelopes(&bus, "nkey.checked").await;
     bus.publish_envelope("nkey.checked", &envelope("n-1", 1))
         .await
@@ -493,14 +491,16 @@ async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificat
         "--tlscacert",
         ca_file.to_str().unwrap(),
     ]);
-    let mut config = nats_config(&server.url(), "tls");
+    let (settings, mut config) = (nats_settings("tls"), nats_config(&server.url()));
     config.tls = eventbus_nats::TlsConfig {
         required: true,
         ca_file: Some(ca_file.clone()),
         client_cert: Some(client_cert),
         client_key: Some(client_key),
     };
-    let bus = NatsBus::connect(config.clone()).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
     let handled = record_envelopes(&bus, "tls.checked").await;
     bus.publish_envelope("tls.checked", &envelope("t-1", 1))
         .await
@@ -512,7 +512,7 @@ async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificat
     config.tls.client_key = None;
     config.max_reconnects = Some(0);
     config.connection_timeout = Duration::from_secs(2);
-    let refused = NatsBus::connect(config).await;
+    let refused = NatsBus::connect(settings.clone(), config).await;
     assert!(
         refused.is_err(),
         "a client without a certificate was let in"
@@ -526,10 +526,10 @@ async fn a_dead_server_in_the_url_list_is_passed_over() {
     let dead_url = dead.url();
     drop(dead);
     let live = NatsServer::start();
-    let mut config = nats_config(&live.url(), "failover");
+    let (settings, mut config) = (nats_settings("failover"), nats_config(&live.url()));
     config.urls = vec![dead_url, live.url()];
     config.connection_timeout = Duration::from_secs(2);
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let handled = record_envelopes(&bus, "failover.checked").await;
     bus.publish_envelope("failover.checked", &envelope("f-1", 1))
         .await
@@ -542,10 +542,10 @@ async fn a_dead_server_in_the_url_list_is_passed_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wait() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "giveback");
-    config.pool.pool_size = 1;
+    let (mut settings, mut config) = (nats_settings("giveback"), nats_config(&server.url()));
+    settings.pool.pool_size = 1;
     config.consumer.ack_wait = Duration::from_secs(60);
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let topic = "orders.given-back";
     let (subscription, gate, first_run) = gated_subscription(&bus, topic).await;
     // One runs (held at the gate) and four wait for the only actor.
@@ -605,9 +605,9 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_not_repeat_it() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "again");
-    config.pool.pool_size = 1;
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let (mut settings, config) = (nats_settings("again"), nats_config(&server.url()));
+    settings.pool.pool_size = 1;
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "orders.again";
     let (subscription, gate, old) = gated_subscription(&bus, topic).await;
     old.wait_for("the first handler", |e| e.len() == 1).await;
@@ -660,9 +660,12 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
 async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss() {
     let server = NatsServer::start();
     let topic = "orders.backlog";
-    let publisher = NatsBus::connect(nats_config(&server.url(), "backlog-publisher"))
-        .await
-        .unwrap();
+    let publisher = NatsBus::connect(
+        nats_settings("backlog-publisher"),
+        nats_config(&server.url()),
+    )
+    .await
+    .unwrap();
     let total = 2000usize;
     for i in 0..total {
         publisher
@@ -673,10 +676,12 @@ async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss()
             .await
             .unwrap();
     }
-    let mut config = nats_config(&server.url(), "backlog");
-    config.pool.pool_size = 4;
-    config.drain_timeout = Duration::from_millis(500);
-    let first = NatsBus::connect(config.clone()).await.unwrap();
+    let (mut settings, config) = (nats_settings("backlog"), nats_config(&server.url()));
+    settings.pool.pool_size = 4;
+    settings.drain_timeout = Duration::from_millis(500);
+    let first = NatsBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
     let handled = Recorder::<(String, i64)>::new();
     let h = handled.clone();
     first
@@ -706,7 +711,7 @@ async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss()
     let before = handled.events().len();
     assert!(before < total, "the backlog was not left: {before} handled");
 
-    let second = NatsBus::connect(config).await.unwrap();
+    let second = NatsBus::connect(settings.clone(), config).await.unwrap();
     let h = handled.clone();
     second
         .subscribe_envelope(
@@ -740,7 +745,7 @@ async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
     let server = NatsServer::start();
     // The default pull requests (256 messages): filled while the envelopes trickle in.
     let bus = Arc::new(
-        NatsBus::connect(nats_config(&server.url(), "bursts"))
+        NatsBus::connect(nats_settings("bursts"), nats_config(&server.url()))
             .await
             .unwrap(),
     );
@@ -792,7 +797,7 @@ async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_subscribe_frees_its_durable_for_the_next_one() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "dropped"))
+    let bus = NatsBus::connect(nats_settings("dropped"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.dropped";

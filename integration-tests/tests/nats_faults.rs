@@ -14,7 +14,7 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
 use integration_tests::{
     DEADLINE, Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes,
-    eventually, nats_config,
+    eventually, nats_config, nats_settings,
 };
 use test_brokers::NatsServer;
 use tokio::sync::mpsc;
@@ -43,10 +43,10 @@ async fn publish_until_confirmed(bus: &NatsBus, topic: &str, envelope: &Envelope
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_and_restarted_mid_stream_loses_no_envelope_and_keeps_order() {
     let mut server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "restart");
+    let (settings, mut config) = (nats_settings("restart"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
     config.consumer.ack_wait = Duration::from_secs(3);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "faults.restart";
     let handled = Recorder::<(String, i64)>::new();
     let h = handled.clone();
@@ -151,7 +151,7 @@ fn parse(line: &str) -> (String, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order() {
     let server = NatsServer::start();
-    let publisher = NatsBus::connect(nats_config(&server.url(), "publisher"))
+    let publisher = NatsBus::connect(nats_settings("publisher"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "faults.sigkill";
@@ -199,9 +199,9 @@ async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "slow");
+    let (settings, mut config) = (nats_settings("slow"), nats_config(&server.url()));
     config.consumer.ack_wait = Duration::from_secs(1);
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let topic = "faults.slow";
     let calls = Arc::new(Mutex::new(HashMap::<(String, i64), usize>::new()));
     let done = Recorder::<(String, i64)>::new();
@@ -278,9 +278,9 @@ async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_while_the_server_is_down_fails_with_a_typed_error_in_time() {
     let mut server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "down");
+    let (settings, mut config) = (nats_settings("down"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_millis(500);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "faults.down";
     bus.publish_envelope(topic, &envelope(0, 1)).await.unwrap();
     tokio::task::block_in_place(|| server.kill());
@@ -316,10 +316,10 @@ async fn publishing_while_the_server_is_down_fails_with_a_typed_error_in_time() 
 async fn a_server_crash_never_redelivers_an_event_after_newer_ones_of_its_aggregate() {
     let mut server = NatsServer::start();
     let ack_wait = Duration::from_secs(2);
-    let mut config = nats_config(&server.url(), "crash");
+    let (settings, mut config) = (nats_settings("crash"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
     config.consumer.ack_wait = ack_wait;
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "faults.crash";
     let (aggregates, versions) = (20usize, 150i64);
     for version in 1..=versions {

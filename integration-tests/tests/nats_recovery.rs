@@ -15,7 +15,7 @@ use eventbus_core::{
     SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, collect, eventually, nats_config};
+use integration_tests::{Recorder, collect, eventually, nats_config, nats_settings};
 use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
@@ -30,7 +30,7 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_published_with_nats_control_headers_is_dead_lettered_without_them() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "control"))
+    let bus = NatsBus::connect(nats_settings("control"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.control";
@@ -108,7 +108,7 @@ async fn dead_letters_are_refused_a_memory_stream_and_the_aggregate_waits() {
     .await
     .unwrap();
     drop(client);
-    let bus = NatsBus::connect(nats_config(&server.url(), "wild"))
+    let bus = NatsBus::connect(nats_settings("wild"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "wild.orders";
@@ -164,9 +164,9 @@ async fn dead_letters_are_refused_a_memory_stream_and_the_aggregate_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memory_stream() {
     let mut server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "memory-stream");
+    let (settings, mut config) = (nats_settings("memory-stream"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "metrics.lost";
     let seen = collect(bus.as_ref(), topic).await;
     bus.publish(topic, OutboundMessage::new(&b"before"[..]))
@@ -199,7 +199,7 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "deleted"))
+    let bus = NatsBus::connect(nats_settings("deleted"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.deleted";
@@ -236,7 +236,7 @@ async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "owner"))
+    let bus = NatsBus::connect(nats_settings("owner"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "shared.one";

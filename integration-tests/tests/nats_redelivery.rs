@@ -21,7 +21,7 @@ use eventbus_core::{
 use eventbus_nats::NatsBus;
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes, eventually,
-    nats_config,
+    nats_config, nats_settings,
 };
 use test_brokers::NatsServer;
 
@@ -45,15 +45,15 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelined_pull_request_read_late_loses_nothing_and_keeps_order() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "pipelined");
+    let (mut settings, mut config) = (nats_settings("pipelined"), nats_config(&server.url()));
     config.consumer.fetch_batch = 2;
     config.consumer.ack_wait = Duration::from_secs(10);
-    config.pool = eventbus_pool::PoolConfig {
+    settings.pool = eventbus_pool::PoolConfig {
         pool_size: 1,
         inbox_size: 2,
         ..eventbus_pool::PoolConfig::default()
     };
-    let bus = NatsBus::connect(config).await.unwrap();
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let topic = "orders.pipelined";
     for version in 1..=10 {
         bus.publish_envelope(topic, &envelope("x", version))
@@ -99,7 +99,7 @@ async fn a_pipelined_pull_request_read_late_loses_nothing_and_keeps_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_meets_a_held_message_is_still_an_in_order_suffix() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_config(&server.url(), "remade"))
+    let bus = NatsBus::connect(nats_settings("remade"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.remade";
@@ -161,9 +161,9 @@ async fn a_replay_that_meets_a_held_message_is_still_an_in_order_suffix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_message_cut_off_at_the_unsubscribe_deadline_is_not_handled_again() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "plaincut");
-    config.drain_timeout = Duration::from_millis(300);
-    let bus = NatsBus::connect(config).await.unwrap();
+    let (mut settings, config) = (nats_settings("plaincut"), nats_config(&server.url()));
+    settings.drain_timeout = Duration::from_millis(300);
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let topic = "plain.cut";
     let seen = Recorder::<Vec<u8>>::new();
     let started_once = Arc::new(AtomicBool::new(false));

@@ -19,7 +19,7 @@ use eventbus_core::{
     DeadLetter, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, eventually, nats_config};
+use integration_tests::{Recorder, eventually, nats_config, nats_settings};
 use test_brokers::NatsServer;
 
 fn envelope(aggregate: &str, version: i64) -> Envelope {
@@ -64,11 +64,11 @@ fn recording(recorder: &Arc<Recorder<(String, i64)>>) -> Arc<dyn eventbus_core::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribe_is_bounded_by_the_drain_timeout_when_the_fetcher_waits_for_a_full_lane() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "fulllane");
-    config.pool.pool_size = 2;
-    config.pool.inbox_size = 1;
-    config.drain_timeout = Duration::from_secs(1);
-    let bus = NatsBus::connect(config).await.unwrap();
+    let (mut settings, config) = (nats_settings("fulllane"), nats_config(&server.url()));
+    settings.pool.pool_size = 2;
+    settings.pool.inbox_size = 1;
+    settings.drain_timeout = Duration::from_secs(1);
+    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let topic = "review.fulllane";
     // Published first, so that the first pull request brings all four at once.
     for version in 1..=4 {
@@ -132,12 +132,14 @@ async fn dead_letter_write_cut_off_at_the_deadline(close_the_bus: bool) {
     })
     .await
     .unwrap();
-    let mut config = nats_config(&server.url(), "cutoff");
-    config.drain_timeout = Duration::from_secs(1);
+    let (mut settings, mut config) = (nats_settings("cutoff"), nats_config(&server.url()));
+    settings.drain_timeout = Duration::from_secs(1);
     // Long enough that the test sees what is nak'd at once apart from what waits for it.
     config.consumer.ack_wait = Duration::from_secs(5);
     let topic = "review.cutoff";
-    let first_bus = NatsBus::connect(config.clone()).await.unwrap();
+    let first_bus = NatsBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
     let first = Recorder::<i64>::new();
     let f = first.clone();
     let subscription = first_bus
@@ -171,7 +173,7 @@ async fn dead_letter_write_cut_off_at_the_deadline(close_the_bus: bool) {
 
     let second_bus = if close_the_bus {
         first_bus.close().await.unwrap();
-        NatsBus::connect(config).await.unwrap()
+        NatsBus::connect(settings.clone(), config).await.unwrap()
     } else {
         subscription.unsubscribe().await.unwrap();
         first_bus
@@ -224,13 +226,13 @@ async fn control_the_subscription_resumes_after_a_server_restart_without_a_stall
 
 async fn consumed_after_a_server_restart(stall: bool) {
     let mut server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "stalled");
+    let (mut settings, mut config) = (nats_settings("stalled"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
-    config.drain_timeout = Duration::from_secs(1);
-    config.pool.retry.max_attempts = 2;
-    config.pool.retry.initial_backoff = Duration::from_millis(10);
-    config.pool.retry.max_backoff = Duration::from_millis(100);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    settings.drain_timeout = Duration::from_secs(1);
+    settings.pool.retry.max_attempts = 2;
+    settings.pool.retry.initial_backoff = Duration::from_millis(10);
+    settings.pool.retry.max_backoff = Duration::from_millis(100);
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "review.stalled";
     let handled = Recorder::<(String, i64)>::new();
     let h = handled.clone();
@@ -306,9 +308,9 @@ async fn consumed_after_a_server_restart(stall: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_unsubscribe_does_not_let_a_new_subscription_overtake_its_queue() {
     let server = NatsServer::start();
-    let mut config = nats_config(&server.url(), "dropped");
-    config.drain_timeout = Duration::from_secs(20);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    let (mut settings, config) = (nats_settings("dropped"), nats_config(&server.url()));
+    settings.drain_timeout = Duration::from_secs(20);
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "review.dropped";
     let handled = Recorder::<(&'static str, i64)>::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -410,10 +412,10 @@ async fn a_dead_letter_after_the_topics_sequences_restarted_is_not_dropped_as_a_
             .await
             .unwrap();
     }
-    let mut config = nats_config(&server.url(), "seqdup");
+    let (mut settings, mut config) = (nats_settings("seqdup"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
-    config.drain_timeout = Duration::from_secs(1);
-    let bus = Arc::new(NatsBus::connect(config).await.unwrap());
+    settings.drain_timeout = Duration::from_secs(1);
+    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "mem.orders";
     let dead_letter_topic = "review.seqdup";
     let handled = Recorder::<String>::new();

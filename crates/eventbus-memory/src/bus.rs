@@ -3,19 +3,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
     DeliveryMeta, Envelope, EnvelopeHandler, Error, EventBus, HealthReport, Message,
     MessageHandler, OffsetDateTime, OutboundMessage, Position, SubscribeOptions, Subscription,
-    SubscriptionControl, metric_namespace, validate_topic,
+    SubscriptionControl, validate_topic,
 };
+use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{
     Consumer, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
 };
-
-use crate::config::MemoryConfig;
 
 /// An in-process event bus with the full delivery contract and no broker.
 ///
@@ -45,7 +43,6 @@ pub struct MemoryStats {
 }
 
 struct Inner {
-    drain_timeout: Duration,
     runtime: Runtime,
     topics: Arc<Topics>,
     closed: AtomicBool,
@@ -114,18 +111,13 @@ impl Transport for DeadLetters {
 }
 
 impl MemoryBus {
-    /// A bus on the current tokio runtime.
-    pub fn new(config: MemoryConfig) -> Result<Self, Error> {
-        config.validate()?;
+    /// A bus on the current tokio runtime, its engine, metric namespace and drain timeout
+    /// from `settings` (`BusSettings::new("memory", client_id)` for the defaults).
+    pub fn new(settings: BusSettings) -> Result<Self, Error> {
         let topics = Arc::new(Topics::default());
-        let runtime = Runtime::new(
-            config.pool.clone(),
-            &metric_namespace("memory", &config.client_id),
-            Arc::new(DeadLetters(Arc::downgrade(&topics))),
-        )?;
+        let runtime = Runtime::new(settings, Arc::new(DeadLetters(Arc::downgrade(&topics))))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                drain_timeout: config.drain_timeout,
                 runtime,
                 topics,
                 closed: AtomicBool::new(false),
@@ -247,7 +239,7 @@ impl EventBus for MemoryBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + inner.drain_timeout;
+        let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
         let report = inner.runtime.close(deadline).await;
         tracing::info!(
             drained = report.drained,
@@ -322,7 +314,10 @@ impl SubscriptionControl for Control {
                 .subscriptions
                 .retain(|consumer| !Arc::ptr_eq(consumer, &self.consumer));
         }
-        let report = self.consumer.close(inner.drain_timeout).await;
+        let report = self
+            .consumer
+            .close(inner.runtime.settings().drain_timeout)
+            .await;
         tracing::debug!(topic, subscription = %self.consumer.spec().name, handed_back = report.handed_back, "unsubscribed");
         Ok(())
     }

@@ -8,11 +8,11 @@
 //! ```
 //! use std::sync::Arc;
 //! use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-//! use eventbus_memory::{MemoryBus, MemoryConfig};
+//! use eventbus_memory::{BusSettings, MemoryBus};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let bus = MemoryBus::new(MemoryConfig::default())?;
+//! let bus = MemoryBus::new(BusSettings::new("memory", "demo"))?;
 //! let (seen, receiver) = tokio::sync::mpsc::unbounded_channel();
 //! bus.subscribe_envelope(
 //!     "orders",
@@ -57,7 +57,6 @@
 //!   counted in [`MemoryBus::stats`].
 
 mod bus;
-mod config;
 
 pub use bus::{MemoryBus, MemoryStats};
-pub use config::MemoryConfig;
+pub use eventbus_pool::BusSettings;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig};
+use eventbus_nats::{BusSettings, ConsumerSettings, NatsBus, NatsConfig};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
@@ -91,20 +91,25 @@ async fn main() {
     }
     let raw_publish = rate(count, started.elapsed());
 
-    let bus = NatsBus::connect(NatsConfig {
-        client_id: format!("bench-{run}"),
-        urls: vec![url.clone()],
-        consumer: ConsumerSettings {
-            max_ack_pending: 20_000,
-            fetch_batch: 1000,
-            ..ConsumerSettings::default()
-        },
+    let settings = BusSettings {
         pool: eventbus_pool::PoolConfig {
             pool_size: env("POOL_SIZE", 256),
             ..eventbus_pool::PoolConfig::default()
         },
-        ..NatsConfig::default()
-    })
+        ..BusSettings::new("nats", &format!("bench-{run}"))
+    };
+    let bus = NatsBus::connect(
+        settings,
+        NatsConfig {
+            urls: vec![url.clone()],
+            consumer: ConsumerSettings {
+                max_ack_pending: 20_000,
+                fetch_batch: 1000,
+                ..ConsumerSettings::default()
+            },
+            ..NatsConfig::default()
+        },
+    )
     .await
     .unwrap();
     let topic = format!("bench{run}.ours");

@@ -9,9 +9,9 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use eventbus_core::{
     Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
-    OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, metric_namespace,
-    validate_topic,
+    OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, validate_topic,
 };
+use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
 use tokio::task::JoinHandle;
 
@@ -135,31 +135,31 @@ impl Inner {
 }
 
 impl NatsBus {
-    /// Connects to the servers of `config`, creates the configured streams and starts the
-    /// consume runtime on the current tokio runtime.
+    /// Connects to the servers of `config` as `settings.client_id`, creates the configured
+    /// streams and starts the consume runtime (the engine of `settings`) on the current tokio
+    /// runtime.
     ///
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call leaves nothing running (configured streams it created stay
     /// on the server).
-    pub async fn connect(config: NatsConfig) -> Result<Self, Error> {
+    pub async fn connect(settings: BusSettings, config: NatsConfig) -> Result<Self, Error> {
+        settings.validate()?;
         config.validate()?;
-        let namespace = metric_namespace("nats", &config.client_id);
-        let (client, connection) = connect(&config, &namespace).await?;
+        let (client, connection) = connect(&config, &settings).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(config.request_timeout);
         let streams = Streams::new(&config);
         streams.create_configured(&js).await?;
-        let pool = config.pool.clone();
         let broker = Arc::new(Broker {
             client,
             js,
             config,
             streams,
-            counters: Counters::new(&namespace),
+            counters: Counters::new(&settings.metrics_namespace),
         });
-        let runtime = Runtime::new(pool, &namespace, broker.clone())?;
-        tracing::info!(client_id = %broker.config.client_id, servers = ?broker.config.urls, "NATS bus connected");
+        let runtime = Runtime::new(settings, broker.clone())?;
+        tracing::info!(client_id = %runtime.settings().client_id, servers = ?broker.config.urls, "NATS bus connected");
         Ok(Self {
             inner: Arc::new(Inner {
                 broker,
@@ -194,7 +194,7 @@ impl NatsBus {
     /// slot followed by a hash of the exact (client ID, topic, slot), so that different
     /// subscriptions never share a durable.
     pub fn durable_name(&self, topic: &str, slot: usize) -> String {
-        durable_name(&self.inner.broker.config.client_id, topic, slot)
+        durable_name(&self.inner.runtime.settings().client_id, topic, slot)
     }
 
     /// Deletes the durable consumer `durable` of the stream holding `topic`: its position is
@@ -244,7 +244,7 @@ impl NatsBus {
         }
         let broker = &inner.broker;
         let mut claim = inner.claim_slot(topic).await;
-        let durable = durable_name(&broker.config.client_id, topic, claim.slot);
+        let durable = durable_name(&inner.runtime.settings().client_id, topic, claim.slot);
         let ephemeral = broker.config.topic(topic).ephemeral;
         let source = if ephemeral {
             let subscriber = broker
@@ -398,7 +398,7 @@ impl EventBus for NatsBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + inner.broker.config.drain_timeout;
+        let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
         let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
         for running in &running {
             running.fetch.stop(true);
@@ -486,7 +486,7 @@ impl SubscriptionControl for Control {
             }
             let report = fetch
                 .consumer
-                .close(inner.broker.config.drain_timeout)
+                .close(inner.runtime.settings().drain_timeout)
                 .await;
             inner.release_slot(&fetch.topic, slot);
             tracing::info!(topic = %fetch.topic, durable = %fetch.durable, drained = report.drained, given_back = report.handed_back, "unsubscribed; durable consumer kept");

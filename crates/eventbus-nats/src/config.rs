@@ -1,36 +1,118 @@
-//! Configuration of the NATS bus: connection, streams, consumers, engine.
+//! Configuration of the NATS bus: connection, streams, consumers.
+//!
+//! Every type here is also the `[nats]` section of the facade's configuration file: serde
+//! reads it with defaults for what is missing and refuses unknown keys; durations are written
+//! like `"30s"`, stream limits of `0` (`"0s"`) are unlimited, secrets are never written out.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use eventbus_core::{Error, Secret, validate_topic};
-use eventbus_pool::PoolConfig;
+use serde::{Deserialize, Serialize};
 
-/// How the client authenticates.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Auth {
-    /// No credentials.
-    #[default]
-    None,
+/// How the client authenticates: at most one of a token, a user and password, an nkey seed or
+/// a credentials file (checked by [`NatsConfig::validate`]); none by default.
+///
+/// ```
+/// use eventbus_nats::Auth;
+///
+/// let auth = Auth::user_password("svc", "hunter2");
+/// assert!(!format!("{auth:?}").contains("hunter2"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
     /// A token.
-    Token(Secret),
-    /// A user name and password.
-    UserPassword {
-        /// The user.
-        user: String,
-        /// The password.
-        password: Secret,
-    },
+    pub token: Option<Secret>,
+    /// A user name, with `password`.
+    pub user: Option<String>,
+    /// The password of `user`.
+    pub password: Option<Secret>,
     /// An nkey seed (`SU...`).
-    NkeySeed(Secret),
+    pub nkey_seed: Option<Secret>,
     /// A `.creds` file (JWT and nkey seed), read at connect.
-    CredentialsFile(PathBuf),
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// The one authentication method an [`Auth`] selects.
+pub(crate) enum AuthMethod<'a> {
+    None,
+    Token(&'a Secret),
+    UserPassword(&'a str, &'a Secret),
+    NkeySeed(&'a Secret),
+    CredentialsFile(&'a PathBuf),
+}
+
+impl Auth {
+    /// Token authentication.
+    pub fn token(token: impl Into<String>) -> Self {
+        Self {
+            token: Some(Secret::new(token)),
+            ..Self::default()
+        }
+    }
+
+    /// User and password authentication.
+    pub fn user_password(user: impl Into<String>, password: impl Into<String>) -> Self {
+        Self {
+            user: Some(user.into()),
+            password: Some(Secret::new(password)),
+            ..Self::default()
+        }
+    }
+
+    /// Nkey authentication with a seed (`SU...`).
+    pub fn nkey_seed(seed: impl Into<String>) -> Self {
+        Self {
+            nkey_seed: Some(Secret::new(seed)),
+            ..Self::default()
+        }
+    }
+
+    /// Authentication with a `.creds` file, read at connect.
+    pub fn credentials_file(path: impl Into<PathBuf>) -> Self {
+        Self {
+            credentials_file: Some(path.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The method these fields select; more than one, or half of user/password, is an error.
+    pub(crate) fn method(&self) -> Result<AuthMethod<'_>, Error> {
+        let mut methods = Vec::new();
+        if let Some(token) = &self.token {
+            methods.push(AuthMethod::Token(token));
+        }
+        match (&self.user, &self.password) {
+            (Some(user), Some(password)) => methods.push(AuthMethod::UserPassword(user, password)),
+            (None, None) => {}
+            _ => {
+                return Err(Error::config(
+                    "nats.auth.user",
+                    "user and password go together",
+                ));
+            }
+        }
+        if let Some(seed) = &self.nkey_seed {
+            methods.push(AuthMethod::NkeySeed(seed));
+        }
+        if let Some(path) = &self.credentials_file {
+            methods.push(AuthMethod::CredentialsFile(path));
+        }
+        if methods.len() > 1 {
+            return Err(Error::config(
+                "nats.auth",
+                "set at most one of token, user/password, nkey_seed, credentials_file",
+            ));
+        }
+        Ok(methods.pop().unwrap_or(AuthMethod::None))
+    }
 }
 
 /// TLS to the server.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Refuse to connect without TLS.
     pub required: bool,
@@ -42,8 +124,9 @@ pub struct TlsConfig {
     pub client_key: Option<PathBuf>,
 }
 
-/// Where a stream keeps its messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a stream keeps its messages (`file` or `memory` in configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Storage {
     /// On disk: survives a server restart.
     File,
@@ -51,14 +134,18 @@ pub enum Storage {
     Memory,
 }
 
-/// Retention limits of a stream; `None` is unlimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Retention limits of a stream; `None` (`0` in configuration) is unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct StreamLimits {
     /// The oldest message kept. Default 24 h.
+    #[serde(with = "unlimited::age")]
     pub max_age: Option<Duration>,
     /// The most bytes kept. Default 1 GiB.
+    #[serde(with = "unlimited::count")]
     pub max_bytes: Option<u64>,
     /// The most messages kept. Default 1,000,000.
+    #[serde(with = "unlimited::count")]
     pub max_msgs: Option<u64>,
 }
 
@@ -84,20 +171,28 @@ impl Default for StreamLimits {
 }
 
 /// A stream this bus creates (or updates) at connect, for the topics its subjects cover.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamDefinition {
     /// The stream name.
     pub name: String,
     /// Its subjects; NATS wildcards `*` and `>` allowed.
     pub subjects: Vec<String>,
-    /// Its storage.
+    /// Its storage. Default file.
+    #[serde(default = "file_storage")]
     pub storage: Storage,
-    /// Its limits.
+    /// Its limits. Default [`StreamLimits::default`].
+    #[serde(default)]
     pub limits: StreamLimits,
 }
 
+fn file_storage() -> Storage {
+    Storage::File
+}
+
 /// Options of one topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TopicOptions {
     /// The storage of the stream created for the topic, instead of the default (file for
     /// envelope and dead-letter topics, memory for plain ones).
@@ -107,10 +202,12 @@ pub struct TopicOptions {
 }
 
 /// The durable pull consumer made for each subscription.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
     /// How long the server waits for an ack before it redelivers. The bus sends in-progress
     /// acks for every message it holds well before this runs out. Default 30 s.
+    #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// Deliveries of one message at most; `-1` is unlimited (the default: a capped message is
     /// skipped by the server without a trace, and poison messages go to the dead-letter topic
@@ -121,11 +218,13 @@ pub struct ConsumerSettings {
     pub max_ack_pending: i64,
     /// Redelivery delays after an ack timeout, one per delivery (the last repeats). Empty by
     /// default: every redelivery waits `ack_wait`.
+    #[serde(with = "durations")]
     pub backoff: Vec<Duration>,
     /// Messages asked for per pull request. Default 256.
     pub fetch_batch: usize,
     /// How long a pull request waits for messages before the next is sent. Default 1 s;
     /// `close` may wait this long for the open request to end.
+    #[serde(with = "humantime_serde")]
     pub fetch_expires: Duration,
 }
 
@@ -157,12 +256,12 @@ impl ConsumerSettings {
     }
 }
 
-/// Configuration of a [`NatsBus`](crate::NatsBus).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Configuration of a [`NatsBus`](crate::NatsBus): what only NATS needs. The settings every
+/// backend shares (client ID, engine, drain timeout, metric namespace) come separately, as an
+/// [`eventbus_pool::BusSettings`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    /// Names the connection (`client name`), the durable consumers (`{client_id}_{topic}`)
-    /// and the metrics (`nats_eventbus_{client_id}`). Default `eventbus`.
-    pub client_id: String,
     /// Servers to connect to; the client fails over between them. Default
     /// `nats://127.0.0.1:4222`.
     pub urls: Vec<String>,
@@ -171,16 +270,20 @@ pub struct NatsConfig {
     /// TLS.
     pub tls: TlsConfig,
     /// How long one connection attempt may take. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub connection_timeout: Duration,
     /// Reconnect attempts after a lost connection before the client gives up; `None` (the
     /// default) retries forever.
     pub max_reconnects: Option<usize>,
     /// The longest delay between reconnect attempts (they back off exponentially from 10 ms).
     /// Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub reconnect_max_delay: Duration,
     /// How long a JetStream API request (stream, consumer) may take. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// How long a publish waits for the server's PubAck. Default 5 s.
+    #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
     /// Prefix of the stream created per topic: `{prefix}{topic}` with `.` as `_`. Default
     /// `STREAM_` (the Go SDK's naming).
@@ -196,18 +299,13 @@ pub struct NatsConfig {
     pub topics: BTreeMap<String, TopicOptions>,
     /// The durable consumers.
     pub consumer: ConsumerSettings,
-    /// The ordering engine and its retry policy.
-    pub pool: PoolConfig,
-    /// How long `close` lets in-flight messages finish. Default 30 s.
-    pub drain_timeout: Duration,
 }
 
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
-            client_id: "eventbus".to_owned(),
             urls: vec!["nats://127.0.0.1:4222".to_owned()],
-            auth: Auth::None,
+            auth: Auth::default(),
             tls: TlsConfig::default(),
             connection_timeout: Duration::from_secs(5),
             max_reconnects: None,
@@ -220,9 +318,72 @@ impl Default for NatsConfig {
             streams: Vec::new(),
             topics: BTreeMap::new(),
             consumer: ConsumerSettings::default(),
-            pool: PoolConfig::default(),
-            drain_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// Limits where `0` (`"0s"`) means unlimited, as on the server.
+mod unlimited {
+    pub(super) mod age {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(
+            age: &Option<Duration>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            humantime_serde::serialize(&age.unwrap_or(Duration::ZERO), serializer)
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            let age: humantime_serde::Serde<Duration> = Deserialize::deserialize(deserializer)?;
+            Ok(Some(age.into_inner()).filter(|age| !age.is_zero()))
+        }
+    }
+
+    pub(super) mod count {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(crate) fn serialize<S: Serializer>(
+            count: &Option<u64>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            serializer.serialize_u64(count.unwrap_or(0))
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<u64>, D::Error> {
+            Ok(Some(u64::deserialize(deserializer)?).filter(|count| *count != 0))
+        }
+    }
+}
+
+/// A list of durations written like `"1s"`.
+mod durations {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        durations: &[Duration],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        durations
+            .iter()
+            .map(|d| humantime_serde::re::humantime::format_duration(*d).to_string())
+            .collect::<Vec<_>>()
+            .serialize(serializer)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<Duration>, D::Error> {
+        Vec::<humantime_serde::Serde<Duration>>::deserialize(deserializer)
+            .map(|durations| durations.into_iter().map(|d| d.into_inner()).collect())
     }
 }
 
@@ -244,9 +405,6 @@ fn name_ok(name: &str) -> bool {
 impl NatsConfig {
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.client_id.trim().is_empty() {
-            return Err(Error::config("client_id", "must not be empty"));
-        }
         if self.urls.is_empty() {
             return Err(Error::config("nats.urls", "needs at least one server URL"));
         }
@@ -263,13 +421,12 @@ impl NatsConfig {
                 // The URL would show the secret wherever it is logged or printed.
                 return Err(Error::config(
                     "nats.urls",
-                    "credentials in a URL are refused: use nats.token or nats.user/nats.password, which are kept secret",
+                    "credentials in a URL are refused: use nats.auth.token or nats.auth.user/nats.auth.password, which are kept secret",
                 ));
             }
         }
-        if let Auth::UserPassword { user, .. } = &self.auth
-            && user.is_empty()
-        {
+        self.auth.method()?;
+        if self.auth.user.as_ref().is_some_and(String::is_empty) {
             return Err(Error::config("nats.auth.user", "must not be empty"));
         }
         if self.tls.client_cert.is_some() != self.tls.client_key.is_some() {
@@ -342,7 +499,7 @@ impl NatsConfig {
                 "must be at least 1",
             ));
         }
-        self.pool.validate()
+        Ok(())
     }
 
     /// The options of `topic` (defaults when it has none).
@@ -358,20 +515,15 @@ mod tests {
     #[test]
     fn secrets_never_show_in_debug_output() {
         let config = NatsConfig {
-            auth: Auth::UserPassword {
-                user: "svc".into(),
-                password: Secret::new("hunter2"),
-            },
+            auth: Auth::user_password("svc", "hunter2"),
             ..NatsConfig::default()
         };
         let dump = format!("{config:?}");
         assert!(!dump.contains("hunter2"), "{dump}");
         assert!(dump.contains("svc"));
         for auth in [
-            Auth::Token(Secret::new("tok-123")),
-            Auth::NkeySeed(Secret::new(
-                "SUAMK2FG4MI6UE3ACF3FK3OIQBCEIEZV7NSWFFEW63UXMRLFM2XLAXK4GY",
-            )),
+            Auth::token("tok-123"),
+            Auth::nkey_seed("SUAMK2FG4MI6UE3ACF3FK3OIQBCEIEZV7NSWFFEW63UXMRLFM2XLAXK4GY"),
         ] {
             let dump = format!("{auth:?}");
             assert!(
@@ -460,10 +612,23 @@ mod tests {
             ),
             (
                 NatsConfig {
-                    client_id: " ".into(),
+                    auth: Auth {
+                        user: Some("svc".into()),
+                        ..Auth::default()
+                    },
                     ..NatsConfig::default()
                 },
-                "client_id",
+                "nats.auth.user",
+            ),
+            (
+                NatsConfig {
+                    auth: Auth {
+                        credentials_file: Some("svc.creds".into()),
+                        ..Auth::token("t")
+                    },
+                    ..NatsConfig::default()
+                },
+                "nats.auth",
             ),
         ];
         for (config, field) in cases {
@@ -481,5 +646,55 @@ mod tests {
         assert_eq!(consumer.progress_interval(), Duration::from_secs(10));
         consumer.backoff = vec![Duration::from_secs(3), Duration::from_secs(60)];
         assert_eq!(consumer.progress_interval(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn configuration_text_reads_into_the_same_types_with_zero_as_unlimited() {
+        let config: NatsConfig = toml::from_str(
+            r#"
+            urls = ["nats://a:4222"]
+            auth = { token = "tok-1" }
+            stream_limits = { max_age = "0s", max_msgs = 0 }
+            [consumer]
+            ack_wait = "10s"
+            backoff = ["1s", "5s"]
+            [[streams]]
+            name = "ORDERS"
+            subjects = ["orders.>"]
+            limits = { max_bytes = 1024 }
+            [topics."metrics.cpu"]
+            storage = "memory"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.auth, Auth::token("tok-1"));
+        assert_eq!(
+            config.stream_limits,
+            StreamLimits {
+                max_age: None,
+                max_bytes: StreamLimits::default().max_bytes,
+                max_msgs: None,
+            }
+        );
+        assert_eq!(config.consumer.ack_wait, Duration::from_secs(10));
+        assert_eq!(
+            config.consumer.backoff,
+            [Duration::from_secs(1), Duration::from_secs(5)]
+        );
+        assert_eq!(config.consumer.fetch_batch, 256);
+        assert_eq!(config.streams[0].storage, Storage::File);
+        assert_eq!(config.streams[0].limits.max_bytes, Some(1024));
+        assert_eq!(
+            config.streams[0].limits.max_age,
+            StreamLimits::default().max_age
+        );
+        assert_eq!(config.topic("metrics.cpu").storage, Some(Storage::Memory));
+        assert_eq!(config.dead_letter_limits, StreamLimits::dead_letters());
+        config.validate().unwrap();
+
+        let written = toml::to_string(&config).unwrap();
+        assert!(!written.contains("tok-1"), "{written}");
+        let unknown = toml::from_str::<NatsConfig>("token = \"x\"").unwrap_err();
+        assert!(unknown.message().contains("unknown field"), "{unknown}");
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_nats::{Client, ConnectOptions, Event};
 use eventbus_core::Error;
 
-use crate::config::{Auth, NatsConfig};
+use eventbus_pool::BusSettings;
+
+use crate::config::{AuthMethod, NatsConfig};
 
 /// What the bus knows about its connection, kept up to date by the client's event callback.
 pub(crate) struct ConnectionState {
@@ -95,26 +97,25 @@ fn reconnect_delay(attempt: usize, max: Duration) -> Duration {
 /// logs them.
 pub(crate) async fn connect(
     config: &NatsConfig,
-    namespace: &str,
+    settings: &BusSettings,
 ) -> Result<(Client, Arc<ConnectionState>), Error> {
-    let state = Arc::new(ConnectionState::new(namespace));
-    let mut options =
-        match &config.auth {
-            Auth::None => ConnectOptions::new(),
-            Auth::Token(token) => ConnectOptions::new().token(token.expose().to_owned()),
-            Auth::UserPassword { user, password } => {
-                ConnectOptions::new().user_and_password(user.clone(), password.expose().to_owned())
-            }
-            Auth::NkeySeed(seed) => ConnectOptions::new().nkey(seed.expose().to_owned()),
-            Auth::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|error| {
-                    Error::config(
-                        "nats.auth.credentials_file",
-                        format!("{}: {error}", path.display()),
-                    )
-                })?,
-        };
+    let state = Arc::new(ConnectionState::new(&settings.metrics_namespace));
+    let mut options = match config.auth.method()? {
+        AuthMethod::None => ConnectOptions::new(),
+        AuthMethod::Token(token) => ConnectOptions::new().token(token.expose().to_owned()),
+        AuthMethod::UserPassword(user, password) => {
+            ConnectOptions::new().user_and_password(user.to_owned(), password.expose().to_owned())
+        }
+        AuthMethod::NkeySeed(seed) => ConnectOptions::new().nkey(seed.expose().to_owned()),
+        AuthMethod::CredentialsFile(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|error| {
+                Error::config(
+                    "nats.auth.credentials_file",
+                    format!("{}: {error}", path.display()),
+                )
+            })?,
+    };
     let tls = &config.tls;
     if tls.required {
         options = options.require_tls(true);
@@ -128,7 +129,7 @@ pub(crate) async fn connect(
     let max_delay = config.reconnect_max_delay;
     let events = state.clone();
     options = options
-        .name(&config.client_id)
+        .name(&settings.client_id)
         .connection_timeout(config.connection_timeout)
         .request_timeout(Some(config.request_timeout))
         .max_reconnects(config.max_reconnects)

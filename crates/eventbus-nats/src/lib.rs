@@ -23,20 +23,29 @@
 //!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
 //!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).
 //!
+//! # Configuration
+//!
+//! [`NatsBus::connect`] takes the settings every backend shares ([`BusSettings`]: client ID,
+//! engine, drain timeout, metric namespace) and a [`NatsConfig`] with what only NATS needs.
+//! The configuration types are serde types: the facade reads [`NatsConfig`] as its `[nats]`
+//! section as is.
+//!
 //! # Example
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-//! use eventbus_nats::{NatsBus, NatsConfig};
+//! use eventbus_nats::{BusSettings, NatsBus, NatsConfig};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let bus = NatsBus::connect(NatsConfig {
-//!     client_id: "billing".into(),
-//!     urls: vec!["nats://127.0.0.1:4222".into()],
-//!     ..NatsConfig::default()
-//! })
+//! let bus = NatsBus::connect(
+//!     BusSettings::new("nats", "billing"),
+//!     NatsConfig {
+//!         urls: vec!["nats://127.0.0.1:4222".into()],
+//!         ..NatsConfig::default()
+//!     },
+//! )
 //! .await?;
 //! bus.subscribe_envelope(
 //!     "orders.created",
@@ -78,5 +87,6 @@ pub use config::{
     Auth, ConsumerSettings, NatsConfig, Storage, StreamDefinition, StreamLimits, TlsConfig,
     TopicOptions,
 };
+pub use eventbus_pool::BusSettings;
 pub use publish::KEY_HEADER;
 pub use stats::NatsStats;

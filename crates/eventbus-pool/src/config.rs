@@ -126,6 +126,59 @@ impl PoolConfig {
     }
 }
 
+/// The settings every backend shares: computed once (the facade builds them from its
+/// configuration) and handed to the backend's constructor, which passes them on to the
+/// consume [`Runtime`](crate::consume::Runtime).
+///
+/// ```
+/// use std::time::Duration;
+/// use eventbus_pool::BusSettings;
+///
+/// let settings = BusSettings {
+///     drain_timeout: Duration::from_secs(5),
+///     ..BusSettings::new("nats", "billing")
+/// };
+/// assert_eq!(settings.metrics_namespace, "nats_eventbus_billing");
+/// assert!(settings.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusSettings {
+    /// Names the service to the broker (connection name, durable consumers, consumer group).
+    pub client_id: String,
+    /// The prefix of every metric the bus records; two live buses must not share one.
+    pub metrics_namespace: String,
+    /// The ordering engine and its retry policy.
+    pub pool: PoolConfig,
+    /// How long unsubscribing and closing let in-flight messages finish. Default 30 s.
+    pub drain_timeout: Duration,
+}
+
+impl BusSettings {
+    /// The defaults for a bus of `backend` (`memory`, `nats`, `kafka`) named `client_id`:
+    /// metrics under `{backend}_eventbus_{client_id}` (the Go SDK's names), the default
+    /// engine, a 30 s drain timeout.
+    pub fn new(backend: &str, client_id: &str) -> Self {
+        Self {
+            client_id: client_id.to_owned(),
+            metrics_namespace: eventbus_core::metric_namespace(backend, client_id),
+            pool: PoolConfig::default(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.client_id.trim().is_empty() {
+            return Err(Error::config("client_id", "must not be empty"));
+        }
+        if self.drain_timeout.is_zero() {
+            return Err(Error::config("drain_timeout", "must be longer than 0"));
+        }
+        validate_namespace(&self.metrics_namespace)?;
+        self.pool.validate()
+    }
+}
+
 /// Checks that `namespace` can prefix Prometheus metric names: `[a-zA-Z_][a-zA-Z0-9_]*`.
 pub(crate) fn validate_namespace(namespace: &str) -> Result<(), Error> {
     let valid = !namespace.is_empty()

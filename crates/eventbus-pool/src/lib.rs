@@ -75,7 +75,7 @@ mod scope;
 mod tracker;
 
 pub use config::{
-    MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, PoolConfig, RetryPolicy,
+    BusSettings, MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, PoolConfig, RetryPolicy,
 };
 pub use job::{Job, JobContext, JobHandle};
 pub use pool::{Pool, PoolStats, ShutdownReport};

@@ -15,7 +15,7 @@ use eventbus_core::{
 use eventbus_pool::consume::{
     Delivered, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
 };
-use eventbus_pool::{PoolConfig, RetryPolicy};
+use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tokio::sync::Semaphore;
 
@@ -98,17 +98,19 @@ impl Receipt for Named {
 
 fn runtime(pool_size: usize, log: &Arc<Log>) -> Runtime {
     Runtime::new(
-        PoolConfig {
-            pool_size,
-            inbox_size: 10,
-            retry: RetryPolicy {
-                max_attempts: 2,
-                initial_backoff: Duration::from_millis(5),
-                max_backoff: Duration::from_millis(20),
+        BusSettings {
+            pool: PoolConfig {
+                pool_size,
+                inbox_size: 10,
+                retry: RetryPolicy {
+                    max_attempts: 2,
+                    initial_backoff: Duration::from_millis(5),
+                    max_backoff: Duration::from_millis(20),
+                },
+                ..PoolConfig::default()
             },
-            ..PoolConfig::default()
+            ..BusSettings::new("test", "t")
         },
-        "t",
         Arc::new(Broker(log.clone())),
     )
     .unwrap()
@@ -438,7 +440,7 @@ fn dead_letters_are_counted_under_the_go_sdk_name() {
     let snapshot = snapshotter.snapshot().into_vec();
     let dead_letters = snapshot
         .iter()
-        .find(|(key, ..)| key.key().name() == "t_actor_pool_dead_letters_total")
+        .find(|(key, ..)| key.key().name() == "test_eventbus_t_actor_pool_dead_letters_total")
         .map(|(.., value)| value);
     assert_eq!(dead_letters, Some(&DebugValue::Counter(1)));
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use eventbus_core::Error;
-use eventbus_pool::{PoolConfig, RetryPolicy};
+use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
 use serde::{Deserialize, Serialize};
 
 /// The backend a [`Config`] selects.
@@ -79,9 +79,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
-    /// The NATS backend (cargo feature `nats`).
+    /// The NATS backend (cargo feature `nats`): [`eventbus_nats::NatsConfig`] as is.
     #[cfg(feature = "nats")]
-    pub nats: crate::nats::NatsSection,
+    pub nats: eventbus_nats::NatsConfig,
 }
 
 /// `[pool]`: the ordering engine.
@@ -128,7 +128,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             metrics: MetricsSection::default(),
             #[cfg(feature = "nats")]
-            nats: crate::nats::NatsSection::default(),
+            nats: eventbus_nats::NatsConfig::default(),
         }
     }
 }
@@ -257,41 +257,41 @@ const OVERRIDES: &[Override] = &[
     },
     #[cfg(feature = "nats")]
     Override {
-        variable: "EVENTBUS_NATS_TOKEN",
+        variable: "EVENTBUS_NATS_AUTH_TOKEN",
         apply: |c, v| {
-            c.nats.token = Some(eventbus_core::Secret::new(v));
+            c.nats.auth.token = Some(eventbus_core::Secret::new(v));
             Ok(())
         },
     },
     #[cfg(feature = "nats")]
     Override {
-        variable: "EVENTBUS_NATS_USER",
+        variable: "EVENTBUS_NATS_AUTH_USER",
         apply: |c, v| {
-            c.nats.user = Some(v.to_owned());
+            c.nats.auth.user = Some(v.to_owned());
             Ok(())
         },
     },
     #[cfg(feature = "nats")]
     Override {
-        variable: "EVENTBUS_NATS_PASSWORD",
+        variable: "EVENTBUS_NATS_AUTH_PASSWORD",
         apply: |c, v| {
-            c.nats.password = Some(eventbus_core::Secret::new(v));
+            c.nats.auth.password = Some(eventbus_core::Secret::new(v));
             Ok(())
         },
     },
     #[cfg(feature = "nats")]
     Override {
-        variable: "EVENTBUS_NATS_NKEY_SEED",
+        variable: "EVENTBUS_NATS_AUTH_NKEY_SEED",
         apply: |c, v| {
-            c.nats.nkey_seed = Some(eventbus_core::Secret::new(v));
+            c.nats.auth.nkey_seed = Some(eventbus_core::Secret::new(v));
             Ok(())
         },
     },
     #[cfg(feature = "nats")]
     Override {
-        variable: "EVENTBUS_NATS_CREDENTIALS_FILE",
+        variable: "EVENTBUS_NATS_AUTH_CREDENTIALS_FILE",
         apply: |c, v| {
-            c.nats.credentials_file = Some(v.trim().into());
+            c.nats.auth.credentials_file = Some(v.trim().into());
             Ok(())
         },
     },
@@ -425,25 +425,23 @@ impl Config {
 
     /// Checks every value; the error names the field.
     pub fn validate(&self) -> Result<(), Error> {
-        if self.client_id.trim().is_empty() {
-            return Err(Error::config("client_id", "must not be empty"));
-        }
-        if self.drain_timeout.is_zero() {
-            return Err(Error::config("drain_timeout", "must be longer than 0"));
-        }
-        self.pool_config().validate()?;
+        self.bus_settings().validate()?;
         #[cfg(feature = "nats")]
         if self.backend == Backend::Nats {
-            self.nats_config()?;
+            self.nats.validate()?;
         }
         Ok(())
     }
 
-    /// The NATS backend configuration this config describes (feature `nats`).
-    #[cfg(feature = "nats")]
-    pub fn nats_config(&self) -> Result<eventbus_nats::NatsConfig, Error> {
-        self.nats
-            .to_nats_config(&self.client_id, self.pool_config(), self.drain_timeout)
+    /// The settings every backend shares, computed once from this config: client ID, metric
+    /// namespace, engine, drain timeout.
+    pub fn bus_settings(&self) -> BusSettings {
+        BusSettings {
+            client_id: self.client_id.clone(),
+            metrics_namespace: self.metrics_namespace(),
+            pool: self.pool_config(),
+            drain_timeout: self.drain_timeout,
+        }
     }
 
     /// The engine configuration this config describes.

@@ -43,8 +43,6 @@
 
 mod config;
 mod metrics;
-#[cfg(feature = "nats")]
-mod nats;
 mod typed;
 
 use std::collections::HashSet;
@@ -52,13 +50,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 pub use config::{Backend, Config, MetricsSection, PoolSection, RetrySection};
 pub use eventbus_core::*;
-pub use eventbus_pool::{PoolConfig, RetryPolicy};
-pub use metrics::serve_metrics;
+/// The NATS backend (feature `nats`): its configuration types are the `[nats]` section.
 #[cfg(feature = "nats")]
-pub use nats::{
-    ConsumerSection, NatsSection, NatsTlsSection, StorageName, StreamLimitsSection, StreamSection,
-    TopicSection,
-};
+pub use eventbus_nats as nats;
+pub use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+pub use metrics::serve_metrics;
 pub use typed::EventBusExt;
 
 /// Metric namespaces of the buses alive in this process.
@@ -133,11 +129,11 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
     if let Some(listen) = config.metrics.listen {
         serve_metrics(listen)?;
     }
-    let pool = config.pool_config();
-    let namespace = Namespace::claim(config.metrics_namespace())?;
+    let settings = config.bus_settings();
+    let namespace = Namespace::claim(settings.metrics_namespace.clone())?;
     let inner: Arc<dyn EventBus> = match config.backend {
-        Backend::Memory => memory(&config, pool)?,
-        Backend::Nats => nats(&config).await?,
+        Backend::Memory => memory(settings)?,
+        Backend::Nats => nats(settings, &config).await?,
     };
     tracing::info!(backend = config.backend.name(), client_id = %config.client_id, "event bus connected");
     Ok(Bus {
@@ -148,17 +144,12 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
 }
 
 #[cfg(feature = "memory")]
-fn memory(config: &Config, pool: PoolConfig) -> Result<Arc<dyn EventBus>, Error> {
-    let bus = eventbus_memory::MemoryBus::new(eventbus_memory::MemoryConfig {
-        client_id: config.client_id.clone(),
-        pool,
-        drain_timeout: config.drain_timeout,
-    })?;
-    Ok(Arc::new(bus))
+fn memory(settings: BusSettings) -> Result<Arc<dyn EventBus>, Error> {
+    Ok(Arc::new(eventbus_memory::MemoryBus::new(settings)?))
 }
 
 #[cfg(not(feature = "memory"))]
-fn memory(_config: &Config, _pool: PoolConfig) -> Result<Arc<dyn EventBus>, Error> {
+fn memory(_settings: BusSettings) -> Result<Arc<dyn EventBus>, Error> {
     Err(Error::config(
         "type",
         "the memory backend is not compiled in: enable the `memory` feature of the eventbus crate",
@@ -166,13 +157,13 @@ fn memory(_config: &Config, _pool: PoolConfig) -> Result<Arc<dyn EventBus>, Erro
 }
 
 #[cfg(feature = "nats")]
-async fn nats(config: &Config) -> Result<Arc<dyn EventBus>, Error> {
-    let bus = eventbus_nats::NatsBus::connect(config.nats_config()?).await?;
+async fn nats(settings: BusSettings, config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+    let bus = eventbus_nats::NatsBus::connect(settings, config.nats.clone()).await?;
     Ok(Arc::new(bus))
 }
 
 #[cfg(not(feature = "nats"))]
-async fn nats(_config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+async fn nats(_settings: BusSettings, _config: &Config) -> Result<Arc<dyn EventBus>, Error> {
     Err(Error::config(
         "type",
         "the NATS backend is not compiled in: enable the `nats` feature of the eventbus crate",

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use eventbus::{Backend, Config, Error, Secret};
-use eventbus_nats::{Auth, Storage};
+use eventbus::nats::{Auth, Storage};
+use eventbus::{Backend, Config, Error};
 
 const FULL: &str = r#"
 type = "nats"
@@ -14,8 +14,7 @@ client_id = "billing"
 
 [nats]
 urls = ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
-user = "svc"
-password = "hunter2"
+auth = { user = "svc", password = "hunter2" }
 connection_timeout = "2s"
 max_reconnects = 60
 publish_timeout = "3s"
@@ -34,7 +33,7 @@ max_msgs = 5000
 name = "ORDERS"
 subjects = ["orders.>"]
 storage = "file"
-max_bytes = 1048576
+limits = { max_bytes = 1048576 }
 
 [nats.topics."metrics.tick"]
 ephemeral = true
@@ -56,16 +55,10 @@ fn a_full_nats_section_becomes_the_backend_configuration() {
     let config = Config::from_toml_str(FULL).unwrap();
     assert_eq!(config.backend, Backend::Nats);
     config.validate().unwrap();
-    let nats = config.nats_config().unwrap();
-    assert_eq!(nats.client_id, "billing");
+    assert_eq!(config.bus_settings().client_id, "billing");
+    let nats = &config.nats;
     assert_eq!(nats.urls.len(), 2);
-    assert_eq!(
-        nats.auth,
-        Auth::UserPassword {
-            user: "svc".into(),
-            password: Secret::new("hunter2")
-        }
-    );
+    assert_eq!(nats.auth, Auth::user_password("svc", "hunter2"));
     assert!(nats.tls.required);
     assert_eq!(nats.connection_timeout, Duration::from_secs(2));
     assert_eq!(nats.max_reconnects, Some(60));
@@ -95,7 +88,7 @@ fn a_full_nats_section_becomes_the_backend_configuration() {
 #[test]
 fn the_password_never_shows_in_debug_output() {
     let config = Config::from_toml_str(FULL).unwrap();
-    let dump = format!("{config:?} {:?}", config.nats_config().unwrap());
+    let dump = format!("{config:?}");
     assert!(!dump.contains("hunter2"), "{dump}");
     assert!(dump.contains("svc"));
 }
@@ -109,12 +102,12 @@ fn field(error: Error) -> String {
 
 #[test]
 fn bad_nats_values_name_the_field() {
-    let two_methods = "type = \"nats\"\n[nats]\ntoken = \"t\"\nnkey_seed = \"SU\"\n";
+    let two_methods = "type = \"nats\"\n[nats.auth]\ntoken = \"t\"\nnkey_seed = \"SU\"\n";
     let config = Config::from_toml_str(two_methods).unwrap();
-    assert_eq!(field(config.validate().unwrap_err()), "nats");
-    let lonely_user = "type = \"nats\"\n[nats]\nuser = \"svc\"\n";
+    assert_eq!(field(config.validate().unwrap_err()), "nats.auth");
+    let lonely_user = "type = \"nats\"\n[nats.auth]\nuser = \"svc\"\n";
     let config = Config::from_toml_str(lonely_user).unwrap();
-    assert_eq!(field(config.validate().unwrap_err()), "nats.user");
+    assert_eq!(field(config.validate().unwrap_err()), "nats.auth.user");
     let zero_wait = "type = \"nats\"\n[nats.consumer]\nack_wait = \"0s\"\n";
     let config = Config::from_toml_str(zero_wait).unwrap();
     assert_eq!(
@@ -134,7 +127,7 @@ fn nats_environment_variables_override_the_section() {
     let variables = [
         ("EVENTBUS_TYPE", "nats"),
         ("EVENTBUS_NATS_URLS", "nats://a:4222, nats://b:4222"),
-        ("EVENTBUS_NATS_TOKEN", "tok-1"),
+        ("EVENTBUS_NATS_AUTH_TOKEN", "tok-1"),
         ("EVENTBUS_NATS_PUBLISH_TIMEOUT", "9s"),
         ("EVENTBUS_NATS_CONSUMER_ACK_WAIT", "45s"),
         ("EVENTBUS_NATS_CONSUMER_MAX_DELIVER", "7"),
@@ -142,12 +135,37 @@ fn nats_environment_variables_override_the_section() {
     ]
     .map(|(name, value)| (name.to_owned(), value.to_owned()));
     let config = Config::default().with_overrides(variables).unwrap();
-    let nats = config.nats_config().unwrap();
+    config.validate().unwrap();
+    let nats = &config.nats;
     assert_eq!(nats.urls, ["nats://a:4222", "nats://b:4222"]);
-    assert_eq!(nats.auth, Auth::Token(Secret::new("tok-1")));
+    assert_eq!(nats.auth, Auth::token("tok-1"));
     assert_eq!(nats.publish_timeout, Duration::from_secs(9));
     assert_eq!(nats.consumer.ack_wait, Duration::from_secs(45));
     assert_eq!(nats.consumer.max_deliver, 7);
     assert_eq!(nats.consumer.max_ack_pending, 99);
     assert!(!format!("{config:?}").contains("tok-1"));
+}
+
+#[test]
+fn user_and_password_from_the_environment_make_one_method_in_any_order() {
+    for variables in [
+        [
+            ("EVENTBUS_NATS_AUTH_USER", "svc"),
+            ("EVENTBUS_NATS_AUTH_PASSWORD", "pw"),
+        ],
+        [
+            ("EVENTBUS_NATS_AUTH_PASSWORD", "pw"),
+            ("EVENTBUS_NATS_AUTH_USER", "svc"),
+        ],
+    ] {
+        let variables = variables.map(|(name, value)| (name.to_owned(), value.to_owned()));
+        let config = Config {
+            backend: Backend::Nats,
+            ..Config::default()
+        }
+        .with_overrides(variables)
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.nats.auth, Auth::user_password("svc", "pw"));
+    }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig};
-use eventbus_pool::PoolConfig;
+use eventbus_pool::{BusSettings, PoolConfig};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -22,20 +22,25 @@ async fn main() {
         args.next().expect("topic"),
         args.next().expect("client_id"),
     );
-    let bus = NatsBus::connect(NatsConfig {
-        client_id,
-        urls: vec![url],
-        consumer: ConsumerSettings {
-            ack_wait: Duration::from_secs(2),
-            fetch_expires: Duration::from_millis(200),
-            ..ConsumerSettings::default()
-        },
+    let settings = BusSettings {
         pool: PoolConfig {
             pool_size: 8,
             ..PoolConfig::default()
         },
-        ..NatsConfig::default()
-    })
+        ..BusSettings::new("nats", &client_id)
+    };
+    let bus = NatsBus::connect(
+        settings,
+        NatsConfig {
+            urls: vec![url],
+            consumer: ConsumerSettings {
+                ack_wait: Duration::from_secs(2),
+                fetch_expires: Duration::from_millis(200),
+                ..ConsumerSettings::default()
+            },
+            ..NatsConfig::default()
+        },
+    )
     .await
     .expect("connect");
     bus.subscribe_envelope(

@@ -24,7 +24,7 @@
 //! use std::sync::{Arc, Mutex};
 //! use std::time::Duration;
 //! use eventbus_core::{async_trait, Envelope, Error, HandlerContext, Message, OutboundMessage};
-//! use eventbus_pool::PoolConfig;
+//! use eventbus_pool::BusSettings;
 //! use eventbus_pool::consume::{Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport};
 //!
 //! #[derive(Default)]
@@ -50,7 +50,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Error> {
 //! let log = Arc::new(Log::default());
-//! let runtime = Runtime::new(PoolConfig::default(), "example", log.clone())?;
+//! let runtime = Runtime::new(BusSettings::new("example", "svc"), log.clone())?;
 //! let handler = Handler::Envelope(Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
 //!     assert_eq!(envelope.aggregate_id, "order-1");
 //!     Ok(())
@@ -77,7 +77,7 @@ pub use consumer::{Consumer, Delivered, SubscriptionSpec};
 pub use stats::ConsumeStats;
 pub use transport::{Delivery, Handler, Receipt, Transport};
 
-use crate::{Pool, PoolConfig, PoolStats, ShutdownReport};
+use crate::{BusSettings, Pool, PoolStats, ShutdownReport};
 use stats::Counters;
 
 /// The consume runtime of one bus: the engine, the transport's dead-letter writer, and the
@@ -88,6 +88,7 @@ pub struct Runtime {
 
 /// What the runtime's consumers share.
 pub(crate) struct Shared {
+    settings: BusSettings,
     pub(crate) pool: Pool,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) retry: crate::RetryPolicy,
@@ -105,19 +106,18 @@ impl Shared {
 }
 
 impl Runtime {
-    /// Starts the engine of `pool` on the current tokio runtime, with metrics under
-    /// `metrics_namespace` (`eventbus_core::metric_namespace(backend, client_id)`); dead letters
-    /// go out through `transport`.
-    pub fn new(
-        pool: PoolConfig,
-        metrics_namespace: &str,
-        transport: Arc<dyn Transport>,
-    ) -> Result<Self, Error> {
-        let retry = pool.retry.clone();
-        let pool = Pool::with_metrics_namespace(pool, metrics_namespace)?;
-        let counters = Counters::new(metrics_namespace);
+    /// Starts the engine of `settings.pool` on the current tokio runtime, with metrics under
+    /// `settings.metrics_namespace`; dead letters go out through `transport`. Fails with a
+    /// `Config` error naming the first bad setting.
+    pub fn new(settings: BusSettings, transport: Arc<dyn Transport>) -> Result<Self, Error> {
+        settings.validate()?;
+        let retry = settings.pool.retry.clone();
+        let pool =
+            Pool::with_metrics_namespace(settings.pool.clone(), &settings.metrics_namespace)?;
+        let counters = Counters::new(&settings.metrics_namespace);
         Ok(Self {
             shared: Arc::new(Shared {
+                settings,
                 pool,
                 transport,
                 retry,
@@ -125,6 +125,11 @@ impl Runtime {
                 consumers: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// The settings the runtime was started with (client ID, drain timeout, ...).
+    pub fn settings(&self) -> &BusSettings {
+        &self.shared.settings
     }
 
     /// Starts consuming for one subscription: a scope of the engine, a registry of held
