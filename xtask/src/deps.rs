@@ -31,7 +31,8 @@ const LEAVES: [&str; 3] = ["eventbus-cli", "xtask", "integration-tests"];
 fn allowed(crate_name: &str) -> Option<Vec<&'static str>> {
     let mut layer = vec![CORE, POOL];
     match crate_name {
-        CORE | "xtask" | "test-brokers" => Some(vec![]),
+        CORE | "test-brokers" => Some(vec![]),
+        "xtask" => Some(vec!["test-brokers"]),
         POOL => Some(vec![CORE]),
         name if BACKENDS.contains(&name) => Some(layer),
         FACADE => {

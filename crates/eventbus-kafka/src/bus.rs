@@ -1,0 +1,305 @@
+//! The Kafka bus: the producer, the consumer group, and the subscriptions on the shared consume
+//! runtime.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use eventbus_core::{
+    Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
+    OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, async_trait,
+    validate_topic,
+};
+use eventbus_pool::BusSettings;
+use eventbus_pool::consume::{Handler, Runtime};
+
+use crate::config::KafkaConfig;
+use crate::group::{Entry, Group, Poller};
+use crate::producer::Publisher;
+
+/// How long subscribing a new topic waits for the group's rebalance.
+const ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
+
+/// An event bus on Apache Kafka.
+///
+/// One consumer group per bus (`group_id`, default the client ID) consumes every subscribed
+/// topic; each assigned partition has a reader per subscription on the shared consume runtime
+/// (a scope of the engine), so records of one partition run concurrently across aggregates and
+/// in order per aggregate. Offsets are committed only up to the first unfinished record. See
+/// `docs/kafka.md`.
+pub struct KafkaBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    publisher: Arc<Publisher>,
+    runtime: Arc<Runtime>,
+    group: Arc<Group>,
+    poller: Poller,
+    next_subscription: AtomicU64,
+    /// Serializes subscribe and unsubscribe: a topic's group membership changes one at a time.
+    membership: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+    closing: tokio::sync::Mutex<bool>,
+}
+
+impl KafkaBus {
+    /// Starts the producer and the consumer group of `config` as `settings.client_id`, and the
+    /// consume runtime on the current tokio runtime. Nothing is asked of the brokers yet: a
+    /// bus starts while they are unreachable, and publishing then fails after
+    /// `publish_timeout`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: nothing is awaited; a dropped call starts nothing.
+    pub async fn connect(settings: BusSettings, config: KafkaConfig) -> Result<Self, Error> {
+        settings.validate()?;
+        config.validate()?;
+        let client_id = settings.client_id.clone();
+        let namespace = settings.metrics_namespace.clone();
+        let publisher = Arc::new(Publisher::new(config, &client_id)?);
+        let runtime = Arc::new(Runtime::new(settings, publisher.clone())?);
+        let (group, poller) =
+            Group::start(&publisher.config, &client_id, runtime.clone(), &namespace)?;
+        tracing::info!(client_id, group = %group.name, servers = ?publisher.config.bootstrap_servers, "Kafka bus started");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                publisher,
+                runtime,
+                group,
+                poller,
+                next_subscription: AtomicU64::new(0),
+                membership: tokio::sync::Mutex::new(()),
+                closed: AtomicBool::new(false),
+                closing: tokio::sync::Mutex::new(false),
+            }),
+        })
+    }
+
+    /// The ordering engine's counters.
+    pub fn pool_stats(&self) -> eventbus_pool::PoolStats {
+        self.inner.runtime.pool_stats()
+    }
+
+    /// The consumer group of this bus.
+    pub fn group_id(&self) -> &str {
+        &self.inner.group.name
+    }
+
+    /// Partitions assigned to this bus now.
+    pub fn assigned_partitions(&self) -> usize {
+        self.inner.group.assigned_count()
+    }
+
+    /// Subscribes `handler` to `topic`: the topic is created if missing, and joins the group's
+    /// subscription (this waits for the rebalance that follows, up to 30 s) unless another
+    /// subscription of this bus reads it already, in which case this one reads from the records
+    /// polled next.
+    ///
+    /// # Cancel safety
+    ///
+    /// The work runs on a task of its own: a dropped call still completes the subscription,
+    /// whose handle is then lost (it stays until `close`).
+    async fn subscribe_handler(
+        &self,
+        topic: &str,
+        handler: Handler,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        validate_topic(topic)?;
+        let dead_letter = if handler.is_envelope() {
+            options.dead_letter_topic(topic)?
+        } else {
+            None
+        };
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let entry = Arc::new(Entry {
+            id: self.inner.next_subscription.fetch_add(1, Ordering::Relaxed) + 1,
+            topic: topic.to_owned(),
+            handler,
+            dead_letter,
+            leaving: Arc::new(AtomicBool::new(false)),
+        });
+        let inner = self.inner.clone();
+        let added = entry.clone();
+        tokio::spawn(async move {
+            let _membership = inner.membership.lock().await;
+            if inner.closed.load(Ordering::SeqCst) {
+                return Err(Error::Closed);
+            }
+            inner.publisher.ensure_topic(&added.topic).await?;
+            if inner.group.add(added.clone()) {
+                let seen = inner.group.assignments();
+                if let Err(error) = inner.poller.set_topics(inner.group.topics()).await {
+                    inner.group.remove(&added);
+                    return Err(error);
+                }
+                // The group rebalances with the new topic; what this member gets of it is
+                // read from the next poll on.
+                let deadline = tokio::time::Instant::now() + ASSIGNMENT_WAIT;
+                if !inner.group.wait_assignment(seen, deadline).await {
+                    tracing::warn!(topic = %added.topic, "no assignment yet after subscribing; consuming once the group rebalances");
+                }
+            } else {
+                inner.group.add_readers(&added);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| Error::Closed)??;
+        tracing::info!(topic, group = %self.inner.group.name, subscription = entry.id, "subscribed");
+        Ok(Subscription::new(
+            topic,
+            Control {
+                inner: Arc::downgrade(&self.inner),
+                entry,
+            },
+        ))
+    }
+}
+
+#[async_trait]
+impl EventBus for KafkaBus {
+    /// Publishes and waits for the broker's acknowledgement (`acks=all`, idempotent); the key
+    /// chooses the partition.
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        self.inner.publisher.publish(topic, &message).await
+    }
+
+    /// Publishes with the aggregate ID as the key (one aggregate, one partition) and the `X-*`
+    /// envelope headers.
+    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
+        let message = OutboundMessage {
+            payload: envelope.to_bytes()?,
+            key: Some(envelope.aggregate_id.clone().into()),
+            headers: envelope.headers(),
+        };
+        self.publish(topic, message).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &str,
+        handler: Arc<dyn MessageHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.subscribe_handler(topic, Handler::Plain(handler), options)
+            .await
+    }
+
+    async fn subscribe_envelope(
+        &self,
+        topic: &str,
+        handler: Arc<dyn EnvelopeHandler>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        self.subscribe_handler(topic, Handler::Envelope(handler), options)
+            .await
+    }
+
+    async fn health(&self) -> HealthReport {
+        let inner = &self.inner;
+        let closed = inner.closed.load(Ordering::SeqCst);
+        let down = inner.group.brokers_down();
+        let (engine, line) = inner.runtime.engine_health();
+        HealthReport::new("kafka")
+            .with_component(
+                "brokers",
+                if down {
+                    HealthStatus::Degraded
+                } else {
+                    HealthStatus::Healthy
+                },
+                Some(format!(
+                    "{}; group {}, {} partitions assigned",
+                    if down {
+                        "every broker unreachable (the client keeps retrying)"
+                    } else {
+                        "reachable"
+                    },
+                    inner.group.name,
+                    inner.group.assigned_count()
+                )),
+            )
+            .with_bus_state(closed, inner.group.topics().len())
+            .with_component("engine", engine, Some(line))
+    }
+
+    /// Takes what the assigned partitions held when it was called (up to half the drain timeout,
+    /// at most 5 s), stops polling, lets queued and running records finish up to the drain
+    /// timeout, commits what finished and leaves the group; what did not finish is read again
+    /// by the partitions' next owner.
+    async fn close(&self) -> Result<(), Error> {
+        let inner = &self.inner;
+        let mut closed = inner.closing.lock().await;
+        if *closed {
+            return Ok(());
+        }
+        inner.closed.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
+        inner.poller.close().await;
+        let report = inner.runtime.close(deadline).await;
+        let publisher = inner.publisher.clone();
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+        tracing::info!(
+            drained = report.drained,
+            cancelled = report.cancelled,
+            "Kafka bus closed"
+        );
+        *closed = true;
+        Ok(())
+    }
+}
+
+/// Stops one subscription.
+struct Control {
+    inner: Weak<Inner>,
+    entry: Arc<Entry>,
+}
+
+#[async_trait]
+impl SubscriptionControl for Control {
+    /// The last subscription of a topic takes the topic out of the group's subscription and
+    /// returns once its partitions are revoked here (their readers closed: queued records given
+    /// back, running ones finished up to the drain timeout, finished offsets committed), so a new
+    /// subscription reads on from the committed offset. Another subscription of the topic closes
+    /// only its own readers.
+    ///
+    /// # Cancel safety
+    ///
+    /// The work runs on a task of its own: a dropped call does not cut it short.
+    async fn unsubscribe(&self) -> Result<(), Error> {
+        let Some(inner) = self.inner.upgrade() else {
+            return Ok(());
+        };
+        let entry = self.entry.clone();
+        let task = tokio::spawn(async move {
+            let _membership = inner.membership.lock().await;
+            let drain = inner.runtime.settings().drain_timeout;
+            if inner.group.remove(&entry) {
+                inner.poller.set_topics(inner.group.topics()).await?;
+                let deadline = tokio::time::Instant::now() + drain + Duration::from_secs(30);
+                if !inner.group.wait_revoked(&entry.topic, deadline).await {
+                    tracing::warn!(topic = %entry.topic, "partitions not revoked in time after unsubscribe");
+                }
+            } else {
+                entry.leaving.store(true, Ordering::SeqCst);
+                let readers = inner.group.take_readers(&entry);
+                for reader in &readers {
+                    reader.consumer.begin_stop();
+                }
+                let closes = readers.iter().map(|reader| reader.consumer.close(drain));
+                futures::future::join_all(closes).await;
+            }
+            tracing::info!(topic = %entry.topic, subscription = entry.id, "unsubscribed");
+            Ok::<(), Error>(())
+        });
+        task.await.map_err(|_| Error::Closed)?
+    }
+}

@@ -1,0 +1,691 @@
+//! The consumer group of a bus: one librdkafka consumer over every subscribed topic, polled on a
+//! thread of its own (rebalance callbacks run there and may block without starving the tokio
+//! runtime), partitions paused and resumed for backpressure, finished offsets committed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use eventbus_core::{DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position};
+use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+
+use crate::config::{GroupProtocol, KafkaConfig};
+use crate::partition::{Assigned, Reader, lock};
+use crate::producer::base_config;
+
+/// The longest a close spends taking what was published just before it.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
+/// One subscription of the bus.
+pub(crate) struct Entry {
+    pub(crate) id: u64,
+    pub(crate) topic: String,
+    pub(crate) handler: Handler,
+    pub(crate) dead_letter: Option<String>,
+    pub(crate) leaving: Arc<AtomicBool>,
+}
+
+/// What the poll thread is asked to do.
+enum Command {
+    /// Consume exactly these topics.
+    Topics(Vec<String>, oneshot::Sender<Result<(), Error>>),
+    /// Drain, commit and leave the group.
+    Close(oneshot::Sender<()>),
+}
+
+/// The state the bus and the poll thread share.
+pub(crate) struct Group {
+    pub(crate) name: String,
+    runtime: Arc<Runtime>,
+    handle: tokio::runtime::Handle,
+    drain_timeout: Duration,
+    max_in_flight: usize,
+    subscriptions: Mutex<BTreeMap<String, Vec<Arc<Entry>>>>,
+    assigned: Mutex<HashMap<(String, i32), Arc<Assigned>>>,
+    generation: AtomicU64,
+    /// Signalled after every revoke.
+    revoked: tokio::sync::Notify,
+    /// Assignments received; signalled through `assigned_event`.
+    assignments: AtomicU64,
+    assigned_event: tokio::sync::Notify,
+    /// Every broker is unreachable (cleared by the next record or commit).
+    brokers_down: AtomicBool,
+    rebalances: metrics::Counter,
+    commit_failures: metrics::Counter,
+    paused: metrics::Gauge,
+}
+
+/// The handle of the poll thread.
+pub(crate) struct Poller {
+    commands: Mutex<mpsc::Sender<Command>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+struct GroupContext {
+    group: Arc<Group>,
+}
+
+impl ClientContext for GroupContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.group.brokers_down.store(true, Ordering::SeqCst);
+        }
+        tracing::warn!(group = %self.group.name, %error, reason, "Kafka consumer error");
+    }
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(partitions) => self.group.revoke(consumer, partitions),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(error) => {
+                tracing::warn!(group = %self.group.name, %error, "Kafka rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            self.group.assign(partitions);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.group.brokers_down.store(false, Ordering::SeqCst),
+            Err(error) => {
+                self.group.commit_failures.increment(1);
+                tracing::warn!(group = %self.group.name, %error, "Kafka offset commit failed");
+            }
+        }
+    }
+}
+
+/// The record as the runtime sees it.
+fn record_message(record: &BorrowedMessage<'_>) -> Message {
+    let mut headers = Headers::new();
+    if let Some(borrowed) = record.headers() {
+        for header in borrowed.iter() {
+            if let Some(value) = header.value {
+                headers.append(header.key, Bytes::copy_from_slice(value));
+            }
+        }
+    }
+    let timestamp = record.timestamp().to_millis().and_then(|millis| {
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok()
+    });
+    let mut message = Message::new(
+        record.topic(),
+        Bytes::copy_from_slice(record.payload().unwrap_or_default()),
+    );
+    message.key = record.key().map(Bytes::copy_from_slice);
+    message.headers = headers;
+    message.meta = DeliveryMeta {
+        position: Position::Partition {
+            partition: record.partition(),
+            offset: record.offset(),
+        },
+        delivery_attempt: 1,
+        timestamp,
+    };
+    message
+}
+
+fn partition_list(entries: &[(&str, i32, Option<i64>)]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::with_capacity(entries.len());
+    for (topic, partition, offset) in entries {
+        match offset {
+            Some(offset) => {
+                // Only an offset below zero is refused, and none is.
+                let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+            }
+            None => {
+                list.add_partition(topic, *partition);
+            }
+        }
+    }
+    list
+}
+
+impl Group {
+    /// Starts the consumer of `config` and its poll thread.
+    pub(crate) fn start(
+        config: &KafkaConfig,
+        client_id: &str,
+        runtime: Arc<Runtime>,
+        namespace: &str,
+    ) -> Result<(Arc<Self>, Poller), Error> {
+        let settings = runtime.settings().clone();
+        let name = config.group(client_id).to_owned();
+        let group = Arc::new(Self {
+            name: name.clone(),
+            runtime,
+            handle: tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::config("runtime", "the Kafka bus needs a tokio runtime to start on")
+            })?,
+            drain_timeout: settings.drain_timeout,
+            max_in_flight: config.max_in_flight_per_partition,
+            subscriptions: Mutex::new(BTreeMap::new()),
+            assigned: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            revoked: tokio::sync::Notify::new(),
+            assignments: AtomicU64::new(0),
+            assigned_event: tokio::sync::Notify::new(),
+            brokers_down: AtomicBool::new(false),
+            rebalances: metrics::counter!(format!("{namespace}_rebalances_total")),
+            commit_failures: metrics::counter!(format!("{namespace}_commit_failures_total")),
+            paused: metrics::gauge!(format!("{namespace}_partitions_paused")),
+        });
+        let mut client = base_config(config, client_id);
+        client
+            .set("group.id", &name)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.offset.reset",
+                match config.auto_offset_reset {
+                    crate::OffsetReset::Earliest => "earliest",
+                    crate::OffsetReset::Latest => "latest",
+                },
+            )
+            // Revokes are not held up by a deep prefetch queue.
+            .set("queued.min.messages", "1000");
+        match config.group_protocol {
+            GroupProtocol::Classic => {
+                client.set(
+                    "partition.assignment.strategy",
+                    config.assignment_strategy.librdkafka_name(),
+                );
+            }
+            GroupProtocol::Consumer => {
+                client.set("group.protocol", "consumer");
+            }
+        }
+        for (name, value) in &config.consumer_properties.0 {
+            client.set(name, value);
+        }
+        let consumer: BaseConsumer<GroupContext> = client
+            .create_with_context(GroupContext {
+                group: group.clone(),
+            })
+            .map_err(|error| Error::config("kafka.consumer_properties", error.to_string()))?;
+        let (commands, receiver) = mpsc::channel();
+        let polling = group.clone();
+        let commit_interval = config.commit_interval;
+        let thread = std::thread::Builder::new()
+            .name(format!("kafka-poll-{name}"))
+            .spawn(move || polling.run(&consumer, &receiver, commit_interval))
+            .map_err(|error| Error::broker("cannot start the Kafka poll thread", error))?;
+        Ok((
+            group,
+            Poller {
+                commands: Mutex::new(commands),
+                thread: Mutex::new(Some(thread)),
+            },
+        ))
+    }
+
+    /// The poll loop: commands, records, periodic commits, resumes.
+    fn run(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        commands: &mpsc::Receiver<Command>,
+        commit_interval: Duration,
+    ) {
+        let mut next_commit = Instant::now() + commit_interval;
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Topics(topics, reply)) => {
+                    let result = if topics.is_empty() {
+                        consumer.unsubscribe();
+                        Ok(())
+                    } else {
+                        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                        consumer
+                            .subscribe(&names)
+                            .map_err(|error| Error::broker("cannot subscribe on Kafka", error))
+                    };
+                    let _ = reply.send(result);
+                }
+                Ok(Command::Close(reply)) => {
+                    self.leave(consumer, true);
+                    let _ = reply.send(());
+                    return;
+                }
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    // The bus was dropped without `close`.
+                    self.leave(consumer, false);
+                    return;
+                }
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
+            match consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(record)) => {
+                    self.brokers_down.store(false, Ordering::SeqCst);
+                    self.take(consumer, &record);
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(group = %self.name, %error, "Kafka poll error");
+                }
+                None => {}
+            }
+            if Instant::now() >= next_commit {
+                self.commit(consumer, CommitMode::Async);
+                next_commit = Instant::now() + commit_interval;
+            }
+            self.resume_drained(consumer);
+        }
+    }
+
+    /// Hands a polled record to its partition; pauses the partition at the in-flight bound.
+    fn take(&self, consumer: &BaseConsumer<GroupContext>, record: &BorrowedMessage<'_>) {
+        let key = (record.topic().to_owned(), record.partition());
+        let Some(assigned) = lock(&self.assigned).get(&key).cloned() else {
+            tracing::warn!(topic = %key.0, partition = key.1, "record of a partition not assigned here; skipped");
+            return;
+        };
+        if !assigned.take(record.offset(), record_message(record)) {
+            return;
+        }
+        if assigned.in_flight() >= self.max_in_flight
+            && !assigned.paused.swap(true, Ordering::SeqCst)
+        {
+            let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
+            if let Err(error) = consumer.pause(&list) {
+                assigned.paused.store(false, Ordering::SeqCst);
+                tracing::warn!(%error, "cannot pause a Kafka partition");
+            } else {
+                self.paused.increment(1.0);
+            }
+        }
+    }
+
+    /// Resumes paused partitions whose unfinished records fell to half the bound.
+    fn resume_drained(&self, consumer: &BaseConsumer<GroupContext>) {
+        let paused: Vec<Arc<Assigned>> = lock(&self.assigned)
+            .values()
+            .filter(|assigned| assigned.paused.load(Ordering::SeqCst))
+            .cloned()
+            .collect();
+        for assigned in paused {
+            if assigned.in_flight() <= self.max_in_flight / 2 {
+                let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
+                if consumer.resume(&list).is_ok() {
+                    assigned.paused.store(false, Ordering::SeqCst);
+                    self.paused.decrement(1.0);
+                }
+            }
+        }
+    }
+
+    /// Commits what moved (async, periodic) or everything committable (sync).
+    fn commit(&self, consumer: &BaseConsumer<GroupContext>, mode: CommitMode) {
+        let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
+        let offsets: Vec<(String, i32, i64)> = assigned
+            .iter()
+            .filter_map(|assigned| {
+                let offset = match mode {
+                    CommitMode::Async => assigned.take_commit(),
+                    CommitMode::Sync => assigned.committable(),
+                }?;
+                Some((assigned.topic.clone(), assigned.partition, offset))
+            })
+            .collect();
+        commit_offsets(consumer, &offsets, mode, &self.commit_failures);
+    }
+
+    /// The partitions of `partitions` are taken away: their readers close (queued records are
+    /// given back, running ones finish up to the drain timeout), then what they finished is
+    /// committed through the consumer the callback got, unless the assignment was lost.
+    fn revoke(&self, consumer: &BaseConsumer<GroupContext>, partitions: &TopicPartitionList) {
+        self.rebalances.increment(1);
+        let revoked: Vec<Arc<Assigned>> = {
+            let mut assigned = lock(&self.assigned);
+            partitions
+                .elements()
+                .iter()
+                .filter_map(|element| {
+                    assigned.remove(&(element.topic().to_owned(), element.partition()))
+                })
+                .collect()
+        };
+        let lost = consumer.assignment_lost();
+        self.close_partitions(&revoked, self.drain_timeout);
+        if !lost {
+            let offsets: Vec<(String, i32, i64)> = revoked
+                .iter()
+                .filter_map(|assigned| {
+                    Some((
+                        assigned.topic.clone(),
+                        assigned.partition,
+                        assigned.committable()?,
+                    ))
+                })
+                .collect();
+            commit_offsets(consumer, &offsets, CommitMode::Sync, &self.commit_failures);
+        }
+        for assigned in &revoked {
+            assigned.revoked.store(true, Ordering::SeqCst);
+            if assigned.paused.swap(false, Ordering::SeqCst) {
+                self.paused.decrement(1.0);
+            }
+        }
+        tracing::info!(group = %self.name, partitions = revoked.len(), lost, "Kafka partitions revoked");
+        self.revoked.notify_waiters();
+    }
+
+    /// Closes the readers of `partitions` (up to `drain`), then stops their dispatchers.
+    fn close_partitions(&self, partitions: &[Arc<Assigned>], drain: Duration) {
+        let readers: Vec<Arc<Reader>> = partitions
+            .iter()
+            .flat_map(|assigned| lock(&assigned.readers).clone())
+            .collect();
+        for reader in &readers {
+            reader.consumer.begin_stop();
+        }
+        if !readers.is_empty() {
+            self.handle.block_on(async {
+                let closes = readers.iter().map(|reader| reader.consumer.close(drain));
+                futures::future::join_all(closes).await;
+            });
+        }
+        for assigned in partitions {
+            assigned.stop_dispatch();
+        }
+    }
+
+    /// New partitions: a reader per subscription of the topic, a new generation each.
+    fn assign(&self, partitions: &TopicPartitionList) {
+        self.rebalances.increment(1);
+        for element in partitions.elements() {
+            let topic = element.topic();
+            let entries = lock(&self.subscriptions)
+                .get(topic)
+                .cloned()
+                .unwrap_or_default();
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            let readers = entries
+                .iter()
+                .filter_map(|entry| self.reader(entry, element.partition(), generation))
+                .collect();
+            let assigned = Assigned::start(
+                topic,
+                element.partition(),
+                generation,
+                readers,
+                &self.handle,
+            );
+            let old =
+                lock(&self.assigned).insert((topic.to_owned(), element.partition()), assigned);
+            if let Some(old) = old {
+                // Assigned twice without a revoke between: the old generation is closed.
+                old.revoked.store(true, Ordering::SeqCst);
+                self.close_partitions(&[old], Duration::ZERO);
+            }
+        }
+        tracing::info!(group = %self.name, partitions = partitions.count(), "Kafka partitions assigned");
+        self.assignments.fetch_add(1, Ordering::SeqCst);
+        self.assigned_event.notify_waiters();
+    }
+
+    /// Assignments received so far.
+    pub(crate) fn assignments(&self) -> u64 {
+        self.assignments.load(Ordering::SeqCst)
+    }
+
+    /// Waits until an assignment after the first `seen` arrives, or `deadline`.
+    pub(crate) async fn wait_assignment(&self, seen: u64, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let assigned = self.assigned_event.notified();
+            tokio::pin!(assigned);
+            assigned.as_mut().enable();
+            if self.assignments() > seen {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, assigned).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// A runtime consumer for `entry` on one partition (a scope of its own).
+    fn reader(&self, entry: &Entry, partition: i32, generation: u64) -> Option<Arc<Reader>> {
+        let name = format!(
+            "{}/{}/{partition}/{generation}#{}",
+            self.name, entry.topic, entry.id
+        );
+        let spec = SubscriptionSpec::new(entry.topic.clone(), name, entry.handler.clone())
+            .with_dead_letter(entry.dead_letter.clone());
+        match self.runtime.subscribe(spec) {
+            Ok(consumer) => Some(Arc::new(Reader {
+                subscription: entry.id,
+                consumer,
+                leaving: entry.leaving.clone(),
+            })),
+            Err(error) => {
+                tracing::debug!(%error, "no reader: the runtime is closing");
+                None
+            }
+        }
+    }
+
+    /// Drains every partition (or, when the bus was dropped, none), commits, and leaves.
+    fn leave(&self, consumer: &BaseConsumer<GroupContext>, drain: bool) {
+        if drain {
+            let started = Instant::now();
+            self.catch_up(consumer, started + (self.drain_timeout / 2).min(CATCH_UP));
+        }
+        let all: Vec<Arc<Assigned>> = lock(&self.assigned).drain().map(|(_, a)| a).collect();
+        if drain {
+            self.close_partitions(&all, self.drain_timeout);
+        }
+        let offsets: Vec<(String, i32, i64)> = all
+            .iter()
+            .filter_map(|assigned| {
+                Some((
+                    assigned.topic.clone(),
+                    assigned.partition,
+                    assigned.committable()?,
+                ))
+            })
+            .collect();
+        if !consumer.assignment_lost() {
+            commit_offsets(consumer, &offsets, CommitMode::Sync, &self.commit_failures);
+        }
+        for assigned in &all {
+            assigned.revoked.store(true, Ordering::SeqCst);
+            assigned.stop_dispatch();
+        }
+        self.revoked.notify_waiters();
+        // Dropping the consumer (by the caller) leaves the group.
+    }
+
+    /// Before a close drains: takes what the assigned partitions held when `close` was called
+    /// (up to their high watermarks), so that what was published just before is handled, until
+    /// `deadline`. Paused partitions stay paused: their rest is read by the next owner.
+    fn catch_up(&self, consumer: &BaseConsumer<GroupContext>, deadline: Instant) {
+        let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
+        let mut targets: Vec<(Arc<Assigned>, i64)> = Vec::new();
+        for partition in assigned {
+            if partition.paused.load(Ordering::SeqCst) {
+                continue;
+            }
+            let high = consumer.fetch_watermarks(
+                &partition.topic,
+                partition.partition,
+                Duration::from_secs(2),
+            );
+            if let Ok((_, high)) = high {
+                targets.push((partition, high));
+            }
+        }
+        let start_of = |partition: &Assigned| -> Option<i64> {
+            if let Some(next) = partition.next_offset() {
+                return Some(next);
+            }
+            let list = partition_list(&[(&partition.topic, partition.partition, None)]);
+            let committed = consumer
+                .committed_offsets(list, Duration::from_secs(2))
+                .ok()?;
+            let element = committed.elements().into_iter().next()?;
+            match element.offset() {
+                Offset::Offset(offset) => Some(offset),
+                _ => consumer
+                    .fetch_watermarks(
+                        &partition.topic,
+                        partition.partition,
+                        Duration::from_secs(2),
+                    )
+                    .ok()
+                    .map(|(low, _)| low),
+            }
+        };
+        targets.retain(|(partition, high)| start_of(partition).is_none_or(|start| start < *high));
+        while !targets.is_empty() && Instant::now() < deadline {
+            if let Some(Ok(record)) = consumer.poll(Duration::from_millis(50)) {
+                self.take(consumer, &record);
+            }
+            targets.retain(|(partition, high)| {
+                !partition.paused.load(Ordering::SeqCst)
+                    && partition.next_offset().is_none_or(|next| next < *high)
+            });
+        }
+    }
+
+    /// Topics with at least one subscription.
+    pub(crate) fn topics(&self) -> Vec<String> {
+        lock(&self.subscriptions).keys().cloned().collect()
+    }
+
+    /// Adds `entry`; returns true when it is the first subscription of its topic.
+    pub(crate) fn add(&self, entry: Arc<Entry>) -> bool {
+        let mut subscriptions = lock(&self.subscriptions);
+        let list = subscriptions.entry(entry.topic.clone()).or_default();
+        list.push(entry);
+        list.len() == 1
+    }
+
+    /// Removes `entry`; returns true when it was the last subscription of its topic.
+    pub(crate) fn remove(&self, entry: &Entry) -> bool {
+        let mut subscriptions = lock(&self.subscriptions);
+        let Some(list) = subscriptions.get_mut(&entry.topic) else {
+            return false;
+        };
+        list.retain(|other| other.id != entry.id);
+        if list.is_empty() {
+            subscriptions.remove(&entry.topic);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives `entry` a reader on every partition of its topic assigned now.
+    pub(crate) fn add_readers(&self, entry: &Entry) {
+        let assigned: Vec<Arc<Assigned>> = lock(&self.assigned)
+            .values()
+            .filter(|assigned| assigned.topic == entry.topic)
+            .cloned()
+            .collect();
+        for assigned in assigned {
+            if let Some(reader) = self.reader(entry, assigned.partition, assigned.generation) {
+                let mut readers = lock(&assigned.readers);
+                if !readers.iter().any(|other| other.subscription == entry.id) {
+                    readers.push(reader);
+                }
+            }
+        }
+    }
+
+    /// Takes `entry`'s readers off every partition and returns them.
+    pub(crate) fn take_readers(&self, entry: &Entry) -> Vec<Arc<Reader>> {
+        let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
+        let mut taken = Vec::new();
+        for assigned in assigned {
+            lock(&assigned.readers).retain(|reader| {
+                if reader.subscription == entry.id {
+                    taken.push(reader.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        taken
+    }
+
+    /// Waits until no partition of `topic` is assigned here, or `deadline`.
+    pub(crate) async fn wait_revoked(&self, topic: &str, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let revoked = self.revoked.notified();
+            tokio::pin!(revoked);
+            revoked.as_mut().enable();
+            if !lock(&self.assigned).keys().any(|(t, _)| t == topic) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, revoked).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Partitions assigned here now.
+    pub(crate) fn assigned_count(&self) -> usize {
+        lock(&self.assigned).len()
+    }
+
+    /// True while every broker is unreachable.
+    pub(crate) fn brokers_down(&self) -> bool {
+        self.brokers_down.load(Ordering::SeqCst)
+    }
+}
+
+fn commit_offsets(
+    consumer: &BaseConsumer<GroupContext>,
+    offsets: &[(String, i32, i64)],
+    mode: CommitMode,
+    failures: &metrics::Counter,
+) {
+    if offsets.is_empty() {
+        return;
+    }
+    let entries: Vec<(&str, i32, Option<i64>)> = offsets
+        .iter()
+        .map(|(topic, partition, offset)| (topic.as_str(), *partition, Some(*offset)))
+        .collect();
+    if let Err(error) = consumer.commit(&partition_list(&entries), mode) {
+        failures.increment(1);
+        tracing::warn!(%error, "Kafka offset commit failed");
+    }
+}
+
+impl Poller {
+    /// Makes the group consume exactly `topics` (a rebalance follows).
+    pub(crate) async fn set_topics(&self, topics: Vec<String>) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        lock(&self.commands)
+            .send(Command::Topics(topics, reply))
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Drains, commits and leaves the group; returns once the poll thread has ended.
+    pub(crate) async fn close(&self) {
+        let (reply, answer) = oneshot::channel();
+        if lock(&self.commands).send(Command::Close(reply)).is_ok() {
+            let _ = answer.await;
+        }
+        let thread = lock(&self.thread).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}

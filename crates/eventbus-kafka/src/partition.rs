@@ -1,0 +1,217 @@
+//! One assigned partition: its commit tracker, the runtime consumers of its subscriptions, and
+//! the task that hands its records to them in offset order.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+
+use eventbus_core::{Error, Message};
+use eventbus_pool::CommitTracker;
+use eventbus_pool::consume::{Consumer, Delivery, Receipt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One subscription's consumer of one assigned partition.
+pub(crate) struct Reader {
+    /// The subscription's ID within the bus.
+    pub(crate) subscription: u64,
+    pub(crate) consumer: Arc<Consumer>,
+    /// Set when the subscription unsubscribes while others keep the topic: what it gives back
+    /// is finished for it (nobody reads it for this subscription again).
+    pub(crate) leaving: Arc<AtomicBool>,
+}
+
+/// A partition assigned to this bus, for one assignment generation.
+pub(crate) struct Assigned {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) generation: u64,
+    pub(crate) tracker: Mutex<CommitTracker>,
+    pub(crate) readers: Mutex<Vec<Arc<Reader>>>,
+    /// Paused because too many of its records are unfinished.
+    pub(crate) paused: AtomicBool,
+    /// Revoked: its records go nowhere and its offsets are not committed any more.
+    pub(crate) revoked: AtomicBool,
+    /// One past the last offset taken; -1 before the first.
+    next: AtomicI64,
+    records: mpsc::UnboundedSender<Message>,
+    dispatcher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Assigned {
+    /// A partition with `readers`, its dispatcher running on `runtime`.
+    pub(crate) fn start(
+        topic: &str,
+        partition: i32,
+        generation: u64,
+        readers: Vec<Arc<Reader>>,
+        runtime: &tokio::runtime::Handle,
+    ) -> Arc<Self> {
+        let (records, receiver) = mpsc::unbounded_channel();
+        let assigned = Arc::new(Self {
+            topic: topic.to_owned(),
+            partition,
+            generation,
+            tracker: Mutex::new(CommitTracker::new()),
+            readers: Mutex::new(readers),
+            paused: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            next: AtomicI64::new(-1),
+            records,
+            dispatcher: Mutex::new(None),
+        });
+        let task = runtime.spawn(dispatch(Arc::downgrade(&assigned), receiver));
+        *lock(&assigned.dispatcher) = Some(task);
+        assigned
+    }
+
+    /// Takes a polled record: tracked, then queued for the dispatcher. Returns `false` for an
+    /// offset at or below one already taken in this generation (not handed over twice).
+    pub(crate) fn take(&self, offset: i64, message: Message) -> bool {
+        if !lock(&self.tracker).dispatched(offset) {
+            return false;
+        }
+        self.next.store(offset + 1, Ordering::SeqCst);
+        // The dispatcher ends only when this partition is revoked.
+        let _ = self.records.send(message);
+        true
+    }
+
+    /// One past the last offset taken, if any was.
+    pub(crate) fn next_offset(&self) -> Option<i64> {
+        Some(self.next.load(Ordering::SeqCst)).filter(|next| *next >= 0)
+    }
+
+    /// Unfinished records.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.tracker).in_flight()
+    }
+
+    /// The offset to commit now (`None` before the first record or once revoked).
+    pub(crate) fn committable(&self) -> Option<i64> {
+        if self.revoked.load(Ordering::SeqCst) {
+            return None;
+        }
+        lock(&self.tracker).committable()
+    }
+
+    /// The committable offset if it moved since the last call.
+    pub(crate) fn take_commit(&self) -> Option<i64> {
+        if self.revoked.load(Ordering::SeqCst) {
+            return None;
+        }
+        lock(&self.tracker).take_commit()
+    }
+
+    /// Stops the dispatcher: records not handed over yet stay unfinished.
+    pub(crate) fn stop_dispatch(&self) {
+        if let Some(task) = lock(&self.dispatcher).take() {
+            task.abort();
+        }
+    }
+
+    fn completed(&self, offset: i64) {
+        lock(&self.tracker).completed(offset);
+    }
+}
+
+/// Hands each record, in offset order, to every reader of the partition. A record no reader
+/// took (all closing) stays unfinished, so the commit never passes it.
+async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver<Message>) {
+    while let Some(message) = records.recv().await {
+        let Some(partition) = assigned.upgrade() else {
+            return;
+        };
+        let offset = match message.meta.position {
+            eventbus_core::Position::Partition { offset, .. } => offset,
+            _ => continue,
+        };
+        let readers = lock(&partition.readers).clone();
+        let record = Arc::new(Record {
+            offset,
+            // The dispatcher's own hold, released below once every reader has it.
+            remaining: AtomicUsize::new(1),
+            partition: Arc::downgrade(&partition),
+        });
+        drop(partition);
+        let mut taken = 0;
+        for reader in readers {
+            record.remaining.fetch_add(1, Ordering::SeqCst);
+            let receipt = Arc::new(KafkaReceipt {
+                record: record.clone(),
+                leaving: reader.leaving.clone(),
+            });
+            let delivery = Delivery {
+                message: message.clone(),
+                receipt,
+                held_id: None,
+            };
+            match reader.consumer.deliver(delivery).await {
+                Ok(_) => taken += 1,
+                Err(error) => {
+                    // Closing: the record is not this reader's any more.
+                    record.remaining.fetch_sub(1, Ordering::SeqCst);
+                    if reader.leaving.load(Ordering::SeqCst) {
+                        taken += 1;
+                    } else {
+                        tracing::debug!(%error, offset, "record not taken by a closing reader");
+                    }
+                }
+            }
+        }
+        if taken > 0 {
+            record.finish_one();
+        }
+    }
+}
+
+/// One record handed to one or more readers; finished when every reader has finished it.
+struct Record {
+    offset: i64,
+    remaining: AtomicUsize,
+    partition: Weak<Assigned>,
+}
+
+impl Record {
+    fn finish_one(&self) {
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(partition) = self.partition.upgrade()
+        {
+            partition.completed(self.offset);
+        }
+    }
+}
+
+/// How the runtime settles a Kafka record: finishing it lets the commit pass it.
+struct KafkaReceipt {
+    record: Arc<Record>,
+    leaving: Arc<AtomicBool>,
+}
+
+#[eventbus_core::async_trait]
+impl Receipt for KafkaReceipt {
+    async fn ack(&self) -> Result<(), Error> {
+        self.record.finish_one();
+        Ok(())
+    }
+
+    /// Not finished: the commit stays below it and the partition's next owner (or this bus
+    /// after a restart) reads it again. A subscription that unsubscribed while others keep the
+    /// topic is done with it.
+    async fn give_back(&self) -> Result<(), Error> {
+        if self.leaving.load(Ordering::SeqCst) {
+            self.record.finish_one();
+        }
+        Ok(())
+    }
+
+    /// Its dead letter is written (acknowledged by the broker): finished.
+    async fn terminate(&self) -> Result<(), Error> {
+        self.record.finish_one();
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! Publishing: an idempotent producer that waits for each record's acknowledgement, topics
+//! created on first use, and the runtime's dead-letter writer.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use eventbus_core::{Error, OutboundMessage, async_trait};
+use eventbus_pool::consume::Transport;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+
+use crate::config::KafkaConfig;
+use crate::partition::lock;
+
+/// The producer side of the bus, shared with the runtime as its [`Transport`].
+pub(crate) struct Publisher {
+    pub(crate) config: KafkaConfig,
+    producer: FutureProducer,
+    admin: AdminClient<DefaultClientContext>,
+    /// Topics known to exist (created here or found).
+    known: Mutex<HashSet<String>>,
+}
+
+/// The librdkafka configuration both clients start from.
+pub(crate) fn base_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", config.bootstrap_servers.join(","))
+        .set("client.id", client_id);
+    for (name, value) in &config.properties.0 {
+        client.set(name, value);
+    }
+    client
+}
+
+fn broker_error(what: &str, error: KafkaError) -> Error {
+    Error::broker(what.to_owned(), error)
+}
+
+impl Publisher {
+    pub(crate) fn new(config: KafkaConfig, client_id: &str) -> Result<Self, Error> {
+        let mut producer = base_config(&config, client_id);
+        producer
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", config.partitioner.librdkafka_name())
+            .set(
+                "message.timeout.ms",
+                config.publish_timeout.as_millis().to_string(),
+            );
+        for (name, value) in &config.producer_properties.0 {
+            producer.set(name, value);
+        }
+        let producer: FutureProducer = producer
+            .create()
+            .map_err(|error| Error::config("kafka.producer_properties", error.to_string()))?;
+        let admin: AdminClient<DefaultClientContext> = base_config(&config, client_id)
+            .create()
+            .map_err(|error| Error::config("kafka.properties", error.to_string()))?;
+        Ok(Self {
+            config,
+            producer,
+            admin,
+            known: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Creates `topic` with its [`TopicOptions`](crate::TopicOptions) unless it is known to
+    /// exist; an existing topic is left as it is.
+    pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
+        if lock(&self.known).contains(topic) {
+            return Ok(());
+        }
+        let options = self.config.topic(topic);
+        let replication = TopicReplication::Fixed(options.replication_factor.map_or(-1, i32::from));
+        let retention = options
+            .retention
+            .map(|retention| retention.as_millis().to_string());
+        let mut new = NewTopic::new(topic, options.partitions.unwrap_or(-1), replication);
+        if let Some(retention) = &retention {
+            new = new.set("retention.ms", retention);
+        }
+        let admin_options =
+            AdminOptions::new().request_timeout(Some(Timeout::After(Duration::from_secs(10))));
+        let results = self
+            .admin
+            .create_topics([&new], &admin_options)
+            .await
+            .map_err(|error| broker_error("cannot create Kafka topic", error))?;
+        for result in results {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(Error::broker(
+                        format!("cannot create Kafka topic {name}"),
+                        KafkaError::AdminOp(code),
+                    ));
+                }
+            }
+        }
+        lock(&self.known).insert(topic.to_owned());
+        Ok(())
+    }
+
+    /// Publishes `message` to `topic` and waits for the broker's acknowledgement (all in-sync
+    /// replicas, idempotent).
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        message: &OutboundMessage,
+    ) -> Result<(), Error> {
+        self.ensure_topic(topic).await?;
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+        for (name, value) in message.headers.iter() {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .payload(&message.payload[..])
+            .headers(headers);
+        if let Some(key) = &message.key {
+            record = record.key(&key[..]);
+        }
+        match self
+            .producer
+            .send(record, Timeout::After(self.config.publish_timeout))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)) => {
+                Err(Error::Timeout {
+                    operation: "publish (waiting for the broker's acknowledgement)",
+                    after: self.config.publish_timeout,
+                })
+            }
+            Err((error, _)) => Err(broker_error("Kafka publish failed", error)),
+        }
+    }
+
+    /// Waits until every record sent is acknowledged (or `timeout` passes).
+    pub(crate) fn flush(&self, timeout: Duration) {
+        if let Err(error) = self.producer.flush(Timeout::After(timeout)) {
+            tracing::warn!(%error, "Kafka producer flush at close did not finish");
+        }
+    }
+}
+
+#[async_trait]
+impl Transport for Publisher {
+    /// Dead letters keep the record's key, payload and headers (the runtime adds the reason
+    /// headers); the idempotent producer stores a retried write once per producer session.
+    async fn publish_dead_letter(
+        &self,
+        topic: &str,
+        letter: OutboundMessage,
+        _dedup_id: Option<&str>,
+    ) -> Result<(), Error> {
+        self.publish(topic, &letter).await
+    }
+}

@@ -1,0 +1,357 @@
+//! A real Apache Kafka broker (KRaft: one node that is broker and controller), started on free
+//! loopback ports and stopped by PID when dropped. The jars come from `KAFKA_LIBS` (set by
+//! `cargo xtask test-matrix`, fetched from Maven Central by `cargo xtask brokers install`);
+//! without them the test fails, loudly.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The cluster ID every broker started here uses (22 characters of base64, as `kafka-storage
+/// random-uuid` prints): one fixed ID lets one formatted store serve as the template of all.
+const CLUSTER_ID: &str = "ZXZlbnRidXMtdGVzdHMtMQ";
+
+/// A running Kafka broker.
+pub struct KafkaBroker {
+    libs: PathBuf,
+    child: Child,
+    watchdog: Option<Child>,
+    port: u16,
+    controller_port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// The directory of the broker's jars, from `KAFKA_LIBS`.
+pub fn kafka_libs() -> PathBuf {
+    let Some(path) = std::env::var_os("KAFKA_LIBS") else {
+        panic!(
+            "KAFKA_LIBS is not set: run the tests through `cargo xtask test-matrix`, or \
+             `cargo xtask brokers install` and set KAFKA_LIBS=target/brokers/kafka/libs"
+        );
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        has_kafka_jar(&path),
+        "KAFKA_LIBS={} holds no Kafka jars: run `cargo xtask brokers install`",
+        path.display()
+    );
+    path
+}
+
+fn has_kafka_jar(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("kafka_2.13-")
+        })
+    })
+}
+
+/// Broker settings: one node, replication factors 1, no initial rebalance delay, short group
+/// timeouts so that group tests move fast (the clients lower theirs to match).
+fn server_properties(port: u16, controller_port: u16, data: &Path) -> String {
+    format!(
+        "process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data}
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+group.min.session.timeout.ms=1000
+group.consumer.session.timeout.ms=6000
+group.consumer.min.session.timeout.ms=1000
+group.consumer.heartbeat.interval.ms=500
+group.consumer.min.heartbeat.interval.ms=100
+num.network.threads=2
+num.io.threads=2
+log.flush.interval.messages=1
+",
+        data = data.display()
+    )
+}
+
+const LOG4J: &str = "status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = ${sys:kafka.logs.dir}/server.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = info
+";
+
+fn java(libs: &Path, dir: &Path) -> Command {
+    let mut command = Command::new("java");
+    command
+        .arg("-Xms128m")
+        .arg("-Xmx512m")
+        .arg("-XX:+UseSerialGC")
+        .arg("-XX:TieredStopAtLevel=1")
+        .arg(format!("-Dkafka.logs.dir={}", dir.display()))
+        .arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            dir.join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()));
+    command
+}
+
+/// A formatted, empty store, made once per process and copied for every broker.
+fn template(libs: &Path) -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("eventbus-kafka-template-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).expect("a Kafka template directory");
+        std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
+        // The ports only name the quorum; formatting does not listen.
+        std::fs::write(
+            dir.join("server.properties"),
+            server_properties(1, 2, &dir.join("data")),
+        )
+        .expect("server.properties");
+        let output = java(libs, &dir)
+            .args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"])
+            .arg(dir.join("server.properties"))
+            .output()
+            .expect("java runs (install Java 17)");
+        assert!(
+            output.status.success(),
+            "kafka-storage format failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        dir.join("data")
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("a Kafka data directory");
+    for entry in std::fs::read_dir(from).expect("the template store") {
+        let entry = entry.expect("a template entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("a template file copied");
+        }
+    }
+}
+
+impl KafkaBroker {
+    /// Starts a broker with an empty store from the jars in `KAFKA_LIBS`; returns once it
+    /// answers the Kafka protocol.
+    pub fn start() -> Self {
+        Self::start_from(&kafka_libs())
+    }
+
+    /// Starts a broker with an empty store from the jars in `libs`; returns once it answers
+    /// the Kafka protocol.
+    pub fn start_from(libs: &Path) -> Self {
+        let (port, controller_port) = (free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("eventbus-kafka-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(template(libs), &dir.join("data"));
+        std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
+        std::fs::write(
+            dir.join("server.properties"),
+            server_properties(port, controller_port, &dir.join("data")),
+        )
+        .expect("server.properties");
+        let mut broker = Self {
+            libs: libs.to_owned(),
+            child: Self::spawn(libs, &dir),
+            watchdog: None,
+            port,
+            controller_port,
+            dir,
+        };
+        broker.watch();
+        broker.wait_ready();
+        broker
+    }
+
+    /// One broker for the whole test process, started on first use. A watchdog process stops
+    /// it by PID when the test process exits (statics are never dropped).
+    pub fn shared() -> &'static Self {
+        static SHARED: OnceLock<KafkaBroker> = OnceLock::new();
+        SHARED.get_or_init(Self::start)
+    }
+
+    fn spawn(libs: &Path, dir: &Path) -> Child {
+        java(libs, dir)
+            .arg("kafka.Kafka")
+            .arg(dir.join("server.properties"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("java runs (install Java 17)")
+    }
+
+    /// Starts (again) a process that kills the broker by PID once this test process is gone,
+    /// so that a test killed or aborted leaves no broker behind.
+    fn watch(&mut self) {
+        self.stop_watchdog();
+        let script = format!(
+            "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {broker} 2>/dev/null; \
+             rm -rf '{dir}' '{template}'",
+            parent = std::process::id(),
+            broker = self.child.id(),
+            dir = self.dir.display(),
+            template = template(&self.libs)
+                .parent()
+                .unwrap_or(template(&self.libs))
+                .display(),
+        );
+        self.watchdog = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok();
+    }
+
+    fn stop_watchdog(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            let _ = watchdog.kill();
+            let _ = watchdog.wait();
+        }
+    }
+
+    /// Polls with a Kafka `ApiVersions` request until the broker answers without error (60 s
+    /// deadline; a JVM start on 2 busy cores takes 5 to 15 s).
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the Kafka broker exited with {status} (port {} taken?); see {}",
+                    self.port,
+                    self.dir.join("server.log").display()
+                );
+            }
+            if self.answers() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Kafka broker did not answer within 60 s; see {}",
+                self.dir.join("server.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// True when the broker answers an `ApiVersions` (v0) request with error code 0.
+    pub fn answers(&self) -> bool {
+        api_versions_ok(self.port)
+    }
+
+    /// The `bootstrap.servers` value.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the broker with SIGKILL (no clean shutdown) and waits until it is gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same ports with the same store (after
+    /// [`kill`](Self::kill)); returns once it answers.
+    pub fn start_again(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.libs, &self.dir);
+        self.watch();
+        self.wait_ready();
+    }
+
+    /// The controller's port (for tests that need to know it is taken).
+    pub fn controller_port(&self) -> u16 {
+        self.controller_port
+    }
+
+    /// Leaves the broker running after this value is gone (for `cargo xtask brokers up`);
+    /// returns its PID. Whoever keeps the PID stops it.
+    pub fn detach(mut self) -> u32 {
+        self.stop_watchdog();
+        let pid = self.child.id();
+        self.dir = PathBuf::new();
+        std::mem::forget(self);
+        pid
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stop_watchdog();
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Sends `ApiVersions` v0 to `127.0.0.1:port` and checks the error code of the answer.
+fn api_versions_ok(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let client = b"probe";
+    let mut body = Vec::new();
+    body.extend_from_slice(&18i16.to_be_bytes()); // ApiVersions
+    body.extend_from_slice(&0i16.to_be_bytes()); // version 0
+    body.extend_from_slice(&7i32.to_be_bytes()); // correlation ID
+    body.extend_from_slice(&(client.len() as i16).to_be_bytes());
+    body.extend_from_slice(client);
+    let mut request = (body.len() as i32).to_be_bytes().to_vec();
+    request.extend_from_slice(&body);
+    if stream.write_all(&request).is_err() {
+        return false;
+    }
+    let mut header = [0u8; 10]; // size, correlation ID, error code
+    if stream.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let correlation = i32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let error = i16::from_be_bytes([header[8], header[9]]);
+    correlation == 7 && error == 0
+}
