@@ -29,6 +29,51 @@ pub fn nats_config(url: &str) -> eventbus_nats::NatsConfig {
     }
 }
 
+/// Starts the test consumer process `program` (`env!("CARGO_BIN_EXE_consumer")`) with `args`;
+/// the lines it prints are read on a thread and sent to `lines`.
+pub fn spawn_consumer<'a>(
+    program: &str,
+    args: impl IntoIterator<Item = &'a str>,
+    lines: tokio::sync::mpsc::UnboundedSender<String>,
+) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the consumer process starts");
+    let stdout = child.stdout.take().expect("its stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    child
+}
+
+/// Reads `{aggregate} {version}` lines of a consumer process until `until` distinct envelopes
+/// were handled (three [`DEADLINE`]s at most).
+pub async fn read_handled(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    handled: &mut Vec<(String, i64)>,
+    until: usize,
+) {
+    let read_all = async {
+        while handled.iter().collect::<HashSet<_>>().len() < until {
+            let line = lines.recv().await.expect("consumer output");
+            let (aggregate, version) = line.split_once(' ').expect("a handled line");
+            handled.push((aggregate.to_owned(), version.parse().expect("a version")));
+        }
+    };
+    tokio::time::timeout(DEADLINE * 3, read_all)
+        .await
+        .unwrap_or_else(|_| panic!("fewer than {until} distinct envelopes handled"));
+}
+
 /// A Kafka bus configuration for tests on `bootstrap`: four partitions per topic, commits every
 /// 100 ms, short group timeouts (the test broker allows them), the defaults otherwise.
 pub fn kafka_config(bootstrap: &str) -> eventbus_kafka::KafkaConfig {
@@ -108,7 +153,7 @@ pub fn assert_replays_are_in_order_suffixes(handled: &[(String, i64)]) {
     }
 }
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

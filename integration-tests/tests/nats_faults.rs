@@ -5,8 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
 use integration_tests::{
     DEADLINE, Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes,
-    eventually, nats_config, nats_settings,
+    eventually, nats_config, nats_settings, read_handled, spawn_consumer,
 };
 use test_brokers::NatsServer;
 use tokio::sync::mpsc;
@@ -106,48 +104,6 @@ async fn a_server_killed_and_restarted_mid_stream_loses_no_envelope_and_keeps_or
     bus.close().await.unwrap();
 }
 
-/// Lines a child consumer prints, read on a thread and sent to the test.
-fn spawn_consumer(url: &str, topic: &str, lines: mpsc::UnboundedSender<String>) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nats_consumer"))
-        .args([url, topic, "killed"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the consumer process starts");
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    child
-}
-
-/// Reads consumer output until `until` distinct envelopes were handled.
-async fn read(
-    lines: &mut mpsc::UnboundedReceiver<String>,
-    handled: &mut Vec<(String, i64)>,
-    until: usize,
-) {
-    let read_all = async {
-        while handled.iter().collect::<HashSet<_>>().len() < until {
-            let line = lines.recv().await.expect("consumer output");
-            handled.push(parse(&line));
-        }
-    };
-    tokio::time::timeout(DEADLINE * 3, read_all)
-        .await
-        .unwrap_or_else(|_| panic!("fewer than {until} distinct envelopes handled"));
-}
-
-fn parse(line: &str) -> (String, i64) {
-    let (aggregate, version) = line.split_once(' ').unwrap();
-    (aggregate.to_owned(), version.parse().unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order() {
     let server = NatsServer::start();
@@ -173,9 +129,13 @@ async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order
     let total = aggregates * versions as usize;
 
     let (sender, mut lines) = mpsc::unbounded_channel();
-    let mut first = spawn_consumer(&server.url(), topic, sender.clone());
+    let mut first = spawn_consumer(
+        env!("CARGO_BIN_EXE_consumer"),
+        ["nats", &server.url(), topic, "killed"],
+        sender.clone(),
+    );
     let mut handled = Vec::new();
-    read(&mut lines, &mut handled, 300).await;
+    read_handled(&mut lines, &mut handled, 300).await;
     // SIGKILL: no close, no acks of what it held.
     first.kill().unwrap();
     first.wait().unwrap();
@@ -184,8 +144,12 @@ async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order
     // restarted consumer must still handle each aggregate's events in order.
     publish(versions / 2 + 1, versions).await;
 
-    let mut second = spawn_consumer(&server.url(), topic, sender);
-    read(&mut lines, &mut handled, total).await;
+    let mut second = spawn_consumer(
+        env!("CARGO_BIN_EXE_consumer"),
+        ["nats", &server.url(), topic, "killed"],
+        sender,
+    );
+    read_handled(&mut lines, &mut handled, total).await;
     second.kill().unwrap();
     second.wait().unwrap();
 

@@ -1,7 +1,8 @@
-//! A consumer process for the fault tests: subscribes to envelopes on NATS and prints
+//! A consumer process for the fault tests: subscribes to envelopes on NATS or Kafka and prints
 //! `{aggregate_id} {event_version}` for each one it handled, before it is acknowledged.
 //!
-//! Usage: `nats_consumer <url> <topic> <client_id>`. Runs until killed.
+//! Usage: `consumer nats <url> <topic> <client_id>` or
+//! `consumer kafka <bootstrap> <topic> <group>`. Runs until killed.
 
 // A test helper binary: its output is its interface, and a bad argument ends it loudly.
 #![allow(clippy::print_stdout, clippy::print_stderr, clippy::expect_used)]
@@ -17,7 +18,8 @@ use eventbus_pool::{BusSettings, PoolConfig};
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let mut args = std::env::args().skip(1);
-    let (url, topic, client_id) = (
+    let (backend, url, topic, client_id) = (
+        args.next().expect("backend"),
         args.next().expect("url"),
         args.next().expect("topic"),
         args.next().expect("client_id"),
@@ -27,22 +29,32 @@ async fn main() {
             pool_size: 8,
             ..PoolConfig::default()
         },
-        ..BusSettings::new("nats", &client_id)
+        ..BusSettings::new(&backend, &client_id)
     };
-    let bus = NatsBus::connect(
-        settings,
-        NatsConfig {
-            urls: vec![url],
-            consumer: ConsumerSettings {
-                ack_wait: Duration::from_secs(2),
-                fetch_expires: Duration::from_millis(200),
-                ..ConsumerSettings::default()
-            },
-            ..NatsConfig::default()
-        },
-    )
-    .await
-    .expect("connect");
+    let bus: Box<dyn EventBus> = match backend.as_str() {
+        "nats" => Box::new(
+            NatsBus::connect(
+                settings,
+                NatsConfig {
+                    urls: vec![url],
+                    consumer: ConsumerSettings {
+                        ack_wait: Duration::from_secs(2),
+                        fetch_expires: Duration::from_millis(200),
+                        ..ConsumerSettings::default()
+                    },
+                    ..NatsConfig::default()
+                },
+            )
+            .await
+            .expect("connect"),
+        ),
+        "kafka" => Box::new(
+            eventbus_kafka::KafkaBus::connect(settings, integration_tests::kafka_config(&url))
+                .await
+                .expect("connect"),
+        ),
+        other => panic!("unknown backend {other}"),
+    };
     bus.subscribe_envelope(
         &topic,
         Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
@@ -57,6 +69,6 @@ async fn main() {
     )
     .await
     .expect("subscribe");
-    eprintln!("nats_consumer: subscribed to {topic}");
+    eprintln!("consumer: subscribed to {topic} on {backend}");
     std::future::pending::<()>().await;
 }

@@ -1,0 +1,277 @@
+//! Kafka commits and partitioning against a real broker: a commit never passes an unfinished
+//! record, a poison envelope is dead-lettered and the partition moves on, and the sarama
+//! partitioner puts each key where the Go services' producers do.
+
+// Test code: a failed unwrap or expect is a failed check.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::{
+    Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
+    SubscribeOptions,
+};
+use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner, TopicOptions};
+use eventbus_pool::BusSettings;
+use integration_tests::{Recorder, collect, eventually, kafka_config};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use test_brokers::KafkaBroker;
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::new(
+        aggregate,
+        "Changed",
+        version,
+        &serde_json::json!({"v": version}),
+    )
+    .unwrap()
+}
+
+/// A config whose `topic` has `partitions` partitions.
+fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
+    let mut config = kafka_config(&KafkaBroker::shared().bootstrap());
+    config.group_id = Some(group.to_owned());
+    config.topics.insert(
+        topic.to_owned(),
+        TopicOptions {
+            partitions: Some(partitions),
+            ..TopicOptions::default()
+        },
+    );
+    config
+}
+
+/// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.
+fn committed(group: &str, topic: &str) -> Option<i64> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", KafkaBroker::shared().bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let offsets = reader
+        .committed_offsets(list, Duration::from_secs(5))
+        .unwrap();
+    match offsets.elements().first()?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+/// Offsets 0..5 finish, offset 5 hangs in its handler, 6..=105 finish: the committed offset
+/// reaches 5 and stays there while 5 runs (watched over many commit intervals), then passes
+/// everything once 5 finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_never_passes_an_unfinished_record() {
+    let (topic, group) = ("commits.watermark", "watermark");
+    let bus = KafkaBus::connect(
+        BusSettings::new("kafka", "watermark"),
+        config_with(topic, 1, group),
+    )
+    .await
+    .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Recorder::<String>::new();
+    let (g, h) = (gate.clone(), handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                if envelope.aggregate_id == "slow" {
+                    let _permit = g.acquire().await.map_err(HandlerError::permanent)?;
+                }
+                h.push(envelope.aggregate_id.clone());
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for n in 0..5 {
+        bus.publish_envelope(topic, &envelope(&format!("fast-{n}"), 1))
+            .await
+            .unwrap();
+    }
+    bus.publish_envelope(topic, &envelope("slow", 1))
+        .await
+        .unwrap();
+    for n in 5..105 {
+        bus.publish_envelope(topic, &envelope(&format!("fast-{n}"), 1))
+            .await
+            .unwrap();
+    }
+    handled
+        .wait_for("every record but the slow one", |e| e.len() == 105)
+        .await;
+    eventually("the offsets before the slow record committed", || async {
+        tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap()
+            == Some(5)
+    })
+    .await;
+    // Twenty commit intervals with everything after the slow record finished: the commit stays.
+    for _ in 0..20 {
+        let now = tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap();
+        assert_eq!(now, Some(5), "a commit passed the unfinished record");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gate.add_permits(1);
+    handled
+        .wait_for("the slow record", |e| e.len() == 106)
+        .await;
+    eventually("everything committed", || async {
+        tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap()
+            == Some(106)
+    })
+    .await;
+    bus.close().await.unwrap();
+}
+
+/// A permanently failing envelope goes to `{topic}.DLQ` with its key and the reason, and the
+/// partition's commit moves past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_envelope_is_dead_lettered_and_the_partition_moves_on() {
+    let (topic, group) = ("commits.poison", "poison");
+    let bus = KafkaBus::connect(
+        BusSettings::new("kafka", "poison"),
+        config_with(topic, 1, group),
+    )
+    .await
+    .unwrap();
+    let dead = collect(&bus, &format!("{topic}.DLQ")).await;
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                if envelope.aggregate_id == "poison" {
+                    return Err(HandlerError::permanent("cannot apply"));
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(topic, &envelope("poison", 1))
+        .await
+        .unwrap();
+    for version in 1..=10 {
+        bus.publish_envelope(topic, &envelope("healthy", version))
+            .await
+            .unwrap();
+    }
+    handled
+        .wait_for("the healthy aggregate", |e| e.len() == 10)
+        .await;
+    let letters = dead.wait_for("the dead letter", |e| !e.is_empty()).await;
+    let letter: &Message = &letters[0];
+    assert_eq!(letter.key.as_deref(), Some(&b"poison"[..]));
+    assert_eq!(
+        letter.headers.get_str("X-Error-Message"),
+        Some("cannot apply")
+    );
+    eventually("the commit past the poison envelope", || async {
+        tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap()
+            == Some(11)
+    })
+    .await;
+    bus.close().await.unwrap();
+}
+
+/// Sarama's `NewHashPartitioner`, written from its definition: FNV-1a 32-bit of the key, as a
+/// signed 32-bit integer, remainder by the partition count (truncating, as Go's `%`), then the
+/// absolute value.
+fn sarama_partition(key: &[u8], partitions: i32) -> i32 {
+    let mut hash: u32 = 2_166_136_261;
+    for byte in key {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(16_777_619);
+    }
+    let signed = hash as i32;
+    let remainder = signed % partitions;
+    if remainder < 0 { -remainder } else { remainder }
+}
+
+#[test]
+fn the_reference_sarama_partitioner_matches_known_values() {
+    // Published FNV-1a 32-bit vectors: "a" = 0xe40c292c, "foobar" = 0xbf9cf968 (both negative
+    // as signed integers: the remainder is negative, then made positive).
+    assert_eq!(0xe40c_292c_u32 as i32, -468_965_076);
+    assert_eq!(sarama_partition(b"a", 1_000_000), 468_965_076 % 1_000_000);
+    assert_eq!(0xbf9c_f968_u32 as i32, -1_080_231_576);
+    assert_eq!(sarama_partition(b"foobar", 7), 1_080_231_576 % 7);
+    // The offset basis (empty key) is negative too.
+    assert_eq!(
+        sarama_partition(b"", 10),
+        (2_166_136_261_u32 as i32 % 10).abs()
+    );
+}
+
+/// Keys chosen to cover both signs of the hash land on the partition sarama computes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sarama_partitioner_puts_each_key_where_the_go_services_do() {
+    let topic = "commits.sarama";
+    let partitions = 8;
+    let mut config = config_with(topic, partitions, "sarama");
+    config.partitioner = Partitioner::Sarama;
+    let bus = KafkaBus::connect(BusSettings::new("kafka", "sarama"), config)
+        .await
+        .unwrap();
+    let seen = collect(&bus, topic).await;
+    let keys: Vec<String> = (0..64).map(|n| format!("order-{n}")).collect();
+    assert!(
+        keys.iter().any(|key| {
+            let mut hash: u32 = 2_166_136_261;
+            for byte in key.bytes() {
+                hash ^= u32::from(byte);
+                hash = hash.wrapping_mul(16_777_619);
+            }
+            (hash as i32) < 0
+        }),
+        "some key must have a negative signed hash"
+    );
+    for key in &keys {
+        bus.publish(
+            topic,
+            OutboundMessage {
+                key: Some(key.clone().into()),
+                ..OutboundMessage::new(key.clone().into_bytes())
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let messages = seen
+        .wait_for("every keyed record", |e| e.len() == keys.len())
+        .await;
+    for message in &messages {
+        let key = message.key.as_deref().unwrap();
+        let Position::Partition { partition, .. } = message.meta.position else {
+            panic!("a Kafka record has a partition");
+        };
+        assert_eq!(
+            partition,
+            sarama_partition(key, partitions),
+            "key {}",
+            String::from_utf8_lossy(key)
+        );
+    }
+    bus.close().await.unwrap();
+}
