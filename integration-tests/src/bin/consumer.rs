@@ -5,7 +5,12 @@
 //! `consumer kafka <bootstrap> <topic> <group>`. Runs until killed.
 
 // A test helper binary: its output is its interface, and a bad argument ends it loudly.
-#![allow(clippy::print_stdout, clippy::print_stderr, clippy::expect_used)]
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::io::Write;
 use std::sync::Arc;
