@@ -3,7 +3,12 @@
 //! restarted.
 
 // Test code: a failed unwrap or expect is a failed check.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
