@@ -18,6 +18,8 @@ pub enum Backend {
     Memory,
     /// NATS JetStream (cargo feature `nats`; the `[nats]` section).
     Nats,
+    /// Apache Kafka (cargo feature `kafka`; the `[kafka]` section).
+    Kafka,
 }
 
 impl Backend {
@@ -26,6 +28,7 @@ impl Backend {
         match self {
             Backend::Memory => "memory",
             Backend::Nats => "nats",
+            Backend::Kafka => "kafka",
         }
     }
 }
@@ -82,6 +85,9 @@ pub struct Config {
     /// The NATS backend (cargo feature `nats`): [`eventbus_nats::NatsConfig`] as is.
     #[cfg(feature = "nats")]
     pub nats: eventbus_nats::NatsConfig,
+    /// The Kafka backend (cargo feature `kafka`): [`eventbus_kafka::KafkaConfig`] as is.
+    #[cfg(feature = "kafka")]
+    pub kafka: eventbus_kafka::KafkaConfig,
 }
 
 /// `[pool]`: the ordering engine.
@@ -129,6 +135,8 @@ impl Default for Config {
             metrics: MetricsSection::default(),
             #[cfg(feature = "nats")]
             nats: eventbus_nats::NatsConfig::default(),
+            #[cfg(feature = "kafka")]
+            kafka: eventbus_kafka::KafkaConfig::default(),
         }
     }
 }
@@ -181,7 +189,8 @@ const OVERRIDES: &[Override] = &[
             c.backend = match v.trim() {
                 "memory" => Backend::Memory,
                 "nats" => Backend::Nats,
-                other => return Err(format!("{other:?} is not a backend (memory, nats)")),
+                "kafka" => Backend::Kafka,
+                other => return Err(format!("{other:?} is not a backend (memory, nats, kafka)")),
             };
             Ok(())
         },
@@ -327,6 +336,69 @@ const OVERRIDES: &[Override] = &[
             Ok(())
         },
     },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS",
+        apply: |c, v| {
+            c.kafka.bootstrap_servers = v
+                .split(',')
+                .map(str::trim)
+                .filter(|server| !server.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Ok(())
+        },
+    },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_GROUP_ID",
+        apply: |c, v| {
+            c.kafka.group_id = Some(v.trim().to_owned()).filter(|group| !group.is_empty());
+            Ok(())
+        },
+    },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_AUTO_OFFSET_RESET",
+        apply: |c, v| {
+            c.kafka.auto_offset_reset = match v.trim() {
+                "earliest" => eventbus_kafka::OffsetReset::Earliest,
+                "latest" => eventbus_kafka::OffsetReset::Latest,
+                other => return Err(format!("{other:?} is not earliest or latest")),
+            };
+            Ok(())
+        },
+    },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_PUBLISH_TIMEOUT",
+        apply: |c, v| {
+            c.kafka.publish_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_SASL_USERNAME",
+        apply: |c, v| {
+            c.kafka
+                .properties
+                .0
+                .insert("sasl.username".to_owned(), v.to_owned());
+            Ok(())
+        },
+    },
+    #[cfg(feature = "kafka")]
+    Override {
+        variable: "EVENTBUS_KAFKA_SASL_PASSWORD",
+        apply: |c, v| {
+            c.kafka
+                .properties
+                .0
+                .insert("sasl.password".to_owned(), v.to_owned());
+            Ok(())
+        },
+    },
     Override {
         variable: "EVENTBUS_METRICS_LISTEN",
         apply: |c, v| {
@@ -429,6 +501,10 @@ impl Config {
         #[cfg(feature = "nats")]
         if self.backend == Backend::Nats {
             self.nats.validate()?;
+        }
+        #[cfg(feature = "kafka")]
+        if self.backend == Backend::Kafka {
+            self.kafka.validate()?;
         }
         Ok(())
     }

@@ -35,6 +35,7 @@
 //! |---|---|---|
 //! | `memory` (default) | in process (`eventbus-memory`): the demo, tests, in-process events | top-level settings only |
 //! | `nats` | NATS JetStream (`eventbus-nats`, async-nats) | the `[nats]` section |
+//! | `kafka` | Apache Kafka (`eventbus-kafka`, rdkafka with librdkafka built from source) | the `[kafka]` section |
 //!
 //! Every backend runs the same consume runtime (`eventbus_pool::consume`), so the delivery
 //! contract is the same on each. Metrics go through the `metrics` facade under
@@ -50,6 +51,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 pub use config::{Backend, Config, MetricsSection, PoolSection, RetrySection};
 pub use eventbus_core::*;
+/// The Kafka backend (feature `kafka`): its configuration types are the `[kafka]` section.
+#[cfg(feature = "kafka")]
+pub use eventbus_kafka as kafka;
 /// The NATS backend (feature `nats`): its configuration types are the `[nats]` section.
 #[cfg(feature = "nats")]
 pub use eventbus_nats as nats;
@@ -134,6 +138,7 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
     let inner: Arc<dyn EventBus> = match config.backend {
         Backend::Memory => memory(settings)?,
         Backend::Nats => nats(settings, &config).await?,
+        Backend::Kafka => kafka(settings, &config).await?,
     };
     tracing::info!(backend = config.backend.name(), client_id = %config.client_id, "event bus connected");
     Ok(Bus {
@@ -167,6 +172,20 @@ async fn nats(_settings: BusSettings, _config: &Config) -> Result<Arc<dyn EventB
     Err(Error::config(
         "type",
         "the NATS backend is not compiled in: enable the `nats` feature of the eventbus crate",
+    ))
+}
+
+#[cfg(feature = "kafka")]
+async fn kafka(settings: BusSettings, config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+    let bus = eventbus_kafka::KafkaBus::connect(settings, config.kafka.clone()).await?;
+    Ok(Arc::new(bus))
+}
+
+#[cfg(not(feature = "kafka"))]
+async fn kafka(_settings: BusSettings, _config: &Config) -> Result<Arc<dyn EventBus>, Error> {
+    Err(Error::config(
+        "type",
+        "the Kafka backend is not compiled in: enable the `kafka` feature of the eventbus crate",
     ))
 }
 

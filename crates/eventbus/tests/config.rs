@@ -163,7 +163,11 @@ fn environment_variables_override_every_field() {
         Some("127.0.0.1:9100".parse().unwrap())
     );
     let nats_variables = if cfg!(feature = "nats") { 10 } else { 0 };
-    assert_eq!(Config::environment_variables().count(), 10 + nats_variables);
+    let kafka_variables = if cfg!(feature = "kafka") { 6 } else { 0 };
+    assert_eq!(
+        Config::environment_variables().count(),
+        10 + nats_variables + kafka_variables
+    );
 }
 
 #[test]
