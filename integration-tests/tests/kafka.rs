@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use eventbus_core::EventBus;
 use eventbus_kafka::KafkaBus;
 use integration_tests::{BusFactory, Settings, kafka_config};
-use test_brokers::KafkaBroker;
+use test_brokers::kafka_bootstrap;
 
 struct Kafka {
     /// This test's name prefix: its group and topics.
@@ -32,7 +32,7 @@ impl BusFactory for Kafka {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
         let config = eventbus_kafka::KafkaConfig {
             group_id: Some(format!("conformance-{}", self.run)),
-            ..kafka_config(&KafkaBroker::shared().bootstrap())
+            ..kafka_config(&kafka_bootstrap())
         };
         match KafkaBus::connect(settings.bus_settings("kafka"), config).await {
             Ok(bus) => Arc::new(bus),

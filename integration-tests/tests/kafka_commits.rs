@@ -17,7 +17,7 @@ use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, collect, eventually, kafka_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use test_brokers::KafkaBroker;
+use test_brokers::kafka_bootstrap;
 
 fn envelope(aggregate: &str, version: i64) -> Envelope {
     Envelope::new(
@@ -31,7 +31,7 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 
 /// A config whose `topic` has `partitions` partitions.
 fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
-    let mut config = kafka_config(&KafkaBroker::shared().bootstrap());
+    let mut config = kafka_config(&kafka_bootstrap());
     config.group_id = Some(group.to_owned());
     config.topics.insert(
         topic.to_owned(),
@@ -46,7 +46,7 @@ fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
 /// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.
 fn committed(group: &str, topic: &str) -> Option<i64> {
     let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", KafkaBroker::shared().bootstrap())
+        .set("bootstrap.servers", kafka_bootstrap())
         .set("group.id", group)
         .create()
         .unwrap();

@@ -20,7 +20,7 @@ use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, kafka_config, read_handled, spawn_consumer,
 };
-use test_brokers::KafkaBroker;
+use test_brokers::{KafkaBroker, kafka_bootstrap};
 use tokio::sync::mpsc;
 
 fn envelope(aggregate: usize, version: i64) -> Envelope {
@@ -109,11 +109,10 @@ async fn subscribe_member(
 /// A second member joins the group mid-stream and later leaves: nothing is lost, first
 /// handlings stay in order per aggregate, and no aggregate ever runs on both members at once.
 async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: &str) {
-    let broker = KafkaBroker::shared();
     let topic = format!("faults.members.{name}");
     let group = format!("members-{name}");
     let (aggregates, versions) = (60usize, 50i64);
-    let mut base = config(&broker.bootstrap(), &topic, &group, 8);
+    let mut base = config(&kafka_bootstrap(), &topic, &group, 8);
     base.group_protocol = protocol;
     if protocol == GroupProtocol::Consumer {
         // The broker keeps the session under this protocol.
@@ -193,8 +192,7 @@ async fn a_member_joining_and_leaving_mid_stream_loses_nothing_with_the_consumer
 /// first handlings in order per aggregate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_process_killed_three_times_loses_nothing_and_keeps_order() {
-    let broker = KafkaBroker::shared();
-    let bootstrap = broker.bootstrap();
+    let bootstrap = kafka_bootstrap();
     let (topic, group) = ("faults.sigkill", "sigkill");
     let (aggregates, versions) = (100usize, 100i64);
     let publisher = KafkaBus::connect(settings("publisher"), config(&bootstrap, topic, group, 8))

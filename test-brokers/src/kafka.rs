@@ -31,6 +31,16 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The `bootstrap.servers` of the broker tests share: `KAFKA_BOOTSTRAP` when set (a broker run
+/// outside the tests, e.g. CI's Kafka service container), else this process's
+/// [`KafkaBroker::shared`] broker.
+pub fn kafka_bootstrap() -> String {
+    match std::env::var("KAFKA_BOOTSTRAP") {
+        Ok(bootstrap) if !bootstrap.trim().is_empty() => bootstrap,
+        _ => KafkaBroker::shared().bootstrap(),
+    }
+}
+
 /// The directory of the broker's jars, from `KAFKA_LIBS`.
 pub fn kafka_libs() -> PathBuf {
     let Some(path) = std::env::var_os("KAFKA_LIBS") else {

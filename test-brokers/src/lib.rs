@@ -14,5 +14,5 @@
 mod kafka;
 mod nats;
 
-pub use kafka::{KafkaBroker, kafka_libs};
+pub use kafka::{KafkaBroker, kafka_bootstrap, kafka_libs};
 pub use nats::NatsServer;

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use test_brokers::KafkaBroker;
+use test_brokers::kafka_bootstrap;
 
 // Each test binary uses a part of the shared helpers.
 #[allow(dead_code)]
@@ -24,7 +24,7 @@ fn config_file(name: &str) -> PathBuf {
     ))
     .expect("examples/kafka.toml");
     let config = example
-        .replace("127.0.0.1:9092", &KafkaBroker::shared().bootstrap())
+        .replace("127.0.0.1:9092", &kafka_bootstrap())
         .replace("client_id = \"demo\"", &format!("client_id = \"{name}\""));
     let path = dir.join("kafka.toml");
     std::fs::write(&path, config).expect("config written");
