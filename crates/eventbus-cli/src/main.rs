@@ -4,10 +4,12 @@
 //! eventbus demo                 ordered, retried, dead-lettered handling on the memory backend
 //! eventbus publish --topic T    stdin JSON lines → messages (or envelopes with --envelope)
 //! eventbus subscribe --topic T  messages → stdout JSON lines
+//! eventbus bench --backend B    the bus against its broker's raw client, as ratios
 //! ```
 // A command-line tool prints; that is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod bench;
 mod counter;
 mod demo;
 mod output;
@@ -37,6 +39,9 @@ enum Command {
     /// Stops with status 1 when standard output is closed (`| head -n 5`): the message being
     /// printed is not acknowledged, and a broker keeps it for the next subscriber.
     Subscribe(shell::SubscribeArgs),
+    /// Measure publish and consume throughput against the broker's raw client in the same run
+    /// and print the ratios (memory: against a raw channel).
+    Bench(bench::BenchArgs),
 }
 
 /// A failure of the command itself, with what the user needs to fix it.
@@ -67,7 +72,7 @@ fn main() -> ExitCode {
     // Errors are logged by default; the demo's are the failures it injects on purpose, which its
     // summary counts, so they are logged only when RUST_LOG asks for them.
     let default_filter = match cli.command {
-        Command::Demo(_) => "off",
+        Command::Demo(_) | Command::Bench(_) => "off",
         _ => "error",
     };
     tracing_subscriber::fmt()
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Publish(args) => shell::publish(args).await,
             Command::Subscribe(args) => shell::subscribe(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

@@ -11,7 +11,7 @@ use test_brokers::kafka_bootstrap;
 #[allow(dead_code)]
 mod common;
 
-use common::{demo_accounting_for_every_event, summary_value};
+use common::{demo_accounting_for_every_event, eventbus, summary_value, text};
 
 /// A config file for the broker in a fresh directory, from `examples/kafka.toml` with the
 /// broker's address and a client ID of its own.
@@ -53,4 +53,34 @@ fn the_demo_runs_on_kafka_from_the_example_config_without_loss_or_reordering() {
     );
     assert!(stdout.contains("on the kafka backend"), "{stdout}");
     assert!(summary_value(&stdout, "retries") > 0, "{stdout}");
+}
+
+/// `eventbus bench --backend kafka` measures both paths against the raw client and prints a ratio
+/// for each.
+#[test]
+fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
+    let config = config_file("kafka-bench");
+    let output = eventbus(
+        &[
+            "bench",
+            "--backend",
+            "kafka",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--messages",
+            "2000",
+            "--aggregates",
+            "50",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for path in ["publish", "consume"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(path))
+            .unwrap_or_else(|| panic!("no {path} line: {stdout}"));
+        assert!(line.contains("raw") && line.contains("ratio"), "{line}");
+    }
 }

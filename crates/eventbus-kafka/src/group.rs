@@ -195,9 +195,10 @@ impl Group {
                     crate::OffsetReset::Earliest => "earliest",
                     crate::OffsetReset::Latest => "latest",
                 },
-            )
-            // Revokes are not held up by a deep prefetch queue.
-            .set("queued.min.messages", "1000");
+            );
+        // A fetch the broker holds while every partition is paused would otherwise delay the
+        // first records after a resume by up to librdkafka's default 500 ms.
+        client.set("fetch.wait.max.ms", "50");
         match config.group_protocol {
             GroupProtocol::Classic => {
                 client.set(
@@ -267,7 +268,14 @@ impl Group {
                 }
                 Err(mpsc::TryRecvError::Empty) => {}
             }
-            match consumer.poll(Duration::from_millis(50)) {
+            // While a partition is paused, look often for room to resume it: a paused partition
+            // whose records are all handled would otherwise wait for the poll to time out.
+            let wait = if self.paused_any() {
+                Duration::from_millis(2)
+            } else {
+                Duration::from_millis(50)
+            };
+            match consumer.poll(wait) {
                 Some(Ok(record)) => {
                     self.brokers_down.store(false, Ordering::SeqCst);
                     self.take(consumer, &record);
@@ -306,6 +314,13 @@ impl Group {
                 self.paused.increment(1.0);
             }
         }
+    }
+
+    /// True while a partition is paused.
+    fn paused_any(&self) -> bool {
+        lock(&self.assigned)
+            .values()
+            .any(|assigned| assigned.paused.load(Ordering::SeqCst))
     }
 
     /// Resumes paused partitions whose unfinished records fell to half the bound.

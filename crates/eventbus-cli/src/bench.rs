@@ -1,0 +1,432 @@
+//! `eventbus bench`: the bus against the raw client of its broker, in one run, as ratios.
+//!
+//! - publish: the raw client with many publishes in flight vs this bus's `publish_envelope` with
+//!   as many in flight (both wait for every acknowledgement);
+//! - consume: the raw client reading (and, on NATS, acking) the topic's records vs an ordered
+//!   envelope subscription (decode, lanes, settlement, commits) over the same topic contents.
+//!
+//! On memory there is no broker: the baseline is a raw tokio channel carrying the same encoded
+//! envelopes to a task that decodes them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use eventbus::{Backend, Config, Envelope, EventBus, HandlerContext, SubscribeOptions};
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use crate::CliError;
+
+/// The backend `eventbus bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchBackend {
+    /// In process.
+    Memory,
+    /// NATS JetStream (`[nats]` of the config; `EVENTBUS_NATS_URLS`).
+    Nats,
+    /// Apache Kafka (`[kafka]` of the config; `EVENTBUS_KAFKA_BOOTSTRAP_SERVERS`).
+    Kafka,
+}
+
+/// Options of `eventbus bench`.
+#[derive(Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// The backend to measure.
+    #[arg(long, value_enum, default_value = "memory")]
+    backend: BenchBackend,
+    /// Envelopes per measurement.
+    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
+    messages: u64,
+    /// Aggregates the envelopes belong to.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    aggregates: u64,
+    /// Publishes in flight at once, raw and ours.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    in_flight: u64,
+    /// The broker's configuration (TOML or YAML); `EVENTBUS_*` variables apply either way.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+fn envelopes(count: u64, aggregates: u64) -> Result<Vec<Envelope>, CliError> {
+    (0..count)
+        .map(|i| {
+            Envelope::new(
+                format!("order-{}", i % aggregates),
+                "OrderUpdated",
+                (i / aggregates + 1) as i64,
+                &serde_json::json!({"line": i, "total": 12.5}),
+            )
+            .map_err(CliError::from)
+        })
+        .collect()
+}
+
+fn rate(count: u64, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64().max(f64::EPSILON)
+}
+
+/// One measured pair.
+struct Figure {
+    what: &'static str,
+    raw: f64,
+    ours: f64,
+}
+
+/// `eventbus bench`.
+pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliError> {
+    let base = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let mut config = base.with_overrides(std::env::vars())?;
+    config.backend = match args.backend {
+        BenchBackend::Memory => Backend::Memory,
+        BenchBackend::Nats => Backend::Nats,
+        BenchBackend::Kafka => Backend::Kafka,
+    };
+    config.client_id = format!("bench-{}", std::process::id());
+    config.validate()?;
+    let envelopes = envelopes(args.messages, args.aggregates)?;
+    let figures = match args.backend {
+        BenchBackend::Memory => memory(config, &envelopes).await?,
+        BenchBackend::Nats => nats(config, &envelopes, args.in_flight).await?,
+        BenchBackend::Kafka => kafka(config, &envelopes, args.in_flight).await?,
+    };
+    let backend = args
+        .backend
+        .to_possible_value()
+        .map(|value| value.get_name().to_owned())
+        .unwrap_or_default();
+    println!(
+        "eventbus bench on {backend}: {} envelopes, {} aggregates, {} publishes in flight",
+        args.messages, args.aggregates, args.in_flight
+    );
+    for figure in figures {
+        println!(
+            "  {:<8} raw {:>10.0}/s   ours {:>10.0}/s   ratio {:.2}x",
+            figure.what,
+            figure.raw,
+            figure.ours,
+            figure.ours / figure.raw
+        );
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Publishes every envelope through the bus with `in_flight` at once; returns the rate.
+async fn publish_ours(
+    bus: &eventbus::Bus,
+    topic: &str,
+    envelopes: &[Envelope],
+    in_flight: u64,
+) -> Result<f64, CliError> {
+    let started = Instant::now();
+    let mut results = futures::stream::iter(envelopes)
+        .map(|envelope| bus.publish_envelope(topic, envelope))
+        .buffered(in_flight as usize);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(rate(envelopes.len() as u64, started.elapsed()))
+}
+
+/// Subscribes an ordered envelope handler that counts, and returns the rate at which it handled
+/// `count` envelopes, timed from the first one (as the raw consumers are: joining a group or
+/// creating a consumer is not consuming speed).
+async fn consume_ours(bus: &eventbus::Bus, topic: &str, count: u64) -> Result<f64, CliError> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let all_handled = Arc::new(Notify::new());
+    let first = Arc::new(std::sync::OnceLock::new());
+    let (h, done, f) = (handled.clone(), all_handled.clone(), first.clone());
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
+                f.get_or_init(Instant::now);
+                if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                    done.notify_one();
+                }
+                async { Ok(()) }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await?;
+    tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
+        .await
+        .map_err(|_| {
+            CliError(format!(
+                "only {} of {count} envelopes handled",
+                handled.load(Ordering::Relaxed)
+            ))
+        })?;
+    let elapsed = first.get().map_or(Duration::ZERO, Instant::elapsed);
+    subscription.unsubscribe().await?;
+    Ok(rate(count, elapsed))
+}
+
+async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, CliError> {
+    let count = envelopes.len() as u64;
+    // Raw: encoded envelopes through a channel to a task that decodes them.
+    let payloads: Vec<bytes::Bytes> = envelopes
+        .iter()
+        .map(Envelope::to_bytes)
+        .collect::<Result<_, _>>()?;
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(1024);
+    let started = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut decoded = 0u64;
+        while let Some(payload) = receiver.recv().await {
+            if Envelope::from_bytes(&payload).is_ok() {
+                decoded += 1;
+            }
+        }
+        decoded
+    });
+    for payload in payloads {
+        sender
+            .send(payload)
+            .await
+            .map_err(|_| CliError("the raw reader stopped".into()))?;
+    }
+    drop(sender);
+    let decoded = reader
+        .await
+        .map_err(|error| CliError(format!("the raw reader failed: {error}")))?;
+    let raw = rate(decoded, started.elapsed());
+
+    // Ours: publish into a subscribed topic and wait until every envelope was handled.
+    let bus = eventbus::connect(config).await?;
+    let topic = "bench.memory";
+    let handled = Arc::new(AtomicU64::new(0));
+    let all_handled = Arc::new(Notify::new());
+    let (h, done) = (handled.clone(), all_handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
+            if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                done.notify_one();
+            }
+            async { Ok(()) }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await?;
+    let started = Instant::now();
+    for envelope in envelopes {
+        bus.publish_envelope(topic, envelope).await?;
+    }
+    all_handled.notified().await;
+    let ours = rate(count, started.elapsed());
+    bus.close().await?;
+    Ok(vec![Figure {
+        what: "end to end",
+        raw,
+        ours,
+    }])
+}
+
+async fn nats(
+    config: Config,
+    envelopes: &[Envelope],
+    in_flight: u64,
+) -> Result<Vec<Figure>, CliError> {
+    use async_nats::jetstream::{self, consumer::pull, stream};
+
+    let count = envelopes.len() as u64;
+    let url = config.nats.urls.first().cloned().unwrap_or_default();
+    let client = async_nats::connect(&url)
+        .await
+        .map_err(|error| CliError(format!("cannot connect to {url}: {error}")))?;
+    let js = jetstream::new(client);
+    let run = std::process::id();
+    let broker = |error: &dyn std::fmt::Display| CliError(format!("NATS: {error}"));
+
+    // Raw publish: many PubAck futures in flight, into a stream of its own.
+    let raw_topic = format!("bench{run}.raw");
+    js.create_stream(stream::Config {
+        name: format!("BENCH_RAW_{run}"),
+        subjects: vec![raw_topic.clone()],
+        storage: stream::StorageType::File,
+        ..stream::Config::default()
+    })
+    .await
+    .map_err(|e| broker(&e))?;
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesOrdered::new();
+    for envelope in envelopes {
+        // Encoding is timed too: a raw client has to write the envelope's JSON as well.
+        let payload = envelope.to_bytes()?;
+        if acks.len() >= in_flight as usize
+            && let Some(ack) = acks.next().await
+        {
+            let result: Result<_, async_nats::jetstream::context::PublishError> = ack;
+            result.map_err(|e| broker(&e))?;
+        }
+        let ack = js
+            .publish(raw_topic.clone(), payload)
+            .await
+            .map_err(|e| broker(&e))?;
+        acks.push_back(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(ack) = acks.next().await {
+        ack.map_err(|e| broker(&e))?;
+    }
+    let raw_publish = rate(count, started.elapsed());
+
+    let bus = eventbus::connect(config).await?;
+    let topic = format!("bench{run}.ours");
+    let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
+
+    // Raw consume: a durable pull consumer acking each message of the stream ours filled.
+    let stream_name = js.stream_by_subject(&topic).await.map_err(|e| broker(&e))?;
+    let raw_stream = js.get_stream(&stream_name).await.map_err(|e| broker(&e))?;
+    let consumer = raw_stream
+        .create_consumer(pull::Config {
+            durable_name: Some("raw".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            max_ack_pending: 20_000,
+            ..pull::Config::default()
+        })
+        .await
+        .map_err(|e| broker(&e))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(1000)
+        .messages()
+        .await
+        .map_err(|e| broker(&e))?;
+    let mut received = 0;
+    let mut started = None;
+    while received < count {
+        let Some(message) = messages.next().await else {
+            return Err(CliError("the raw consumer stopped".into()));
+        };
+        started.get_or_insert_with(Instant::now);
+        let message = message.map_err(|e| broker(&e))?;
+        message.ack().await.map_err(|e| broker(&e))?;
+        received += 1;
+    }
+    let raw_consume = rate(count, started.map_or(Duration::ZERO, |s| s.elapsed()));
+    drop(messages);
+
+    let our_consume = consume_ours(&bus, &topic, count).await?;
+    bus.close().await?;
+    for name in [format!("BENCH_RAW_{run}"), stream_name] {
+        let _ = js.delete_stream(name).await;
+    }
+    Ok(vec![
+        Figure {
+            what: "publish",
+            raw: raw_publish,
+            ours: our_publish,
+        },
+        Figure {
+            what: "consume",
+            raw: raw_consume,
+            ours: our_consume,
+        },
+    ])
+}
+
+async fn kafka(
+    config: Config,
+    envelopes: &[Envelope],
+    in_flight: u64,
+) -> Result<Vec<Figure>, CliError> {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::util::Timeout;
+
+    let count = envelopes.len() as u64;
+    let bootstrap = config.kafka.bootstrap_servers.join(",");
+    let run = std::process::id();
+    let broker = |error: &dyn std::fmt::Display| CliError(format!("Kafka: {error}"));
+
+    // Ours first: it creates the topic with the configured partitions and fills it.
+    let bus = eventbus::connect(config).await?;
+    let topic = format!("bench{run}.ours");
+    let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
+
+    // Raw publish: an idempotent FutureProducer, keys and payloads as ours, many in flight.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .map_err(|e| broker(&e))?;
+    let raw_topic = format!("bench{run}.raw");
+    let records: Vec<(String, bytes::Bytes)> = envelopes
+        .iter()
+        .map(|envelope| Ok((envelope.aggregate_id.to_string(), envelope.to_bytes()?)))
+        .collect::<Result<_, eventbus::Error>>()?;
+    let started = Instant::now();
+    let mut sent = futures::stream::iter(&records)
+        .map(|(key, payload)| {
+            producer.send(
+                FutureRecord::to(&raw_topic)
+                    .key(key.as_str())
+                    .payload(&payload[..]),
+                Timeout::After(Duration::from_secs(30)),
+            )
+        })
+        .buffered(in_flight as usize);
+    while let Some(result) = sent.next().await {
+        result.map_err(|(e, _)| broker(&e))?;
+    }
+    let raw_publish = rate(count, started.elapsed());
+
+    // Raw consume: a group member reading every record of the topic ours filled (on a blocking
+    // thread: librdkafka's poll blocks), committing once at the end.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("bench-raw-{run}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| broker(&e))?;
+    consumer.subscribe(&[&topic]).map_err(|e| broker(&e))?;
+    let raw_consume = tokio::task::spawn_blocking(move || {
+        let mut received = 0u64;
+        let mut started = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while received < count && Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(_record)) => {
+                    // Timed from the first record: the group join is not the client's speed.
+                    started.get_or_insert_with(Instant::now);
+                    received += 1;
+                }
+                Some(Err(error)) => return Err(error.to_string()),
+                None => {}
+            }
+        }
+        let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+        match started {
+            Some(started) if received == count => Ok(rate(count, started.elapsed())),
+            _ => Err(format!("only {received} of {count} records read")),
+        }
+    })
+    .await
+    .map_err(|error| CliError(format!("the raw consumer failed: {error}")))?
+    .map_err(|e| broker(&e))?;
+
+    let our_consume = consume_ours(&bus, &topic, count).await?;
+    bus.close().await?;
+    Ok(vec![
+        Figure {
+            what: "publish",
+            raw: raw_publish,
+            ours: our_publish,
+        },
+        Figure {
+            what: "consume",
+            raw: raw_consume,
+            ours: our_consume,
+        },
+    ])
+}
