@@ -137,6 +137,43 @@ async fn a_commit_never_passes_an_unfinished_record() {
     bus.close().await.unwrap();
 }
 
+/// With at most 10 unfinished records per partition, a single-partition topic of 300 records is
+/// paused and resumed some 30 times: every record is handled, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
+    let (topic, group) = ("commits.backpressure", "backpressure");
+    let mut config = config_with(topic, 1, group);
+    config.max_in_flight_per_partition = 10;
+    let bus = KafkaBus::connect(BusSettings::new("kafka", "backpressure"), config)
+        .await
+        .unwrap();
+    for version in 1..=300 {
+        bus.publish_envelope(topic, &envelope("only", version))
+            .await
+            .unwrap();
+    }
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let versions = handled
+        .wait_for("every record through the pauses", |e| e.len() >= 300)
+        .await;
+    assert_eq!(versions, (1..=300).collect::<Vec<_>>());
+    bus.close().await.unwrap();
+}
+
 /// A permanently failing envelope goes to `{topic}.DLQ` with its key and the reason, and the
 /// partition's commit moves past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

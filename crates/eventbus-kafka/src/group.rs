@@ -301,6 +301,7 @@ impl Group {
             return;
         };
         if !assigned.take(record.offset(), record_message(record)) {
+            tracing::debug!(topic = %key.0, partition = key.1, offset = record.offset(), "record already taken in this generation; skipped");
             return;
         }
         if assigned.in_flight() >= self.max_in_flight
@@ -311,6 +312,7 @@ impl Group {
                 assigned.paused.store(false, Ordering::SeqCst);
                 tracing::warn!(%error, "cannot pause a Kafka partition");
             } else {
+                tracing::debug!(topic = %assigned.topic, partition = assigned.partition, offset = record.offset(), "partition paused");
                 self.paused.increment(1.0);
             }
         }
@@ -334,6 +336,14 @@ impl Group {
             if assigned.in_flight() <= self.max_in_flight / 2 {
                 let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
                 if consumer.resume(&list).is_ok() {
+                    // librdkafka's broker thread, with nothing left to fetch, sleeps up to a
+                    // second and does not notice a resume before: a request through it wakes it.
+                    let _ = consumer.fetch_watermarks(
+                        &assigned.topic,
+                        assigned.partition,
+                        Duration::from_secs(1),
+                    );
+                    tracing::debug!(topic = %assigned.topic, partition = assigned.partition, "partition resumed");
                     assigned.paused.store(false, Ordering::SeqCst);
                     self.paused.decrement(1.0);
                 }
