@@ -18,7 +18,8 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig, TopicOptions};
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
-    Recorder, assert_first_handlings_in_order, kafka_config, read_handled, spawn_consumer,
+    Recorder, assert_first_handlings_in_order, eventually, kafka_config, read_handled,
+    spawn_consumer,
 };
 use test_brokers::{KafkaBroker, kafka_bootstrap};
 use tokio::sync::mpsc;
@@ -106,12 +107,22 @@ async fn subscribe_member(
     .unwrap();
 }
 
+/// Distinct (aggregate, version) pairs handled so far.
+fn distinct(runs: &[Run]) -> usize {
+    runs.iter()
+        .map(|run| (run.aggregate.clone(), run.version))
+        .collect::<HashSet<_>>()
+        .len()
+}
+
 /// A second member joins the group mid-stream and later leaves: nothing is lost, first
 /// handlings stay in order per aggregate, and no aggregate ever runs on both members at once.
+/// The stream comes in three phases (one member, two members, one member again), so every
+/// membership change happens while events keep arriving.
 async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: &str) {
     let topic = format!("faults.members.{name}");
     let group = format!("members-{name}");
-    let (aggregates, versions) = (60usize, 50i64);
+    let (aggregates, versions) = (60usize, 60i64);
     let mut base = config(&kafka_bootstrap(), &topic, &group, 8);
     base.group_protocol = protocol;
     if protocol == GroupProtocol::Consumer {
@@ -122,32 +133,41 @@ async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: 
     let first = KafkaBus::connect(settings("member-a"), base.clone())
         .await
         .unwrap();
-    publish_all(&first, &topic, aggregates, versions).await;
-    let total = aggregates * versions as usize;
+    let publish = |from: i64, to: i64| {
+        let (first, topic) = (&first, &topic);
+        async move {
+            for version in from..=to {
+                for aggregate in 0..aggregates {
+                    first
+                        .publish_envelope(topic, &envelope(aggregate, version))
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    };
+    let phase = |n: i64| aggregates * n as usize;
     let runs = Recorder::<Run>::new();
     subscribe_member(&first, &topic, "a", runs.clone()).await;
-    runs.wait_for("a fifth handled", |e| e.len() >= total / 5)
+    publish(1, 20).await;
+    runs.wait_for("phase one", |e| distinct(e) == phase(20))
         .await;
 
     let second = KafkaBus::connect(settings("member-b"), base).await.unwrap();
     subscribe_member(&second, &topic, "b", runs.clone()).await;
-    runs.wait_for("the second member handling", |e| {
-        e.iter().any(|run| run.member == "b")
+    eventually("partitions on the second member", || async {
+        second.assigned_partitions() > 0
     })
     .await;
-    let at_leave = runs.events().len();
-    runs.wait_for("more handled by both", |e| e.len() >= at_leave + total / 10)
+    publish(21, 40).await;
+    runs.wait_for("phase two", |e| distinct(e) == phase(40))
         .await;
     second.close().await.unwrap();
 
+    publish(41, versions).await;
+    let total = phase(versions);
     let events = runs
-        .wait_for("every envelope", |e| {
-            e.iter()
-                .map(|run| (run.aggregate.clone(), run.version))
-                .collect::<HashSet<_>>()
-                .len()
-                == total
-        })
+        .wait_for("every envelope", |e| distinct(e) == total)
         .await;
     let handled: Vec<(String, i64)> = events
         .iter()
@@ -173,6 +193,7 @@ async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: 
         }
     }
     let by_b = events.iter().filter(|run| run.member == "b").count();
+    assert!(by_b > 0, "the second member handled nothing");
     eprintln!("{name}: {total} envelopes, {by_b} handled by the second member, {duplicates} twice");
     first.close().await.unwrap();
 }
