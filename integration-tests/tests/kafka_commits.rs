@@ -174,6 +174,51 @@ async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
     bus.close().await.unwrap();
 }
 
+/// With periodic commits out of the way (an hour apart), only the revoke commits: once
+/// `unsubscribe` returns, the group's committed offset already covers every handled record, so
+/// a new subscription reads on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribing_returns_after_the_revoke_committed_what_finished() {
+    let (topic, group) = ("commits.unsubscribe", "unsubscribe");
+    let mut config = config_with(topic, 1, group);
+    config.commit_interval = Duration::from_secs(3600);
+    let bus = KafkaBus::connect(BusSettings::new("kafka", "unsubscribe"), config)
+        .await
+        .unwrap();
+    for version in 1..=50 {
+        bus.publish_envelope(topic, &envelope("agg", version))
+            .await
+            .unwrap();
+    }
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push(envelope.event_version);
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    handled.wait_for("every record", |e| e.len() == 50).await;
+    subscription.unsubscribe().await.unwrap();
+    let now = tokio::task::spawn_blocking(move || committed(group, topic))
+        .await
+        .unwrap();
+    assert_eq!(
+        now,
+        Some(50),
+        "unsubscribe returned before the revoke's commit"
+    );
+    bus.close().await.unwrap();
+}
+
 /// A permanently failing envelope goes to `{topic}.DLQ` with its key and the reason, and the
 /// partition's commit moves past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use eventbus::{Backend, Config, Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus::{
+    Backend, Config, Envelope, EventBus, HandlerContext, OutboundMessage, SubscribeOptions,
+};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
@@ -258,8 +260,15 @@ async fn nats(
     let started = Instant::now();
     let mut acks = futures::stream::FuturesOrdered::new();
     for envelope in envelopes {
-        // Encoding is timed too: a raw client has to write the envelope's JSON as well.
-        let payload = envelope.to_bytes()?;
+        // The same message as ours, encoded in the timed loop: JSON, the `X-*` headers and the
+        // event ID as `Nats-Msg-Id` (the server's duplicate window).
+        let message = OutboundMessage::from_envelope(envelope)?;
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in message.headers.iter() {
+            headers.append(name, String::from_utf8_lossy(value).as_ref());
+        }
+        headers.insert("Nats-Msg-Id", envelope.event_id.as_str());
+        let payload = message.payload;
         if acks.len() >= in_flight as usize
             && let Some(ack) = acks.next().await
         {
@@ -267,7 +276,7 @@ async fn nats(
             result.map_err(|e| broker(&e))?;
         }
         let ack = js
-            .publish(raw_topic.clone(), payload)
+            .publish_with_headers(raw_topic.clone(), headers, payload)
             .await
             .map_err(|e| broker(&e))?;
         acks.push_back(std::future::IntoFuture::into_future(ack));
@@ -339,6 +348,7 @@ async fn kafka(
 ) -> Result<Vec<Figure>, CliError> {
     use rdkafka::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     use rdkafka::util::Timeout;
 
@@ -360,23 +370,39 @@ async fn kafka(
         .create()
         .map_err(|e| broker(&e))?;
     let raw_topic = format!("bench{run}.raw");
-    let records: Vec<(String, bytes::Bytes)> = envelopes
-        .iter()
-        .map(|envelope| Ok((envelope.aggregate_id.to_string(), envelope.to_bytes()?)))
-        .collect::<Result<_, eventbus::Error>>()?;
     let started = Instant::now();
-    let mut sent = futures::stream::iter(&records)
-        .map(|(key, payload)| {
-            producer.send(
-                FutureRecord::to(&raw_topic)
-                    .key(key.as_str())
-                    .payload(&payload[..]),
-                Timeout::After(Duration::from_secs(30)),
-            )
+    let mut sent = futures::stream::iter(envelopes)
+        .map(|envelope| {
+            let (producer, raw_topic) = (&producer, &raw_topic);
+            async move {
+                // The same record as ours, encoded in the timed loop: JSON, the aggregate ID as
+                // the key, the `X-*` headers.
+                let message =
+                    OutboundMessage::from_envelope(envelope).map_err(|e| e.to_string())?;
+                let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+                for (name, value) in message.headers.iter() {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    });
+                }
+                let key = message.key.unwrap_or_default();
+                producer
+                    .send(
+                        FutureRecord::to(raw_topic)
+                            .key(&key[..])
+                            .payload(&message.payload[..])
+                            .headers(headers),
+                        Timeout::After(Duration::from_secs(30)),
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(|(e, _)| e.to_string())
+            }
         })
         .buffered(in_flight as usize);
     while let Some(result) = sent.next().await {
-        result.map_err(|(e, _)| broker(&e))?;
+        result.map_err(|e| broker(&e))?;
     }
     let raw_publish = rate(count, started.elapsed());
 

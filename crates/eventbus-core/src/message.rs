@@ -107,4 +107,35 @@ impl OutboundMessage {
         self.headers.append(name, value);
         self
     }
+
+    /// `envelope` as every backend publishes it: its JSON as the payload, the aggregate ID as
+    /// the key (one aggregate, one Kafka partition), and the `X-*` headers of
+    /// [`Envelope::headers`](crate::Envelope::headers). Fails like
+    /// [`Envelope::to_bytes`](crate::Envelope::to_bytes).
+    pub fn from_envelope(envelope: &crate::Envelope) -> Result<Self, crate::Error> {
+        Ok(Self {
+            payload: envelope.to_bytes()?,
+            key: Some(envelope.aggregate_id.clone().into()),
+            headers: envelope.headers(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Envelope;
+
+    #[test]
+    fn an_envelope_is_published_keyed_by_its_aggregate_with_its_headers() {
+        let envelope = Envelope::new("order-7", "OrderPlaced", 3, &serde_json::json!({"n": 1}))
+            .expect("a valid envelope");
+        let message = OutboundMessage::from_envelope(&envelope).expect("it encodes");
+        assert_eq!(message.key.as_deref(), Some(&b"order-7"[..]));
+        assert_eq!(message.headers, envelope.headers());
+        assert_eq!(
+            Envelope::from_bytes(&message.payload).expect("it decodes"),
+            envelope
+        );
+    }
 }

@@ -175,11 +175,7 @@ impl EventBus for KafkaBus {
     /// Publishes with the aggregate ID as the key (one aggregate, one partition) and the `X-*`
     /// envelope headers.
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let message = OutboundMessage {
-            payload: envelope.to_bytes()?,
-            key: Some(envelope.aggregate_id.clone().into()),
-            headers: envelope.headers(),
-        };
+        let message = OutboundMessage::from_envelope(envelope)?;
         self.publish(topic, message).await
     }
 

@@ -50,6 +50,8 @@ pub(crate) struct Group {
     subscriptions: Mutex<BTreeMap<String, Vec<Arc<Entry>>>>,
     assigned: Mutex<HashMap<(String, i32), Arc<Assigned>>>,
     generation: AtomicU64,
+    /// Revokes under way (their partitions are already out of `assigned`).
+    revoking: std::sync::atomic::AtomicUsize,
     /// Signalled after every revoke.
     revoked: tokio::sync::Notify,
     /// Assignments received; signalled through `assigned_event`.
@@ -176,6 +178,7 @@ impl Group {
             subscriptions: Mutex::new(BTreeMap::new()),
             assigned: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
+            revoking: std::sync::atomic::AtomicUsize::new(0),
             revoked: tokio::sync::Notify::new(),
             assignments: AtomicU64::new(0),
             assigned_event: tokio::sync::Notify::new(),
@@ -372,6 +375,7 @@ impl Group {
     /// committed through the consumer the callback got, unless the assignment was lost.
     fn revoke(&self, consumer: &BaseConsumer<GroupContext>, partitions: &TopicPartitionList) {
         self.rebalances.increment(1);
+        self.revoking.fetch_add(1, Ordering::SeqCst);
         let revoked: Vec<Arc<Assigned>> = {
             let mut assigned = lock(&self.assigned);
             partitions
@@ -404,6 +408,7 @@ impl Group {
             }
         }
         tracing::info!(group = %self.name, partitions = revoked.len(), lost, "Kafka partitions revoked");
+        self.revoking.fetch_sub(1, Ordering::SeqCst);
         self.revoked.notify_waiters();
     }
 
@@ -647,13 +652,16 @@ impl Group {
         taken
     }
 
-    /// Waits until no partition of `topic` is assigned here, or `deadline`.
+    /// Waits until no partition of `topic` is assigned here and no revoke is under way (its
+    /// drain and commit done), or `deadline`.
     pub(crate) async fn wait_revoked(&self, topic: &str, deadline: tokio::time::Instant) -> bool {
         loop {
             let revoked = self.revoked.notified();
             tokio::pin!(revoked);
             revoked.as_mut().enable();
-            if !lock(&self.assigned).keys().any(|(t, _)| t == topic) {
+            if self.revoking.load(Ordering::SeqCst) == 0
+                && !lock(&self.assigned).keys().any(|(t, _)| t == topic)
+            {
                 return true;
             }
             if tokio::time::timeout_at(deadline, revoked).await.is_err() {

@@ -195,11 +195,7 @@ impl EventBus for MemoryBus {
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let message = OutboundMessage {
-            payload: envelope.to_bytes()?,
-            key: Some(envelope.aggregate_id.clone().into()),
-            headers: envelope.headers(),
-        };
+        let message = OutboundMessage::from_envelope(envelope)?;
         self.publish(topic, message).await
     }
 

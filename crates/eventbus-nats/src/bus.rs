@@ -322,11 +322,7 @@ impl EventBus for NatsBus {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let message = OutboundMessage {
-            payload: envelope.to_bytes()?,
-            key: Some(envelope.aggregate_id.clone().into()),
-            headers: envelope.headers(),
-        };
+        let message = OutboundMessage::from_envelope(envelope)?;
         let broker = &self.inner.broker;
         let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
         broker
