@@ -127,24 +127,18 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
 
     let started = std::time::Instant::now();
     let unsubscribe = tokio::spawn(subscription.unsubscribe());
-    // Model a busy runtime: keep this (only) runtime thread from running the unsubscribe task
-    // until the poll thread has entered the revoke callback (which takes the partition out of
-    // the assigned map first). Polled with a deadline; the task gets a turn between rounds so
-    // that it can hand its command to the poll thread.
+    // Model a busy runtime: once the unsubscribe task has had a turn (to hand its command to
+    // the poll thread), keep this (only) runtime thread from running it again until the poll
+    // thread has entered the revoke callback, which takes the partition out of the assigned map
+    // first and then drains. Polled with a deadline.
+    tokio::task::yield_now().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    'entered: loop {
-        tokio::task::yield_now().await;
-        let round = std::time::Instant::now() + Duration::from_millis(200);
-        while std::time::Instant::now() < round {
-            if bus.assigned_partitions() == 0 {
-                break 'entered;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    while bus.assigned_partitions() != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the revoke never started"
         );
+        std::thread::sleep(Duration::from_millis(1));
     }
     // The gate opens 3 s from now (well inside the 10 s drain): unsubscribe must still be
     // waiting for v1 until then.
