@@ -17,6 +17,9 @@ use crate::config::KafkaConfig;
 use crate::group::{Entry, Group, Poller};
 use crate::producer::Publisher;
 
+/// What `close` allows beyond the drain timeout for the last commit and leaving the group.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
 /// How long subscribing a new topic waits for the group's rebalance.
 const ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 
@@ -238,11 +241,14 @@ impl EventBus for KafkaBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
-        inner.poller.close().await;
+        let drain = inner.runtime.settings().drain_timeout;
+        let deadline = tokio::time::Instant::now() + drain;
+        // Catching up and draining take the drain timeout at most; committing and leaving the
+        // group get a few seconds more.
+        inner.poller.close(drain + CLOSE_GRACE).await;
         let report = inner.runtime.close(deadline).await;
         let publisher = inner.publisher.clone();
-        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(5))).await;
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(CLOSE_GRACE)).await;
         tracing::info!(
             drained = report.drained,
             cancelled = report.cancelled,

@@ -94,8 +94,13 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            // librdkafka keeps an application pause across unassign and assign: a partition
+            // paused for backpressure when it was revoked would never be fetched again here.
+            if let Err(error) = consumer.resume(partitions) {
+                tracing::warn!(%error, "cannot resume newly assigned Kafka partitions");
+            }
             self.group.assign(partitions);
         }
     }
@@ -544,14 +549,15 @@ impl Group {
     fn catch_up(&self, consumer: &BaseConsumer<GroupContext>, deadline: Instant) {
         let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
         let mut targets: Vec<(Arc<Assigned>, i64)> = Vec::new();
+        let left = || deadline.saturating_duration_since(Instant::now());
         for partition in assigned {
-            if partition.paused.load(Ordering::SeqCst) {
+            if partition.paused.load(Ordering::SeqCst) || left().is_zero() {
                 continue;
             }
             let high = consumer.fetch_watermarks(
                 &partition.topic,
                 partition.partition,
-                Duration::from_secs(2),
+                left().min(Duration::from_secs(2)),
             );
             if let Ok((_, high)) = high {
                 targets.push((partition, high));
@@ -710,15 +716,28 @@ impl Poller {
         answer.await.map_err(|_| Error::Closed)?
     }
 
-    /// Drains, commits and leaves the group; returns once the poll thread has ended.
-    pub(crate) async fn close(&self) {
+    /// Drains, commits and leaves the group; returns once the poll thread has ended, or after
+    /// `limit` (with the brokers gone, the commit and the group leave wait on librdkafka's own
+    /// timeouts: the thread is then left to finish them on its own).
+    pub(crate) async fn close(&self, limit: Duration) {
         let (reply, answer) = oneshot::channel();
-        if lock(&self.commands).send(Command::Close(reply)).is_ok() {
-            let _ = answer.await;
+        let deadline = tokio::time::Instant::now() + limit;
+        if lock(&self.commands).send(Command::Close(reply)).is_ok()
+            && tokio::time::timeout_at(deadline, answer).await.is_err()
+        {
+            tracing::warn!(
+                "the Kafka consumer did not leave its group in time; left to finish in the background"
+            );
+            return;
         }
         let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            let join = tokio::task::spawn_blocking(move || thread.join());
+            if tokio::time::timeout_at(deadline, join).await.is_err() {
+                tracing::warn!(
+                    "the Kafka consumer did not close in time; left to finish in the background"
+                );
+            }
         }
     }
 }

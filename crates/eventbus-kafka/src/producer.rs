@@ -74,14 +74,28 @@ impl Publisher {
     /// Creates `topic` with its [`TopicOptions`](crate::TopicOptions) unless it is known to
     /// exist; an existing topic is left as it is.
     pub(crate) async fn ensure_topic(&self, topic: &str) -> Result<(), Error> {
+        self.create_topic(topic, false).await
+    }
+
+    /// Creates `topic` unless it is known to exist. A dead-letter topic (written to as one, or
+    /// named `….DLQ`, which a subscription reading dead letters may create first) keeps its records
+    /// forever (`retention.ms=-1`) unless `[kafka.topics."<topic>"]` gives it a retention:
+    /// a dead letter waits until someone looks at it.
+    async fn create_topic(&self, topic: &str, dead_letters: bool) -> Result<(), Error> {
         if lock(&self.known).contains(topic) {
             return Ok(());
         }
-        let options = self.config.topic(topic);
+        let dead_letters = dead_letters || topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX);
+        let mut options = self.config.topic(topic);
+        if dead_letters {
+            options.retention = self.config.topics.get(topic).and_then(|own| own.retention);
+        }
         let replication = TopicReplication::Fixed(options.replication_factor.map_or(-1, i32::from));
-        let retention = options
-            .retention
-            .map(|retention| retention.as_millis().to_string());
+        let retention = match options.retention {
+            Some(retention) => Some(retention.as_millis().to_string()),
+            None if dead_letters => Some("-1".to_owned()),
+            None => None,
+        };
         let mut new = NewTopic::new(topic, options.partitions.unwrap_or(-1), replication);
         if let Some(retention) = &retention {
             new = new.set("retention.ms", retention);
@@ -156,13 +170,15 @@ impl Publisher {
 #[async_trait]
 impl Transport for Publisher {
     /// Dead letters keep the record's key, payload and headers (the runtime adds the reason
-    /// headers); the idempotent producer stores a retried write once per producer session.
+    /// headers); the idempotent producer stores a retried write once per producer session. A
+    /// dead-letter topic the bus creates keeps its records forever unless configured otherwise.
     async fn publish_dead_letter(
         &self,
         topic: &str,
         letter: OutboundMessage,
         _dedup_id: Option<&str>,
     ) -> Result<(), Error> {
+        self.create_topic(topic, true).await?;
         self.publish(topic, &letter).await
     }
 }
