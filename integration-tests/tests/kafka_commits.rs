@@ -174,31 +174,49 @@ async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
     bus.close().await.unwrap();
 }
 
-/// With periodic commits out of the way (an hour apart), only the revoke commits: once
-/// `unsubscribe` returns, the group's committed offset already covers every handled record, so
-/// a new subscription reads on from there.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsubscribing_returns_after_the_revoke_committed_what_finished() {
+#[derive(Clone, Debug, PartialEq)]
+enum Step {
+    Started(i64),
+    Finished(i64),
+}
+
+/// v1 runs (held by a gate) when the only subscription unsubscribes, with a 10 s drain timeout.
+/// `unsubscribe` is documented to return once the partition is revoked here: queued records
+/// given back, running ones finished up to the drain timeout, finished offsets committed. So it
+/// must not return while v1 is still running (well within the drain timeout), and when it
+/// returns v1 must be finished and its offset committed.
+///
+/// Deterministic form of a race: the runtime thread is kept busy until the poll thread has
+/// entered the revoke, as a loaded runtime would be.
+#[tokio::test(flavor = "current_thread")]
+async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_committed() {
     let (topic, group) = ("commits.unsubscribe", "unsubscribe");
-    let mut config = config_with(topic, 1, group);
-    config.commit_interval = Duration::from_secs(3600);
-    let bus = KafkaBus::connect(BusSettings::new("kafka", "unsubscribe"), config)
+    let settings = BusSettings {
+        drain_timeout: Duration::from_secs(10),
+        ..BusSettings::new("kafka", "unsubscribe")
+    };
+    let bus = KafkaBus::connect(settings, config_with(topic, 1, group))
         .await
         .unwrap();
-    for version in 1..=50 {
-        bus.publish_envelope(topic, &envelope("agg", version))
+    for version in 1..=3 {
+        bus.publish_envelope(topic, &envelope("only", version))
             .await
             .unwrap();
     }
-    let handled = Recorder::<i64>::new();
-    let h = handled.clone();
+    let steps = Recorder::<Step>::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (s, g) = (steps.clone(), gate.clone());
     let subscription = bus
         .subscribe_envelope(
             topic,
             Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let h = h.clone();
+                let (s, g) = (s.clone(), g.clone());
                 async move {
-                    h.push(envelope.event_version);
+                    s.push(Step::Started(envelope.event_version));
+                    if envelope.event_version == 1 {
+                        g.acquire().await.map_err(HandlerError::permanent)?.forget();
+                    }
+                    s.push(Step::Finished(envelope.event_version));
                     Ok(())
                 }
             }),
@@ -206,15 +224,49 @@ async fn unsubscribing_returns_after_the_revoke_committed_what_finished() {
         )
         .await
         .unwrap();
-    handled.wait_for("every record", |e| e.len() == 50).await;
-    subscription.unsubscribe().await.unwrap();
-    let now = tokio::task::spawn_blocking(move || committed(group, topic))
+    steps
+        .wait_for("v1 running", |e| e.contains(&Step::Started(1)))
+        .await;
+
+    let started = std::time::Instant::now();
+    let unsubscribe = tokio::spawn(subscription.unsubscribe());
+    // Model a busy runtime: once the unsubscribe task has had a turn (to hand its command to
+    // the poll thread), keep this (only) runtime thread from running it again until the poll
+    // thread has entered the revoke callback, which takes the partition out of the assigned map
+    // first and then drains. Polled with a deadline.
+    tokio::task::yield_now().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bus.assigned_partitions() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoke never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The gate opens 3 s from now (well inside the 10 s drain): unsubscribe must still be
+    // waiting for v1 until then.
+    let opener = {
+        let gate = gate.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            gate.add_permits(1);
+        })
+    };
+    unsubscribe.await.unwrap().unwrap();
+    let at_return = steps.events();
+    let took = started.elapsed();
+    let committed_at_return = tokio::task::spawn_blocking(move || committed(group, topic))
         .await
         .unwrap();
+    opener.await.unwrap();
+    assert!(
+        at_return.contains(&Step::Finished(1)),
+        "unsubscribe returned after {took:?} while v1 was still running (steps so far: {at_return:?})"
+    );
     assert_eq!(
-        now,
-        Some(50),
-        "unsubscribe returned before the revoke's commit"
+        committed_at_return,
+        Some(1),
+        "unsubscribe returned before v1's offset was committed"
     );
     bus.close().await.unwrap();
 }
