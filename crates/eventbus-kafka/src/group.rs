@@ -362,17 +362,7 @@ impl Group {
     /// Commits what moved (async, periodic) or everything committable (sync).
     fn commit(&self, consumer: &BaseConsumer<GroupContext>, mode: CommitMode) {
         let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
-        let offsets: Vec<(String, i32, i64)> = assigned
-            .iter()
-            .filter_map(|assigned| {
-                let offset = match mode {
-                    CommitMode::Async => assigned.take_commit(),
-                    CommitMode::Sync => assigned.committable(),
-                }?;
-                Some((assigned.topic.clone(), assigned.partition, offset))
-            })
-            .collect();
-        commit_offsets(consumer, &offsets, mode, &self.commit_failures);
+        commit_partitions(consumer, &assigned, mode, &self.commit_failures);
     }
 
     /// The partitions of `partitions` are taken away: their readers close (queued records are
@@ -394,17 +384,7 @@ impl Group {
         let lost = consumer.assignment_lost();
         self.close_partitions(&revoked, self.drain_timeout);
         if !lost {
-            let offsets: Vec<(String, i32, i64)> = revoked
-                .iter()
-                .filter_map(|assigned| {
-                    Some((
-                        assigned.topic.clone(),
-                        assigned.partition,
-                        assigned.committable()?,
-                    ))
-                })
-                .collect();
-            commit_offsets(consumer, &offsets, CommitMode::Sync, &self.commit_failures);
+            commit_partitions(consumer, &revoked, CommitMode::Sync, &self.commit_failures);
         }
         for assigned in &revoked {
             assigned.revoked.store(true, Ordering::SeqCst);
@@ -522,18 +502,8 @@ impl Group {
         if drain {
             self.close_partitions(&all, self.drain_timeout);
         }
-        let offsets: Vec<(String, i32, i64)> = all
-            .iter()
-            .filter_map(|assigned| {
-                Some((
-                    assigned.topic.clone(),
-                    assigned.partition,
-                    assigned.committable()?,
-                ))
-            })
-            .collect();
         if !consumer.assignment_lost() {
-            commit_offsets(consumer, &offsets, CommitMode::Sync, &self.commit_failures);
+            commit_partitions(consumer, &all, CommitMode::Sync, &self.commit_failures);
         }
         for assigned in &all {
             assigned.revoked.store(true, Ordering::SeqCst);
@@ -687,12 +657,24 @@ impl Group {
     }
 }
 
-fn commit_offsets(
+/// Commits the finished offsets of `partitions`: what moved since the last periodic commit
+/// (async), or everything committable (sync: revoke and close).
+fn commit_partitions(
     consumer: &BaseConsumer<GroupContext>,
-    offsets: &[(String, i32, i64)],
+    partitions: &[Arc<Assigned>],
     mode: CommitMode,
     failures: &metrics::Counter,
 ) {
+    let offsets: Vec<(String, i32, i64)> = partitions
+        .iter()
+        .filter_map(|assigned| {
+            let offset = match mode {
+                CommitMode::Async => assigned.take_commit(),
+                CommitMode::Sync => assigned.committable(),
+            }?;
+            Some((assigned.topic.clone(), assigned.partition, offset))
+        })
+        .collect();
     if offsets.is_empty() {
         return;
     }
