@@ -14,7 +14,7 @@ use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime};
 
 use crate::config::KafkaConfig;
-use crate::group::{Entry, Group, Poller};
+use crate::group::{CATCH_UP, Entry, Group, Poller};
 use crate::producer::Publisher;
 
 /// What `close` allows beyond the drain timeout for the last commit and leaving the group.
@@ -243,9 +243,12 @@ impl EventBus for KafkaBus {
         inner.closed.store(true, Ordering::SeqCst);
         let drain = inner.runtime.settings().drain_timeout;
         let deadline = tokio::time::Instant::now() + drain;
-        // Catching up and draining take the drain timeout at most; committing and leaving the
-        // group get a few seconds more.
-        inner.poller.close(drain + CLOSE_GRACE).await;
+        // Catching up takes half the drain timeout (5 s at most), draining the drain timeout;
+        // committing and leaving the group get a few seconds more.
+        inner
+            .poller
+            .close((drain / 2).min(CATCH_UP) + drain + CLOSE_GRACE)
+            .await;
         let report = inner.runtime.close(deadline).await;
         let publisher = inner.publisher.clone();
         let _ = tokio::task::spawn_blocking(move || publisher.flush(CLOSE_GRACE)).await;

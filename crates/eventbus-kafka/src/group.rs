@@ -21,7 +21,7 @@ use crate::partition::{Assigned, Reader, lock};
 use crate::producer::base_config;
 
 /// The longest a close spends taking what was published just before it.
-const CATCH_UP: Duration = Duration::from_secs(5);
+pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
 /// One subscription of the bus.
 pub(crate) struct Entry {
