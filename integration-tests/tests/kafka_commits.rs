@@ -115,14 +115,18 @@ async fn a_commit_never_passes_an_unfinished_record() {
             == Some(5)
     })
     .await;
-    // Twenty commit intervals with everything after the slow record finished: the commit stays.
-    for _ in 0..20 {
+    // For twenty commit intervals (100 ms each) with everything after the slow record finished,
+    // every read of the group's offset shows the commit held at the slow record.
+    let watched = std::time::Instant::now();
+    let mut reads = 0;
+    while watched.elapsed() < Duration::from_secs(2) {
         let now = tokio::task::spawn_blocking(move || committed(group, topic))
             .await
             .unwrap();
         assert_eq!(now, Some(5), "a commit passed the unfinished record");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        reads += 1;
     }
+    assert!(reads > 1, "the committed offset was read {reads} time(s)");
     gate.add_permits(1);
     handled
         .wait_for("the slow record", |e| e.len() == 106)
@@ -241,24 +245,27 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
             std::time::Instant::now() < deadline,
             "the revoke never started"
         );
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::yield_now();
     }
-    // The gate opens 3 s from now (well inside the 10 s drain): unsubscribe must still be
-    // waiting for v1 until then.
-    let opener = {
-        let gate = gate.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            gate.add_permits(1);
-        })
-    };
-    unsubscribe.await.unwrap().unwrap();
+    // v1 still runs, well inside the 10 s drain: for 3 s unsubscribe must keep waiting for it.
+    let mut unsubscribe = unsubscribe;
+    let early = tokio::time::timeout(Duration::from_secs(3), &mut unsubscribe).await;
+    let returned_early = early.is_ok();
+    gate.add_permits(1);
+    if let Ok(result) = early {
+        result.unwrap().unwrap();
+    } else {
+        unsubscribe.await.unwrap().unwrap();
+    }
     let at_return = steps.events();
     let took = started.elapsed();
     let committed_at_return = tokio::task::spawn_blocking(move || committed(group, topic))
         .await
         .unwrap();
-    opener.await.unwrap();
+    assert!(
+        !returned_early,
+        "unsubscribe returned after {took:?} while v1 was still running"
+    );
     assert!(
         at_return.contains(&Step::Finished(1)),
         "unsubscribe returned after {took:?} while v1 was still running (steps so far: {at_return:?})"
