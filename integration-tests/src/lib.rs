@@ -99,6 +99,26 @@ pub fn kafka_config(bootstrap: &str) -> eventbus_kafka::KafkaConfig {
     config
 }
 
+/// [`kafka_config`] for consumer group `group`, with `topic` created with `partitions`
+/// partitions.
+pub fn kafka_group_config(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> eventbus_kafka::KafkaConfig {
+    let mut config = kafka_config(bootstrap);
+    config.group_id = Some(group.to_owned());
+    config.topics.insert(
+        topic.to_owned(),
+        eventbus_kafka::TopicOptions {
+            partitions: Some(partitions),
+            ..eventbus_kafka::TopicOptions::default()
+        },
+    );
+    config
+}
+
 /// Checks that the first handling of each aggregate's events followed their versions 1, 2, 3,
 /// ... (later duplicates allowed) and that every aggregate reached `versions`; returns the
 /// number of duplicate handlings.

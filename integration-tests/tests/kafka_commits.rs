@@ -12,9 +12,9 @@ use eventbus_core::{
     Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
     SubscribeOptions,
 };
-use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner, TopicOptions};
+use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
-use integration_tests::{Recorder, collect, eventually, kafka_config};
+use integration_tests::{Recorder, collect, eventually, kafka_group_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
@@ -31,16 +31,7 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 
 /// A config whose `topic` has `partitions` partitions.
 fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
-    let mut config = kafka_config(&kafka_bootstrap());
-    config.group_id = Some(group.to_owned());
-    config.topics.insert(
-        topic.to_owned(),
-        TopicOptions {
-            partitions: Some(partitions),
-            ..TopicOptions::default()
-        },
-    );
-    config
+    kafka_group_config(&kafka_bootstrap(), group, topic, partitions)
 }
 
 /// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig, TopicOptions};
+use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig};
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
-    Recorder, assert_first_handlings_in_order, eventually, kafka_config, read_handled,
+    Recorder, assert_first_handlings_in_order, eventually, kafka_group_config, read_handled,
     spawn_consumer,
 };
 use test_brokers::{KafkaBroker, kafka_bootstrap};
@@ -35,16 +35,7 @@ fn envelope(aggregate: usize, version: i64) -> Envelope {
 }
 
 fn config(bootstrap: &str, topic: &str, group: &str, partitions: i32) -> KafkaConfig {
-    let mut config = kafka_config(bootstrap);
-    config.group_id = Some(group.to_owned());
-    config.topics.insert(
-        topic.to_owned(),
-        TopicOptions {
-            partitions: Some(partitions),
-            ..TopicOptions::default()
-        },
-    );
-    config
+    kafka_group_config(bootstrap, group, topic, partitions)
 }
 
 fn settings(client: &str) -> BusSettings {
