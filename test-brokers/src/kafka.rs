@@ -303,6 +303,26 @@ impl KafkaBroker {
         let _ = self.child.wait();
     }
 
+    /// Stops the broker with SIGSTOP: its sockets stay open and accept connections, but nothing
+    /// is answered (a broker hung in a long GC pause, or a host that vanished without closing
+    /// its connections). [`thaw`](Self::thaw) lets it go on; dropping the broker kills it.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`freeze`](Self::freeze)d broker go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {} failed", self.child.id());
+    }
+
     /// Starts the broker again on the same ports with the same store (after
     /// [`kill`](Self::kill)); returns once it answers.
     pub fn start_again(&mut self) {

@@ -222,14 +222,41 @@ fn test_matrix() -> ExitCode {
     }
 }
 
+/// The longest one step may run. A step that hangs (a test waiting on something that never
+/// comes) is killed with everything it started, marked FAIL, and the matrix goes on: CI must
+/// end with a verdict, not at its own time limit. The slowest step on a cold 2-core machine
+/// (clippy or the integration tests) takes about 5 minutes.
+const STEP_LIMIT: Duration = Duration::from_secs(15 * 60);
+
 fn run(action: &Action, metadata: &Value) -> Result<(), String> {
     match action {
         Action::Command { program, args, env } => {
-            let status = Command::new(program)
+            let mut child = Command::new(program)
                 .args(args)
                 .envs(env.iter().map(|(key, value)| (*key, value.as_str())))
-                .status()
+                .spawn()
                 .map_err(|e| format!("cannot start {program}: {e}"))?;
+            let deadline = Instant::now() + STEP_LIMIT;
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break status,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Ok(None) => {
+                        kill_tree(child.id());
+                        let _ = child.wait();
+                        return Err(format!(
+                            "`{program} {}` was still running after {} s and was killed with \
+                             every process it started (a hang: the last test the output names as running \
+                             for over 60 seconds is the one to look at)",
+                            args.join(" "),
+                            STEP_LIMIT.as_secs()
+                        ));
+                    }
+                    Err(error) => return Err(format!("cannot wait for {program}: {error}")),
+                }
+            };
             if status.success() {
                 Ok(())
             } else {
@@ -252,6 +279,46 @@ fn run(action: &Action, metadata: &Value) -> Result<(), String> {
     }
 }
 
+/// Kills `root` and every process descended from it (cargo, the test binary, the brokers the
+/// tests started), children first found through `/proc`, all with SIGKILL.
+fn kill_tree(root: u32) {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut index = 0;
+    while let Some(&parent) = tree.get(index) {
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        index += 1;
+    }
+    for pid in tree.iter().rev() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+}
+
 fn metadata() -> Result<Value, String> {
     let output = Command::new("cargo")
         .args(["metadata", "--format-version", "1", "--no-deps", "--locked"])
@@ -261,4 +328,43 @@ fn metadata() -> Result<Value, String> {
         return Err(String::from_utf8_lossy(&output.stderr).into_owned());
     }
     serde_json::from_slice(&output.stdout).map_err(|e| format!("bad cargo metadata: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_out_of_time_is_killed_with_the_processes_it_started() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 300 & echo $! ; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh runs");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("the grandchild's PID");
+        let grandchild: u32 = line.trim().parse().expect("a PID");
+        kill_tree(child.id());
+        let _ = child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Gone, or a zombie waiting for init to reap it.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{grandchild}/stat")).is_ok_and(|stat| {
+                !stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+        };
+        while alive() {
+            assert!(
+                Instant::now() < deadline,
+                "the grandchild {grandchild} survived"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

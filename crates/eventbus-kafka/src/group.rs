@@ -64,10 +64,13 @@ pub(crate) struct Group {
     paused: metrics::Gauge,
 }
 
-/// The handle of the poll thread.
+/// The handle of the poll thread. The thread is never joined: with the brokers gone,
+/// librdkafka's group leave can block for longer than any close budget, and a join parked on a
+/// blocking task would hold up the shutdown of the caller's runtime. The thread reports its end
+/// through `ended` instead.
 pub(crate) struct Poller {
     commands: Mutex<mpsc::Sender<Command>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 struct GroupContext {
@@ -229,15 +232,21 @@ impl Group {
         let (commands, receiver) = mpsc::channel();
         let polling = group.clone();
         let commit_interval = config.commit_interval;
-        let thread = std::thread::Builder::new()
+        let (end, ended) = oneshot::channel();
+        std::thread::Builder::new()
             .name(format!("kafka-poll-{name}"))
-            .spawn(move || polling.run(&consumer, &receiver, commit_interval))
+            .spawn(move || {
+                polling.run(&consumer, &receiver, commit_interval);
+                // Closes the consumer (librdkafka leaves the group) before the end is reported.
+                drop(consumer);
+                let _ = end.send(());
+            })
             .map_err(|error| Error::broker("cannot start the Kafka poll thread", error))?;
         Ok((
             group,
             Poller {
                 commands: Mutex::new(commands),
-                thread: Mutex::new(Some(thread)),
+                ended: Mutex::new(Some(ended)),
             },
         ))
     }
@@ -712,14 +721,13 @@ impl Poller {
             );
             return;
         }
-        let thread = lock(&self.thread).take();
-        if let Some(thread) = thread {
-            let join = tokio::task::spawn_blocking(move || thread.join());
-            if tokio::time::timeout_at(deadline, join).await.is_err() {
-                tracing::warn!(
-                    "the Kafka consumer did not close in time; left to finish in the background"
-                );
-            }
+        let ended = lock(&self.ended).take();
+        if let Some(ended) = ended
+            && tokio::time::timeout_at(deadline, ended).await.is_err()
+        {
+            tracing::warn!(
+                "the Kafka consumer did not close in time; left to finish in the background"
+            );
         }
     }
 }
