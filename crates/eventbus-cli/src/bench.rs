@@ -286,9 +286,14 @@ async fn nats(
     }
     let raw_publish = rate(count, started.elapsed());
 
+    // Ours makes its stream on the first publish: a warm-up envelope before the clock starts
+    // (the raw stream was made before its clock started too). Both consumes read it.
     let bus = eventbus::connect(config).await?;
     let topic = format!("bench{run}.ours");
+    let warm_up = Envelope::new("bench-warm-up", "WarmedUp", 1, &serde_json::json!({}))?;
+    bus.publish_envelope(&topic, &warm_up).await?;
     let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
+    let count = count + 1;
 
     // Raw consume: a durable pull consumer acking each message of the stream ours filled.
     let stream_name = js.stream_by_subject(&topic).await.map_err(|e| broker(&e))?;
@@ -347,6 +352,8 @@ async fn kafka(
     in_flight: u64,
 ) -> Result<Vec<Figure>, CliError> {
     use rdkafka::ClientConfig;
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -357,19 +364,56 @@ async fn kafka(
     let run = std::process::id();
     let broker = |error: &dyn std::fmt::Display| CliError(format!("Kafka: {error}"));
 
-    // Ours first: it creates the topic with the configured partitions and fills it.
-    let bus = eventbus::connect(config).await?;
+    // Both sides write to a topic of their own with the configured partitions, made and
+    // written to once (a warm-up record) before the clock starts: creating a topic, learning its
+    // leaders and opening connections are start-up costs, not publishing speed. The warm-up
+    // record is read by both consumes too.
     let topic = format!("bench{run}.ours");
+    let raw_topic = format!("bench{run}.raw");
+    let warm_up = Envelope::new("bench-warm-up", "WarmedUp", 1, &serde_json::json!({}))?;
+    let count = count + 1;
+
+    let bus = eventbus::connect(config.clone()).await?;
+    bus.publish_envelope(&topic, &warm_up).await?;
     let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
 
     // Raw publish: an idempotent FutureProducer, keys and payloads as ours, many in flight.
+    let options = config.kafka.topic(&topic);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .map_err(|e| broker(&e))?;
+    let replication = TopicReplication::Fixed(options.replication_factor.map_or(-1, i32::from));
+    admin
+        .create_topics(
+            [&NewTopic::new(
+                &raw_topic,
+                options.partitions.unwrap_or(-1),
+                replication,
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .map_err(|e| broker(&e))?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|(name, code)| broker(&format!("cannot create {name}: {code}")))?;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .create()
         .map_err(|e| broker(&e))?;
-    let raw_topic = format!("bench{run}.raw");
+    let warm_up = OutboundMessage::from_envelope(&warm_up)?;
+    producer
+        .send(
+            FutureRecord::to(&raw_topic)
+                .key(&warm_up.key.unwrap_or_default()[..])
+                .payload(&warm_up.payload[..]),
+            Timeout::After(Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|(e, _)| broker(&e))?;
     let started = Instant::now();
     let mut sent = futures::stream::iter(envelopes)
         .map(|envelope| {
@@ -404,7 +448,7 @@ async fn kafka(
     while let Some(result) = sent.next().await {
         result.map_err(|e| broker(&e))?;
     }
-    let raw_publish = rate(count, started.elapsed());
+    let raw_publish = rate(envelopes.len() as u64, started.elapsed());
 
     // Raw consume: a group member reading every record of the topic ours filled (on a blocking
     // thread: librdkafka's poll blocks), committing once at the end.

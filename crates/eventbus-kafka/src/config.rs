@@ -169,7 +169,12 @@ pub struct KafkaConfig {
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// Records of one partition handed to the engine and not finished, at most: at this many
-    /// the partition is paused (polling goes on), and resumed at half. Default 1000.
+    /// the partition is paused (polling goes on), and resumed at half. Default 10,000: what is
+    /// left when a partition resumes must last until its next records arrive (librdkafka drops
+    /// what it had prefetched for a paused partition and fetches again, tens of milliseconds),
+    /// or the lanes run dry on every resume; with 1,000, the ordered consume ran at 18 k/s
+    /// instead of 60–110 k/s. Held records are in memory: about this many payloads per
+    /// assigned partition at most.
     pub max_in_flight_per_partition: usize,
     /// How long a publish waits for the broker's acknowledgement (`message.timeout.ms`).
     /// Default 10 s.
@@ -199,7 +204,7 @@ impl Default for KafkaConfig {
             assignment_strategy: AssignmentStrategy::default(),
             auto_offset_reset: OffsetReset::default(),
             commit_interval: Duration::from_secs(1),
-            max_in_flight_per_partition: 1000,
+            max_in_flight_per_partition: 10_000,
             publish_timeout: Duration::from_secs(10),
             partitioner: Partitioner::default(),
             topic_defaults: TopicOptions::default(),
