@@ -1,6 +1,7 @@
 //! Kafka dead-letter topics, against a real broker: a dead-letter topic the bus creates keeps its
 //! records with no age limit (`retention.ms=-1`), whatever `topic_defaults.retention` says, as the
-//! delivery contract asks of dead-letter destinations.
+//! delivery contract asks of dead-letter destinations; a dead-letter write the broker refuses
+//! holds the aggregate and the partition's commit until it succeeds.
 
 // Test code: a failed unwrap or expect is a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -11,18 +12,56 @@ use std::time::Duration;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_kafka::{KafkaBus, TopicOptions};
 use eventbus_pool::BusSettings;
-use integration_tests::{collect, kafka_config};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use integration_tests::{Recorder, collect, eventually, kafka_config, kafka_group_config};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
 
-async fn retention_ms(topic: &str) -> String {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", kafka_bootstrap())
         .create()
+        .unwrap()
+}
+
+/// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.
+fn committed(group: &str, topic: &str) -> Option<i64> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", group)
+        .create()
         .unwrap();
-    let results = admin
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let offsets = reader
+        .committed_offsets(list, Duration::from_secs(5))
+        .unwrap();
+    match offsets.elements().first()?.offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+/// Sets `max.message.bytes` of `topic`.
+async fn set_max_message_bytes(topic: &str, bytes: &str) {
+    let results = admin()
+        .alter_configs(
+            [&AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", bytes)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+async fn retention_ms(topic: &str) -> String {
+    let results = admin()
         .describe_configs(
             [&ResourceSpecifier::Topic(topic)],
             &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
@@ -89,4 +128,84 @@ async fn topic_defaults_retention_does_not_apply_to_dead_letter_topics() {
         retention, "-1",
         "the dead-letter topic keeps records only {retention} ms"
     );
+}
+
+/// Rule: "dead-letter write fails: not acknowledged (the message is redelivered or retried), the
+/// lane stays blocked". The dead-letter topic exists and refuses every record (its
+/// `max.message.bytes` is smaller than any dead letter): v1 of an aggregate fails for good, its
+/// dead-letter write is refused again and again, so v2 must not run and the partition's commit
+/// must not pass v1. Once the topic takes records again, the retried write lands, v2 runs and the
+/// commit passes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it_lands() {
+    let (topic, group) = ("dlq.refused", "dlq-refused");
+    let dead_letters = format!("{topic}.DLQ");
+    let created = admin()
+        .create_topics(
+            [&NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "64")],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for result in created {
+        result.unwrap();
+    }
+    let config = kafka_group_config(&kafka_bootstrap(), group, topic, 1);
+    let bus = KafkaBus::connect(BusSettings::new("kafka", group), config)
+        .await
+        .unwrap();
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.event_version);
+                if envelope.event_version == 1 {
+                    return Err(HandlerError::permanent("cannot apply"));
+                }
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=2 {
+        let envelope = Envelope::new("held", "Changed", version, &serde_json::json!({})).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    eventually(
+        "the dead-letter write of v1 to be refused three times",
+        || async { bus.stats().dead_letter_failures >= 3 },
+    )
+    .await;
+    assert_eq!(
+        handled.events(),
+        [1],
+        "v2 ran while v1's dead letter was unwritten"
+    );
+    let commit = tokio::task::spawn_blocking(move || committed(group, topic))
+        .await
+        .unwrap();
+    assert!(
+        commit.is_none_or(|offset| offset == 0),
+        "the commit passed v1 (offset 0) before its dead letter was written: {commit:?}"
+    );
+
+    set_max_message_bytes(&dead_letters, "1048588").await;
+    let dead = collect(&bus, &dead_letters).await;
+    dead.wait_for("v1's dead letter", |e| !e.is_empty()).await;
+    handled.wait_for("v2 after v1", |e| e.len() == 2).await;
+    assert_eq!(handled.events(), [1, 2]);
+    eventually("the commit past v1 and v2", || async {
+        tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap()
+            == Some(2)
+    })
+    .await;
+    bus.close().await.unwrap();
 }

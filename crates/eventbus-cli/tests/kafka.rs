@@ -4,14 +4,21 @@
 #![allow(clippy::expect_used, clippy::panic)]
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use test_brokers::kafka_bootstrap;
 
 // Each test binary uses a part of the shared helpers.
 #[allow(dead_code)]
 mod common;
 
-use common::{demo_accounting_for_every_event, eventbus, summary_value, text};
+use common::{
+    demo_accounting_for_every_event, eventbus, exit_within, padded_envelopes,
+    read_to_end_in_background, spawn_eventbus, subscribe_until_stdout_closes, summary_value, tail,
+    text,
+};
 
 /// A config file for the broker in a fresh directory, from `examples/kafka.toml` with the
 /// broker's address and a client ID of its own.
@@ -83,4 +90,104 @@ fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
             .unwrap_or_else(|| panic!("no {path} line: {stdout}"));
         assert!(line.contains("raw") && line.contains("ratio"), "{line}");
     }
+}
+
+/// Records in `topic` (0 if it does not exist), from its partitions' watermarks.
+fn records_in(topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .create()
+        .expect("a Kafka client");
+    let timeout = Duration::from_secs(10);
+    let Ok(metadata) = consumer.fetch_metadata(Some(topic), timeout) else {
+        return 0;
+    };
+    metadata
+        .topics()
+        .iter()
+        .filter(|found| found.error().is_none())
+        .flat_map(|found| found.partitions())
+        .map(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), timeout)
+                .expect("the partition's watermarks");
+            high - low
+        })
+        .sum()
+}
+
+/// `eventbus subscribe … | head -n 5` on Kafka: the subscriber stops with status 1 when its
+/// output closes, dead-letters nothing, and commits nothing it did not print: the next member
+/// of its group reads everything that was not printed.
+#[test]
+fn a_closed_stdout_stops_the_subscriber_and_the_group_reads_on_from_what_was_not_printed() {
+    const TOTAL: usize = 200;
+    const READ: usize = 5;
+    // Lines printed into the pipe that the test never reads: the pipe buffer (64 KiB) and the
+    // reader's buffer hold only a few padded envelopes.
+    const UNREAD_AT_MOST: usize = 10;
+    let config = config_file("kafka-closed-stdout");
+    let config = config.to_str().expect("UTF-8 path");
+    let topic = "closed.stdout";
+    let publish = eventbus(
+        &[
+            "publish",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+        ],
+        &padded_envelopes(TOTAL),
+    );
+    assert!(publish.status.success(), "{}", text(&publish.stderr));
+
+    subscribe_until_stdout_closes(
+        &[
+            "subscribe",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+        ],
+        String::new(),
+        READ,
+        // Joining the group, then the close: catch-up, drain and the group leave.
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        records_in(&format!("{topic}.DLQ")),
+        0,
+        "nothing dead-lettered"
+    );
+
+    let rest = (TOTAL - READ - UNREAD_AT_MOST).to_string();
+    let mut next = spawn_eventbus(
+        &[
+            "subscribe",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+            "--count",
+            &rest,
+        ],
+        String::new(),
+    );
+    let stdout = read_to_end_in_background(next.stdout.take().expect("stdout"));
+    let stderr = read_to_end_in_background(next.stderr.take().expect("stderr"));
+    let status = exit_within(&mut next, Duration::from_secs(60));
+    let (stdout, stderr) = (
+        stdout.join().expect("stdout read"),
+        stderr.join().expect("stderr read"),
+    );
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "{status:?}: {} lines\n{}",
+        stdout.lines().count(),
+        tail(&stderr)
+    );
+    assert!(stdout.lines().count() >= TOTAL - READ - UNREAD_AT_MOST);
 }

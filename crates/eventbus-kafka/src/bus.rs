@@ -94,6 +94,12 @@ impl KafkaBus {
         self.inner.group.assigned_count()
     }
 
+    /// What the consume runtime did besides handling: dead letters written and failed, records
+    /// given back.
+    pub fn stats(&self) -> eventbus_pool::consume::ConsumeStats {
+        self.inner.runtime.stats()
+    }
+
     /// Subscribes `handler` to `topic`: the topic is created if missing, and joins the group's
     /// subscription (this waits for the rebalance that follows, up to 30 s) unless another
     /// subscription of this bus reads it already, in which case this one reads from the records
