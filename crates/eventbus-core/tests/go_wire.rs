@@ -1,6 +1,7 @@
-//! Wire compatibility with the Go SDK, checked against fixtures written by the Go SDK's own
-//! envelope code (`tests/go-oracle/main.go`, jsoniter 1.1.12): the bytes we encode for the same
-//! values are the bytes Go sends, and we accept exactly the inputs Go accepts.
+//! Wire compatibility with the Go SDK, checked against fixtures written by the Go SDK's
+//! envelope code as restated in `interop/go/envelope` (run by `interop/go/cmd/oracle`, jsoniter
+//! 1.1.12; the test matrix checks the committed fixtures against it): the bytes we encode for
+//! the same values are the bytes Go sends, and we accept exactly the inputs Go accepts.
 
 use eventbus_core::{Envelope, ErrorKind};
 use serde_json::Value;

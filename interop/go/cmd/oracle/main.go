@@ -1,103 +1,23 @@
-// Command go-oracle writes ../fixtures/go_envelopes.json: what the Go SDK's envelope code
-// produces for a set of values and accepts for a set of inputs. The Rust tests compare
-// eventbus-core against it byte for byte.
+// Command oracle writes crates/eventbus-core/tests/fixtures/go_envelopes.json: what the Go
+// SDK's envelope code (restated in package envelope) produces for a set of values and accepts
+// for a set of inputs. The Rust tests compare eventbus-core against it byte for byte, and
+// `cargo xtask test-matrix` runs this and fails if the committed fixtures differ.
 //
-// The Envelope type, Validate, ToBytes and FromBytes below restate the Go SDK's envelope.go as
-// documented in the project's Go SDK inventory: jsoniter ConfigCompatibleWithStandardLibrary
-// (with ValidateJsonRawMessage), the same field tags and the same validation order.
+// Regenerate:
 //
-// Regenerate (Debian: apt-get install golang-go golang-github-json-iterator-go-dev):
-//
-//	cd crates/eventbus-core/tests/go-oracle
-//	GO111MODULE=off GOPATH=/usr/share/gocode go run main.go > ../fixtures/go_envelopes.json
+//	cd interop/go && go run ./cmd/oracle > ../../crates/eventbus-core/tests/fixtures/go_envelopes.json
 package main
 
 import (
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
 	"time"
-	"unicode"
 
-	jsoniter "github.com/json-iterator/go"
+	"eventbus-interop/envelope"
 )
-
-var sdkJSON = jsoniter.Config{
-	EscapeHTML:             true,
-	SortMapKeys:            true,
-	ValidateJsonRawMessage: true,
-}.Froze()
-
-type Envelope struct {
-	EventID       string          `json:"event_id"`
-	AggregateID   string          `json:"aggregate_id"`
-	EventType     string          `json:"event_type"`
-	EventVersion  int64           `json:"event_version"`
-	Timestamp     time.Time       `json:"timestamp"`
-	TraceID       string          `json:"trace_id,omitempty"`
-	CorrelationID string          `json:"correlation_id,omitempty"`
-	TenantID      int             `json:"tenant_id,omitempty"`
-	Payload       json.RawMessage `json:"payload"`
-}
-
-func validateAggregateID(id string) error {
-	id = strings.TrimSpace(id)
-	if id == "" {
-		return errors.New("aggregate_id cannot be empty")
-	}
-	if len(id) > 256 {
-		return errors.New("aggregate_id too long (max 256 characters)")
-	}
-	for _, r := range id {
-		if !(r < unicode.MaxASCII && (unicode.IsLetter(r) || unicode.IsDigit(r) || strings.ContainsRune(":_-./", r))) {
-			return fmt.Errorf("aggregate_id contains invalid character: %c", r)
-		}
-	}
-	return nil
-}
-
-func (e *Envelope) Validate() error {
-	if strings.TrimSpace(e.EventID) == "" {
-		return errors.New("event_id is required")
-	}
-	if strings.TrimSpace(e.AggregateID) == "" {
-		return errors.New("aggregate_id is required")
-	}
-	if strings.TrimSpace(e.EventType) == "" {
-		return errors.New("event_type is required")
-	}
-	if e.EventVersion <= 0 {
-		return errors.New("event_version must be positive")
-	}
-	if len(e.Payload) == 0 {
-		return errors.New("payload is required")
-	}
-	if err := validateAggregateID(e.AggregateID); err != nil {
-		return fmt.Errorf("invalid aggregate_id: %w", err)
-	}
-	return nil
-}
-
-func (e *Envelope) ToBytes() ([]byte, error) {
-	if err := e.Validate(); err != nil {
-		return nil, err
-	}
-	return sdkJSON.Marshal(e)
-}
-
-func FromBytes(data []byte) (*Envelope, error) {
-	var e Envelope
-	if err := sdkJSON.Unmarshal(data, &e); err != nil {
-		return nil, fmt.Errorf("failed to unmarshal envelope: %w", err)
-	}
-	if err := e.Validate(); err != nil {
-		return nil, fmt.Errorf("invalid envelope: %w", err)
-	}
-	return &e, nil
-}
 
 // An encode case: values both sides build an envelope from.
 type encodeCase struct {
@@ -116,10 +36,10 @@ type encodeCase struct {
 
 // A decode case: raw bytes, whether the Go SDK accepts them, and its re-encoding.
 type decodeCase struct {
-	Name       string `json:"name"`
-	InputHex   string `json:"input_hex"`
-	Accepted   bool   `json:"accepted"`
-	GoError    string `json:"go_error,omitempty"`
+	Name        string `json:"name"`
+	InputHex    string `json:"input_hex"`
+	Accepted    bool   `json:"accepted"`
+	GoError     string `json:"go_error,omitempty"`
 	ReencodeHex string `json:"reencode_hex,omitempty"`
 }
 
@@ -159,7 +79,11 @@ func main() {
 			panic(err)
 		}
 		payload, _ := hex.DecodeString(c.PayloadHex)
-		e := Envelope{c.EventID, c.AggregateID, c.EventType, c.EventVersion, ts, c.TraceID, c.CorrelationID, c.TenantID, payload}
+		e := envelope.Envelope{
+			EventID: c.EventID, AggregateID: c.AggregateID, EventType: c.EventType,
+			EventVersion: c.EventVersion, Timestamp: ts, TraceID: c.TraceID,
+			CorrelationID: c.CorrelationID, TenantID: c.TenantID, Payload: payload,
+		}
 		out, err := e.ToBytes()
 		if err != nil {
 			panic(fmt.Sprintf("%s: %v", c.Name, err))
@@ -237,7 +161,7 @@ func main() {
 	var decodes []decodeCase
 	for _, in := range inputs {
 		c := decodeCase{Name: in.name, InputHex: hex.EncodeToString([]byte(in.input))}
-		e, err := FromBytes([]byte(in.input))
+		e, err := envelope.FromBytes([]byte(in.input))
 		if err != nil {
 			c.GoError = err.Error()
 		} else {
