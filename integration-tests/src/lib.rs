@@ -173,6 +173,8 @@ pub fn assert_replays_are_in_order_suffixes(handled: &[(String, i64)]) {
     }
 }
 
+pub mod go_peer;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

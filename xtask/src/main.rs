@@ -306,7 +306,7 @@ fn go_oracle() -> Result<(), String> {
         .args(["run", "./cmd/oracle"])
         .current_dir("interop/go")
         .output()
-        .map_err(|e| format!("cannot run go (install Go 1.22 or newer): {e}"))?;
+        .map_err(|e| format!("cannot run go (install Go 1.26 or newer): {e}"))?;
     if !output.status.success() {
         return Err(format!(
             "the Go oracle failed: {}",

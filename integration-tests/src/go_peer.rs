@@ -1,0 +1,177 @@
+//! The Go service of the interop tests: `interop/go/cmd/peer` (sarama and nats.go called as the
+//! Go SDK calls them), built once per test process with `go build`, run as a child process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use eventbus_core::Envelope;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::DEADLINE;
+
+/// The Go module of the peer and the wire oracle.
+fn module() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/go")
+}
+
+/// The peer's binary, built on first use (`go build`, modules from the Go module proxy). A
+/// missing Go fails the test here, loudly.
+pub fn go_peer() -> &'static Path {
+    static PEER: OnceLock<PathBuf> = OnceLock::new();
+    PEER.get_or_init(|| {
+        let binary = std::env::temp_dir().join(format!("eventbus-go-peer-{}", std::process::id()));
+        let output = Command::new("go")
+            .args(["build", "-o"])
+            .arg(&binary)
+            .arg("./cmd/peer")
+            .current_dir(module())
+            .output()
+            .expect("go runs (install Go 1.26 or newer: the interop tests build the Go peer)");
+        assert!(
+            output.status.success(),
+            "go build of interop/go/cmd/peer failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        binary
+    })
+}
+
+/// Publishes `envelopes` through the Go peer (`kafka-publish` or `nats-publish` with `args`)
+/// and returns once the peer has every acknowledgement.
+pub fn go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) {
+    let mut child = Command::new(go_peer())
+        .arg(command)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the Go peer starts");
+    let mut stdin = child.stdin.take().expect("its stdin");
+    for envelope in envelopes {
+        stdin
+            .write_all(&envelope.to_bytes().expect("an encodable envelope"))
+            .expect("written to the Go peer");
+        stdin.write_all(b"\n").expect("written to the Go peer");
+    }
+    drop(stdin);
+    let output = child.wait_with_output().expect("the Go peer ends");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains(&format!("\"published\":{}", envelopes.len())),
+        "the Go peer's {command} failed ({}): {stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// One envelope the Go peer handled, as it reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GoHandled {
+    /// The envelope's aggregate ID.
+    pub aggregate_id: String,
+    /// Its version.
+    pub event_version: i64,
+    /// Its event ID.
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Its payload, as JSON.
+    pub payload: serde_json::Value,
+    /// The Kafka partition (0 on NATS).
+    pub partition: i32,
+    /// The Kafka offset or the stream sequence.
+    pub offset: i64,
+}
+
+/// A consuming Go peer (`kafka-consume` or `nats-subscribe`); killed when dropped.
+pub struct GoConsumer {
+    child: Child,
+    lines: UnboundedReceiver<String>,
+}
+
+impl GoConsumer {
+    /// Starts `peer {command} {args…}`.
+    pub fn start(command: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(go_peer())
+            .arg(command)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the Go peer starts");
+        let stdout = child.stdout.take().expect("its stdout");
+        let (sender, lines) = unbounded_channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Reads what the peer handled until `until` returns true for everything read so far
+    /// (three [`DEADLINE`]s at most).
+    pub async fn read_until(
+        &mut self,
+        what: &str,
+        handled: &mut Vec<GoHandled>,
+        until: impl Fn(&[GoHandled]) -> bool,
+    ) {
+        let read = async {
+            while !until(handled) {
+                let Some(line) = self.lines.recv().await else {
+                    panic!("the Go peer stopped before {what}");
+                };
+                let value: serde_json::Value =
+                    serde_json::from_str(&line).expect("a JSON line from the Go peer");
+                let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+                handled.push(GoHandled {
+                    aggregate_id: text("aggregate_id"),
+                    event_version: value["event_version"].as_i64().expect("a version"),
+                    event_id: text("event_id"),
+                    event_type: text("event_type"),
+                    payload: value["payload"].clone(),
+                    partition: i32::try_from(value["partition"].as_i64().unwrap_or(-1))
+                        .unwrap_or(-1),
+                    offset: value["offset"].as_i64().unwrap_or(-1),
+                });
+            }
+        };
+        if tokio::time::timeout(DEADLINE * 3, read).await.is_err() {
+            panic!(
+                "timed out waiting for the Go peer: {what} ({} handled)",
+                handled.len()
+            );
+        }
+    }
+
+    /// Stops the peer with SIGTERM (it closes its consumer: sarama commits what it marked) and
+    /// waits up to 30 s for it to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the Go peer did not exit within 30 s of SIGTERM");
+    }
+}
+
+impl Drop for GoConsumer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
