@@ -1,6 +1,7 @@
 //! The Go service of the interop tests: `interop/go/cmd/peer` (sarama and nats.go called as the
 //! Go SDK calls them), built once per test process with `go build`, run as a child process.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -174,4 +175,28 @@ impl Drop for GoConsumer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `aggregates` × `versions` envelopes, version-major (every aggregate's v1, then every v2, …),
+/// with payloads whose bytes must arrive untouched: spaces, escapes, non-ASCII and HTML
+/// characters, numbers in several notations.
+pub fn interop_envelopes(prefix: &str, aggregates: usize, versions: i64) -> Vec<Envelope> {
+    let mut all = Vec::new();
+    for version in 1..=versions {
+        for aggregate in 0..aggregates {
+            let text = format!(
+                r#"{{"event_id":"{prefix}-{aggregate}-{version}","aggregate_id":"{prefix}-{aggregate}","event_type":"Interop.Changed","event_version":{version},"timestamp":"2026-11-28T10:00:00.123456789Z","trace_id":"t-{version}","tenant_id":7,"payload": {{ "n" : {version}, "s":"h\u00e9llo <b>&amp;</b> \"q\"", "x":[1.50, 2e3, null] }} }}"#
+            );
+            all.push(Envelope::from_bytes(text.as_bytes()).expect("a valid envelope"));
+        }
+    }
+    all
+}
+
+/// The payload bytes of each envelope, by event ID.
+pub fn payloads_by_event(envelopes: &[Envelope]) -> HashMap<String, Vec<u8>> {
+    envelopes
+        .iter()
+        .map(|e| (e.event_id.clone(), e.payload().to_vec()))
+        .collect()
 }

@@ -11,32 +11,11 @@ use std::sync::Arc;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, Position, SubscribeOptions};
 use eventbus_kafka::{KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
-use integration_tests::go_peer::{GoConsumer, GoHandled, go_publish};
+use integration_tests::go_peer::{
+    GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
+};
 use integration_tests::{Recorder, assert_first_handlings_in_order, kafka_group_config};
 use test_brokers::kafka_bootstrap;
-
-/// `aggregates` × `versions` envelopes, version-major (every aggregate's v1, then every v2, …),
-/// with payloads whose bytes must arrive untouched: spaces, escapes, non-ASCII and HTML
-/// characters, numbers in several notations.
-fn envelopes(prefix: &str, aggregates: usize, versions: i64) -> Vec<Envelope> {
-    let mut all = Vec::new();
-    for version in 1..=versions {
-        for aggregate in 0..aggregates {
-            let text = format!(
-                r#"{{"event_id":"{prefix}-{aggregate}-{version}","aggregate_id":"{prefix}-{aggregate}","event_type":"Interop.Changed","event_version":{version},"timestamp":"2026-11-28T10:00:00.123456789Z","trace_id":"t-{version}","tenant_id":7,"payload": {{ "n" : {version}, "s":"h\u00e9llo <b>&amp;</b> \"q\"", "x":[1.50, 2e3, null] }} }}"#
-            );
-            all.push(Envelope::from_bytes(text.as_bytes()).unwrap());
-        }
-    }
-    all
-}
-
-fn payloads_by_event(envelopes: &[Envelope]) -> HashMap<String, Vec<u8>> {
-    envelopes
-        .iter()
-        .map(|e| (e.event_id.clone(), e.payload().to_vec()))
-        .collect()
-}
 
 /// The Go service publishes; an ordered envelope subscription here handles every event, each
 /// aggregate's in version order, with the payload bytes exactly as the Go service sent them.
