@@ -86,6 +86,8 @@ pub struct GoHandled {
     pub partition: i32,
     /// The Kafka offset or the stream sequence.
     pub offset: i64,
+    /// When the peer handled it: nanoseconds since the Unix epoch, by the machine's clock.
+    pub handled_at_ns: i64,
 }
 
 /// A consuming Go peer (`kafka-consume` or `nats-subscribe`); killed when dropped.
@@ -117,6 +119,13 @@ impl GoConsumer {
         Self { child, lines }
     }
 
+    /// Reads what the peer reported and nobody read yet, without waiting.
+    pub fn read_available(&mut self, handled: &mut Vec<GoHandled>) {
+        while let Ok(line) = self.lines.try_recv() {
+            handled.push(parse(&line));
+        }
+    }
+
     /// Reads what the peer handled until `until` returns true for everything read so far
     /// (three [`DEADLINE`]s at most).
     pub async fn read_until(
@@ -130,19 +139,7 @@ impl GoConsumer {
                 let Some(line) = self.lines.recv().await else {
                     panic!("the Go peer stopped before {what}");
                 };
-                let value: serde_json::Value =
-                    serde_json::from_str(&line).expect("a JSON line from the Go peer");
-                let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
-                handled.push(GoHandled {
-                    aggregate_id: text("aggregate_id"),
-                    event_version: value["event_version"].as_i64().expect("a version"),
-                    event_id: text("event_id"),
-                    event_type: text("event_type"),
-                    payload: value["payload"].clone(),
-                    partition: i32::try_from(value["partition"].as_i64().unwrap_or(-1))
-                        .unwrap_or(-1),
-                    offset: value["offset"].as_i64().unwrap_or(-1),
-                });
+                handled.push(parse(&line));
             }
         };
         if tokio::time::timeout(DEADLINE * 3, read).await.is_err() {
@@ -167,6 +164,23 @@ impl GoConsumer {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("the Go peer did not exit within 30 s of SIGTERM");
+    }
+}
+
+/// One line of a consuming peer.
+fn parse(line: &str) -> GoHandled {
+    let value: serde_json::Value =
+        serde_json::from_str(line).expect("a JSON line from the Go peer");
+    let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+    GoHandled {
+        aggregate_id: text("aggregate_id"),
+        event_version: value["event_version"].as_i64().expect("a version"),
+        event_id: text("event_id"),
+        event_type: text("event_type"),
+        payload: value["payload"].clone(),
+        partition: i32::try_from(value["partition"].as_i64().unwrap_or(-1)).unwrap_or(-1),
+        offset: value["offset"].as_i64().unwrap_or(-1),
+        handled_at_ns: value["handled_at_ns"].as_i64().unwrap_or_default(),
     }
 }
 

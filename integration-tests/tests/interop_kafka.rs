@@ -8,8 +8,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, Position, SubscribeOptions};
-use eventbus_kafka::{KafkaBus, Partitioner};
+use eventbus_core::{
+    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Position, SubscribeOptions,
+};
+use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
@@ -201,4 +203,171 @@ async fn the_go_service_and_this_sdk_put_each_aggregate_on_the_same_partition() 
     let used: BTreeSet<i32> = seen.iter().map(|(_, p)| *p).collect();
     assert!(used.len() > 1, "every record on one partition: {used:?}");
     bus.close().await.unwrap();
+}
+
+/// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same).
+fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_nanos()).unwrap()
+}
+
+/// A rolling deploy: a Go member consumes the topic; a member of this SDK joins the same
+/// consumer group (with `assignment_strategy = "range"`, the eager assignor sarama uses, so the
+/// group forms) and takes partitions over; the Go member leaves. Nothing is lost, and on the
+/// two members' merged timeline every aggregate's first handlings follow its versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order() {
+    let (topic, group) = ("interop.rolling", "interop-rolling");
+    let all = envelopes("roll", 20, 60);
+    let thirds: Vec<&[Envelope]> = all.chunks(all.len() / 3).collect();
+    let mut config = kafka_group_config(&kafka_bootstrap(), group, topic, 8);
+    config.assignment_strategy = AssignmentStrategy::Range;
+    let publisher = KafkaBus::connect(
+        BusSettings::new("kafka", "interop-rolling-publisher"),
+        kafka_group_config(&kafka_bootstrap(), "interop-rolling-publisher", topic, 8),
+    )
+    .await
+    .unwrap();
+    // The topic with its 8 partitions, before the Go member subscribes.
+    for envelope in thirds[0] {
+        publisher.publish_envelope(topic, envelope).await.unwrap();
+    }
+
+    let bootstrap = kafka_bootstrap();
+    let mut go = GoConsumer::start(
+        "kafka-consume",
+        &["-brokers", &bootstrap, "-topic", topic, "-group", group],
+    );
+    let mut go_handled: Vec<GoHandled> = Vec::new();
+    go.read_until("the first third on the Go member", &mut go_handled, |h| {
+        h.len() >= thirds[0].len()
+    })
+    .await;
+
+    let rust = KafkaBus::connect(BusSettings::new("kafka", group), config)
+        .await
+        .unwrap();
+    let rust_handled = Recorder::<(String, i64, String, i64)>::new();
+    let r = rust_handled.clone();
+    rust.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let r = r.clone();
+            async move {
+                r.push((
+                    envelope.aggregate_id.clone(),
+                    envelope.event_version,
+                    envelope.event_id.clone(),
+                    now_ns(),
+                ));
+                Ok::<(), HandlerError>(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        rust.assigned_partitions() > 0 && rust.assigned_partitions() < 8,
+        "the group did not share the partitions: {} here",
+        rust.assigned_partitions()
+    );
+    for envelope in thirds[1] {
+        publisher.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let second: BTreeSet<&str> = thirds[1].iter().map(|e| e.event_id.as_str()).collect();
+    // Both members handle part of the second third.
+    rust_handled
+        .wait_for("part of the second third here", |e| {
+            e.iter().any(|(.., id, _)| second.contains(id.as_str()))
+        })
+        .await;
+    go.read_until(
+        "part of the second third on the Go member",
+        &mut go_handled,
+        |h| h.iter().any(|g| second.contains(g.event_id.as_str())),
+    )
+    .await;
+
+    tokio::task::block_in_place(|| go.stop());
+    go.read_available(&mut go_handled);
+    for envelope in thirds[2..].iter().flat_map(|third| third.iter()) {
+        publisher.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let everything: BTreeSet<&str> = all.iter().map(|e| e.event_id.as_str()).collect();
+    let go_ids: BTreeSet<String> = go_handled.iter().map(|g| g.event_id.clone()).collect();
+    let events = rust_handled
+        .wait_for("the rest here after the Go member left", |e| {
+            let mut ids: BTreeSet<&str> = go_ids.iter().map(String::as_str).collect();
+            ids.extend(e.iter().map(|(.., id, _)| id.as_str()));
+            ids == everything
+        })
+        .await;
+
+    let mut timeline: Vec<(i64, String, i64)> = go_handled
+        .iter()
+        .map(|g| (g.handled_at_ns, g.aggregate_id.clone(), g.event_version))
+        .chain(events.iter().map(|(a, v, _, at)| (*at, a.clone(), *v)))
+        .collect();
+    timeline.sort_by_key(|(at, ..)| *at);
+    let order: Vec<(String, i64)> = timeline.into_iter().map(|(_, a, v)| (a, v)).collect();
+    assert_first_handlings_in_order(&order, 20, 60);
+    rust.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
+/// The default assignor (`cooperative-sticky`) beside a Go member (sarama's eager `range`): the
+/// group coordinator refuses the join, and `subscribe` says so with a configuration error that
+/// names `kafka.assignment_strategy`, instead of returning as if the member had joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subscribe() {
+    let (topic, group) = ("interop.assignors", "interop-assignors");
+    let publisher = KafkaBus::connect(
+        BusSettings::new("kafka", "interop-assignors-publisher"),
+        kafka_group_config(&kafka_bootstrap(), "interop-assignors-publisher", topic, 4),
+    )
+    .await
+    .unwrap();
+    let sent = envelopes("assignors", 4, 1);
+    for envelope in &sent {
+        publisher.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let bootstrap = kafka_bootstrap();
+    let mut go = GoConsumer::start(
+        "kafka-consume",
+        &["-brokers", &bootstrap, "-topic", topic, "-group", group],
+    );
+    let mut go_handled = Vec::new();
+    go.read_until("the Go member in the group", &mut go_handled, |h| {
+        h.len() >= sent.len()
+    })
+    .await;
+
+    let config = kafka_group_config(&kafka_bootstrap(), group, topic, 4);
+    assert_eq!(
+        config.assignment_strategy,
+        AssignmentStrategy::CooperativeSticky
+    );
+    let rust = KafkaBus::connect(BusSettings::new("kafka", group), config)
+        .await
+        .unwrap();
+    let refused = rust
+        .subscribe_envelope(
+            topic,
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .expect_err("the join was refused, and subscribe must say so");
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(
+        refused.to_string().contains("kafka.assignment_strategy"),
+        "{refused}"
+    );
+    rust.close().await.unwrap();
+    publisher.close().await.unwrap();
 }

@@ -103,7 +103,9 @@ impl KafkaBus {
     /// Subscribes `handler` to `topic`: the topic is created if missing, and joins the group's
     /// subscription (this waits for the rebalance that follows, up to 30 s) unless another
     /// subscription of this bus reads it already, in which case this one reads from the records
-    /// polled next.
+    /// polled next. A group whose other members use an assignor this bus does not offer refuses
+    /// the join: that is a [`Config`](eventbus_core::ErrorKind::Config) error naming
+    /// `kafka.assignment_strategy`, and the topic is taken out of the group's subscription again.
     ///
     /// # Cancel safety
     ///
@@ -148,8 +150,16 @@ impl KafkaBus {
                 // The group rebalances with the new topic; what this member gets of it is
                 // read from the next poll on.
                 let deadline = tokio::time::Instant::now() + ASSIGNMENT_WAIT;
-                if !inner.group.wait_assignment(seen, deadline).await {
-                    tracing::warn!(topic = %added.topic, "no assignment yet after subscribing; consuming once the group rebalances");
+                match inner.group.wait_assignment(seen, deadline).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(topic = %added.topic, "no assignment yet after subscribing; consuming once the group rebalances");
+                    }
+                    Err(refused) => {
+                        inner.group.remove(&added);
+                        let _ = inner.poller.set_topics(inner.group.topics()).await;
+                        return Err(refused);
+                    }
                 }
             } else {
                 inner.group.add_readers(&added);

@@ -59,6 +59,9 @@ pub(crate) struct Group {
     assigned_event: tokio::sync::Notify,
     /// Every broker is unreachable (cleared by the next record or commit).
     brokers_down: AtomicBool,
+    /// Why the group coordinator refused this member's join (an assignor the group's other
+    /// members do not share); cleared by the next assignment. Signalled through `assigned_event`.
+    join_refused: Mutex<Option<String>>,
     rebalances: metrics::Counter,
     commit_failures: metrics::Counter,
     paused: metrics::Gauge,
@@ -82,7 +85,9 @@ impl ClientContext for GroupContext {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.group.brokers_down.store(true, Ordering::SeqCst);
         }
-        tracing::warn!(group = %self.group.name, %error, reason, "Kafka consumer error");
+        if !self.group.note_join_refusal(&error) {
+            tracing::warn!(group = %self.group.name, %error, reason, "Kafka consumer error");
+        }
     }
 }
 
@@ -191,6 +196,7 @@ impl Group {
             assignments: AtomicU64::new(0),
             assigned_event: tokio::sync::Notify::new(),
             brokers_down: AtomicBool::new(false),
+            join_refused: Mutex::new(None),
             rebalances: metrics::counter!(format!("{namespace}_rebalances_total")),
             commit_failures: metrics::counter!(format!("{namespace}_commit_failures_total")),
             paused: metrics::gauge!(format!("{namespace}_partitions_paused")),
@@ -297,9 +303,10 @@ impl Group {
                     self.brokers_down.store(false, Ordering::SeqCst);
                     self.take(consumer, &record);
                 }
-                Some(Err(error)) => {
+                Some(Err(error)) if !self.note_join_refusal(&error) => {
                     tracing::warn!(group = %self.name, %error, "Kafka poll error");
                 }
+                Some(Err(_)) => {}
                 None => {}
             }
             if Instant::now() >= next_commit {
@@ -456,6 +463,7 @@ impl Group {
             }
         }
         tracing::info!(group = %self.name, partitions = partitions.count(), "Kafka partitions assigned");
+        lock(&self.join_refused).take();
         self.assignments.fetch_add(1, Ordering::SeqCst);
         self.assigned_event.notify_waiters();
     }
@@ -465,17 +473,49 @@ impl Group {
         self.assignments.load(Ordering::SeqCst)
     }
 
-    /// Waits until an assignment after the first `seen` arrives, or `deadline`.
-    pub(crate) async fn wait_assignment(&self, seen: u64, deadline: tokio::time::Instant) -> bool {
+    /// Records a refused group join: the coordinator answers `INCONSISTENT_GROUP_PROTOCOL`
+    /// when this member offers no assignor that every member of the group offers (a Go service
+    /// with sarama's eager `range` beside this bus's default `cooperative-sticky`). Returns
+    /// whether `error` was one.
+    fn note_join_refusal(&self, error: &KafkaError) -> bool {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::InconsistentGroupProtocol) {
+            return false;
+        }
+        let reason = format!(
+            "the consumer group {} refused this member: its other members use a partition \
+             assignment strategy this member does not offer ({error}). Members of one group \
+             must share one; beside Go services (sarama: range) set \
+             assignment_strategy = \"range\"",
+            self.name
+        );
+        let first = lock(&self.join_refused).replace(reason.clone()).is_none();
+        if first {
+            tracing::error!(group = %self.name, %error, "{reason}");
+        }
+        self.assigned_event.notify_waiters();
+        true
+    }
+
+    /// Waits until an assignment after the first `seen` arrives (`Ok(true)`), or `deadline`
+    /// (`Ok(false)`); a refused join is a configuration error naming
+    /// `kafka.assignment_strategy`.
+    pub(crate) async fn wait_assignment(
+        &self,
+        seen: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, Error> {
         loop {
             let assigned = self.assigned_event.notified();
             tokio::pin!(assigned);
             assigned.as_mut().enable();
             if self.assignments() > seen {
-                return true;
+                return Ok(true);
+            }
+            if let Some(reason) = lock(&self.join_refused).clone() {
+                return Err(Error::config("kafka.assignment_strategy", reason));
             }
             if tokio::time::timeout_at(deadline, assigned).await.is_err() {
-                return false;
+                return Ok(false);
             }
         }
     }

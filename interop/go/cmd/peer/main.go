@@ -9,7 +9,8 @@
 //	peer nats-subscribe  -url U -topic T -durable D [-count N]    handled envelopes to stdout
 //
 // A consumer writes one JSON line per envelope it handled ({"aggregate_id", "event_version",
-// "event_id", "event_type", "payload", "partition", "offset"}), then stops after -count
+// "event_id", "event_type", "payload", "partition", "offset", "handled_at_ns"}: the wall clock,
+// to merge its handlings with another process's), then stops after -count
 // envelopes (0: until SIGTERM or SIGINT). Publishers print {"published": N} once every envelope
 // was acknowledged.
 package main
@@ -104,6 +105,7 @@ type handled struct {
 	Payload      json.RawMessage `json:"payload"`
 	Partition    int32           `json:"partition"`
 	Offset       int64           `json:"offset"`
+	HandledAtNs  int64           `json:"handled_at_ns"`
 }
 
 // output serialises handled lines from concurrent partition claims.
@@ -119,7 +121,7 @@ func newOutput(limit int) *output {
 }
 
 func (o *output) write(e *envelope.Envelope, partition int32, offset int64) {
-	line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, e.Payload, partition, offset})
+	line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, e.Payload, partition, offset, time.Now().UnixNano()})
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	os.Stdout.Write(append(line, '\n'))
