@@ -150,6 +150,19 @@ impl GoConsumer {
         }
     }
 
+    /// Waits up to 30 s for the peer to exit on its own (after `-count` envelopes).
+    pub fn wait_for_exit(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "the Go peer failed: {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the Go peer did not exit within 30 s");
+    }
+
     /// Stops the peer with SIGTERM (it closes its consumer: sarama commits what it marked) and
     /// waits up to 30 s for it to exit.
     pub fn stop(&mut self) {

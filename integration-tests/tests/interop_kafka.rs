@@ -9,7 +9,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use eventbus_core::{
-    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Position, SubscribeOptions,
+    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Position, StartPosition,
+    SubscribeOptions,
 };
 use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
@@ -370,4 +371,53 @@ async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subsc
     );
     rust.close().await.unwrap();
     publisher.close().await.unwrap();
+}
+
+/// On Kafka the group a bus reads with, and where a group without offsets starts, are the
+/// bus's (`kafka.group_id`, `kafka.auto_offset_reset`): a subscription naming another group or
+/// a start position is a configuration error that says so, not an option silently ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_cannot_name_another_group_or_a_start_position_on_kafka() {
+    let (topic, group) = ("interop.options", "interop-options");
+    let bus = KafkaBus::connect(
+        BusSettings::new("kafka", group),
+        kafka_group_config(&kafka_bootstrap(), group, topic, 1),
+    )
+    .await
+    .unwrap();
+    let handler = || {
+        Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async { Ok::<(), HandlerError>(()) })
+    };
+    let other = bus
+        .subscribe_envelope(
+            topic,
+            handler(),
+            SubscribeOptions::new().with_durable("the-go-services-group"),
+        )
+        .await
+        .expect_err("another group");
+    assert_eq!(other.kind(), ErrorKind::Config);
+    assert!(other.to_string().contains("kafka.group_id"), "{other}");
+    let start = bus
+        .subscribe_envelope(
+            topic,
+            handler(),
+            SubscribeOptions::new().with_start(StartPosition::New),
+        )
+        .await
+        .expect_err("a start position");
+    assert_eq!(start.kind(), ErrorKind::Config);
+    assert!(
+        start.to_string().contains("kafka.auto_offset_reset"),
+        "{start}"
+    );
+    // Naming the bus's own group is what it does anyway.
+    bus.subscribe_envelope(
+        topic,
+        handler(),
+        SubscribeOptions::new().with_durable(group),
+    )
+    .await
+    .unwrap();
+    bus.close().await.unwrap();
 }

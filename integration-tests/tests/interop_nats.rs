@@ -9,7 +9,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_core::{
+    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, StartPosition, SubscribeOptions,
+};
 use eventbus_nats::NatsBus;
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
@@ -123,5 +125,195 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
         let payload: serde_json::Value = serde_json::from_slice(envelope.payload()).unwrap();
         assert_eq!(got.payload, payload, "{}", got.event_id);
     }
+    bus.close().await.unwrap();
+}
+
+/// The takeover: a Go service consumed part of a stream with its durable (the Go SDK's
+/// `{DurableName}-unified_{suffix}`) and stopped mid-batch; a service on this SDK subscribes
+/// with `SubscribeOptions::with_durable` naming that durable and goes on where the Go service
+/// stopped: nothing lost, nothing the Go service acknowledged handled again, each aggregate's
+/// events in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_here_adopts_the_go_services_durable_and_goes_on_where_it_stopped() {
+    let server = NatsServer::start();
+    let topic = "interop.takeover";
+    let durable = "business-consumer-unified_interop_takeover";
+    let sent = envelopes("take", 20, 30);
+    let url = server.url();
+    tokio::task::block_in_place(|| {
+        go_publish("nats-publish", &["-url", &url, "-topic", topic], &sent);
+    });
+    let mut go = GoConsumer::start(
+        "nats-subscribe",
+        &[
+            "-url", &url, "-topic", topic, "-durable", durable, "-count", "200",
+        ],
+    );
+    let mut go_handled: Vec<GoHandled> = Vec::new();
+    go.read_until("the Go service's first 200", &mut go_handled, |h| {
+        h.len() >= 200
+    })
+    .await;
+    tokio::task::block_in_place(|| go.wait_for_exit());
+    go.read_available(&mut go_handled);
+    assert_eq!(go_handled.len(), 200, "the Go peer stops after 200");
+
+    let bus = NatsBus::connect(nats_settings("interop-takeover"), nats_config(&url))
+        .await
+        .unwrap();
+    let handled = Recorder::<(String, i64, String)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((
+                    envelope.aggregate_id.clone(),
+                    envelope.event_version,
+                    envelope.event_id.clone(),
+                ));
+                Ok::<(), HandlerError>(())
+            }
+        }),
+        SubscribeOptions::new().with_durable(durable),
+    )
+    .await
+    .unwrap();
+    let go_ids: BTreeSet<&str> = go_handled.iter().map(|g| g.event_id.as_str()).collect();
+    let rest: BTreeSet<&str> = sent
+        .iter()
+        .map(|e| e.event_id.as_str())
+        .filter(|id| !go_ids.contains(id))
+        .collect();
+    let events = handled
+        .wait_for("what the Go service did not handle", |e| {
+            e.iter()
+                .map(|(.., id)| id.as_str())
+                .collect::<BTreeSet<_>>()
+                == rest
+        })
+        .await;
+    let again: Vec<&str> = events
+        .iter()
+        .map(|(.., id)| id.as_str())
+        .filter(|id| go_ids.contains(id))
+        .collect();
+    assert!(
+        again.is_empty(),
+        "handled again after the Go service acknowledged them: {again:?}"
+    );
+    let timeline: Vec<(String, i64)> = go_handled
+        .iter()
+        .map(|g| (g.aggregate_id.clone(), g.event_version))
+        .chain(events.iter().map(|(a, v, _)| (a.clone(), *v)))
+        .collect();
+    assert_first_handlings_in_order(&timeline, 20, 30);
+    bus.close().await.unwrap();
+}
+
+/// A durable named by a subscription that filters another subject is not adopted: it belongs to
+/// something else, and reading it would move or mix its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_that_filters_another_subject_is_refused() {
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "ADOPT".into(),
+            subjects: vec!["adopt.a".into(), "adopt.b".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("theirs".into()),
+            filter_subject: "adopt.b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bus = NatsBus::connect(nats_settings("adopt"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    let refused = bus
+        .subscribe_envelope(
+            "adopt.a",
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new().with_durable("theirs"),
+        )
+        .await
+        .expect_err("a durable of another subject");
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(refused.to_string().contains("durable"), "{refused}");
+    assert!(refused.to_string().contains("adopt.b"), "{refused}");
+    bus.close().await.unwrap();
+}
+
+/// Where a durable made by a subscription starts: `New` skips what the stream held,
+/// `FromSequence` starts at that sequence, `All` (the default) reads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_durable_starts_where_the_subscription_says() {
+    let server = NatsServer::start();
+    let topic = "interop.start";
+    let bus = NatsBus::connect(nats_settings("start"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    let before = envelopes("before", 1, 5);
+    for envelope in &before {
+        bus.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let mut recorders = Vec::new();
+    for (durable, start) in [
+        ("start-all", StartPosition::All),
+        ("start-new", StartPosition::New),
+        ("start-seq", StartPosition::FromSequence(4)),
+    ] {
+        let handled = Recorder::<i64>::new();
+        let h = handled.clone();
+        bus.subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                let version = envelope.event_version;
+                async move {
+                    h.push(version);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new()
+                .with_durable(durable)
+                .with_start(start),
+        )
+        .await
+        .unwrap();
+        recorders.push(handled);
+    }
+    let after: Vec<Envelope> = (6..=8)
+        .map(|version| {
+            Envelope::new(
+                "before-0",
+                "Interop.Changed",
+                version,
+                &serde_json::json!({}),
+            )
+            .unwrap()
+        })
+        .collect();
+    for envelope in &after {
+        bus.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let all = recorders[0].wait_for("all", |e| e.len() >= 8).await;
+    assert_eq!(all, [1, 2, 3, 4, 5, 6, 7, 8]);
+    let new = recorders[1].wait_for("new only", |e| e.len() >= 3).await;
+    assert_eq!(new, [6, 7, 8]);
+    let from = recorders[2]
+        .wait_for("from sequence 4", |e| e.len() >= 5)
+        .await;
+    assert_eq!(from, [4, 5, 6, 7, 8]);
     bus.close().await.unwrap();
 }

@@ -146,7 +146,15 @@ fn the_demo_serves_pool_metrics_while_it_runs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let names = [
+        "memory_eventbus_eventbus_actor_pool_messages_sent_total",
+        "memory_eventbus_eventbus_actor_pool_inbox_depth",
+        "memory_eventbus_eventbus_actor_pool_lanes_active",
+        "memory_eventbus_eventbus_actor_pool_in_flight",
+    ];
     let deadline = Instant::now() + Duration::from_secs(30);
+    // A metric is served once it was first recorded: scrape until every one is there.
+    let mut last = String::new();
     let scraped = loop {
         let response = TcpStream::connect(&listen).ok().and_then(|mut stream| {
             stream
@@ -157,22 +165,23 @@ fn the_demo_serves_pool_metrics_while_it_runs() {
             Some(body)
         });
         match response {
-            Some(body) if body.contains("actor_pool_messages_sent_total") => break body,
-            _ if Instant::now() > deadline => panic!("no metrics served on {listen}"),
-            // Poll the endpoint until it answers; the demo is starting up.
-            _ => std::thread::yield_now(),
+            Some(body) if names.iter().all(|name| body.contains(name)) => break body,
+            _ if Instant::now() > deadline => {
+                panic!("not every pool metric served on {listen} within 30 s; last scrape:\n{last}")
+            }
+            // Poll the endpoint until it answers with every metric; the demo is starting up.
+            Some(body) => {
+                last = body;
+                std::thread::yield_now();
+            }
+            None => std::thread::yield_now(),
         }
     };
     assert!(
         demo.try_wait().unwrap().is_none(),
         "the demo was still running when scraped"
     );
-    for name in [
-        "memory_eventbus_eventbus_actor_pool_messages_sent_total",
-        "memory_eventbus_eventbus_actor_pool_inbox_depth",
-        "memory_eventbus_eventbus_actor_pool_lanes_active",
-        "memory_eventbus_eventbus_actor_pool_in_flight",
-    ] {
+    for name in names {
         assert!(scraped.contains(name), "{name} missing from:\n{scraped}");
     }
     let output = demo.wait_with_output().unwrap();

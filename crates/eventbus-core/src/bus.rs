@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 use crate::envelope::Envelope;
 use crate::error::Error;
@@ -63,6 +64,22 @@ pub enum DeadLetter {
     Disabled,
 }
 
+/// Where a subscription whose durable broker state is new starts reading. A durable that
+/// exists keeps its own position; this never moves it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StartPosition {
+    /// Everything the stream still holds.
+    #[default]
+    All,
+    /// Only messages published after the durable was made.
+    New,
+    /// Messages stored at or after this time.
+    FromTime(OffsetDateTime),
+    /// Messages from this stream sequence on.
+    FromSequence(u64),
+}
+
 /// Options of one subscription.
 ///
 /// ```
@@ -82,6 +99,18 @@ pub struct SubscribeOptions {
     pub dead_letter: DeadLetter,
     /// Take the aggregate ID from the subject's tokens when no other source holds one (NATS).
     pub subject_keys: bool,
+    /// NATS: the durable consumer to read with, instead of the bus's own name
+    /// (`{client_id}_{topic}`): to adopt the durable of a service this one replaces, such as a
+    /// Go service's `{DurableName}-unified_{suffix}`. A durable of that name that filters another
+    /// subject is refused. Kafka: a bus has one consumer group (`kafka.group_id`); any other
+    /// name is a configuration error. The memory backend keeps no broker state and ignores it.
+    pub durable: Option<String>,
+    /// NATS: where a durable made by this subscription starts (an existing durable keeps its
+    /// position). Kafka: where a group without committed offsets starts is
+    /// `kafka.auto_offset_reset`, so anything but [`StartPosition::All`] is a configuration
+    /// error there. The memory backend keeps no history: every subscription starts with the
+    /// messages published after it, whatever this says.
+    pub start: StartPosition,
 }
 
 impl SubscribeOptions {
@@ -99,6 +128,18 @@ impl SubscribeOptions {
     /// Opts into (or out of) aggregate IDs from subject tokens.
     pub fn with_subject_keys(mut self, subject_keys: bool) -> Self {
         self.subject_keys = subject_keys;
+        self
+    }
+
+    /// Reads with the durable consumer `name` (see [`SubscribeOptions::durable`]).
+    pub fn with_durable(mut self, name: impl Into<String>) -> Self {
+        self.durable = Some(name.into());
+        self
+    }
+
+    /// Sets where a durable this subscription makes starts (see [`SubscribeOptions::start`]).
+    pub fn with_start(mut self, start: StartPosition) -> Self {
+        self.start = start;
         self
     }
 

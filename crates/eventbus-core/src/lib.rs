@@ -81,7 +81,9 @@ pub use aggregate_id::{
     AGGREGATE_ID_HEADERS, AggregateId, AggregateIdError, MAX_AGGREGATE_ID_LEN, MessageSource,
     extract_aggregate_id, validate_aggregate_id,
 };
-pub use bus::{DeadLetter, EventBus, SubscribeOptions, Subscription, SubscriptionControl};
+pub use bus::{
+    DeadLetter, EventBus, StartPosition, SubscribeOptions, Subscription, SubscriptionControl,
+};
 pub use dead_letter::{
     HEADER_DEAD_LETTERED_AT, HEADER_ERROR_MESSAGE, HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use eventbus_core::{
     Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
-    OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, async_trait,
-    validate_topic,
+    OutboundMessage, StartPosition, SubscribeOptions, Subscription, SubscriptionControl,
+    async_trait, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime};
@@ -106,6 +106,9 @@ impl KafkaBus {
     /// polled next. A group whose other members use an assignor this bus does not offer refuses
     /// the join: that is a [`Config`](eventbus_core::ErrorKind::Config) error naming
     /// `kafka.assignment_strategy`, and the topic is taken out of the group's subscription again.
+    /// [`SubscribeOptions::durable`] other than the group's name and [`SubscribeOptions::start`]
+    /// other than `All` are configuration errors: the group and where it starts are the bus's
+    /// (`kafka.group_id`, `kafka.auto_offset_reset`).
     ///
     /// # Cancel safety
     ///
@@ -118,6 +121,23 @@ impl KafkaBus {
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
         validate_topic(topic)?;
+        let group = &self.inner.group.name;
+        if let Some(name) = options.durable.as_ref().filter(|name| *name != group) {
+            return Err(Error::config(
+                "durable",
+                format!(
+                    "a Kafka bus reads with one consumer group, kafka.group_id ({group:?}): to \
+                     adopt the group {name:?}, set kafka.group_id to it"
+                ),
+            ));
+        }
+        if options.start != StartPosition::All {
+            return Err(Error::config(
+                "start",
+                "on Kafka, where a group without committed offsets starts reading is \
+                 kafka.auto_offset_reset",
+            ));
+        }
         let dead_letter = if handler.is_envelope() {
             options.dead_letter_topic(topic)?
         } else {

@@ -17,9 +17,9 @@ use tokio::task::JoinHandle;
 
 use crate::config::NatsConfig;
 use crate::connection::{ConnectionState, connect};
-use crate::consumer::{Resume, ensure_consumer};
+use crate::consumer::{DurableSpec, Resume, ensure_consumer};
 use crate::fetch::{self, Fetch};
-use crate::names::durable_name;
+use crate::names::{durable_name, validate_durable_name};
 use crate::publish::Broker;
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
@@ -219,7 +219,10 @@ impl NatsBus {
 
     /// Subscribes `handler` to `topic`. While an earlier subscription of the topic is
     /// unsubscribing (giving its queued messages back to the durable), this waits for it, so
-    /// the new subscription reads them before anything newer.
+    /// the new subscription reads them before anything newer. [`SubscribeOptions::durable`]
+    /// names the durable to read with (to adopt another service's; one that filters another
+    /// subject, or that another subscription of this bus reads, is refused);
+    /// [`SubscribeOptions::start`] says where a durable made here starts.
     ///
     /// # Cancel safety
     ///
@@ -243,8 +246,27 @@ impl NatsBus {
             return Err(Error::Closed);
         }
         let broker = &inner.broker;
+        if let Some(name) = &options.durable {
+            validate_durable_name(name)?;
+            if lock(&inner.subscriptions)
+                .iter()
+                .any(|running| running.fetch.durable == *name)
+            {
+                return Err(Error::config(
+                    "durable",
+                    format!("durable {name:?} is read by another subscription of this bus"),
+                ));
+            }
+        }
         let mut claim = inner.claim_slot(topic).await;
-        let durable = durable_name(&inner.runtime.settings().client_id, topic, claim.slot);
+        let durable = options.durable.clone().unwrap_or_else(|| {
+            durable_name(&inner.runtime.settings().client_id, topic, claim.slot)
+        });
+        let spec = DurableSpec {
+            name: &durable,
+            explicit: options.durable.is_some(),
+            start: options.start,
+        };
         let ephemeral = broker.config.topic(topic).ephemeral;
         let source = if ephemeral {
             let subscriber = broker
@@ -259,23 +281,18 @@ impl NatsBus {
             } else {
                 Resume::IfAbandoned
             };
-            let consumer = ensure_consumer(broker, topic, &durable, envelopes, resume).await?;
+            let consumer = ensure_consumer(broker, topic, spec, envelopes, resume).await?;
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
         };
-        let spec = SubscriptionSpec::new(topic, durable.clone(), handler)
+        let subscription = SubscriptionSpec::new(topic, durable.clone(), handler)
             .with_dead_letter(dead_letter)
             .with_subject_keys(options.subject_keys)
             .with_progress_interval(
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
-        let consumer = inner.runtime.subscribe(spec)?;
-        let fetch = Arc::new(Fetch::new(
-            topic,
-            durable,
-            consumer,
-            inner.connection.clone(),
-        ));
+        let consumer = inner.runtime.subscribe(subscription)?;
+        let fetch = Arc::new(Fetch::new(topic, spec, consumer, inner.connection.clone()));
         let task = match source {
             Source::Core(subscriber) => tokio::spawn(fetch::core_loop(fetch.clone(), subscriber)),
             Source::Pull(consumer) => {

@@ -1,7 +1,7 @@
 //! The durable pull consumer of a subscription: created, updated, or replayed from its ack floor.
 
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
-use eventbus_core::{Error, OffsetDateTime};
+use eventbus_core::{Error, OffsetDateTime, StartPosition};
 
 use crate::publish::Broker;
 use crate::streams::{Kind, stream_spec};
@@ -33,6 +33,31 @@ pub(crate) struct Position {
     pub(crate) last_stored: OffsetDateTime,
 }
 
+/// The durable consumer a subscription reads with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DurableSpec<'a> {
+    /// Its name.
+    pub(crate) name: &'a str,
+    /// Named by the subscription (`SubscribeOptions::durable`), not by the bus.
+    pub(crate) explicit: bool,
+    /// Where it starts when this bus makes it.
+    pub(crate) start: StartPosition,
+}
+
+/// The deliver policy of a durable made to start at `start`.
+fn deliver_policy(start: StartPosition) -> jetstream::consumer::DeliverPolicy {
+    use jetstream::consumer::DeliverPolicy;
+    match start {
+        StartPosition::New => DeliverPolicy::New,
+        StartPosition::FromTime(start_time) => DeliverPolicy::ByStartTime { start_time },
+        StartPosition::FromSequence(start_sequence) => {
+            DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        // `StartPosition` is non-exhaustive; `All` and anything added later read everything.
+        _ => DeliverPolicy::All,
+    }
+}
+
 /// The durable consumer `durable` of `topic`, created, or updated when its configuration
 /// changed. A durable of that name that filters another subject belongs to something else (or
 /// to a name collision): that is an error, never a silent move of its filter.
@@ -46,10 +71,11 @@ pub(crate) struct Position {
 pub(crate) async fn ensure_consumer(
     broker: &Broker,
     topic: &str,
-    durable: &str,
+    spec: DurableSpec<'_>,
     envelopes: bool,
     resume: Resume,
 ) -> Result<PullConsumer, Error> {
+    let durable = spec.name;
     let settings = &broker.config.consumer;
     let kind = if envelopes {
         Kind::Envelopes
@@ -80,10 +106,15 @@ pub(crate) async fn ensure_consumer(
     {
         let current = &info.config;
         if current.filter_subject != topic {
+            let (field, owner) = if spec.explicit {
+                ("durable", "it is not a durable of this topic")
+            } else {
+                ("nats.client_id", "another subscriber owns this name")
+            };
             return Err(Error::config(
-                "nats.client_id",
+                field,
                 format!(
-                    "the durable consumer {durable} of stream {stream_name} filters {:?}, not {topic:?}: another subscriber owns this name",
+                    "the durable consumer {durable} of stream {stream_name} filters {:?}, not {topic:?}: {owner}",
                     current.filter_subject
                 ),
             ));
@@ -161,6 +192,8 @@ pub(crate) async fn ensure_consumer(
         } else {
             tracing::info!(durable = %durable, start, "durable consumer and its stream made again; reading the new stream from its beginning");
         }
+    } else {
+        wanted.deliver_policy = deliver_policy(spec.start);
     }
     stream
         .create_consumer(wanted)

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
-use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime};
+use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime, StartPosition};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
 use futures::{FutureExt, StreamExt};
 
 use crate::config::ConsumerSettings;
 use crate::connection::ConnectionState;
-use crate::consumer::{Position, Resume, ensure_consumer};
+use crate::consumer::{DurableSpec, Position, Resume, ensure_consumer};
 use crate::publish::Broker;
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
@@ -25,6 +25,10 @@ use crate::streams::{Kind, stream_spec};
 pub(crate) struct Fetch {
     pub(crate) topic: String,
     pub(crate) durable: String,
+    /// The durable was named by the subscription, not by the bus.
+    explicit_durable: bool,
+    /// Where the durable starts when it is made.
+    start: StartPosition,
     pub(crate) consumer: Arc<Consumer>,
     /// Stop fetching.
     pub(crate) stop: CancellationToken,
@@ -39,18 +43,29 @@ pub(crate) struct Fetch {
 impl Fetch {
     pub(crate) fn new(
         topic: &str,
-        durable: String,
+        durable: DurableSpec<'_>,
         consumer: Arc<Consumer>,
         connection: Arc<ConnectionState>,
     ) -> Self {
         Self {
             topic: topic.to_owned(),
-            durable,
+            durable: durable.name.to_owned(),
+            explicit_durable: durable.explicit,
+            start: durable.start,
             consumer,
             stop: CancellationToken::new(),
             draining: AtomicBool::new(false),
             connection,
             last_taken: Mutex::new(None),
+        }
+    }
+
+    /// The durable it reads with.
+    pub(crate) fn durable_spec(&self) -> DurableSpec<'_> {
+        DurableSpec {
+            name: &self.durable,
+            explicit: self.explicit_durable,
+            start: self.start,
         }
     }
 
@@ -217,7 +232,15 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             // deleted consumer): find or make them again.
             broker.streams.forget(&fetch.topic).await;
             let resume = fetch.position().map_or(Resume::No, Resume::MissingFrom);
-            match ensure_consumer(&broker, &fetch.topic, &fetch.durable, envelopes, resume).await {
+            match ensure_consumer(
+                &broker,
+                &fetch.topic,
+                fetch.durable_spec(),
+                envelopes,
+                resume,
+            )
+            .await
+            {
                 Ok(fresh) => consumer = fresh,
                 Err(error) => {
                     tracing::warn!(durable = %fetch.durable, %error, "consumer not ready")
@@ -281,7 +304,7 @@ async fn reconcile(
     ensure_consumer(
         broker,
         &fetch.topic,
-        &fetch.durable,
+        fetch.durable_spec(),
         envelopes,
         fetch.position().map_or(Resume::Always, Resume::ResetTo),
     )

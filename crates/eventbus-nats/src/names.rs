@@ -10,6 +10,29 @@ pub(crate) fn stream_name(prefix: &str, topic: &str) -> String {
     format!("{prefix}{}", escape(topic))
 }
 
+/// Checks a durable consumer name given by a subscription (`SubscribeOptions::durable`):
+/// JetStream refuses names that are empty, longer than 255 bytes, or hold whitespace, `.`, `*`,
+/// `>`, `/` or `\\` (they would be read as subject tokens or paths).
+pub(crate) fn validate_durable_name(name: &str) -> Result<(), eventbus_core::Error> {
+    let bad = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    let reason = if name.is_empty() {
+        Some("it is empty".to_owned())
+    } else if name.len() > 255 {
+        Some("it is longer than 255 bytes".to_owned())
+    } else {
+        bad.map(|c| format!("it holds {c:?}"))
+    };
+    match reason {
+        None => Ok(()),
+        Some(reason) => Err(eventbus_core::Error::config(
+            "durable",
+            format!("{name:?} cannot name a durable consumer: {reason}"),
+        )),
+    }
+}
+
 /// The durable consumer name of a subscription.
 ///
 /// The common case keeps the readable name `{client_id}_{topic}` with `.` as `_`: a client ID
@@ -110,6 +133,22 @@ mod tests {
         assert!(second.starts_with("billing_orders_created_2-"), "{second}");
         let odd = durable_name("svc.eu@1", "orders", 1);
         assert!(odd.starts_with("svc_eu_1_orders_1-"), "{odd}");
+    }
+
+    #[test]
+    fn durable_names_a_subscription_gives_are_checked_as_jetstream_would() {
+        for good in [
+            "business-consumer-unified_orders_created",
+            "a",
+            "svc-eu_orders",
+        ] {
+            assert!(validate_durable_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a.b", "a b", "a*", "a>", "a/b", "a\\b", "a\nb"] {
+            let error = validate_durable_name(bad).unwrap_err();
+            assert_eq!(error.kind(), eventbus_core::ErrorKind::Config, "{bad:?}");
+        }
+        assert!(validate_durable_name(&"x".repeat(256)).is_err());
     }
 
     #[test]

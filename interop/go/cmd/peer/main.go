@@ -120,6 +120,13 @@ func newOutput(limit int) *output {
 	return &output{done: make(chan struct{}), limit: limit}
 }
 
+// reached reports whether the limit was written.
+func (o *output) reached() bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.limit > 0 && o.written >= o.limit
+}
+
 func (o *output) write(e *envelope.Envelope, partition int32, offset int64) {
 	line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, e.Payload, partition, offset, time.Now().UnixNano()})
 	o.mu.Lock()
@@ -401,6 +408,11 @@ func natsSubscribe(ctx context.Context, url, topic, durable string, count int) e
 			continue
 		}
 		for _, message := range messages {
+			// Stopping mid-batch, as a service that stops does: the rest of the batch stays
+			// delivered and unacknowledged.
+			if out.reached() {
+				return nil
+			}
 			e, err := envelope.FromBytes(message.Data)
 			if err != nil {
 				fmt.Fprintln(os.Stderr, "peer: undecodable envelope:", err)
