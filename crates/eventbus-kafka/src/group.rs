@@ -383,7 +383,10 @@ impl Group {
 
     /// The partitions of `partitions` are taken away: their readers close (queued records are
     /// given back, running ones finish up to the drain timeout), then what they finished is
-    /// committed through the consumer the callback got, unless the assignment was lost.
+    /// committed through the consumer the callback got. A lost assignment (the session expired:
+    /// the group has given the partitions to other members already) is not drained: its running
+    /// handlers are cancelled at once, so they stop before the new owner runs the same
+    /// aggregates, and nothing is committed.
     fn revoke(&self, consumer: &BaseConsumer<GroupContext>, partitions: &TopicPartitionList) {
         self.rebalances.increment(1);
         self.revoking.fetch_add(1, Ordering::SeqCst);
@@ -398,7 +401,12 @@ impl Group {
                 .collect()
         };
         let lost = consumer.assignment_lost();
-        self.close_partitions(&revoked, self.drain_timeout);
+        let drain = if lost {
+            Duration::ZERO
+        } else {
+            self.drain_timeout
+        };
+        self.close_partitions(&revoked, drain);
         if !lost {
             commit_partitions(consumer, &revoked, CommitMode::Sync, &self.commit_failures);
         }
@@ -533,6 +541,7 @@ impl Group {
                 subscription: entry.id,
                 consumer,
                 leaving: entry.leaving.clone(),
+                plain: !entry.handler.is_envelope(),
             })),
             Err(error) => {
                 tracing::debug!(%error, "no reader: the runtime is closing");

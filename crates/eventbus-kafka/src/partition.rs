@@ -23,6 +23,8 @@ pub(crate) struct Reader {
     /// Set when the subscription unsubscribes while others keep the topic: what it gives back
     /// is finished for it (nobody reads it for this subscription again).
     pub(crate) leaving: Arc<AtomicBool>,
+    /// The subscription takes plain messages (at-most-once).
+    pub(crate) plain: bool,
 }
 
 /// A partition assigned to this bus, for one assignment generation.
@@ -144,6 +146,7 @@ async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver
             let receipt = Arc::new(KafkaReceipt {
                 record: record.clone(),
                 leaving: reader.leaving.clone(),
+                plain: reader.plain,
             });
             let delivery = Delivery {
                 message: message.clone(),
@@ -155,7 +158,9 @@ async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver
                 Err(error) => {
                     // Closing: the record is not this reader's any more.
                     record.remaining.fetch_sub(1, Ordering::SeqCst);
-                    if reader.leaving.load(Ordering::SeqCst) {
+                    // Finished for a subscription that left for good, and for a plain one
+                    // (dropped: at-most-once, see `KafkaReceipt::give_back`).
+                    if reader.plain || reader.leaving.load(Ordering::SeqCst) {
                         taken += 1;
                     } else {
                         tracing::debug!(%error, offset, "record not taken by a closing reader");
@@ -190,6 +195,7 @@ impl Record {
 struct KafkaReceipt {
     record: Arc<Record>,
     leaving: Arc<AtomicBool>,
+    plain: bool,
 }
 
 #[eventbus_core::async_trait]
@@ -199,11 +205,13 @@ impl Receipt for KafkaReceipt {
         Ok(())
     }
 
-    /// Not finished: the commit stays below it and the partition's next owner (or this bus
-    /// after a restart) reads it again. A subscription that unsubscribed while others keep the
-    /// topic is done with it.
+    /// An envelope is not finished: the commit stays below it and the partition's next owner
+    /// (or this bus after a restart) reads it again. A plain message is finished unhandled
+    /// (dropped): a commit can only stop at an offset, so reading it again would run every later
+    /// record of the partition again too, and plain messages are at-most-once. A subscription
+    /// that unsubscribed while others keep the topic is done with it either way.
     async fn give_back(&self) -> Result<(), Error> {
-        if self.leaving.load(Ordering::SeqCst) {
+        if self.plain || self.leaving.load(Ordering::SeqCst) {
             self.record.finish_one();
         }
         Ok(())
