@@ -577,7 +577,8 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
         while let Some(message) = batch.next().await {
             let message = message.unwrap();
             let envelope = Envelope::from_bytes(&message.payload).unwrap();
-            message.ack().await.unwrap();
+            // Confirmed by the server, so that the consumer info below counts it.
+            message.double_ack().await.unwrap();
             given_back.push((envelope.aggregate_id, envelope.event_version));
         }
     }
