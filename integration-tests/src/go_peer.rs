@@ -43,6 +43,14 @@ pub fn go_peer() -> &'static Path {
 /// Publishes `envelopes` through the Go peer (`kafka-publish` or `nats-publish` with `args`)
 /// and returns once the peer has every acknowledgement.
 pub fn go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) {
+    if let Err(failure) = try_go_publish(command, args, envelopes) {
+        panic!("the Go peer's {command} failed: {failure}");
+    }
+}
+
+/// [`go_publish`], returning the peer's error output when it fails (a Go service that does not
+/// start, say).
+pub fn try_go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) -> Result<(), String> {
     let mut child = Command::new(go_peer())
         .arg(command)
         .args(args)
@@ -61,12 +69,15 @@ pub fn go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) {
     drop(stdin);
     let output = child.wait_with_output().expect("the Go peer ends");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains(&format!("\"published\":{}", envelopes.len())),
-        "the Go peer's {command} failed ({}): {stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    if output.status.success() && stdout.contains(&format!("\"published\":{}", envelopes.len())) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
 }
 
 /// One envelope the Go peer handled, as it reports it.

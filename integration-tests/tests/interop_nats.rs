@@ -10,13 +10,17 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use eventbus_core::{
-    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, StartPosition, SubscribeOptions,
+    DeadLetter, Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, StartPosition,
+    SubscribeOptions,
 };
-use eventbus_nats::NatsBus;
+use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
+    try_go_publish,
 };
-use integration_tests::{Recorder, assert_first_handlings_in_order, nats_config, nats_settings};
+use integration_tests::{
+    Recorder, assert_first_handlings_in_order, collect, nats_config, nats_settings,
+};
 use test_brokers::NatsServer;
 
 /// The Go service publishes (its stream `STREAM_{topic}` made as its publish path makes it);
@@ -315,5 +319,177 @@ async fn a_new_durable_starts_where_the_subscription_says() {
         .wait_for("from sequence 4", |e| e.len() >= 5)
         .await;
     assert_eq!(from, [4, 5, 6, 7, 8]);
+    bus.close().await.unwrap();
+}
+
+/// The configuration of stream `name`, as the server reports it.
+async fn stream_config(server: &NatsServer, name: &str) -> async_nats::jetstream::stream::Config {
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(name).await.unwrap();
+    stream.info().await.unwrap().config.clone()
+}
+
+/// A Go service owns a wildcard stream kept in memory (`BUSINESS_STREAM`, `business.>`, made at
+/// its start-up). This SDK binds to it without changing it, and dead letters, given a topic
+/// outside the wildcard, go to a file stream of their own (the default `{topic}.DLQ` would fall
+/// under the memory stream, where this SDK refuses to keep dead letters).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn this_sdk_binds_to_a_go_services_wildcard_stream_and_keeps_dead_letters_apart() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let topic = "business.orders";
+    let sent = envelopes("wild", 5, 4);
+    tokio::task::block_in_place(|| {
+        go_publish(
+            "nats-publish",
+            &[
+                "-url",
+                &url,
+                "-topic",
+                topic,
+                "-stream",
+                "BUSINESS_STREAM",
+                "-stream-subjects",
+                "business.>",
+                "-storage",
+                "memory",
+            ],
+            &sent,
+        );
+    });
+    let before = stream_config(&server, "BUSINESS_STREAM").await;
+
+    let bus = NatsBus::connect(nats_settings("wild"), nats_config(&url))
+        .await
+        .unwrap();
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                if envelope.aggregate_id == "wild-0" && envelope.event_version == 2 {
+                    return Err(HandlerError::permanent("refused"));
+                }
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new()
+            .with_dead_letter(DeadLetter::Topic("dead-letters.business.orders".into())),
+    )
+    .await
+    .unwrap();
+    handled
+        .wait_for("every event but the refused one", |e| {
+            e.len() == sent.len() - 1
+        })
+        .await;
+    let dead = collect(&bus, "dead-letters.business.orders").await;
+    let letters = dead.wait_for("the dead letter", |e| !e.is_empty()).await;
+    let letter = Envelope::from_bytes(&letters[0].payload).unwrap();
+    assert_eq!(
+        (letter.aggregate_id.as_str(), letter.event_version),
+        ("wild-0", 2)
+    );
+
+    let after = stream_config(&server, "BUSINESS_STREAM").await;
+    assert_eq!(
+        after.subjects, before.subjects,
+        "the Go service's stream changed"
+    );
+    assert_eq!(
+        after.storage, before.storage,
+        "the Go service's stream changed"
+    );
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let dead_stream = js
+        .stream_by_subject("dead-letters.business.orders")
+        .await
+        .unwrap();
+    assert_ne!(dead_stream, "BUSINESS_STREAM");
+    assert_eq!(
+        stream_config(&server, &dead_stream).await.storage,
+        async_nats::jetstream::stream::StorageType::File,
+        "dead letters are kept on disk"
+    );
+    bus.close().await.unwrap();
+}
+
+/// This SDK first. By default it makes a stream per topic (`STREAM_business_orders`), and a Go
+/// service configured with a wildcard stream over the same subjects then cannot start
+/// (JetStream refuses overlapping subjects). Configured with the Go service's stream
+/// (`[[nats.streams]]`, the same name and subjects), this SDK makes that stream instead, and the
+/// Go service starts, finds it and publishes into it; this SDK handles what it publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_go_services_stream_configured_here_a_go_service_can_start_later() {
+    let go_startup = |url: &str, topic: &str, sent: &[Envelope]| {
+        try_go_publish(
+            "nats-publish",
+            &[
+                "-url",
+                url,
+                "-topic",
+                topic,
+                "-stream",
+                "BUSINESS_STREAM",
+                "-stream-subjects",
+                "business.>",
+            ],
+            sent,
+        )
+    };
+    let sent = envelopes("first", 5, 4);
+
+    // Default naming: the Go service does not start.
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus = NatsBus::connect(nats_settings("first"), nats_config(&url))
+        .await
+        .unwrap();
+    bus.publish_envelope("business.orders", &sent[0])
+        .await
+        .unwrap();
+    let refused = tokio::task::block_in_place(|| go_startup(&url, "business.orders", &sent));
+    let failure = refused.expect_err("overlapping subjects");
+    assert!(failure.contains("overlap"), "{failure}");
+    bus.close().await.unwrap();
+
+    // The Go service's stream configured here: it starts.
+    let server = NatsServer::start();
+    let url = server.url();
+    let mut config = nats_config(&url);
+    config.streams = vec![StreamDefinition {
+        name: "BUSINESS_STREAM".into(),
+        subjects: vec!["business.>".into()],
+        storage: Storage::File,
+        limits: StreamLimits::default(),
+    }];
+    let bus = NatsBus::connect(nats_settings("first"), config)
+        .await
+        .unwrap();
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        "business.orders",
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok::<(), HandlerError>(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| go_startup(&url, "business.orders", &sent)).unwrap();
+    let events = handled
+        .wait_for("what the Go service published", |e| e.len() == sent.len())
+        .await;
+    assert_first_handlings_in_order(&events, 5, 4);
     bus.close().await.unwrap();
 }

@@ -5,7 +5,8 @@
 //
 //	peer kafka-publish   -brokers B -topic T                     envelopes (JSON lines) from stdin
 //	peer kafka-consume   -brokers B -topic T -group G [-count N]  handled envelopes to stdout
-//	peer nats-publish    -url U -topic T [-stream S]              envelopes (JSON lines) from stdin
+//	peer nats-publish    -url U -topic T [-stream S [-stream-subjects P,Q -storage memory]]
+//	                                                              envelopes (JSON lines) from stdin
 //	peer nats-subscribe  -url U -topic T -durable D [-count N]    handled envelopes to stdout
 //
 // A consumer writes one JSON line per envelope it handled ({"aggregate_id", "event_version",
@@ -46,6 +47,8 @@ func main() {
 	group := flags.String("group", "", "Kafka consumer group")
 	durable := flags.String("durable", "", "NATS durable consumer name")
 	stream := flags.String("stream", "", "NATS stream to ensure for the topic (empty: STREAM_{topic})")
+	subjects := flags.String("stream-subjects", "", "with -stream: the configured stream's subjects, comma-separated, ensured at start-up as the Go SDK does")
+	storage := flags.String("storage", "file", "with -stream-subjects: file or memory")
 	count := flags.Int("count", 0, "stop after this many envelopes (0: until a signal)")
 	if err := flags.Parse(os.Args[2:]); err != nil {
 		fail(err.Error())
@@ -62,7 +65,7 @@ func main() {
 	case "kafka-consume":
 		err = kafkaConsume(ctx, strings.Split(*brokers, ","), *topic, *group, *count)
 	case "nats-publish":
-		err = natsPublish(*url, *topic, *stream)
+		err = natsPublish(*url, *topic, *stream, *subjects, *storage)
 	case "nats-subscribe":
 		err = natsSubscribe(ctx, *url, *topic, *durable, *count)
 	default:
@@ -324,9 +327,11 @@ func natsConnect(url string) (*nats.Conn, nats.JetStreamContext, error) {
 }
 
 // natsPublish is the Go SDK's PublishEnvelope on NATS: the envelope's JSON as the body, no
-// headers, js.PublishAsync; the topic's stream is ensured first as its Publish path does
-// (STREAM_{topic with . → _}, file storage, unless the topic is already covered).
-func natsPublish(url, topic, stream string) error {
+// headers, js.PublishAsync. With subjects, the configured stream is ensured first as the Go
+// SDK's start-up does (ensureStreamExists: StreamInfo, else AddStream with the configured name,
+// subjects and storage; a failure stops the service); without, the topic's stream is ensured as
+// its Publish path does (STREAM_{topic with . → _}, file storage, unless a stream covers it).
+func natsPublish(url, topic, stream, subjects, storage string) error {
 	envelopes, err := readEnvelopes()
 	if err != nil {
 		return err
@@ -336,7 +341,23 @@ func natsPublish(url, topic, stream string) error {
 		return err
 	}
 	defer conn.Close()
-	if _, err := js.StreamNameBySubject(topic); err != nil {
+	if subjects != "" {
+		if _, err := js.StreamInfo(stream); err != nil {
+			kind := nats.FileStorage
+			if storage == "memory" {
+				kind = nats.MemoryStorage
+			}
+			if _, err := js.AddStream(&nats.StreamConfig{
+				Name:      stream,
+				Subjects:  strings.Split(subjects, ","),
+				Storage:   kind,
+				Retention: nats.LimitsPolicy,
+				Replicas:  1,
+			}); err != nil {
+				return fmt.Errorf("start-up: ensure stream %s: %w", stream, err)
+			}
+		}
+	} else if _, err := js.StreamNameBySubject(topic); err != nil {
 		if stream == "" {
 			stream = "STREAM_" + strings.ReplaceAll(topic, ".", "_")
 		}
