@@ -69,7 +69,12 @@ pub fn try_go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) -> R
     drop(stdin);
     let output = child.wait_with_output().expect("the Go peer ends");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    if output.status.success() && stdout.contains(&format!("\"published\":{}", envelopes.len())) {
+    let published = if envelopes.is_empty() && command == "health-publish" {
+        "\"published\":1".to_owned()
+    } else {
+        format!("\"published\":{}", envelopes.len())
+    };
+    if output.status.success() && stdout.contains(&published) {
         Ok(())
     } else {
         Err(format!(
@@ -128,6 +133,27 @@ impl GoConsumer {
             }
         });
         Self { child, lines }
+    }
+
+    /// Reads the peer's raw output lines until `until` holds for all read so far (three
+    /// [`DEADLINE`]s at most).
+    pub async fn read_lines_until(
+        &mut self,
+        what: &str,
+        lines: &mut Vec<String>,
+        until: impl Fn(&[String]) -> bool,
+    ) {
+        let read = async {
+            while !until(lines) {
+                let Some(line) = self.lines.recv().await else {
+                    panic!("the Go peer stopped before {what}");
+                };
+                lines.push(line);
+            }
+        };
+        if tokio::time::timeout(DEADLINE * 3, read).await.is_err() {
+            panic!("timed out waiting for the Go peer: {what} ({lines:?})");
+        }
     }
 
     /// Reads what the peer reported and nobody read yet, without waiting.

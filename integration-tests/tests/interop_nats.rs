@@ -8,10 +8,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
+use eventbus::{HeartbeatOptions, Heartbeats};
 use eventbus_core::{
-    DeadLetter, Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, StartPosition,
-    SubscribeOptions,
+    DeadLetter, Envelope, ErrorKind, EventBus, HEARTBEAT_TOPIC, HandlerContext, HandlerError,
+    StartPosition, SubscribeOptions,
 };
 use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
 use integration_tests::go_peer::{
@@ -491,5 +493,89 @@ async fn with_the_go_services_stream_configured_here_a_go_service_can_start_late
         .wait_for("what the Go service published", |e| e.len() == sent.len())
         .await;
     assert_first_handlings_in_order(&events, 5, 4);
+    bus.close().await.unwrap();
+}
+
+/// One health view for a mixed fleet: a Go service's health-check message (the Go SDK's JSON on
+/// `jxt-core-health-check`) is seen by this SDK's watcher, and this SDK's heartbeat passes the
+/// Go SDK's checks (required fields, age, bus type) in the Go service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let bus: Arc<dyn EventBus> = Arc::new(
+        NatsBus::connect(nats_settings("rust-billing"), nats_config(&url))
+            .await
+            .unwrap(),
+    );
+    let watcher = Heartbeats::start(
+        bus.clone(),
+        HeartbeatOptions::new("rust-billing", "nats").with_publishing(false),
+    )
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| {
+        go_publish(
+            "health-publish",
+            &[
+                "-url",
+                &url,
+                "-topic",
+                HEARTBEAT_TOPIC,
+                "-source",
+                "go-billing",
+            ],
+            &[],
+        );
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while watcher.status().received == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Go heartbeat never counted: {:?}",
+            watcher.status()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = watcher.status().last.unwrap();
+    assert_eq!(
+        (seen.source.as_str(), seen.event_bus_type.as_str()),
+        ("go-billing", "nats")
+    );
+
+    let sender = Heartbeats::start(
+        bus.clone(),
+        HeartbeatOptions::new("rust-billing", "nats").with_monitoring(false),
+    )
+    .await
+    .unwrap();
+    let mut go = GoConsumer::start(
+        "health-read",
+        &[
+            "-url",
+            &url,
+            "-topic",
+            HEARTBEAT_TOPIC,
+            "-durable",
+            "go-health",
+            "-count",
+            "2",
+        ],
+    );
+    let mut lines = Vec::new();
+    go.read_lines_until("the Go service reading both heartbeats", &mut lines, |l| {
+        l.len() >= 2
+    })
+    .await;
+    let sources: BTreeSet<String> = lines
+        .iter()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["source"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(sources.contains("rust-billing"), "{lines:?}");
+    sender.stop().await.unwrap();
+    watcher.stop().await.unwrap();
     bus.close().await.unwrap();
 }

@@ -18,6 +18,9 @@ pub enum Error {
     /// Envelope bytes could not be decoded, or an envelope failed validation.
     #[error("invalid envelope: {0}")]
     InvalidEnvelope(#[from] EnvelopeError),
+    /// Bytes are not a health-check heartbeat that counts.
+    #[error(transparent)]
+    InvalidHeartbeat(#[from] crate::heartbeat::HeartbeatError),
     /// A string is not a valid aggregate ID.
     #[error("invalid aggregate_id: {0}")]
     InvalidAggregateId(#[from] AggregateIdError),
@@ -79,6 +82,8 @@ pub enum ErrorKind {
     InvalidEnvelope,
     /// See [`Error::InvalidAggregateId`].
     InvalidAggregateId,
+    /// See [`Error::InvalidHeartbeat`].
+    InvalidHeartbeat,
     /// See [`Error::InvalidTopic`].
     InvalidTopic,
     /// See [`Error::EncodePayload`] and [`Error::DecodePayload`].
@@ -101,6 +106,7 @@ impl Error {
         match self {
             Error::InvalidEnvelope(_) => ErrorKind::InvalidEnvelope,
             Error::InvalidAggregateId(_) => ErrorKind::InvalidAggregateId,
+            Error::InvalidHeartbeat(_) => ErrorKind::InvalidHeartbeat,
             Error::InvalidTopic { .. } => ErrorKind::InvalidTopic,
             Error::EncodePayload(_) | Error::DecodePayload(_) => ErrorKind::InvalidPayload,
             Error::Closed => ErrorKind::Closed,

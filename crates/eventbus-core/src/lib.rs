@@ -69,6 +69,7 @@ mod error;
 mod handler;
 mod headers;
 mod health;
+mod heartbeat;
 mod json;
 mod message;
 mod metrics;
@@ -99,6 +100,7 @@ pub use handler::{
 };
 pub use headers::{Headers, MAX_HEADER_VALUE, header_value};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
+pub use heartbeat::{HEARTBEAT_MAX_AGE, HEARTBEAT_TOPIC, Heartbeat, HeartbeatError};
 pub use message::{DeliveryMeta, Message, OutboundMessage, Position};
 pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};

@@ -157,6 +157,21 @@ proptest! {
     }
 
     #[test]
+    fn reading_arbitrary_bytes_as_a_heartbeat_never_panics(
+        bytes in prop::collection::vec(any::<u8>(), 0..512),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+    ) {
+        let now = eventbus_core::OffsetDateTime::now_utc();
+        let _ = eventbus_core::Heartbeat::from_bytes(&bytes, now);
+        let mut beat = eventbus_core::Heartbeat::new("svc", "nats").to_bytes().unwrap();
+        for (index, byte) in edits {
+            let at = index.index(beat.len());
+            beat[at] = byte;
+        }
+        let _ = eventbus_core::Heartbeat::from_bytes(&beat, now);
+    }
+
+    #[test]
     fn decoding_mutated_envelopes_never_panics(
         envelope in envelope(),
         edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),

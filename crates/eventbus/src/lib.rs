@@ -43,6 +43,7 @@
 //! them for Prometheus.
 
 mod config;
+mod heartbeat;
 mod metrics;
 mod typed;
 
@@ -58,6 +59,7 @@ pub use eventbus_kafka as kafka;
 #[cfg(feature = "nats")]
 pub use eventbus_nats as nats;
 pub use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+pub use heartbeat::{HeartbeatOptions, HeartbeatStatus, Heartbeats, Severity};
 pub use metrics::serve_metrics;
 pub use typed::EventBusExt;
 

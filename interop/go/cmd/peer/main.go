@@ -8,6 +8,9 @@
 //	peer nats-publish    -url U -topic T [-stream S [-stream-subjects P,Q -storage memory]]
 //	                                                              envelopes (JSON lines) from stdin
 //	peer nats-subscribe  -url U -topic T -durable D [-count N]    handled envelopes to stdout
+//	peer health-publish  -url U -topic T -source S                one health-check message
+//	peer health-read     -url U -topic T -durable D [-count N]    health-check messages that pass
+//	                                                              the Go SDK's checks, to stdout
 //
 // A consumer writes one JSON line per envelope it handled ({"aggregate_id", "event_version",
 // "event_id", "event_type", "payload", "partition", "offset", "handled_at_ns"}: the wall clock,
@@ -50,6 +53,7 @@ func main() {
 	subjects := flags.String("stream-subjects", "", "with -stream: the configured stream's subjects, comma-separated, ensured at start-up as the Go SDK does")
 	storage := flags.String("storage", "file", "with -stream-subjects: file or memory")
 	count := flags.Int("count", 0, "stop after this many envelopes (0: until a signal)")
+	source := flags.String("source", "go-peer", "health-check source")
 	if err := flags.Parse(os.Args[2:]); err != nil {
 		fail(err.Error())
 	}
@@ -68,6 +72,10 @@ func main() {
 		err = natsPublish(*url, *topic, *stream, *subjects, *storage)
 	case "nats-subscribe":
 		err = natsSubscribe(ctx, *url, *topic, *durable, *count)
+	case "health-publish":
+		err = healthPublish(*url, *topic, *source)
+	case "health-read":
+		err = healthRead(ctx, *url, *topic, *durable, *count)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -451,4 +459,112 @@ func natsSubscribe(ctx context.Context, url, topic, durable string, count int) e
 			}
 		}
 	}
+}
+
+// healthCheckMessage is the Go SDK's health-check message (inventory §6.1).
+type healthCheckMessage struct {
+	MessageID    string            `json:"messageId"`
+	Timestamp    time.Time         `json:"timestamp"`
+	Source       string            `json:"source"`
+	EventBusType string            `json:"eventBusType"`
+	Version      string            `json:"version"`
+	Metadata     map[string]string `json:"metadata"`
+}
+
+// validate is the Go SDK's parse validation: required fields, at most 5 minutes old, a known
+// bus type.
+func (m *healthCheckMessage) validate() error {
+	if m.MessageID == "" || m.Source == "" || m.EventBusType == "" || m.Timestamp.IsZero() {
+		return fmt.Errorf("missing required fields")
+	}
+	if time.Since(m.Timestamp) > 5*time.Minute {
+		return fmt.Errorf("message too old")
+	}
+	switch m.EventBusType {
+	case "kafka", "nats", "memory":
+		return nil
+	}
+	return fmt.Errorf("unknown event bus type %q", m.EventBusType)
+}
+
+// healthPublish sends one health-check message as the Go SDK's HealthChecker does: bus.Publish
+// of its JSON (on NATS: the topic's stream ensured, then PublishAsync, no headers).
+func healthPublish(url, topic, source string) error {
+	now := time.Now()
+	message := healthCheckMessage{
+		MessageID:    fmt.Sprintf("hc-%d-%016x", now.UnixNano(), now.UnixNano()*2654435761),
+		Timestamp:    now,
+		Source:       source,
+		EventBusType: "nats",
+		Version:      "2.0.0",
+		Metadata:     map[string]string{"checkType": "periodic", "instanceId": fmt.Sprintf("%s-%d", source, now.Unix())},
+	}
+	body, err := json.Marshal(message)
+	if err != nil {
+		return err
+	}
+	conn, js, err := natsConnect(url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if _, err := js.StreamNameBySubject(topic); err != nil {
+		stream := "STREAM_" + strings.ReplaceAll(topic, ".", "_")
+		if _, err := js.AddStream(&nats.StreamConfig{Name: stream, Subjects: []string{topic}, Storage: nats.FileStorage}); err != nil {
+			return fmt.Errorf("ensure stream %s: %w", stream, err)
+		}
+	}
+	future, err := js.PublishAsync(topic, body)
+	if err != nil {
+		return err
+	}
+	select {
+	case <-future.Ok():
+	case err := <-future.Err():
+		return err
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("no PubAck within 30 s")
+	}
+	fmt.Printf("{\"published\":1}\n")
+	return nil
+}
+
+// healthRead reads health-check messages with a pull durable and prints those that pass the Go
+// SDK's checks as JSON lines; the others go to stderr.
+func healthRead(ctx context.Context, url, topic, durable string, count int) error {
+	conn, js, err := natsConnect(url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	subscription, err := js.PullSubscribe(topic, durable)
+	if err != nil {
+		return err
+	}
+	read := 0
+	for count == 0 || read < count {
+		select {
+		case <-ctx.Done():
+			return nil
+		default:
+		}
+		messages, err := subscription.Fetch(10, nats.MaxWait(100*time.Millisecond))
+		if err != nil && err != nats.ErrTimeout {
+			return err
+		}
+		for _, message := range messages {
+			var health healthCheckMessage
+			if err := json.Unmarshal(message.Data, &health); err != nil {
+				fmt.Fprintln(os.Stderr, "peer: not a health-check message:", err)
+			} else if err := health.validate(); err != nil {
+				fmt.Fprintln(os.Stderr, "peer: health-check message refused:", err)
+			} else {
+				line, _ := json.Marshal(health)
+				os.Stdout.Write(append(line, '\n'))
+				read++
+			}
+			message.AckSync()
+		}
+	}
+	return nil
 }
