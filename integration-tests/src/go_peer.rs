@@ -264,3 +264,92 @@ pub fn payloads_by_event(envelopes: &[Envelope]) -> HashMap<String, Vec<u8>> {
         .map(|e| (e.event_id.clone(), e.payload().to_vec()))
         .collect()
 }
+
+/// What a subscription of this SDK recorded of an envelope: aggregate, version, event ID and
+/// payload bytes.
+pub type HandledHere = (String, i64, String, Vec<u8>);
+
+/// Subscribes a handler to `topic` that records every envelope it is given.
+pub async fn record_envelopes(
+    bus: &dyn eventbus_core::EventBus,
+    topic: &str,
+) -> std::sync::Arc<crate::Recorder<HandledHere>> {
+    let handled = crate::Recorder::<HandledHere>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        std::sync::Arc::new(
+            move |_ctx: eventbus_core::HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push((
+                        envelope.aggregate_id.clone(),
+                        envelope.event_version,
+                        envelope.event_id.clone(),
+                        envelope.payload().to_vec(),
+                    ));
+                    Ok::<(), eventbus_core::HandlerError>(())
+                }
+            },
+        ),
+        eventbus_core::SubscribeOptions::new(),
+    )
+    .await
+    .expect("subscribed");
+    handled
+}
+
+/// Waits until `handled` holds every envelope of `sent` (the [`interop_envelopes`] of
+/// `aggregates` × `versions`), then checks each aggregate's first handlings follow its versions
+/// and every payload arrived byte for byte as sent.
+pub async fn assert_handled_here_as_sent(
+    handled: &crate::Recorder<HandledHere>,
+    sent: &[Envelope],
+    aggregates: usize,
+    versions: i64,
+) {
+    let events = handled
+        .wait_for("every event the Go service published", |e| {
+            e.iter()
+                .map(|(.., id, _)| id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+                == sent.len()
+        })
+        .await;
+    let order: Vec<(String, i64)> = events.iter().map(|(a, v, ..)| (a.clone(), *v)).collect();
+    crate::assert_first_handlings_in_order(&order, aggregates, versions);
+    let expected = payloads_by_event(sent);
+    for (_, _, event_id, payload) in &events {
+        assert_eq!(
+            String::from_utf8_lossy(payload),
+            String::from_utf8_lossy(&expected[event_id]),
+            "{event_id}: the payload changed on the way"
+        );
+    }
+}
+
+/// Checks what the Go service handled against `sent` (`aggregates` × `versions`): each
+/// aggregate's first handlings follow its versions, and every field is the one sent.
+pub fn assert_handled_by_go_as_sent(
+    handled: &[GoHandled],
+    sent: &[Envelope],
+    aggregates: usize,
+    versions: i64,
+) {
+    let order: Vec<(String, i64)> = handled
+        .iter()
+        .map(|h| (h.aggregate_id.clone(), h.event_version))
+        .collect();
+    crate::assert_first_handlings_in_order(&order, aggregates, versions);
+    let by_id: HashMap<&str, &Envelope> = sent.iter().map(|e| (e.event_id.as_str(), e)).collect();
+    for got in handled {
+        let envelope = by_id[got.event_id.as_str()];
+        assert_eq!(got.aggregate_id, envelope.aggregate_id);
+        assert_eq!(got.event_version, envelope.event_version);
+        assert_eq!(got.event_type, envelope.event_type);
+        let payload: serde_json::Value =
+            serde_json::from_slice(envelope.payload()).expect("a JSON payload");
+        assert_eq!(got.payload, payload, "{}", got.event_id);
+    }
+}

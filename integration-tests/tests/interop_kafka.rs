@@ -15,7 +15,8 @@ use eventbus_core::{
 use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
-    GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
+    GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
+    interop_envelopes as envelopes, record_envelopes,
 };
 use integration_tests::{Recorder, assert_first_handlings_in_order, kafka_group_config};
 use test_brokers::kafka_bootstrap;
@@ -32,26 +33,7 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
     )
     .await
     .unwrap();
-    let handled = Recorder::<(String, i64, String, Vec<u8>)>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
-        topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((
-                    envelope.aggregate_id.clone(),
-                    envelope.event_version,
-                    envelope.event_id.clone(),
-                    envelope.payload().to_vec(),
-                ));
-                Ok::<(), HandlerError>(())
-            }
-        }),
-        SubscribeOptions::new(),
-    )
-    .await
-    .unwrap();
+    let handled = record_envelopes(&bus, topic).await;
 
     let bootstrap = kafka_bootstrap();
     tokio::task::block_in_place(|| {
@@ -62,25 +44,7 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
         );
     });
 
-    let events = handled
-        .wait_for("every event the Go service published", |e| {
-            e.iter()
-                .map(|(.., id, _)| id)
-                .collect::<BTreeSet<_>>()
-                .len()
-                == sent.len()
-        })
-        .await;
-    let order: Vec<(String, i64)> = events.iter().map(|(a, v, ..)| (a.clone(), *v)).collect();
-    assert_first_handlings_in_order(&order, 40, 25);
-    let expected = payloads_by_event(&sent);
-    for (_, _, event_id, payload) in &events {
-        assert_eq!(
-            String::from_utf8_lossy(payload),
-            String::from_utf8_lossy(&expected[event_id]),
-            "{event_id}: the payload changed on the way"
-        );
-    }
+    assert_handled_here_as_sent(&handled, &sent, 40, 25).await;
     bus.close().await.unwrap();
 }
 
@@ -113,20 +77,7 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
         h.len() >= sent.len()
     })
     .await;
-    let order: Vec<(String, i64)> = handled
-        .iter()
-        .map(|h| (h.aggregate_id.clone(), h.event_version))
-        .collect();
-    assert_first_handlings_in_order(&order, 40, 25);
-    let by_id: HashMap<&str, &Envelope> = sent.iter().map(|e| (e.event_id.as_str(), e)).collect();
-    for got in &handled {
-        let envelope = by_id[got.event_id.as_str()];
-        assert_eq!(got.aggregate_id, envelope.aggregate_id);
-        assert_eq!(got.event_version, envelope.event_version);
-        assert_eq!(got.event_type, envelope.event_type);
-        let payload: serde_json::Value = serde_json::from_slice(envelope.payload()).unwrap();
-        assert_eq!(got.payload, payload, "{}", got.event_id);
-    }
+    assert_handled_by_go_as_sent(&handled, &sent, 40, 25);
     bus.close().await.unwrap();
 }
 

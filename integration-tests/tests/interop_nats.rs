@@ -6,7 +6,7 @@
 // Test code: a failed unwrap or expect is a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +17,8 @@ use eventbus_core::{
 };
 use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
 use integration_tests::go_peer::{
-    GoConsumer, GoHandled, go_publish, interop_envelopes as envelopes, payloads_by_event,
-    try_go_publish,
+    GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
+    interop_envelopes as envelopes, record_envelopes, try_go_publish,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, collect, nats_config, nats_settings,
@@ -41,45 +41,8 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
     let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
         .await
         .unwrap();
-    let handled = Recorder::<(String, i64, String, Vec<u8>)>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
-        topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((
-                    envelope.aggregate_id.clone(),
-                    envelope.event_version,
-                    envelope.event_id.clone(),
-                    envelope.payload().to_vec(),
-                ));
-                Ok::<(), HandlerError>(())
-            }
-        }),
-        SubscribeOptions::new(),
-    )
-    .await
-    .unwrap();
-    let events = handled
-        .wait_for("every event the Go service published", |e| {
-            e.iter()
-                .map(|(.., id, _)| id)
-                .collect::<BTreeSet<_>>()
-                .len()
-                == sent.len()
-        })
-        .await;
-    let order: Vec<(String, i64)> = events.iter().map(|(a, v, ..)| (a.clone(), *v)).collect();
-    assert_first_handlings_in_order(&order, 40, 25);
-    let expected = payloads_by_event(&sent);
-    for (_, _, event_id, payload) in &events {
-        assert_eq!(
-            String::from_utf8_lossy(payload),
-            String::from_utf8_lossy(&expected[event_id]),
-            "{event_id}: the payload changed on the way"
-        );
-    }
+    let handled = record_envelopes(&bus, topic).await;
+    assert_handled_here_as_sent(&handled, &sent, 40, 25).await;
     bus.close().await.unwrap();
 }
 
@@ -117,20 +80,7 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
         h.len() >= sent.len()
     })
     .await;
-    let order: Vec<(String, i64)> = handled
-        .iter()
-        .map(|h| (h.aggregate_id.clone(), h.event_version))
-        .collect();
-    assert_first_handlings_in_order(&order, 40, 25);
-    let by_id: HashMap<&str, &Envelope> = sent.iter().map(|e| (e.event_id.as_str(), e)).collect();
-    for got in &handled {
-        let envelope = by_id[got.event_id.as_str()];
-        assert_eq!(got.aggregate_id, envelope.aggregate_id);
-        assert_eq!(got.event_version, envelope.event_version);
-        assert_eq!(got.event_type, envelope.event_type);
-        let payload: serde_json::Value = serde_json::from_slice(envelope.payload()).unwrap();
-        assert_eq!(got.payload, payload, "{}", got.event_id);
-    }
+    assert_handled_by_go_as_sent(&handled, &sent, 40, 25);
     bus.close().await.unwrap();
 }
 
