@@ -11,12 +11,13 @@ use std::time::Duration;
 use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use test_brokers::NatsServer;
 
+// Each test binary uses a part of the shared helpers.
+#[allow(dead_code)]
 mod common;
 
 use common::{
-    demo_accounting_for_every_event, eventbus, exit_within, padded_envelopes,
-    read_to_end_in_background, spawn_eventbus, subscribe_until_stdout_closes, summary_value, tail,
-    text,
+    demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
+    subscribe_until_stdout_closes, summary_value, text,
 };
 
 /// A config file for `server` in a fresh directory.
@@ -187,32 +188,10 @@ fn a_closed_stdout_stops_the_subscriber_and_gives_the_event_back() {
     );
 
     // The next subscriber of the durable gets what was not printed: it was not acknowledged.
-    let rest = (TOTAL - READ - UNREAD_AT_MOST).to_string();
-    let mut next = spawn_eventbus(
-        &[
-            "subscribe",
-            "--envelope",
-            "--config",
-            config,
-            "--topic",
-            topic,
-            "--count",
-            &rest,
-        ],
-        String::new(),
+    next_subscriber_prints(
+        config,
+        topic,
+        TOTAL - READ - UNREAD_AT_MOST,
+        Duration::from_secs(30),
     );
-    let stdout = read_to_end_in_background(next.stdout.take().expect("stdout"));
-    let stderr = read_to_end_in_background(next.stderr.take().expect("stderr"));
-    let status = exit_within(&mut next, Duration::from_secs(30));
-    let (stdout, stderr) = (
-        stdout.join().expect("stdout read"),
-        stderr.join().expect("stderr read"),
-    );
-    assert!(
-        status.is_some_and(|status| status.success()),
-        "{status:?}: {} lines\n{}",
-        stdout.lines().count(),
-        tail(&stderr)
-    );
-    assert!(stdout.lines().count() >= TOTAL - READ - UNREAD_AT_MOST);
 }

@@ -176,3 +176,37 @@ pub(crate) fn subscribe_until_stdout_closes(
     );
     assert!(!stderr.contains("panicked"), "{}", tail(&stderr));
 }
+
+/// Runs `eventbus subscribe --envelope --config {config} --topic {topic} --count {count}` and
+/// checks that it exits 0 within `limit` having printed `count` envelopes: the next subscriber
+/// after one whose output closed gets what that one did not print.
+pub(crate) fn next_subscriber_prints(config: &str, topic: &str, count: usize, limit: Duration) {
+    let count_text = count.to_string();
+    let mut next = spawn_eventbus(
+        &[
+            "subscribe",
+            "--envelope",
+            "--config",
+            config,
+            "--topic",
+            topic,
+            "--count",
+            &count_text,
+        ],
+        String::new(),
+    );
+    let stdout = read_to_end_in_background(next.stdout.take().expect("stdout"));
+    let stderr = read_to_end_in_background(next.stderr.take().expect("stderr"));
+    let status = exit_within(&mut next, limit);
+    let (stdout, stderr) = (
+        stdout.join().expect("stdout read"),
+        stderr.join().expect("stderr read"),
+    );
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "{status:?}: {} lines\n{}",
+        stdout.lines().count(),
+        tail(&stderr)
+    );
+    assert!(stdout.lines().count() >= count);
+}
