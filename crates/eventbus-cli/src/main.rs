@@ -5,11 +5,13 @@
 //! eventbus publish --topic T    stdin JSON lines → messages (or envelopes with --envelope)
 //! eventbus subscribe --topic T  messages → stdout JSON lines
 //! eventbus bench --backend B    the bus against its broker's raw client, as ratios
+//! eventbus config convert --from go.yaml   a Go SDK YAML configuration as eventbus.toml
 //! ```
 // A command-line tool prints; that is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod bench;
+mod convert;
 mod counter;
 mod demo;
 mod output;
@@ -42,6 +44,18 @@ enum Command {
     /// Measure publish and consume throughput against the broker's raw client in the same run
     /// and print the ratios (memory: against a raw channel).
     Bench(bench::BenchArgs),
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the eventbus.toml equivalent of a Go SDK (jxt-core) YAML configuration, with a
+    /// note on every setting that has no equivalent or a different meaning.
+    Convert(convert::ConvertArgs),
 }
 
 /// A failure of the command itself, with what the user needs to fix it.
@@ -98,6 +112,9 @@ fn main() -> ExitCode {
             Command::Publish(args) => shell::publish(args).await,
             Command::Subscribe(args) => shell::subscribe(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Config {
+                command: ConfigCommand::Convert(args),
+            } => convert::run(&args),
         }
     });
     match result {
