@@ -18,12 +18,13 @@ fn module() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/go")
 }
 
-/// The peer's binary, built on first use (`go build`, modules from the Go module proxy). A
-/// missing Go fails the test here, loudly.
+/// The peer's binary, built on first use (`go build`, modules from the Go module proxy) into
+/// the workspace's `target/go-peer/` (the Go build cache makes later builds quick). A missing Go
+/// fails the test here, loudly.
 pub fn go_peer() -> &'static Path {
     static PEER: OnceLock<PathBuf> = OnceLock::new();
     PEER.get_or_init(|| {
-        let binary = std::env::temp_dir().join(format!("eventbus-go-peer-{}", std::process::id()));
+        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go-peer/peer");
         let output = Command::new("go")
             .args(["build", "-o"])
             .arg(&binary)

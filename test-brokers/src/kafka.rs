@@ -338,13 +338,18 @@ impl KafkaBroker {
     }
 
     /// Leaves the broker running after this value is gone (for `cargo xtask brokers up`);
-    /// returns its PID. Whoever keeps the PID stops it.
-    pub fn detach(mut self) -> u32 {
+    /// returns its PID and its directory (store and log). Whoever keeps them stops the broker
+    /// and removes the directory.
+    pub fn detach(mut self) -> (u32, PathBuf) {
         self.stop_watchdog();
         let pid = self.child.id();
-        self.dir = PathBuf::new();
+        let dir = std::mem::take(&mut self.dir);
+        // The process's formatted template store, which the stopped watchdog would have removed.
+        if let Some(template) = template(&self.libs).parent() {
+            let _ = std::fs::remove_dir_all(template);
+        }
         std::mem::forget(self);
-        pid
+        (pid, dir)
     }
 }
 

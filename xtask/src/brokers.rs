@@ -149,7 +149,9 @@ pub(crate) fn up() -> Result<String, String> {
     let libs = install_kafka()?;
     let broker = test_brokers::KafkaBroker::start_from(&libs);
     let bootstrap = broker.bootstrap();
-    write(&dir().join("kafka.pid"), &broker.detach().to_string())?;
+    let (pid, store) = broker.detach();
+    write(&dir().join("kafka.pid"), &pid.to_string())?;
+    write(&dir().join("kafka.dir"), &store.display().to_string())?;
     write(&dir().join("kafka.bootstrap"), &bootstrap)?;
     Ok(format!("NATS_URL={nats} KAFKA_BOOTSTRAP={bootstrap}"))
 }
@@ -186,7 +188,7 @@ fn up_nats() -> Result<String, String> {
     Ok(url)
 }
 
-/// Stops the brokers that `up` started, if any, by PID.
+/// Stops the brokers that `up` started, if any, by PID, and removes the Kafka broker's store.
 pub(crate) fn down() -> Result<(), String> {
     for name in ["nats.pid", "kafka.pid"] {
         let pid_file = dir().join(name);
@@ -196,6 +198,12 @@ pub(crate) fn down() -> Result<(), String> {
         // The broker may be gone already; `kill` then fails harmlessly.
         let _ = Command::new("kill").arg(pid.trim()).status();
         std::fs::remove_file(&pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))?;
+    }
+    // The Kafka broker's store and log, outside target/ (a temporary directory).
+    let store_file = dir().join("kafka.dir");
+    if let Ok(store) = std::fs::read_to_string(&store_file) {
+        let _ = std::fs::remove_dir_all(store.trim());
+        std::fs::remove_file(&store_file).map_err(|e| format!("{}: {e}", store_file.display()))?;
     }
     Ok(())
 }
