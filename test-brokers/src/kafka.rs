@@ -158,6 +158,21 @@ fn template(libs: &Path) -> &'static Path {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
+        // Statics are never dropped: a process of its own removes the template once this
+        // process is gone, however it ends.
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "while kill -0 {} 2>/dev/null; do sleep 1; done; rm -rf '{}'",
+                    std::process::id(),
+                    dir.display()
+                ),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
         dir.join("data")
     })
 }
