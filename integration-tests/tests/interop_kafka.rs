@@ -320,6 +320,15 @@ async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subsc
         refused.to_string().contains("kafka.assignment_strategy"),
         "{refused}"
     );
+    // Once the Go member has left, the same bus joins: the refusal was about that group.
+    tokio::task::block_in_place(|| go.stop());
+    rust.subscribe_envelope(
+        topic,
+        Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async { Ok::<(), HandlerError>(()) }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .expect("a join after the Go member left");
     rust.close().await.unwrap();
     publisher.close().await.unwrap();
 }

@@ -529,3 +529,99 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     watcher.stop().await.unwrap();
     bus.close().await.unwrap();
 }
+
+fn noop() -> Arc<dyn eventbus_core::EnvelopeHandler> {
+    Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async { Ok::<(), HandlerError>(()) })
+}
+
+/// No two live subscriptions of one bus read one durable (they would share it as a work queue
+/// and run an aggregate's events at once): not two that name it at the same time, and not a
+/// named one and one whose durable the bus names the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_subscriptions_of_a_bus_never_read_one_durable() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_settings("svc"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    let (first, second) = tokio::join!(
+        bus.subscribe_envelope(
+            "durables.a",
+            noop(),
+            SubscribeOptions::new().with_durable("shared")
+        ),
+        bus.subscribe_envelope(
+            "durables.a",
+            noop(),
+            SubscribeOptions::new().with_durable("shared")
+        ),
+    );
+    let refused = [&first, &second]
+        .iter()
+        .filter(|result| {
+            result
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::Config)
+        })
+        .count();
+    assert_eq!(
+        (refused, first.is_ok() || second.is_ok()),
+        (1, true),
+        "{first:?} {second:?}"
+    );
+    // The bus names the first subscription of `durables.b` `svc_durables_b`.
+    assert_eq!(bus.durable_name("durables.b", 1), "svc_durables_b");
+    bus.subscribe_envelope(
+        "durables.b",
+        noop(),
+        SubscribeOptions::new().with_durable("svc_durables_b"),
+    )
+    .await
+    .unwrap();
+    let clash = bus
+        .subscribe_envelope("durables.b", noop(), SubscribeOptions::new())
+        .await
+        .expect_err("the bus's own name is read already");
+    assert_eq!(clash.kind(), ErrorKind::Config, "{clash}");
+    bus.close().await.unwrap();
+}
+
+/// A subscription that names its durable takes no numbered slot of the topic: the bus's own
+/// durable of the topic keeps its name, and with it its position, whatever was subscribed
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_durable_leaves_the_buss_own_durable_where_it_was() {
+    let server = NatsServer::start();
+    let topic = "durables.kept";
+    let first = NatsBus::connect(nats_settings("keeper"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    let handled = record_envelopes(&first, topic).await;
+    let old = envelopes("kept", 2, 5);
+    for envelope in &old {
+        first.publish_envelope(topic, envelope).await.unwrap();
+    }
+    handled
+        .wait_for("the first run", |e| e.len() == old.len())
+        .await;
+    first.close().await.unwrap();
+
+    let next = NatsBus::connect(nats_settings("keeper"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    next.subscribe_envelope(topic, noop(), SubscribeOptions::new().with_durable("other"))
+        .await
+        .unwrap();
+    let again = record_envelopes(&next, topic).await;
+    let new = Envelope::new("kept-new", "Interop.Changed", 1, &serde_json::json!({})).unwrap();
+    next.publish_envelope(topic, &new).await.unwrap();
+    let events = again
+        .wait_for("the new event", |e| e.iter().any(|(a, ..)| a == "kept-new"))
+        .await;
+    let replayed: Vec<&String> = events
+        .iter()
+        .map(|(aggregate, ..)| aggregate)
+        .filter(|aggregate| aggregate.as_str() != "kept-new")
+        .collect();
+    assert!(replayed.is_empty(), "handled again: {replayed:?}");
+    next.close().await.unwrap();
+}

@@ -163,6 +163,7 @@ impl KafkaBus {
             inner.publisher.ensure_topic(&added.topic).await?;
             if inner.group.add(added.clone()) {
                 let seen = inner.group.assignments();
+                inner.group.clear_join_refusal();
                 if let Err(error) = inner.poller.set_topics(inner.group.topics()).await {
                     inner.group.remove(&added);
                     return Err(error);

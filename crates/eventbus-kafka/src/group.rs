@@ -504,6 +504,12 @@ impl Group {
         true
     }
 
+    /// Forgets an earlier refused join: the next join is judged on its own (the members that
+    /// refused it may have left since).
+    pub(crate) fn clear_join_refusal(&self) {
+        lock(&self.join_refused).take();
+    }
+
     /// Waits until an assignment after the first `seen` arrives (`Ok(true)`), or `deadline`
     /// (`Ok(false)`); a refused join is a configuration error naming
     /// `kafka.assignment_strategy`.

@@ -246,22 +246,30 @@ impl NatsBus {
             return Err(Error::Closed);
         }
         let broker = &inner.broker;
-        if let Some(name) = &options.durable {
-            validate_durable_name(name)?;
-            if lock(&inner.subscriptions)
-                .iter()
-                .any(|running| running.fetch.durable == *name)
-            {
-                return Err(Error::config(
-                    "durable",
-                    format!("durable {name:?} is read by another subscription of this bus"),
-                ));
+        // A subscription naming its durable takes no numbered slot of the topic (the bus's own
+        // names of later subscriptions stay as they were). Every durable, named or not, is also
+        // claimed under its name, so no two live subscriptions of this bus read one durable (a
+        // work queue between them would run an aggregate's events at once), and a subscription
+        // of a durable still unsubscribing waits for it.
+        let (mut topic_claim, durable) = match &options.durable {
+            Some(name) => {
+                validate_durable_name(name)?;
+                (None, name.clone())
             }
+            None => {
+                let claim = inner.claim_slot(topic).await;
+                let name = durable_name(&inner.runtime.settings().client_id, topic, claim.slot);
+                (Some(claim), name)
+            }
+        };
+        let name_key = durable_key(&durable);
+        let mut name_claim = inner.claim_slot(&name_key).await;
+        if name_claim.slot > 1 {
+            return Err(Error::config(
+                "durable",
+                format!("durable {durable:?} is read by another subscription of this bus"),
+            ));
         }
-        let mut claim = inner.claim_slot(topic).await;
-        let durable = options.durable.clone().unwrap_or_else(|| {
-            durable_name(&inner.runtime.settings().client_id, topic, claim.slot)
-        });
         let spec = DurableSpec {
             name: &durable,
             explicit: options.durable.is_some(),
@@ -303,14 +311,18 @@ impl NatsBus {
             fetch: fetch.clone(),
             task,
         });
-        claim.kept = true;
+        name_claim.kept = true;
+        if let Some(claim) = &mut topic_claim {
+            claim.kept = true;
+        }
         tracing::info!(topic, durable = %fetch.durable, "subscribed");
         Ok(Subscription::new(
             topic,
             Control {
                 inner: Arc::downgrade(inner),
                 fetch,
-                slot: claim.slot,
+                topic_slot: topic_claim.as_ref().map(|claim| claim.slot),
+                durable_slot: name_claim.slot,
             },
         ))
     }
@@ -462,7 +474,15 @@ impl Drop for NatsBus {
 struct Control {
     inner: Weak<Inner>,
     fetch: Arc<Fetch>,
-    slot: usize,
+    /// Its numbered slot of the topic (none when it named its durable).
+    topic_slot: Option<usize>,
+    /// Its slot under the durable's name (always 1 while it runs).
+    durable_slot: usize,
+}
+
+/// The key under which a durable's name is claimed (not a valid topic, so never a topic's key).
+fn durable_key(durable: &str) -> String {
+    format!("durable {durable}")
 }
 
 #[async_trait]
@@ -482,7 +502,11 @@ impl SubscriptionControl for Control {
         let Some(inner) = self.inner.upgrade() else {
             return Ok(());
         };
-        inner.mark_slot_closing(&self.fetch.topic, self.slot);
+        let name_key = durable_key(&self.fetch.durable);
+        if let Some(slot) = self.topic_slot {
+            inner.mark_slot_closing(&self.fetch.topic, slot);
+        }
+        inner.mark_slot_closing(&name_key, self.durable_slot);
         let running = {
             let mut subscriptions = lock(&inner.subscriptions);
             let position = subscriptions
@@ -490,7 +514,8 @@ impl SubscriptionControl for Control {
                 .position(|running| Arc::ptr_eq(&running.fetch, &self.fetch));
             position.map(|position| subscriptions.remove(position))
         };
-        let (fetch, slot) = (self.fetch.clone(), self.slot);
+        let (fetch, topic_slot, durable_slot) =
+            (self.fetch.clone(), self.topic_slot, self.durable_slot);
         // The rest runs on a task of its own: a dropped call does not cut it short, and the
         // slot stays closing (a new subscription of the topic waits) until the queue is back.
         let closing = tokio::spawn(async move {
@@ -501,7 +526,10 @@ impl SubscriptionControl for Control {
                 .consumer
                 .close(inner.runtime.settings().drain_timeout)
                 .await;
-            inner.release_slot(&fetch.topic, slot);
+            if let Some(slot) = topic_slot {
+                inner.release_slot(&fetch.topic, slot);
+            }
+            inner.release_slot(&name_key, durable_slot);
             tracing::info!(topic = %fetch.topic, durable = %fetch.durable, drained = report.drained, given_back = report.handed_back, "unsubscribed; durable consumer kept");
         });
         let _ = closing.await;

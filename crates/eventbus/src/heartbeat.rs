@@ -102,7 +102,9 @@ impl HeartbeatOptions {
     }
 }
 
-/// How long the heartbeat topic has been silent, as the Go SDK's subscriber grades it.
+/// How long the heartbeat topic has been silent, as the Go SDK's subscriber grades it:
+/// critical from the failure threshold on, an error from half of it (integer division: with the
+/// default 3 the first missed interval is already an error), a warning below that.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
     /// At least one interval missed.
