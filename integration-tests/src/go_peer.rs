@@ -190,15 +190,9 @@ impl GoConsumer {
 
     /// Waits up to 30 s for the peer to exit on its own (after `-count` envelopes).
     pub fn wait_for_exit(&mut self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "the Go peer failed: {status}");
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("the Go peer did not exit within 30 s");
+        let status = self.exit_within(Duration::from_secs(30));
+        let status = status.unwrap_or_else(|| panic!("the Go peer did not exit within 30 s"));
+        assert!(status.success(), "the Go peer failed: {status}");
     }
 
     /// Stops the peer with SIGTERM (it closes its consumer: sarama commits what it marked) and
@@ -207,14 +201,21 @@ impl GoConsumer {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        if self.exit_within(Duration::from_secs(30)).is_none() {
+            panic!("the Go peer did not exit within 30 s of SIGTERM");
+        }
+    }
+
+    /// The peer's exit status, polled until `limit`.
+    fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
         while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the Go peer did not exit within 30 s of SIGTERM");
+        None
     }
 }
 

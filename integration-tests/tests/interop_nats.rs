@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use eventbus::{HeartbeatOptions, Heartbeats};
 use eventbus_core::{
@@ -21,7 +20,7 @@ use integration_tests::go_peer::{
     interop_envelopes as envelopes, record_envelopes, try_go_publish,
 };
 use integration_tests::{
-    Recorder, assert_first_handlings_in_order, collect, nats_config, nats_settings,
+    Recorder, assert_first_handlings_in_order, collect, eventually, nats_config, nats_settings,
 };
 use test_brokers::NatsServer;
 
@@ -478,15 +477,10 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
             &[],
         );
     });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while watcher.status().received == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the Go heartbeat never counted: {:?}",
-            watcher.status()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the Go heartbeat counted", || async {
+        watcher.status().received > 0
+    })
+    .await;
     let seen = watcher.status().last.unwrap();
     assert_eq!(
         (seen.source.as_str(), seen.event_bus_type.as_str()),

@@ -71,6 +71,25 @@ fn count(events: &[String], payload: &str) -> usize {
     events.iter().filter(|e| e.as_str() == payload).count()
 }
 
+async fn wait_for_slow_running_and_the_fast_ones_run(seen: &Recorder<String>) {
+    seen.wait_for("slow running and the five fast ones run", |e| {
+        count(e, "slow") == 1 && (1..=5).all(|i| count(e, &format!("fast-{i}")) == 1)
+    })
+    .await;
+}
+
+/// The five fast records that ran before the stop did not run again after it.
+fn assert_the_fast_records_ran_once(events: &[String]) {
+    let twice: Vec<String> = (1..=5)
+        .map(|i| format!("fast-{i}"))
+        .filter(|p| count(events, p) > 1)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "plain records ran twice: {twice:?}; every handling: {events:?}"
+    );
+}
+
 /// The only subscription unsubscribes while `slow` runs and `queued` waits behind it; the
 /// topic is subscribed again on the same bus. `queued` is read again (it never ran: fine),
 /// but the five fast records that already ran must not run a second time.
@@ -92,10 +111,7 @@ async fn plain_records_run_once_across_unsubscribe_and_resubscribe() {
         .await
         .unwrap();
     publish_all(&bus, topic).await;
-    seen.wait_for("slow running and the five fast ones run", |e| {
-        count(e, "slow") == 1 && (1..=5).all(|i| count(e, &format!("fast-{i}")) == 1)
-    })
-    .await;
+    wait_for_slow_running_and_the_fast_ones_run(&seen).await;
     first.unsubscribe().await.unwrap();
     bus.subscribe(
         topic,
@@ -113,14 +129,7 @@ async fn plain_records_run_once_across_unsubscribe_and_resubscribe() {
         })
         .await;
     bus.close().await.unwrap();
-    let twice: Vec<String> = (1..=5)
-        .map(|i| format!("fast-{i}"))
-        .filter(|p| count(&events, p) > 1)
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "plain records ran twice: {twice:?}; every handling: {events:?}"
-    );
+    assert_the_fast_records_ran_once(&events);
 }
 
 /// The same with `close` and a second bus of the group: `slow` outlives the drain timeout
@@ -146,10 +155,7 @@ async fn plain_records_run_once_across_close_and_a_new_bus() {
     .await
     .unwrap();
     publish_all(&bus, topic).await;
-    seen.wait_for("slow running and the five fast ones run", |e| {
-        count(e, "slow") == 1 && (1..=5).all(|i| count(e, &format!("fast-{i}")) == 1)
-    })
-    .await;
+    wait_for_slow_running_and_the_fast_ones_run(&seen).await;
     bus.close().await.unwrap();
     let next = KafkaBus::connect(settings("plain-close-2", Duration::from_secs(1)), config)
         .await
@@ -170,12 +176,5 @@ async fn plain_records_run_once_across_close_and_a_new_bus() {
         })
         .await;
     next.close().await.unwrap();
-    let twice: Vec<String> = (1..=5)
-        .map(|i| format!("fast-{i}"))
-        .filter(|p| count(&events, p) > 1)
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "plain records ran twice: {twice:?}; every handling: {events:?}"
-    );
+    assert_the_fast_records_ran_once(&events);
 }
