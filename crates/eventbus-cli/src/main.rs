@@ -19,6 +19,9 @@ mod shell;
 
 use std::process::ExitCode;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 
 /// Domain events in order per aggregate, concurrently across aggregates, without losing any.

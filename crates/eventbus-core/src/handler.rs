@@ -17,22 +17,24 @@ pub struct HandlerContext {
     topic: Arc<str>,
     meta: DeliveryMeta,
     attempt: u32,
-    cancellation: CancellationToken,
+    /// Shared: cloning a `CancellationToken` itself takes a lock, and a context is made per call.
+    cancellation: Arc<CancellationToken>,
 }
 
 impl HandlerContext {
-    /// A context; backends build one per handler call.
+    /// A context; backends build one per handler call. `cancellation` is a token or an
+    /// `Arc` of one (shared without cloning the token).
     pub fn new(
         topic: impl Into<Arc<str>>,
         meta: DeliveryMeta,
         attempt: u32,
-        cancellation: CancellationToken,
+        cancellation: impl Into<Arc<CancellationToken>>,
     ) -> Self {
         Self {
             topic: topic.into(),
             meta,
             attempt,
-            cancellation,
+            cancellation: cancellation.into(),
         }
     }
 

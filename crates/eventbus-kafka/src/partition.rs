@@ -124,6 +124,8 @@ impl Assigned {
 /// Hands each record, in offset order, to every reader of the partition. A record no reader
 /// took (all closing) stays unfinished, so the commit never passes it.
 async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver<Message>) {
+    // Reused for every record: the partition's readers when the record came.
+    let mut readers: Vec<Arc<Reader>> = Vec::new();
     while let Some(message) = records.recv().await {
         let Some(partition) = assigned.upgrade() else {
             return;
@@ -132,7 +134,7 @@ async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver
             eventbus_core::Position::Partition { offset, .. } => offset,
             _ => continue,
         };
-        let readers = lock(&partition.readers).clone();
+        readers.extend(lock(&partition.readers).iter().cloned());
         let record = Arc::new(Record {
             offset,
             // The dispatcher's own hold, released below once every reader has it.
@@ -141,7 +143,18 @@ async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver
         });
         drop(partition);
         let mut taken = 0;
-        for reader in readers {
+        // Every reader but the last gets a copy; the last one the record itself.
+        let mut message = Some(message);
+        let last = readers.len().saturating_sub(1);
+        for (index, reader) in readers.drain(..).enumerate() {
+            let message = if index == last {
+                message.take()
+            } else {
+                message.clone()
+            };
+            let Some(message) = message else {
+                break;
+            };
             record.remaining.fetch_add(1, Ordering::SeqCst);
             let receipt = Arc::new(KafkaReceipt {
                 record: record.clone(),
@@ -149,7 +162,7 @@ async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver
                 plain: reader.plain,
             });
             let delivery = Delivery {
-                message: message.clone(),
+                message,
                 receipt,
                 held_id: None,
             };

@@ -124,6 +124,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Consumer {
     spec: SubscriptionSpec,
     topic: Arc<str>,
+    /// The spec's name and dead-letter topic, shared with every message's settling step.
+    name: Arc<str>,
+    dead_letter: Option<Arc<str>>,
     scope: Scope,
     /// Weak: the runtime holds its consumers.
     runtime: Weak<Shared>,
@@ -141,6 +144,8 @@ impl Consumer {
         let scope = runtime.pool.open_scope()?;
         let consumer = Arc::new(Self {
             topic: Arc::from(spec.topic.as_str()),
+            name: Arc::from(spec.name.as_str()),
+            dead_letter: spec.dead_letter.as_deref().map(Arc::from),
             spec,
             scope,
             runtime: Arc::downgrade(runtime),
@@ -298,9 +303,9 @@ impl Consumer {
         }
         let settling = Settling {
             runtime: Arc::downgrade(runtime),
-            cancel: self.scope.cancellation().clone(),
-            subscription: self.spec.name.clone(),
-            dead_letter: self.spec.dead_letter.clone(),
+            cancel: self.scope.cancel.clone(),
+            subscription: self.name.clone(),
+            dead_letter: self.dead_letter.clone(),
             receipt,
             message,
             guard,
@@ -380,7 +385,7 @@ fn attempts(
             topic.clone(),
             message.meta.clone(),
             ctx.attempt(),
-            ctx.cancellation().clone(),
+            ctx.cancellation.clone(),
         );
         match &handler {
             Handler::Plain(handler) => {

@@ -58,9 +58,9 @@ impl Verdict {
 pub(crate) struct Settling {
     pub(crate) runtime: Weak<Shared>,
     /// The subscription's scope token: fires at its drain deadline.
-    pub(crate) cancel: CancellationToken,
-    pub(crate) subscription: String,
-    pub(crate) dead_letter: Option<String>,
+    pub(crate) cancel: Arc<CancellationToken>,
+    pub(crate) subscription: Arc<str>,
+    pub(crate) dead_letter: Option<Arc<str>>,
     pub(crate) receipt: Arc<dyn Receipt>,
     pub(crate) message: Arc<Message>,
     /// Dropped when settling ends (or is cut short at the deadline).
