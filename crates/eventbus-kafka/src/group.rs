@@ -20,6 +20,9 @@ use crate::config::{GroupProtocol, KafkaConfig};
 use crate::partition::{Assigned, Reader, lock};
 use crate::producer::base_config;
 
+/// How long a rebalance callback waits for a committed offset or an end offset.
+const POSITION_LOOKUP: Duration = Duration::from_secs(5);
+
 /// The longest a close spends taking what was published just before it.
 pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
@@ -47,6 +50,13 @@ pub(crate) struct Group {
     handle: tokio::runtime::Handle,
     drain_timeout: Duration,
     max_in_flight: usize,
+    /// `auto_offset_reset = latest`: a partition without a committed offset starts at the end
+    /// it had when it was assigned (see [`Group::start_at_end`]).
+    start_at_end: bool,
+    /// With `start_at_end`: the end offset of each partition of a topic when the topic was
+    /// subscribed, where a partition without a committed offset starts when it is assigned
+    /// (however much later that is).
+    subscribed_ends: Mutex<HashMap<(String, i32), i64>>,
     subscriptions: Mutex<BTreeMap<String, Vec<Arc<Entry>>>>,
     assigned: Mutex<HashMap<(String, i32), Arc<Assigned>>>,
     generation: AtomicU64,
@@ -108,6 +118,9 @@ impl ConsumerContext for GroupContext {
             // paused for backpressure when it was revoked would never be fetched again here.
             if let Err(error) = consumer.resume(partitions) {
                 tracing::warn!(%error, "cannot resume newly assigned Kafka partitions");
+            }
+            if self.group.start_at_end {
+                self.group.start_at_end(consumer, partitions);
             }
             self.group.assign(partitions);
         }
@@ -188,6 +201,8 @@ impl Group {
             })?,
             drain_timeout: settings.drain_timeout,
             max_in_flight: config.max_in_flight_per_partition,
+            start_at_end: config.auto_offset_reset == crate::OffsetReset::Latest,
+            subscribed_ends: Mutex::new(HashMap::new()),
             subscriptions: Mutex::new(BTreeMap::new()),
             assigned: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
@@ -268,6 +283,9 @@ impl Group {
         loop {
             match commands.try_recv() {
                 Ok(Command::Topics(topics, reply)) => {
+                    if self.start_at_end {
+                        self.note_subscribed_ends(consumer, &topics);
+                    }
                     let result = if topics.is_empty() {
                         consumer.unsubscribe();
                         Ok(())
@@ -438,6 +456,83 @@ impl Group {
         }
         for assigned in partitions {
             assigned.stop_dispatch();
+        }
+    }
+
+    /// Notes the end offset of every partition of each topic newly in `topics` (and forgets
+    /// the topics no longer in it), before the consumer subscribes to them: with
+    /// `auto_offset_reset = latest` that is where their partitions start.
+    fn note_subscribed_ends(&self, consumer: &BaseConsumer<GroupContext>, topics: &[String]) {
+        let mut ends = lock(&self.subscribed_ends);
+        ends.retain(|(topic, _), _| topics.contains(topic));
+        for topic in topics {
+            if ends.keys().any(|(known, _)| known == topic) {
+                continue;
+            }
+            let partitions = match consumer.fetch_metadata(Some(topic), POSITION_LOOKUP) {
+                Ok(metadata) => metadata
+                    .topics()
+                    .iter()
+                    .flat_map(|found| found.partitions().iter().map(|p| p.id()))
+                    .collect::<Vec<_>>(),
+                Err(error) => {
+                    tracing::warn!(topic, %error, "partitions not known at subscribe; they start at their end when assigned");
+                    continue;
+                }
+            };
+            for partition in partitions {
+                match consumer.fetch_watermarks(topic, partition, POSITION_LOOKUP) {
+                    Ok((_, high)) => {
+                        ends.insert((topic.clone(), partition), high);
+                    }
+                    Err(error) => {
+                        tracing::warn!(topic, partition, %error, "end offset not known at subscribe; the partition starts at its end when assigned");
+                    }
+                }
+            }
+        }
+    }
+
+    /// With `auto_offset_reset = latest`, places each newly assigned partition that has no
+    /// committed offset where "latest" was when its topic was subscribed (or, not known, at its
+    /// end now), before `subscribe` learns of the assignment. librdkafka would resolve "latest"
+    /// only at the partition's first fetch, and a record published after `subscribe` returned
+    /// but before that fetch (or before the group assigned the partition at all) would never be
+    /// read. When a lookup fails, librdkafka's own reset applies (and the warning says so).
+    fn start_at_end(&self, consumer: &BaseConsumer<GroupContext>, partitions: &TopicPartitionList) {
+        let committed = match consumer.committed_offsets(partitions.clone(), POSITION_LOOKUP) {
+            Ok(committed) => committed,
+            Err(error) => {
+                tracing::warn!(group = %self.name, %error, "committed offsets not known; librdkafka resolves latest at the first fetch");
+                return;
+            }
+        };
+        for element in committed.elements() {
+            if element.offset() != Offset::Invalid {
+                continue;
+            }
+            let (topic, partition) = (element.topic(), element.partition());
+            let noted = lock(&self.subscribed_ends)
+                .get(&(topic.to_owned(), partition))
+                .copied();
+            let end = match noted {
+                Some(end) => Ok(end),
+                None => consumer
+                    .fetch_watermarks(topic, partition, POSITION_LOOKUP)
+                    .map(|(_, high)| high),
+            }
+            .and_then(|end| {
+                consumer.seek(topic, partition, Offset::Offset(end), POSITION_LOOKUP)?;
+                Ok(end)
+            });
+            match end {
+                Ok(end) => {
+                    tracing::debug!(group = %self.name, topic, partition, offset = end, "new partition starts at its end");
+                }
+                Err(error) => {
+                    tracing::warn!(group = %self.name, topic, partition, %error, "end offset not known; librdkafka resolves latest at the first fetch");
+                }
+            }
         }
     }
 
