@@ -76,6 +76,29 @@ struct Figure {
     what: &'static str,
     raw: f64,
     ours: f64,
+    /// CPU time of this process per record, raw and ours, where measured (Linux).
+    cpu: Option<(Duration, Duration)>,
+}
+
+/// CPU time used so far by every thread of this process (Linux: `/proc/self/task/*/schedstat`,
+/// nanoseconds on the CPU), or `None` where that is not readable. A steadier figure than the
+/// rate on a shared machine, where the broker and other processes take the cores in turns.
+fn process_cpu() -> Option<Duration> {
+    let mut total = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread that ended meanwhile is skipped.
+        if let Ok(stat) = std::fs::read_to_string(path) {
+            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+    }
+    Some(Duration::from_nanos(total))
+}
+
+/// CPU per record between two readings of [`process_cpu`].
+fn cpu_per_record(from: Option<Duration>, to: Option<Duration>, count: u64) -> Option<Duration> {
+    let used = to?.checked_sub(from?)?;
+    Some(used / u32::try_from(count.max(1)).unwrap_or(u32::MAX))
 }
 
 /// `eventbus bench`.
@@ -108,8 +131,15 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
         args.messages, args.aggregates, args.in_flight
     );
     for figure in figures {
+        let cpu = figure.cpu.map_or(String::new(), |(raw, ours)| {
+            format!(
+                "   cpu/record raw {:.2} µs ours {:.2} µs",
+                raw.as_secs_f64() * 1e6,
+                ours.as_secs_f64() * 1e6
+            )
+        });
         println!(
-            "  {:<20} raw {:>10.0}/s   ours {:>10.0}/s   ratio {:.2}x",
+            "  {:<20} raw {:>10.0}/s   ours {:>10.0}/s   ratio {:.2}x{cpu}",
             figure.what,
             figure.raw,
             figure.ours,
@@ -139,7 +169,11 @@ async fn publish_ours(
 /// Subscribes an ordered envelope handler that counts, and returns the rate at which it handled
 /// `count` envelopes, timed from the first one (as the raw consumers are: joining a group or
 /// creating a consumer is not consuming speed).
-async fn consume_ours(bus: &eventbus::Bus, topic: &str, count: u64) -> Result<f64, CliError> {
+async fn consume_ours(
+    bus: &eventbus::Bus,
+    topic: &str,
+    count: u64,
+) -> Result<(f64, Option<Duration>), CliError> {
     let handled = Arc::new(AtomicU64::new(0));
     let all_handled = Arc::new(Notify::new());
     let first = Arc::new(std::sync::OnceLock::new());
@@ -148,7 +182,7 @@ async fn consume_ours(bus: &eventbus::Bus, topic: &str, count: u64) -> Result<f6
         .subscribe_envelope(
             topic,
             Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
-                f.get_or_init(Instant::now);
+                f.get_or_init(|| (Instant::now(), process_cpu()));
                 if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
                     done.notify_one();
                 }
@@ -165,9 +199,14 @@ async fn consume_ours(bus: &eventbus::Bus, topic: &str, count: u64) -> Result<f6
                 handled.load(Ordering::Relaxed)
             ))
         })?;
-    let elapsed = first.get().map_or(Duration::ZERO, Instant::elapsed);
+    let cpu = process_cpu();
+    let (elapsed, cpu) = first
+        .get()
+        .map_or((Duration::ZERO, None), |(started, from)| {
+            (started.elapsed(), cpu_per_record(*from, cpu, count))
+        });
     subscription.unsubscribe().await?;
-    Ok(rate(count, elapsed))
+    Ok((rate(count, elapsed), cpu))
 }
 
 async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, CliError> {
@@ -178,7 +217,7 @@ async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, C
         .map(Envelope::to_bytes)
         .collect::<Result<_, _>>()?;
     let (sender, mut receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(1024);
-    let started = Instant::now();
+    let (started, cpu_from) = (Instant::now(), process_cpu());
     let reader = tokio::spawn(async move {
         let mut decoded = 0u64;
         while let Some(payload) = receiver.recv().await {
@@ -199,6 +238,7 @@ async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, C
         .await
         .map_err(|error| CliError(format!("the raw reader failed: {error}")))?;
     let raw = rate(decoded, started.elapsed());
+    let raw_cpu = cpu_per_record(cpu_from, process_cpu(), count);
 
     // Ours: publish into a subscribed topic and wait until every envelope was handled.
     let bus = eventbus::connect(config).await?;
@@ -217,17 +257,19 @@ async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, C
         SubscribeOptions::new(),
     )
     .await?;
-    let started = Instant::now();
+    let (started, cpu_from) = (Instant::now(), process_cpu());
     for envelope in envelopes {
         bus.publish_envelope(topic, envelope).await?;
     }
     all_handled.notified().await;
     let ours = rate(count, started.elapsed());
+    let our_cpu = cpu_per_record(cpu_from, process_cpu(), count);
     bus.close().await?;
     Ok(vec![Figure {
         what: "end to end",
         raw,
         ours,
+        cpu: raw_cpu.zip(our_cpu),
     }])
 }
 
@@ -319,15 +361,16 @@ async fn nats(
         let Some(message) = messages.next().await else {
             return Err(CliError("the raw consumer stopped".into()));
         };
-        started.get_or_insert_with(Instant::now);
+        started.get_or_insert_with(|| (Instant::now(), process_cpu()));
         let message = message.map_err(|e| broker(&e))?;
         message.ack().await.map_err(|e| broker(&e))?;
         received += 1;
     }
-    let raw_consume = rate(count, started.map_or(Duration::ZERO, |s| s.elapsed()));
+    let raw_consume = rate(count, started.map_or(Duration::ZERO, |(s, _)| s.elapsed()));
+    let raw_cpu = cpu_per_record(started.and_then(|(_, cpu)| cpu), process_cpu(), count);
     drop(messages);
 
-    let our_consume = consume_ours(&bus, &topic, count).await?;
+    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count).await?;
     bus.close().await?;
     for name in [format!("BENCH_RAW_{run}"), stream_name] {
         let _ = js.delete_stream(name).await;
@@ -337,11 +380,13 @@ async fn nats(
             what: "publish",
             raw: raw_publish,
             ours: our_publish,
+            cpu: None,
         },
         Figure {
             what: "consume",
             raw: raw_consume,
             ours: our_consume,
+            cpu: raw_cpu.zip(our_cpu),
         },
     ])
 }
@@ -469,23 +514,26 @@ async fn kafka(
     )
     .await?;
 
-    let our_consume = consume_ours(&bus, &topic, count).await?;
+    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count).await?;
     bus.close().await?;
     Ok(vec![
         Figure {
             what: "publish",
             raw: raw_publish,
             ours: our_publish,
+            cpu: None,
         },
         Figure {
             what: "consume",
-            raw: raw_consume,
+            raw: raw_consume.0,
             ours: our_consume,
+            cpu: raw_consume.1.zip(our_cpu),
         },
         Figure {
             what: "consume vs bare poll",
-            raw: bare_consume,
+            raw: bare_consume.0,
             ours: our_consume,
+            cpu: bare_consume.1.zip(our_cpu),
         },
     ])
 }
@@ -499,7 +547,7 @@ async fn raw_kafka_consume(
     group: &str,
     count: u64,
     decode: bool,
-) -> Result<f64, CliError> {
+) -> Result<(f64, Option<Duration>), CliError> {
     use rdkafka::ClientConfig;
     use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -520,7 +568,7 @@ async fn raw_kafka_consume(
         while received < count && Instant::now() < deadline {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(record)) => {
-                    started.get_or_insert_with(Instant::now);
+                    started.get_or_insert_with(|| (Instant::now(), process_cpu()));
                     if decode && Envelope::from_bytes(record.payload().unwrap_or_default()).is_err()
                     {
                         return Err(format!("record {} is not an envelope", record.offset()));
@@ -531,9 +579,12 @@ async fn raw_kafka_consume(
                 None => {}
             }
         }
+        let (elapsed, cpu) = (started.map(|(started, _)| started.elapsed()), process_cpu());
         let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
-        match started {
-            Some(started) if received == count => Ok(rate(count, started.elapsed())),
+        match (started, elapsed) {
+            (Some((_, from)), Some(elapsed)) if received == count => {
+                Ok((rate(count, elapsed), cpu_per_record(from, cpu, count)))
+            }
             _ => Err(format!("only {received} of {count} records read")),
         }
     })

@@ -11,8 +11,8 @@ use std::process::{Command, Stdio};
 mod common;
 
 use common::{
-    demo_accounting_for_every_event, eventbus, padded_envelopes, subscribe_until_stdout_closes,
-    summary_value, text,
+    Scratch, demo_accounting_for_every_event, eventbus, padded_envelopes,
+    subscribe_until_stdout_closes, summary_value, text,
 };
 
 #[test]
@@ -55,7 +55,8 @@ fn bad_flags_are_explained_not_panicked_on() {
 
 #[test]
 fn a_bad_config_file_names_the_file_the_field_and_the_reason() {
-    let path = std::env::temp_dir().join(format!("eventbus-cli-{}.toml", std::process::id()));
+    let scratch = Scratch::new("bad-config");
+    let path = scratch.file("eventbus.toml");
     std::fs::write(&path, "[pool]\npool_size = 0\n").unwrap();
     let output = eventbus(&["demo", "--config", path.to_str().unwrap()], "");
     assert_eq!(output.status.code(), Some(1));

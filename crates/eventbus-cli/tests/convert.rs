@@ -8,12 +8,11 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{eventbus, text};
+use common::{Scratch, eventbus, text};
 
 fn convert(yaml: &str, name: &str) -> std::process::Output {
-    let dir = std::env::temp_dir().join(format!("eventbus-convert-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let path = dir.join("go.yaml");
+    let scratch = Scratch::new(&format!("convert-{name}"));
+    let path = scratch.file("go.yaml");
     std::fs::write(&path, yaml).expect("written");
     eventbus(
         &[

@@ -15,15 +15,14 @@ use test_brokers::kafka_bootstrap;
 mod common;
 
 use common::{
-    demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
+    Scratch, demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
     subscribe_until_stdout_closes, summary_value, text,
 };
 
 /// A config file for the broker in a fresh directory, from `examples/kafka.toml` with the
 /// broker's address and a client ID of its own.
-fn config_file(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("eventbus-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
+fn config_file(name: &str) -> (Scratch, PathBuf) {
+    let scratch = Scratch::new(name);
     let example = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/kafka.toml"
@@ -32,14 +31,14 @@ fn config_file(name: &str) -> PathBuf {
     let config = example
         .replace("127.0.0.1:9092", &kafka_bootstrap())
         .replace("client_id = \"demo\"", &format!("client_id = \"{name}\""));
-    let path = dir.join("kafka.toml");
+    let path = scratch.file("kafka.toml");
     std::fs::write(&path, config).expect("config written");
-    path
+    (scratch, path)
 }
 
 #[test]
 fn the_demo_runs_on_kafka_from_the_example_config_without_loss_or_reordering() {
-    let config = config_file("kafka-demo");
+    let (_config_dir, config) = config_file("kafka-demo");
     let stdout = demo_accounting_for_every_event(
         &[
             "--config",
@@ -65,7 +64,7 @@ fn the_demo_runs_on_kafka_from_the_example_config_without_loss_or_reordering() {
 /// for each.
 #[test]
 fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
-    let config = config_file("kafka-bench");
+    let (_config_dir, config) = config_file("kafka-bench");
     let output = eventbus(
         &[
             "bench",
@@ -125,7 +124,7 @@ fn a_closed_stdout_stops_the_subscriber_and_the_group_reads_on_from_what_was_not
     // Lines printed into the pipe that the test never reads: the pipe buffer (64 KiB) and the
     // reader's buffer hold only a few padded envelopes.
     const UNREAD_AT_MOST: usize = 10;
-    let config = config_file("kafka-closed-stdout");
+    let (_config_dir, config) = config_file("kafka-closed-stdout");
     let config = config.to_str().expect("UTF-8 path");
     let topic = "closed.stdout";
     let publish = eventbus(

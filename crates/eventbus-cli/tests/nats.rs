@@ -16,27 +16,26 @@ use test_brokers::NatsServer;
 mod common;
 
 use common::{
-    demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
+    Scratch, demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
     subscribe_until_stdout_closes, summary_value, text,
 };
 
-/// A config file for `server` in a fresh directory.
-fn config_file(server: &NatsServer, name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("eventbus-cli-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    let path = dir.join("nats.toml");
+/// A config file for `server` in a fresh directory (removed when the `Scratch` is dropped).
+fn config_file(server: &NatsServer, name: &str) -> (Scratch, PathBuf) {
+    let scratch = Scratch::new(name);
+    let path = scratch.file("nats.toml");
     let config = format!(
         "type = \"nats\"\nclient_id = \"{name}\"\n[retry]\ninitial_backoff = \"10ms\"\nmax_backoff = \"50ms\"\n[nats]\nurls = [\"{}\"]\n[nats.consumer]\nfetch_expires = \"200ms\"\n",
         server.url()
     );
     std::fs::write(&path, config).expect("config written");
-    path
+    (scratch, path)
 }
 
 #[test]
 fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
     let server = NatsServer::start();
-    let config = config_file(&server, "demo");
+    let (_config_dir, config) = config_file(&server, "demo");
     let stdout = demo_accounting_for_every_event(
         &[
             "--config",
@@ -59,7 +58,7 @@ fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
 
     // Another service on the same server: its new durable reads the first run's events first;
     // they are told apart and do not count as duplicates or reordering.
-    let other = config_file(&server, "demo-other");
+    let (_other_dir, other) = config_file(&server, "demo-other");
     let stdout = demo_accounting_for_every_event(
         &[
             "--config",
@@ -83,7 +82,7 @@ fn the_demo_runs_on_nats_from_a_config_file_without_loss_or_reordering() {
 #[test]
 fn subscribe_prints_what_publish_sent_through_the_server() {
     let server = NatsServer::start();
-    let config = config_file(&server, "shell");
+    let (_config_dir, config) = config_file(&server, "shell");
     let config = config.to_str().expect("UTF-8 path");
     let publish = eventbus(
         &["publish", "--config", config, "--topic", "shell.lines"],
@@ -151,7 +150,7 @@ fn a_closed_stdout_stops_the_subscriber_and_gives_the_event_back() {
     // reader's buffer hold only a few padded envelopes.
     const UNREAD_AT_MOST: usize = 10;
     let server = NatsServer::start();
-    let config = config_file(&server, "closed-stdout");
+    let (_config_dir, config) = config_file(&server, "closed-stdout");
     let config = config.to_str().expect("UTF-8 path");
     let topic = "closed.stdout";
     let publish = eventbus(

@@ -1,6 +1,49 @@
 //! Message headers.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
+
+use crate::dead_letter::{
+    HEADER_DEAD_LETTERED_AT, HEADER_ERROR_MESSAGE, HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC,
+};
+use crate::envelope::{
+    HEADER_AGGREGATE_ID, HEADER_CORRELATION_ID, HEADER_EVENT_ID, HEADER_EVENT_TYPE,
+    HEADER_EVENT_VERSION, HEADER_TENANT_ID, HEADER_TRACE_ID,
+};
+
+/// Header names the bus and its peers write on nearly every message: a consumed message that
+/// carries them shares these instead of allocating a name per header.
+const KNOWN_NAMES: &[&str] = &[
+    HEADER_EVENT_ID,
+    HEADER_AGGREGATE_ID,
+    HEADER_EVENT_TYPE,
+    HEADER_EVENT_VERSION,
+    HEADER_TRACE_ID,
+    HEADER_CORRELATION_ID,
+    HEADER_TENANT_ID,
+    HEADER_ORIGINAL_TOPIC,
+    HEADER_ERROR_MESSAGE,
+    HEADER_FAILED_ATTEMPTS,
+    HEADER_DEAD_LETTERED_AT,
+    HEADER_ORIGINAL_PARTITION,
+    HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_STREAM_SEQUENCE,
+    "X-Message-Key",
+    "Nats-Msg-Id",
+    "traceparent",
+    "tracestate",
+];
+
+/// `name` as stored: a shared name when it is a known one, else its own string.
+fn stored_name<N: AsRef<str> + Into<String>>(name: N) -> Cow<'static, str> {
+    let wanted = name.as_ref();
+    match KNOWN_NAMES.iter().find(|known| **known == wanted) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name.into()),
+    }
+}
 
 /// The longest header value the bus writes itself (`X-Error-Message` and the envelope headers):
 /// longer text is cut at a character boundary and ends with `…`.
@@ -62,7 +105,7 @@ pub fn header_value(text: &str) -> String {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: Vec<(String, Bytes)>,
+    entries: Vec<(Cow<'static, str>, Bytes)>,
 }
 
 impl Headers {
@@ -82,13 +125,13 @@ impl Headers {
     }
 
     /// Adds an entry after the existing ones, keeping any with the same name.
-    pub fn append(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        self.entries.push((name.into(), value.into()));
+    pub fn append<N: AsRef<str> + Into<String>>(&mut self, name: N, value: impl Into<Bytes>) {
+        self.entries.push((stored_name(name), value.into()));
     }
 
     /// Sets `name` to `value`: removes every entry with that exact name, then appends.
-    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<Bytes>) {
-        let name = name.into();
+    pub fn insert<N: AsRef<str> + Into<String>>(&mut self, name: N, value: impl Into<Bytes>) {
+        let name = stored_name(name);
         self.remove(&name);
         self.entries.push((name, value.into()));
     }
@@ -132,11 +175,11 @@ impl Headers {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.entries
             .iter()
-            .map(|(name, value)| (name.as_str(), value.as_ref()))
+            .map(|(name, value)| (name.as_ref(), value.as_ref()))
     }
 }
 
-impl<N: Into<String>, V: Into<Bytes>> FromIterator<(N, V)> for Headers {
+impl<N: AsRef<str> + Into<String>, V: Into<Bytes>> FromIterator<(N, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
         let mut headers = Headers::new();
         headers.extend(iter);
@@ -144,7 +187,7 @@ impl<N: Into<String>, V: Into<Bytes>> FromIterator<(N, V)> for Headers {
     }
 }
 
-impl<N: Into<String>, V: Into<Bytes>> Extend<(N, V)> for Headers {
+impl<N: AsRef<str> + Into<String>, V: Into<Bytes>> Extend<(N, V)> for Headers {
     fn extend<I: IntoIterator<Item = (N, V)>>(&mut self, iter: I) {
         for (name, value) in iter {
             self.append(name, value);
@@ -154,10 +197,15 @@ impl<N: Into<String>, V: Into<Bytes>> Extend<(N, V)> for Headers {
 
 impl IntoIterator for Headers {
     type Item = (String, Bytes);
-    type IntoIter = std::vec::IntoIter<(String, Bytes)>;
+    type IntoIter = std::iter::Map<
+        std::vec::IntoIter<(Cow<'static, str>, Bytes)>,
+        fn((Cow<'static, str>, Bytes)) -> (String, Bytes),
+    >;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.entries.into_iter()
+        self.entries
+            .into_iter()
+            .map(|(name, value)| (name.into_owned(), value))
     }
 }
 

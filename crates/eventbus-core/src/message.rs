@@ -103,7 +103,11 @@ impl OutboundMessage {
     }
 
     /// Appends a header.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn with_header<N: AsRef<str> + Into<String>>(
+        mut self,
+        name: N,
+        value: impl Into<Bytes>,
+    ) -> Self {
         self.headers.append(name, value);
         self
     }

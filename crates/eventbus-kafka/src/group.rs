@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use eventbus_core::{DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position};
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
@@ -137,24 +137,40 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// The record as the runtime sees it.
+/// The record as the runtime sees it. The payload, the key and the header values are copied
+/// once, into one buffer they share (a record's headers used to cost an allocation each, a
+/// quarter of the consume path's time).
 fn record_message(record: &BorrowedMessage<'_>) -> Message {
+    let payload = record.payload().unwrap_or_default();
+    let key = record.key();
+    let borrowed = record.headers();
+    let values = borrowed.as_ref().map_or(0, |headers| {
+        headers
+            .iter()
+            .map(|header| header.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    let mut buffer = BytesMut::with_capacity(payload.len() + key.map_or(0, <[u8]>::len) + values);
+    buffer.extend_from_slice(payload);
+    let payload = buffer.split().freeze();
+    let key = key.map(|key| {
+        buffer.extend_from_slice(key);
+        buffer.split().freeze()
+    });
     let mut headers = Headers::new();
-    if let Some(borrowed) = record.headers() {
+    if let Some(borrowed) = borrowed {
         for header in borrowed.iter() {
             if let Some(value) = header.value {
-                headers.append(header.key, Bytes::copy_from_slice(value));
+                buffer.extend_from_slice(value);
+                headers.append(header.key, buffer.split().freeze());
             }
         }
     }
     let timestamp = record.timestamp().to_millis().and_then(|millis| {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok()
     });
-    let mut message = Message::new(
-        record.topic(),
-        Bytes::copy_from_slice(record.payload().unwrap_or_default()),
-    );
-    message.key = record.key().map(Bytes::copy_from_slice);
+    let mut message = Message::new(record.topic(), payload);
+    message.key = key;
     message.headers = headers;
     message.meta = DeliveryMeta {
         position: Position::Partition {

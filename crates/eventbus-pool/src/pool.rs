@@ -109,7 +109,7 @@ struct State {
     /// Jobs retrying past `max_attempts`.
     stalled: usize,
     /// Open scopes and scopes closing.
-    scopes: HashMap<u64, ScopeState>,
+    scopes: HashMap<u64, ScopeState, foldhash::fast::RandomState>,
     next_scope: u64,
     /// Submitters waiting for room (only then is `space` notified).
     waiting: usize,
@@ -135,21 +135,36 @@ struct Entry {
     panics: u32,
     /// Counted in `State::stalled`.
     stalled: bool,
-    settle: oneshot::Sender<Outcome>,
+    /// The submitter's handle, when it asked for one.
+    settle: Option<oneshot::Sender<Outcome>>,
 }
 
 impl Entry {
     /// An entry for `job` and the handle its submitter awaits (made outside the lock).
     fn new(job: Job) -> (Self, JobHandle) {
         let (settle, outcome) = oneshot::channel();
-        let entry = Entry {
+        let mut entry = Entry::detached(job);
+        entry.settle = Some(settle);
+        (entry, JobHandle { outcome })
+    }
+
+    /// An entry whose outcome nobody awaits (its finishing step is what settles it).
+    fn detached(job: Job) -> Self {
+        Entry {
             job,
             attempts: 0,
             panics: 0,
             stalled: false,
-            settle,
-        };
-        (entry, JobHandle { outcome })
+            settle: None,
+        }
+    }
+
+    /// Tells the submitter, if it waits, how the job ended.
+    fn report(&mut self, outcome: Outcome) {
+        if let Some(settle) = self.settle.take() {
+            // The submitter may have dropped its handle; the outcome is then not wanted.
+            let _ = settle.send(outcome);
+        }
     }
 }
 
@@ -356,8 +371,33 @@ impl Pool {
         job: Job,
         overflow: impl std::future::Future<Output = ()>,
     ) -> Result<JobHandle, Error> {
+        let (entry, handle) = Entry::new(job);
+        self.queue(entry, overflow).await?;
+        Ok(handle)
+    }
+
+    /// Like [`submit_until`](Self::submit_until) for a job whose outcome only its finishing
+    /// step needs (the consume runtime's): no handle, so no channel is made for it.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`submit`](Self::submit) (tested through `Consumer::deliver`, which
+    /// submits this way: `a_dropped_delivery_leaves_nothing_held`).
+    pub(crate) async fn submit_detached_until(
+        &self,
+        job: Job,
+        overflow: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        self.queue(Entry::detached(job), overflow).await
+    }
+
+    /// Queues `entry`, waiting for room until `overflow` completes (then over the bounds).
+    async fn queue(
+        &self,
+        mut entry: Entry,
+        overflow: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
         let shared = &*self.shared;
-        let (mut entry, handle) = Entry::new(job);
         let identity = Arc::as_ptr(&self.shared) as usize;
         let mut bounded = !ACTOR_OF
             .try_with(|actor_of| *actor_of == identity)
@@ -369,7 +409,7 @@ impl Pool {
             let waiting = {
                 let mut state = shared.lock();
                 match shared.enqueue(&mut state, entry, bounded) {
-                    Ok(()) => return Ok(handle),
+                    Ok(()) => return Ok(()),
                     Err((Blocked::Closed, _)) => return Err(Error::Closed),
                     Err((Blocked::Full(_), returned)) => entry = returned,
                 }
@@ -613,7 +653,7 @@ impl Shared {
                 shared
                     .cancelled_jobs
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let _ = entry.settle.send(outcome);
+                entry.report(outcome);
             }
         };
         self.tasks.spawn_on(task, &self.runtime);
@@ -790,7 +830,7 @@ impl Shared {
     fn settle(
         self: &Arc<Self>,
         lane: Option<LaneId>,
-        entry: Entry,
+        mut entry: Entry,
         outcome: Outcome,
         take_next: bool,
     ) -> Option<Next> {
@@ -820,8 +860,7 @@ impl Shared {
             }
             _ => self.metrics.failed.increment(1),
         }
-        // The submitter may have dropped its handle; the outcome is then not wanted.
-        let _ = entry.settle.send(outcome);
+        entry.report(outcome);
         self.hand_back(handed_back);
         next
     }
@@ -893,8 +932,13 @@ impl Shared {
         // A scoped job watches its scope's token (a child of the pool's); an unscoped one the
         // actor's own registration on the pool's token, made once per actor.
         let scope = entry.job.scope.as_ref().map(|scope| scope.cancel.clone());
-        if scope.as_ref().is_some_and(|token| token.is_cancelled()) {
-            // Its deadline passed while it waited in the ready queue.
+        let fired = match &scope {
+            Some(token) => token.is_cancelled(),
+            None => self.cancel.is_cancelled(),
+        };
+        if fired {
+            // Its deadline passed while it waited in the ready queue (the attempt is then not
+            // started: `run_attempt` polls it once before it watches the token).
             let outcome = Outcome::Cancelled {
                 attempts: entry.attempts,
             };
@@ -1045,18 +1089,28 @@ impl Shared {
 }
 
 /// Runs one attempt until it ends or `cancelled` fires, catching a panic.
+///
+/// The attempt is polled once before the token is watched: most handlers finish at their first
+/// poll, and watching a token registers on its waiter list under a lock shared by every job of
+/// the scope. (The caller has checked that the token had not fired before the attempt started.)
 async fn run_attempt(
     future: crate::job::AttemptFuture,
     cancelled: impl std::future::Future<Output = ()>,
 ) -> Attempt {
-    tokio::select! {
-        biased;
-        () = cancelled => Attempt::Cancelled,
-        result = AssertUnwindSafe(future).catch_unwind() => match result {
+    let ended =
+        |result: Result<Result<(), HandlerError>, Box<dyn std::any::Any + Send>>| match result {
             Ok(Ok(())) => Attempt::Succeeded,
             Ok(Err(error)) => Attempt::Failed(error),
             Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
-        },
+        };
+    let mut attempt = AssertUnwindSafe(future).catch_unwind();
+    if let Some(result) = (&mut attempt).now_or_never() {
+        return ended(result);
+    }
+    tokio::select! {
+        biased;
+        () = cancelled => Attempt::Cancelled,
+        result = attempt => ended(result),
     }
 }
 

@@ -210,3 +210,28 @@ pub(crate) fn next_subscriber_prints(config: &str, topic: &str, count: usize, li
     );
     assert!(stdout.lines().count() >= count);
 }
+
+/// A directory of this test process under the system's temporary directory, removed with
+/// everything in it when dropped (also when the test fails).
+pub(crate) struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    /// `{tmp}/eventbus-cli-{name}-{pid}`, made empty.
+    pub(crate) fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("eventbus-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        Self(dir)
+    }
+
+    /// The path of `file` in the directory.
+    pub(crate) fn file(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -245,7 +245,7 @@ impl Consumer {
         // A refused job drops its guard: the message is no longer held.
         runtime
             .pool
-            .submit_until(job, self.stopping.cancelled())
+            .submit_detached_until(job, self.stopping.cancelled())
             .await?;
         Ok(Delivered::Queued)
     }
