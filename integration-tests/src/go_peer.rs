@@ -86,6 +86,40 @@ pub fn try_go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) -> R
     }
 }
 
+/// Runs `peer {command} {args…}`, which must fail within 60 s (a Go service that cannot
+/// start, say), and returns its error output. Panics when the peer succeeds or keeps running.
+pub fn go_failure(command: &str, args: &[&str]) -> String {
+    let mut child = Command::new(go_peer())
+        .arg(command)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the Go peer starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the Go peer's {command} was expected to fail, and still ran after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    assert!(
+        !status.success(),
+        "the Go peer's {command} was expected to fail, and succeeded: {stderr}"
+    );
+    stderr
+}
+
 /// One envelope the Go peer handled, as it reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GoHandled {

@@ -16,17 +16,44 @@ use eventbus_core::{
 };
 use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
 use integration_tests::go_peer::{
-    GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
-    interop_envelopes as envelopes, record_envelopes, try_go_publish,
+    GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_failure,
+    go_publish, interop_envelopes as envelopes, record_envelopes, try_go_publish,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, collect, eventually, nats_config, nats_settings,
 };
 use test_brokers::NatsServer;
 
-/// The Go service publishes (its stream `STREAM_{topic}` made as its publish path makes it);
-/// an ordered envelope subscription here binds to that stream and handles every event, each
-/// aggregate's in version order, with the payload bytes exactly as the Go service sent them.
+/// The Go peer's arguments for a Go service on `url` whose configured stream is `INTEROP` over
+/// `interop.>` (the Go SDK's `JetStream.Stream`), on `topic`.
+fn go_service<'a>(url: &'a str, topic: &'a str) -> Vec<&'a str> {
+    vec![
+        "-url",
+        url,
+        "-topic",
+        topic,
+        "-stream",
+        "INTEROP",
+        "-stream-subjects",
+        "interop.>",
+    ]
+}
+
+/// The stream a Go service configured with the default `BUSINESS_STREAM` ensures when it
+/// subscribes to `topic` outside that stream: `BUSINESS_STREAM_{suffix}` over the topic alone.
+fn go_named_stream(topic: &str) -> StreamDefinition {
+    StreamDefinition {
+        name: format!("BUSINESS_STREAM_{}", topic.replace('.', "_")),
+        subjects: vec![topic.into()],
+        storage: Storage::File,
+        limits: StreamLimits::default(),
+    }
+}
+
+/// The Go service publishes into the stream it is configured with (`interop.>`, made at its
+/// start-up); an ordered envelope subscription here binds to that stream and handles every
+/// event, each aggregate's in version order, with the payload bytes exactly as the Go service
+/// sent them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_identical_payloads() {
     let server = NatsServer::start();
@@ -34,7 +61,7 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
     let sent = envelopes("g2r", 40, 25);
     let url = server.url();
     tokio::task::block_in_place(|| {
-        go_publish("nats-publish", &["-url", &url, "-topic", topic], &sent);
+        go_publish("nats-publish", &go_service(&url, topic), &sent);
     });
 
     let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
@@ -47,13 +74,18 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
 
 /// This SDK publishes; the Go service (a pull subscription on its durable, handling one message
 /// after another) handles every event with the same fields, each aggregate's in version order.
+/// The topic lies outside the Go service's configured stream, so its subscribe ensures the
+/// dedicated stream `{StreamName}_{suffix}`: this SDK made the topic's stream under that name
+/// (`[[nats.streams]]`, the deploy advice of docs/migration.md), and the Go service finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_fields() {
     let server = NatsServer::start();
     let topic = "interop.rust-to-go";
     let sent = envelopes("r2g", 40, 25);
     let url = server.url();
-    let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
+    let mut config = nats_config(&url);
+    config.streams = vec![go_named_stream(topic)];
+    let bus = NatsBus::connect(nats_settings("interop-rust"), config)
         .await
         .unwrap();
     for envelope in &sent {
@@ -83,6 +115,43 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
     bus.close().await.unwrap();
 }
 
+/// Why the deploy advice exists: with this SDK's default stream name (`STREAM_{topic}`), a Go
+/// service that subscribes to the topic later cannot start its subscription: its dedicated
+/// `BUSINESS_STREAM_{suffix}` would cover the same subject, and JetStream refuses overlapping
+/// streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_this_sdks_default_stream_name_a_go_service_cannot_subscribe_later() {
+    let server = NatsServer::start();
+    let topic = "interop.default-name";
+    let url = server.url();
+    let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
+        .await
+        .unwrap();
+    bus.publish_envelope(topic, &envelopes("dn", 1, 1)[0])
+        .await
+        .unwrap();
+    let failure = tokio::task::block_in_place(|| {
+        go_failure(
+            "nats-subscribe",
+            &[
+                "-url",
+                &url,
+                "-topic",
+                topic,
+                "-durable",
+                "business-consumer-unified_interop_default-name",
+                "-count",
+                "1",
+            ],
+        )
+    });
+    assert!(
+        failure.contains("BUSINESS_STREAM_interop_default-name") && failure.contains("overlap"),
+        "{failure}"
+    );
+    bus.close().await.unwrap();
+}
+
 /// The takeover: a Go service consumed part of a stream with its durable (the Go SDK's
 /// `{DurableName}-unified_{suffix}`) and stopped mid-batch; a service on this SDK subscribes
 /// with `SubscribeOptions::with_durable` naming that durable and goes on where the Go service
@@ -96,14 +165,11 @@ async fn a_service_here_adopts_the_go_services_durable_and_goes_on_where_it_stop
     let sent = envelopes("take", 20, 30);
     let url = server.url();
     tokio::task::block_in_place(|| {
-        go_publish("nats-publish", &["-url", &url, "-topic", topic], &sent);
+        go_publish("nats-publish", &go_service(&url, topic), &sent);
     });
-    let mut go = GoConsumer::start(
-        "nats-subscribe",
-        &[
-            "-url", &url, "-topic", topic, "-durable", durable, "-count", "200",
-        ],
-    );
+    let mut args = go_service(&url, topic);
+    args.extend(["-durable", durable, "-count", "200"]);
+    let mut go = GoConsumer::start("nats-subscribe", &args);
     let mut go_handled: Vec<GoHandled> = Vec::new();
     go.read_until("the Go service's first 200", &mut go_handled, |h| {
         h.len() >= 200

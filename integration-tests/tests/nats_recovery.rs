@@ -233,6 +233,56 @@ async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
     bus.close().await.unwrap();
 }
 
+/// A durable deleted under a live subscription that has taken nothing yet is made again where
+/// the subscription began, not at its `StartPosition` again: with `New`, the events published
+/// while it was gone would be skipped (they were: the durable came back with `DeliverNew`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_made_again_before_anything_was_taken_keeps_the_events_published_meanwhile() {
+    let server = NatsServer::start();
+    let bus = NatsBus::connect(nats_settings("gap"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    let topic = "orders.gap";
+    bus.publish_envelope(topic, &envelope("before", 1))
+        .await
+        .unwrap();
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new().with_start(eventbus_core::StartPosition::New),
+    )
+    .await
+    .unwrap();
+    bus.delete_consumer(topic, &bus.durable_name(topic, 1))
+        .await
+        .unwrap();
+    // Published while the durable is gone (the bus notices at its next pull, then backs off).
+    for version in 1..=3 {
+        bus.publish_envelope(topic, &envelope("gap", version))
+            .await
+            .unwrap();
+    }
+    let events = handled
+        .wait_for("the three published while the durable was gone", |e| {
+            e.iter().filter(|(a, _)| a == "gap").count() == 3
+        })
+        .await;
+    assert!(
+        !events.iter().any(|(a, _)| a == "before"),
+        "New still skips what was published before subscribing: {events:?}"
+    );
+    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    bus.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved() {
     let server = NatsServer::start();

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::NatsConfig;
 use crate::connection::{ConnectionState, connect};
-use crate::consumer::{DurableSpec, Resume, ensure_consumer};
+use crate::consumer::{DurableSpec, Resume, ensure_consumer, origin_of};
 use crate::fetch::{self, Fetch};
 use crate::names::{durable_name, validate_durable_name};
 use crate::publish::Broker;
@@ -276,6 +276,7 @@ impl NatsBus {
             start: options.start,
         };
         let ephemeral = broker.config.topic(topic).ephemeral;
+        let mut origin = None;
         let source = if ephemeral {
             let subscriber = broker
                 .client
@@ -289,7 +290,8 @@ impl NatsBus {
             } else {
                 Resume::IfAbandoned
             };
-            let consumer = ensure_consumer(broker, topic, spec, envelopes, resume).await?;
+            let mut consumer = ensure_consumer(broker, topic, spec, envelopes, resume).await?;
+            origin = origin_of(broker, &mut consumer).await;
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
         };
@@ -300,7 +302,13 @@ impl NatsBus {
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
         let consumer = inner.runtime.subscribe(subscription)?;
-        let fetch = Arc::new(Fetch::new(topic, spec, consumer, inner.connection.clone()));
+        let fetch = Arc::new(Fetch::new(
+            topic,
+            spec,
+            consumer,
+            inner.connection.clone(),
+            origin,
+        ));
         let task = match source {
             Source::Core(subscriber) => tokio::spawn(fetch::core_loop(fetch.clone(), subscriber)),
             Source::Pull(consumer) => {

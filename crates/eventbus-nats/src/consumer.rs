@@ -58,6 +58,25 @@ fn deliver_policy(start: StartPosition) -> jetstream::consumer::DeliverPolicy {
     }
 }
 
+/// Where `consumer` stands: its first unacknowledged stream sequence, with its stream's creation
+/// time as the `last_stored` of the [`Position`] (a stream made later is another stream, read from
+/// its beginning). `None` when the server does not answer.
+pub(crate) async fn origin_of(broker: &Broker, consumer: &mut PullConsumer) -> Option<Position> {
+    let start = consumer.info().await.ok()?.ack_floor.stream_sequence + 1;
+    let stream = consumer.cached_info().stream_name.clone();
+    let created = broker
+        .js
+        .get_stream(&stream)
+        .await
+        .ok()?
+        .cached_info()
+        .created;
+    Some(Position {
+        start,
+        last_stored: created,
+    })
+}
+
 /// The durable consumer `durable` of `topic`, created, or updated when its configuration
 /// changed. A durable of that name that filters another subject belongs to something else (or
 /// to a name collision): that is an error, never a silent move of its filter.

@@ -38,6 +38,9 @@ pub(crate) struct Fetch {
     connection: Arc<ConnectionState>,
     /// The highest stream sequence taken so far and when it was stored (none yet: `None`).
     last_taken: Mutex<Option<(u64, OffsetDateTime)>>,
+    /// Where the durable stood when the subscription began (its first unacknowledged message),
+    /// the position until a message is taken.
+    origin: Option<Position>,
 }
 
 impl Fetch {
@@ -46,6 +49,7 @@ impl Fetch {
         durable: DurableSpec<'_>,
         consumer: Arc<Consumer>,
         connection: Arc<ConnectionState>,
+        origin: Option<Position>,
     ) -> Self {
         Self {
             topic: topic.to_owned(),
@@ -57,6 +61,7 @@ impl Fetch {
             draining: AtomicBool::new(false),
             connection,
             last_taken: Mutex::new(None),
+            origin,
         }
     }
 
@@ -84,12 +89,18 @@ impl Fetch {
     }
 
     /// Where the durable must start if the server lost it or holds a stale view of it: the
-    /// lowest message still held, else the one after the last taken; `None` before any.
+    /// lowest message still held, else the one after the last taken; before any, where the
+    /// durable stood when the subscription began (so a durable made again while nothing was
+    /// taken does not start at its `StartPosition` again: with `New`, what was published in
+    /// between would be skipped).
     fn position(&self) -> Option<Position> {
-        let (last, last_stored) = (*self
+        let Some((last, last_stored)) = *self
             .last_taken
             .lock()
-            .unwrap_or_else(PoisonError::into_inner))?;
+            .unwrap_or_else(PoisonError::into_inner)
+        else {
+            return self.origin;
+        };
         let start = self
             .consumer
             .lowest_held()

@@ -49,9 +49,9 @@ func main() {
 	topic := flags.String("topic", "", "topic")
 	group := flags.String("group", "", "Kafka consumer group")
 	durable := flags.String("durable", "", "NATS durable consumer name")
-	stream := flags.String("stream", "", "NATS stream to ensure for the topic (empty: STREAM_{topic})")
-	subjects := flags.String("stream-subjects", "", "with -stream: the configured stream's subjects, comma-separated, ensured at start-up as the Go SDK does")
-	storage := flags.String("storage", "file", "with -stream-subjects: file or memory")
+	stream := flags.String("stream", "BUSINESS_STREAM", "the Go service's configured NATS stream (JetStream.Stream.Name)")
+	subjects := flags.String("stream-subjects", "business.>", "the configured stream's subjects, comma-separated (JetStream.Stream.Subjects)")
+	storage := flags.String("storage", "file", "the configured stream's storage: file or memory")
 	count := flags.Int("count", 0, "stop after this many envelopes (0: until a signal)")
 	source := flags.String("source", "go-peer", "health-check source")
 	if err := flags.Parse(os.Args[2:]); err != nil {
@@ -71,7 +71,7 @@ func main() {
 	case "nats-publish":
 		err = natsPublish(*url, *topic, *stream, *subjects, *storage)
 	case "nats-subscribe":
-		err = natsSubscribe(ctx, *url, *topic, *durable, *count)
+		err = natsSubscribe(ctx, *url, *topic, *durable, *count, *stream, *subjects, *storage)
 	case "health-publish":
 		err = healthPublish(*url, *topic, *source)
 	case "health-read":
@@ -334,11 +334,55 @@ func natsConnect(url string) (*nats.Conn, nats.JetStreamContext, error) {
 	return conn, js, nil
 }
 
-// natsPublish is the Go SDK's PublishEnvelope on NATS: the envelope's JSON as the body, no
-// headers, js.PublishAsync. With subjects, the configured stream is ensured first as the Go
-// SDK's start-up does (ensureStreamExists: StreamInfo, else AddStream with the configured name,
-// subjects and storage; a failure stops the service); without, the topic's stream is ensured as
-// its Publish path does (STREAM_{topic with . → _}, file storage, unless a stream covers it).
+// ensureConfiguredStream is the Go SDK's start-up on NATS with JetStream (ensureStreamExists):
+// StreamInfo of the configured stream, else AddStream with its name, subjects and storage; a
+// failure stops the service.
+func ensureConfiguredStream(js nats.JetStreamContext, stream, subjects, storage string) error {
+	if _, err := js.StreamInfo(stream); err == nil {
+		return nil
+	}
+	kind := nats.FileStorage
+	if storage == "memory" {
+		kind = nats.MemoryStorage
+	}
+	if _, err := js.AddStream(&nats.StreamConfig{
+		Name:      stream,
+		Subjects:  strings.Split(subjects, ","),
+		Storage:   kind,
+		Retention: nats.LimitsPolicy,
+		Replicas:  1,
+	}); err != nil {
+		return fmt.Errorf("start-up: ensure stream %s: %w", stream, err)
+	}
+	return nil
+}
+
+// subjectMatches is the Go SDK's own subject match: tokens split on ".", "*" matches one token,
+// ">" (last) matches one or more.
+func subjectMatches(pattern, subject string) bool {
+	patterns := strings.Split(pattern, ".")
+	tokens := strings.Split(subject, ".")
+	for i, p := range patterns {
+		if p == ">" {
+			return i == len(patterns)-1 && len(tokens) > i
+		}
+		if i >= len(tokens) || (p != "*" && p != tokens[i]) {
+			return false
+		}
+	}
+	return len(tokens) == len(patterns)
+}
+
+// topicSuffix is the Go SDK's suffix of per-topic names: "." → "_", "*" → "wildcard",
+// ">" → "all".
+func topicSuffix(topic string) string {
+	return strings.NewReplacer(".", "_", "*", "wildcard", ">", "all").Replace(topic)
+}
+
+// natsPublish is the Go SDK's PublishEnvelope on NATS: the service's start-up (its configured
+// stream ensured), then the envelope's JSON as the body, no headers, js.PublishAsync. Like the Go
+// SDK's PublishEnvelope it ensures no stream for the topic: a topic outside every stream gets no
+// PubAck (the Go SDK only logs that and loses the event; the peer reports it and fails).
 func natsPublish(url, topic, stream, subjects, storage string) error {
 	envelopes, err := readEnvelopes()
 	if err != nil {
@@ -349,35 +393,8 @@ func natsPublish(url, topic, stream, subjects, storage string) error {
 		return err
 	}
 	defer conn.Close()
-	if subjects != "" {
-		if _, err := js.StreamInfo(stream); err != nil {
-			kind := nats.FileStorage
-			if storage == "memory" {
-				kind = nats.MemoryStorage
-			}
-			if _, err := js.AddStream(&nats.StreamConfig{
-				Name:      stream,
-				Subjects:  strings.Split(subjects, ","),
-				Storage:   kind,
-				Retention: nats.LimitsPolicy,
-				Replicas:  1,
-			}); err != nil {
-				return fmt.Errorf("start-up: ensure stream %s: %w", stream, err)
-			}
-		}
-	} else if _, err := js.StreamNameBySubject(topic); err != nil {
-		if stream == "" {
-			stream = "STREAM_" + strings.ReplaceAll(topic, ".", "_")
-		}
-		if _, err := js.AddStream(&nats.StreamConfig{
-			Name:      stream,
-			Subjects:  []string{topic},
-			Storage:   nats.FileStorage,
-			Retention: nats.LimitsPolicy,
-			Replicas:  1,
-		}); err != nil {
-			return fmt.Errorf("ensure stream %s: %w", stream, err)
-		}
+	if err := ensureConfiguredStream(js, stream, subjects, storage); err != nil {
+		return err
 	}
 	futures := make([]nats.PubAckFuture, 0, len(envelopes))
 	for _, e := range envelopes {
@@ -404,10 +421,13 @@ func natsPublish(url, topic, stream, subjects, storage string) error {
 	return nil
 }
 
-// natsSubscribe is the Go SDK's JetStream envelope subscription (inventory §5): a pull
-// subscription on the durable, Fetch(500, MaxWait 100 ms), the batch handled strictly one
-// message after another, Ack after each.
-func natsSubscribe(ctx context.Context, url, topic, durable string, count int) error {
+// natsSubscribe is the Go SDK's JetStream envelope subscription (inventory §5): the service's
+// start-up (its configured stream ensured); then, unless the configured stream's subjects match
+// the topic, a dedicated file stream {StreamName}_{suffix} over the topic is ensured (StreamInfo,
+// else AddStream: JetStream refuses it when another stream already covers the topic, and the
+// subscription fails); then a pull subscription on the durable, Fetch(500, MaxWait 100 ms), the
+// batch handled strictly one message after another, Ack after each.
+func natsSubscribe(ctx context.Context, url, topic, durable string, count int, stream, subjects, storage string) error {
 	if durable == "" {
 		return fmt.Errorf("-durable is required")
 	}
@@ -416,6 +436,31 @@ func natsSubscribe(ctx context.Context, url, topic, durable string, count int) e
 		return err
 	}
 	defer conn.Close()
+	if err := ensureConfiguredStream(js, stream, subjects, storage); err != nil {
+		return err
+	}
+	covered := false
+	for _, subject := range strings.Split(subjects, ",") {
+		if subjectMatches(subject, topic) {
+			covered = true
+		}
+	}
+	if !covered {
+		dedicated := stream + "_" + topicSuffix(topic)
+		if info, err := js.StreamInfo(dedicated); err == nil {
+			if info.Config.Storage != nats.FileStorage {
+				fmt.Fprintln(os.Stderr, "peer: stream", dedicated, "has another storage type")
+			}
+		} else if _, err := js.AddStream(&nats.StreamConfig{
+			Name:      dedicated,
+			Subjects:  []string{topic},
+			Storage:   nats.FileStorage,
+			Retention: nats.LimitsPolicy,
+			Replicas:  1,
+		}); err != nil {
+			return fmt.Errorf("subscribe: ensure stream %s: %w", dedicated, err)
+		}
+	}
 	subscription, err := js.PullSubscribe(topic, durable)
 	if err != nil {
 		return err
