@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use eventbus::{HEARTBEAT_TOPIC, HeartbeatOptions, Heartbeats};
 use eventbus_core::{
     Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Position, StartPosition,
     SubscribeOptions,
@@ -18,7 +19,9 @@ use integration_tests::go_peer::{
     GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
     interop_envelopes as envelopes, record_envelopes,
 };
-use integration_tests::{Recorder, assert_first_handlings_in_order, kafka_group_config};
+use integration_tests::{
+    Recorder, assert_first_handlings_in_order, eventually, kafka_group_config,
+};
 use test_brokers::kafka_bootstrap;
 
 /// The Go service publishes; an ordered envelope subscription here handles every event, each
@@ -379,5 +382,90 @@ async fn a_subscription_cannot_name_another_group_or_a_start_position_on_kafka()
     )
     .await
     .unwrap();
+    bus.close().await.unwrap();
+}
+
+/// One health view for a mixed fleet on Kafka too: a Go service's health-check record (the Go
+/// SDK's JSON, a plain record on `jxt-core-health-check`) is seen by this SDK's watcher, and
+/// this SDK's heartbeat passes the Go SDK's checks in a Go service's consumer group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
+    let bootstrap = kafka_bootstrap();
+    let group = "rust-billing";
+    let bus: Arc<dyn EventBus> = Arc::new(
+        KafkaBus::connect(
+            BusSettings::new("kafka", group),
+            kafka_group_config(&bootstrap, group, HEARTBEAT_TOPIC, 1),
+        )
+        .await
+        .unwrap(),
+    );
+    let watcher = Heartbeats::start(
+        bus.clone(),
+        HeartbeatOptions::new("rust-billing", "kafka").with_publishing(false),
+    )
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| {
+        go_publish(
+            "health-publish",
+            &[
+                "-brokers",
+                &bootstrap,
+                "-topic",
+                HEARTBEAT_TOPIC,
+                "-source",
+                "go-billing",
+            ],
+            &[],
+        );
+    });
+    eventually("the Go heartbeat counted", || async {
+        watcher.status().received > 0
+    })
+    .await;
+    let seen = watcher.status().last.unwrap();
+    assert_eq!(
+        (seen.source.as_str(), seen.event_bus_type.as_str()),
+        ("go-billing", "kafka")
+    );
+
+    let sender = Heartbeats::start(
+        bus.clone(),
+        HeartbeatOptions::new("rust-billing", "kafka").with_monitoring(false),
+    )
+    .await
+    .unwrap();
+    let mut go = GoConsumer::start(
+        "health-read",
+        &[
+            "-brokers",
+            &bootstrap,
+            "-topic",
+            HEARTBEAT_TOPIC,
+            "-group",
+            "go-billing",
+            "-count",
+            "2",
+        ],
+    );
+    let mut lines = Vec::new();
+    go.read_lines_until("the Go service reading both heartbeats", &mut lines, |l| {
+        l.len() >= 2
+    })
+    .await;
+    let sources: BTreeSet<String> = lines
+        .iter()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            value["source"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(
+        sources.contains("rust-billing") && sources.contains("go-billing"),
+        "{lines:?}"
+    );
+    sender.stop().await.unwrap();
+    watcher.stop().await.unwrap();
     bus.close().await.unwrap();
 }

@@ -73,9 +73,17 @@ func main() {
 	case "nats-subscribe":
 		err = natsSubscribe(ctx, *url, *topic, *durable, *count, *stream, *subjects, *storage)
 	case "health-publish":
-		err = healthPublish(*url, *topic, *source)
+		if *brokers != "" {
+			err = kafkaHealthPublish(strings.Split(*brokers, ","), *topic, *source)
+		} else {
+			err = healthPublish(*url, *topic, *source)
+		}
 	case "health-read":
-		err = healthRead(ctx, *url, *topic, *durable, *count)
+		if *brokers != "" {
+			err = kafkaHealthRead(ctx, strings.Split(*brokers, ","), *topic, *group, *count)
+		} else {
+			err = healthRead(ctx, *url, *topic, *durable, *count)
+		}
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -532,19 +540,120 @@ func (m *healthCheckMessage) validate() error {
 	return fmt.Errorf("unknown event bus type %q", m.EventBusType)
 }
 
-// healthPublish sends one health-check message as the Go SDK's HealthChecker does: bus.Publish
-// of its JSON (on NATS: the topic's stream ensured, then PublishAsync, no headers).
-func healthPublish(url, topic, source string) error {
+// newHealthCheck is the Go SDK's health-check message of `source` on a bus of `busType`.
+func newHealthCheck(source, busType string) ([]byte, error) {
 	now := time.Now()
-	message := healthCheckMessage{
+	return json.Marshal(healthCheckMessage{
 		MessageID:    fmt.Sprintf("hc-%d-%016x", now.UnixNano(), now.UnixNano()*2654435761),
 		Timestamp:    now,
 		Source:       source,
-		EventBusType: "nats",
+		EventBusType: busType,
 		Version:      "2.0.0",
 		Metadata:     map[string]string{"checkType": "periodic", "instanceId": fmt.Sprintf("%s-%d", source, now.Unix())},
+	})
+}
+
+// printHealthCheck prints a health-check message that passes the Go SDK's checks as a JSON line
+// and says why on stderr when it does not; true when printed.
+func printHealthCheck(data []byte) bool {
+	var health healthCheckMessage
+	if err := json.Unmarshal(data, &health); err != nil {
+		fmt.Fprintln(os.Stderr, "peer: not a health-check message:", err)
+		return false
 	}
-	body, err := json.Marshal(message)
+	if err := health.validate(); err != nil {
+		fmt.Fprintln(os.Stderr, "peer: health-check message refused:", err)
+		return false
+	}
+	line, _ := json.Marshal(health)
+	os.Stdout.Write(append(line, '\n'))
+	return true
+}
+
+// kafkaHealthPublish sends one health-check message as the Go SDK's HealthChecker does on
+// Kafka: bus.Publish of its JSON, a plain record without key or headers (sent with a
+// SyncProducer: the same record as the Go SDK's AsyncProducer sends, and the peer knows it was
+// acknowledged before it exits).
+func kafkaHealthPublish(brokers []string, topic, source string) error {
+	body, err := newHealthCheck(source, "kafka")
+	if err != nil {
+		return err
+	}
+	producer, err := sarama.NewSyncProducer(brokers, kafkaConfig())
+	if err != nil {
+		return err
+	}
+	defer producer.Close()
+	if _, _, err := producer.SendMessage(&sarama.ProducerMessage{Topic: topic, Value: sarama.ByteEncoder(body)}); err != nil {
+		return err
+	}
+	fmt.Printf("{\"published\":1}\n")
+	return nil
+}
+
+// healthClaims prints the health-check messages of its claims that pass the Go SDK's checks.
+type healthClaims struct {
+	printed chan<- struct{}
+}
+
+func (healthClaims) Setup(sarama.ConsumerGroupSession) error   { return nil }
+func (healthClaims) Cleanup(sarama.ConsumerGroupSession) error { return nil }
+
+func (c healthClaims) ConsumeClaim(session sarama.ConsumerGroupSession, claim sarama.ConsumerGroupClaim) error {
+	for {
+		select {
+		case message, ok := <-claim.Messages():
+			if !ok {
+				return nil
+			}
+			if printHealthCheck(message.Value) {
+				c.printed <- struct{}{}
+			}
+			session.MarkMessage(message, "")
+		case <-session.Context().Done():
+			return nil
+		}
+	}
+}
+
+// kafkaHealthRead reads health-check messages as the Go SDK's HealthCheckSubscriber does on
+// Kafka (bus.Subscribe: a member of the service's consumer group) until `count` passed its
+// checks.
+func kafkaHealthRead(ctx context.Context, brokers []string, topic, group string, count int) error {
+	if group == "" {
+		return fmt.Errorf("-group is required")
+	}
+	consumer, err := sarama.NewConsumerGroup(brokers, group, kafkaConfig())
+	if err != nil {
+		return err
+	}
+	defer consumer.Close()
+	printed := make(chan struct{}, 1024)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		for read := 0; count == 0 || read < count; read++ {
+			select {
+			case <-printed:
+			case <-ctx.Done():
+				return
+			}
+		}
+		cancel()
+	}()
+	for ctx.Err() == nil {
+		if err := consumer.Consume(ctx, []string{topic}, healthClaims{printed}); err != nil && ctx.Err() == nil {
+			fmt.Fprintln(os.Stderr, "peer: consume:", err)
+			time.Sleep(2 * time.Second)
+		}
+	}
+	return nil
+}
+
+// healthPublish sends one health-check message as the Go SDK's HealthChecker does: bus.Publish
+// of its JSON (on NATS: the topic's stream ensured, then PublishAsync, no headers).
+func healthPublish(url, topic, source string) error {
+	body, err := newHealthCheck(source, "nats")
 	if err != nil {
 		return err
 	}
@@ -598,14 +707,7 @@ func healthRead(ctx context.Context, url, topic, durable string, count int) erro
 			return err
 		}
 		for _, message := range messages {
-			var health healthCheckMessage
-			if err := json.Unmarshal(message.Data, &health); err != nil {
-				fmt.Fprintln(os.Stderr, "peer: not a health-check message:", err)
-			} else if err := health.validate(); err != nil {
-				fmt.Fprintln(os.Stderr, "peer: health-check message refused:", err)
-			} else {
-				line, _ := json.Marshal(health)
-				os.Stdout.Write(append(line, '\n'))
+			if printHealthCheck(message.Data) {
 				read++
 			}
 			message.AckSync()
