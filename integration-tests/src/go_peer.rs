@@ -389,3 +389,18 @@ pub fn assert_handled_by_go_as_sent(
         assert_eq!(got.payload, payload, "{}", got.event_id);
     }
 }
+
+/// The `source` of each health-check message line the Go peer's `health-read` printed.
+pub fn heartbeat_sources(lines: &[String]) -> std::collections::BTreeSet<String> {
+    lines
+        .iter()
+        .map(|line| {
+            let value: serde_json::Value =
+                serde_json::from_str(line).expect("a JSON line from the Go peer");
+            value["source"]
+                .as_str()
+                .expect("a health-check source")
+                .to_owned()
+        })
+        .collect()
+}

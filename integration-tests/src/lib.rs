@@ -482,6 +482,31 @@ pub async fn collect(bus: &dyn EventBus, topic: &str) -> Arc<Recorder<Message>> 
     recorder
 }
 
+/// Subscribes an envelope handler to `topic` with `options` that records the aggregate and
+/// version of every envelope it handles.
+pub async fn record_versions(
+    bus: &dyn EventBus,
+    topic: &str,
+    options: SubscribeOptions,
+) -> Arc<Recorder<(String, i64)>> {
+    let recorder = Recorder::<(String, i64)>::new();
+    let r = recorder.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let r = r.clone();
+            async move {
+                r.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        options,
+    )
+    .await
+    .unwrap();
+    recorder
+}
+
 /// After `max_attempts` failures an envelope goes to `{topic}.DLQ` with its bytes and the
 /// dead-letter headers; the aggregate's later events are then handled.
 pub async fn exhausted_retries_go_to_the_dead_letter_topic(factory: &dyn BusFactory) {

@@ -17,7 +17,7 @@ use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
-    interop_envelopes as envelopes, record_envelopes,
+    heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, eventually, kafka_group_config,
@@ -454,13 +454,7 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
         l.len() >= 2
     })
     .await;
-    let sources: BTreeSet<String> = lines
-        .iter()
-        .map(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            value["source"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sources = heartbeat_sources(&lines);
     assert!(
         sources.contains("rust-billing") && sources.contains("go-billing"),
         "{lines:?}"

@@ -17,7 +17,8 @@ use eventbus_core::{
 use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_failure,
-    go_publish, interop_envelopes as envelopes, record_envelopes, try_go_publish,
+    go_publish, heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
+    try_go_publish,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, collect, eventually, nats_config, nats_settings,
@@ -577,13 +578,7 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
         l.len() >= 2
     })
     .await;
-    let sources: BTreeSet<String> = lines
-        .iter()
-        .map(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).unwrap();
-            value["source"].as_str().unwrap().to_owned()
-        })
-        .collect();
+    let sources = heartbeat_sources(&lines);
     assert!(sources.contains("rust-billing"), "{lines:?}");
     sender.stop().await.unwrap();
     watcher.stop().await.unwrap();

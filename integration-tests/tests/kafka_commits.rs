@@ -14,7 +14,7 @@ use eventbus_core::{
 };
 use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
-use integration_tests::{Recorder, collect, eventually, kafka_group_config};
+use integration_tests::{Recorder, collect, eventually, kafka_group_config, record_versions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
@@ -428,21 +428,7 @@ async fn latest_reads_everything_published_after_subscribe_returned_and_nothing_
                 .await
                 .unwrap();
         }
-        let handled = Recorder::<String>::new();
-        let h = handled.clone();
-        bus.subscribe_envelope(
-            &topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let h = h.clone();
-                async move {
-                    h.push(envelope.aggregate_id.clone());
-                    Ok(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
+        let handled = record_versions(&bus, &topic, SubscribeOptions::new()).await;
         for aggregate in 0..16 {
             bus.publish_envelope(&topic, &envelope(&format!("after-{aggregate}"), 1))
                 .await
@@ -450,13 +436,17 @@ async fn latest_reads_everything_published_after_subscribe_returned_and_nothing_
         }
         handled
             .wait_for("the 16 published after subscribe", |events| {
-                events.iter().filter(|a| a.starts_with("after-")).count() == 16
+                events
+                    .iter()
+                    .filter(|(a, _)| a.starts_with("after-"))
+                    .count()
+                    == 16
             })
             .await;
         let events = handled.events();
         bus.close().await.unwrap();
         assert!(
-            !events.iter().any(|a| a.starts_with("before-")),
+            !events.iter().any(|(a, _)| a.starts_with("before-")),
             "round {round}: latest read records published before subscribe: {events:?}"
         );
     }

@@ -15,7 +15,9 @@ use eventbus_core::{
     SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
-use integration_tests::{Recorder, collect, eventually, nats_config, nats_settings};
+use integration_tests::{
+    Recorder, collect, eventually, nats_config, nats_settings, record_versions,
+};
 use test_brokers::NatsServer;
 
 async fn raw(server: &NatsServer) -> (async_nats::Client, jetstream::Context) {
@@ -246,21 +248,12 @@ async fn a_durable_made_again_before_anything_was_taken_keeps_the_events_publish
     bus.publish_envelope(topic, &envelope("before", 1))
         .await
         .unwrap();
-    let handled = Recorder::<(String, i64)>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
+    let handled = record_versions(
+        &bus,
         topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((envelope.aggregate_id.clone(), envelope.event_version));
-                Ok(())
-            }
-        }),
         SubscribeOptions::new().with_start(eventbus_core::StartPosition::New),
     )
-    .await
-    .unwrap();
+    .await;
     bus.delete_consumer(topic, &bus.durable_name(topic, 1))
         .await
         .unwrap();
