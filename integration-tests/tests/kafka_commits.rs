@@ -14,7 +14,7 @@ use eventbus_core::{
 };
 use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
-use integration_tests::{Recorder, collect, eventually, kafka_group_config, record_versions};
+use integration_tests::{Recorder, collect, eventually, kafka_group_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
@@ -406,48 +406,4 @@ async fn the_sarama_partitioner_puts_each_key_where_the_go_services_do() {
         );
     }
     bus.close().await.unwrap();
-}
-
-/// `auto_offset_reset = latest` starts a new group where the topic ended when `subscribe` was
-/// called: nothing published before it, everything published after it returned, even in the
-/// moment before a partition's first fetch (librdkafka alone resolves "latest" then, and
-/// skipped 10 to 13 of these 16 records in each round) or before the group assigned a partition
-/// at all (5 of 16 each round when only the assigned partitions were placed).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn latest_reads_everything_published_after_subscribe_returned_and_nothing_before() {
-    for round in 0..3 {
-        let topic = format!("commits.latest.{round}");
-        let group = format!("commits-latest-{round}");
-        let mut config = kafka_group_config(&kafka_bootstrap(), &group, &topic, 4);
-        config.auto_offset_reset = eventbus_kafka::OffsetReset::Latest;
-        let bus = KafkaBus::connect(BusSettings::new("kafka", "latest"), config)
-            .await
-            .unwrap();
-        for aggregate in 0..8 {
-            bus.publish_envelope(&topic, &envelope(&format!("before-{aggregate}"), 1))
-                .await
-                .unwrap();
-        }
-        let handled = record_versions(&bus, &topic, SubscribeOptions::new()).await;
-        for aggregate in 0..16 {
-            bus.publish_envelope(&topic, &envelope(&format!("after-{aggregate}"), 1))
-                .await
-                .unwrap();
-        }
-        handled
-            .wait_for("the 16 published after subscribe", |events| {
-                events
-                    .iter()
-                    .filter(|(a, _)| a.starts_with("after-"))
-                    .count()
-                    == 16
-            })
-            .await;
-        let events = handled.events();
-        bus.close().await.unwrap();
-        assert!(
-            !events.iter().any(|(a, _)| a.starts_with("before-")),
-            "round {round}: latest read records published before subscribe: {events:?}"
-        );
-    }
 }

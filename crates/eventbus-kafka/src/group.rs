@@ -10,15 +10,21 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use eventbus_core::{DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position};
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
+};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::config::{GroupProtocol, KafkaConfig};
 use crate::partition::{Assigned, Reader, lock};
 use crate::producer::base_config;
+
+/// A partition whose end offset could not be looked up when its topic was subscribed.
+const END_UNKNOWN: i64 = -1;
 
 /// How long a rebalance callback waits for a committed offset or an end offset.
 const POSITION_LOOKUP: Duration = Duration::from_secs(5);
@@ -56,7 +62,7 @@ pub(crate) struct Group {
     /// With `start_at_end`: the end offset of each partition of a topic when the topic was
     /// subscribed, where a partition without a committed offset starts when it is assigned
     /// (however much later that is).
-    subscribed_ends: Mutex<HashMap<(String, i32), i64>>,
+    subscribed_ends: Mutex<HashMap<String, HashMap<i32, i64>>>,
     subscriptions: Mutex<BTreeMap<String, Vec<Arc<Entry>>>>,
     assigned: Mutex<HashMap<(String, i32), Arc<Assigned>>>,
     generation: AtomicU64,
@@ -102,6 +108,56 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    /// rdkafka's rebalance (pre-rebalance, assign or unassign, incremental with the cooperative
+    /// protocols, post-rebalance), with one step before an assignment: with
+    /// `auto_offset_reset = latest`, partitions without a committed offset get their start
+    /// offset in the assignment itself (see [`Group::place_at_subscribe_ends`]), so librdkafka
+    /// never fetches from a "latest" of its own first; the placed offsets are committed once
+    /// assigned.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        let assigning = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        let placed = if assigning && self.group.start_at_end {
+            self.group.place_at_subscribe_ends(consumer, partitions)
+        } else {
+            Vec::new()
+        };
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(partitions),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(partitions),
+            _ => Rebalance::Error(KafkaError::Rebalance(err.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let applied = match (assigning, cooperative) {
+            (true, true) => consumer.incremental_assign(partitions),
+            (true, false) => consumer.assign(partitions),
+            (false, true) => consumer.incremental_unassign(partitions),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(error) = applied {
+            tracing::warn!(group = %self.group.name, %error, assigning, "Kafka assignment not applied");
+        }
+        self.post_rebalance(consumer, &rebalance);
+        if !placed.is_empty() {
+            let entries: Vec<(&str, i32, Option<i64>)> = placed
+                .iter()
+                .map(|(topic, partition, start)| (topic.as_str(), *partition, Some(*start)))
+                .collect();
+            if let Err(error) = consumer.commit(&partition_list(&entries), CommitMode::Sync) {
+                self.group.commit_failures.increment(1);
+                tracing::warn!(group = %self.group.name, %error, "start offsets not committed; a member that takes these partitions before a commit starts at its own latest");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => self.group.revoke(consumer, partitions),
@@ -118,9 +174,6 @@ impl ConsumerContext for GroupContext {
             // paused for backpressure when it was revoked would never be fetched again here.
             if let Err(error) = consumer.resume(partitions) {
                 tracing::warn!(%error, "cannot resume newly assigned Kafka partitions");
-            }
-            if self.group.start_at_end {
-                self.group.start_at_end(consumer, partitions);
             }
             self.group.assign(partitions);
         }
@@ -479,10 +532,10 @@ impl Group {
     /// the topics no longer in it), before the consumer subscribes to them: with
     /// `auto_offset_reset = latest` that is where their partitions start.
     fn note_subscribed_ends(&self, consumer: &BaseConsumer<GroupContext>, topics: &[String]) {
-        let mut ends = lock(&self.subscribed_ends);
-        ends.retain(|(topic, _), _| topics.contains(topic));
+        let mut noted = lock(&self.subscribed_ends);
+        noted.retain(|topic, _| topics.contains(topic));
         for topic in topics {
-            if ends.keys().any(|(known, _)| known == topic) {
+            if noted.contains_key(topic) {
                 continue;
             }
             let partitions = match consumer.fetch_metadata(Some(topic), POSITION_LOOKUP) {
@@ -496,60 +549,81 @@ impl Group {
                     continue;
                 }
             };
+            let mut ends = HashMap::new();
             for partition in partitions {
                 match consumer.fetch_watermarks(topic, partition, POSITION_LOOKUP) {
                     Ok((_, high)) => {
-                        ends.insert((topic.clone(), partition), high);
+                        ends.insert(partition, high);
                     }
                     Err(error) => {
                         tracing::warn!(topic, partition, %error, "end offset not known at subscribe; the partition starts at its end when assigned");
+                        ends.insert(partition, END_UNKNOWN);
                     }
                 }
             }
+            noted.insert(topic.clone(), ends);
         }
     }
 
-    /// With `auto_offset_reset = latest`, places each newly assigned partition that has no
-    /// committed offset where "latest" was when its topic was subscribed (or, not known, at its
-    /// end now), before `subscribe` learns of the assignment. librdkafka would resolve "latest"
-    /// only at the partition's first fetch, and a record published after `subscribe` returned
-    /// but before that fetch (or before the group assigned the partition at all) would never be
-    /// read. When a lookup fails, librdkafka's own reset applies (and the warning says so).
-    fn start_at_end(&self, consumer: &BaseConsumer<GroupContext>, partitions: &TopicPartitionList) {
+    /// With `auto_offset_reset = latest`, sets the start offset of each partition of
+    /// `partitions` (about to be assigned) that has no committed offset to where "latest" was
+    /// when its topic was subscribed, and returns them (the caller commits them once assigned):
+    ///
+    /// - a partition that existed then starts at the end it had then (looked up now when that
+    ///   failed); librdkafka would resolve "latest" only at the partition's first fetch, and a
+    ///   record published after `subscribe` returned but before that fetch (or before the group
+    ///   assigned the partition at all) would never be read;
+    /// - a partition added to the topic since starts at its beginning: all of it was published
+    ///   after `subscribe`;
+    /// - once committed, the position is the group's: a member (or this service after a
+    ///   restart) that gets the partition before anything was handled starts there too, instead
+    ///   of at a later "latest" of its own.
+    ///
+    /// When a lookup fails, librdkafka's own reset applies (and the warning says so).
+    fn place_at_subscribe_ends(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        partitions: &mut TopicPartitionList,
+    ) -> Vec<(String, i32, i64)> {
         let committed = match consumer.committed_offsets(partitions.clone(), POSITION_LOOKUP) {
             Ok(committed) => committed,
             Err(error) => {
                 tracing::warn!(group = %self.name, %error, "committed offsets not known; librdkafka resolves latest at the first fetch");
-                return;
+                return Vec::new();
             }
         };
+        let mut placed = Vec::new();
         for element in committed.elements() {
             if element.offset() != Offset::Invalid {
                 continue;
             }
             let (topic, partition) = (element.topic(), element.partition());
             let noted = lock(&self.subscribed_ends)
-                .get(&(topic.to_owned(), partition))
-                .copied();
-            let end = match noted {
-                Some(end) => Ok(end),
-                None => consumer
-                    .fetch_watermarks(topic, partition, POSITION_LOOKUP)
-                    .map(|(_, high)| high),
-            }
-            .and_then(|end| {
-                consumer.seek(topic, partition, Offset::Offset(end), POSITION_LOOKUP)?;
-                Ok(end)
-            });
-            match end {
-                Ok(end) => {
-                    tracing::debug!(group = %self.name, topic, partition, offset = end, "new partition starts at its end");
+                .get(topic)
+                .map(|ends| ends.get(&partition).copied());
+            let start = consumer
+                .fetch_watermarks(topic, partition, POSITION_LOOKUP)
+                .map(|(low, high)| match noted {
+                    Some(Some(end)) if end != END_UNKNOWN => end.max(low),
+                    // Added to the topic after it was subscribed.
+                    Some(None) => low,
+                    _ => high,
+                })
+                .and_then(|start| {
+                    partitions.set_partition_offset(topic, partition, Offset::Offset(start))?;
+                    Ok(start)
+                });
+            match start {
+                Ok(start) => {
+                    tracing::debug!(group = %self.name, topic, partition, offset = start, "new partition starts where latest was at subscribe");
+                    placed.push((topic.to_owned(), partition, start));
                 }
                 Err(error) => {
-                    tracing::warn!(group = %self.name, topic, partition, %error, "end offset not known; librdkafka resolves latest at the first fetch");
+                    tracing::warn!(group = %self.name, topic, partition, %error, "start offset not known; librdkafka resolves latest at the first fetch");
                 }
             }
         }
+        placed
     }
 
     /// New partitions: a reader per subscription of the topic, a new generation each.

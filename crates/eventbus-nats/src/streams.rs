@@ -79,6 +79,20 @@ fn stream_config(
     }
 }
 
+/// Warns when the dead-letter topic `topic` is stored in `stream` only through a wildcard of
+/// `subjects`: a stream made for other topics (a Go service's `business.>`, say), whose wildcard
+/// subscribers then get the dead letters as messages of their own.
+fn warn_if_shared(topic: &str, stream: &str, subjects: &[String]) {
+    if !subjects.iter().any(|subject| subject == topic) {
+        tracing::warn!(
+            dead_letter_topic = topic,
+            stream,
+            subjects = ?subjects,
+            "dead letters go to a stream whose wildcard covers them: a subscriber of that wildcard receives them as messages; give the subscription a dead-letter topic outside it (SubscribeOptions::with_dead_letter)"
+        );
+    }
+}
+
 /// The error for dead letters that would land in a memory stream.
 fn memory_dead_letters(topic: &str, stream: &str) -> Error {
     Error::config(
@@ -145,6 +159,9 @@ impl Streams {
             if spec.dead_letters && definition.storage == Storage::Memory {
                 return Err(memory_dead_letters(topic, &definition.name));
             }
+            if spec.dead_letters {
+                warn_if_shared(topic, &definition.name, &definition.subjects);
+            }
             definition.name.clone()
         } else if let Ok(name) = js.stream_by_subject(topic).await {
             if spec.dead_letters {
@@ -159,6 +176,7 @@ impl Streams {
                 if info.config.storage == stream::StorageType::Memory {
                     return Err(memory_dead_letters(topic, &name));
                 }
+                warn_if_shared(topic, &name, &info.config.subjects);
             }
             name
         } else {
