@@ -567,19 +567,22 @@ impl Group {
 
     /// With `auto_offset_reset = latest`, sets the start offset of each partition of
     /// `partitions` (about to be assigned) that has no committed offset to where "latest" was
-    /// when its topic was subscribed, and returns them (the caller commits them once assigned):
+    /// when this member subscribed to its topic, and returns them (the caller commits them once
+    /// assigned):
     ///
     /// - a partition that existed then starts at the end it had then (looked up now when that
-    ///   failed); librdkafka would resolve "latest" only at the partition's first fetch, and a
-    ///   record published after `subscribe` returned but before that fetch (or before the group
-    ///   assigned the partition at all) would never be read;
+    ///   failed), kept within the log's current bounds; librdkafka would resolve "latest" only at
+    ///   the partition's first fetch, and a record published after `subscribe` returned but
+    ///   before that fetch (or before the group assigned the partition at all) would never be
+    ///   read;
     /// - a partition added to the topic since starts at its beginning: all of it was published
     ///   after `subscribe`;
     /// - once committed, the position is the group's: a member (or this service after a
-    ///   restart) that gets the partition before anything was handled starts there too, instead
-    ///   of at a later "latest" of its own.
+    ///   restart) that gets the partition before anything was handled starts there too.
     ///
-    /// When a lookup fails, librdkafka's own reset applies (and the warning says so).
+    /// A partition whose committed offset cannot be read is left to librdkafka (never placed,
+    /// so never committed over an offset the group has); when a lookup fails, librdkafka's own
+    /// reset applies (and the warning says so).
     fn place_at_subscribe_ends(
         &self,
         consumer: &BaseConsumer<GroupContext>,
@@ -592,31 +595,33 @@ impl Group {
                 return Vec::new();
             }
         };
+        let unplaced: Vec<(String, i32)> = committed
+            .elements()
+            .iter()
+            .filter(|element| element.error().is_ok() && element.offset() == Offset::Invalid)
+            .map(|element| (element.topic().to_owned(), element.partition()))
+            .collect();
         let mut placed = Vec::new();
-        for element in committed.elements() {
-            if element.offset() != Offset::Invalid {
-                continue;
-            }
-            let (topic, partition) = (element.topic(), element.partition());
+        for (topic, partition) in unplaced {
             let noted = lock(&self.subscribed_ends)
-                .get(topic)
+                .get(&topic)
                 .map(|ends| ends.get(&partition).copied());
             let start = consumer
-                .fetch_watermarks(topic, partition, POSITION_LOOKUP)
+                .fetch_watermarks(&topic, partition, POSITION_LOOKUP)
                 .map(|(low, high)| match noted {
-                    Some(Some(end)) if end != END_UNKNOWN => end.max(low),
+                    Some(Some(end)) if end != END_UNKNOWN => end.clamp(low, high.max(low)),
                     // Added to the topic after it was subscribed.
                     Some(None) => low,
                     _ => high,
                 })
                 .and_then(|start| {
-                    partitions.set_partition_offset(topic, partition, Offset::Offset(start))?;
+                    partitions.set_partition_offset(&topic, partition, Offset::Offset(start))?;
                     Ok(start)
                 });
             match start {
                 Ok(start) => {
-                    tracing::debug!(group = %self.name, topic, partition, offset = start, "new partition starts where latest was at subscribe");
-                    placed.push((topic.to_owned(), partition, start));
+                    tracing::debug!(group = %self.name, topic, partition, offset = start, "partition without a committed offset placed where latest was at subscribe");
+                    placed.push((topic, partition, start));
                 }
                 Err(error) => {
                     tracing::warn!(group = %self.name, topic, partition, %error, "start offset not known; librdkafka resolves latest at the first fetch");
