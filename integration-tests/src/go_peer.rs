@@ -97,17 +97,10 @@ pub fn go_failure(command: &str, args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the Go peer starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break status;
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the Go peer's {command} was expected to fail, and still ran after 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the Go peer's {command} was expected to fail, and still ran after 60 s");
     };
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
@@ -240,17 +233,21 @@ impl GoConsumer {
         }
     }
 
-    /// The peer's exit status, polled until `limit`.
     fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + limit;
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        exit_within(&mut self.child, limit)
     }
+}
+
+/// `child`'s exit status, polled until `limit`; `None` while it still runs.
+fn exit_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }
 
 /// One line of a consuming peer.

@@ -13,6 +13,9 @@ use crate::envelope::{
     HEADER_EVENT_VERSION, HEADER_TENANT_ID, HEADER_TRACE_ID,
 };
 
+/// The header that carries a message's key where the broker has no record key (NATS).
+pub const HEADER_MESSAGE_KEY: &str = "X-Message-Key";
+
 /// Header names the bus and its peers write on nearly every message: a consumed message that
 /// carries them shares these instead of allocating a name per header.
 const KNOWN_NAMES: &[&str] = &[
@@ -30,7 +33,7 @@ const KNOWN_NAMES: &[&str] = &[
     HEADER_ORIGINAL_PARTITION,
     HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_STREAM_SEQUENCE,
-    "X-Message-Key",
+    HEADER_MESSAGE_KEY,
     "Nats-Msg-Id",
     "traceparent",
     "tracestate",
@@ -212,6 +215,25 @@ impl IntoIterator for Headers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_known_name_behaves_as_any_other_name() {
+        let mut headers = Headers::new();
+        headers.append(String::from("X-Event-ID"), "a");
+        headers.append("x-event-id", "lower");
+        headers.insert("X-Event-ID", "b");
+        headers.append("X-Custom", "c");
+        assert_eq!(headers.get_str(&String::from("X-Event-ID")), Some("b"));
+        assert_eq!(headers.get_str("x-event-id"), Some("lower"));
+        assert_eq!(headers.remove("X-Event-ID"), 1);
+        let owned: Vec<(String, Bytes)> = headers.clone().into_iter().collect();
+        assert_eq!(owned[0].0, "x-event-id");
+        assert_eq!(owned[1].0, "X-Custom");
+        let same: Headers = [("x-event-id", "lower"), ("X-Custom", "c")]
+            .into_iter()
+            .collect();
+        assert_eq!(headers, same);
+    }
 
     #[test]
     fn headers_keep_order_case_and_duplicates() {

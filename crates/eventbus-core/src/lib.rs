@@ -98,7 +98,7 @@ pub use error::{BoxError, Error, ErrorKind};
 pub use handler::{
     EnvelopeHandler, HandlerContext, HandlerError, HandlerErrorKind, MessageHandler,
 };
-pub use headers::{Headers, MAX_HEADER_VALUE, header_value};
+pub use headers::{HEADER_MESSAGE_KEY, Headers, MAX_HEADER_VALUE, header_value};
 pub use health::{ComponentHealth, HealthReport, HealthStatus};
 pub use heartbeat::{HEARTBEAT_MAX_AGE, HEARTBEAT_TOPIC, Heartbeat, HeartbeatError};
 pub use message::{DeliveryMeta, Message, OutboundMessage, Position};

@@ -23,8 +23,15 @@ use crate::config::{GroupProtocol, KafkaConfig};
 use crate::partition::{Assigned, Reader, lock};
 use crate::producer::base_config;
 
-/// A partition whose end offset could not be looked up when its topic was subscribed.
-const END_UNKNOWN: i64 = -1;
+/// Where "latest" was for a partition when its topic was subscribed.
+enum SubscribedEnd {
+    /// Its end offset then.
+    At(i64),
+    /// Not looked up (the lookup failed): its end at assignment stands in.
+    Unknown,
+    /// The partition was added to the topic since: all of it came after.
+    AddedSince,
+}
 
 /// How long a rebalance callback waits for a committed offset or an end offset.
 const POSITION_LOOKUP: Duration = Duration::from_secs(5);
@@ -62,7 +69,8 @@ pub(crate) struct Group {
     /// With `start_at_end`: the end offset of each partition of a topic when the topic was
     /// subscribed, where a partition without a committed offset starts when it is assigned
     /// (however much later that is).
-    subscribed_ends: Mutex<HashMap<String, HashMap<i32, i64>>>,
+    /// (`None`: the partition existed, its end could not be looked up.)
+    subscribed_ends: Mutex<HashMap<String, HashMap<i32, Option<i64>>>>,
     subscriptions: Mutex<BTreeMap<String, Vec<Arc<Entry>>>>,
     assigned: Mutex<HashMap<(String, i32), Arc<Assigned>>>,
     generation: AtomicU64,
@@ -553,15 +561,27 @@ impl Group {
             for partition in partitions {
                 match consumer.fetch_watermarks(topic, partition, POSITION_LOOKUP) {
                     Ok((_, high)) => {
-                        ends.insert(partition, high);
+                        ends.insert(partition, Some(high));
                     }
                     Err(error) => {
                         tracing::warn!(topic, partition, %error, "end offset not known at subscribe; the partition starts at its end when assigned");
-                        ends.insert(partition, END_UNKNOWN);
+                        ends.insert(partition, None);
                     }
                 }
             }
             noted.insert(topic.clone(), ends);
+        }
+    }
+
+    /// Where "latest" was for `partition` of `topic` when this member subscribed to the topic.
+    fn subscribed_end(&self, topic: &str, partition: i32) -> SubscribedEnd {
+        match lock(&self.subscribed_ends).get(topic) {
+            None => SubscribedEnd::Unknown,
+            Some(ends) => match ends.get(&partition) {
+                None => SubscribedEnd::AddedSince,
+                Some(None) => SubscribedEnd::Unknown,
+                Some(Some(end)) => SubscribedEnd::At(*end),
+            },
         }
     }
 
@@ -603,16 +623,13 @@ impl Group {
             .collect();
         let mut placed = Vec::new();
         for (topic, partition) in unplaced {
-            let noted = lock(&self.subscribed_ends)
-                .get(&topic)
-                .map(|ends| ends.get(&partition).copied());
+            let noted = self.subscribed_end(&topic, partition);
             let start = consumer
                 .fetch_watermarks(&topic, partition, POSITION_LOOKUP)
                 .map(|(low, high)| match noted {
-                    Some(Some(end)) if end != END_UNKNOWN => end.clamp(low, high.max(low)),
-                    // Added to the topic after it was subscribed.
-                    Some(None) => low,
-                    _ => high,
+                    SubscribedEnd::At(end) => end.clamp(low, high.max(low)),
+                    SubscribedEnd::AddedSince => low,
+                    SubscribedEnd::Unknown => high,
                 })
                 .and_then(|start| {
                     partitions.set_partition_offset(&topic, partition, Offset::Offset(start))?;

@@ -17,7 +17,7 @@ use crate::streams::{Kind, StreamSpec, Streams, stream_spec};
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
 /// consumer side turns it back into [`eventbus_core::Message::key`].
-pub const KEY_HEADER: &str = "X-Message-Key";
+pub const KEY_HEADER: &str = eventbus_core::HEADER_MESSAGE_KEY;
 
 /// The connection and what publishing and consuming share: the client, JetStream, the
 /// configuration, the streams and the counters.
