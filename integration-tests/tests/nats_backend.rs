@@ -158,6 +158,7 @@ async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_p
         TopicOptions {
             storage: Some(Storage::File),
             ephemeral: false,
+            ..TopicOptions::default()
         },
     );
     config.stream_limits = StreamLimits {
@@ -327,6 +328,7 @@ async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
         TopicOptions {
             storage: None,
             ephemeral: true,
+            ..TopicOptions::default()
         },
     );
     let bus = NatsBus::connect(settings.clone(), config).await.unwrap();

@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_trait::async_trait;
 use eventbus_core::{
-    Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
-    OutboundMessage, SubscribeOptions, Subscription, SubscriptionControl, validate_topic,
+    AggregateId, Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus,
+    MessageHandler, MessageSource, OutboundMessage, SubscribeOptions, Subscription,
+    SubscriptionControl, extract_aggregate_id, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
@@ -19,6 +20,7 @@ use crate::config::NatsConfig;
 use crate::connection::{ConnectionState, connect};
 use crate::consumer::{DurableSpec, Resume, ensure_consumer, origin_of};
 use crate::fetch::{self, Fetch};
+use crate::group;
 use crate::names::{durable_name, validate_durable_name};
 use crate::publish::Broker;
 use crate::stats::{Counters, NatsStats};
@@ -38,10 +40,10 @@ pub struct NatsBus {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    broker: Arc<Broker>,
+pub(crate) struct Inner {
+    pub(crate) broker: Arc<Broker>,
     connection: Arc<ConnectionState>,
-    runtime: Runtime,
+    pub(crate) runtime: Runtime,
     subscriptions: Mutex<Vec<Running>>,
     /// Durable slots per topic: in use, or closing (an unsubscribe still giving back).
     slots: Mutex<HashMap<String, BTreeMap<usize, Slot>>>,
@@ -50,6 +52,8 @@ struct Inner {
     /// Durables this bus has read: only a durable a previous run left behind is replayed from
     /// its ack floor (a re-subscription here may still hold messages of its earlier self).
     read_durables: Mutex<HashSet<String>>,
+    /// The groups of the partitioned topics this bus reads.
+    groups: Mutex<Vec<Arc<group::Group>>>,
     closed: AtomicBool,
     closing: tokio::sync::Mutex<bool>,
 }
@@ -117,6 +121,21 @@ impl Inner {
         }
     }
 
+    /// True when a group of this bus reads with `durable`.
+    pub(crate) fn has_group(&self, durable: &str) -> bool {
+        lock(&self.groups)
+            .iter()
+            .any(|group| group.durable() == durable)
+    }
+
+    pub(crate) fn add_group(&self, group: Arc<group::Group>) {
+        lock(&self.groups).push(group);
+    }
+
+    pub(crate) fn remove_group(&self, group: &Arc<group::Group>) {
+        lock(&self.groups).retain(|other| !Arc::ptr_eq(other, group));
+    }
+
     fn mark_slot_closing(&self, topic: &str, slot: usize) {
         if let Some(state) = lock(&self.slots)
             .get_mut(topic)
@@ -169,6 +188,7 @@ impl NatsBus {
                 slots: Mutex::new(HashMap::new()),
                 slot_freed: tokio::sync::Notify::new(),
                 read_durables: Mutex::new(HashSet::new()),
+                groups: Mutex::new(Vec::new()),
                 closed: AtomicBool::new(false),
                 closing: tokio::sync::Mutex::new(false),
             }),
@@ -186,6 +206,17 @@ impl NatsBus {
     /// The ordering engine's counters.
     pub fn pool_stats(&self) -> eventbus_pool::PoolStats {
         self.inner.runtime.pool_stats()
+    }
+
+    /// The subjects of the partitioned `topic` that this instance reads now: partition numbers,
+    /// and the topic's partition count for the bare topic (where publishers that do not
+    /// partition write). Empty when the bus does not subscribe to it.
+    pub fn partitions_reading(&self, topic: &str) -> Vec<u16> {
+        lock(&self.inner.groups)
+            .iter()
+            .filter(|group| group.topic() == topic)
+            .flat_map(|group| group.reading())
+            .collect()
     }
 
     /// The durable consumer name of this bus's `slot`-th subscription (from 1) to `topic`:
@@ -222,7 +253,8 @@ impl NatsBus {
     /// the new subscription reads them before anything newer. [`SubscribeOptions::durable`]
     /// names the durable to read with (to adopt another service's; one that filters another
     /// subject, or that another subscription of this bus reads, is refused);
-    /// [`SubscribeOptions::start`] says where a durable made here starts.
+    /// [`SubscribeOptions::start`] says where a durable made here starts. A partitioned topic
+    /// is shared with the service's other instances (see [`crate::partition_of`]).
     ///
     /// # Cancel safety
     ///
@@ -235,13 +267,63 @@ impl NatsBus {
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
         validate_topic(topic)?;
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        match inner
+            .broker
+            .config
+            .topics
+            .get(topic)
+            .and_then(|o| o.partitions)
+        {
+            Some(partitions) => group::subscribe(inner, topic, partitions, handler, options).await,
+            None => inner.open(Target::Topic(topic), handler, options).await,
+        }
+    }
+}
+
+/// What one subscription of [`Inner::open`] reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target<'a> {
+    /// A topic, whole.
+    Topic(&'a str),
+    /// One subject of a partitioned topic (a partition, or the bare topic), read through its
+    /// pinned consumer by one instance of the service at a time.
+    Partition {
+        /// The partitioned topic.
+        topic: &'a str,
+        /// The subject its durable filters.
+        subject: &'a str,
+    },
+}
+
+impl Inner {
+    /// Opens one subscription: its durable (or core NATS subscription), its consumer in the
+    /// runtime and its fetcher.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`NatsBus::subscribe_handler`].
+    pub(crate) async fn open(
+        self: &Arc<Self>,
+        target: Target<'_>,
+        handler: Handler,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, Error> {
+        let (topic, subject) = match target {
+            Target::Topic(topic) => (topic, topic),
+            Target::Partition { topic, subject } => (topic, subject),
+        };
+        let partition = matches!(target, Target::Partition { .. });
         let envelopes = handler.is_envelope();
         let dead_letter = if envelopes {
             options.dead_letter_topic(topic)?
         } else {
             None
         };
-        let inner = &self.inner;
+        let inner = self;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -275,22 +357,24 @@ impl NatsBus {
             explicit: options.durable.is_some(),
             start: options.start,
         };
-        let ephemeral = broker.config.topic(topic).ephemeral;
+        let ephemeral = broker.config.topic(subject).ephemeral;
         let mut origin = None;
         let source = if ephemeral {
             let subscriber = broker
                 .client
-                .subscribe(topic.to_owned())
+                .subscribe(subject.to_owned())
                 .await
                 .map_err(|error| Error::broker(format!("cannot subscribe to {topic}"), error))?;
             Source::Core(subscriber)
         } else {
-            let resume = if lock(&inner.read_durables).contains(&durable) {
+            // A partition may have been read by another instance since this bus last read it:
+            // what that one left unacknowledged is replayed in order.
+            let resume = if !partition && lock(&inner.read_durables).contains(&durable) {
                 Resume::No
             } else {
                 Resume::IfAbandoned
             };
-            let mut consumer = ensure_consumer(broker, topic, spec, envelopes, resume).await?;
+            let mut consumer = ensure_consumer(broker, subject, spec, envelopes, resume).await?;
             origin = origin_of(broker, &mut consumer).await;
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
@@ -302,13 +386,11 @@ impl NatsBus {
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
         let consumer = inner.runtime.subscribe(subscription)?;
-        let fetch = Arc::new(Fetch::new(
-            topic,
-            spec,
-            consumer,
-            inner.connection.clone(),
-            origin,
-        ));
+        let mut fetch = Fetch::new(subject, spec, consumer, inner.connection.clone(), origin);
+        if partition {
+            fetch = fetch.partition_of(topic);
+        }
+        let fetch = Arc::new(fetch);
         let task = match source {
             Source::Core(subscriber) => tokio::spawn(fetch::core_loop(fetch.clone(), subscriber)),
             Source::Pull(consumer) => {
@@ -323,11 +405,11 @@ impl NatsBus {
         if let Some(claim) = &mut topic_claim {
             claim.kept = true;
         }
-        tracing::info!(topic, durable = %fetch.durable, "subscribed");
+        tracing::info!(topic, subject, durable = %fetch.durable, "subscribed");
         Ok(Subscription::new(
             topic,
             Control {
-                inner: Arc::downgrade(inner),
+                inner: Arc::downgrade(self),
                 fetch,
                 topic_slot: topic_claim.as_ref().map(|claim| claim.slot),
                 durable_slot: name_claim.slot,
@@ -351,7 +433,13 @@ impl EventBus for NatsBus {
         }
         let broker = &self.inner.broker;
         let stream = stream_spec(&broker.config, topic, Kind::Plain);
-        broker.publish_to(topic, message, None, stream).await
+        let key = extract_aggregate_id(
+            &MessageSource::new(&message.payload)
+                .with_headers(&message.headers)
+                .with_key(message.key.as_deref().unwrap_or_default()),
+        );
+        let subject = broker.subject(topic, key.as_ref().map(AggregateId::as_str));
+        broker.publish_to(&subject, message, None, stream).await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
@@ -362,8 +450,9 @@ impl EventBus for NatsBus {
         let message = OutboundMessage::from_envelope(envelope)?;
         let broker = &self.inner.broker;
         let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
+        let subject = broker.subject(topic, Some(&envelope.aggregate_id));
         broker
-            .publish_to(topic, message, Some(&envelope.event_id), stream)
+            .publish_to(&subject, message, Some(&envelope.event_id), stream)
             .await
     }
 
@@ -432,6 +521,11 @@ impl EventBus for NatsBus {
         }
         inner.closed.store(true, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
+        // The groups stop following their members first: nothing new starts while closing.
+        let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();
+        for group in &groups {
+            group.stop();
+        }
         let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
         for running in &running {
             running.fetch.stop(true);
@@ -455,6 +549,10 @@ impl EventBus for NatsBus {
         let flushed = tokio::time::timeout(Duration::from_secs(5), inner.broker.client.flush())
             .await
             .is_ok_and(|result| result.is_ok());
+        // Everything is settled or given back: the partitions go to the other instances now.
+        for group in &groups {
+            group.release_after_close().await;
+        }
         tracing::info!(
             fetchers_done,
             drained = report.drained,

@@ -199,6 +199,11 @@ pub struct TopicOptions {
     pub storage: Option<Storage>,
     /// Core NATS instead of JetStream: no stream, nothing kept, at-most-once by nature.
     pub ephemeral: bool,
+    /// Split the topic into this many partitions (subjects `{topic}.0` … `{topic}.{n-1}`, an
+    /// aggregate's events always on one, see [`partition_of`](crate::partition_of)) that the
+    /// instances of a service share, each read by one instance at a time (`docs/nats.md`,
+    /// "Scaling out"). `None` (the default): one subject, read by one instance.
+    pub partitions: Option<u16>,
 }
 
 /// The durable pull consumer made for each subscription.
@@ -299,6 +304,38 @@ pub struct NatsConfig {
     pub topics: BTreeMap<String, TopicOptions>,
     /// The durable consumers.
     pub consumer: ConsumerSettings,
+    /// How the instances of a service share a partitioned topic.
+    pub scale_out: ScaleOutSettings,
+}
+
+/// How the instances of a service (one `client_id`) share the partitions of a topic
+/// ([`TopicOptions::partitions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScaleOutSettings {
+    /// How long an instance that stopped pulling (or renewing its claims) keeps its partitions:
+    /// the `priority_timeout` of each partition's pinned consumer and the age at which its claims
+    /// and its membership expire. A dead instance's partitions move to the others after about
+    /// this long; a smaller value fails over sooner and renews more often (every fifth of it).
+    /// Default 5 s; at least twice `consumer.fetch_expires`.
+    #[serde(with = "humantime_serde")]
+    pub pinned_ttl: Duration,
+}
+
+impl Default for ScaleOutSettings {
+    fn default() -> Self {
+        Self {
+            pinned_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ScaleOutSettings {
+    /// How often an instance renews its membership and claims and looks at the others: a fifth
+    /// of `pinned_ttl`.
+    pub fn renew_interval(&self) -> Duration {
+        (self.pinned_ttl / 5).max(Duration::from_millis(10))
+    }
 }
 
 impl Default for NatsConfig {
@@ -318,8 +355,25 @@ impl Default for NatsConfig {
             streams: Vec::new(),
             topics: BTreeMap::new(),
             consumer: ConsumerSettings::default(),
+            scale_out: ScaleOutSettings::default(),
         }
     }
+}
+
+/// The partitioned topic of `topics` that `subject` is or is a partition of (`{topic}.{n}`,
+/// `n` below its partition count, written without leading zeros), with its partition count.
+pub(crate) fn partitioned<'a>(
+    topics: &'a BTreeMap<String, TopicOptions>,
+    subject: &'a str,
+) -> Option<(&'a str, u16)> {
+    if let Some(partitions) = topics.get(subject).and_then(|options| options.partitions) {
+        return Some((subject, partitions));
+    }
+    let (topic, index) = subject.rsplit_once('.')?;
+    let (topic, options) = topics.get_key_value(topic)?;
+    let partitions = options.partitions?;
+    let parsed: u16 = index.parse().ok()?;
+    (parsed < partitions && parsed.to_string() == index).then_some((topic.as_str(), partitions))
 }
 
 /// Limits where `0` (`"0s"`) means unlimited, as on the server.
@@ -459,9 +513,36 @@ impl NatsConfig {
                 ));
             }
         }
-        for topic in self.topics.keys() {
+        for (topic, options) in &self.topics {
             validate_topic(topic)
                 .map_err(|error| Error::config("nats.topics", error.to_string()))?;
+            match options.partitions {
+                Some(0) => {
+                    return Err(Error::config(
+                        "nats.topics.partitions",
+                        format!("{topic}: at least 1"),
+                    ));
+                }
+                Some(_) if options.ephemeral => {
+                    return Err(Error::config(
+                        "nats.topics.partitions",
+                        format!("{topic}: an ephemeral topic has no stream to partition"),
+                    ));
+                }
+                Some(_) if topic.contains(['*', '>']) => {
+                    return Err(Error::config(
+                        "nats.topics.partitions",
+                        format!("{topic}: a wildcard cannot be partitioned"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.scale_out.pinned_ttl < self.consumer.fetch_expires * 2 {
+            return Err(Error::config(
+                "nats.scale_out.pinned_ttl",
+                "must be at least twice nats.consumer.fetch_expires: a pinned instance pulls again only when its request expires",
+            ));
         }
         let consumer = &self.consumer;
         positive("nats.consumer.ack_wait", consumer.ack_wait)?;
@@ -502,9 +583,16 @@ impl NatsConfig {
         Ok(())
     }
 
-    /// The options of `topic` (defaults when it has none).
+    /// The options of `topic` (defaults when it has none). A partition's subject
+    /// (`{topic}.{n}`) has its topic's options.
     pub fn topic(&self, topic: &str) -> TopicOptions {
+        let topic = self.partitioned(topic).map_or(topic, |(topic, _)| topic);
         self.topics.get(topic).copied().unwrap_or_default()
+    }
+
+    /// The partitioned topic that `subject` is or is a partition of, with its partition count.
+    pub(crate) fn partitioned<'a>(&'a self, subject: &'a str) -> Option<(&'a str, u16)> {
+        partitioned(&self.topics, subject)
     }
 }
 

@@ -6,6 +6,9 @@ use eventbus_core::{Error, OffsetDateTime, StartPosition};
 use crate::publish::Broker;
 use crate::streams::{Kind, stream_spec};
 
+/// The priority group every instance of a service pulls a partition's pinned consumer with.
+pub(crate) const PRIORITY_GROUP: &str = "eventbus";
+
 /// When [`ensure_consumer`] re-creates a durable from its ack floor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Resume {
@@ -120,6 +123,13 @@ pub(crate) async fn ensure_consumer(
         backoff: settings.backoff.clone(),
         ..pull::Config::default()
     };
+    if broker.config.partitioned(topic).is_some() {
+        // One instance reads a partition at a time: the server delivers only to the client it
+        // pinned, until that one stops pulling for `pinned_ttl` or unpins.
+        wanted.priority_policy = jetstream::consumer::PriorityPolicy::PinnedClient;
+        wanted.priority_groups = vec![PRIORITY_GROUP.to_owned()];
+        wanted.priority_timeout = broker.config.scale_out.pinned_ttl;
+    }
     if let Ok(mut existing) = stream.get_consumer::<pull::Config>(durable).await
         && let Ok(info) = existing.info().await
     {
@@ -174,6 +184,8 @@ pub(crate) async fn ensure_consumer(
                 || current.max_deliver != wanted.max_deliver
                 || current.max_ack_pending != wanted.max_ack_pending
                 || current.backoff != wanted.backoff
+                || current.priority_policy != wanted.priority_policy
+                || current.priority_timeout != wanted.priority_timeout
             {
                 tracing::info!(
                     durable = %durable,

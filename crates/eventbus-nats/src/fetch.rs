@@ -11,11 +11,12 @@ use async_nats::jetstream;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
 use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime, StartPosition};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
 use crate::config::ConsumerSettings;
 use crate::connection::ConnectionState;
-use crate::consumer::{DurableSpec, Position, Resume, ensure_consumer};
+use crate::consumer::{DurableSpec, PRIORITY_GROUP, Position, Resume, ensure_consumer};
 use crate::publish::Broker;
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
@@ -23,7 +24,14 @@ use crate::streams::{Kind, stream_spec};
 
 /// What a subscription's fetcher works with.
 pub(crate) struct Fetch {
+    /// The subject its durable filters: the topic, or one partition of a partitioned topic.
     pub(crate) topic: String,
+    /// The partitioned topic `topic` belongs to, which handlers see as the message's topic;
+    /// `None` for a topic read whole.
+    logical_topic: Option<String>,
+    /// Pulls as a client of the partition's pinned consumer: the `Nats-Pin-Id` the server gave
+    /// this fetcher, if any (`None` also for a topic read whole, which pulls without a group).
+    pin: Option<Arc<Mutex<Option<String>>>>,
     pub(crate) durable: String,
     /// The durable was named by the subscription, not by the bus.
     explicit_durable: bool,
@@ -53,6 +61,8 @@ impl Fetch {
     ) -> Self {
         Self {
             topic: topic.to_owned(),
+            logical_topic: None,
+            pin: None,
             durable: durable.name.to_owned(),
             explicit_durable: durable.explicit,
             start: durable.start,
@@ -63,6 +73,13 @@ impl Fetch {
             last_taken: Mutex::new(None),
             origin,
         }
+    }
+
+    /// Reads one partition of `logical_topic` through its pinned consumer.
+    pub(crate) fn partition_of(mut self, logical_topic: &str) -> Self {
+        self.logical_topic = Some(logical_topic.to_owned());
+        self.pin = Some(Arc::default());
+        self
     }
 
     /// The durable it reads with.
@@ -152,17 +169,11 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             batch
         } else if stopping {
             last_batch_taken = true;
-            consumer
-                .fetch()
-                .max_messages(settings.fetch_batch)
-                .messages()
-                .await
-                .map(Open::new)
-                .map_err(|error| error.to_string())
+            request(&broker, &fetch, &consumer, &settings, Wait::No).await
         } else {
             // Not raced against `stop`: a pull request dropped half-sent could still be
             // answered, and what it brought would wait for `ack_wait`.
-            request(&consumer, &settings).await
+            request(&broker, &fetch, &consumer, &settings, Wait::Expires).await
         };
         let mut failed = None;
         match batch {
@@ -173,7 +184,8 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                     && next_request.is_none()
                     && !fetch.stop.is_cancelled()
                 {
-                    next_request = Some(request(&consumer, &settings).await);
+                    next_request =
+                        Some(request(&broker, &fetch, &consumer, &settings, Wait::Expires).await);
                 }
                 // An open request is read to its end even when the subscription stops: what
                 // the server sends to it would otherwise wait for `ack_wait`.
@@ -328,7 +340,7 @@ type Item = <pull::Batch as futures::Stream>::Item;
 
 /// An open pull request: its stream and what arrived from it and was not delivered yet.
 struct Open {
-    batch: pull::Batch,
+    batch: BoxStream<'static, Item>,
     arrived: VecDeque<Item>,
     /// Messages received from it so far.
     received: usize,
@@ -337,7 +349,7 @@ struct Open {
 }
 
 impl Open {
-    fn new(batch: pull::Batch) -> Self {
+    fn new(batch: BoxStream<'static, Item>) -> Self {
         Self {
             batch,
             arrived: VecDeque::new(),
@@ -371,16 +383,184 @@ impl Open {
     }
 }
 
-/// Sends a pull request for up to `fetch_batch` messages, waiting up to `fetch_expires`.
-async fn request(consumer: &PullConsumer, settings: &ConsumerSettings) -> Result<Open, String> {
-    consumer
-        .batch()
-        .max_messages(settings.fetch_batch)
-        .expires(settings.fetch_expires)
-        .messages()
-        .await
-        .map(Open::new)
+/// How long a pull request waits for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Up to `fetch_expires`.
+    Expires,
+    /// Not at all: what the consumer holds now (the last batch of a closing bus).
+    No,
+}
+
+/// Sends a pull request for up to `fetch_batch` messages: a partition's through its pinned
+/// consumer's priority group, any other through the client's batch request.
+async fn request(
+    broker: &Broker,
+    fetch: &Fetch,
+    consumer: &PullConsumer,
+    settings: &ConsumerSettings,
+    wait: Wait,
+) -> Result<Open, String> {
+    if let Some(pin) = &fetch.pin {
+        return pinned_request(broker, pin, consumer, settings, wait)
+            .await
+            .map(Open::new);
+    }
+    let batch = match wait {
+        Wait::Expires => {
+            consumer
+                .batch()
+                .max_messages(settings.fetch_batch)
+                .expires(settings.fetch_expires)
+                .messages()
+                .await
+        }
+        Wait::No => {
+            consumer
+                .fetch()
+                .max_messages(settings.fetch_batch)
+                .messages()
+                .await
+        }
+    };
+    batch
+        .map(|batch| Open::new(batch.boxed()))
         .map_err(|error| error.to_string())
+}
+
+/// The header in which the server names the pinned client of a priority group.
+const PIN_HEADER: &str = "Nats-Pin-Id";
+
+/// A pull request of the priority group [`PRIORITY_GROUP`] of a pinned consumer, carrying the
+/// pin this fetcher holds (none yet: the server pins it if no other client is pinned, otherwise
+/// the request waits on standby until it expires). The pin comes with each delivered message; a
+/// request whose pin the server no longer knows ends (status 423) and forgets it, and the next
+/// request goes on standby. (async-nats' own batch requests refuse pinned consumers, and its
+/// continuous pull stream cannot be stopped with its open request read to the end.)
+async fn pinned_request(
+    broker: &Broker,
+    pin: &Arc<Mutex<Option<String>>>,
+    consumer: &PullConsumer,
+    settings: &ConsumerSettings,
+    wait: Wait,
+) -> Result<BoxStream<'static, Item>, String> {
+    let info = consumer.cached_info();
+    let subject = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        info.stream_name, info.name
+    );
+    let pin_id = pin.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let expires = u64::try_from(settings.fetch_expires.as_nanos()).unwrap_or(u64::MAX);
+    let body = serde_json::to_vec(&PinnedPull {
+        batch: settings.fetch_batch,
+        expires: (wait == Wait::Expires).then_some(expires),
+        no_wait: wait == Wait::No,
+        group: PRIORITY_GROUP,
+        id: pin_id.as_deref(),
+    })
+    .map_err(|error| error.to_string())?;
+    let client = &broker.client;
+    let inbox = client.new_inbox();
+    let subscriber = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|error| error.to_string())?;
+    client
+        .publish_with_reply(subject, inbox, body.into())
+        .await
+        .map_err(|error| error.to_string())?;
+    // As async-nats does for its batches: the request is given up a while after it should have
+    // ended, in case the server's closing status was lost.
+    let give_up = tokio::time::Instant::now()
+        + match wait {
+            Wait::Expires => settings.fetch_expires,
+            Wait::No => broker.config.request_timeout,
+        }
+        + Duration::from_secs(5);
+    let pinned = PinnedBatch {
+        subscriber,
+        context: broker.js.clone(),
+        pin: pin.clone(),
+        remaining: settings.fetch_batch,
+        give_up,
+    };
+    Ok(futures::stream::unfold(pinned, |mut batch| async move {
+        let item = batch.next_item().await?;
+        Some((item, batch))
+    })
+    .boxed())
+}
+
+/// The body of a pull request of a priority group (`$JS.API.CONSUMER.MSG.NEXT`).
+#[derive(serde::Serialize)]
+struct PinnedPull<'a> {
+    batch: usize,
+    /// Nanoseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires: Option<u64>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_wait: bool,
+    group: &'a str,
+    /// The pin held, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+}
+
+/// The replies to one pinned pull request.
+struct PinnedBatch {
+    subscriber: async_nats::Subscriber,
+    context: jetstream::Context,
+    /// The fetcher's pin, set from the delivered messages.
+    pin: Arc<Mutex<Option<String>>>,
+    /// Messages still to come at most.
+    remaining: usize,
+    give_up: tokio::time::Instant,
+}
+
+impl PinnedBatch {
+    /// The next message, an error that ends the request, or `None` when it ended.
+    async fn next_item(&mut self) -> Option<Item> {
+        use async_nats::StatusCode;
+        while self.remaining > 0 {
+            let message = tokio::time::timeout_at(self.give_up, self.subscriber.next())
+                .await
+                .ok()??;
+            match message.status {
+                None | Some(StatusCode::OK) => {
+                    self.remaining -= 1;
+                    if let Some(id) = message.headers.as_ref().and_then(|h| h.get(PIN_HEADER)) {
+                        let mut pin = self.pin.lock().unwrap_or_else(PoisonError::into_inner);
+                        if pin.as_deref() != Some(id.as_str()) {
+                            tracing::debug!(pin = id.as_str(), "pinned to the partition");
+                            *pin = Some(id.as_str().to_owned());
+                        }
+                    }
+                    return Some(Ok(jetstream::Message {
+                        message,
+                        context: self.context.clone(),
+                    }));
+                }
+                Some(StatusCode::IDLE_HEARTBEAT) => {}
+                // Expired, or nothing to take now (no wait).
+                Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => return None,
+                Some(StatusCode::PIN_ID_MISMATCH) => {
+                    // Another client holds the partition now: wait on standby from here on.
+                    tracing::debug!("pin lost; pulling on standby");
+                    *self.pin.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    return None;
+                }
+                Some(status) => {
+                    self.remaining = 0;
+                    return Some(Err(format!(
+                        "pull request failed: {status} {}",
+                        message.description.unwrap_or_default()
+                    )
+                    .into()));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// The next item of the pipelined request, or never when there is none open.
@@ -433,7 +613,12 @@ async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) ->
         delivery_attempt: delivered,
         timestamp: Some(published),
     };
-    let (message, headers) = take_apart(message, fetch.consumer.wants_headers(), meta);
+    let (mut message, headers) = take_apart(message, fetch.consumer.wants_headers(), meta);
+    if let Some(topic) = &fetch.logical_topic {
+        // A partition's subject is where the message is stored, not its topic (and its last
+        // token is no aggregate ID for subject keys).
+        message.topic.clone_from(topic);
+    }
     let receipt = Arc::new(JetStreamReceipt { acker, headers });
     let delivery = Delivery {
         message,

@@ -19,6 +19,11 @@
 //!   redelivered copy of a held message is dropped; exhausted or undecodable envelopes are
 //!   written to the dead-letter topic (retried until the server confirms, while the aggregate's
 //!   lane waits), then `term`ed; plain messages are acked whatever the handler returned.
+//! - **Scaling out**: a topic with [`TopicOptions::partitions`] is split into partition subjects
+//!   ([`partition_of`] picks an aggregate's); the instances of a service share them, each read
+//!   by one instance at a time through a pinned consumer, with membership and claims in a
+//!   key-value bucket, moving when instances come, stop or die ([`ScaleOutSettings`],
+//!   [`NatsBus::partitions_reading`], `docs/nats.md` "Scaling out").
 //! - **Publish**: waits for the PubAck (`publish_timeout`); envelopes carry the `X-*` headers
 //!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
 //!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).
@@ -76,7 +81,9 @@ mod config;
 mod connection;
 mod consumer;
 mod fetch;
+mod group;
 mod names;
+mod partition;
 mod publish;
 mod receipt;
 mod stats;
@@ -84,9 +91,10 @@ mod streams;
 
 pub use bus::NatsBus;
 pub use config::{
-    Auth, ConsumerSettings, NatsConfig, Storage, StreamDefinition, StreamLimits, TlsConfig,
-    TopicOptions,
+    Auth, ConsumerSettings, NatsConfig, ScaleOutSettings, Storage, StreamDefinition, StreamLimits,
+    TlsConfig, TopicOptions,
 };
 pub use eventbus_pool::BusSettings;
+pub use partition::{partition_of, partition_subject};
 pub use publish::KEY_HEADER;
 pub use stats::NatsStats;

@@ -1,6 +1,7 @@
 //! Publishing: JetStream publishes that wait for the PubAck, core NATS for ephemeral topics, and
 //! dead letters for the consume runtime.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -12,6 +13,7 @@ use eventbus_core::{Error, OutboundMessage};
 use eventbus_pool::consume::Transport;
 
 use crate::config::NatsConfig;
+use crate::partition::{partition_of, partition_subject};
 use crate::stats::Counters;
 use crate::streams::{Kind, StreamSpec, Streams, stream_spec};
 
@@ -62,6 +64,24 @@ fn nats_headers(message: &OutboundMessage) -> Result<HeaderMap, Error> {
 }
 
 impl Broker {
+    /// Where a message of `topic` about `aggregate` goes: its partition's subject when the topic
+    /// is partitioned and the aggregate is known, the topic itself otherwise.
+    pub(crate) fn subject<'a>(&self, topic: &'a str, aggregate: Option<&str>) -> Cow<'a, str> {
+        match (
+            self.config
+                .topics
+                .get(topic)
+                .and_then(|options| options.partitions),
+            aggregate,
+        ) {
+            (Some(partitions), Some(aggregate)) => Cow::Owned(partition_subject(
+                topic,
+                partition_of(aggregate, partitions),
+            )),
+            _ => Cow::Borrowed(topic),
+        }
+    }
+
     /// Publishes to `topic`: core NATS for an ephemeral topic, otherwise JetStream into the
     /// topic's stream (created with `storage` if needed), waiting for the PubAck.
     pub(crate) async fn publish_to(

@@ -6,8 +6,11 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use eventbus_core::Error;
 
-use crate::config::{NatsConfig, Storage, StreamDefinition, StreamLimits};
+use crate::config::{
+    NatsConfig, Storage, StreamDefinition, StreamLimits, TopicOptions, partitioned,
+};
 use crate::names::{stream_name, subject_matches};
+use crate::partition::subjects;
 
 /// What a topic's messages are, for the stream made for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +58,8 @@ pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> Strea
 pub(crate) struct Streams {
     prefix: String,
     definitions: Vec<StreamDefinition>,
+    /// The topics' options: which are partitioned.
+    topics: std::collections::BTreeMap<String, TopicOptions>,
     known: tokio::sync::Mutex<HashMap<String, String>>,
 }
 
@@ -109,6 +114,7 @@ impl Streams {
         Self {
             prefix: config.stream_prefix.clone(),
             definitions: config.streams.clone(),
+            topics: config.topics.clone(),
             known: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -134,11 +140,14 @@ impl Streams {
     /// The stream that holds `topic`: a configured stream whose subjects cover it, a stream
     /// already on the server that covers it, or a new `{prefix}{topic}` stream made to `spec`.
     /// Dead letters are refused a stream kept in memory (someone's wildcard stream that covers
-    /// the dead-letter topic): they would be lost with the next server restart.
+    /// the dead-letter topic): they would be lost with the next server restart. A partitioned
+    /// topic's partitions (and the topic itself, for any of them) live in the stream of the bare
+    /// topic, which gets the partitions' subjects it does not cover yet.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: a dropped call leaves at most a created stream that the next call finds.
+    /// Cancel safe: a dropped call leaves at most a created or updated stream that the next call
+    /// finds.
     pub(crate) async fn ensure(
         &self,
         js: &jetstream::Context,
@@ -149,6 +158,27 @@ impl Streams {
         if let Some(name) = known.get(topic) {
             return Ok(name.clone());
         }
+        let Some((base, partitions)) = partitioned(&self.topics, topic) else {
+            let name = self.find_or_create(js, topic, spec).await?;
+            known.insert(topic.to_owned(), name.clone());
+            return Ok(name);
+        };
+        let name = self.find_or_create(js, base, spec).await?;
+        let all = subjects(base, partitions);
+        cover(js, &name, &all).await?;
+        for subject in all {
+            known.insert(subject, name.clone());
+        }
+        Ok(name)
+    }
+
+    /// The stream that holds `topic`, found or made (see [`ensure`](Self::ensure)).
+    async fn find_or_create(
+        &self,
+        js: &jetstream::Context,
+        topic: &str,
+        spec: StreamSpec,
+    ) -> Result<String, Error> {
         let configured = self.definitions.iter().find(|definition| {
             definition
                 .subjects
@@ -209,13 +239,61 @@ impl Streams {
             tracing::info!(stream = %name, topic, storage = ?spec.storage, "stream ready");
             name
         };
-        known.insert(topic.to_owned(), name.clone());
         Ok(name)
     }
 
-    /// Forgets where `topic` lives (its stream was deleted, e.g. a memory stream after a
+    /// Forgets where `topic` lives (and, for a partitioned topic, its partitions) (its stream was deleted, e.g. a memory stream after a
     /// server restart), so the next [`ensure`](Self::ensure) looks again.
     pub(crate) async fn forget(&self, topic: &str) {
-        self.known.lock().await.remove(topic);
+        let mut known = self.known.lock().await;
+        match partitioned(&self.topics, topic) {
+            Some((base, partitions)) => {
+                for subject in subjects(base, partitions) {
+                    known.remove(&subject);
+                }
+            }
+            None => {
+                known.remove(topic);
+            }
+        }
     }
+}
+
+/// Adds to stream `name` the `subjects` its patterns do not cover yet.
+async fn cover(js: &jetstream::Context, name: &str, subjects: &[String]) -> Result<(), Error> {
+    let read = |error: String| Error::Broker {
+        message: format!("cannot read stream {name}: {error}"),
+        source: None,
+    };
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|error| read(error.to_string()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|error| read(error.to_string()))?;
+    let mut config = info.config.clone();
+    let missing: Vec<String> = subjects
+        .iter()
+        .filter(|subject| {
+            !config
+                .subjects
+                .iter()
+                .any(|pattern| subject_matches(pattern, subject))
+        })
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    config.subjects.extend(missing.iter().cloned());
+    js.update_stream(config).await.map_err(|error| {
+        Error::broker(
+            format!("cannot add the partitions {missing:?} to stream {name}"),
+            error,
+        )
+    })?;
+    tracing::info!(stream = name, partitions = ?missing, "partition subjects added to the stream");
+    Ok(())
 }

@@ -336,6 +336,14 @@ const OVERRIDES: &[Override] = &[
             Ok(())
         },
     },
+    #[cfg(feature = "nats")]
+    Override {
+        variable: "EVENTBUS_NATS_SCALE_OUT_PINNED_TTL",
+        apply: |c, v| {
+            c.nats.scale_out.pinned_ttl = duration(v)?;
+            Ok(())
+        },
+    },
     #[cfg(feature = "kafka")]
     Override {
         variable: "EVENTBUS_KAFKA_BOOTSTRAP_SERVERS",

@@ -1,8 +1,10 @@
 //! A consumer process for the fault tests: subscribes to envelopes on NATS or Kafka and prints
 //! `{aggregate_id} {event_version}` for each one it handled, before it is acknowledged.
 //!
-//! Usage: `consumer nats <url> <topic> <client_id>` or
-//! `consumer kafka <bootstrap> <topic> <group>`. Runs until killed.
+//! Usage: `consumer nats <url> <topic> <client_id> [partitions]` or
+//! `consumer kafka <bootstrap> <topic> <group>`. Runs until killed. With `partitions`, the NATS
+//! topic is partitioned (a `pinned_ttl` of 2 s) and each line also has the handling's start and
+//! end, in nanoseconds since the Unix epoch: `{aggregate_id} {event_version} {start} {end}`.
 
 // A test helper binary: its output is its interface, and a bad argument ends it loudly.
 #![allow(
@@ -17,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig};
+use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig, ScaleOutSettings, TopicOptions};
 use eventbus_pool::{BusSettings, PoolConfig};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -29,6 +31,7 @@ async fn main() {
         args.next().expect("topic"),
         args.next().expect("client_id"),
     );
+    let partitions: Option<u16> = args.next().map(|n| n.parse().expect("a partition count"));
     let settings = BusSettings {
         pool: PoolConfig {
             pool_size: 8,
@@ -43,9 +46,24 @@ async fn main() {
                 NatsConfig {
                     urls: vec![url],
                     consumer: ConsumerSettings {
-                        ack_wait: Duration::from_secs(2),
+                        // Partitioned: far longer than a takeover, so that what a dead instance
+                        // held comes back only through the new reader's replay from the ack
+                        // floor, never through a late redelivery.
+                        ack_wait: Duration::from_secs(if partitions.is_some() { 30 } else { 2 }),
                         fetch_expires: Duration::from_millis(200),
                         ..ConsumerSettings::default()
+                    },
+                    topics: partitions
+                        .map(|n| {
+                            let options = TopicOptions {
+                                partitions: Some(n),
+                                ..TopicOptions::default()
+                            };
+                            [(topic.clone(), options)].into()
+                        })
+                        .unwrap_or_default(),
+                    scale_out: ScaleOutSettings {
+                        pinned_ttl: Duration::from_secs(2),
                     },
                     ..NatsConfig::default()
                 },
@@ -62,11 +80,22 @@ async fn main() {
     };
     bus.subscribe_envelope(
         &topic,
-        Arc::new(|_ctx: HandlerContext, envelope: Envelope| async move {
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| async move {
+            let start = nanos();
             // Some work, so that a kill finds messages in flight.
             tokio::time::sleep(Duration::from_millis(2)).await;
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{} {}", envelope.aggregate_id, envelope.event_version)?;
+            if partitions.is_some() {
+                writeln!(
+                    out,
+                    "{} {} {start} {}",
+                    envelope.aggregate_id,
+                    envelope.event_version,
+                    nanos()
+                )?;
+            } else {
+                writeln!(out, "{} {}", envelope.aggregate_id, envelope.event_version)?;
+            }
             out.flush()?;
             Ok(())
         }),
@@ -76,4 +105,11 @@ async fn main() {
     .expect("subscribe");
     eprintln!("consumer: subscribed to {topic} on {backend}");
     std::future::pending::<()>().await;
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos())
 }

@@ -1,0 +1,653 @@
+//! Scaling out: the instances of a service share a partitioned topic.
+//!
+//! Every instance of a service (one `client_id`) that subscribes to a partitioned topic joins
+//! its **group**: a JetStream key-value bucket (`eventbus_{durable}`) where each instance keeps
+//! a membership key (`members.{instance}`) and a claim per subject it reads
+//! (`claims.{slot}`), renewed every fifth of `pinned_ttl` and expiring after `pinned_ttl` (the
+//! bucket's `max_age`) when their instance stops renewing them.
+//!
+//! The topic's `n + 1` subjects (its partitions, then the bare topic, slots `0..=n`) are
+//! assigned over the live members in the order of their IDs: slot `s` to member `s mod m`, so
+//! every member reads within one subject of the others. An instance reads a subject only while
+//! it holds the subject's claim (taken with a create, renewed with the revision it got: two
+//! instances never hold one). A new holder waits until the subject's pinned consumer has no
+//! pinned client left (the previous reader unpinned it, or its pin expired), then subscribes
+//! to it the usual way: what the previous reader left unacknowledged is replayed in order from
+//! the ack floor before anything newer. The server's pin stays the guard: only the pinned
+//! client receives messages, so an instance that still pulls while it should not (paused past
+//! its claim) gets nothing once another is pinned.
+//!
+//! An instance that loses a subject in a rebalance gives it back as an unsubscribe does (queued
+//! messages back to the server in lane order, running ones finished up to the drain timeout),
+//! then unpins the consumer and deletes its claim, so the next holder starts at once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use eventbus_core::{
+    CancellationToken, Error, SubscribeOptions, Subscription, SubscriptionControl,
+};
+use eventbus_pool::consume::Handler;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+
+use crate::bus::{Inner, Target};
+use crate::consumer::PRIORITY_GROUP;
+use crate::names::durable_name;
+use crate::partition::partition_subject;
+use crate::streams::{Kind, stream_spec};
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One instance's membership in the group of a partitioned topic.
+pub(crate) struct Group {
+    inner: Weak<Inner>,
+    topic: String,
+    /// The topic's partitions; slot `partitions` is the bare topic.
+    partitions: u16,
+    /// The durable of the bare topic; a partition's is derived from it.
+    durable: String,
+    /// Whether the durables were named by the subscription.
+    named: bool,
+    /// This instance's ID in the group.
+    instance: String,
+    handler: Handler,
+    options: SubscribeOptions,
+    bucket: kv::Store,
+    /// Ends the group's task.
+    stop: CancellationToken,
+    /// The subjects this instance holds a claim on, by slot.
+    claims: Mutex<BTreeMap<u16, Claim>>,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A claim this instance holds, and what it does with the subject.
+struct Claim {
+    /// The claim key's revision, for the next renewal.
+    revision: u64,
+    state: ClaimState,
+}
+
+enum ClaimState {
+    /// Waiting for the previous reader's pin to go, then subscribing.
+    Starting(JoinHandle<Result<Subscription, Error>>),
+    /// Reading the subject.
+    Reading(Subscription),
+    /// Giving the subject back (unsubscribe, then unpin).
+    Releasing(JoinHandle<()>),
+}
+
+/// Subscribes to the partitioned `topic`: joins its group and reads the subjects assigned to
+/// this instance, following the group as instances come and go.
+pub(crate) async fn subscribe(
+    inner: &Arc<Inner>,
+    topic: &str,
+    partitions: u16,
+    handler: Handler,
+    options: SubscribeOptions,
+) -> Result<Subscription, Error> {
+    let client_id = inner.runtime.settings().client_id.clone();
+    let (durable, named) = match &options.durable {
+        Some(name) => {
+            crate::names::validate_durable_name(name)?;
+            (name.clone(), true)
+        }
+        None => (durable_name(&client_id, topic, 1), false),
+    };
+    if inner.has_group(&durable) {
+        return Err(Error::config(
+            "durable",
+            format!(
+                "{topic} is partitioned and this bus already reads it with durable {durable:?}: a second subscription needs a durable of its own"
+            ),
+        ));
+    }
+    let broker = &inner.broker;
+    let bucket_name = bucket_name(&durable);
+    let bucket = broker
+        .js
+        .create_or_update_key_value(kv::Config {
+            bucket: bucket_name.clone(),
+            description: format!("members and claims of the instances reading {topic}"),
+            history: 1,
+            max_age: broker.config.scale_out.pinned_ttl,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..kv::Config::default()
+        })
+        .await
+        .map_err(|error| Error::broker(format!("cannot open bucket {bucket_name}"), error))?;
+    let group = Arc::new(Group {
+        inner: Arc::downgrade(inner),
+        topic: topic.to_owned(),
+        partitions,
+        durable,
+        named,
+        instance: instance_id(),
+        handler,
+        options,
+        bucket,
+        stop: CancellationToken::new(),
+        claims: Mutex::new(BTreeMap::new()),
+        task: Mutex::new(None),
+    });
+    group.join().await?;
+    inner.add_group(group.clone());
+    let task = tokio::spawn(group.clone().run());
+    *lock(&group.task) = Some(task);
+    tracing::info!(topic, instance = %group.instance, partitions, "joined the group of a partitioned topic");
+    Ok(Subscription::new(topic, GroupControl { group }))
+}
+
+/// A bucket name for the group of `durable`: only letters, digits, `_` and `-`.
+fn bucket_name(durable: &str) -> String {
+    let clean: String = durable
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean == durable {
+        format!("eventbus_{clean}")
+    } else {
+        let hash = durable.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        });
+        format!("eventbus_{clean}-{hash:08x}")
+    }
+}
+
+/// An ID for this instance: unique among the group's members (process, time and a counter).
+fn instance_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    format!(
+        "{:x}-{:x}-{:x}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Group {
+    fn member_key(&self) -> String {
+        format!("members.{}", self.instance)
+    }
+
+    fn claim_key(slot: u16) -> String {
+        format!("claims.{slot}")
+    }
+
+    /// The subject of `slot`: a partition, or the bare topic for the last slot.
+    fn subject(&self, slot: u16) -> String {
+        if slot == self.partitions {
+            self.topic.clone()
+        } else {
+            partition_subject(&self.topic, slot)
+        }
+    }
+
+    /// The durable of `slot`'s subject.
+    fn durable_of(&self, slot: u16) -> String {
+        match (slot == self.partitions, self.named) {
+            (true, _) => self.durable.clone(),
+            (false, true) => format!("{}_{slot}", self.durable),
+            (false, false) => {
+                let inner = self.inner.upgrade();
+                let client_id = inner
+                    .as_ref()
+                    .map(|inner| inner.runtime.settings().client_id.clone())
+                    .unwrap_or_default();
+                durable_name(&client_id, &self.subject(slot), 1)
+            }
+        }
+    }
+
+    /// Writes this instance's membership.
+    async fn join(&self) -> Result<(), Error> {
+        self.bucket
+            .put(self.member_key(), self.instance.clone().into())
+            .await
+            .map(drop)
+            .map_err(|error| Error::broker("cannot renew the group membership", error))
+    }
+
+    /// The live members, in the order of their IDs (this instance among them).
+    async fn members(&self) -> Result<Vec<String>, Error> {
+        let read = |error: String| Error::Broker {
+            message: format!("cannot read the group's members: {error}"),
+            source: None,
+        };
+        let mut keys = self
+            .bucket
+            .keys()
+            .await
+            .map_err(|error| read(error.to_string()))?;
+        let mut members = vec![self.instance.clone()];
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|error| read(error.to_string()))?;
+            if let Some(member) = key.strip_prefix("members.")
+                && member != self.instance
+            {
+                members.push(member.to_owned());
+            }
+        }
+        members.sort();
+        Ok(members)
+    }
+
+    /// Renews membership and claims and follows the assignment, every renew interval, until
+    /// stopped.
+    async fn run(self: Arc<Self>) {
+        let interval = self
+            .inner
+            .upgrade()
+            .map(|inner| inner.broker.config.scale_out.renew_interval())
+            .unwrap_or(Duration::from_secs(1));
+        loop {
+            if let Err(error) = self.step().await {
+                tracing::warn!(topic = %self.topic, %error, "group step failed; trying again");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.stop.cancelled() => break,
+            }
+        }
+    }
+
+    /// One round: renew, look at the members, release what is no longer this instance's,
+    /// claim what is.
+    async fn step(self: &Arc<Self>) -> Result<(), Error> {
+        self.join().await?;
+        self.renew_claims().await;
+        self.settle_finished().await;
+        let members = self.members().await?;
+        let position = members
+            .iter()
+            .position(|member| *member == self.instance)
+            .unwrap_or(0);
+        let count = members.len();
+        let mine = |slot: u16| usize::from(slot) % count == position;
+        // Release first: the subjects this instance gives up start elsewhere sooner.
+        let leaving: Vec<u16> = lock(&self.claims)
+            .iter()
+            .filter(|(slot, claim)| !mine(**slot) && matches!(claim.state, ClaimState::Reading(_)))
+            .map(|(slot, _)| *slot)
+            .collect();
+        for slot in leaving {
+            let mut claims = lock(&self.claims);
+            let Some(Claim { revision, state }) = claims.remove(&slot) else {
+                continue;
+            };
+            let state = match state {
+                ClaimState::Reading(subscription) => {
+                    tracing::info!(topic = %self.topic, slot, members = count, "giving a partition to another instance");
+                    let group = self.clone();
+                    ClaimState::Releasing(tokio::spawn(async move {
+                        let _ = subscription.unsubscribe().await;
+                        group.unpin(slot).await;
+                    }))
+                }
+                other => other,
+            };
+            claims.insert(slot, Claim { revision, state });
+        }
+        for slot in 0..=self.partitions {
+            if !mine(slot) || lock(&self.claims).contains_key(&slot) || self.stop.is_cancelled() {
+                continue;
+            }
+            let Ok(revision) = self
+                .bucket
+                .create(Self::claim_key(slot), self.instance.clone().into())
+                .await
+            else {
+                // Another instance still holds it: it gives it up, or its claim expires.
+                continue;
+            };
+            tracing::info!(topic = %self.topic, slot, members = count, "partition claimed");
+            let task = tokio::spawn(self.clone().start(slot));
+            lock(&self.claims).insert(
+                slot,
+                Claim {
+                    revision,
+                    state: ClaimState::Starting(task),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Renews every claim; a claim that cannot be renewed (it expired and may be another's
+    /// now) stops its subject at once.
+    async fn renew_claims(&self) {
+        let held: Vec<(u16, u64)> = lock(&self.claims)
+            .iter()
+            .map(|(slot, claim)| (*slot, claim.revision))
+            .collect();
+        for (slot, revision) in held {
+            match self
+                .bucket
+                .update(
+                    Self::claim_key(slot),
+                    self.instance.clone().into(),
+                    revision,
+                )
+                .await
+            {
+                Ok(revision) => {
+                    if let Some(claim) = lock(&self.claims).get_mut(&slot) {
+                        claim.revision = revision;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %self.topic, slot, %error, "partition claim lost; stopping it");
+                    let Some(claim) = lock(&self.claims).remove(&slot) else {
+                        continue;
+                    };
+                    match claim.state {
+                        ClaimState::Starting(task) => task.abort(),
+                        ClaimState::Reading(subscription) => {
+                            tokio::spawn(async move {
+                                let _ = subscription.unsubscribe().await;
+                            });
+                        }
+                        ClaimState::Releasing(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves finished starts to reading, and drops the claims of finished releases and failed
+    /// starts.
+    async fn settle_finished(&self) {
+        let finished: Vec<(u16, Claim)> = {
+            let mut claims = lock(&self.claims);
+            let done: Vec<u16> = claims
+                .iter()
+                .filter(|(_, claim)| match &claim.state {
+                    ClaimState::Starting(task) => task.is_finished(),
+                    ClaimState::Releasing(task) => task.is_finished(),
+                    ClaimState::Reading(_) => false,
+                })
+                .map(|(slot, _)| *slot)
+                .collect();
+            done.into_iter()
+                .filter_map(|slot| claims.remove(&slot).map(|claim| (slot, claim)))
+                .collect()
+        };
+        for (slot, claim) in finished {
+            match claim.state {
+                ClaimState::Starting(task) => match task.await {
+                    Ok(Ok(subscription)) => {
+                        lock(&self.claims).insert(
+                            slot,
+                            Claim {
+                                revision: claim.revision,
+                                state: ClaimState::Reading(subscription),
+                            },
+                        );
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(topic = %self.topic, slot, %error, "partition not started; released");
+                        self.drop_claim(slot, claim.revision).await;
+                    }
+                    Err(_) => self.drop_claim(slot, claim.revision).await,
+                },
+                ClaimState::Releasing(task) => {
+                    let _ = task.await;
+                    self.drop_claim(slot, claim.revision).await;
+                }
+                ClaimState::Reading(subscription) => {
+                    lock(&self.claims).insert(
+                        slot,
+                        Claim {
+                            revision: claim.revision,
+                            state: ClaimState::Reading(subscription),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Deletes a claim this instance holds at `revision`.
+    async fn drop_claim(&self, slot: u16, revision: u64) {
+        if let Err(error) = self
+            .bucket
+            .delete_expect_revision(Self::claim_key(slot), Some(revision))
+            .await
+        {
+            tracing::debug!(topic = %self.topic, slot, %error, "claim not deleted; it expires");
+        }
+    }
+
+    /// Starts reading `slot` once no other client is pinned to its consumer.
+    async fn start(self: Arc<Self>, slot: u16) -> Result<Subscription, Error> {
+        let inner = self.inner.upgrade().ok_or(Error::Closed)?;
+        let subject = self.subject(slot);
+        let durable = self.durable_of(slot);
+        self.wait_until_unpinned(&inner, &subject, &durable).await?;
+        let options = self.options.clone().with_durable(durable);
+        inner
+            .open(
+                Target::Partition {
+                    topic: &self.topic,
+                    subject: &subject,
+                },
+                self.handler.clone(),
+                options,
+            )
+            .await
+    }
+
+    /// Waits until the consumer `durable` of `subject` has no pinned client (or does not exist):
+    /// the previous reader gave it up or its pin expired.
+    async fn wait_until_unpinned(
+        &self,
+        inner: &Inner,
+        subject: &str,
+        durable: &str,
+    ) -> Result<(), Error> {
+        let broker = &inner.broker;
+        let kind = if self.handler.is_envelope() {
+            Kind::Envelopes
+        } else {
+            Kind::Plain
+        };
+        let stream = broker
+            .streams
+            .ensure(
+                &broker.js,
+                subject,
+                stream_spec(&broker.config, subject, kind),
+            )
+            .await?;
+        let mut logged = false;
+        loop {
+            let pinned = match broker
+                .js
+                .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+                    durable, &stream,
+                )
+                .await
+            {
+                Ok(mut consumer) => match consumer.info().await {
+                    Ok(info) => info
+                        .priority_groups
+                        .iter()
+                        .any(|group| group.pinned_client_id.is_some()),
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            };
+            if !pinned {
+                return Ok(());
+            }
+            if !logged {
+                tracing::info!(topic = %self.topic, subject, "waiting for the previous reader's pin to expire");
+                logged = true;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = self.stop.cancelled() => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// Unpins `slot`'s consumer, so the next holder is pinned at once.
+    async fn unpin(&self, slot: u16) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let broker = &inner.broker;
+        let subject = self.subject(slot);
+        let durable = self.durable_of(slot);
+        let Ok(stream) = broker.js.stream_by_subject(&subject).await else {
+            return;
+        };
+        let Ok(stream) = broker.js.get_stream_no_info(&stream).await else {
+            return;
+        };
+        if let Err(error) = stream.unpin_consumer(&durable, PRIORITY_GROUP).await {
+            tracing::debug!(topic = %self.topic, slot, %error, "not unpinned; the pin expires");
+        }
+    }
+
+    /// Leaves the group: gives every subject back (unsubscribe, unpin), deletes the claims and
+    /// the membership.
+    async fn leave(&self) {
+        self.stop.cancel();
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let claims: Vec<(u16, Claim)> = std::mem::take(&mut *lock(&self.claims))
+            .into_iter()
+            .collect();
+        for (slot, claim) in claims {
+            match claim.state {
+                ClaimState::Starting(task) => {
+                    if let Ok(Ok(subscription)) = task.await {
+                        let _ = subscription.unsubscribe().await;
+                    }
+                }
+                ClaimState::Reading(subscription) => {
+                    let _ = subscription.unsubscribe().await;
+                }
+                ClaimState::Releasing(task) => {
+                    let _ = task.await;
+                }
+            }
+            self.unpin(slot).await;
+            self.drop_claim(slot, claim.revision).await;
+        }
+        let _ = self.bucket.delete(self.member_key()).await;
+        tracing::info!(topic = %self.topic, instance = %self.instance, "left the group");
+    }
+
+    /// The bus is closing: stop following the group (the bus gives back what its subscriptions
+    /// hold itself).
+    pub(crate) fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// After the bus closed its subscriptions: unpin what this instance read and delete its
+    /// claims and membership, so that the others take over at once.
+    pub(crate) async fn release_after_close(&self) {
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let claims: Vec<(u16, Claim)> = std::mem::take(&mut *lock(&self.claims))
+            .into_iter()
+            .collect();
+        for (slot, claim) in claims {
+            match claim.state {
+                ClaimState::Starting(task) => task.abort(),
+                ClaimState::Reading(_) => {}
+                ClaimState::Releasing(task) => {
+                    let _ = task.await;
+                }
+            }
+            self.unpin(slot).await;
+            self.drop_claim(slot, claim.revision).await;
+        }
+        let _ = self.bucket.delete(self.member_key()).await;
+    }
+
+    /// The topic's subjects this instance reads now, by slot (the partitions, then the bare
+    /// topic as slot `partitions`).
+    pub(crate) fn reading(&self) -> Vec<u16> {
+        lock(&self.claims)
+            .iter()
+            .filter(|(_, claim)| matches!(claim.state, ClaimState::Reading(_)))
+            .map(|(slot, _)| *slot)
+            .collect()
+    }
+
+    /// The partitioned topic.
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The durable this group reads the bare topic with.
+    pub(crate) fn durable(&self) -> &str {
+        &self.durable
+    }
+}
+
+/// Stops a partitioned subscription.
+struct GroupControl {
+    group: Arc<Group>,
+}
+
+#[async_trait]
+impl SubscriptionControl for GroupControl {
+    /// Leaves the group: every subject this instance reads is given back as an unsubscribe
+    /// does, unpinned, and its claim deleted, so the other instances take it over at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// The leaving runs on a task of its own: a dropped call still completes it.
+    async fn unsubscribe(&self) -> Result<(), Error> {
+        let group = self.group.clone();
+        let leaving = tokio::spawn(async move {
+            group.leave().await;
+            if let Some(inner) = group.inner.upgrade() {
+                inner.remove_group(&group);
+            }
+        });
+        let _ = leaving.await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_keep_only_what_jetstream_allows() {
+        assert_eq!(bucket_name("billing_orders"), "eventbus_billing_orders");
+        let odd = bucket_name("a@b");
+        assert!(odd.starts_with("eventbus_a_b-"));
+        assert_ne!(odd, bucket_name("a#b"));
+    }
+
+    #[test]
+    fn instance_ids_differ_within_a_process() {
+        assert_ne!(instance_id(), instance_id());
+    }
+}

@@ -1,0 +1,539 @@
+//! Scaling out on NATS: partitioned topics shared by the instances of a service, against a real
+//! nats-server. Each partition is read by one instance at a time (a pinned consumer, claims in a
+//! key-value bucket); instances that come, go or die move partitions without losing an event or
+//! reordering an aggregate's.
+
+// Test code: a failed unwrap, index or expect is a failed check.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_nats::{NatsBus, NatsConfig, ScaleOutSettings, TopicOptions, partition_of};
+use futures::StreamExt;
+use integration_tests::{
+    Recorder, assert_first_handlings_in_order, eventually, nats_config, nats_settings,
+};
+use test_brokers::NatsServer;
+
+fn envelope(aggregate: usize, version: i64) -> Envelope {
+    Envelope::new(
+        format!("agg-{aggregate}"),
+        "Changed",
+        version,
+        &serde_json::json!({"aggregate": aggregate, "version": version}),
+    )
+    .unwrap()
+}
+
+/// A configuration with `topic` split into `partitions`, a 2 s `pinned_ttl`.
+fn partitioned_config(url: &str, topic: &str, partitions: u16) -> NatsConfig {
+    let mut config = nats_config(url);
+    config.topics.insert(
+        topic.to_owned(),
+        TopicOptions {
+            partitions: Some(partitions),
+            ..TopicOptions::default()
+        },
+    );
+    config.scale_out = ScaleOutSettings {
+        pinned_ttl: Duration::from_secs(2),
+    };
+    config
+}
+
+/// Publishes `versions` of each of `aggregates`, one version of all aggregates at a time (many
+/// publishes in flight, an aggregate's in order).
+async fn publish_versions(
+    bus: &NatsBus,
+    topic: &str,
+    aggregates: usize,
+    versions: std::ops::RangeInclusive<i64>,
+) {
+    for version in versions {
+        futures::stream::iter(0..aggregates)
+            .map(|aggregate| async move {
+                bus.publish_envelope(topic, &envelope(aggregate, version))
+                    .await
+                    .unwrap();
+            })
+            .buffer_unordered(200)
+            .collect::<Vec<()>>()
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregates_partition_is_the_one_the_servers_partition_transform_picks() {
+    use async_nats::jetstream::stream;
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    // The server's own implementation of `partition(12, 1)`, as a stream subject transform.
+    let mut stream = js
+        .create_stream(stream::Config {
+            name: "TRANSFORM".into(),
+            subjects: vec!["check.*".into()],
+            subject_transform: Some(stream::SubjectTransform {
+                source: "check.*".into(),
+                destination: "checked.{{partition(12,1)}}.{{wildcard(1)}}".into(),
+            }),
+            ..stream::Config::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<String> = (0..300)
+        .map(|i| format!("order-{i}"))
+        .chain([
+            "a".into(),
+            "Z9".into(),
+            "ünïcode-ä".into(),
+            "x_y-z=1".into(),
+        ])
+        .collect();
+    for id in &ids {
+        js.publish(format!("check.{id}"), "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let mut seen = HashSet::new();
+    for (index, id) in ids.iter().enumerate() {
+        let stored = stream
+            .get_raw_message(u64::try_from(index).unwrap() + 1)
+            .await
+            .unwrap();
+        let server_partition: u16 = stored.subject.split('.').nth(1).unwrap().parse().unwrap();
+        assert_eq!(
+            partition_of(id, 12),
+            server_partition,
+            "{id}: this SDK and the server disagree"
+        );
+        seen.insert(server_partition);
+    }
+    assert_eq!(seen.len(), 12, "the check covered every partition");
+    stream.info().await.unwrap();
+}
+
+/// One handling, as the instances report it.
+#[derive(Debug, Clone)]
+struct Handling {
+    instance: usize,
+    aggregate: String,
+    version: i64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once() {
+    let server = NatsServer::start();
+    let topic = "scale.shared";
+    let (aggregates, versions) = (60usize, 10i64);
+    let config = partitioned_config(&server.url(), topic, 6);
+    let publisher = NatsBus::connect(nats_settings("publisher"), config.clone())
+        .await
+        .unwrap();
+    let handled = Recorder::<Handling>::new();
+    let running: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let overlaps: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut instances = Vec::new();
+    for instance in 0..2 {
+        let bus = NatsBus::connect(nats_settings("shared"), config.clone())
+            .await
+            .unwrap();
+        let (handled, running, overlaps) = (handled.clone(), running.clone(), overlaps.clone());
+        bus.subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (handled, running, overlaps) =
+                    (handled.clone(), running.clone(), overlaps.clone());
+                async move {
+                    let id = envelope.aggregate_id.clone();
+                    if let Some(other) = running.lock().unwrap().insert(id.clone(), instance) {
+                        overlaps
+                            .lock()
+                            .unwrap()
+                            .push(format!("{id} on {other} and {instance}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    running.lock().unwrap().remove(&id);
+                    handled.push(Handling {
+                        instance,
+                        aggregate: id,
+                        version: envelope.event_version,
+                    });
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+        instances.push(bus);
+    }
+    eventually("the instances read 3 and 4 of the 7 subjects", || {
+        let counts: Vec<usize> = instances
+            .iter()
+            .map(|bus| bus.partitions_reading(topic).len())
+            .collect();
+        async move { counts.iter().sum::<usize>() == 7 && counts.iter().all(|n| (3..=4).contains(n)) }
+    })
+    .await;
+    publish_versions(&publisher, topic, aggregates, 1..=versions).await;
+    let total = aggregates * usize::try_from(versions).unwrap();
+    let events = handled
+        .wait_for("every envelope handled", |events| {
+            events
+                .iter()
+                .map(|h| (h.aggregate.clone(), h.version))
+                .collect::<HashSet<_>>()
+                .len()
+                >= total
+        })
+        .await;
+    let pairs: Vec<(String, i64)> = events
+        .iter()
+        .map(|h| (h.aggregate.clone(), h.version))
+        .collect();
+    assert_first_handlings_in_order(&pairs, aggregates, versions);
+    assert!(
+        overlaps.lock().unwrap().is_empty(),
+        "an aggregate ran on both instances at once: {:?}",
+        overlaps.lock().unwrap()
+    );
+    let mut per_instance: BTreeMap<usize, usize> = BTreeMap::new();
+    for handling in &events {
+        *per_instance.entry(handling.instance).or_default() += 1;
+    }
+    eprintln!("events per instance: {per_instance:?}");
+    for instance in instances {
+        instance.close().await.unwrap();
+    }
+    publisher.close().await.unwrap();
+}
+
+/// One handling reported by an instance process: which, what, and when (ns since the epoch).
+#[derive(Debug, Clone)]
+struct Timed {
+    instance: usize,
+    aggregate: String,
+    version: i64,
+    start: u128,
+    end: u128,
+}
+
+/// Instance processes of one service (the `consumer` test binary with a partition count),
+/// reporting their handlings on one channel.
+struct Instances {
+    url: String,
+    topic: String,
+    client_id: String,
+    partitions: u16,
+    children: Vec<Option<std::process::Child>>,
+    sender: tokio::sync::mpsc::UnboundedSender<Timed>,
+    receiver: tokio::sync::mpsc::UnboundedReceiver<Timed>,
+    handled: Vec<Timed>,
+}
+
+impl Instances {
+    fn new(url: &str, topic: &str, client_id: &str, partitions: u16) -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        Self {
+            url: url.to_owned(),
+            topic: topic.to_owned(),
+            client_id: client_id.to_owned(),
+            partitions,
+            children: Vec::new(),
+            sender,
+            receiver,
+            handled: Vec::new(),
+        }
+    }
+
+    /// Starts one more instance; returns its number.
+    fn add(&mut self) -> usize {
+        let instance = self.children.len();
+        let (lines_in, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        let partitions = self.partitions.to_string();
+        let child = integration_tests::spawn_consumer(
+            env!("CARGO_BIN_EXE_consumer"),
+            [
+                "nats",
+                self.url.as_str(),
+                self.topic.as_str(),
+                self.client_id.as_str(),
+                partitions.as_str(),
+            ],
+            lines_in,
+        );
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            while let Some(line) = lines.recv().await {
+                let fields: Vec<&str> = line.split(' ').collect();
+                let [aggregate, version, start, end] = fields[..] else {
+                    panic!("instance {instance} printed {line:?}");
+                };
+                let timed = Timed {
+                    instance,
+                    aggregate: aggregate.to_owned(),
+                    version: version.parse().unwrap(),
+                    start: start.parse().unwrap(),
+                    end: end.parse().unwrap(),
+                };
+                if sender.send(timed).is_err() {
+                    break;
+                }
+            }
+        });
+        self.children.push(Some(child));
+        instance
+    }
+
+    /// SIGKILLs instance `instance`: no close, nothing it held acknowledged.
+    fn kill(&mut self, instance: usize) {
+        let mut child = self.children[instance].take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Reads handlings until `condition` holds on them (three deadlines at most).
+    async fn read_until(&mut self, what: &str, condition: impl Fn(&[Timed]) -> bool) {
+        let read = async {
+            while !condition(&self.handled) {
+                let timed = self.receiver.recv().await.expect("instance output");
+                self.handled.push(timed);
+            }
+        };
+        tokio::time::timeout(integration_tests::DEADLINE * 3, read)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "timed out waiting for {what} ({} handlings so far)",
+                    self.handled.len()
+                )
+            });
+    }
+
+    /// Reads until `total` distinct envelopes were handled.
+    async fn read_all(&mut self, total: usize) {
+        self.read_until(&format!("{total} distinct envelopes"), |handled| {
+            handled
+                .iter()
+                .map(|t| (&t.aggregate, t.version))
+                .collect::<HashSet<_>>()
+                .len()
+                >= total
+        })
+        .await;
+    }
+
+    /// Checks the contract over every handling: each aggregate handled by one instance at a
+    /// time (no two handlings of an aggregate overlap, on one instance or two), the first
+    /// handlings of its events in version order, every event handled. Returns the handlings per
+    /// instance and the duplicates.
+    fn check(&self, aggregates: usize, versions: i64) -> (BTreeMap<usize, usize>, usize) {
+        let mut sorted = self.handled.clone();
+        sorted.sort_by_key(|t| t.start);
+        let mut last_end: HashMap<&str, (u128, usize)> = HashMap::new();
+        for timed in &sorted {
+            if let Some((end, instance)) = last_end.get(timed.aggregate.as_str()) {
+                assert!(
+                    timed.start >= *end,
+                    "{} version {} started on instance {} before a handling on instance {instance} ended",
+                    timed.aggregate,
+                    timed.version,
+                    timed.instance
+                );
+            }
+            let entry = last_end
+                .entry(timed.aggregate.as_str())
+                .or_insert((timed.end, timed.instance));
+            if timed.end >= entry.0 {
+                *entry = (timed.end, timed.instance);
+            }
+        }
+        let pairs: Vec<(String, i64)> = sorted
+            .iter()
+            .map(|t| (t.aggregate.clone(), t.version))
+            .collect();
+        let duplicates = assert_first_handlings_in_order(&pairs, aggregates, versions);
+        let mut per_instance = BTreeMap::new();
+        for timed in &self.handled {
+            *per_instance.entry(timed.instance).or_insert(0) += 1;
+        }
+        (per_instance, duplicates)
+    }
+
+    /// Waits until the group has `members` members and every subject is claimed, spread within
+    /// one subject between them (read from the group's bucket, as an operator would).
+    async fn wait_balanced(&self, members: usize) {
+        let client = async_nats::connect(&self.url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let bucket = format!(
+            "eventbus_{}_{}",
+            self.client_id,
+            self.topic.replace('.', "_")
+        );
+        let subjects = usize::from(self.partitions) + 1;
+        let (low, high) = (subjects / members, subjects.div_ceil(members));
+        eventually(
+            &format!("{members} members sharing {subjects} subjects"),
+            || {
+                let js = js.clone();
+                let bucket = bucket.clone();
+                async move {
+                    let Ok(store) = js.get_key_value(&bucket).await else {
+                        return false;
+                    };
+                    let Ok(mut keys) = store.keys().await else {
+                        return false;
+                    };
+                    let mut names = Vec::new();
+                    while let Some(Ok(key)) = keys.next().await {
+                        names.push(key);
+                    }
+                    let live = names.iter().filter(|k| k.starts_with("members.")).count();
+                    let mut per_owner: HashMap<String, usize> = HashMap::new();
+                    for key in names.iter().filter(|k| k.starts_with("claims.")) {
+                        if let Ok(Some(owner)) = store.get(key.as_str()).await {
+                            *per_owner
+                                .entry(String::from_utf8_lossy(&owner).into_owned())
+                                .or_default() += 1;
+                        }
+                    }
+                    live == members
+                        && per_owner.len() == members
+                        && per_owner.values().sum::<usize>() == subjects
+                        && per_owner.values().all(|n| (low..=high).contains(n))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// 500 aggregates, 20 versions each: 10,000 envelopes over 12 partitions.
+const AGGREGATES: usize = 500;
+const VERSIONS: i64 = 20;
+const PARTITIONS: u16 = 12;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instance_processes_share_twelve_partitions_in_order_without_loss() {
+    let server = NatsServer::start();
+    let topic = "scale.three";
+    let config = partitioned_config(&server.url(), topic, PARTITIONS);
+    let publisher = NatsBus::connect(nats_settings("publisher"), config)
+        .await
+        .unwrap();
+    let mut instances = Instances::new(&server.url(), topic, "three", PARTITIONS);
+    for _ in 0..3 {
+        instances.add();
+    }
+    instances.wait_balanced(3).await;
+    publish_versions(&publisher, topic, AGGREGATES, 1..=VERSIONS).await;
+    let total = AGGREGATES * usize::try_from(VERSIONS).unwrap();
+    instances.read_all(total).await;
+    let (per_instance, duplicates) = instances.check(AGGREGATES, VERSIONS);
+    eprintln!("three instances: events per instance {per_instance:?}, {duplicates} handled twice");
+    assert_eq!(per_instance.len(), 3, "every instance handled events");
+    assert_eq!(
+        duplicates, 0,
+        "nothing failed, so nothing was handled twice"
+    );
+    publisher.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_stream_has_its_partitions_taken_over_in_order_without_loss() {
+    let server = NatsServer::start();
+    let topic = "scale.killed";
+    let mut instances = Instances::new(&server.url(), topic, "killed", PARTITIONS);
+    for _ in 0..3 {
+        instances.add();
+    }
+    instances.wait_balanced(3).await;
+    let publishing = publish_in_background(&server.url(), topic);
+    instances
+        .read_until("every instance handling", |handled| {
+            let instances: HashSet<usize> = handled.iter().map(|t| t.instance).collect();
+            instances.len() == 3 && handled.len() >= 1_000
+        })
+        .await;
+    // Mid-stream: the kill finds messages the instance holds (running, queued, fetched).
+    assert!(
+        !publishing.is_finished(),
+        "killed while events are still published"
+    );
+    instances.kill(0);
+    let killed = std::time::Instant::now();
+    let killed_at = instances.handled.len();
+    instances.wait_balanced(2).await;
+    let claimed_after = killed.elapsed();
+    publishing.await.unwrap();
+    let total = AGGREGATES * usize::try_from(VERSIONS).unwrap();
+    instances.read_all(total).await;
+    let (per_instance, duplicates) = instances.check(AGGREGATES, VERSIONS);
+    eprintln!(
+        "killed instance: {killed_at} handled before the kill; its subjects claimed by the others {claimed_after:?} after it (pinned_ttl 2 s); events per instance {per_instance:?}, {duplicates} handled twice"
+    );
+}
+
+/// Publishes the 10,000 envelopes from a bus of its own, on a task.
+fn publish_in_background(url: &str, topic: &'static str) -> tokio::task::JoinHandle<()> {
+    let config = partitioned_config(url, topic, PARTITIONS);
+    tokio::spawn(async move {
+        let publisher = NatsBus::connect(nats_settings("publisher"), config)
+            .await
+            .unwrap();
+        publish_versions(&publisher, topic, AGGREGATES, 1..=VERSIONS).await;
+        publisher.close().await.unwrap();
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_added_mid_stream_takes_partitions_without_loss_or_overlap() {
+    let server = NatsServer::start();
+    let topic = "scale.added";
+    let mut instances = Instances::new(&server.url(), topic, "added", PARTITIONS);
+    for _ in 0..2 {
+        instances.add();
+    }
+    instances.wait_balanced(2).await;
+    let publishing = publish_in_background(&server.url(), topic);
+    instances
+        .read_until("the first instances handling", |handled| {
+            handled.len() >= 1_000
+        })
+        .await;
+    assert!(
+        !publishing.is_finished(),
+        "added while events are still published"
+    );
+    let added = instances.add();
+    instances.wait_balanced(3).await;
+    publishing.await.unwrap();
+    let total = AGGREGATES * usize::try_from(VERSIONS).unwrap();
+    instances.read_all(total).await;
+    let (per_instance, duplicates) = instances.check(AGGREGATES, VERSIONS);
+    eprintln!("added instance: events per instance {per_instance:?}, {duplicates} handled twice");
+    assert!(
+        per_instance.get(&added).copied().unwrap_or(0) > 0,
+        "the added instance handled events: {per_instance:?}"
+    );
+}
