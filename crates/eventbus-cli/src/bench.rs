@@ -51,6 +51,11 @@ pub(crate) struct BenchArgs {
     /// The broker's configuration (TOML or YAML); `EVENTBUS_*` variables apply either way.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// NATS only: measure scaling out instead, with 1 up to this many instances of one service
+    /// sharing a topic of 12 partitions, each handling an envelope in 1 ms of I/O; every count
+    /// is printed as a ratio to one instance.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=12))]
+    instances: Option<u64>,
 }
 
 fn envelopes(count: u64, aggregates: u64) -> Result<Vec<Envelope>, CliError> {
@@ -116,9 +121,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     config.client_id = format!("bench-{}", std::process::id());
     config.validate()?;
     let envelopes = envelopes(args.messages, args.aggregates)?;
+    if args.instances.is_some() && args.backend != BenchBackend::Nats {
+        return Err(CliError(
+            "--instances measures NATS scale-out: use it with --backend nats".into(),
+        ));
+    }
     let figures = match args.backend {
         BenchBackend::Memory => memory(config, &envelopes).await?,
-        BenchBackend::Nats => nats(config, &envelopes, args.in_flight).await?,
+        BenchBackend::Nats => match args.instances {
+            Some(instances) => scale_out(config, &envelopes, args.in_flight, instances).await?,
+            None => nats(config, &envelopes, args.in_flight).await?,
+        },
         BenchBackend::Kafka => kafka(config, &envelopes, args.in_flight).await?,
     };
     let backend = args
@@ -130,6 +143,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
         "eventbus bench on {backend}: {} envelopes, {} aggregates, {} publishes in flight",
         args.messages, args.aggregates, args.in_flight
     );
+    if args.instances.is_some() {
+        println!("  scale-out: \"raw\" is one instance of the same run, \"ours\" this many");
+    }
     for figure in figures {
         let cpu = figure.cpu.map_or(String::new(), |(raw, ours)| {
             format!(
@@ -389,6 +405,215 @@ async fn nats(
             cpu: raw_cpu.zip(our_cpu),
         },
     ])
+}
+
+/// The partitions of the scale-out measurement's topic.
+const SCALE_OUT_PARTITIONS: u16 = 12;
+
+/// Scaling out on NATS: for 1 to `instances` instances of one service (buses of one client ID in
+/// this process, each its own connection and engine) sharing a topic of 12 partitions, the rate
+/// at which they handle the envelopes with 1 ms of I/O each, from the first handled to the last.
+/// The instances join the group first and the envelopes are published once it is balanced
+/// (every subject read, each instance within one of the others): the figure is the steady
+/// state, not the joining. The baseline is the one-instance figure of the same run.
+async fn scale_out(
+    config: Config,
+    envelopes: &[Envelope],
+    in_flight: u64,
+    instances: u64,
+) -> Result<Vec<Figure>, CliError> {
+    use eventbus::nats::{NatsBus, TopicOptions};
+
+    let count = envelopes.len() as u64;
+    let run = std::process::id();
+    let mut figures = Vec::new();
+    let mut baseline = None;
+    for members in 1..=instances {
+        let topic = format!("bench{run}.scale{members}");
+        let mut nats = config.nats.clone();
+        nats.topics.insert(
+            topic.clone(),
+            TopicOptions {
+                partitions: Some(SCALE_OUT_PARTITIONS),
+                ..TopicOptions::default()
+            },
+        );
+        let mut settings = config.bus_settings();
+        settings.client_id = format!("{}-scale{members}", config.client_id);
+        let handled = Arc::new(AtomicU64::new(0));
+        let all_handled = Arc::new(Notify::new());
+        let span = Arc::new(std::sync::Mutex::new(None::<(Instant, Instant)>));
+        let mut buses = Vec::new();
+        for _ in 0..members {
+            let bus = NatsBus::connect(settings.clone(), nats.clone()).await?;
+            let (h, done, span) = (handled.clone(), all_handled.clone(), span.clone());
+            bus.subscribe_envelope(
+                &topic,
+                Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
+                    let (h, done, span) = (h.clone(), done.clone(), span.clone());
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        let now = Instant::now();
+                        if let Ok(mut span) = span.lock() {
+                            let (first, _) = span.get_or_insert((now, now));
+                            *span = Some((*first, now));
+                        }
+                        if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                            done.notify_one();
+                        }
+                        Ok(())
+                    }
+                }),
+                SubscribeOptions::new(),
+            )
+            .await?;
+            buses.push(bus);
+        }
+        wait_balanced(&buses, &topic, members).await?;
+        // The backlog is published while the subjects' consumers are paused, then they resume
+        // at once: the figure is the instances' handling, not the publisher's pace.
+        let paused = pause_subjects(&config, &buses, &topic).await?;
+        let publisher = NatsBus::connect(
+            eventbus::BusSettings::new("nats", &format!("{}-publisher", config.client_id)),
+            nats.clone(),
+        )
+        .await?;
+        let started = Instant::now();
+        let mut results = futures::stream::iter(envelopes)
+            .map(|envelope| publisher.publish_envelope(&topic, envelope))
+            .buffered(in_flight as usize);
+        while let Some(result) = results.next().await {
+            result?;
+        }
+        let published = rate(count, started.elapsed());
+        for (stream, durable) in &paused {
+            stream
+                .resume_consumer(durable)
+                .await
+                .map_err(|error| CliError(format!("cannot resume {durable}: {error}")))?;
+        }
+        tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
+            .await
+            .map_err(|_| {
+                CliError(format!(
+                    "only {} of {count} envelopes handled",
+                    handled.load(Ordering::Relaxed)
+                ))
+            })?;
+        let handled_rate = span
+            .lock()
+            .ok()
+            .and_then(|span| *span)
+            .map_or(0.0, |(first, last)| rate(count, last - first));
+        let per_instance: Vec<String> = buses
+            .iter()
+            .map(|bus| bus.partitions_reading(&topic).len().to_string())
+            .collect();
+        eprintln!(
+            "  {members} instance(s): subjects read {}, published at {published:.0}/s",
+            per_instance.join("/")
+        );
+        for bus in &buses {
+            bus.close().await?;
+        }
+        publisher.close().await?;
+        let baseline = *baseline.get_or_insert(handled_rate);
+        figures.push(Figure {
+            what: INSTANCE_LABELS
+                .get(members as usize - 1)
+                .copied()
+                .unwrap_or("instances"),
+            raw: baseline,
+            ours: handled_rate,
+            cpu: None,
+        });
+    }
+    Ok(figures)
+}
+
+/// Pauses the consumers of every subject of the partitioned `topic` (ten minutes at most);
+/// returns them, to resume.
+async fn pause_subjects(
+    config: &Config,
+    buses: &[eventbus::nats::NatsBus],
+    topic: &str,
+) -> Result<Vec<(async_nats::jetstream::stream::Stream<()>, String)>, CliError> {
+    let url = config.nats.urls.first().cloned().unwrap_or_default();
+    let client = async_nats::connect(&url)
+        .await
+        .map_err(|error| CliError(format!("cannot connect to {url}: {error}")))?;
+    let js = async_nats::jetstream::new(client);
+    let name = js
+        .stream_by_subject(topic)
+        .await
+        .map_err(|error| CliError(format!("no stream holds {topic}: {error}")))?;
+    let stream = js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|error| CliError(format!("cannot open stream {name}: {error}")))?;
+    let bus = buses
+        .first()
+        .ok_or_else(|| CliError("no instance".into()))?;
+    let until = eventbus::OffsetDateTime::now_utc() + Duration::from_secs(600);
+    let mut paused = Vec::new();
+    let subjects = std::iter::once(topic.to_owned()).chain(
+        (0..SCALE_OUT_PARTITIONS).map(|index| eventbus::nats::partition_subject(topic, index)),
+    );
+    for subject in subjects {
+        let durable = bus.durable_name(&subject, 1);
+        stream
+            .pause_consumer(&durable, until)
+            .await
+            .map_err(|error| CliError(format!("cannot pause {durable}: {error}")))?;
+        paused.push((stream.clone(), durable));
+    }
+    Ok(paused)
+}
+
+/// Labels of the scale-out figures, by instance count.
+const INSTANCE_LABELS: [&str; 12] = [
+    "1 instance, 1 ms",
+    "2 instances, 1 ms",
+    "3 instances, 1 ms",
+    "4 instances, 1 ms",
+    "5 instances, 1 ms",
+    "6 instances, 1 ms",
+    "7 instances, 1 ms",
+    "8 instances, 1 ms",
+    "9 instances, 1 ms",
+    "10 instances, 1 ms",
+    "11 instances, 1 ms",
+    "12 instances, 1 ms",
+];
+
+/// Waits (60 s at most) until `buses` read every subject of `topic` between them, each within
+/// one subject of the others.
+async fn wait_balanced(
+    buses: &[eventbus::nats::NatsBus],
+    topic: &str,
+    members: u64,
+) -> Result<(), CliError> {
+    let subjects = usize::from(SCALE_OUT_PARTITIONS) + 1;
+    let members = members as usize;
+    let (low, high) = (subjects / members, subjects.div_ceil(members));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let counts: Vec<usize> = buses
+            .iter()
+            .map(|bus| bus.partitions_reading(topic).len())
+            .collect();
+        if counts.iter().sum::<usize>() == subjects
+            && counts.iter().all(|n| (low..=high).contains(n))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError(format!(
+                "the instances did not share the partitions in time: {counts:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn kafka(

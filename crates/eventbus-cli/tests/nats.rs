@@ -194,3 +194,48 @@ fn a_closed_stdout_stops_the_subscriber_and_gives_the_event_back() {
         Duration::from_secs(30),
     );
 }
+
+/// `eventbus bench --backend nats --instances 2` measures one and two instances sharing a
+/// partitioned topic and prints the second as a ratio to the first.
+#[test]
+fn bench_with_instances_prints_each_count_as_a_ratio_to_one_instance() {
+    let server = NatsServer::start();
+    let (_config_dir, config) = config_file(&server, "scale-bench");
+    let output = eventbus(
+        &[
+            "bench",
+            "--backend",
+            "nats",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--messages",
+            "2000",
+            "--aggregates",
+            "100",
+            "--instances",
+            "2",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for count in ["1 instance,", "2 instances,"] {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(count))
+            .unwrap_or_else(|| panic!("no {count} line: {stdout}"));
+        assert!(line.contains("ratio"), "{line}");
+    }
+}
+
+/// `--instances` is a NATS measurement: another backend refuses it with a clear error.
+#[test]
+fn bench_refuses_instances_on_another_backend() {
+    let output = eventbus(&["bench", "--backend", "memory", "--instances", "2"], "");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("--backend nats"),
+        "{}",
+        text(&output.stderr)
+    );
+}
