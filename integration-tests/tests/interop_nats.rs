@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use eventbus::{HeartbeatOptions, Heartbeats};
 use eventbus_core::{
@@ -679,4 +680,93 @@ async fn a_named_durable_leaves_the_buss_own_durable_where_it_was() {
         .collect();
     assert!(replayed.is_empty(), "handled again: {replayed:?}");
     next.close().await.unwrap();
+}
+
+/// A partitioned topic whose publisher is still the Go service (which publishes to the bare
+/// topic): the bare topic is one more subject of the group, read by one instance at a time, so
+/// every Go event is handled, each aggregate's in order and all on one instance, while this
+/// SDK's own events of the topic spread over the partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_publisher_on_a_partitioned_topic_is_read_in_order_one_instance_at_a_time() {
+    let server = NatsServer::start();
+    let topic = "interop.partitioned";
+    let url = server.url();
+    let go_sent = envelopes("go", 30, 10);
+    let mut config = nats_config(&url);
+    config.topics.insert(
+        topic.into(),
+        eventbus_nats::TopicOptions {
+            partitions: Some(4),
+            ..eventbus_nats::TopicOptions::default()
+        },
+    );
+    config.scale_out.pinned_ttl = Duration::from_secs(2);
+    // The Go service made its `interop.>` stream: the partitions live in it too.
+    tokio::task::block_in_place(|| {
+        go_publish("nats-publish", &go_service(&url, topic), &go_sent);
+    });
+    let handled = Recorder::<(usize, String, i64)>::new();
+    let mut instances = Vec::new();
+    for instance in 0..2 {
+        let bus = NatsBus::connect(nats_settings("partitioned"), config.clone())
+            .await
+            .unwrap();
+        let h = handled.clone();
+        bus.subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push((
+                        instance,
+                        envelope.aggregate_id.clone(),
+                        envelope.event_version,
+                    ));
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+        instances.push(bus);
+    }
+    let publisher = NatsBus::connect(nats_settings("partitioned-publisher"), config)
+        .await
+        .unwrap();
+    let ours = envelopes("rust", 30, 10);
+    for envelope in &ours {
+        publisher.publish_envelope(topic, envelope).await.unwrap();
+    }
+    let total = go_sent.len() + ours.len();
+    let events = handled
+        .wait_for("every event of both publishers", |events| {
+            events
+                .iter()
+                .map(|(_, aggregate, version)| (aggregate.clone(), *version))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == total
+        })
+        .await;
+    let order: Vec<(String, i64)> = events.iter().map(|(_, a, v)| (a.clone(), *v)).collect();
+    assert_first_handlings_in_order(&order, 60, 10);
+    let go_readers: std::collections::BTreeSet<usize> = events
+        .iter()
+        .filter(|(_, aggregate, _)| aggregate.starts_with("go"))
+        .map(|(instance, ..)| *instance)
+        .collect();
+    let stream = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap())
+        .stream_by_subject(format!("{topic}.0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream, "INTEROP",
+        "the partitions live in the Go service's stream"
+    );
+    eprintln!("Go events read by instance(s) {go_readers:?}");
+    for bus in instances {
+        bus.close().await.unwrap();
+    }
+    publisher.close().await.unwrap();
 }

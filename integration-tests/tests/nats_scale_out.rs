@@ -537,3 +537,79 @@ async fn an_instance_added_mid_stream_takes_partitions_without_loss_or_overlap()
         "the added instance handled events: {per_instance:?}"
     );
 }
+
+/// A topic read whole first, then partitioned: its bare durable (made without a priority
+/// group) becomes the bare subject's pinned consumer and keeps its position: what the first run
+/// acknowledged is not handled again, what it left is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
+    let server = NatsServer::start();
+    let topic = "scale.later";
+    let whole = NatsBus::connect(nats_settings("later"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    for version in 1..=3 {
+        whole
+            .publish_envelope(topic, &envelope(0, version))
+            .await
+            .unwrap();
+    }
+    let first = Recorder::<i64>::new();
+    let f = first.clone();
+    let subscription = whole
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let f = f.clone();
+                async move {
+                    f.push(envelope.event_version);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    first
+        .wait_for("the first run's events", |v| v.len() == 3)
+        .await;
+    subscription.unsubscribe().await.unwrap();
+    whole.close().await.unwrap();
+    // Published bare while nobody reads: the partitioned run's bare subject has it.
+    let publisher = NatsBus::connect(nats_settings("later-publisher"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    publisher
+        .publish_envelope(topic, &envelope(0, 4))
+        .await
+        .unwrap();
+
+    let partitioned = NatsBus::connect(
+        nats_settings("later"),
+        partitioned_config(&server.url(), topic, 3),
+    )
+    .await
+    .unwrap();
+    let second = Recorder::<i64>::new();
+    let s = second.clone();
+    partitioned
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let s = s.clone();
+                async move {
+                    s.push(envelope.event_version);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    let seen = second
+        .wait_for("the event left by the first run", |v| !v.is_empty())
+        .await;
+    assert_eq!(seen, [4], "only what the first run left is handled");
+    partitioned.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
