@@ -483,6 +483,9 @@ async fn an_instance_killed_mid_stream_has_its_partitions_taken_over_in_order_wi
     instances.kill(0);
     let killed = std::time::Instant::now();
     let killed_at = instances.handled.len();
+    // Mid-stream: most of the stream was still ahead, so the kill found messages the instance
+    // held (running, queued, fetched).
+    assert!(killed_at < 5_000, "killed mid-stream ({killed_at} handled)");
     instances.wait_balanced(2).await;
     let claimed_after = killed.elapsed();
     publishing.await.unwrap();
@@ -611,5 +614,289 @@ async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
         .await;
     assert_eq!(seen, [4], "only what the first run left is handled");
     partitioned.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
+/// An instance subscribed to `topic` with a handler that does nothing.
+async fn subscribed(topic: &str, config: NatsConfig) -> (NatsBus, eventbus_core::Subscription) {
+    let bus = NatsBus::connect(nats_settings("cancel"), config)
+        .await
+        .unwrap();
+    let subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    (bus, subscription)
+}
+
+/// Cancel safety of a partitioned `subscribe`: dropped at any point, it leaves no member in the
+/// group (which the others would give subjects to, unread until it expired): another instance
+/// alone reads every subject, well before a membership could expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_partitioned_subscribe_leaves_no_member_behind() {
+    let server = NatsServer::start();
+    let topic = "scale.dropped-subscribe";
+    let mut config = partitioned_config(&server.url(), topic, 4);
+    // Far longer than the test waits: only what is never written cannot linger.
+    config.scale_out.pinned_ttl = Duration::from_secs(60);
+    let dropping = NatsBus::connect(nats_settings("cancel"), config.clone())
+        .await
+        .unwrap();
+    for cut in [0_u64, 1, 2, 5, 10, 20, 50] {
+        let subscribe = dropping.subscribe_envelope(
+            topic,
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new(),
+        );
+        if let Ok(Ok(subscription)) =
+            tokio::time::timeout(Duration::from_millis(cut), subscribe).await
+        {
+            // Completed in time: a whole subscription, left properly.
+            subscription.unsubscribe().await.unwrap();
+        }
+    }
+    let (other, _subscription) = subscribed(topic, config).await;
+    eventually("the other instance reading all 5 subjects", || {
+        let reading = other.partitions_reading(topic).len();
+        async move { reading == 5 }
+    })
+    .await;
+    other.close().await.unwrap();
+    dropping.close().await.unwrap();
+}
+
+/// Cancel safety of a partitioned subscription's `unsubscribe`: dropped after its first poll,
+/// the leaving still completes (subjects given back, unpinned, claims and membership deleted), so
+/// the other instance takes every subject over at once, not after the claims expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_partitioned_unsubscribe_still_leaves_the_group() {
+    use futures::FutureExt;
+    let server = NatsServer::start();
+    let topic = "scale.dropped-unsubscribe";
+    let mut config = partitioned_config(&server.url(), topic, 4);
+    config.scale_out.pinned_ttl = Duration::from_secs(60);
+    let (leaving, subscription) = subscribed(topic, config.clone()).await;
+    let (staying, _kept) = subscribed(topic, config).await;
+    let t = std::time::Instant::now();
+    eventually("both instances reading", || {
+        let counts = (
+            leaving.partitions_reading(topic).len(),
+            staying.partitions_reading(topic).len(),
+        );
+        async move { counts.0 + counts.1 == 5 && counts.0 > 0 && counts.1 > 0 }
+    })
+    .await;
+    eprintln!("DBG both reading {:?}", t.elapsed());
+    assert!(
+        subscription.unsubscribe().now_or_never().is_none(),
+        "it had work to do"
+    );
+    eventually("the staying instance reading all 5 subjects", || {
+        let reading = staying.partitions_reading(topic).len();
+        async move { reading == 5 }
+    })
+    .await;
+    eprintln!("DBG taken over {:?}", t.elapsed());
+    staying.close().await.unwrap();
+    leaving.close().await.unwrap();
+    eprintln!("DBG closed {:?}", t.elapsed());
+}
+
+/// The instance reading each subject now (the claim keys of the group's bucket).
+async fn claims(url: &str, bucket: &str) -> BTreeMap<String, String> {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let store = js.get_key_value(bucket).await.unwrap();
+    let mut keys = store.keys().await.unwrap();
+    let mut claims = BTreeMap::new();
+    while let Some(Ok(key)) = keys.next().await {
+        if key.starts_with("claims.")
+            && let Ok(Some(owner)) = store.get(key.as_str()).await
+        {
+            claims.insert(key, String::from_utf8_lossy(&owner).into_owned());
+        }
+    }
+    claims
+}
+
+/// A claim lost while its instance reads the subject (it expired: an instance cut off from the
+/// server for longer than `pinned_ttl`; here deleted, as the age limit would): that instance
+/// stops reading the subject and unpins it at its next round, the group reads every subject
+/// again, and once it has unsubscribed its handler never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_subject_again() {
+    let server = NatsServer::start();
+    let topic = "scale.lost";
+    let config = partitioned_config(&server.url(), topic, 2);
+    let handled = Recorder::<(usize, String)>::new();
+    let mut buses = Vec::new();
+    let mut subscriptions = Vec::new();
+    for instance in 0..2 {
+        let bus = NatsBus::connect(nats_settings("lost"), config.clone())
+            .await
+            .unwrap();
+        let h = handled.clone();
+        subscriptions.push(
+            bus.subscribe_envelope(
+                topic,
+                Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                    let h = h.clone();
+                    async move {
+                        h.push((instance, envelope.event_id.clone()));
+                        Ok::<(), HandlerError>(())
+                    }
+                }),
+                SubscribeOptions::new(),
+            )
+            .await
+            .unwrap(),
+        );
+        buses.push(bus);
+    }
+    eventually("both instances reading", || {
+        let counts: Vec<usize> = buses
+            .iter()
+            .map(|bus| bus.partitions_reading(topic).len())
+            .collect();
+        async move { counts.iter().sum::<usize>() == 3 && counts.iter().all(|n| *n > 0) }
+    })
+    .await;
+    let bucket = "eventbus_lost_scale_lost";
+    let lost = buses[1].partitions_reading(topic)[0];
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_key_value(bucket)
+        .await
+        .unwrap()
+        .delete(format!("claims.{lost}"))
+        .await
+        .unwrap();
+    eventually("every subject claimed and read again", || {
+        let reading: usize = buses
+            .iter()
+            .map(|bus| bus.partitions_reading(topic).len())
+            .sum();
+        let url = server.url();
+        async move { reading == 3 && claims(&url, bucket).await.len() == 3 }
+    })
+    .await;
+    let second = subscriptions.pop().unwrap();
+    second.unsubscribe().await.unwrap();
+    let after_unsubscribe = handled.events().len();
+    let publisher = NatsBus::connect(nats_settings("lost-publisher"), config)
+        .await
+        .unwrap();
+    for aggregate in 0..30 {
+        publisher
+            .publish_envelope(topic, &envelope(aggregate, 1))
+            .await
+            .unwrap();
+    }
+    let events = handled
+        .wait_for(
+            "the 30 envelopes published after the unsubscribe",
+            |events| events.len() >= after_unsubscribe + 30,
+        )
+        .await;
+    assert!(
+        events[after_unsubscribe..]
+            .iter()
+            .all(|(instance, _)| *instance == 0),
+        "an instance handled envelopes after its unsubscribe returned: {:?} (lost {lost})",
+        &events[after_unsubscribe..],
+    );
+    eventually("the remaining instance reading every subject", || {
+        let reading = buses[0].partitions_reading(topic).len();
+        async move { reading == 3 }
+    })
+    .await;
+    for bus in buses {
+        bus.close().await.unwrap();
+    }
+    publisher.close().await.unwrap();
+}
+
+/// A partition's subject is the group's to read: subscribing to it directly is refused with a
+/// typed error (its durable is a pinned consumer one of the group's instances reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_to_a_partition_subject_is_refused() {
+    let server = NatsServer::start();
+    let topic = "scale.direct";
+    let bus = NatsBus::connect(
+        nats_settings("direct"),
+        partitioned_config(&server.url(), topic, 2),
+    )
+    .await
+    .unwrap();
+    let refused = bus
+        .subscribe_envelope(
+            "scale.direct.0",
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        eventbus_core::ErrorKind::Config,
+        "{refused}"
+    );
+    bus.close().await.unwrap();
+}
+
+/// `StartPosition::New` on a partitioned topic: every subject's durable exists when `subscribe`
+/// returns (before this instance reads any), so what is published from then on is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_subscription_at_new_keeps_what_is_published_once_subscribe_returned() {
+    let server = NatsServer::start();
+    let topic = "scale.new";
+    let config = partitioned_config(&server.url(), topic, 4);
+    let publisher = NatsBus::connect(nats_settings("new-publisher"), config.clone())
+        .await
+        .unwrap();
+    // Before the subscription: not wanted.
+    publisher
+        .publish_envelope(topic, &envelope(99, 1))
+        .await
+        .unwrap();
+    let bus = NatsBus::connect(nats_settings("new"), config)
+        .await
+        .unwrap();
+    let handled = Recorder::<String>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push(envelope.aggregate_id.clone());
+                Ok::<(), HandlerError>(())
+            }
+        }),
+        SubscribeOptions::new().with_start(eventbus_core::StartPosition::New),
+    )
+    .await
+    .unwrap();
+    for aggregate in 0..20 {
+        publisher
+            .publish_envelope(topic, &envelope(aggregate, 1))
+            .await
+            .unwrap();
+    }
+    let events = handled
+        .wait_for("the 20 published after subscribe", |events| {
+            events.len() >= 20
+        })
+        .await;
+    assert!(!events.contains(&"agg-99".to_owned()), "{events:?}");
+    bus.close().await.unwrap();
     publisher.close().await.unwrap();
 }

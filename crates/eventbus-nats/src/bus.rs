@@ -259,7 +259,9 @@ impl NatsBus {
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call frees its durable slot and starts nothing (a durable it
-    /// created stays on the server and is reused by the next subscribe).
+    /// created stays on the server and is reused by the next subscribe). For a partitioned
+    /// topic, it joins no group: the membership is written only once the group runs (the
+    /// group's bucket, if made, stays).
     async fn subscribe_handler(
         &self,
         topic: &str,
@@ -270,6 +272,15 @@ impl NatsBus {
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
+        }
+        if let Some((partitioned, _)) = inner.broker.config.partitioned(topic)
+            && partitioned != topic
+        {
+            // Its durable is a pinned consumer of the group, read by one of its instances.
+            return Err(Error::config(
+                "nats.topics.partitions",
+                format!("{topic} is a partition of {partitioned}: subscribe to {partitioned}"),
+            ));
         }
         match inner
             .broker
@@ -397,10 +408,20 @@ impl Inner {
                 tokio::spawn(fetch::pull_loop(broker.clone(), fetch.clone(), *consumer))
             }
         };
-        lock(&inner.subscriptions).push(Running {
-            fetch: fetch.clone(),
-            task,
-        });
+        {
+            let mut subscriptions = lock(&inner.subscriptions);
+            // Checked under the lock `close` takes its subscriptions with: a subscription made
+            // while the bus closes is either closed with the others or stopped here.
+            if inner.closed.load(Ordering::SeqCst) {
+                fetch.stop(false);
+                task.abort();
+                return Err(Error::Closed);
+            }
+            subscriptions.push(Running {
+                fetch: fetch.clone(),
+                task,
+            });
+        }
         name_claim.kept = true;
         if let Some(claim) = &mut topic_claim {
             claim.kept = true;

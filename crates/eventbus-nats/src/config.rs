@@ -366,9 +366,17 @@ pub(crate) fn partitioned<'a>(
     topics: &'a BTreeMap<String, TopicOptions>,
     subject: &'a str,
 ) -> Option<(&'a str, u16)> {
-    if let Some(partitions) = topics.get(subject).and_then(|options| options.partitions) {
-        return Some((subject, partitions));
+    match topics.get(subject).and_then(|options| options.partitions) {
+        Some(partitions) => Some((subject, partitions)),
+        None => partition_parent(topics, subject),
     }
+}
+
+/// The partitioned topic of `topics` that has `subject` among its partition subjects.
+fn partition_parent<'a>(
+    topics: &'a BTreeMap<String, TopicOptions>,
+    subject: &'a str,
+) -> Option<(&'a str, u16)> {
     let (topic, index) = subject.rsplit_once('.')?;
     let (topic, options) = topics.get_key_value(topic)?;
     let partitions = options.partitions?;
@@ -529,14 +537,22 @@ impl NatsConfig {
                         format!("{topic}: an ephemeral topic has no stream to partition"),
                     ));
                 }
-                Some(_) if topic.contains(['*', '>']) => {
-                    return Err(Error::config(
-                        "nats.topics.partitions",
-                        format!("{topic}: a wildcard cannot be partitioned"),
-                    ));
-                }
                 _ => {}
             }
+            if let Some((partitioned, _)) = partition_parent(&self.topics, topic) {
+                return Err(Error::config(
+                    "nats.topics",
+                    format!(
+                        "{topic} is a partition subject of the partitioned topic {partitioned}"
+                    ),
+                ));
+            }
+        }
+        if self.scale_out.pinned_ttl < Duration::from_secs(1) {
+            return Err(Error::config(
+                "nats.scale_out.pinned_ttl",
+                "at least 1s (the age limit of the group's key-value bucket)",
+            ));
         }
         if self.scale_out.pinned_ttl < self.consumer.fetch_expires * 2 {
             return Err(Error::config(
@@ -726,6 +742,87 @@ mod tests {
             }
         }
         assert!(NatsConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn partition_settings_that_cannot_work_are_refused_by_field() {
+        let with_topics = |topics: &[(&str, TopicOptions)]| NatsConfig {
+            topics: topics
+                .iter()
+                .map(|(name, options)| ((*name).to_owned(), *options))
+                .collect(),
+            ..NatsConfig::default()
+        };
+        let partitions = |n| TopicOptions {
+            partitions: Some(n),
+            ..TopicOptions::default()
+        };
+        let cases = [
+            (
+                with_topics(&[("orders", partitions(0))]),
+                "nats.topics.partitions",
+            ),
+            (
+                with_topics(&[(
+                    "presence",
+                    TopicOptions {
+                        partitions: Some(2),
+                        ephemeral: true,
+                        ..TopicOptions::default()
+                    },
+                )]),
+                "nats.topics.partitions",
+            ),
+            // A wildcard is no topic, partitioned or not.
+            (with_topics(&[("orders.*", partitions(2))]), "nats.topics"),
+            (
+                with_topics(&[("orders", partitions(3)), ("orders.1", partitions(2))]),
+                "nats.topics",
+            ),
+            (
+                NatsConfig {
+                    scale_out: ScaleOutSettings {
+                        pinned_ttl: Duration::from_millis(500),
+                    },
+                    consumer: ConsumerSettings {
+                        fetch_expires: Duration::from_millis(100),
+                        ..ConsumerSettings::default()
+                    },
+                    ..NatsConfig::default()
+                },
+                "nats.scale_out.pinned_ttl",
+            ),
+            (
+                NatsConfig {
+                    scale_out: ScaleOutSettings {
+                        pinned_ttl: Duration::from_secs(3),
+                    },
+                    consumer: ConsumerSettings {
+                        fetch_expires: Duration::from_secs(2),
+                        ..ConsumerSettings::default()
+                    },
+                    ..NatsConfig::default()
+                },
+                "nats.scale_out.pinned_ttl",
+            ),
+        ];
+        for (config, field) in cases {
+            match config.validate() {
+                Err(Error::Config { field: named, .. }) => assert_eq!(named, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // `orders.10` is no partition of a topic with 3; `orders.01` is not written as one.
+        let fine = with_topics(&[
+            ("orders", partitions(3)),
+            ("orders.10", TopicOptions::default()),
+            ("orders.01", TopicOptions::default()),
+        ]);
+        assert!(fine.validate().is_ok());
+        assert_eq!(fine.partitioned("orders.2"), Some(("orders", 3)));
+        assert_eq!(fine.partitioned("orders"), Some(("orders", 3)));
+        assert_eq!(fine.partitioned("orders.10"), None);
+        assert_eq!(fine.partitioned("orders.01"), None);
     }
 
     #[test]

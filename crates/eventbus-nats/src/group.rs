@@ -3,8 +3,9 @@
 //! Every instance of a service (one `client_id`) that subscribes to a partitioned topic joins
 //! its **group**: a JetStream key-value bucket (`eventbus_{durable}`) where each instance keeps
 //! a membership key (`members.{instance}`) and a claim per subject it reads
-//! (`claims.{slot}`), renewed every fifth of `pinned_ttl` and expiring after `pinned_ttl` (the
-//! bucket's `max_age`) when their instance stops renewing them.
+//! (`claims.{slot}`), renewed in rounds (every fifth of `pinned_ttl`, and at once when the
+//! watched bucket shows a member joining or leaving or a claim given up) and expiring after
+//! `pinned_ttl` (the bucket's `max_age`) when their instance stops renewing them.
 //!
 //! The topic's `n + 1` subjects (its partitions, then the bare topic, slots `0..=n`) are
 //! assigned over the live members in the order of their IDs: slot `s` to member `s mod m`, so
@@ -19,7 +20,9 @@
 //!
 //! An instance that loses a subject in a rebalance gives it back as an unsubscribe does (queued
 //! messages back to the server in lane order, running ones finished up to the drain timeout),
-//! then unpins the consumer and deletes its claim, so the next holder starts at once.
+//! then unpins the consumer and deletes its claim, so the next holder starts at once. A claim
+//! that could not be renewed stops its subject the same way (without deleting the claim, which
+//! may be another's by then). Leaving gives every subject back at once, renewing meanwhile.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -35,7 +38,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 
 use crate::bus::{Inner, Target};
-use crate::consumer::PRIORITY_GROUP;
+use crate::consumer::{DurableSpec, PRIORITY_GROUP, Resume, ensure_consumer};
 use crate::names::durable_name;
 use crate::partition::partition_subject;
 use crate::streams::{Kind, stream_spec};
@@ -54,6 +57,8 @@ pub(crate) struct Group {
     durable: String,
     /// Whether the durables were named by the subscription.
     named: bool,
+    /// The bus's client ID (the durables' names start with it).
+    client_id: String,
     /// This instance's ID in the group.
     instance: String,
     handler: Handler,
@@ -61,8 +66,13 @@ pub(crate) struct Group {
     bucket: kv::Store,
     /// Ends the group's task.
     stop: CancellationToken,
+    /// A start or a give-back finished: the next round comes at once (to read the subject, or
+    /// drop the claim).
+    finished: tokio::sync::Notify,
     /// The subjects this instance holds a claim on, by slot.
     claims: Mutex<BTreeMap<u16, Claim>>,
+    /// Subjects whose claim was lost, still being given back: leaving waits for them too.
+    lost: Mutex<Vec<JoinHandle<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -80,6 +90,8 @@ enum ClaimState {
     Reading(Subscription),
     /// Giving the subject back (unsubscribe, then unpin).
     Releasing(JoinHandle<()>),
+    /// Given back by [`Group::leave`], which still renews the claim until that is done.
+    Leaving,
 }
 
 /// Subscribes to the partitioned `topic`: joins its group and reads the subjects assigned to
@@ -127,20 +139,53 @@ pub(crate) async fn subscribe(
         partitions,
         durable,
         named,
+        client_id,
         instance: instance_id(),
         handler,
         options,
         bucket,
         stop: CancellationToken::new(),
+        finished: tokio::sync::Notify::new(),
         claims: Mutex::new(BTreeMap::new()),
+        lost: Mutex::new(Vec::new()),
         task: Mutex::new(None),
     });
-    group.join().await?;
+    // Every subject's durable exists when subscribe returns, so one made to start at `New`
+    // keeps what is published from now on, whichever instance reads it later.
+    for slot in 0..=partitions {
+        let (subject, durable) = (group.subject(slot), group.durable_of(slot));
+        let spec = DurableSpec {
+            name: &durable,
+            explicit: group.named,
+            start: group.options.start,
+        };
+        ensure_consumer(
+            broker,
+            &subject,
+            spec,
+            group.handler.is_envelope(),
+            Resume::No,
+        )
+        .await?;
+    }
+    // The membership is written by the group's task (its first round): a subscribe dropped
+    // before this point leaves no member behind for the others to wait for.
     inner.add_group(group.clone());
     let task = tokio::spawn(group.clone().run());
     *lock(&group.task) = Some(task);
     tracing::info!(topic, instance = %group.instance, partitions, "joined the group of a partitioned topic");
     Ok(Subscription::new(topic, GroupControl { group }))
+}
+
+/// The next change the watch reports; never while there is no watch, `None` when it ended.
+async fn next_change(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {
+    match watch {
+        Some(watch) => match watch.next().await {
+            Some(Ok(entry)) => Some(entry),
+            _ => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// A bucket name for the group of `durable`: only letters, digits, `_` and `-`.
@@ -203,14 +248,7 @@ impl Group {
         match (slot == self.partitions, self.named) {
             (true, _) => self.durable.clone(),
             (false, true) => format!("{}_{slot}", self.durable),
-            (false, false) => {
-                let inner = self.inner.upgrade();
-                let client_id = inner
-                    .as_ref()
-                    .map(|inner| inner.runtime.settings().client_id.clone())
-                    .unwrap_or_default();
-                durable_name(&client_id, &self.subject(slot), 1)
-            }
+            (false, false) => durable_name(&self.client_id, &self.subject(slot), 1),
         }
     }
 
@@ -247,28 +285,63 @@ impl Group {
         Ok(members)
     }
 
-    /// Renews membership and claims and follows the assignment, every renew interval, until
-    /// stopped.
+    /// Renews membership and claims and follows the assignment, every renew interval and
+    /// whenever another instance joins or leaves or gives a subject up (the bucket is watched),
+    /// until stopped.
     async fn run(self: Arc<Self>) {
         let interval = self
             .inner
             .upgrade()
             .map(|inner| inner.broker.config.scale_out.renew_interval())
             .unwrap_or(Duration::from_secs(1));
+        let mut watch = None;
+        let mut members: Vec<String> = Vec::new();
         loop {
-            if let Err(error) = self.step().await {
-                tracing::warn!(topic = %self.topic, %error, "group step failed; trying again");
+            match self.step().await {
+                Ok(now) => members = now,
+                Err(error) => {
+                    tracing::warn!(topic = %self.topic, %error, "group round failed; trying again")
+                }
             }
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = self.stop.cancelled() => break,
+            if watch.is_none() {
+                watch = self.bucket.watch_all().await.ok();
             }
+            let next_round = tokio::time::sleep(interval);
+            tokio::pin!(next_round);
+            loop {
+                tokio::select! {
+                    () = &mut next_round => break,
+                    () = self.stop.cancelled() => return,
+                    () = self.finished.notified() => break,
+                    change = next_change(&mut watch) => match change {
+                        Some(entry) if self.concerns(&entry, &members) => break,
+                        Some(_) => {}
+                        // The watch ended (a lost connection): made again after the next round.
+                        None => watch = None,
+                    },
+                }
+            }
+        }
+    }
+
+    /// True when a change in the bucket may change what this instance reads: a member that
+    /// joined or left, a claim given up.
+    fn concerns(&self, entry: &kv::Entry, members: &[String]) -> bool {
+        let removed = matches!(
+            entry.operation,
+            kv::Operation::Delete | kv::Operation::Purge
+        );
+        match entry.key.strip_prefix("members.") {
+            Some(member) => {
+                member != self.instance && (removed || !members.iter().any(|m| m == member))
+            }
+            None => removed && entry.key.starts_with("claims."),
         }
     }
 
     /// One round: renew, look at the members, release what is no longer this instance's,
     /// claim what is.
-    async fn step(self: &Arc<Self>) -> Result<(), Error> {
+    async fn step(self: &Arc<Self>) -> Result<Vec<String>, Error> {
         self.join().await?;
         self.renew_claims().await;
         self.settle_finished().await;
@@ -297,6 +370,7 @@ impl Group {
                     ClaimState::Releasing(tokio::spawn(async move {
                         let _ = subscription.unsubscribe().await;
                         group.unpin(slot).await;
+                        group.finished.notify_one();
                     }))
                 }
                 other => other,
@@ -325,12 +399,12 @@ impl Group {
                 },
             );
         }
-        Ok(())
+        Ok(members)
     }
 
     /// Renews every claim; a claim that cannot be renewed (it expired and may be another's
     /// now) stops its subject at once.
-    async fn renew_claims(&self) {
+    async fn renew_claims(self: &Arc<Self>) {
         let held: Vec<(u16, u64)> = lock(&self.claims)
             .iter()
             .map(|(slot, claim)| (*slot, claim.revision))
@@ -355,15 +429,12 @@ impl Group {
                     let Some(claim) = lock(&self.claims).remove(&slot) else {
                         continue;
                     };
-                    match claim.state {
-                        ClaimState::Starting(task) => task.abort(),
-                        ClaimState::Reading(subscription) => {
-                            tokio::spawn(async move {
-                                let _ = subscription.unsubscribe().await;
-                            });
-                        }
-                        ClaimState::Releasing(_) => {}
-                    }
+                    let group = self.clone();
+                    let task =
+                        tokio::spawn(async move { group.give_back(slot, claim.state).await });
+                    let mut lost = lock(&self.lost);
+                    lost.retain(|task| !task.is_finished());
+                    lost.push(task);
                 }
             }
         }
@@ -372,54 +443,73 @@ impl Group {
     /// Moves finished starts to reading, and drops the claims of finished releases and failed
     /// starts.
     async fn settle_finished(&self) {
-        let finished: Vec<(u16, Claim)> = {
+        let finished: Vec<(u16, u64, ClaimState)> = {
             let mut claims = lock(&self.claims);
             let done: Vec<u16> = claims
                 .iter()
                 .filter(|(_, claim)| match &claim.state {
                     ClaimState::Starting(task) => task.is_finished(),
                     ClaimState::Releasing(task) => task.is_finished(),
-                    ClaimState::Reading(_) => false,
+                    ClaimState::Reading(_) | ClaimState::Leaving => false,
                 })
                 .map(|(slot, _)| *slot)
                 .collect();
             done.into_iter()
-                .filter_map(|slot| claims.remove(&slot).map(|claim| (slot, claim)))
+                .filter_map(|slot| {
+                    let claim = claims.remove(&slot)?;
+                    Some((slot, claim.revision, claim.state))
+                })
                 .collect()
         };
-        for (slot, claim) in finished {
-            match claim.state {
-                ClaimState::Starting(task) => match task.await {
-                    Ok(Ok(subscription)) => {
-                        lock(&self.claims).insert(
-                            slot,
-                            Claim {
-                                revision: claim.revision,
-                                state: ClaimState::Reading(subscription),
-                            },
-                        );
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(topic = %self.topic, slot, %error, "partition not started; released");
-                        self.drop_claim(slot, claim.revision).await;
-                    }
-                    Err(_) => self.drop_claim(slot, claim.revision).await,
-                },
+        for (slot, revision, state) in finished {
+            let started = match state {
+                ClaimState::Starting(task) => task.await,
                 ClaimState::Releasing(task) => {
                     let _ = task.await;
-                    self.drop_claim(slot, claim.revision).await;
+                    self.drop_claim(slot, revision).await;
+                    continue;
                 }
-                ClaimState::Reading(subscription) => {
-                    lock(&self.claims).insert(
-                        slot,
-                        Claim {
-                            revision: claim.revision,
-                            state: ClaimState::Reading(subscription),
-                        },
-                    );
+                ClaimState::Reading(_) | ClaimState::Leaving => continue,
+            };
+            match started {
+                Ok(Ok(subscription)) => {
+                    let state = ClaimState::Reading(subscription);
+                    lock(&self.claims).insert(slot, Claim { revision, state });
                 }
+                Ok(Err(error)) => {
+                    tracing::warn!(topic = %self.topic, slot, %error, "partition not started; released");
+                    self.drop_claim(slot, revision).await;
+                }
+                Err(_) => self.drop_claim(slot, revision).await,
             }
         }
+    }
+
+    /// Stops reading `slot` (whatever `state` it is in) and unpins it: a start is cancelled, or
+    /// what it started unsubscribed; a subscription unsubscribed. The caller deals with the
+    /// claim.
+    async fn give_back(&self, slot: u16, state: ClaimState) {
+        let subscription = match state {
+            ClaimState::Starting(task) => {
+                // Cancelled if still starting (subscribe is cancel safe); a start that finished
+                // meanwhile hands over its subscription.
+                task.abort();
+                match task.await {
+                    Ok(Ok(subscription)) => Some(subscription),
+                    _ => None,
+                }
+            }
+            ClaimState::Reading(subscription) => Some(subscription),
+            ClaimState::Releasing(task) => {
+                let _ = task.await;
+                None
+            }
+            ClaimState::Leaving => None,
+        };
+        if let Some(subscription) = subscription {
+            let _ = subscription.unsubscribe().await;
+        }
+        self.unpin(slot).await;
     }
 
     /// Deletes a claim this instance holds at `revision`.
@@ -440,7 +530,7 @@ impl Group {
         let durable = self.durable_of(slot);
         self.wait_until_unpinned(&inner, &subject, &durable).await?;
         let options = self.options.clone().with_durable(durable);
-        inner
+        let opened = inner
             .open(
                 Target::Partition {
                     topic: &self.topic,
@@ -449,7 +539,9 @@ impl Group {
                 self.handler.clone(),
                 options,
             )
-            .await
+            .await;
+        self.finished.notify_one();
+        opened
     }
 
     /// Waits until the consumer `durable` of `subject` has no pinned client (or does not exist):
@@ -488,9 +580,15 @@ impl Group {
                         .priority_groups
                         .iter()
                         .any(|group| group.pinned_client_id.is_some()),
-                    Err(_) => false,
+                    // Not known: asked again.
+                    Err(_) => true,
                 },
-                Err(_) => false,
+                // A consumer that does not exist has no pin; any other error: asked again.
+                Err(error) => !matches!(
+                    error.kind(),
+                    async_nats::jetstream::stream::ConsumerErrorKind::JetStream(error)
+                        if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ),
             };
             if !pinned {
                 return Ok(());
@@ -525,36 +623,69 @@ impl Group {
         }
     }
 
-    /// Leaves the group: gives every subject back (unsubscribe, unpin), deletes the claims and
-    /// the membership.
-    async fn leave(&self) {
+    /// Leaves the group: gives every subject back at once (unsubscribe, unpin), renewing the
+    /// claims and the membership until that is done, then deletes them.
+    async fn leave(self: &Arc<Self>) {
         self.stop.cancel();
         let task = lock(&self.task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
-        let claims: Vec<(u16, Claim)> = std::mem::take(&mut *lock(&self.claims))
-            .into_iter()
-            .collect();
-        for (slot, claim) in claims {
-            match claim.state {
-                ClaimState::Starting(task) => {
-                    if let Ok(Ok(subscription)) = task.await {
-                        let _ = subscription.unsubscribe().await;
-                    }
-                }
-                ClaimState::Reading(subscription) => {
-                    let _ = subscription.unsubscribe().await;
-                }
-                ClaimState::Releasing(task) => {
-                    let _ = task.await;
+        self.give_everything_back(true).await;
+        tracing::info!(topic = %self.topic, instance = %self.instance, "left the group");
+    }
+
+    /// Gives every subject back at once (`unsubscribe`: each as an unsubscribe does; else only
+    /// what started after the bus closed its subscriptions) and unpins it, renewing the claims
+    /// and the membership meanwhile; then deletes them.
+    async fn give_everything_back(self: &Arc<Self>, unsubscribe: bool) {
+        let states: Vec<(u16, ClaimState)> = {
+            let mut claims = lock(&self.claims);
+            claims
+                .iter_mut()
+                .map(|(slot, claim)| {
+                    (
+                        *slot,
+                        std::mem::replace(&mut claim.state, ClaimState::Leaving),
+                    )
+                })
+                .collect()
+        };
+        let lost: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.lost));
+        let giving_back = futures::future::join(
+            futures::future::join_all(states.into_iter().map(|(slot, state)| {
+                let state = match state {
+                    // The bus has closed these subscriptions itself.
+                    ClaimState::Reading(_) if !unsubscribe => ClaimState::Leaving,
+                    state => state,
+                };
+                async move { self.give_back(slot, state).await }
+            })),
+            futures::future::join_all(lost),
+        );
+        tokio::pin!(giving_back);
+        let interval = self
+            .inner
+            .upgrade()
+            .map(|inner| inner.broker.config.scale_out.renew_interval())
+            .unwrap_or(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = &mut giving_back => break,
+                () = tokio::time::sleep(interval) => {
+                    let _ = self.join().await;
+                    self.renew_claims().await;
                 }
             }
-            self.unpin(slot).await;
-            self.drop_claim(slot, claim.revision).await;
+        }
+        let claims: Vec<(u16, u64)> = std::mem::take(&mut *lock(&self.claims))
+            .into_iter()
+            .map(|(slot, claim)| (slot, claim.revision))
+            .collect();
+        for (slot, revision) in claims {
+            self.drop_claim(slot, revision).await;
         }
         let _ = self.bucket.delete(self.member_key()).await;
-        tracing::info!(topic = %self.topic, instance = %self.instance, "left the group");
     }
 
     /// The bus is closing: stop following the group (the bus gives back what its subscriptions
@@ -565,26 +696,12 @@ impl Group {
 
     /// After the bus closed its subscriptions: unpin what this instance read and delete its
     /// claims and membership, so that the others take over at once.
-    pub(crate) async fn release_after_close(&self) {
+    pub(crate) async fn release_after_close(self: &Arc<Self>) {
         let task = lock(&self.task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
-        let claims: Vec<(u16, Claim)> = std::mem::take(&mut *lock(&self.claims))
-            .into_iter()
-            .collect();
-        for (slot, claim) in claims {
-            match claim.state {
-                ClaimState::Starting(task) => task.abort(),
-                ClaimState::Reading(_) => {}
-                ClaimState::Releasing(task) => {
-                    let _ = task.await;
-                }
-            }
-            self.unpin(slot).await;
-            self.drop_claim(slot, claim.revision).await;
-        }
-        let _ = self.bucket.delete(self.member_key()).await;
+        self.give_everything_back(false).await;
     }
 
     /// The topic's subjects this instance reads now, by slot (the partitions, then the bare

@@ -82,8 +82,10 @@ async fn main() {
         &topic,
         Arc::new(move |_ctx: HandlerContext, envelope: Envelope| async move {
             let start = nanos();
-            // Some work, so that a kill finds messages in flight.
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            // Some work, so that a kill finds messages in flight (more when partitioned: the
+            // scale-out tests kill and add instances while most of the stream is still ahead).
+            let work = if partitions.is_some() { 5 } else { 2 };
+            tokio::time::sleep(Duration::from_millis(work)).await;
             let mut out = std::io::stdout().lock();
             if partitions.is_some() {
                 writeln!(
