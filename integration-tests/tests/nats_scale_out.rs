@@ -20,6 +20,7 @@ use eventbus_nats::{NatsBus, NatsConfig, ScaleOutSettings, TopicOptions, partiti
 use futures::StreamExt;
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, eventually, nats_config, nats_settings,
+    record_versions,
 };
 use test_brokers::NatsServer;
 
@@ -557,26 +558,10 @@ async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
             .await
             .unwrap();
     }
-    let first = Recorder::<i64>::new();
-    let f = first.clone();
-    let subscription = whole
-        .subscribe_envelope(
-            topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let f = f.clone();
-                async move {
-                    f.push(envelope.event_version);
-                    Ok::<(), HandlerError>(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
+    let first = record_versions(&whole, topic, SubscribeOptions::new()).await;
     first
         .wait_for("the first run's events", |v| v.len() == 3)
         .await;
-    subscription.unsubscribe().await.unwrap();
     whole.close().await.unwrap();
     // Published bare while nobody reads: the partitioned run's bare subject has it.
     let publisher = NatsBus::connect(nats_settings("later-publisher"), nats_config(&server.url()))
@@ -593,26 +578,15 @@ async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
     )
     .await
     .unwrap();
-    let second = Recorder::<i64>::new();
-    let s = second.clone();
-    partitioned
-        .subscribe_envelope(
-            topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let s = s.clone();
-                async move {
-                    s.push(envelope.event_version);
-                    Ok::<(), HandlerError>(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
+    let second = record_versions(&partitioned, topic, SubscribeOptions::new()).await;
     let seen = second
         .wait_for("the event left by the first run", |v| !v.is_empty())
         .await;
-    assert_eq!(seen, [4], "only what the first run left is handled");
+    assert_eq!(
+        seen,
+        [("agg-0".to_owned(), 4)],
+        "only what the first run left is handled"
+    );
     partitioned.close().await.unwrap();
     publisher.close().await.unwrap();
 }
@@ -870,21 +844,12 @@ async fn a_partitioned_subscription_at_new_keeps_what_is_published_once_subscrib
     let bus = NatsBus::connect(nats_settings("new"), config)
         .await
         .unwrap();
-    let handled = Recorder::<String>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
+    let handled = record_versions(
+        &bus,
         topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push(envelope.aggregate_id.clone());
-                Ok::<(), HandlerError>(())
-            }
-        }),
         SubscribeOptions::new().with_start(eventbus_core::StartPosition::New),
     )
-    .await
-    .unwrap();
+    .await;
     for aggregate in 0..20 {
         publisher
             .publish_envelope(topic, &envelope(aggregate, 1))
@@ -896,7 +861,10 @@ async fn a_partitioned_subscription_at_new_keeps_what_is_published_once_subscrib
             events.len() >= 20
         })
         .await;
-    assert!(!events.contains(&"agg-99".to_owned()), "{events:?}");
+    assert!(
+        events.iter().all(|(aggregate, _)| aggregate != "agg-99"),
+        "{events:?}"
+    );
     bus.close().await.unwrap();
     publisher.close().await.unwrap();
 }

@@ -207,14 +207,7 @@ async fn consume_ours(
             SubscribeOptions::new(),
         )
         .await?;
-    tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
-        .await
-        .map_err(|_| {
-            CliError(format!(
-                "only {} of {count} envelopes handled",
-                handled.load(Ordering::Relaxed)
-            ))
-        })?;
+    all_handled_in_time(&all_handled, &handled, count).await?;
     let cpu = process_cpu();
     let (elapsed, cpu) = first
         .get()
@@ -223,6 +216,22 @@ async fn consume_ours(
         });
     subscription.unsubscribe().await?;
     Ok((rate(count, elapsed), cpu))
+}
+
+/// Waits (ten minutes at most) until a counting handler signals `all_handled` after `count`.
+async fn all_handled_in_time(
+    all_handled: &Notify,
+    handled: &AtomicU64,
+    count: u64,
+) -> Result<(), CliError> {
+    tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
+        .await
+        .map_err(|_| {
+            CliError(format!(
+                "only {} of {count} envelopes handled",
+                handled.load(Ordering::Relaxed)
+            ))
+        })
 }
 
 async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, CliError> {
@@ -492,14 +501,7 @@ async fn scale_out(
                 .await
                 .map_err(|error| CliError(format!("cannot resume {durable}: {error}")))?;
         }
-        tokio::time::timeout(Duration::from_secs(600), all_handled.notified())
-            .await
-            .map_err(|_| {
-                CliError(format!(
-                    "only {} of {count} envelopes handled",
-                    handled.load(Ordering::Relaxed)
-                ))
-            })?;
+        all_handled_in_time(&all_handled, &handled, count).await?;
         let handled_rate = span
             .lock()
             .ok()
