@@ -132,6 +132,58 @@ struct Handling {
     version: i64,
 }
 
+/// What the instances of one process handle, and any aggregate that ran on two at once.
+#[derive(Clone)]
+struct Watched {
+    handled: Arc<Recorder<Handling>>,
+    running: Arc<Mutex<HashMap<String, usize>>>,
+    overlaps: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watched {
+    fn new() -> Self {
+        Self {
+            handled: Recorder::new(),
+            running: Arc::default(),
+            overlaps: Arc::default(),
+        }
+    }
+
+    /// A handler for `instance` that works `work` per envelope, noting overlaps.
+    fn handler(&self, instance: usize, work: Duration) -> Arc<dyn eventbus_core::EnvelopeHandler> {
+        let watched = self.clone();
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let watched = watched.clone();
+            async move {
+                let id = envelope.aggregate_id.clone();
+                if let Some(other) = watched.running.lock().unwrap().insert(id.clone(), instance) {
+                    watched
+                        .overlaps
+                        .lock()
+                        .unwrap()
+                        .push(format!("{id} on {other} and {instance}"));
+                }
+                tokio::time::sleep(work).await;
+                watched.running.lock().unwrap().remove(&id);
+                watched.handled.push(Handling {
+                    instance,
+                    aggregate: id,
+                    version: envelope.event_version,
+                });
+                Ok::<(), HandlerError>(())
+            }
+        })
+    }
+
+    fn assert_no_overlap(&self) {
+        let overlaps = self.overlaps.lock().unwrap();
+        assert!(
+            overlaps.is_empty(),
+            "an aggregate ran on two instances at once: {overlaps:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once() {
     let server = NatsServer::start();
@@ -141,38 +193,15 @@ async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once(
     let publisher = NatsBus::connect(nats_settings("publisher"), config.clone())
         .await
         .unwrap();
-    let handled = Recorder::<Handling>::new();
-    let running: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let overlaps: Arc<Mutex<Vec<String>>> = Arc::default();
+    let watched = Watched::new();
     let mut instances = Vec::new();
     for instance in 0..2 {
         let bus = NatsBus::connect(nats_settings("shared"), config.clone())
             .await
             .unwrap();
-        let (handled, running, overlaps) = (handled.clone(), running.clone(), overlaps.clone());
         bus.subscribe_envelope(
             topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let (handled, running, overlaps) =
-                    (handled.clone(), running.clone(), overlaps.clone());
-                async move {
-                    let id = envelope.aggregate_id.clone();
-                    if let Some(other) = running.lock().unwrap().insert(id.clone(), instance) {
-                        overlaps
-                            .lock()
-                            .unwrap()
-                            .push(format!("{id} on {other} and {instance}"));
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                    running.lock().unwrap().remove(&id);
-                    handled.push(Handling {
-                        instance,
-                        aggregate: id,
-                        version: envelope.event_version,
-                    });
-                    Ok::<(), HandlerError>(())
-                }
-            }),
+            watched.handler(instance, Duration::from_millis(1)),
             SubscribeOptions::new(),
         )
         .await
@@ -189,7 +218,8 @@ async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once(
     .await;
     publish_versions(&publisher, topic, aggregates, 1..=versions).await;
     let total = aggregates * usize::try_from(versions).unwrap();
-    let events = handled
+    let events = watched
+        .handled
         .wait_for("every envelope handled", |events| {
             events
                 .iter()
@@ -204,11 +234,7 @@ async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once(
         .map(|h| (h.aggregate.clone(), h.version))
         .collect();
     assert_first_handlings_in_order(&pairs, aggregates, versions);
-    assert!(
-        overlaps.lock().unwrap().is_empty(),
-        "an aggregate ran on both instances at once: {:?}",
-        overlaps.lock().unwrap()
-    );
+    watched.assert_no_overlap();
     let mut per_instance: BTreeMap<usize, usize> = BTreeMap::new();
     for handling in &events {
         *per_instance.entry(handling.instance).or_default() += 1;
@@ -867,4 +893,177 @@ async fn a_partitioned_subscription_at_new_keeps_what_is_published_once_subscrib
     );
     bus.close().await.unwrap();
     publisher.close().await.unwrap();
+}
+
+/// `close` keeps renewing its claims while it drains: a handler still running when another
+/// instance joins (longer than `pinned_ttl`) keeps its subject, and the other instance takes it
+/// only once the closing one is done, so the running event is never replayed beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_keeps_its_claims_while_draining_so_nothing_running_is_replayed_elsewhere() {
+    let server = NatsServer::start();
+    let topic = "scale.closing";
+    let config = partitioned_config(&server.url(), topic, 1);
+    let mut settings = nats_settings("closing");
+    settings.drain_timeout = Duration::from_secs(20);
+    let publisher = NatsBus::connect(nats_settings("closing-publisher"), config.clone())
+        .await
+        .unwrap();
+    let watched = Watched::new();
+    let closing = Arc::new(
+        NatsBus::connect(settings.clone(), config.clone())
+            .await
+            .unwrap(),
+    );
+    closing
+        .subscribe_envelope(
+            topic,
+            watched.handler(0, Duration::from_secs(6)),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    eventually("the first instance reading both subjects", || {
+        let reading = closing.partitions_reading(topic).len();
+        async move { reading == 2 }
+    })
+    .await;
+    publisher
+        .publish_envelope(topic, &envelope(0, 1))
+        .await
+        .unwrap();
+    eventually("the slow handler running", || {
+        let running = watched.running.lock().unwrap().contains_key("agg-0");
+        async move { running }
+    })
+    .await;
+    let close = {
+        let closing = closing.clone();
+        tokio::spawn(async move { closing.close().await })
+    };
+    let other = NatsBus::connect(settings, config).await.unwrap();
+    other
+        .subscribe_envelope(
+            topic,
+            watched.handler(1, Duration::from_millis(1)),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    close.await.unwrap().unwrap();
+    eventually("the other instance reading both subjects", || {
+        let reading = other.partitions_reading(topic).len();
+        async move { reading == 2 }
+    })
+    .await;
+    publisher
+        .publish_envelope(topic, &envelope(1, 1))
+        .await
+        .unwrap();
+    watched
+        .handled
+        .wait_for("the other instance handling", |events| {
+            events
+                .iter()
+                .any(|h| h.instance == 1 && h.aggregate == "agg-1")
+        })
+        .await;
+    watched.assert_no_overlap();
+    other.close().await.unwrap();
+    publisher.close().await.unwrap();
+}
+
+/// A bus dropped without `close` ends its group: its claims and membership expire and another
+/// instance reads every subject after `pinned_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_dropped_without_close_leaves_its_partitions_to_the_others() {
+    let server = NatsServer::start();
+    let topic = "scale.dropped-bus";
+    let config = partitioned_config(&server.url(), topic, 1);
+    let (dropped, _subscription) = subscribed(topic, config.clone()).await;
+    eventually("the first instance reading both subjects", || {
+        let reading = dropped.partitions_reading(topic).len();
+        async move { reading == 2 }
+    })
+    .await;
+    drop(dropped);
+    let (other, _kept) = subscribed(topic, config).await;
+    eventually("the other instance reading both subjects", || {
+        let reading = other.partitions_reading(topic).len();
+        async move { reading == 2 }
+    })
+    .await;
+    other.close().await.unwrap();
+}
+
+/// An envelope goes to the partition of its aggregate ID as the subscribers' lanes see it
+/// (trimmed): one aggregate, one partition, whatever whitespace a publisher left around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_aggregate_goes_to_one_partition_whatever_whitespace_surrounds_its_id() {
+    let server = NatsServer::start();
+    let topic = "scale.trimmed";
+    let bus = NatsBus::connect(
+        nats_settings("trimmed"),
+        partitioned_config(&server.url(), topic, 12),
+    )
+    .await
+    .unwrap();
+    let id = (0..100)
+        .map(|i| format!("order-{i}"))
+        .find(|id| partition_of(id, 12) != partition_of(&format!(" {id}"), 12))
+        .unwrap();
+    let spaced = Envelope::new(format!(" {id}"), "Changed", 2, &serde_json::json!({})).unwrap();
+    assert_eq!(spaced.aggregate().unwrap().as_str(), id, "one aggregate");
+    let plain = Envelope::new(id.clone(), "Changed", 1, &serde_json::json!({})).unwrap();
+    bus.publish_envelope(topic, &plain).await.unwrap();
+    bus.publish_envelope(topic, &spaced).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js
+        .get_stream(js.stream_by_subject(topic).await.unwrap())
+        .await
+        .unwrap();
+    let first = stream.get_raw_message(1).await.unwrap().subject;
+    let second = stream.get_raw_message(2).await.unwrap().subject;
+    assert_eq!(
+        first, second,
+        "{id}: version 1 on {first}, version 2 on {second}"
+    );
+    bus.close().await.unwrap();
+}
+
+/// Instances that split a topic differently would mean different subjects by one claim: an
+/// instance whose partition count differs from the running ones' is refused at subscribe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_another_partition_count_is_refused() {
+    let server = NatsServer::start();
+    let topic = "scale.counts";
+    let (running, _subscription) =
+        subscribed(topic, partitioned_config(&server.url(), topic, 4)).await;
+    eventually("the first instance reading", || {
+        let reading = running.partitions_reading(topic).len();
+        async move { reading == 5 }
+    })
+    .await;
+    let other = NatsBus::connect(
+        nats_settings("cancel"),
+        partitioned_config(&server.url(), topic, 3),
+    )
+    .await
+    .unwrap();
+    let refused = other
+        .subscribe_envelope(
+            topic,
+            Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+                Ok::<(), HandlerError>(())
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        eventbus_core::ErrorKind::Config,
+        "{refused}"
+    );
+    other.close().await.unwrap();
+    running.close().await.unwrap();
 }

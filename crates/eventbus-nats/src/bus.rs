@@ -471,7 +471,9 @@ impl EventBus for NatsBus {
         let message = OutboundMessage::from_envelope(envelope)?;
         let broker = &self.inner.broker;
         let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
-        let subject = broker.subject(topic, Some(&envelope.aggregate_id));
+        // The trimmed, validated ID: the one the subscribers' lanes use.
+        let aggregate = envelope.aggregate()?;
+        let subject = broker.subject(topic, Some(aggregate.as_str()));
         broker
             .publish_to(&subject, message, Some(&envelope.event_id), stream)
             .await
@@ -545,7 +547,7 @@ impl EventBus for NatsBus {
         // The groups stop following their members first: nothing new starts while closing.
         let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();
         for group in &groups {
-            group.stop();
+            group.begin_close();
         }
         let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
         for running in &running {
@@ -590,6 +592,9 @@ impl Drop for NatsBus {
     /// A bus dropped without `close` stops its fetchers; the runtime, dropped with it, cancels
     /// what it holds (the server redelivers it).
     fn drop(&mut self) {
+        for group in lock(&self.inner.groups).drain(..) {
+            group.abandon();
+        }
         for running in lock(&self.inner.subscriptions).drain(..) {
             running.fetch.stop(false);
             running.task.abort();

@@ -324,6 +324,18 @@ async fn reconcile(
     if info.num_ack_pending <= fetch.consumer.held() {
         return Ok(None);
     }
+    if let Some(pin) = &fetch.pin {
+        // A partition another instance reads now (it claimed it while the server was away): its
+        // unacknowledged messages are that instance's, and this one stops at its next round.
+        let ours = pin.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let another = info
+            .priority_groups
+            .iter()
+            .any(|group| group.pinned_client_id.is_some() && group.pinned_client_id != ours);
+        if another || info.num_waiting > 0 {
+            return Ok(None);
+        }
+    }
     ensure_consumer(
         broker,
         &fetch.topic,

@@ -43,6 +43,9 @@ use crate::names::durable_name;
 use crate::partition::partition_subject;
 use crate::streams::{Kind, stream_spec};
 
+/// The key holding the partition count of the group's members.
+const PARTITIONS_KEY: &str = "partitions";
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -66,6 +69,10 @@ pub(crate) struct Group {
     bucket: kv::Store,
     /// Ends the group's task.
     stop: CancellationToken,
+    /// The bus is closing: rounds only renew (membership and claims) while it drains.
+    closing: std::sync::atomic::AtomicBool,
+    /// Set once the instance has left (unsubscribe or close): leaving happens once.
+    left: tokio::sync::Mutex<bool>,
     /// A start or a give-back finished: the next round comes at once (to read the subject, or
     /// drop the claim).
     finished: tokio::sync::Notify,
@@ -80,12 +87,15 @@ pub(crate) struct Group {
 struct Claim {
     /// The claim key's revision, for the next renewal.
     revision: u64,
+    /// When it was last renewed (or taken).
+    renewed: tokio::time::Instant,
     state: ClaimState,
 }
 
 enum ClaimState {
-    /// Waiting for the previous reader's pin to go, then subscribing.
-    Starting(JoinHandle<Result<Subscription, Error>>),
+    /// Waiting for the previous reader's pin to go (until the token is cancelled), then
+    /// subscribing.
+    Starting(JoinHandle<Result<Subscription, Error>>, CancellationToken),
     /// Reading the subject.
     Reading(Subscription),
     /// Giving the subject back (unsubscribe, then unpin).
@@ -133,6 +143,18 @@ pub(crate) async fn subscribe(
         })
         .await
         .map_err(|error| Error::broker(format!("cannot open bucket {bucket_name}"), error))?;
+    // Every instance must split the topic alike: `claims.{n}` names a subject by its number.
+    if let Ok(Some(count)) = bucket.get(PARTITIONS_KEY).await
+        && count.as_ref() != partitions.to_string().as_bytes()
+    {
+        return Err(Error::config(
+            "nats.topics.partitions",
+            format!(
+                "the running instances read {topic} with {} partitions, this one with {partitions}: every instance needs the same number",
+                String::from_utf8_lossy(&count)
+            ),
+        ));
+    }
     let group = Arc::new(Group {
         inner: Arc::downgrade(inner),
         topic: topic.to_owned(),
@@ -145,6 +167,8 @@ pub(crate) async fn subscribe(
         options,
         bucket,
         stop: CancellationToken::new(),
+        closing: std::sync::atomic::AtomicBool::new(false),
+        left: tokio::sync::Mutex::new(false),
         finished: tokio::sync::Notify::new(),
         claims: Mutex::new(BTreeMap::new()),
         lost: Mutex::new(Vec::new()),
@@ -252,13 +276,18 @@ impl Group {
         }
     }
 
-    /// Writes this instance's membership.
+    /// Writes this instance's membership (and the partition count the members share).
     async fn join(&self) -> Result<(), Error> {
+        let renew = |error| Error::broker("cannot renew the group membership", error);
         self.bucket
             .put(self.member_key(), self.instance.clone().into())
             .await
+            .map_err(renew)?;
+        self.bucket
+            .put(PARTITIONS_KEY, self.partitions.to_string().into())
+            .await
             .map(drop)
-            .map_err(|error| Error::broker("cannot renew the group membership", error))
+            .map_err(renew)
     }
 
     /// The live members, in the order of their IDs (this instance among them).
@@ -297,6 +326,10 @@ impl Group {
         let mut watch = None;
         let mut members: Vec<String> = Vec::new();
         loop {
+            if self.inner.strong_count() == 0 {
+                // The bus was dropped without close: its claims and membership expire.
+                return;
+            }
             match self.step().await {
                 Ok(now) => members = now,
                 Err(error) => {
@@ -344,6 +377,10 @@ impl Group {
     async fn step(self: &Arc<Self>) -> Result<Vec<String>, Error> {
         self.join().await?;
         self.renew_claims().await;
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            // The bus drains what it holds: its claims stay this instance's until that is done.
+            return Ok(Vec::new());
+        }
         self.settle_finished().await;
         let members = self.members().await?;
         let position = members
@@ -360,7 +397,12 @@ impl Group {
             .collect();
         for slot in leaving {
             let mut claims = lock(&self.claims);
-            let Some(Claim { revision, state }) = claims.remove(&slot) else {
+            let Some(Claim {
+                revision,
+                renewed,
+                state,
+            }) = claims.remove(&slot)
+            else {
                 continue;
             };
             let state = match state {
@@ -375,7 +417,14 @@ impl Group {
                 }
                 other => other,
             };
-            claims.insert(slot, Claim { revision, state });
+            claims.insert(
+                slot,
+                Claim {
+                    revision,
+                    renewed,
+                    state,
+                },
+            );
         }
         for slot in 0..=self.partitions {
             if !mine(slot) || lock(&self.claims).contains_key(&slot) || self.stop.is_cancelled() {
@@ -390,26 +439,33 @@ impl Group {
                 continue;
             };
             tracing::info!(topic = %self.topic, slot, members = count, "partition claimed");
-            let task = tokio::spawn(self.clone().start(slot));
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(self.clone().start(slot, cancel.clone()));
             lock(&self.claims).insert(
                 slot,
                 Claim {
                     revision,
-                    state: ClaimState::Starting(task),
+                    renewed: tokio::time::Instant::now(),
+                    state: ClaimState::Starting(task, cancel),
                 },
             );
         }
         Ok(members)
     }
 
-    /// Renews every claim; a claim that cannot be renewed (it expired and may be another's
-    /// now) stops its subject at once.
+    /// Renews every claim. A claim that is no longer this instance's (its revision moved on: it
+    /// expired, and may be another's now), or that could not be renewed for `pinned_ttl` (so it
+    /// has expired), stops its subject at once; other failures (a timeout while reconnecting)
+    /// are tried again next round.
     async fn renew_claims(self: &Arc<Self>) {
-        let held: Vec<(u16, u64)> = lock(&self.claims)
+        let pinned_ttl = self.inner.upgrade().map_or(Duration::ZERO, |inner| {
+            inner.broker.config.scale_out.pinned_ttl
+        });
+        let held: Vec<(u16, u64, tokio::time::Instant)> = lock(&self.claims)
             .iter()
-            .map(|(slot, claim)| (*slot, claim.revision))
+            .map(|(slot, claim)| (*slot, claim.revision, claim.renewed))
             .collect();
-        for (slot, revision) in held {
+        for (slot, revision, renewed) in held {
             match self
                 .bucket
                 .update(
@@ -422,7 +478,14 @@ impl Group {
                 Ok(revision) => {
                     if let Some(claim) = lock(&self.claims).get_mut(&slot) {
                         claim.revision = revision;
+                        claim.renewed = tokio::time::Instant::now();
                     }
+                }
+                Err(error)
+                    if error.kind() != kv::UpdateErrorKind::WrongLastRevision
+                        && renewed.elapsed() < pinned_ttl =>
+                {
+                    tracing::debug!(topic = %self.topic, slot, %error, "claim not renewed; trying again");
                 }
                 Err(error) => {
                     tracing::warn!(topic = %self.topic, slot, %error, "partition claim lost; stopping it");
@@ -443,12 +506,12 @@ impl Group {
     /// Moves finished starts to reading, and drops the claims of finished releases and failed
     /// starts.
     async fn settle_finished(&self) {
-        let finished: Vec<(u16, u64, ClaimState)> = {
+        let finished: Vec<(u16, u64, tokio::time::Instant, ClaimState)> = {
             let mut claims = lock(&self.claims);
             let done: Vec<u16> = claims
                 .iter()
                 .filter(|(_, claim)| match &claim.state {
-                    ClaimState::Starting(task) => task.is_finished(),
+                    ClaimState::Starting(task, _) => task.is_finished(),
                     ClaimState::Releasing(task) => task.is_finished(),
                     ClaimState::Reading(_) | ClaimState::Leaving => false,
                 })
@@ -457,13 +520,13 @@ impl Group {
             done.into_iter()
                 .filter_map(|slot| {
                     let claim = claims.remove(&slot)?;
-                    Some((slot, claim.revision, claim.state))
+                    Some((slot, claim.revision, claim.renewed, claim.state))
                 })
                 .collect()
         };
-        for (slot, revision, state) in finished {
+        for (slot, revision, renewed, state) in finished {
             let started = match state {
-                ClaimState::Starting(task) => task.await,
+                ClaimState::Starting(task, _) => task.await,
                 ClaimState::Releasing(task) => {
                     let _ = task.await;
                     self.drop_claim(slot, revision).await;
@@ -474,7 +537,12 @@ impl Group {
             match started {
                 Ok(Ok(subscription)) => {
                     let state = ClaimState::Reading(subscription);
-                    lock(&self.claims).insert(slot, Claim { revision, state });
+                    let claim = Claim {
+                        revision,
+                        renewed,
+                        state,
+                    };
+                    lock(&self.claims).insert(slot, claim);
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(topic = %self.topic, slot, %error, "partition not started; released");
@@ -490,10 +558,11 @@ impl Group {
     /// claim.
     async fn give_back(&self, slot: u16, state: ClaimState) {
         let subscription = match state {
-            ClaimState::Starting(task) => {
-                // Cancelled if still starting (subscribe is cancel safe); a start that finished
-                // meanwhile hands over its subscription.
-                task.abort();
+            ClaimState::Starting(task, cancel) => {
+                // A start still waiting for the previous reader's pin ends there; one already
+                // subscribing is not cut short (it may be re-creating the consumer from its ack
+                // floor) and hands over its subscription.
+                cancel.cancel();
                 match task.await {
                     Ok(Ok(subscription)) => Some(subscription),
                     _ => None,
@@ -523,12 +592,20 @@ impl Group {
         }
     }
 
-    /// Starts reading `slot` once no other client is pinned to its consumer.
-    async fn start(self: Arc<Self>, slot: u16) -> Result<Subscription, Error> {
+    /// Starts reading `slot` once no other client is pinned to its consumer, unless `cancel`
+    /// fires first.
+    async fn start(
+        self: Arc<Self>,
+        slot: u16,
+        cancel: CancellationToken,
+    ) -> Result<Subscription, Error> {
         let inner = self.inner.upgrade().ok_or(Error::Closed)?;
         let subject = self.subject(slot);
         let durable = self.durable_of(slot);
-        self.wait_until_unpinned(&inner, &subject, &durable).await?;
+        tokio::select! {
+            waited = self.wait_until_unpinned(&inner, &subject, &durable) => waited?,
+            () = cancel.cancelled() => return Err(Error::Closed),
+        }
         let options = self.options.clone().with_durable(durable);
         let opened = inner
             .open(
@@ -626,12 +703,17 @@ impl Group {
     /// Leaves the group: gives every subject back at once (unsubscribe, unpin), renewing the
     /// claims and the membership until that is done, then deletes them.
     async fn leave(self: &Arc<Self>) {
+        let mut left = self.left.lock().await;
+        if *left {
+            return;
+        }
         self.stop.cancel();
         let task = lock(&self.task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
         self.give_everything_back(true).await;
+        *left = true;
         tracing::info!(topic = %self.topic, instance = %self.instance, "left the group");
     }
 
@@ -688,20 +770,35 @@ impl Group {
         let _ = self.bucket.delete(self.member_key()).await;
     }
 
-    /// The bus is closing: stop following the group (the bus gives back what its subscriptions
-    /// hold itself).
-    pub(crate) fn stop(&self) {
+    /// The bus is closing: from now on rounds only renew the membership and the claims, while
+    /// the bus gives back what its subscriptions hold (the claims must not expire under a long
+    /// drain: another instance would replay what still runs here).
+    pub(crate) fn begin_close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.finished.notify_one();
+    }
+
+    /// The bus was dropped without `close`: the group's task ends, and the claims and membership
+    /// expire after `pinned_ttl`.
+    pub(crate) fn abandon(&self) {
         self.stop.cancel();
     }
 
     /// After the bus closed its subscriptions: unpin what this instance read and delete its
     /// claims and membership, so that the others take over at once.
     pub(crate) async fn release_after_close(self: &Arc<Self>) {
+        let mut left = self.left.lock().await;
+        if *left {
+            return;
+        }
+        self.stop.cancel();
         let task = lock(&self.task).take();
         if let Some(task) = task {
             let _ = task.await;
         }
         self.give_everything_back(false).await;
+        *left = true;
     }
 
     /// The topic's subjects this instance reads now, by slot (the partitions, then the bare
