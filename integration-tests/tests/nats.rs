@@ -34,6 +34,63 @@ impl BusFactory for Nats {
     }
 }
 
+/// The same contract on partitioned topics: every topic of the suite split into 4 partitions,
+/// read through the group (pinned consumers, claims), by one instance.
+struct PartitionedNats {
+    server: NatsServer,
+}
+
+/// The topics the suite uses (`factory.topic(name)`); each is partitioned.
+const SUITE_TOPICS: [&str; 17] = [
+    "order",
+    "retry",
+    "exhaust",
+    "poison",
+    "panic",
+    "panic-plain",
+    "plain",
+    "unsub",
+    "drain",
+    "resubscribe",
+    "multiline",
+    "twice",
+    "chain.a",
+    "chain.b",
+    "dropped",
+    "tasks",
+    "nodlq",
+];
+
+#[async_trait]
+impl BusFactory for PartitionedNats {
+    async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
+        let mut config = integration_tests::nats_config(&self.server.url());
+        for name in SUITE_TOPICS {
+            config.topics.insert(
+                format!("partitioned.{name}"),
+                eventbus_nats::TopicOptions {
+                    partitions: Some(4),
+                    ..eventbus_nats::TopicOptions::default()
+                },
+            );
+        }
+        config.scale_out.pinned_ttl = std::time::Duration::from_secs(2);
+        match NatsBus::connect(settings.bus_settings("nats"), config).await {
+            Ok(bus) => Arc::new(bus),
+            Err(error) => panic!("NATS bus: {error}"),
+        }
+    }
+
+    fn topic(&self, name: &str) -> String {
+        // A topic the list lacks would run unpartitioned without a word.
+        assert!(
+            SUITE_TOPICS.contains(&name),
+            "add {name:?} to SUITE_TOPICS so that it is partitioned"
+        );
+        format!("partitioned.{name}")
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         $(
@@ -63,3 +120,38 @@ conformance!(
     close_after_unsubscribe_leaves_no_task_running,
     dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
 );
+
+/// The whole suite on partitioned topics (docs/nats.md, "Scaling out").
+mod partitioned {
+    use super::*;
+
+    macro_rules! partitioned_conformance {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let nats = PartitionedNats { server: NatsServer::start() };
+                    integration_tests::$name(&nats).await;
+                }
+            )*
+        };
+    }
+
+    partitioned_conformance!(
+        per_aggregate_order_with_many_aggregates,
+        retry_then_success_keeps_order,
+        exhausted_retries_go_to_the_dead_letter_topic,
+        undecodable_envelopes_are_dead_lettered_without_retries,
+        panics_are_caught_for_both_classes,
+        plain_messages_are_at_most_once,
+        unsubscribe_stops_delivery,
+        close_drains_in_flight_work,
+        resubscribing_keeps_each_aggregates_order,
+        a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on,
+        two_subscriptions_dead_lettering_one_message_both_write_it,
+        a_handler_publishing_on_its_own_bus_does_not_deadlock,
+        a_dropped_publish_does_not_hang_close,
+        close_after_unsubscribe_leaves_no_task_running,
+        dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
+    );
+}

@@ -80,11 +80,11 @@ enum Slot {
 
 /// A claimed durable slot, given back when dropped unless kept (a cancelled or failed subscribe
 /// frees its slot, so the next subscribe reuses the durable instead of starting a new one).
-struct SlotClaim<'a> {
+pub(crate) struct SlotClaim<'a> {
     inner: &'a Inner,
     topic: &'a str,
-    slot: usize,
-    kept: bool,
+    pub(crate) slot: usize,
+    pub(crate) kept: bool,
 }
 
 impl Drop for SlotClaim<'_> {
@@ -98,7 +98,7 @@ impl Drop for SlotClaim<'_> {
 impl Inner {
     /// Claims the first free slot of `topic`, waiting while a subscription of the topic is
     /// unsubscribing.
-    async fn claim_slot<'a>(&'a self, topic: &'a str) -> SlotClaim<'a> {
+    pub(crate) async fn claim_slot<'a>(&'a self, topic: &'a str) -> SlotClaim<'a> {
         loop {
             let freed = self.slot_freed.notified();
             tokio::pin!(freed);
@@ -136,7 +136,7 @@ impl Inner {
         lock(&self.groups).retain(|other| !Arc::ptr_eq(other, group));
     }
 
-    fn mark_slot_closing(&self, topic: &str, slot: usize) {
+    pub(crate) fn mark_slot_closing(&self, topic: &str, slot: usize) {
         if let Some(state) = lock(&self.slots)
             .get_mut(topic)
             .and_then(|used| used.get_mut(&slot))
@@ -145,7 +145,7 @@ impl Inner {
         }
     }
 
-    fn release_slot(&self, topic: &str, slot: usize) {
+    pub(crate) fn release_slot(&self, topic: &str, slot: usize) {
         if let Some(used) = lock(&self.slots).get_mut(topic) {
             used.remove(&slot);
         }
@@ -399,7 +399,7 @@ impl Inner {
         let consumer = inner.runtime.subscribe(subscription)?;
         let mut fetch = Fetch::new(subject, spec, consumer, inner.connection.clone(), origin);
         if partition {
-            fetch = fetch.partition_of(topic);
+            fetch = fetch.reading_a_partition_of(topic);
         }
         let fetch = Arc::new(fetch);
         let task = match source {

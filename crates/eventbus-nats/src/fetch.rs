@@ -76,7 +76,7 @@ impl Fetch {
     }
 
     /// Reads one partition of `logical_topic` through its pinned consumer.
-    pub(crate) fn partition_of(mut self, logical_topic: &str) -> Self {
+    pub(crate) fn reading_a_partition_of(mut self, logical_topic: &str) -> Self {
         self.logical_topic = Some(logical_topic.to_owned());
         self.pin = Some(Arc::default());
         self

@@ -58,8 +58,11 @@ pub(crate) struct Group {
     partitions: u16,
     /// The durable of the bare topic; a partition's is derived from it.
     durable: String,
-    /// Whether the durables were named by the subscription.
+    /// Whether the partitions' durables are named after `durable` (`{durable}_{n}`): named by
+    /// the subscription, or a further subscription of the topic by this bus.
     named: bool,
+    /// The bus's numbered slot of the topic (none when the subscription named its durable).
+    topic_slot: Option<usize>,
     /// The bus's client ID (the durables' names start with it).
     client_id: String,
     /// This instance's ID in the group.
@@ -114,19 +117,23 @@ pub(crate) async fn subscribe(
     options: SubscribeOptions,
 ) -> Result<Subscription, Error> {
     let client_id = inner.runtime.settings().client_id.clone();
-    let (durable, named) = match &options.durable {
+    // As for a topic read whole: the bus's n-th subscription of the topic reads with the n-th
+    // durable (its own group), and a subscription of a topic still being left waits for that.
+    let (durable, named, mut topic_claim) = match &options.durable {
         Some(name) => {
             crate::names::validate_durable_name(name)?;
-            (name.clone(), true)
+            (name.clone(), true, None)
         }
-        None => (durable_name(&client_id, topic, 1), false),
+        None => {
+            let claim = inner.claim_slot(topic).await;
+            let durable = durable_name(&client_id, topic, claim.slot);
+            (durable, claim.slot > 1, Some(claim))
+        }
     };
     if inner.has_group(&durable) {
         return Err(Error::config(
             "durable",
-            format!(
-                "{topic} is partitioned and this bus already reads it with durable {durable:?}: a second subscription needs a durable of its own"
-            ),
+            format!("this bus already reads {topic} with durable {durable:?}"),
         ));
     }
     let broker = &inner.broker;
@@ -161,6 +168,7 @@ pub(crate) async fn subscribe(
         partitions,
         durable,
         named,
+        topic_slot: topic_claim.as_ref().map(|claim| claim.slot),
         client_id,
         instance: instance_id(),
         handler,
@@ -195,6 +203,9 @@ pub(crate) async fn subscribe(
     // The membership is written by the group's task (its first round): a subscribe dropped
     // before this point leaves no member behind for the others to wait for.
     inner.add_group(group.clone());
+    if let Some(claim) = &mut topic_claim {
+        claim.kept = true;
+    }
     let task = tokio::spawn(group.clone().run());
     *lock(&group.task) = Some(task);
     tracing::info!(topic, instance = %group.instance, partitions, "joined the group of a partitioned topic");
@@ -700,9 +711,11 @@ impl Group {
         }
     }
 
-    /// Leaves the group: gives every subject back at once (unsubscribe, unpin), renewing the
-    /// claims and the membership until that is done, then deletes them.
-    async fn leave(self: &Arc<Self>) {
+    /// Leaves the group, once: stops the rounds, gives every subject back at once (`unsubscribe`:
+    /// each as an unsubscribe does; else the bus has closed them) and unpins it, renewing
+    /// meanwhile, deletes the claims and the membership, and frees the bus's slot of the topic
+    /// (a new subscription of the topic waited for that).
+    async fn leave(self: &Arc<Self>, unsubscribe: bool) {
         let mut left = self.left.lock().await;
         if *left {
             return;
@@ -712,8 +725,14 @@ impl Group {
         if let Some(task) = task {
             let _ = task.await;
         }
-        self.give_everything_back(true).await;
+        self.give_everything_back(unsubscribe).await;
         *left = true;
+        if let Some(inner) = self.inner.upgrade() {
+            inner.remove_group(self);
+            if let Some(slot) = self.topic_slot {
+                inner.release_slot(&self.topic, slot);
+            }
+        }
         tracing::info!(topic = %self.topic, instance = %self.instance, "left the group");
     }
 
@@ -788,17 +807,7 @@ impl Group {
     /// After the bus closed its subscriptions: unpin what this instance read and delete its
     /// claims and membership, so that the others take over at once.
     pub(crate) async fn release_after_close(self: &Arc<Self>) {
-        let mut left = self.left.lock().await;
-        if *left {
-            return;
-        }
-        self.stop.cancel();
-        let task = lock(&self.task).take();
-        if let Some(task) = task {
-            let _ = task.await;
-        }
-        self.give_everything_back(false).await;
-        *left = true;
+        self.leave(false).await;
     }
 
     /// The topic's subjects this instance reads now, by slot (the partitions, then the bare
@@ -837,12 +846,12 @@ impl SubscriptionControl for GroupControl {
     /// The leaving runs on a task of its own: a dropped call still completes it.
     async fn unsubscribe(&self) -> Result<(), Error> {
         let group = self.group.clone();
-        let leaving = tokio::spawn(async move {
-            group.leave().await;
-            if let Some(inner) = group.inner.upgrade() {
-                inner.remove_group(&group);
-            }
-        });
+        // At once, before anything awaits: a subscription of the topic made meanwhile waits
+        // until the subjects are given back.
+        if let (Some(inner), Some(slot)) = (group.inner.upgrade(), group.topic_slot) {
+            inner.mark_slot_closing(&group.topic, slot);
+        }
+        let leaving = tokio::spawn(async move { group.leave(true).await });
         let _ = leaving.await;
         Ok(())
     }
