@@ -50,6 +50,7 @@ macro_rules! conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
+                integration_tests::capture_logs();
                 integration_tests::$name(&Kafka::new()).await;
             }
         )*

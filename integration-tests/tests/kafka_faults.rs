@@ -60,7 +60,7 @@ async fn publish_all(bus: &KafkaBus, topic: &str, aggregates: usize, versions: i
 }
 
 /// One handling: which member ran which event, and when.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 struct Run {
     member: &'static str,
     aggregate: String,

@@ -97,6 +97,7 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let nats = Nats { server: NatsServer::start() };
+                integration_tests::capture_logs();
                 integration_tests::$name(&nats).await;
             }
         )*
@@ -131,6 +132,7 @@ mod partitioned {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let nats = PartitionedNats { server: NatsServer::start() };
+                    integration_tests::capture_logs();
                     integration_tests::$name(&nats).await;
                 }
             )*
