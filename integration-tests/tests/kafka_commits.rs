@@ -169,6 +169,70 @@ async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
     bus.close().await.unwrap();
 }
 
+/// A backlog many times larger than one round of the poll loop (which takes up to 512 records
+/// before handing them to the partition's dispatcher) is handled whole: every record once, each
+/// aggregate's in order, and the commit reaches its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_larger_than_one_poll_round_is_handled_whole_and_committed() {
+    let (topic, group) = ("commits.backlog", "backlog");
+    let bus = KafkaBus::connect(
+        BusSettings::new("kafka", "backlog"),
+        config_with(topic, 1, group),
+    )
+    .await
+    .unwrap();
+    let (aggregates, versions) = (30, 100_i64);
+    // Each aggregate's events one after the other, the aggregates side by side.
+    let publishers = (0..aggregates).map(|a| {
+        let bus = &bus;
+        async move {
+            for version in 1..=versions {
+                bus.publish_envelope(topic, &envelope(&format!("agg-{a}"), version))
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(publishers).await;
+    let count = aggregates * versions as usize;
+    let handled = Recorder::<(String, i64)>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let events = handled
+        .wait_for("the whole backlog", |e| e.len() >= count)
+        .await;
+    assert_eq!(events.len(), count, "every record handled once");
+    for a in 0..aggregates {
+        let aggregate = format!("agg-{a}");
+        let seen: Vec<i64> = events
+            .iter()
+            .filter(|(id, _)| *id == aggregate)
+            .map(|(_, version)| *version)
+            .collect();
+        assert_eq!(seen, (1..=versions).collect::<Vec<_>>(), "{aggregate}");
+    }
+    eventually("the commit at the end of the backlog", || async {
+        tokio::task::spawn_blocking(move || committed(group, topic))
+            .await
+            .unwrap()
+            == Some(count as i64)
+    })
+    .await;
+    bus.close().await.unwrap();
+}
+
 #[derive(Clone, Debug, PartialEq)]
 enum Step {
     Started(i64),

@@ -36,6 +36,10 @@ enum SubscribedEnd {
 /// How long a rebalance callback waits for a committed offset or an end offset.
 const POSITION_LOOKUP: Duration = Duration::from_secs(5);
 
+/// Records taken from librdkafka's queue in one round of the poll loop before they are handed
+/// to their partitions' dispatchers.
+const POLL_BURST: usize = 512;
+
 /// The longest a close spends taking what was published just before it.
 pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 
@@ -357,6 +361,8 @@ impl Group {
         commit_interval: Duration,
     ) {
         let mut next_commit = Instant::now() + commit_interval;
+        // The partitions of the records taken in this round, flushed at its end.
+        let mut taken: Vec<Arc<Assigned>> = Vec::new();
         loop {
             match commands.try_recv() {
                 Ok(Command::Topics(topics, reply)) => {
@@ -393,16 +399,33 @@ impl Group {
             } else {
                 Duration::from_millis(50)
             };
-            match consumer.poll(wait) {
-                Some(Ok(record)) => {
-                    self.brokers_down.store(false, Ordering::SeqCst);
-                    self.take(consumer, &record);
+            // What librdkafka has fetched already is taken in one go (up to `POLL_BURST`
+            // records) and handed to each partition's dispatcher as one batch. Every record
+            // polled is taken: the next poll comes only when there is room for its record.
+            let mut polled = consumer.poll(wait);
+            let mut burst = 0;
+            loop {
+                match polled {
+                    Some(Ok(record)) => {
+                        self.brokers_down.store(false, Ordering::SeqCst);
+                        self.take(consumer, &record, &mut taken);
+                    }
+                    Some(Err(error)) => {
+                        if !self.note_join_refusal(&error) {
+                            tracing::warn!(group = %self.name, %error, "Kafka poll error");
+                        }
+                        break;
+                    }
+                    None => break,
                 }
-                Some(Err(error)) if !self.note_join_refusal(&error) => {
-                    tracing::warn!(group = %self.name, %error, "Kafka poll error");
+                burst += 1;
+                if burst == POLL_BURST {
+                    break;
                 }
-                Some(Err(_)) => {}
-                None => {}
+                polled = consumer.poll(Duration::ZERO);
+            }
+            for assigned in taken.drain(..) {
+                assigned.flush();
             }
             if Instant::now() >= next_commit {
                 self.commit(consumer, CommitMode::Async);
@@ -412,15 +435,43 @@ impl Group {
         }
     }
 
-    /// Hands a polled record to its partition; pauses the partition at the in-flight bound.
-    fn take(&self, consumer: &BaseConsumer<GroupContext>, record: &BorrowedMessage<'_>) {
-        let key = (record.topic().to_owned(), record.partition());
-        let Some(assigned) = lock(&self.assigned).get(&key).cloned() else {
-            tracing::warn!(topic = %key.0, partition = key.1, "record of a partition not assigned here; skipped");
-            return;
+    /// Hands a polled record to its partition (which `taken` then holds, to be flushed by the
+    /// caller); pauses the partition at the in-flight bound.
+    fn take(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        record: &BorrowedMessage<'_>,
+        taken: &mut Vec<Arc<Assigned>>,
+    ) {
+        let (topic, partition) = (record.topic(), record.partition());
+        // A partition revoked by a rebalance during this round (and maybe assigned again, a new
+        // generation) is looked up afresh.
+        let current = taken.iter().find(|assigned| {
+            assigned.is(topic, partition) && !assigned.revoked.load(Ordering::SeqCst)
+        });
+        let assigned = match current {
+            Some(assigned) => assigned.clone(),
+            None => {
+                let key = (topic.to_owned(), partition);
+                let Some(assigned) = lock(&self.assigned).get(&key).cloned() else {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        "record of a partition not assigned here; skipped"
+                    );
+                    return;
+                };
+                taken.push(assigned.clone());
+                assigned
+            }
         };
         if !assigned.take(record.offset(), record_message(record)) {
-            tracing::debug!(topic = %key.0, partition = key.1, offset = record.offset(), "record already taken in this generation; skipped");
+            tracing::debug!(
+                topic,
+                partition,
+                offset = record.offset(),
+                "record already taken in this generation; skipped"
+            );
             return;
         }
         if assigned.in_flight() >= self.max_in_flight
@@ -828,7 +879,11 @@ impl Group {
         targets.retain(|(partition, high)| start_of(partition).is_none_or(|start| start < *high));
         while !targets.is_empty() && Instant::now() < deadline {
             if let Some(Ok(record)) = consumer.poll(Duration::from_millis(50)) {
-                self.take(consumer, &record);
+                let mut taken = Vec::new();
+                self.take(consumer, &record, &mut taken);
+                for assigned in taken {
+                    assigned.flush();
+                }
             }
             targets.retain(|(partition, high)| {
                 !partition.paused.load(Ordering::SeqCst)

@@ -40,7 +40,10 @@ pub(crate) struct Assigned {
     pub(crate) revoked: AtomicBool,
     /// One past the last offset taken; -1 before the first.
     next: AtomicI64,
-    records: mpsc::UnboundedSender<Message>,
+    /// Records taken since the last [`flush`](Self::flush): the poll thread hands them to the
+    /// dispatcher in one batch (one wake-up of its task, not one per record).
+    pending: Mutex<Vec<Message>>,
+    records: mpsc::UnboundedSender<Vec<Message>>,
     dispatcher: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -63,6 +66,7 @@ impl Assigned {
             paused: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
             next: AtomicI64::new(-1),
+            pending: Mutex::new(Vec::new()),
             records,
             dispatcher: Mutex::new(None),
         });
@@ -71,16 +75,32 @@ impl Assigned {
         assigned
     }
 
-    /// Takes a polled record: tracked, then queued for the dispatcher. Returns `false` for an
-    /// offset at or below one already taken in this generation (not handed over twice).
+    /// Takes a polled record: tracked, then kept for the dispatcher until the next
+    /// [`flush`](Self::flush). Returns `false` for an offset at or below one already taken in
+    /// this generation (not handed over twice).
     pub(crate) fn take(&self, offset: i64, message: Message) -> bool {
         if !lock(&self.tracker).dispatched(offset) {
             return false;
         }
         self.next.store(offset + 1, Ordering::SeqCst);
-        // The dispatcher ends only when this partition is revoked.
-        let _ = self.records.send(message);
+        lock(&self.pending).push(message);
         true
+    }
+
+    /// Hands the records taken since the last call to the dispatcher, in offset order. Records
+    /// never flushed (the partition was revoked first) stay unfinished: the commit stays below
+    /// them and the partition's next owner reads them.
+    pub(crate) fn flush(&self) {
+        let batch = std::mem::take(&mut *lock(&self.pending));
+        if !batch.is_empty() {
+            // The dispatcher ends only when this partition is revoked.
+            let _ = self.records.send(batch);
+        }
+    }
+
+    /// Whether this is `partition` of `topic`.
+    pub(crate) fn is(&self, topic: &str, partition: i32) -> bool {
+        self.partition == partition && self.topic == topic
     }
 
     /// One past the last offset taken, if any was.
@@ -123,68 +143,83 @@ impl Assigned {
 
 /// Hands each record, in offset order, to every reader of the partition. A record no reader
 /// took (all closing) stays unfinished, so the commit never passes it.
-async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver<Message>) {
+async fn dispatch(assigned: Weak<Assigned>, mut records: mpsc::UnboundedReceiver<Vec<Message>>) {
     // Reused for every record: the partition's readers when the record came.
     let mut readers: Vec<Arc<Reader>> = Vec::new();
-    while let Some(message) = records.recv().await {
-        let Some(partition) = assigned.upgrade() else {
-            return;
+    while let Some(batch) = records.recv().await {
+        for message in batch {
+            if !dispatch_one(&assigned, &mut readers, message).await {
+                return;
+            }
+        }
+    }
+}
+
+/// Hands one record to every reader of the partition (none once the partition is gone).
+/// Returns `false` once the partition is gone.
+async fn dispatch_one(
+    assigned: &Weak<Assigned>,
+    readers: &mut Vec<Arc<Reader>>,
+    message: Message,
+) -> bool {
+    let Some(partition) = assigned.upgrade() else {
+        return false;
+    };
+    let offset = match message.meta.position {
+        eventbus_core::Position::Partition { offset, .. } => offset,
+        _ => return true,
+    };
+    readers.extend(lock(&partition.readers).iter().cloned());
+    let record = Arc::new(Record {
+        offset,
+        // The dispatcher's own hold, released below once every reader has it.
+        remaining: AtomicUsize::new(1),
+        partition: Arc::downgrade(&partition),
+    });
+    drop(partition);
+    let mut taken = 0;
+    // Every reader but the last gets a copy; the last one the record itself.
+    let mut message = Some(message);
+    let last = readers.len().saturating_sub(1);
+    for (index, reader) in readers.drain(..).enumerate() {
+        let message = if index == last {
+            message.take()
+        } else {
+            message.clone()
         };
-        let offset = match message.meta.position {
-            eventbus_core::Position::Partition { offset, .. } => offset,
-            _ => continue,
+        let Some(message) = message else {
+            break;
         };
-        readers.extend(lock(&partition.readers).iter().cloned());
-        let record = Arc::new(Record {
-            offset,
-            // The dispatcher's own hold, released below once every reader has it.
-            remaining: AtomicUsize::new(1),
-            partition: Arc::downgrade(&partition),
+        record.remaining.fetch_add(1, Ordering::SeqCst);
+        let receipt = Arc::new(KafkaReceipt {
+            record: record.clone(),
+            leaving: reader.leaving.clone(),
+            plain: reader.plain,
         });
-        drop(partition);
-        let mut taken = 0;
-        // Every reader but the last gets a copy; the last one the record itself.
-        let mut message = Some(message);
-        let last = readers.len().saturating_sub(1);
-        for (index, reader) in readers.drain(..).enumerate() {
-            let message = if index == last {
-                message.take()
-            } else {
-                message.clone()
-            };
-            let Some(message) = message else {
-                break;
-            };
-            record.remaining.fetch_add(1, Ordering::SeqCst);
-            let receipt = Arc::new(KafkaReceipt {
-                record: record.clone(),
-                leaving: reader.leaving.clone(),
-                plain: reader.plain,
-            });
-            let delivery = Delivery {
-                message,
-                receipt,
-                held_id: None,
-            };
-            match reader.consumer.deliver(delivery).await {
-                Ok(_) => taken += 1,
-                Err(error) => {
-                    // Closing: the record is not this reader's any more.
-                    record.remaining.fetch_sub(1, Ordering::SeqCst);
-                    // Finished for a subscription that left for good, and for a plain one
-                    // (dropped: at-most-once, see `KafkaReceipt::give_back`).
-                    if reader.plain || reader.leaving.load(Ordering::SeqCst) {
-                        taken += 1;
-                    } else {
-                        tracing::debug!(%error, offset, "record not taken by a closing reader");
-                    }
+        let delivery = Delivery {
+            message,
+            receipt,
+            held_id: None,
+        };
+        match reader.consumer.deliver(delivery).await {
+            Ok(_) => taken += 1,
+            Err(error) => {
+                // Closing: the record is not this reader's any more.
+                record.remaining.fetch_sub(1, Ordering::SeqCst);
+                // Finished for a subscription that left for good, and for a plain one
+                // (dropped: at-most-once, see `KafkaReceipt::give_back`).
+                if reader.plain || reader.leaving.load(Ordering::SeqCst) {
+                    taken += 1;
+                } else {
+                    tracing::debug!(%error, offset, "record not taken by a closing reader");
                 }
             }
         }
-        if taken > 0 {
-            record.finish_one();
-        }
     }
+    if taken > 0 {
+        record.finish_one();
+    }
+    true
 }
 
 /// One record handed to one or more readers; finished when every reader has finished it.
