@@ -29,13 +29,39 @@ pub fn nats_config(url: &str) -> eventbus_nats::NatsConfig {
     }
 }
 
+/// A consumer process started by [`spawn_consumer`]: killed (and reaped) when dropped, so a test
+/// that fails half-way leaves no process behind.
+pub struct ConsumerProcess(std::process::Child);
+
+impl std::ops::Deref for ConsumerProcess {
+    type Target = std::process::Child;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ConsumerProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for ConsumerProcess {
+    fn drop(&mut self) {
+        // Already ended (killed and waited for by the test) is fine.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the test consumer process `program` (`env!("CARGO_BIN_EXE_consumer")`) with `args`;
 /// the lines it prints are read on a thread and sent to `lines`.
 pub fn spawn_consumer<'a>(
     program: &str,
     args: impl IntoIterator<Item = &'a str>,
     lines: tokio::sync::mpsc::UnboundedSender<String>,
-) -> std::process::Child {
+) -> ConsumerProcess {
     use std::io::BufRead;
     let mut child = std::process::Command::new(program)
         .args(args)
@@ -52,7 +78,7 @@ pub fn spawn_consumer<'a>(
             }
         }
     });
-    child
+    ConsumerProcess(child)
 }
 
 /// Reads `{aggregate} {version}` lines of a consumer process until `until` distinct envelopes

@@ -272,7 +272,7 @@ struct Instances {
     topic: String,
     client_id: String,
     partitions: u16,
-    children: Vec<Option<std::process::Child>>,
+    children: Vec<Option<integration_tests::ConsumerProcess>>,
     sender: tokio::sync::mpsc::UnboundedSender<Timed>,
     receiver: tokio::sync::mpsc::UnboundedReceiver<Timed>,
     handled: Vec<Timed>,
