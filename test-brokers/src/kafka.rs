@@ -3,8 +3,9 @@
 //! `cargo xtask test-matrix`, fetched from Maven Central by `cargo xtask brokers install`);
 //! without them the test fails, loudly.
 
+use crate::free_port;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -22,13 +23,6 @@ pub struct KafkaBroker {
     port: u16,
     controller_port: u16,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
 }
 
 /// The `bootstrap.servers` of the broker tests share: `KAFKA_BOOTSTRAP` when set (a broker run
@@ -190,6 +184,9 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// How many times a broker that exits while starting is started again on other ports.
+const START_ATTEMPTS: u32 = 3;
+
 impl KafkaBroker {
     /// Starts a broker with an empty store from the jars in `KAFKA_LIBS`; returns once it
     /// answers the Kafka protocol.
@@ -200,28 +197,39 @@ impl KafkaBroker {
     /// Starts a broker with an empty store from the jars in `libs`; returns once it answers
     /// the Kafka protocol.
     pub fn start_from(libs: &Path) -> Self {
-        let (port, controller_port) = (free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("eventbus-kafka-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        copy_dir(template(libs), &dir.join("data"));
-        std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
-        std::fs::write(
-            dir.join("server.properties"),
-            server_properties(port, controller_port, &dir.join("data")),
-        )
-        .expect("server.properties");
-        let mut broker = Self {
-            libs: libs.to_owned(),
-            child: Self::spawn(libs, &dir),
-            watchdog: None,
-            port,
-            controller_port,
-            dir,
-        };
-        broker.watch();
-        broker.wait_ready();
-        broker
+        // As for nats-server: a broker that exits while starting (a port taken between
+        // `free_port` and its bind) is started again on other ports.
+        let mut attempt = 1;
+        loop {
+            let (port, controller_port) = (free_port(), free_port());
+            let dir =
+                std::env::temp_dir().join(format!("eventbus-kafka-{}-{port}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            copy_dir(template(libs), &dir.join("data"));
+            std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
+            std::fs::write(
+                dir.join("server.properties"),
+                server_properties(port, controller_port, &dir.join("data")),
+            )
+            .expect("server.properties");
+            let mut broker = Self {
+                libs: libs.to_owned(),
+                child: Self::spawn(libs, &dir),
+                watchdog: None,
+                port,
+                controller_port,
+                dir,
+            };
+            broker.watch();
+            match broker.wait_ready() {
+                Ok(()) => return broker,
+                Err(exited) if attempt < START_ATTEMPTS => {
+                    eprintln!("{exited}; starting it again on other ports");
+                    attempt += 1;
+                }
+                Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
+            }
+        }
     }
 
     /// One broker for the whole test process, started on first use. A watchdog process stops
@@ -274,19 +282,19 @@ impl KafkaBroker {
     }
 
     /// Polls with a Kafka `ApiVersions` request until the broker answers without error (60 s
-    /// deadline; a JVM start on 2 busy cores takes 5 to 15 s).
-    fn wait_ready(&mut self) {
+    /// deadline, then a panic; a JVM start on 2 busy cores takes 5 to 15 s); an error when the
+    /// broker exits first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the Kafka broker exited with {status} (port {} taken?); see {}",
-                    self.port,
-                    self.dir.join("server.log").display()
-                );
+                return Err(format!(
+                    "the Kafka broker exited with {status} (ports {} and {} taken?)",
+                    self.port, self.controller_port
+                ));
             }
             if self.answers() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -344,7 +352,9 @@ impl KafkaBroker {
         self.kill();
         self.child = Self::spawn(&self.libs, &self.dir);
         self.watch();
-        self.wait_ready();
+        if let Err(exited) = self.wait_ready() {
+            panic!("{exited}; see {}", self.dir.join("server.log").display());
+        }
     }
 
     /// The controller's port (for tests that need to know it is taken).

@@ -2,8 +2,9 @@
 //! dropped. The binary comes from `NATS_SERVER_BIN` (set by `cargo xtask test-matrix`, installed
 //! by `cargo xtask brokers install`); without it the test fails, loudly.
 
+use crate::free_port;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,13 +16,6 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     store: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
 }
 
 fn binary() -> PathBuf {
@@ -40,6 +34,9 @@ fn binary() -> PathBuf {
     path
 }
 
+/// How many times a server that exits while starting is started again on other ports.
+const START_ATTEMPTS: u32 = 5;
+
 impl NatsServer {
     /// Starts a server with JetStream and a fresh store; returns once JetStream is ready.
     pub fn start() -> Self {
@@ -53,18 +50,31 @@ impl NatsServer {
             std::process::id(),
             free_port()
         ));
-        std::fs::create_dir_all(&store).expect("a JetStream store directory");
         let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
-        let (port, monitor_port) = (free_port(), free_port());
-        let mut server = Self {
-            child: Self::spawn(port, monitor_port, &store, &args),
-            args,
-            port,
-            monitor_port,
-            store,
-        };
-        server.wait_ready();
-        server
+        // A free port can be taken by another process between `free_port` and the server's
+        // bind (tests start brokers side by side): a server that exits while starting is
+        // started again on other ports.
+        let mut attempt = 1;
+        loop {
+            // A failed attempt's drop removed the directory.
+            std::fs::create_dir_all(&store).expect("a JetStream store directory");
+            let (port, monitor_port) = (free_port(), free_port());
+            let mut server = Self {
+                child: Self::spawn(port, monitor_port, &store, &args),
+                args: args.clone(),
+                port,
+                monitor_port,
+                store: store.clone(),
+            };
+            match server.wait_ready() {
+                Ok(()) => return server,
+                Err(exited) if attempt < START_ATTEMPTS => {
+                    eprintln!("{exited}; starting it again on other ports");
+                    attempt += 1;
+                }
+                Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
+            }
+        }
     }
 
     fn spawn(port: u16, monitor_port: u16, store: &PathBuf, args: &[String]) -> Child {
@@ -98,21 +108,24 @@ impl NatsServer {
     pub fn start_again(&mut self) {
         self.kill();
         self.child = Self::spawn(self.port, self.monitor_port, &self.store, &self.args);
-        self.wait_ready();
+        if let Err(exited) = self.wait_ready() {
+            panic!("{exited}");
+        }
     }
 
-    /// Polls the monitoring endpoint until JetStream answers healthy (30 s deadline).
-    fn wait_ready(&mut self) {
+    /// Polls the monitoring endpoint until JetStream answers healthy (30 s deadline, then a
+    /// panic); an error when the server exits first.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "nats-server exited with {status} (port {} taken?)",
-                    self.port
-                );
+                return Err(format!(
+                    "nats-server exited with {status} (ports {} and {} taken?)",
+                    self.port, self.monitor_port
+                ));
             }
             if self.healthy() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
