@@ -444,8 +444,9 @@ impl Group {
         taken: &mut Vec<Arc<Assigned>>,
     ) {
         let (topic, partition) = (record.topic(), record.partition());
-        // A partition revoked by a rebalance during this round (and maybe assigned again, a new
-        // generation) is looked up afresh.
+        // rdkafka's `poll` returns nothing right after it has served a rebalance, which ends
+        // the round, so a partition of `taken` is not revoked within it; should that change, a
+        // revoked one (maybe assigned again, a new generation) is looked up afresh.
         let current = taken.iter().find(|assigned| {
             assigned.is(topic, partition) && !assigned.revoked.load(Ordering::SeqCst)
         });
