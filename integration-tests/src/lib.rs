@@ -373,6 +373,20 @@ impl<T: Clone + std::fmt::Debug> Recorder<T> {
     }
 }
 
+impl Recorder<(String, i64)> {
+    /// An envelope handler that records each envelope's aggregate ID and version, and succeeds.
+    pub fn envelope_handler(self: &Arc<Self>) -> Arc<dyn eventbus_core::EnvelopeHandler> {
+        let recorder = self.clone();
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let recorder = recorder.clone();
+            async move {
+                recorder.push((envelope.aggregate_id, envelope.event_version));
+                Ok(())
+            }
+        })
+    }
+}
+
 fn envelope(aggregate: &str, version: i64) -> Envelope {
     Envelope::new(aggregate, "Changed", version, &payload(aggregate, version)).unwrap()
 }

@@ -196,20 +196,9 @@ async fn a_backlog_larger_than_one_poll_round_is_handled_whole_and_committed() {
     futures::future::join_all(publishers).await;
     let count = aggregates * versions as usize;
     let handled = Recorder::<(String, i64)>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
-        topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((envelope.aggregate_id.clone(), envelope.event_version));
-                Ok(())
-            }
-        }),
-        SubscribeOptions::new(),
-    )
-    .await
-    .unwrap();
+    bus.subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
     let events = handled
         .wait_for("the whole backlog", |e| e.len() >= count)
         .await;
