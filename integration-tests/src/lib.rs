@@ -284,6 +284,42 @@ pub trait BusFactory: Send + Sync {
     }
 }
 
+/// Defines the whole conformance suite as tests of the calling test binary, one per property,
+/// each on a bus factory made by `$factory` (evaluated in each test). Every backend's binary
+/// calls it once, so a property added here runs on every backend.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($factory:expr) => {
+        $crate::conformance_suite!(@tests $factory;
+            per_aggregate_order_with_many_aggregates,
+            retry_then_success_keeps_order,
+            exhausted_retries_go_to_the_dead_letter_topic,
+            undecodable_envelopes_are_dead_lettered_without_retries,
+            panics_are_caught_for_both_classes,
+            plain_messages_are_at_most_once,
+            unsubscribe_stops_delivery,
+            close_drains_in_flight_work,
+            resubscribing_keeps_each_aggregates_order,
+            a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on,
+            two_subscriptions_dead_lettering_one_message_both_write_it,
+            a_handler_publishing_on_its_own_bus_does_not_deadlock,
+            a_dropped_publish_does_not_hang_close,
+            close_after_unsubscribe_leaves_no_task_running,
+            dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
+        );
+    };
+    (@tests $factory:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let factory = $factory;
+                $crate::capture_logs();
+                $crate::$name(&factory).await;
+            }
+        )*
+    };
+}
+
 /// Sends the buses' `info` events and every warning to the test's captured output, which the
 /// test harness prints when the test fails: a failure on a loaded CI machine then shows what the
 /// bus did (rebalances, revokes, failed commits) without a rerun. Call it first in each test;

@@ -91,69 +91,15 @@ impl BusFactory for PartitionedNats {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let nats = Nats { server: NatsServer::start() };
-                integration_tests::capture_logs();
-                integration_tests::$name(&nats).await;
-            }
-        )*
-    };
-}
-
-conformance!(
-    per_aggregate_order_with_many_aggregates,
-    retry_then_success_keeps_order,
-    exhausted_retries_go_to_the_dead_letter_topic,
-    undecodable_envelopes_are_dead_lettered_without_retries,
-    panics_are_caught_for_both_classes,
-    plain_messages_are_at_most_once,
-    unsubscribe_stops_delivery,
-    close_drains_in_flight_work,
-    resubscribing_keeps_each_aggregates_order,
-    a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on,
-    two_subscriptions_dead_lettering_one_message_both_write_it,
-    a_handler_publishing_on_its_own_bus_does_not_deadlock,
-    a_dropped_publish_does_not_hang_close,
-    close_after_unsubscribe_leaves_no_task_running,
-    dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
-);
+integration_tests::conformance_suite!(Nats {
+    server: NatsServer::start()
+});
 
 /// The whole suite on partitioned topics (docs/nats.md, "Scaling out").
 mod partitioned {
     use super::*;
 
-    macro_rules! partitioned_conformance {
-        ($($name:ident),* $(,)?) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let nats = PartitionedNats { server: NatsServer::start() };
-                    integration_tests::capture_logs();
-                    integration_tests::$name(&nats).await;
-                }
-            )*
-        };
-    }
-
-    partitioned_conformance!(
-        per_aggregate_order_with_many_aggregates,
-        retry_then_success_keeps_order,
-        exhausted_retries_go_to_the_dead_letter_topic,
-        undecodable_envelopes_are_dead_lettered_without_retries,
-        panics_are_caught_for_both_classes,
-        plain_messages_are_at_most_once,
-        unsubscribe_stops_delivery,
-        close_drains_in_flight_work,
-        resubscribing_keeps_each_aggregates_order,
-        a_multi_line_failure_reason_is_dead_lettered_and_the_aggregate_moves_on,
-        two_subscriptions_dead_lettering_one_message_both_write_it,
-        a_handler_publishing_on_its_own_bus_does_not_deadlock,
-        a_dropped_publish_does_not_hang_close,
-        close_after_unsubscribe_leaves_no_task_running,
-        dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
-    );
+    integration_tests::conformance_suite!(PartitionedNats {
+        server: NatsServer::start()
+    });
 }
