@@ -50,6 +50,13 @@ fn partitioned_config(url: &str, topic: &str, partitions: u16) -> NatsConfig {
     config
 }
 
+/// A bus of client `client` with `config`.
+async fn connect(client: &str, config: NatsConfig) -> NatsBus {
+    NatsBus::connect(nats_settings(client), config)
+        .await
+        .unwrap()
+}
+
 /// Publishes `versions` of each of `aggregates`, one version of all aggregates at a time (many
 /// publishes in flight, an aggregate's in order).
 async fn publish_versions(
@@ -199,15 +206,11 @@ async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once(
     let topic = "scale.shared";
     let (aggregates, versions) = (60usize, 10i64);
     let config = partitioned_config(&server.url(), topic, 6);
-    let publisher = NatsBus::connect(nats_settings("publisher"), config.clone())
-        .await
-        .unwrap();
+    let publisher = connect("publisher", config.clone()).await;
     let watched = Watched::new();
     let mut instances = Vec::new();
     for instance in 0..2 {
-        let bus = NatsBus::connect(nats_settings("shared"), config.clone())
-            .await
-            .unwrap();
+        let bus = connect("shared", config.clone()).await;
         bus.subscribe_envelope(
             topic,
             watched.handler(instance, Duration::from_millis(1)),
@@ -482,9 +485,7 @@ async fn three_instance_processes_share_twelve_partitions_in_order_without_loss(
     let server = NatsServer::start();
     let topic = "scale.three";
     let config = partitioned_config(&server.url(), topic, PARTITIONS);
-    let publisher = NatsBus::connect(nats_settings("publisher"), config)
-        .await
-        .unwrap();
+    let publisher = connect("publisher", config).await;
     let mut instances = Instances::new(&server.url(), topic, "three", PARTITIONS);
     instances.start(3).await;
     publish_versions(&publisher, topic, AGGREGATES, 1..=VERSIONS).await;
@@ -534,9 +535,7 @@ async fn an_instance_killed_mid_stream_has_its_partitions_taken_over_in_order_wi
 fn publish_in_background(url: &str, topic: &'static str) -> tokio::task::JoinHandle<()> {
     let config = partitioned_config(url, topic, PARTITIONS);
     tokio::spawn(async move {
-        let publisher = NatsBus::connect(nats_settings("publisher"), config)
-            .await
-            .unwrap();
+        let publisher = connect("publisher", config).await;
         publish_versions(&publisher, topic, AGGREGATES, 1..=VERSIONS).await;
         publisher.close().await.unwrap();
     })
@@ -578,9 +577,7 @@ async fn an_instance_added_mid_stream_takes_partitions_without_loss_or_overlap()
 async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
     let server = NatsServer::start();
     let topic = "scale.later";
-    let whole = NatsBus::connect(nats_settings("later"), nats_config(&server.url()))
-        .await
-        .unwrap();
+    let whole = connect("later", nats_config(&server.url())).await;
     for version in 1..=3 {
         whole
             .publish_envelope(topic, &envelope(0, version))
@@ -593,20 +590,13 @@ async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
         .await;
     whole.close().await.unwrap();
     // Published bare while nobody reads: the partitioned run's bare subject has it.
-    let publisher = NatsBus::connect(nats_settings("later-publisher"), nats_config(&server.url()))
-        .await
-        .unwrap();
+    let publisher = connect("later-publisher", nats_config(&server.url())).await;
     publisher
         .publish_envelope(topic, &envelope(0, 4))
         .await
         .unwrap();
 
-    let partitioned = NatsBus::connect(
-        nats_settings("later"),
-        partitioned_config(&server.url(), topic, 3),
-    )
-    .await
-    .unwrap();
+    let partitioned = connect("later", partitioned_config(&server.url(), topic, 3)).await;
     let second = record_versions(&partitioned, topic, SubscribeOptions::new()).await;
     let seen = second
         .wait_for("the event left by the first run", |v| !v.is_empty())
@@ -622,9 +612,7 @@ async fn a_topic_partitioned_later_keeps_the_position_of_its_durable() {
 
 /// An instance subscribed to `topic` with a handler that does nothing.
 async fn subscribed(topic: &str, config: NatsConfig) -> (NatsBus, eventbus_core::Subscription) {
-    let bus = NatsBus::connect(nats_settings("cancel"), config)
-        .await
-        .unwrap();
+    let bus = connect("cancel", config).await;
     let subscription = bus
         .subscribe_envelope(
             topic,
@@ -648,9 +636,7 @@ async fn a_dropped_partitioned_subscribe_leaves_no_member_behind() {
     let mut config = partitioned_config(&server.url(), topic, 4);
     // Far longer than the test waits: only what is never written cannot linger.
     config.scale_out.pinned_ttl = Duration::from_secs(60);
-    let dropping = NatsBus::connect(nats_settings("cancel"), config.clone())
-        .await
-        .unwrap();
+    let dropping = connect("cancel", config.clone()).await;
     for cut in [0_u64, 1, 2, 5, 10, 20, 50] {
         let subscribe = dropping.subscribe_envelope(
             topic,
@@ -734,9 +720,7 @@ async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_
     let mut buses = Vec::new();
     let mut subscriptions = Vec::new();
     for instance in 0..2 {
-        let bus = NatsBus::connect(nats_settings("lost"), config.clone())
-            .await
-            .unwrap();
+        let bus = connect("lost", config.clone()).await;
         let h = handled.clone();
         subscriptions.push(
             bus.subscribe_envelope(
@@ -784,9 +768,7 @@ async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_
     let second = subscriptions.pop().unwrap();
     second.unsubscribe().await.unwrap();
     let after_unsubscribe = handled.events().len();
-    let publisher = NatsBus::connect(nats_settings("lost-publisher"), config)
-        .await
-        .unwrap();
+    let publisher = connect("lost-publisher", config).await;
     for aggregate in 0..30 {
         publisher
             .publish_envelope(topic, &envelope(aggregate, 1))
@@ -819,12 +801,7 @@ async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_
 async fn subscribing_to_a_partition_subject_is_refused() {
     let server = NatsServer::start();
     let topic = "scale.direct";
-    let bus = NatsBus::connect(
-        nats_settings("direct"),
-        partitioned_config(&server.url(), topic, 2),
-    )
-    .await
-    .unwrap();
+    let bus = connect("direct", partitioned_config(&server.url(), topic, 2)).await;
     let refused = bus
         .subscribe_envelope(
             "scale.direct.0",
@@ -850,17 +827,13 @@ async fn a_partitioned_subscription_at_new_keeps_what_is_published_once_subscrib
     let server = NatsServer::start();
     let topic = "scale.new";
     let config = partitioned_config(&server.url(), topic, 4);
-    let publisher = NatsBus::connect(nats_settings("new-publisher"), config.clone())
-        .await
-        .unwrap();
+    let publisher = connect("new-publisher", config.clone()).await;
     // Before the subscription: not wanted.
     publisher
         .publish_envelope(topic, &envelope(99, 1))
         .await
         .unwrap();
-    let bus = NatsBus::connect(nats_settings("new"), config)
-        .await
-        .unwrap();
+    let bus = connect("new", config).await;
     let handled = record_versions(
         &bus,
         topic,
@@ -896,9 +869,7 @@ async fn close_keeps_its_claims_while_draining_so_nothing_running_is_replayed_el
     let config = partitioned_config(&server.url(), topic, 1);
     let mut settings = nats_settings("closing");
     settings.drain_timeout = Duration::from_secs(20);
-    let publisher = NatsBus::connect(nats_settings("closing-publisher"), config.clone())
-        .await
-        .unwrap();
+    let publisher = connect("closing-publisher", config.clone()).await;
     let watched = Watched::new();
     let closing = Arc::new(
         NatsBus::connect(settings.clone(), config.clone())
@@ -976,12 +947,7 @@ async fn a_bus_dropped_without_close_leaves_its_partitions_to_the_others() {
 async fn one_aggregate_goes_to_one_partition_whatever_whitespace_surrounds_its_id() {
     let server = NatsServer::start();
     let topic = "scale.trimmed";
-    let bus = NatsBus::connect(
-        nats_settings("trimmed"),
-        partitioned_config(&server.url(), topic, 12),
-    )
-    .await
-    .unwrap();
+    let bus = connect("trimmed", partitioned_config(&server.url(), topic, 12)).await;
     let id = (0..100)
         .map(|i| format!("order-{i}"))
         .find(|id| partition_of(id, 12) != partition_of(&format!(" {id}"), 12))
@@ -1014,12 +980,7 @@ async fn an_instance_with_another_partition_count_is_refused() {
     let (running, _subscription) =
         subscribed(topic, partitioned_config(&server.url(), topic, 4)).await;
     wait_reading(&running, topic, 5).await;
-    let other = NatsBus::connect(
-        nats_settings("cancel"),
-        partitioned_config(&server.url(), topic, 3),
-    )
-    .await
-    .unwrap();
+    let other = connect("cancel", partitioned_config(&server.url(), topic, 3)).await;
     let refused = other
         .subscribe_envelope(
             topic,
