@@ -306,6 +306,7 @@ macro_rules! conformance_suite {
             a_dropped_publish_does_not_hang_close,
             close_after_unsubscribe_leaves_no_task_running,
             dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
+            a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_aggregate_moves_on,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1275,6 +1276,62 @@ pub async fn dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane(
         handled.events().iter().all(|version| *version == 1),
         "v2 ran while v1 was unsettled: {:?}",
         handled.events()
+    );
+    bus.close().await.unwrap();
+}
+
+/// A handler that outlives its subscription's handler timeout sees its cancellation token fire;
+/// each timed-out attempt fails, the envelope is dead-lettered with the timeout as its reason,
+/// and only then does the aggregate's next event run.
+pub async fn a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_aggregate_moves_on(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory
+        .bus(Settings {
+            max_attempts: 2,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("timeout");
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
+    let handled = Recorder::<String>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                let version = envelope.event_version;
+                h.push(format!("run v{version}"));
+                if version == 1 {
+                    ctx.cancellation().cancelled().await;
+                    h.push("v1 cancelled".to_owned());
+                    return Err(HandlerError::transient("stopped"));
+                }
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new().with_handler_timeout(Duration::from_millis(200)),
+    )
+    .await
+    .unwrap();
+    for version in 1..=2 {
+        bus.publish_envelope(&topic, &envelope("agg-timeout", version))
+            .await
+            .unwrap();
+    }
+    let letters = dead.wait_for("one dead letter", |e| !e.is_empty()).await;
+    assert_eq!(
+        letters[0].headers.get_str("X-Error-Message"),
+        Some("handler timed out after 200ms")
+    );
+    assert_eq!(letters[0].headers.get_str("X-Failed-Attempts"), Some("2"));
+    let runs = handled
+        .wait_for("v2 handled", |e| e.contains(&"run v2".to_owned()))
+        .await;
+    assert_eq!(
+        runs,
+        ["run v1", "v1 cancelled", "run v1", "v1 cancelled", "run v2"]
     );
     bus.close().await.unwrap();
 }

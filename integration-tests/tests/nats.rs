@@ -41,7 +41,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 17] = [
+const SUITE_TOPICS: [&str; 18] = [
     "order",
     "retry",
     "exhaust",
@@ -59,6 +59,7 @@ const SUITE_TOPICS: [&str; 17] = [
     "dropped",
     "tasks",
     "nodlq",
+    "timeout",
 ];
 
 #[async_trait]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -111,6 +112,13 @@ pub struct SubscribeOptions {
     /// error there. The memory backend keeps no history: every subscription starts with the
     /// messages published after it, whatever this says.
     pub start: StartPosition,
+    /// How long one attempt of the handler may run. When it passes, the handler's
+    /// [cancellation token](crate::HandlerContext::cancellation) fires and the attempt counts as
+    /// a transient failure: retried in the aggregate's lane, then dead-lettered as usual (a plain
+    /// message is not retried). A handler that has not returned when as long again has passed
+    /// (at most 5 s more) is dropped and reported. `None` (the default) takes the bus's
+    /// `handler_timeout`, and without one a handler may run for as long as it takes.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl SubscribeOptions {
@@ -141,6 +149,23 @@ impl SubscribeOptions {
     pub fn with_start(mut self, start: StartPosition) -> Self {
         self.start = start;
         self
+    }
+
+    /// Limits each attempt of the handler to `timeout` (see
+    /// [`SubscribeOptions::handler_timeout`]).
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// The handler timeout, validated: a zero timeout is refused.
+    pub fn checked_handler_timeout(&self) -> Result<Option<Duration>, Error> {
+        match self.handler_timeout {
+            Some(timeout) if timeout.is_zero() => {
+                Err(Error::config("handler_timeout", "must be longer than 0"))
+            }
+            timeout => Ok(timeout),
+        }
     }
 
     /// The dead-letter topic for a subscription to `topic`, validated; `None` when disabled. A

@@ -143,6 +143,7 @@ impl KafkaBus {
         } else {
             None
         };
+        let handler_timeout = options.checked_handler_timeout()?;
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -151,6 +152,7 @@ impl KafkaBus {
             topic: topic.to_owned(),
             handler,
             dead_letter,
+            handler_timeout,
             leaving: Arc::new(AtomicBool::new(false)),
         });
         let inner = self.inner.clone();

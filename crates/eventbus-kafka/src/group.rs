@@ -49,6 +49,7 @@ pub(crate) struct Entry {
     pub(crate) topic: String,
     pub(crate) handler: Handler,
     pub(crate) dead_letter: Option<String>,
+    pub(crate) handler_timeout: Option<Duration>,
     pub(crate) leaving: Arc<AtomicBool>,
 }
 
@@ -800,7 +801,8 @@ impl Group {
             self.name, entry.topic, entry.id
         );
         let spec = SubscriptionSpec::new(entry.topic.clone(), name, entry.handler.clone())
-            .with_dead_letter(entry.dead_letter.clone());
+            .with_dead_letter(entry.dead_letter.clone())
+            .with_handler_timeout(entry.handler_timeout);
         match self.runtime.subscribe(spec) {
             Ok(consumer) => Some(Arc::new(Reader {
                 subscription: entry.id,

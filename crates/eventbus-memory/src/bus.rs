@@ -164,7 +164,8 @@ impl MemoryBus {
         let consumer = inner.runtime.subscribe(
             SubscriptionSpec::new(topic, name, handler)
                 .with_dead_letter(dead_letter)
-                .with_subject_keys(options.subject_keys),
+                .with_subject_keys(options.subject_keys)
+                .with_handler_timeout(options.checked_handler_timeout()?),
         )?;
         inner
             .topics

@@ -393,6 +393,7 @@ impl Inner {
         let subscription = SubscriptionSpec::new(topic, durable.clone(), handler)
             .with_dead_letter(dead_letter)
             .with_subject_keys(options.subject_keys)
+            .with_handler_timeout(options.checked_handler_timeout()?)
             .with_progress_interval(
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );

@@ -151,6 +151,9 @@ pub struct BusSettings {
     pub pool: PoolConfig,
     /// How long unsubscribing and closing let in-flight messages finish. Default 30 s.
     pub drain_timeout: Duration,
+    /// How long one attempt of a handler may run, for subscriptions that do not set their own
+    /// (`SubscribeOptions::handler_timeout`). Default `None`: no limit.
+    pub handler_timeout: Option<Duration>,
 }
 
 impl BusSettings {
@@ -163,6 +166,7 @@ impl BusSettings {
             metrics_namespace: eventbus_core::metric_namespace(backend, client_id),
             pool: PoolConfig::default(),
             drain_timeout: Duration::from_secs(30),
+            handler_timeout: None,
         }
     }
 
@@ -173,6 +177,12 @@ impl BusSettings {
         }
         if self.drain_timeout.is_zero() {
             return Err(Error::config("drain_timeout", "must be longer than 0"));
+        }
+        if self
+            .handler_timeout
+            .is_some_and(|timeout| timeout.is_zero())
+        {
+            return Err(Error::config("handler_timeout", "must be longer than 0"));
         }
         validate_namespace(&self.metrics_namespace)?;
         self.pool.validate()

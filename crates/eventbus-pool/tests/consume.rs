@@ -444,3 +444,106 @@ fn dead_letters_are_counted_under_the_go_sdk_name() {
         .map(|(.., value)| value);
     assert_eq!(dead_letters, Some(&DebugValue::Counter(1)));
 }
+
+/// An envelope handler that records each run and its attempt, and, for version `stuck`, waits
+/// forever: until its cancellation token fires when `cooperative`, regardless otherwise.
+fn stuck_handler(seen: &Arc<Log>, stuck: i64, cooperative: bool) -> Handler {
+    let seen = seen.clone();
+    Handler::Envelope(Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+        let seen = seen.clone();
+        async move {
+            let run = format!("{}/{}", envelope.aggregate_id, envelope.event_version);
+            seen.push(format!("run {run} attempt {}", ctx.attempt()));
+            if envelope.event_version == stuck {
+                if cooperative {
+                    ctx.cancellation().cancelled().await;
+                    seen.push(format!("cancelled {run}"));
+                    return Err(HandlerError::transient("stopped"));
+                }
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        }
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_past_its_timeout_sees_its_token_fire_and_is_retried_then_dead_lettered() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(4, &log);
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-timeout", stuck_handler(&log, 1, true))
+                .with_handler_timeout(Some(Duration::from_millis(50))),
+        )
+        .unwrap();
+    consumer.deliver(delivery(&log, "a", 1, 1)).await.unwrap();
+    consumer.deliver(delivery(&log, "a", 2, 2)).await.unwrap();
+    wait_until("a/2 acked", || log.events().contains(&"ack a/2".into())).await;
+    let events = log.events();
+    assert_eq!(
+        events,
+        [
+            "run a/1 attempt 1",
+            "cancelled a/1",
+            "run a/1 attempt 2",
+            "cancelled a/1",
+            "dead letter to orders.DLQ (handler timed out after 50ms) id dlq:sub-timeout:orders:1:0",
+            "terminate a/1",
+            "run a/2 attempt 1",
+            "ack a/2",
+        ]
+    );
+    let stats = runtime.stats();
+    assert_eq!((stats.handler_timeouts, stats.handlers_dropped), (2, 0));
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_ignoring_its_token_is_dropped_after_the_grace_period_and_counted() {
+    let log = Arc::new(Log::default());
+    let settings = BusSettings {
+        handler_timeout: Some(Duration::from_millis(50)),
+        ..runtime(4, &log).settings().clone()
+    };
+    let runtime = Runtime::new(settings, Arc::new(Broker(log.clone()))).unwrap();
+    // The subscription sets no timeout: the bus's applies.
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-ignores",
+            stuck_handler(&log, 1, false),
+        ))
+        .unwrap();
+    consumer.deliver(delivery(&log, "a", 1, 1)).await.unwrap();
+    consumer.deliver(delivery(&log, "b", 1, 2)).await.unwrap();
+    wait_until("both dead-lettered", || {
+        log.events()
+            .iter()
+            .filter(|event| event.starts_with("terminate"))
+            .count()
+            == 2
+    })
+    .await;
+    let stats = runtime.stats();
+    assert_eq!((stats.handler_timeouts, stats.handlers_dropped), (4, 4));
+    assert_eq!(runtime.pool_stats().running, 0, "no handler holds a lane");
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_handler_timeout_is_refused_with_the_field_named() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let Err(error) = runtime.subscribe(
+        SubscriptionSpec::new("orders", "sub", stuck_handler(&log, 1, true))
+            .with_handler_timeout(Some(Duration::ZERO)),
+    ) else {
+        panic!("a zero handler timeout was accepted");
+    };
+    assert!(error.to_string().contains("handler_timeout"), "{error}");
+}

@@ -80,6 +80,10 @@ pub struct Config {
     /// How long `close` lets in-flight messages finish. Default `30s`.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long one attempt of a handler may run, for subscriptions that set none
+    /// (`SubscribeOptions::with_handler_timeout`). Default: no limit.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
     /// The NATS backend (cargo feature `nats`): [`eventbus_nats::NatsConfig`] as is.
@@ -132,6 +136,7 @@ impl Default for Config {
             pool: PoolSection::default(),
             retry: RetrySection::default(),
             drain_timeout: Duration::from_secs(30),
+            handler_timeout: None,
             metrics: MetricsSection::default(),
             #[cfg(feature = "nats")]
             nats: eventbus_nats::NatsConfig::default(),
@@ -248,6 +253,13 @@ const OVERRIDES: &[Override] = &[
         variable: "EVENTBUS_DRAIN_TIMEOUT",
         apply: |c, v| {
             c.drain_timeout = duration(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_HANDLER_TIMEOUT",
+        apply: |c, v| {
+            c.handler_timeout = Some(duration(v)?);
             Ok(())
         },
     },
@@ -525,6 +537,7 @@ impl Config {
             metrics_namespace: self.metrics_namespace(),
             pool: self.pool_config(),
             drain_timeout: self.drain_timeout,
+            handler_timeout: self.handler_timeout,
         }
     }
 

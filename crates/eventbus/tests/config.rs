@@ -141,6 +141,7 @@ fn environment_variables_override_every_field() {
             ("EVENTBUS_RETRY_INITIAL_BACKOFF", "10ms"),
             ("EVENTBUS_RETRY_MAX_BACKOFF", "1m"),
             ("EVENTBUS_DRAIN_TIMEOUT", "3s"),
+            ("EVENTBUS_HANDLER_TIMEOUT", "250ms"),
             ("EVENTBUS_METRICS_LISTEN", "127.0.0.1:9100"),
             ("PATH", "/usr/bin"),
         ]))
@@ -158,6 +159,7 @@ fn environment_variables_override_every_field() {
     assert_eq!(config.retry.initial_backoff, Duration::from_millis(10));
     assert_eq!(config.retry.max_backoff, Duration::from_secs(60));
     assert_eq!(config.drain_timeout, Duration::from_secs(3));
+    assert_eq!(config.handler_timeout, Some(Duration::from_millis(250)));
     assert_eq!(
         config.metrics.listen,
         Some("127.0.0.1:9100".parse().unwrap())
@@ -166,7 +168,7 @@ fn environment_variables_override_every_field() {
     let kafka_variables = if cfg!(feature = "kafka") { 6 } else { 0 };
     assert_eq!(
         Config::environment_variables().count(),
-        10 + nats_variables + kafka_variables
+        11 + nats_variables + kafka_variables
     );
 }
 

@@ -39,6 +39,9 @@ pub struct SubscriptionSpec {
     /// How often held messages get an in-progress signal ([`Receipt::in_progress`]); `None`
     /// for none.
     pub progress_interval: Option<Duration>,
+    /// How long one attempt of the handler may run; `None` takes the bus's
+    /// [`BusSettings::handler_timeout`](crate::BusSettings::handler_timeout).
+    pub handler_timeout: Option<Duration>,
 }
 
 impl SubscriptionSpec {
@@ -53,6 +56,7 @@ impl SubscriptionSpec {
             handler,
             subject_keys: false,
             progress_interval: None,
+            handler_timeout: None,
         }
     }
 
@@ -65,6 +69,15 @@ impl SubscriptionSpec {
     /// Opts into aggregate IDs from subject tokens.
     pub fn with_subject_keys(mut self, subject_keys: bool) -> Self {
         self.subject_keys = subject_keys;
+        self
+    }
+
+    /// Limits each attempt of the handler to `timeout` (`None`: the bus's default). When it
+    /// passes, the handler's cancellation token fires and the attempt fails as transient; a
+    /// handler still running after as long again (at most [`CANCEL_GRACE_MAX`] more) is dropped
+    /// and counted in [`ConsumeStats::handlers_dropped`](super::ConsumeStats::handlers_dropped).
+    pub fn with_handler_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.handler_timeout = timeout;
         self
     }
 
@@ -127,6 +140,8 @@ pub struct Consumer {
     /// The spec's name and dead-letter topic, shared with every message's settling step.
     name: Arc<str>,
     dead_letter: Option<Arc<str>>,
+    /// The spec's handler timeout, or the bus's.
+    handler_timeout: Option<Duration>,
     scope: Scope,
     /// Weak: the runtime holds its consumers.
     runtime: Weak<Shared>,
@@ -141,11 +156,16 @@ pub struct Consumer {
 
 impl Consumer {
     pub(crate) fn start(runtime: &Arc<Shared>, spec: SubscriptionSpec) -> Result<Arc<Self>, Error> {
+        let handler_timeout = spec.handler_timeout.or(runtime.settings.handler_timeout);
+        if handler_timeout.is_some_and(|timeout| timeout.is_zero()) {
+            return Err(Error::config("handler_timeout", "must be longer than 0"));
+        }
         let scope = runtime.pool.open_scope()?;
         let consumer = Arc::new(Self {
             topic: Arc::from(spec.topic.as_str()),
             name: Arc::from(spec.name.as_str()),
             dead_letter: spec.dead_letter.as_deref().map(Arc::from),
+            handler_timeout,
             spec,
             scope,
             runtime: Arc::downgrade(runtime),
@@ -288,8 +308,13 @@ impl Consumer {
         };
         let message = Arc::new(message);
         let attempts = attempts(
-            self.spec.handler.clone(),
-            self.topic.clone(),
+            Attempts {
+                handler: self.spec.handler.clone(),
+                topic: self.topic.clone(),
+                subscription: self.name.clone(),
+                timeout: self.handler_timeout,
+                runtime: Arc::downgrade(runtime),
+            },
             message.clone(),
             first,
             undecodable.is_some(),
@@ -367,12 +392,24 @@ impl Consumer {
     }
 }
 
-/// The function that starts each attempt of a message: the handler with a fresh context. An
-/// undecodable envelope never reaches the handler. The first attempt takes the envelope decoded
-/// for its key; a retry decodes the payload again.
-fn attempts(
+/// The longest a handler past its timeout gets to return after its cancellation token fired,
+/// before it is dropped: 5 s (or its timeout, when shorter).
+pub const CANCEL_GRACE_MAX: Duration = Duration::from_secs(5);
+
+/// What every attempt of one subscription's messages shares.
+struct Attempts {
     handler: Handler,
     topic: Arc<str>,
+    subscription: Arc<str>,
+    timeout: Option<Duration>,
+    runtime: Weak<Shared>,
+}
+
+/// The function that starts each attempt of a message: the handler with a fresh context, under
+/// the subscription's handler timeout. An undecodable envelope never reaches the handler. The
+/// first attempt takes the envelope decoded for its key; a retry decodes the payload again.
+fn attempts(
+    shared: Attempts,
     message: Arc<Message>,
     mut first: Option<Envelope>,
     undecodable: bool,
@@ -381,13 +418,23 @@ fn attempts(
         if undecodable {
             return Box::pin(async { Err(HandlerError::permanent("undecodable envelope")) });
         }
+        // A timed attempt gets a token of its own, which also fires with the subscription's.
+        let timer = shared.timeout.map(|timeout| Timer {
+            timeout,
+            cancel: Arc::new(ctx.cancellation.child_token()),
+            subscription: shared.subscription.clone(),
+            runtime: shared.runtime.clone(),
+        });
+        let cancellation = timer
+            .as_ref()
+            .map_or_else(|| ctx.cancellation.clone(), |timer| timer.cancel.clone());
         let context = HandlerContext::new(
-            topic.clone(),
+            shared.topic.clone(),
             message.meta.clone(),
             ctx.attempt(),
-            ctx.cancellation.clone(),
+            cancellation,
         );
-        match &handler {
+        let attempt: AttemptFuture = match &shared.handler {
             Handler::Plain(handler) => {
                 let (handler, message) = (handler.clone(), Message::clone(&message));
                 Box::pin(async move { handler.handle(context, message).await })
@@ -405,9 +452,62 @@ fn attempts(
                 let handler = handler.clone();
                 Box::pin(async move { handler.handle(context, envelope).await })
             }
+        };
+        match timer {
+            Some(timer) => Box::pin(timer.run(attempt)),
+            None => attempt,
         }
     }
 }
+
+/// The handler timeout of one attempt.
+struct Timer {
+    timeout: Duration,
+    /// The attempt's cancellation token.
+    cancel: Arc<CancellationToken>,
+    subscription: Arc<str>,
+    runtime: Weak<Shared>,
+}
+
+impl Timer {
+    /// Runs `attempt` for up to the timeout. Past it, the attempt's token fires and the attempt
+    /// fails as transient once the handler returns; a handler that does not return within the
+    /// grace period is dropped and counted.
+    async fn run(self, attempt: AttemptFuture) -> Result<(), HandlerError> {
+        let mut attempt = attempt;
+        if let Ok(result) = tokio::time::timeout(self.timeout, &mut attempt).await {
+            return result;
+        }
+        self.cancel.cancel();
+        let runtime = self.runtime.upgrade();
+        if let Some(runtime) = &runtime {
+            runtime.counters.add(Stat::HandlerTimeouts, 1);
+        }
+        let grace = self.timeout.min(CANCEL_GRACE_MAX);
+        let returned = tokio::time::timeout(grace, attempt).await.is_ok();
+        if returned {
+            tracing::warn!(subscription = %self.subscription, timeout = ?self.timeout, "handler timed out; its attempt fails and is retried or dead-lettered");
+        } else {
+            if let Some(runtime) = &runtime {
+                runtime.counters.add(Stat::HandlersDropped, 1);
+            }
+            tracing::error!(subscription = %self.subscription, timeout = ?self.timeout, ?grace, "handler timed out and ignored its cancellation: dropped; its attempt fails and is retried or dead-lettered");
+        }
+        Err(HandlerError::transient(HandlerTimedOut(self.timeout)))
+    }
+}
+
+/// The failure of an attempt that outlived its handler timeout (the dead letter's reason).
+#[derive(Debug)]
+struct HandlerTimedOut(Duration);
+
+impl std::fmt::Display for HandlerTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "handler timed out after {:?}", self.0)
+    }
+}
+
+impl std::error::Error for HandlerTimedOut {}
 
 /// Sends an in-progress signal for every message held longer than `interval`, until `finished`.
 async fn progress_loop(

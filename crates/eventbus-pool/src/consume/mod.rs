@@ -73,7 +73,7 @@ mod transport;
 use eventbus_core::{Error, HealthStatus};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-pub use consumer::{Consumer, Delivered, SubscriptionSpec};
+pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
 pub use stats::ConsumeStats;
 pub use transport::{Delivery, Handler, Receipt, Transport};
 

@@ -24,6 +24,11 @@ pub struct ConsumeStats {
     pub redeliveries_dropped: u64,
     /// In-progress signals sent for held messages.
     pub progress_signals: u64,
+    /// Handler attempts that outlived their handler timeout (their cancellation token fired).
+    pub handler_timeouts: u64,
+    /// Handlers past their timeout that did not return within the grace period after their
+    /// token fired, and were dropped.
+    pub handlers_dropped: u64,
 }
 
 /// The counters and their metrics, under `{namespace}_`.
@@ -36,6 +41,8 @@ pub(crate) struct Counters {
     undeliverable: (AtomicU64, Counter),
     redeliveries_dropped: (AtomicU64, Counter),
     progress_signals: (AtomicU64, Counter),
+    handler_timeouts: (AtomicU64, Counter),
+    handlers_dropped: (AtomicU64, Counter),
 }
 
 /// One counter of [`Counters`].
@@ -48,6 +55,8 @@ pub(crate) enum Stat {
     Undeliverable,
     RedeliveriesDropped,
     ProgressSignals,
+    HandlerTimeouts,
+    HandlersDropped,
 }
 
 impl Counters {
@@ -64,6 +73,8 @@ impl Counters {
             undeliverable: count("undeliverable_total"),
             redeliveries_dropped: count("redeliveries_dropped_total"),
             progress_signals: count("progress_acks_total"),
+            handler_timeouts: count("handler_timeouts_total"),
+            handlers_dropped: count("handlers_dropped_total"),
         }
     }
 
@@ -76,6 +87,8 @@ impl Counters {
             Stat::Undeliverable => &self.undeliverable,
             Stat::RedeliveriesDropped => &self.redeliveries_dropped,
             Stat::ProgressSignals => &self.progress_signals,
+            Stat::HandlerTimeouts => &self.handler_timeouts,
+            Stat::HandlersDropped => &self.handlers_dropped,
         }
     }
 
@@ -112,6 +125,8 @@ impl Counters {
             undeliverable: get(Stat::Undeliverable),
             redeliveries_dropped: get(Stat::RedeliveriesDropped),
             progress_signals: get(Stat::ProgressSignals),
+            handler_timeouts: get(Stat::HandlerTimeouts),
+            handlers_dropped: get(Stat::HandlersDropped),
         }
     }
 }
