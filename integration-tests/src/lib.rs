@@ -307,6 +307,7 @@ macro_rules! conformance_suite {
             close_after_unsubscribe_leaves_no_task_running,
             dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
             a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_aggregate_moves_on,
+            trace_context_flows_from_an_event_through_its_handler_to_the_follow_up,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1333,5 +1334,97 @@ pub async fn a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_
         runs,
         ["run v1", "v1 cancelled", "run v1", "v1 cancelled", "run v2"]
     );
+    bus.close().await.unwrap();
+}
+
+/// One trace runs from a published envelope through its handler to the event the handler
+/// publishes: the handler sees the trace its envelope's W3C `trace_id` names, and the follow-up
+/// carries it in `traceparent` (with a parent span of its own) and in its envelope's `trace_id`.
+/// A plain message's own `traceparent` reaches its handler as it was sent.
+pub async fn trace_context_flows_from_an_event_through_its_handler_to_the_follow_up(
+    factory: &dyn BusFactory,
+) {
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let bus = factory.bus(Settings::default()).await;
+    let (first, second) = (factory.topic("trace"), factory.topic("traced"));
+    let follow_ups = collect(bus.as_ref(), &second).await;
+    let seen = Recorder::<Option<String>>::new();
+    let (s, publisher, to) = (seen.clone(), bus.clone(), second.clone());
+    bus.subscribe_envelope(
+        &first,
+        Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+            let (s, publisher, to) = (s.clone(), publisher.clone(), to.clone());
+            async move {
+                s.push(
+                    ctx.trace_context()
+                        .map(eventbus_core::TraceContext::traceparent),
+                );
+                let follow_up = Envelope::new(&envelope.aggregate_id, "FollowedUp", 1, &1)?;
+                publisher
+                    .publish_envelope(&to, &follow_up)
+                    .await
+                    .map_err(HandlerError::transient)
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let traced = envelope("agg-trace", 1).with_trace_id(TRACE);
+    bus.publish_envelope(&first, &traced).await.unwrap();
+
+    let handled = seen.wait_for("the handler ran", |e| !e.is_empty()).await;
+    let incoming = eventbus_core::TraceContext::parse(handled[0].as_deref().unwrap()).unwrap();
+    assert_eq!(incoming.trace_id(), TRACE);
+    let out = follow_ups
+        .wait_for("the follow-up", |e| !e.is_empty())
+        .await;
+    let outgoing = eventbus_core::TraceContext::from_headers(&out[0].headers)
+        .expect("the follow-up carries a traceparent")
+        .unwrap();
+    assert_eq!(outgoing.trace_id(), TRACE);
+    assert_ne!(
+        outgoing.parent_id_bytes(),
+        incoming.parent_id_bytes(),
+        "the follow-up's parent is the span that published it"
+    );
+    assert_eq!(
+        Envelope::from_bytes(&out[0].payload).unwrap().trace_id,
+        TRACE
+    );
+
+    // A plain message's own context reaches its handler unchanged.
+    let sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let plain_seen = Recorder::<Option<String>>::new();
+    let p = plain_seen.clone();
+    let plain_topic = factory.topic("traceplain");
+    bus.subscribe(
+        &plain_topic,
+        Arc::new(move |ctx: HandlerContext, _message: Message| {
+            let p = p.clone();
+            async move {
+                p.push(
+                    ctx.trace_context()
+                        .map(eventbus_core::TraceContext::traceparent),
+                );
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish(
+        &plain_topic,
+        OutboundMessage::new(&b"ping"[..])
+            .with_key(&b"k"[..])
+            .with_header(eventbus_core::TRACEPARENT, sent),
+    )
+    .await
+    .unwrap();
+    let got = plain_seen
+        .wait_for("the plain handler ran", |e| !e.is_empty())
+        .await;
+    assert_eq!(got[0].as_deref(), Some(sent));
     bus.close().await.unwrap();
 }

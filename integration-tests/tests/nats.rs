@@ -41,7 +41,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 18] = [
+const SUITE_TOPICS: [&str; 21] = [
     "order",
     "retry",
     "exhaust",
@@ -60,6 +60,9 @@ const SUITE_TOPICS: [&str; 18] = [
     "tasks",
     "nodlq",
     "timeout",
+    "trace",
+    "traced",
+    "traceplain",
 ];
 
 #[async_trait]

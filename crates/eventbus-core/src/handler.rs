@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::envelope::Envelope;
 use crate::error::BoxError;
 use crate::message::{DeliveryMeta, Message};
+use crate::trace_context::TraceContext;
 
 /// What a handler learns about the delivery it handles.
 #[derive(Debug, Clone)]
@@ -19,6 +20,7 @@ pub struct HandlerContext {
     attempt: u32,
     /// Shared: cloning a `CancellationToken` itself takes a lock, and a context is made per call.
     cancellation: Arc<CancellationToken>,
+    trace: Option<Arc<TraceContext>>,
 }
 
 impl HandlerContext {
@@ -35,7 +37,21 @@ impl HandlerContext {
             meta,
             attempt,
             cancellation: cancellation.into(),
+            trace: None,
         }
+    }
+
+    /// Adds the trace context the message arrived with.
+    pub fn with_trace_context(mut self, trace: Option<Arc<TraceContext>>) -> Self {
+        self.trace = trace;
+        self
+    }
+
+    /// The W3C trace context the message carried (its `traceparent` header), or for an envelope
+    /// without one, a context in the trace its `trace_id` names; `None` when it carried neither.
+    /// Events published from the handler continue this trace.
+    pub fn trace_context(&self) -> Option<&TraceContext> {
+        self.trace.as_deref()
     }
 
     /// The topic the message was consumed from.

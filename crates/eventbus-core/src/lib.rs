@@ -77,6 +77,7 @@ mod outcome;
 mod secret;
 mod timestamp;
 mod topic;
+mod trace_context;
 
 pub use aggregate_id::{
     AGGREGATE_ID_HEADERS, AggregateId, AggregateIdError, MAX_AGGREGATE_ID_LEN, MessageSource,
@@ -106,6 +107,9 @@ pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
 pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
+pub use trace_context::{
+    TRACEPARENT, TRACESTATE, TraceContext, TraceContextError, TraceContextErrorKind,
+};
 
 /// Re-exported so that handlers can be written against this crate alone.
 pub use async_trait::async_trait;

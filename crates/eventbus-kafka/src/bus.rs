@@ -211,14 +211,29 @@ impl EventBus for KafkaBus {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        self.inner.publisher.publish(topic, &message).await
+        let publisher = &self.inner.publisher;
+        self.inner
+            .runtime
+            .publish(topic, message, |message| async move {
+                publisher.publish(topic, &message).await
+            })
+            .await
     }
 
     /// Publishes with the aggregate ID as the key (one aggregate, one partition) and the `X-*`
     /// envelope headers.
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let message = OutboundMessage::from_envelope(envelope)?;
-        self.publish(topic, message).await
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let publisher = &self.inner.publisher;
+        self.inner
+            .runtime
+            .publish_envelope(topic, envelope, |message| async move {
+                publisher.publish(topic, &message).await
+            })
+            .await
     }
 
     async fn subscribe(

@@ -192,12 +192,23 @@ impl EventBus for MemoryBus {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        self.inner.topics.publish(topic, message).await
+        let topics = &self.inner.topics;
+        self.inner
+            .runtime
+            .publish(topic, message, |message| topics.publish(topic, message))
+            .await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let message = OutboundMessage::from_envelope(envelope)?;
-        self.publish(topic, message).await
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        let topics = &self.inner.topics;
+        self.inner
+            .runtime
+            .publish_envelope(topic, envelope, |message| topics.publish(topic, message))
+            .await
     }
 
     async fn subscribe(

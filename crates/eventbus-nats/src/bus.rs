@@ -461,7 +461,12 @@ impl EventBus for NatsBus {
                 .with_key(message.key.as_deref().unwrap_or_default()),
         );
         let subject = broker.subject(topic, key.as_ref().map(AggregateId::as_str));
-        broker.publish_to(&subject, message, None, stream).await
+        self.inner
+            .runtime
+            .publish(topic, message, |message| {
+                broker.publish_to(&subject, message, None, stream)
+            })
+            .await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
@@ -469,14 +474,16 @@ impl EventBus for NatsBus {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
-        let message = OutboundMessage::from_envelope(envelope)?;
         let broker = &self.inner.broker;
         let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
         // The trimmed, validated ID: the one the subscribers' lanes use.
         let aggregate = envelope.aggregate()?;
         let subject = broker.subject(topic, Some(aggregate.as_str()));
-        broker
-            .publish_to(&subject, message, Some(&envelope.event_id), stream)
+        self.inner
+            .runtime
+            .publish_envelope(topic, envelope, |message| {
+                broker.publish_to(&subject, message, Some(&envelope.event_id), stream)
+            })
             .await
     }
 

@@ -4,13 +4,14 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_trait::async_trait;
 use bytes::Bytes;
-use eventbus_core::{DeliveryMeta, Error, Headers, Message};
+use eventbus_core::{DeliveryMeta, Error, Headers, Message, TRACEPARENT, TRACESTATE};
 use eventbus_pool::consume::Receipt;
 
 use crate::publish::KEY_HEADER;
 
 /// The message for the runtime, and the NATS headers still to convert when the handler does
-/// not need them (envelope handlers see only the envelope).
+/// not need them (envelope handlers see only the envelope): then only the trace context
+/// headers (`traceparent`, `tracestate`) are converted, for the runtime's span.
 pub(crate) fn take_apart(
     message: async_nats::Message,
     convert_headers: bool,
@@ -26,6 +27,14 @@ pub(crate) fn take_apart(
     if convert_headers {
         (with_headers(&delivered, message.headers.as_ref()), None)
     } else {
+        let mut delivered = delivered;
+        if let Some(map) = &message.headers {
+            for name in [TRACEPARENT, TRACESTATE] {
+                if let Some(value) = map.get(name) {
+                    delivered.headers.insert(name, value.as_str().to_owned());
+                }
+            }
+        }
         (delivered, message.headers)
     }
 }
@@ -33,6 +42,8 @@ pub(crate) fn take_apart(
 /// `message` with the NATS headers converted: the key header becomes the key.
 fn with_headers(message: &Message, map: Option<&HeaderMap>) -> Message {
     let mut message = message.clone();
+    // All of them, the trace context headers `take_apart` kept included.
+    message.headers = Headers::new();
     if let Some(map) = map {
         for (name, values) in map.iter() {
             let name: &str = name.as_ref();

@@ -9,13 +9,15 @@ use tokio::time::Instant;
 
 use eventbus_core::{
     CancellationToken, DeliveryClass, Envelope, Error, HandlerContext, HandlerError, Message,
-    MessageSource, Outcome, extract_aggregate_id,
+    MessageSource, Outcome, Position, TraceContext, extract_aggregate_id,
 };
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::Shared;
 use super::settle::{Settling, Verdict, settle};
-use super::stats::Stat;
+use super::stats::{Consumed, Stat};
+use super::trace::{incoming, with_current};
 use super::transport::{Delivery, Handler, Receipt};
 use crate::job::AttemptFuture;
 use crate::{Job, JobContext, Scope, ScopeReport};
@@ -142,6 +144,7 @@ pub struct Consumer {
     dead_letter: Option<Arc<str>>,
     /// The spec's handler timeout, or the bus's.
     handler_timeout: Option<Duration>,
+    consumed: Arc<Consumed>,
     scope: Scope,
     /// Weak: the runtime holds its consumers.
     runtime: Weak<Shared>,
@@ -166,6 +169,10 @@ impl Consumer {
             name: Arc::from(spec.name.as_str()),
             dead_letter: spec.dead_letter.as_deref().map(Arc::from),
             handler_timeout,
+            consumed: Arc::new(Consumed::new(
+                &runtime.settings.metrics_namespace,
+                &spec.topic,
+            )),
             spec,
             scope,
             runtime: Arc::downgrade(runtime),
@@ -306,6 +313,8 @@ impl Consumer {
                 ),
             },
         };
+        let trace = incoming(&message.headers, first.as_ref());
+        let span = self.span(&message, first.as_ref(), trace.as_deref());
         let message = Arc::new(message);
         let attempts = attempts(
             Attempts {
@@ -314,6 +323,8 @@ impl Consumer {
                 subscription: self.name.clone(),
                 timeout: self.handler_timeout,
                 runtime: Arc::downgrade(runtime),
+                span: span.clone(),
+                trace,
             },
             message.clone(),
             first,
@@ -334,11 +345,48 @@ impl Consumer {
             receipt,
             message,
             guard,
+            span,
+            consumed: self.consumed.clone(),
         };
         job.with_finish(move |outcome: &Outcome| {
             let verdict = Verdict::of(outcome, class, undecodable, settling.dead_letter.is_some());
             settle(settling, verdict)
         })
+    }
+
+    /// The `consume` span of one message: every attempt runs in it, and settling records its
+    /// outcome.
+    fn span(
+        &self,
+        message: &Message,
+        envelope: Option<&Envelope>,
+        trace: Option<&TraceContext>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            "consume",
+            topic = %self.topic,
+            subscription = %self.name,
+            partition = tracing::field::Empty,
+            offset = tracing::field::Empty,
+            sequence = tracing::field::Empty,
+            aggregate_id = envelope.map(|envelope| envelope.aggregate_id.as_str()),
+            event_type = envelope.map(|envelope| envelope.event_type.as_str()),
+            event_id = envelope.map(|envelope| envelope.event_id.as_str()),
+            trace_id = trace.map(TraceContext::trace_id),
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        match message.meta.position {
+            Position::Partition { partition, offset } => {
+                span.record("partition", partition);
+                span.record("offset", offset);
+            }
+            Position::Sequence(sequence) => {
+                span.record("sequence", sequence);
+            }
+            _ => {}
+        }
+        span
     }
 
     /// The transport is stopping this subscription: from now on a delivery does not wait for
@@ -403,6 +451,9 @@ struct Attempts {
     subscription: Arc<str>,
     timeout: Option<Duration>,
     runtime: Weak<Shared>,
+    /// The message's `consume` span.
+    span: tracing::Span,
+    trace: Option<Arc<TraceContext>>,
 }
 
 /// The function that starts each attempt of a message: the handler with a fresh context, under
@@ -433,7 +484,9 @@ fn attempts(
             message.meta.clone(),
             ctx.attempt(),
             cancellation,
-        );
+        )
+        .with_trace_context(shared.trace.clone());
+        shared.span.record("attempt", ctx.attempt());
         let attempt: AttemptFuture = match &shared.handler {
             Handler::Plain(handler) => {
                 let (handler, message) = (handler.clone(), Message::clone(&message));
@@ -453,10 +506,15 @@ fn attempts(
                 Box::pin(async move { handler.handle(context, envelope).await })
             }
         };
-        match timer {
+        let attempt: AttemptFuture = match timer {
             Some(timer) => Box::pin(timer.run(attempt)),
             None => attempt,
+        };
+        if shared.trace.is_none() && shared.span.is_disabled() {
+            // Nothing to observe: spared a second allocation per attempt.
+            return attempt;
         }
+        Box::pin(with_current(shared.trace.clone(), attempt).instrument(shared.span.clone()))
     }
 }
 

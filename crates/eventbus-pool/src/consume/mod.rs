@@ -5,7 +5,11 @@
 //! through its [`Transport`]. Everything in between happens here, once:
 //!
 //! - envelope decode and aggregate-ID extraction (`eventbus_core::extract_aggregate_id`);
-//! - the attempt closure: the handler, retried in the aggregate's lane by the engine;
+//! - observing: a `consume` span per message (topic, position, aggregate, event type and ID,
+//!   trace ID, attempt, outcome), its W3C trace context made current while the handler runs
+//!   ([`current_trace_context`]), and `consumed_total{topic,outcome}`;
+//! - the attempt closure: the handler, retried in the aggregate's lane by the engine, under the
+//!   subscription's handler timeout;
 //! - settlement inside the lane, before the aggregate's next message starts: ack; or the
 //!   dead-letter write, retried with backoff while it fails (the lane waits), then terminate;
 //!   a subscription without a dead-letter topic keeps retrying an exhausted envelope (the
@@ -15,6 +19,10 @@
 //! - unsubscribe ([`Consumer::close`]): the subscription's scope is closed, its queued messages
 //!   are given back in lane order, its running ones finish up to the drain timeout;
 //! - close ([`Runtime::close`]): everything drains up to a deadline, the rest is given back.
+//!
+//! Publishing goes through the runtime too ([`Runtime::publish_envelope`], [`Runtime::publish`]):
+//! a `publish` span, the trace context written as `traceparent`, and `published_total` and
+//! `publish_duration_seconds` per topic, around the backend's own send.
 //!
 //! # Example
 //!
@@ -66,8 +74,10 @@
 //! ```
 
 mod consumer;
+mod publish;
 mod settle;
 mod stats;
+mod trace;
 mod transport;
 
 use eventbus_core::{Error, HealthStatus};
@@ -75,9 +85,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
 pub use stats::ConsumeStats;
+pub use trace::current_trace_context;
 pub use transport::{Delivery, Handler, Receipt, Transport};
 
 use crate::{BusSettings, Pool, PoolStats, ShutdownReport};
+use publish::PublishMetrics;
 use stats::Counters;
 
 /// The consume runtime of one bus: the engine, the transport's dead-letter writer, and the
@@ -93,6 +105,7 @@ pub(crate) struct Shared {
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) retry: crate::RetryPolicy,
     pub(crate) counters: Counters,
+    published: PublishMetrics,
     consumers: Mutex<Vec<Arc<Consumer>>>,
 }
 
@@ -115,6 +128,7 @@ impl Runtime {
         let pool =
             Pool::with_metrics_namespace(settings.pool.clone(), &settings.metrics_namespace)?;
         let counters = Counters::new(&settings.metrics_namespace);
+        let published = PublishMetrics::new(&settings.metrics_namespace);
         Ok(Self {
             shared: Arc::new(Shared {
                 settings,
@@ -122,6 +136,7 @@ impl Runtime {
                 transport,
                 retry,
                 counters,
+                published,
                 consumers: Mutex::new(Vec::new()),
             }),
         })

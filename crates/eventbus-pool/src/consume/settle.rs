@@ -10,13 +10,16 @@ use futures::FutureExt;
 
 use super::Shared;
 use super::consumer::HeldGuard;
-use super::stats::{Counters, Stat};
+use super::stats::{Consumed, Consumption, Counters, Stat};
 use super::transport::Receipt;
 
 /// What settling does with a message.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    Ack,
+    /// Acknowledged: handled, or (plain) failed.
+    Ack {
+        handled: bool,
+    },
     /// Not handled here (its subscription closed before it ran, or the deadline passed).
     GiveBack,
     DeadLetter {
@@ -42,7 +45,9 @@ impl Verdict {
                 attempts: 0,
             },
             (_, Some(_)) => Verdict::Abandon,
-            (Settlement::Ack, None) => Verdict::Ack,
+            (Settlement::Ack, None) => Verdict::Ack {
+                handled: outcome.is_success(),
+            },
             // Without a dead-letter topic an envelope retries without limit, so it only gets
             // here with one.
             (Settlement::DeadLetter, None) if dead_letters => Verdict::DeadLetter {
@@ -65,6 +70,9 @@ pub(crate) struct Settling {
     pub(crate) message: Arc<Message>,
     /// Dropped when settling ends (or is cut short at the deadline).
     pub(crate) guard: HeldGuard,
+    /// The message's `consume` span: settling records its outcome.
+    pub(crate) span: tracing::Span,
+    pub(crate) consumed: Arc<Consumed>,
 }
 
 /// Settles one message while its lane is held. Acks and terminates are retried with the
@@ -107,9 +115,16 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
     drop(settling.guard);
 }
 
+/// Counts how a message ended, on its span and in `consumed_total`.
+fn ended(settling: &Settling, outcome: Consumption) {
+    settling.consumed.count(outcome);
+    settling.span.record("outcome", outcome.label());
+}
+
 /// Gives a message back to the broker (once: a failure leaves it to the broker's timeout).
 async fn give_back(runtime: &Shared, settling: &Settling, receipt: &Arc<dyn Receipt>) {
     runtime.counters.add(Stat::GivenBack, 1);
+    ended(settling, Consumption::GivenBack);
     if let Err(error) = receipt.give_back().await {
         runtime.counters.add(Stat::SettleFailures, 1);
         tracing::warn!(subscription = %settling.subscription, %error, "message not given back; the broker redelivers it after its timeout");
@@ -123,7 +138,17 @@ async fn settle_now(
     verdict: Verdict,
 ) {
     match verdict {
-        Verdict::Ack => retried(runtime, "ack", || receipt.ack()).await,
+        Verdict::Ack { handled } => {
+            retried(runtime, "ack", || receipt.ack()).await;
+            ended(
+                settling,
+                if handled {
+                    Consumption::Handled
+                } else {
+                    Consumption::Failed
+                },
+            );
+        }
         Verdict::GiveBack => give_back(runtime, settling, receipt).await,
         Verdict::Abandon => {
             runtime.counters.add(Stat::Undeliverable, 1);
@@ -133,6 +158,7 @@ async fn settle_now(
                 "undecodable envelope with dead-lettering disabled: left to the broker"
             );
             receipt.abandon();
+            ended(settling, Consumption::Abandoned);
         }
         Verdict::DeadLetter { reason, attempts } => {
             let Some(topic) = &settling.dead_letter else {
@@ -140,6 +166,7 @@ async fn settle_now(
             };
             write_dead_letter(runtime, settling, topic, &reason, attempts).await;
             retried(runtime, "terminate", || receipt.terminate()).await;
+            ended(settling, Consumption::DeadLettered);
         }
     }
 }

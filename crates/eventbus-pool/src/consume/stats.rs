@@ -31,6 +31,66 @@ pub struct ConsumeStats {
     pub handlers_dropped: u64,
 }
 
+/// How a consumed message ended, the `outcome` label of `consumed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Consumption {
+    /// Handled and acknowledged.
+    Handled,
+    /// A plain message whose handler failed or panicked, acknowledged (at-most-once).
+    Failed,
+    /// Written to its dead-letter topic, then terminated.
+    DeadLettered,
+    /// Given back to the broker unhandled.
+    GivenBack,
+    /// Undecodable with nowhere to send it: left to the broker.
+    Abandoned,
+}
+
+impl Consumption {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Consumption::Handled => "handled",
+            Consumption::Failed => "failed",
+            Consumption::DeadLettered => "dead_lettered",
+            Consumption::GivenBack => "given_back",
+            Consumption::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// `{namespace}_consumed_total{topic, outcome}` of one subscription's topic.
+pub(crate) struct Consumed([Counter; 5]);
+
+impl Consumed {
+    pub(crate) fn new(namespace: &str, topic: &str) -> Self {
+        let name = format!("{namespace}_consumed_total");
+        Self(
+            [
+                Consumption::Handled,
+                Consumption::Failed,
+                Consumption::DeadLettered,
+                Consumption::GivenBack,
+                Consumption::Abandoned,
+            ]
+            .map(|outcome| {
+                counter!(name.clone(), "topic" => topic.to_owned(), "outcome" => outcome.label())
+            }),
+        )
+    }
+
+    pub(crate) fn count(&self, outcome: Consumption) {
+        let [handled, failed, dead_lettered, given_back, abandoned] = &self.0;
+        match outcome {
+            Consumption::Handled => handled,
+            Consumption::Failed => failed,
+            Consumption::DeadLettered => dead_lettered,
+            Consumption::GivenBack => given_back,
+            Consumption::Abandoned => abandoned,
+        }
+        .increment(1);
+    }
+}
+
 /// The counters and their metrics, under `{namespace}_`.
 pub(crate) struct Counters {
     dead_lettered: (AtomicU64, Counter),
