@@ -308,6 +308,7 @@ macro_rules! conformance_suite {
             dead_lettering_disabled_keeps_an_exhausted_envelope_in_its_lane,
             a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_aggregate_moves_on,
             trace_context_flows_from_an_event_through_its_handler_to_the_follow_up,
+            the_connection_state_is_connected_while_open_and_closed_after_close,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -1427,4 +1428,111 @@ pub async fn trace_context_flows_from_an_event_through_its_handler_to_the_follow
         .await;
     assert_eq!(got[0].as_deref(), Some(sent));
     bus.close().await.unwrap();
+}
+
+/// The `lag` line of a health report for `topic`, if it has one.
+pub fn reported_lag(report: &eventbus_core::HealthReport, topic: &str) -> Option<u64> {
+    let detail = report
+        .components
+        .iter()
+        .find(|component| component.name == "lag")?
+        .detail
+        .as_deref()?;
+    detail
+        .split(", ")
+        .find_map(|entry| entry.strip_prefix(&format!("{topic}: ")))
+        .and_then(|lag| lag.parse().ok())
+}
+
+/// With the handler held on an aggregate's first event and more published than the engine
+/// takes in, the health report's `lag` shows the backlog the broker holds for the subscription;
+/// once the handler is released and the backlog handled, it falls to 0. (Backends with a
+/// broker; the memory backend keeps no backlog outside the engine.)
+pub async fn consumer_lag_shows_the_backlog_and_falls_to_zero_once_handled(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory
+        .bus(Settings {
+            pool_size: 2,
+            inbox_size: 5,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("lag");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Recorder::<i64>::new();
+    let (g, h) = (gate.clone(), handled.clone());
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                if envelope.event_version == 1 {
+                    g.acquire().await.map_err(HandlerError::transient)?.forget();
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let total = 200;
+    for version in 1..=total {
+        bus.publish_envelope(&topic, &envelope("agg-lag", version))
+            .await
+            .unwrap();
+    }
+    let backlog = |at_least: u64| {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        async move { reported_lag(&bus.health().await, &topic).is_some_and(|lag| lag >= at_least) }
+    };
+    eventually("a lag of at least 100 reported", || backlog(100)).await;
+    gate.add_permits(1);
+    handled
+        .wait_for("every event handled", |e| e.len() == total as usize)
+        .await;
+    let caught_up = || {
+        let bus = bus.clone();
+        let topic = topic.clone();
+        async move { reported_lag(&bus.health().await, &topic) == Some(0) }
+    };
+    eventually("the lag back to 0", caught_up).await;
+    bus.close().await.unwrap();
+}
+
+/// Records every state `watch` moves to (its current one first), until the bus drops it.
+pub fn record_connection_states(
+    mut watch: eventbus_core::ConnectionWatch,
+) -> Arc<Recorder<eventbus_core::ConnectionState>> {
+    let states = Recorder::new();
+    states.push(*watch.borrow_and_update());
+    let recorded = states.clone();
+    tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            recorded.push(*watch.borrow_and_update());
+        }
+    });
+    states
+}
+
+/// The connection state reads connected while the bus is open and closed once it is closed.
+pub async fn the_connection_state_is_connected_while_open_and_closed_after_close(
+    factory: &dyn BusFactory,
+) {
+    use eventbus_core::ConnectionState;
+    let bus = factory.bus(Settings::default()).await;
+    let states = record_connection_states(bus.connection_state());
+    states
+        .wait_for("connected", |e| {
+            e.last() == Some(&ConnectionState::Connected)
+        })
+        .await;
+    bus.close().await.unwrap();
+    states
+        .wait_for("closed", |e| e.last() == Some(&ConnectionState::Closed))
+        .await;
+    assert_eq!(*bus.connection_state().borrow(), ConnectionState::Closed);
 }

@@ -46,3 +46,12 @@ impl BusFactory for Kafka {
 }
 
 integration_tests::conformance_suite!(Kafka::new());
+
+/// Kafka: the lag is each partition's end offset minus its committed offset, from librdkafka's
+/// statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_shows_the_backlog_and_falls_to_zero_once_handled() {
+    integration_tests::capture_logs();
+    integration_tests::consumer_lag_shows_the_backlog_and_falls_to_zero_once_handled(&Kafka::new())
+        .await;
+}

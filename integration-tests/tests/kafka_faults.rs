@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus_core::{ConnectionState, Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig};
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
@@ -259,6 +259,7 @@ async fn the_broker_killed_and_restarted_mid_stream_loses_nothing() {
     let total = aggregates * versions as usize;
     let runs = Recorder::<Run>::new();
     subscribe_member(&bus, topic, "a", runs.clone()).await;
+    let states = integration_tests::record_connection_states(bus.connection_state());
     runs.wait_for("a quarter handled", |e| e.len() >= total / 4)
         .await;
     tokio::task::block_in_place(|| broker.start_again());
@@ -277,5 +278,13 @@ async fn the_broker_killed_and_restarted_mid_stream_loses_nothing() {
         .collect();
     let duplicates = assert_first_handlings_in_order(&handled, aggregates, versions);
     eprintln!("broker restart: {total} envelopes, {duplicates} handled twice");
+    // The watch saw every broker go and come back.
+    states
+        .wait_for("reconnecting, then connected", |e| {
+            e.iter()
+                .skip_while(|state| **state != ConnectionState::Reconnecting)
+                .any(|state| *state == ConnectionState::Connected)
+        })
+        .await;
     bus.close().await.unwrap();
 }

@@ -99,6 +99,16 @@ integration_tests::conformance_suite!(Nats {
     server: NatsServer::start()
 });
 
+/// NATS: the lag is the consumer's pending count as of its latest delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_shows_the_backlog_and_falls_to_zero_once_handled() {
+    integration_tests::capture_logs();
+    integration_tests::consumer_lag_shows_the_backlog_and_falls_to_zero_once_handled(&Nats {
+        server: NatsServer::start(),
+    })
+    .await;
+}
+
 /// The whole suite on partitioned topics (docs/nats.md, "Scaling out").
 mod partitioned {
     use super::*;

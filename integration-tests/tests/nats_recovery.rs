@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::StorageType};
 use eventbus_core::{
-    Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Message, OutboundMessage,
-    SubscribeOptions,
+    ConnectionState, Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Message,
+    OutboundMessage, SubscribeOptions,
 };
 use eventbus_nats::NatsBus;
 use integration_tests::{
@@ -171,11 +171,20 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
     let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
     let topic = "metrics.lost";
     let seen = collect(bus.as_ref(), topic).await;
+    let states = integration_tests::record_connection_states(bus.connection_state());
     bus.publish(topic, OutboundMessage::new(&b"before"[..]))
         .await
         .unwrap();
     seen.wait_for("the first message", |e| e.len() == 1).await;
     tokio::task::block_in_place(|| server.start_again());
+    // The watch saw the connection go and come back.
+    states
+        .wait_for("reconnecting, then connected", |e| {
+            e.iter()
+                .skip_while(|state| **state != ConnectionState::Reconnecting)
+                .any(|state| *state == ConnectionState::Connected)
+        })
+        .await;
     // The memory stream and its consumer are gone; publishing re-creates the stream.
     let publisher = bus.clone();
     eventually("a publish after the restart", || {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+use crate::connection::ConnectionWatch;
 use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::handler::{EnvelopeHandler, MessageHandler};
@@ -45,6 +46,10 @@ pub trait EventBus: Send + Sync {
 
     /// The bus's current health.
     async fn health(&self) -> HealthReport;
+
+    /// A watch of the bus's connection to its broker: read it now, or wait for it to change
+    /// (reconnecting, connected again, closed).
+    fn connection_state(&self) -> ConnectionWatch;
 
     /// Stops intake, lets in-flight handlers finish up to the drain timeout, acknowledges what
     /// finished and leaves the rest for redelivery. Idempotent.

@@ -63,6 +63,7 @@
 
 mod aggregate_id;
 mod bus;
+mod connection;
 mod dead_letter;
 mod envelope;
 mod error;
@@ -86,6 +87,7 @@ pub use aggregate_id::{
 pub use bus::{
     DeadLetter, EventBus, StartPosition, SubscribeOptions, Subscription, SubscriptionControl,
 };
+pub use connection::{ConnectionState, ConnectionWatch};
 pub use dead_letter::{
     HEADER_DEAD_LETTERED_AT, HEADER_ERROR_MESSAGE, HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC,

@@ -260,8 +260,7 @@ impl EventBus for KafkaBus {
         let inner = &self.inner;
         let closed = inner.closed.load(Ordering::SeqCst);
         let down = inner.group.brokers_down();
-        let (engine, line) = inner.runtime.engine_health();
-        HealthReport::new("kafka")
+        let report = HealthReport::new("kafka")
             .with_component(
                 "brokers",
                 if down {
@@ -280,14 +279,18 @@ impl EventBus for KafkaBus {
                     inner.group.assigned_count()
                 )),
             )
-            .with_bus_state(closed, inner.group.topics().len())
-            .with_component("engine", engine, Some(line))
+            .with_bus_state(closed, inner.group.topics().len());
+        inner.runtime.add_health(report)
     }
 
     /// Takes what the assigned partitions held when it was called (up to half the drain timeout,
     /// at most 5 s), stops polling, lets queued and running records finish up to the drain
     /// timeout, commits what finished and leaves the group; what did not finish is read again
     /// by the partitions' next owner.
+    fn connection_state(&self) -> eventbus_core::ConnectionWatch {
+        self.inner.group.connection_state()
+    }
+
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;
@@ -295,6 +298,7 @@ impl EventBus for KafkaBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
+        inner.group.closed();
         let drain = inner.runtime.settings().drain_timeout;
         let deadline = tokio::time::Instant::now() + drain;
         // Catching up takes half the drain timeout (5 s at most), draining the drain timeout;

@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use eventbus_core::{DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position};
+use eventbus_core::{
+    ConnectionState, DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position,
+};
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
@@ -88,6 +91,9 @@ pub(crate) struct Group {
     assigned_event: tokio::sync::Notify,
     /// Every broker is unreachable (cleared by the next record or commit).
     brokers_down: AtomicBool,
+    /// What [`EventBus::connection_state`](eventbus_core::EventBus::connection_state) watches:
+    /// reconnecting while every broker is unreachable.
+    connection: tokio::sync::watch::Sender<ConnectionState>,
     /// Why the group coordinator refused this member's join (an assignor the group's other
     /// members do not share); cleared by the next assignment. Signalled through `assigned_event`.
     join_refused: Mutex<Option<String>>,
@@ -112,10 +118,29 @@ struct GroupContext {
 impl ClientContext for GroupContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.group.brokers_down.store(true, Ordering::SeqCst);
+            self.group.set_brokers_down(true);
         }
         if !self.group.note_join_refusal(&error) {
             tracing::warn!(group = %self.group.name, %error, reason, "Kafka consumer error");
+        }
+    }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`, 5 s unless configured): each
+    /// assigned partition's consumer lag (its end offset minus its committed offset) goes to
+    /// the readers of the partition.
+    fn stats(&self, statistics: Statistics) {
+        let assigned = lock(&self.group.assigned);
+        for (topic, stats) in &statistics.topics {
+            for (partition, stats) in &stats.partitions {
+                let Ok(lag) = u64::try_from(stats.consumer_lag) else {
+                    continue;
+                };
+                if let Some(assigned) = assigned.get(&(topic.clone(), *partition)) {
+                    for reader in lock(&assigned.readers).iter() {
+                        reader.consumer.report_lag(lag);
+                    }
+                }
+            }
         }
     }
 }
@@ -194,7 +219,7 @@ impl ConsumerContext for GroupContext {
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         match result {
-            Ok(()) => self.group.brokers_down.store(false, Ordering::SeqCst),
+            Ok(()) => self.group.set_brokers_down(false),
             Err(error) => {
                 self.group.commit_failures.increment(1);
                 tracing::warn!(group = %self.group.name, %error, "Kafka offset commit failed");
@@ -293,6 +318,7 @@ impl Group {
             assignments: AtomicU64::new(0),
             assigned_event: tokio::sync::Notify::new(),
             brokers_down: AtomicBool::new(false),
+            connection: tokio::sync::watch::Sender::new(ConnectionState::Connected),
             join_refused: Mutex::new(None),
             rebalances: metrics::counter!(format!("{namespace}_rebalances_total")),
             commit_failures: metrics::counter!(format!("{namespace}_commit_failures_total")),
@@ -313,6 +339,8 @@ impl Group {
         // A fetch the broker holds while every partition is paused would otherwise delay the
         // first records after a resume by up to librdkafka's default 500 ms.
         client.set("fetch.wait.max.ms", "50");
+        // The consumer lag of each partition comes with librdkafka's statistics.
+        client.set("statistics.interval.ms", "5000");
         match config.group_protocol {
             GroupProtocol::Classic => {
                 client.set(
@@ -408,7 +436,7 @@ impl Group {
             loop {
                 match polled {
                     Some(Ok(record)) => {
-                        self.brokers_down.store(false, Ordering::SeqCst);
+                        self.set_brokers_down(false);
                         self.take(consumer, &record, &mut taken);
                     }
                     Some(Err(error)) => {
@@ -983,6 +1011,35 @@ impl Group {
     /// True while every broker is unreachable.
     pub(crate) fn brokers_down(&self) -> bool {
         self.brokers_down.load(Ordering::SeqCst)
+    }
+
+    fn set_brokers_down(&self, down: bool) {
+        if self.brokers_down.swap(down, Ordering::SeqCst) == down {
+            return;
+        }
+        let state = if down {
+            ConnectionState::Reconnecting
+        } else {
+            ConnectionState::Connected
+        };
+        // A closed bus stays closed.
+        self.connection.send_if_modified(|now| {
+            let changed = *now != ConnectionState::Closed && *now != state;
+            if changed {
+                *now = state;
+            }
+            changed
+        });
+    }
+
+    /// A watch of the connection's state.
+    pub(crate) fn connection_state(&self) -> eventbus_core::ConnectionWatch {
+        self.connection.subscribe()
+    }
+
+    /// The bus closed: nothing reconnects any more.
+    pub(crate) fn closed(&self) {
+        self.connection.send_replace(ConnectionState::Closed);
     }
 }
 

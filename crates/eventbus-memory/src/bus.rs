@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use async_trait::async_trait;
 use eventbus_core::{
-    DeliveryMeta, Envelope, EnvelopeHandler, Error, EventBus, HealthReport, Message,
-    MessageHandler, OffsetDateTime, OutboundMessage, Position, SubscribeOptions, Subscription,
-    SubscriptionControl, validate_topic,
+    ConnectionState, ConnectionWatch, DeliveryMeta, Envelope, EnvelopeHandler, Error, EventBus,
+    HealthReport, Message, MessageHandler, OffsetDateTime, OutboundMessage, Position,
+    SubscribeOptions, Subscription, SubscriptionControl, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{
@@ -48,6 +48,8 @@ struct Inner {
     closed: AtomicBool,
     /// Serializes `close` so that every caller returns once the bus is closed.
     closing: tokio::sync::Mutex<bool>,
+    /// Connected until closed: there is no broker to lose.
+    connection: tokio::sync::watch::Sender<ConnectionState>,
 }
 
 /// The topics and their subscriptions; also the transport that writes dead letters.
@@ -122,6 +124,7 @@ impl MemoryBus {
                 topics,
                 closed: AtomicBool::new(false),
                 closing: tokio::sync::Mutex::new(false),
+                connection: tokio::sync::watch::Sender::new(ConnectionState::Connected),
             }),
         })
     }
@@ -232,14 +235,17 @@ impl EventBus for MemoryBus {
     async fn health(&self) -> HealthReport {
         let inner = &self.inner;
         let closed = inner.closed.load(Ordering::SeqCst);
-        let (status, line) = inner.runtime.engine_health();
-        HealthReport::new("memory")
-            .with_bus_state(closed, inner.runtime.subscriptions())
-            .with_component("engine", status, Some(line))
+        let report =
+            HealthReport::new("memory").with_bus_state(closed, inner.runtime.subscriptions());
+        inner.runtime.add_health(report)
     }
 
     /// Stops intake, lets queued and running messages (dead letters included) finish until the
     /// drain timeout, then stops the engine; what is left is dropped and counted.
+    fn connection_state(&self) -> ConnectionWatch {
+        self.inner.connection.subscribe()
+    }
+
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;
@@ -247,6 +253,7 @@ impl EventBus for MemoryBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
+        inner.connection.send_replace(ConnectionState::Closed);
         let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
         let report = inner.runtime.close(deadline).await;
         tracing::info!(

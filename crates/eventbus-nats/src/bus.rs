@@ -8,8 +8,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_trait::async_trait;
 use eventbus_core::{
-    AggregateId, Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus,
-    MessageHandler, MessageSource, OutboundMessage, SubscribeOptions, Subscription,
+    AggregateId, ConnectionWatch, Envelope, EnvelopeHandler, Error, EventBus, HealthReport,
+    HealthStatus, MessageHandler, MessageSource, OutboundMessage, SubscribeOptions, Subscription,
     SubscriptionControl, extract_aggregate_id, validate_topic,
 };
 use eventbus_pool::BusSettings;
@@ -521,8 +521,7 @@ impl EventBus for NatsBus {
         } else {
             HealthStatus::Degraded
         };
-        let (engine, line) = inner.runtime.engine_health();
-        HealthReport::new("nats")
+        let report = HealthReport::new("nats")
             .with_component(
                 "connection",
                 status,
@@ -536,14 +535,18 @@ impl EventBus for NatsBus {
                     connection.disconnects()
                 )),
             )
-            .with_bus_state(closed, inner.runtime.subscriptions())
-            .with_component("engine", engine, Some(line))
+            .with_bus_state(closed, inner.runtime.subscriptions());
+        inner.runtime.add_health(report)
     }
 
     /// Stops fetching (each subscription first takes what its open pull request still brings
     /// and one more batch of what the consumer holds, so that what was published just before
     /// `close` is handled), lets queued and running messages finish and acknowledges them, up
     /// to the drain timeout; what is left is given back (nak) in lane order.
+    fn connection_state(&self) -> ConnectionWatch {
+        self.inner.connection.watch()
+    }
+
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;
@@ -551,6 +554,7 @@ impl EventBus for NatsBus {
             return Ok(());
         }
         inner.closed.store(true, Ordering::SeqCst);
+        inner.connection.closed();
         let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
         // The groups stop following their members first: nothing new starts while closing.
         let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();

@@ -17,6 +17,8 @@ pub(crate) struct ConnectionState {
     disconnects: AtomicU64,
     last_event: Mutex<String>,
     namespace: String,
+    /// What [`EventBus::connection_state`](eventbus_core::EventBus::connection_state) watches.
+    watch: tokio::sync::watch::Sender<eventbus_core::ConnectionState>,
 }
 
 impl ConnectionState {
@@ -26,7 +28,30 @@ impl ConnectionState {
             disconnects: AtomicU64::new(0),
             last_event: Mutex::new("connecting".to_owned()),
             namespace: namespace.to_owned(),
+            watch: tokio::sync::watch::Sender::new(eventbus_core::ConnectionState::Reconnecting),
         }
+    }
+
+    /// A watch of the connection's state.
+    pub(crate) fn watch(&self) -> eventbus_core::ConnectionWatch {
+        self.watch.subscribe()
+    }
+
+    /// The bus closed: nothing reconnects any more.
+    pub(crate) fn closed(&self) {
+        self.watch
+            .send_replace(eventbus_core::ConnectionState::Closed);
+    }
+
+    fn set(&self, state: eventbus_core::ConnectionState) {
+        // A closed bus stays closed whatever the client reports while it shuts down.
+        self.watch.send_if_modified(|now| {
+            let changed = *now != state && *now != eventbus_core::ConnectionState::Closed;
+            if changed {
+                *now = state;
+            }
+            changed
+        });
     }
 
     pub(crate) fn is_connected(&self) -> bool {
@@ -58,12 +83,18 @@ impl ConnectionState {
         match event {
             Event::Connected => {
                 self.connected.store(true, Ordering::SeqCst);
+                self.set(eventbus_core::ConnectionState::Connected);
                 tracing::info!("connected to NATS");
             }
             Event::Disconnected | Event::Closed => {
                 if self.connected.swap(false, Ordering::SeqCst) {
                     self.disconnects.fetch_add(1, Ordering::SeqCst);
                 }
+                self.set(if matches!(event, Event::Closed) {
+                    eventbus_core::ConnectionState::Closed
+                } else {
+                    eventbus_core::ConnectionState::Reconnecting
+                });
                 tracing::warn!(event = %event, "NATS connection lost; reconnecting");
             }
             other => tracing::warn!(event = %other, "NATS connection event"),
@@ -153,6 +184,7 @@ pub(crate) async fn connect(
     // The callback may not have run yet for the first connection.
     if client.connection_state() == async_nats::connection::State::Connected {
         state.connected.store(true, Ordering::SeqCst);
+        state.set(eventbus_core::ConnectionState::Connected);
     }
     Ok((client, state))
 }

@@ -135,6 +135,7 @@ impl Fetch {
 /// next request is sent as soon as the current one has *arrived* in full (all `fetch_batch`
 /// messages received, not yet delivered), so the server prepares it while these are delivered.
 pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consumer: PullConsumer) {
+    let _lag = AbortOnDrop(tokio::spawn(lag_loop(consumer.clone(), fetch.clone())));
     let settings = broker.config.consumer.clone();
     let envelopes = !fetch.consumer.wants_headers();
     let mut failures = 0u32;
@@ -594,6 +595,40 @@ async fn backoff(fetch: &Fetch, failures: u32) -> bool {
         () = fetch.stop.cancelled() => {}
     }
     fetch.stop.is_cancelled() && !fetch.draining()
+}
+
+/// How often a subscription asks the server for its consumer's pending count.
+pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Reports the subscription's lag every [`LAG_INTERVAL`], until the pull loop ends: what its
+/// durable has not had acknowledged, the messages not delivered yet (`num_pending`) and those
+/// delivered and not settled (`num_ack_pending`), like Kafka's end offset minus committed
+/// offset. A failed request is skipped: the last lag stands until the next one.
+async fn lag_loop(mut consumer: PullConsumer, fetch: Arc<Fetch>) {
+    loop {
+        match consumer.info().await {
+            Ok(info) => fetch.consumer.report_lag(
+                info.num_pending
+                    .saturating_add(u64::try_from(info.num_ack_pending).unwrap_or(0)),
+            ),
+            Err(error) => {
+                tracing::debug!(durable = %fetch.durable, %error, "consumer lag not read")
+            }
+        }
+        tokio::select! {
+            () = fetch.stop.cancelled() => return,
+            () = tokio::time::sleep(LAG_INTERVAL) => {}
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Hands one JetStream message to the runtime; gives it back when the runtime refuses it.

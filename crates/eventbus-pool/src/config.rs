@@ -154,6 +154,9 @@ pub struct BusSettings {
     /// How long one attempt of a handler may run, for subscriptions that do not set their own
     /// (`SubscribeOptions::handler_timeout`). Default `None`: no limit.
     pub handler_timeout: Option<Duration>,
+    /// How long an aggregate's current job may go on (running, retrying, dead-lettering) before
+    /// its lane counts as blocked: in `lanes_blocked` and as a `Degraded` engine. Default 60 s.
+    pub lane_blocked_after: Duration,
 }
 
 impl BusSettings {
@@ -167,6 +170,7 @@ impl BusSettings {
             pool: PoolConfig::default(),
             drain_timeout: Duration::from_secs(30),
             handler_timeout: None,
+            lane_blocked_after: Duration::from_secs(60),
         }
     }
 
@@ -177,6 +181,9 @@ impl BusSettings {
         }
         if self.drain_timeout.is_zero() {
             return Err(Error::config("drain_timeout", "must be longer than 0"));
+        }
+        if self.lane_blocked_after.is_zero() {
+            return Err(Error::config("lane_blocked_after", "must be longer than 0"));
         }
         if self
             .handler_timeout

@@ -26,6 +26,9 @@ pub(crate) struct Lane<E> {
     pub(crate) retry: Option<E>,
     /// A job of this key is running or waiting out a retry backoff.
     pub(crate) busy: bool,
+    /// When the key's current job first started (kept through its retries and its finishing
+    /// step); `None` while no job of the key has started.
+    pub(crate) since: Option<std::time::Instant>,
     pub(crate) in_ready: bool,
     /// The scope the lane belongs to ([`UNSCOPED`](crate::scope::UNSCOPED) for plain jobs).
     pub(crate) scope: u64,
@@ -96,6 +99,7 @@ impl<E> Lanes<E> {
             parked: self.spare.pop().unwrap_or_default(),
             retry: None,
             busy: false,
+            since: None,
             in_ready: false,
             scope,
             key: key.clone(),
@@ -136,6 +140,11 @@ impl<E> Lanes<E> {
                     .map(|_| id)
             })
             .collect()
+    }
+
+    /// The live lanes.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Lane<E>> {
+        self.slots.iter().flatten()
     }
 
     /// The lane at `id`, if it lives.

@@ -78,6 +78,6 @@ pub use config::{
     BusSettings, MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, PoolConfig, RetryPolicy,
 };
 pub use job::{Job, JobContext, JobHandle};
-pub use pool::{Pool, PoolStats, ShutdownReport};
+pub use pool::{LaneAges, Pool, PoolStats, ShutdownReport};
 pub use scope::{Scope, ScopeReport};
 pub use tracker::CommitTracker;

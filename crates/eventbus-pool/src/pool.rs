@@ -61,6 +61,18 @@ impl std::fmt::Display for PoolStats {
     }
 }
 
+/// How long the aggregates' current jobs have been going: [`Pool::lane_ages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LaneAges {
+    /// The age of the oldest job running, retrying or finishing in a lane (since its first
+    /// attempt started); `None` when no lane has one.
+    pub oldest: Option<Duration>,
+    /// Lanes whose current job has been going for longer than the threshold asked for: blocked
+    /// aggregates (a hung handler, a message retried past its attempts, a dead letter that
+    /// cannot be written).
+    pub blocked: usize,
+}
+
 /// What [`Pool::shutdown`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -445,6 +457,23 @@ impl Pool {
         self.shared.lock().stats()
     }
 
+    /// How long the keyed jobs in progress have been going, and how many lanes have had theirs
+    /// for longer than `blocked_after`. Visits every lane under the pool's lock: for a monitor
+    /// that samples it now and then, not for every job.
+    pub fn lane_ages(&self, blocked_after: Duration) -> LaneAges {
+        let now = std::time::Instant::now();
+        let state = self.shared.lock();
+        let mut ages = LaneAges::default();
+        for since in state.lanes.iter().filter_map(|lane| lane.since) {
+            let age = now.saturating_duration_since(since);
+            ages.oldest = ages.oldest.max(Some(age));
+            if age > blocked_after {
+                ages.blocked += 1;
+            }
+        }
+        ages
+    }
+
     /// Tasks of this pool still alive (actors and retry timers).
     pub fn live_tasks(&self) -> usize {
         self.shared.tasks.len()
@@ -756,6 +785,7 @@ impl Shared {
             }
             if let Some(entry) = lane.parked.pop_front() {
                 lane.busy = true;
+                lane.since = Some(std::time::Instant::now());
                 lane.queued -= 1;
                 state.queued -= 1;
                 self.room_freed(state);
@@ -776,6 +806,7 @@ impl Shared {
                     continue;
                 }
                 lane.busy = true;
+                lane.since = Some(std::time::Instant::now());
                 lane.queued -= 1;
             }
             state.queued -= 1;
@@ -800,6 +831,7 @@ impl Shared {
             return Vec::new();
         };
         lane.busy = false;
+        lane.since = None;
         let scope = lane.scope;
         if state.hands_back(scope) {
             let Some(lane) = state.lanes.get_mut(id) else {

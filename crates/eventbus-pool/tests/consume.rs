@@ -547,3 +547,54 @@ async fn a_zero_handler_timeout_is_refused_with_the_field_named() {
     };
     assert!(error.to_string().contains("handler_timeout"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_held_past_lane_blocked_after_is_counted_blocked_and_degrades_the_engine() {
+    let log = Arc::new(Log::default());
+    let settings = BusSettings {
+        lane_blocked_after: Duration::from_millis(100),
+        ..runtime(4, &log).settings().clone()
+    };
+    let runtime = Runtime::new(settings, Arc::new(Broker(log.clone()))).unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new(
+            "orders",
+            "sub-b",
+            handler(&log, &gate, 0),
+        ))
+        .unwrap();
+    let engine = |runtime: &Runtime| {
+        let report = runtime.add_health(eventbus_core::HealthReport::new("test"));
+        report.components[0].clone()
+    };
+    assert_eq!(runtime.lane_ages().oldest, None);
+    consumer.deliver(delivery(&log, "a", 1, 1)).await.unwrap();
+    consumer.deliver(delivery(&log, "b", 2, 2)).await.unwrap();
+    wait_until("b/2 acked", || log.events().contains(&"ack b/2".into())).await;
+    // a/1 waits on the gate: young at first, blocked once past 100 ms.
+    wait_until("a's lane blocked", || runtime.lane_ages().blocked == 1).await;
+    let ages = runtime.lane_ages();
+    assert!(
+        ages.oldest.unwrap() > Duration::from_millis(100),
+        "{ages:?}"
+    );
+    let component = engine(&runtime);
+    assert_eq!(component.status, eventbus_core::HealthStatus::Degraded);
+    assert!(
+        component
+            .detail
+            .unwrap()
+            .contains("1 lanes blocked longer than 100ms"),
+    );
+    gate.add_permits(1);
+    wait_until("a/1 acked", || log.events().contains(&"ack a/1".into())).await;
+    assert_eq!(runtime.lane_ages(), eventbus_pool::LaneAges::default());
+    assert_eq!(
+        engine(&runtime).status,
+        eventbus_core::HealthStatus::Healthy
+    );
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}

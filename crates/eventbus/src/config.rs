@@ -84,6 +84,10 @@ pub struct Config {
     /// (`SubscribeOptions::with_handler_timeout`). Default: no limit.
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Option<Duration>,
+    /// How long an aggregate's current job may go on before its lane counts as blocked
+    /// (`lanes_blocked`, a `Degraded` engine in the health report). Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub lane_blocked_after: Duration,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
     /// The NATS backend (cargo feature `nats`): [`eventbus_nats::NatsConfig`] as is.
@@ -137,6 +141,7 @@ impl Default for Config {
             retry: RetrySection::default(),
             drain_timeout: Duration::from_secs(30),
             handler_timeout: None,
+            lane_blocked_after: Duration::from_secs(60),
             metrics: MetricsSection::default(),
             #[cfg(feature = "nats")]
             nats: eventbus_nats::NatsConfig::default(),
@@ -260,6 +265,13 @@ const OVERRIDES: &[Override] = &[
         variable: "EVENTBUS_HANDLER_TIMEOUT",
         apply: |c, v| {
             c.handler_timeout = Some(duration(v)?);
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_LANE_BLOCKED_AFTER",
+        apply: |c, v| {
+            c.lane_blocked_after = duration(v)?;
             Ok(())
         },
     },
@@ -538,6 +550,7 @@ impl Config {
             pool: self.pool_config(),
             drain_timeout: self.drain_timeout,
             handler_timeout: self.handler_timeout,
+            lane_blocked_after: self.lane_blocked_after,
         }
     }
 

@@ -223,6 +223,10 @@ impl EventBus for Bus {
         self.inner.health().await
     }
 
+    fn connection_state(&self) -> eventbus_core::ConnectionWatch {
+        self.inner.connection_state()
+    }
+
     async fn close(&self) -> Result<(), Error> {
         self.inner.close().await
     }

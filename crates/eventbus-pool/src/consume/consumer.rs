@@ -1,7 +1,7 @@
 //! One subscription's consumer: deliveries in, engine jobs out, held messages tracked.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -145,6 +145,9 @@ pub struct Consumer {
     /// The spec's handler timeout, or the bus's.
     handler_timeout: Option<Duration>,
     consumed: Arc<Consumed>,
+    /// What the broker holds for this subscription beyond what it delivered
+    /// ([`report_lag`](Self::report_lag)); `u64::MAX` until reported.
+    lag: AtomicU64,
     scope: Scope,
     /// Weak: the runtime holds its consumers.
     runtime: Weak<Shared>,
@@ -174,6 +177,7 @@ impl Consumer {
                 &spec.topic,
             )),
             spec,
+            lag: AtomicU64::new(u64::MAX),
             scope,
             runtime: Arc::downgrade(runtime),
             held: Arc::default(),
@@ -214,6 +218,19 @@ impl Consumer {
     /// Messages held now (queued, running, retrying, settling).
     pub fn held(&self) -> usize {
         lock(&self.held).len()
+    }
+
+    /// Records the subscription's consumer lag: messages the broker holds for it that it has
+    /// not finished (NATS: the durable's pending and unacknowledged counts; Kafka: the
+    /// partition's end offset minus its committed offset). The runtime sums it per topic in
+    /// `consumer_lag` and in the health report.
+    pub fn report_lag(&self, lag: u64) {
+        self.lag.store(lag.min(u64::MAX - 1), Ordering::Relaxed);
+    }
+
+    /// The last lag reported, if any.
+    pub fn lag(&self) -> Option<u64> {
+        Some(self.lag.load(Ordering::Relaxed)).filter(|lag| *lag != u64::MAX)
     }
 
     /// The lowest `held_id` held now (a stream sequence on NATS): where a transport that lost

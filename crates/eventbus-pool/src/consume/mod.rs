@@ -74,21 +74,24 @@
 //! ```
 
 mod consumer;
+mod monitor;
 mod publish;
 mod settle;
 mod stats;
 mod trace;
 mod transport;
 
-use eventbus_core::{Error, HealthStatus};
+use eventbus_core::{CancellationToken, Error, HealthReport, HealthStatus};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
+pub use monitor::MONITOR_INTERVAL;
 pub use stats::ConsumeStats;
 pub use trace::current_trace_context;
 pub use transport::{Delivery, Handler, Receipt, Transport};
 
-use crate::{BusSettings, Pool, PoolStats, ShutdownReport};
+use crate::{BusSettings, LaneAges, Pool, PoolStats, ShutdownReport};
 use publish::PublishMetrics;
 use stats::Counters;
 
@@ -106,10 +109,27 @@ pub(crate) struct Shared {
     pub(crate) retry: crate::RetryPolicy,
     pub(crate) counters: Counters,
     published: PublishMetrics,
+    /// Ends the monitor task.
+    monitor: CancellationToken,
+    monitor_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     consumers: Mutex<Vec<Arc<Consumer>>>,
 }
 
 impl Shared {
+    fn lag(&self) -> BTreeMap<String, u64> {
+        let mut lag = BTreeMap::new();
+        for consumer in self.consumers().iter() {
+            if let Some(reported) = consumer.lag() {
+                *lag.entry(consumer.spec().topic.clone()).or_default() += reported;
+            }
+        }
+        lag
+    }
+
+    fn lane_ages(&self) -> LaneAges {
+        self.pool.lane_ages(self.settings.lane_blocked_after)
+    }
+
     fn consumers(&self) -> MutexGuard<'_, Vec<Arc<Consumer>>> {
         // Nothing panics while holding this lock.
         self.consumers
@@ -129,7 +149,7 @@ impl Runtime {
             Pool::with_metrics_namespace(settings.pool.clone(), &settings.metrics_namespace)?;
         let counters = Counters::new(&settings.metrics_namespace);
         let published = PublishMetrics::new(&settings.metrics_namespace);
-        Ok(Self {
+        let runtime = Self {
             shared: Arc::new(Shared {
                 settings,
                 pool,
@@ -137,9 +157,18 @@ impl Runtime {
                 retry,
                 counters,
                 published,
+                monitor: CancellationToken::new(),
+                monitor_task: Mutex::new(None),
                 consumers: Mutex::new(Vec::new()),
             }),
-        })
+        };
+        let task = monitor::start(&runtime.shared);
+        *runtime
+            .shared
+            .monitor_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(task);
+        Ok(runtime)
     }
 
     /// The settings the runtime was started with (client ID, drain timeout, ...).
@@ -171,36 +200,81 @@ impl Runtime {
         self.shared.consumers().len()
     }
 
-    /// The engine's health line: `Degraded` while an aggregate waits on a message that has
-    /// nowhere to go (retried past its attempts, or a dead letter the broker does not accept).
-    pub fn engine_health(&self) -> (HealthStatus, String) {
+    /// Consumer lag per topic: the sum of what its subscriptions reported
+    /// ([`Consumer::report_lag`]); topics whose consumers reported nothing yet are left out.
+    pub fn lag(&self) -> BTreeMap<String, u64> {
+        self.shared.lag()
+    }
+
+    /// How long the aggregates' current jobs have been going, with lanes blocked past the
+    /// settings' `lane_blocked_after`.
+    pub fn lane_ages(&self) -> LaneAges {
+        self.shared.lane_ages()
+    }
+
+    /// Adds what every backend's health report says about the runtime:
+    ///
+    /// - `engine`: `Degraded` while an aggregate waits on a message that has nowhere to go
+    ///   (retried past its attempts, or a dead letter the broker does not accept), or a lane is
+    ///   blocked longer than `lane_blocked_after`; the detail has the counts and the oldest
+    ///   job's age;
+    /// - `lag`: the consumer lag per topic (always `Healthy`: lag alone is no fault).
+    pub fn add_health(&self, report: HealthReport) -> HealthReport {
         let pool = self.shared.pool.stats();
         let waiting = self.shared.counters.dead_letters_waiting();
-        let status = if pool.stalled > 0 || waiting > 0 {
+        let ages = self.lane_ages();
+        let status = if pool.stalled > 0 || waiting > 0 || ages.blocked > 0 {
             HealthStatus::Degraded
         } else {
             HealthStatus::Healthy
         };
-        (
-            status,
-            format!("{pool}, {waiting} waiting on a dead-letter write"),
-        )
+        let oldest = ages.oldest.map_or_else(
+            || "none".to_owned(),
+            |age| format!("{:.1} s", age.as_secs_f64()),
+        );
+        let engine = format!(
+            "{pool}, {waiting} waiting on a dead-letter write, {} lanes blocked longer than {:?}, oldest job {oldest}",
+            ages.blocked, self.shared.settings.lane_blocked_after
+        );
+        let lag = self.lag();
+        let lag = if lag.is_empty() {
+            "not reported yet".to_owned()
+        } else {
+            lag.iter()
+                .map(|(topic, lag)| format!("{topic}: {lag}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        report
+            .with_component("engine", status, Some(engine))
+            .with_component("lag", HealthStatus::Healthy, Some(lag))
     }
 
     /// Closes the runtime: no new delivery is accepted, queued and running messages are
     /// handled until `deadline`, then the rest is cancelled and given back in lane order;
-    /// returns when every task of the runtime has ended (progress tasks included).
+    /// returns when every task of the runtime has ended (progress tasks and the monitor
+    /// included).
     ///
     /// # Cancel safety
     ///
     /// Intake stops at the first poll. If the future is dropped during the drain, the engine
     /// keeps draining; dropping the `Runtime` then cancels what is left.
     pub async fn close(&self, deadline: tokio::time::Instant) -> ShutdownReport {
+        self.shared.monitor.cancel();
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let report = self.shared.pool.shutdown(remaining).await;
         let consumers: Vec<Arc<Consumer>> = self.shared.consumers().drain(..).collect();
         for consumer in consumers {
             consumer.stop_progress().await;
+        }
+        let monitor = self
+            .shared
+            .monitor_task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(monitor) = monitor {
+            let _ = monitor.await;
         }
         report
     }
@@ -210,6 +284,7 @@ impl Drop for Runtime {
     /// A runtime dropped without [`close`](Runtime::close) ends its progress tasks; dropping
     /// the engine cancels what it still holds.
     fn drop(&mut self) {
+        self.shared.monitor.cancel();
         for consumer in self.shared.consumers().drain(..) {
             consumer.abort_progress();
         }
