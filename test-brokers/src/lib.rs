@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// connections of every client of the tests take their ports too, and one of them could take it
 /// before the broker binds it. Each call of a process tries the next port of its own sequence
 /// over 20000..32000; a broker that still cannot bind is started again on other ports.
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     const FIRST: u32 = 20_000;
     const SPAN: u32 = 12_000;

@@ -1,0 +1,229 @@
+//! The metric reference in docs/operations.md against what `/metrics` serves: every metric a
+//! memory, a NATS and a Kafka bus serve is documented, every documented metric is served, and the
+//! example alert rules and Grafana dashboard use only served names.
+
+// Test code: a failed unwrap or index is a failed check.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::{
+    Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, SubscribeOptions,
+};
+use eventbus_pool::BusSettings;
+use integration_tests::{Recorder, eventually, kafka_config, nats_config};
+use test_brokers::{NatsServer, kafka_bootstrap};
+
+/// The metric name prefixes of the three buses.
+const NAMESPACES: [&str; 3] = [
+    "memory_eventbus_reference",
+    "nats_eventbus_reference",
+    "kafka_eventbus_reference",
+];
+
+fn settings(backend: &str) -> BusSettings {
+    BusSettings {
+        handler_timeout: Some(Duration::from_millis(100)),
+        ..BusSettings::new(backend, "reference")
+    }
+}
+
+/// Runs what every metric counts: a handler timing out (ignoring its token once, so it is
+/// dropped), a dead letter, a handled envelope, a plain message, a failed publish.
+async fn exercise(bus: &dyn EventBus, topic: &str) {
+    let handled = Recorder::<i64>::new();
+    let h = handled.clone();
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                if envelope.event_version == 1 {
+                    if ctx.attempt() == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    return Err(HandlerError::permanent("poison"));
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    let plain = format!("{topic}.plain");
+    let seen = integration_tests::collect(bus, &plain).await;
+    for version in 1..=2 {
+        let envelope = Envelope::new("agg-ref", "Referenced", version, &version).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    bus.publish(
+        &plain,
+        OutboundMessage::new(&b"plain"[..]).with_key(&b"k"[..]),
+    )
+    .await
+    .unwrap();
+    assert!(
+        bus.publish("", OutboundMessage::new(&b"x"[..]))
+            .await
+            .is_err()
+    );
+    handled.wait_for("v2 handled", |e| e == [2]).await;
+    seen.wait_for("the plain message", |e: &[Message]| !e.is_empty())
+        .await;
+}
+
+fn scrape(listen: SocketAddr) -> Option<String> {
+    let mut stream = TcpStream::connect(listen).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The metric names served under our namespaces, without them: `consumed_total`, ... (a
+/// histogram's `_bucket`, `_sum` and `_count` series count as the histogram).
+fn served(body: &str) -> BTreeSet<String> {
+    let histograms: BTreeSet<&str> = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .filter(|(_, kind)| *kind == "histogram" || *kind == "summary")
+        .map(|(name, _)| name)
+        .collect();
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .map(|name| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    name.strip_suffix(suffix)
+                        .filter(|base| histograms.contains(base))
+                })
+                .unwrap_or(name)
+        })
+        .filter_map(|name| {
+            NAMESPACES
+                .iter()
+                .find_map(|namespace| name.strip_prefix(&format!("{namespace}_")))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+fn repository_file(path: &str) -> String {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
+    std::fs::read_to_string(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()))
+}
+
+/// The metric names of the reference table (its first column, in backquotes).
+fn documented() -> BTreeSet<String> {
+    let guide = repository_file("docs/operations.md");
+    let table = guide
+        .split("### Metric reference")
+        .nth(1)
+        .expect("docs/operations.md has a \"Metric reference\" section");
+    table
+        .lines()
+        .skip_while(|line| !line.starts_with('|'))
+        .take_while(|line| line.starts_with('|'))
+        .skip(2)
+        .filter_map(|row| row.split('`').nth(1))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The metric names an example uses: what follows `${namespace}_` (the dashboard's variable)
+/// or `orders_eventbus_billing_`... any `{type}_eventbus_{client}_` prefix of the examples.
+fn used_by(example: &str) -> BTreeSet<String> {
+    let text = repository_file(example);
+    let mut names = BTreeSet::new();
+    for marker in ["${namespace}_", "kafka_eventbus_billing_"] {
+        for piece in text.split(marker).skip(1) {
+            let name: String = piece
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| base.ends_with("_seconds"))
+                .map_or(name.clone(), str::to_owned);
+            names.insert(name);
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metric_reference_lists_what_metrics_serves_and_the_examples_use_only_served_names() {
+    integration_tests::capture_logs();
+    let listen: SocketAddr = format!("127.0.0.1:{}", test_brokers::free_port())
+        .parse()
+        .unwrap();
+    eventbus::serve_metrics(listen).unwrap();
+
+    let memory = eventbus_memory::MemoryBus::new(settings("memory")).unwrap();
+    exercise(&memory, "reference.memory").await;
+    let server = NatsServer::start();
+    let nats = eventbus_nats::NatsBus::connect(settings("nats"), nats_config(&server.url()))
+        .await
+        .unwrap();
+    exercise(&nats, "reference.nats").await;
+    let kafka = eventbus_kafka::KafkaBus::connect(
+        settings("kafka"),
+        eventbus_kafka::KafkaConfig {
+            group_id: Some("metrics-reference".into()),
+            ..kafka_config(&kafka_bootstrap())
+        },
+    )
+    .await
+    .unwrap();
+    exercise(&kafka, "reference.kafka").await;
+
+    // The sampled ones come with the monitor's next tick, the lag with the backends' next
+    // report (NATS every 5 s, Kafka with librdkafka's statistics).
+    let documented = documented();
+    let mut last = BTreeSet::new();
+    eventually("every documented metric served", || {
+        let body = scrape(listen).unwrap_or_default();
+        last = served(&body);
+        let complete = documented.is_subset(&last);
+        async move { complete }
+    })
+    .await;
+    let undocumented: Vec<&String> = last.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not in the reference of docs/operations.md: {undocumented:?}"
+    );
+    for example in [
+        "examples/prometheus-alerts.yml",
+        "examples/grafana-dashboard.json",
+    ] {
+        let used = used_by(example);
+        assert!(used.len() >= 5, "{example} uses {used:?}");
+        let unknown: Vec<&String> = used.difference(&last).collect();
+        assert!(
+            unknown.is_empty(),
+            "{example} uses metrics never served: {unknown:?}"
+        );
+    }
+    for bus in [&memory as &dyn EventBus, &nats, &kafka] {
+        bus.close().await.unwrap();
+    }
+}
