@@ -6,6 +6,7 @@
 //! eventbus subscribe --topic T  messages → stdout JSON lines
 //! eventbus bench --backend B    the bus against its broker's raw client, as ratios
 //! eventbus config convert --from go.yaml   a Go SDK YAML configuration as eventbus.toml
+//! eventbus topics ensure --config F         the configured topics made so (or checked) on the broker
 //! ```
 // A command-line tool prints; that is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -16,6 +17,7 @@ mod counter;
 mod demo;
 mod output;
 mod shell;
+mod topics;
 
 use std::process::ExitCode;
 
@@ -52,6 +54,19 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Topic management.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Make the topics of a configuration file what it says (partitions, replication, retention,
+    /// storage), or with `--mode validate-only` report how they differ; exits with status 1 while
+    /// a topic differs.
+    Ensure(topics::EnsureArgs),
 }
 
 #[derive(Subcommand)]
@@ -118,6 +133,9 @@ fn main() -> ExitCode {
             Command::Config {
                 command: ConfigCommand::Convert(args),
             } => convert::run(&args),
+            Command::Topics {
+                command: TopicsCommand::Ensure(args),
+            } => topics::ensure(args).await,
         }
     });
     match result {

@@ -239,3 +239,41 @@ fn bench_refuses_instances_on_another_backend() {
         text(&output.stderr)
     );
 }
+
+#[test]
+fn topics_ensure_reports_creates_then_validates_the_configured_streams() {
+    let server = NatsServer::start();
+    let (_config_dir, config) = config_file(&server, "topics");
+    let mut text_of_config = std::fs::read_to_string(&config).expect("config read");
+    text_of_config.push_str("[nats.topics.\"cli.managed\"]\nstorage = \"file\"\n");
+    std::fs::write(&config, text_of_config).expect("config written");
+    let ensure = |mode: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+            .args([
+                "topics",
+                "ensure",
+                "--config",
+                config.to_str().expect("UTF-8 path"),
+            ])
+            .args(["--mode", mode])
+            .output()
+            .expect("eventbus runs");
+        (
+            output.status.code(),
+            text(&output.stdout),
+            text(&output.stderr),
+        )
+    };
+    let (status, stdout, stderr) = ensure("validate-only");
+    assert_eq!(status, Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("cli.managed: differs (exists: wanted yes, has no)"),
+        "{stdout}"
+    );
+    let (status, stdout, stderr) = ensure("create-only");
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "cli.managed: created");
+    let (status, stdout, stderr) = ensure("validate-only");
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert_eq!(stdout.trim(), "cli.managed: as specified");
+}

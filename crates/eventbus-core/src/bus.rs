@@ -14,6 +14,7 @@ use crate::handler::{EnvelopeHandler, MessageHandler};
 use crate::health::HealthReport;
 use crate::message::OutboundMessage;
 use crate::topic::{dead_letter_topic, validate_topic};
+use crate::topic_spec::{EnsureMode, TopicReport, TopicSpec};
 
 /// An event bus: publish and subscribe on one backend (memory, NATS JetStream, Kafka).
 ///
@@ -46,6 +47,11 @@ pub trait EventBus: Send + Sync {
 
     /// The bus's current health.
     async fn health(&self) -> HealthReport;
+
+    /// Makes `spec.name` what `spec` says, as far as `mode` allows, and reports what it did and
+    /// how the topic still differs. The memory backend has nothing to configure: every topic
+    /// exists and matches.
+    async fn ensure_topic(&self, spec: &TopicSpec, mode: EnsureMode) -> Result<TopicReport, Error>;
 
     /// A watch of the bus's connection to its broker: read it now, or wait for it to change
     /// (reconnecting, connected again, closed).

@@ -78,6 +78,7 @@ mod outcome;
 mod secret;
 mod timestamp;
 mod topic;
+mod topic_spec;
 mod trace_context;
 
 pub use aggregate_id::{
@@ -109,6 +110,7 @@ pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
 pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
+pub use topic_spec::{EnsureMode, TopicMismatch, TopicReport, TopicSpec, TopicStorage};
 pub use trace_context::{
     TRACEPARENT, TRACESTATE, TraceContext, TraceContextError, TraceContextErrorKind,
 };

@@ -287,6 +287,15 @@ impl EventBus for KafkaBus {
     /// at most 5 s), stops polling, lets queued and running records finish up to the drain
     /// timeout, commits what finished and leaves the group; what did not finish is read again
     /// by the partitions' next owner.
+    async fn ensure_topic(
+        &self,
+        spec: &eventbus_core::TopicSpec,
+        mode: eventbus_core::EnsureMode,
+    ) -> Result<eventbus_core::TopicReport, Error> {
+        validate_topic(&spec.name)?;
+        self.inner.publisher.ensure_spec(spec, mode).await
+    }
+
     fn connection_state(&self) -> eventbus_core::ConnectionWatch {
         self.inner.group.connection_state()
     }

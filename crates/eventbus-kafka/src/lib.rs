@@ -75,6 +75,7 @@ mod config;
 mod group;
 mod partition;
 mod producer;
+mod topics;
 
 pub use bus::KafkaBus;
 pub use config::{

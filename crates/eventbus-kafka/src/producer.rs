@@ -21,10 +21,10 @@ use crate::partition::lock;
 /// The producer side of the bus, shared with the runtime as its [`Transport`].
 pub(crate) struct Publisher {
     pub(crate) config: KafkaConfig,
-    producer: FutureProducer,
-    admin: AdminClient<DefaultClientContext>,
+    pub(crate) producer: FutureProducer,
+    pub(crate) admin: AdminClient<DefaultClientContext>,
     /// Topics known to exist (created here or found).
-    known: Mutex<HashSet<String>>,
+    pub(crate) known: Mutex<HashSet<String>>,
 }
 
 /// The librdkafka configuration both clients start from.

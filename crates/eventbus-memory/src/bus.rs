@@ -242,6 +242,17 @@ impl EventBus for MemoryBus {
 
     /// Stops intake, lets queued and running messages (dead letters included) finish until the
     /// drain timeout, then stops the engine; what is left is dropped and counted.
+    /// Memory topics exist as soon as they are named and have nothing to configure: every
+    /// valid topic matches its spec.
+    async fn ensure_topic(
+        &self,
+        spec: &eventbus_core::TopicSpec,
+        _mode: eventbus_core::EnsureMode,
+    ) -> Result<eventbus_core::TopicReport, Error> {
+        validate_topic(&spec.name)?;
+        Ok(eventbus_core::TopicReport::default())
+    }
+
     fn connection_state(&self) -> ConnectionWatch {
         self.inner.connection.subscribe()
     }

@@ -543,6 +543,19 @@ impl EventBus for NatsBus {
     /// and one more batch of what the consumer holds, so that what was published just before
     /// `close` is handled), lets queued and running messages finish and acknowledges them, up
     /// to the drain timeout; what is left is given back (nak) in lane order.
+    async fn ensure_topic(
+        &self,
+        spec: &eventbus_core::TopicSpec,
+        mode: eventbus_core::EnsureMode,
+    ) -> Result<eventbus_core::TopicReport, Error> {
+        validate_topic(&spec.name)?;
+        let broker = &self.inner.broker;
+        let report = crate::streams::ensure_spec(&broker.js, &broker.config, spec, mode).await?;
+        // The bus looks for the topic's stream again at its next use.
+        broker.streams.forget(&spec.name).await;
+        Ok(report)
+    }
+
     fn connection_state(&self) -> ConnectionWatch {
         self.inner.connection.watch()
     }

@@ -297,3 +297,103 @@ async fn cover(js: &jetstream::Context, name: &str, subjects: &[String]) -> Resu
     tracing::info!(stream = name, partitions = ?missing, "partition subjects added to the stream");
     Ok(())
 }
+
+/// Makes the stream holding `spec.name` what `spec` says as far as `mode` allows (see
+/// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic)). A missing stream is
+/// made as `{prefix}{topic}` (file storage unless the spec says otherwise, with the partition
+/// subjects of a partitioned topic); an existing one can change its retention (`max_age`) and
+/// replicas. Storage is fixed once made, and partitions are the configuration's
+/// (`[nats.topics."t"] partitions`): their differences are reported. A stream shared by
+/// several topics (a wildcard stream) changes for all of them.
+///
+/// # Cancel safety
+///
+/// Each request is complete or not sent; a dropped call may leave a stream made or updated,
+/// which the next call reports as matching.
+pub(crate) async fn ensure_spec(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+    spec: &eventbus_core::TopicSpec,
+    mode: eventbus_core::EnsureMode,
+) -> Result<eventbus_core::TopicReport, Error> {
+    use eventbus_core::{EnsureMode, TopicMismatch, TopicReport, TopicStorage};
+    let topic = spec.name.as_str();
+    let configured_partitions = partitioned(&config.topics, topic).map_or(1, |(_, n)| u32::from(n));
+    let mut report = TopicReport::default();
+    if let Some(mismatch) =
+        TopicMismatch::compare("partitions", spec.partitions, configured_partitions)
+    {
+        report.mismatches.push(mismatch);
+    }
+    let read = |name: &str, error: String| Error::Broker {
+        message: format!("cannot read stream {name}: {error}"),
+        source: None,
+    };
+    let Ok(name) = js.stream_by_subject(topic).await else {
+        if mode == EnsureMode::ValidateOnly {
+            report.mismatches.push(TopicMismatch::missing());
+            return Ok(report);
+        }
+        let name = stream_name(&config.stream_prefix, topic);
+        let mut subjects_of = vec![topic.to_owned()];
+        if let Some((base, partitions)) = partitioned(&config.topics, topic) {
+            subjects_of.extend(subjects(base, partitions));
+        }
+        let storage = match spec.storage {
+            Some(TopicStorage::Memory) => Storage::Memory,
+            _ => Storage::File,
+        };
+        let mut limits = config.stream_limits;
+        if let Some(retention) = spec.retention {
+            limits.max_age = Some(retention);
+        }
+        let mut stream = stream_config(name.clone(), subjects_of, storage, limits);
+        stream.num_replicas = spec.replicas.map_or(1, usize::from);
+        js.create_stream(stream)
+            .await
+            .map_err(|error| Error::broker(format!("cannot create stream {name}"), error))?;
+        tracing::info!(stream = %name, topic, ?spec, "stream created");
+        report.created = true;
+        return Ok(report);
+    };
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|error| read(&name, error.to_string()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|error| read(&name, error.to_string()))?;
+    let mut wanted = info.config.clone();
+    let storage = match info.config.storage {
+        stream::StorageType::Memory => TopicStorage::Memory,
+        _ => TopicStorage::File,
+    };
+    if let Some(mismatch) = TopicMismatch::compare("storage", spec.storage, storage) {
+        report.mismatches.push(mismatch);
+    }
+    let mut changes = Vec::new();
+    if let Some(mismatch) = TopicMismatch::compare("retention", spec.retention, info.config.max_age)
+    {
+        wanted.max_age = spec.retention.unwrap_or_default();
+        changes.push(mismatch);
+    }
+    let replicas = u16::try_from(info.config.num_replicas.max(1)).unwrap_or(u16::MAX);
+    if let Some(mismatch) = TopicMismatch::compare("replicas", spec.replicas, replicas) {
+        wanted.num_replicas = spec.replicas.map_or(1, usize::from);
+        changes.push(mismatch);
+    }
+    if changes.is_empty() {
+        return Ok(report);
+    }
+    if mode != EnsureMode::CreateOrUpdate {
+        report.mismatches.extend(changes);
+        return Ok(report);
+    }
+    js.update_stream(wanted)
+        .await
+        .map_err(|error| Error::broker(format!("cannot update stream {name}"), error))?;
+    tracing::info!(stream = %name, topic, changes = ?changes, "stream updated");
+    report.updated = changes;
+    Ok(report)
+}

@@ -554,6 +554,55 @@ impl Config {
         }
     }
 
+    /// What the configuration says each of its backend's configured topics should be, for
+    /// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic) (and `eventbus topics
+    /// ensure`): Kafka's `[kafka.topics."t"]` over `[kafka.topic_defaults]` (partitions,
+    /// replication factor, retention), NATS's
+    /// `[nats.topics."t"]` (storage, partitions; ephemeral topics have no stream and are left
+    /// out). The memory backend has none.
+    pub fn topic_specs(&self) -> Vec<eventbus_core::TopicSpec> {
+        match self.backend {
+            Backend::Memory => Vec::new(),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka => self
+                .kafka
+                .topics
+                .keys()
+                .map(|name| {
+                    // The topic's own options over `topic_defaults`.
+                    let options = self.kafka.topic(name);
+                    let mut spec = eventbus_core::TopicSpec::new(name);
+                    spec.partitions = options
+                        .partitions
+                        .and_then(|partitions| u32::try_from(partitions).ok());
+                    spec.replicas = options
+                        .replication_factor
+                        .and_then(|replicas| u16::try_from(replicas).ok());
+                    spec.retention = options.retention;
+                    spec
+                })
+                .collect(),
+            #[cfg(feature = "nats")]
+            Backend::Nats => self
+                .nats
+                .topics
+                .iter()
+                .filter(|(_, options)| !options.ephemeral)
+                .map(|(name, options)| {
+                    let mut spec = eventbus_core::TopicSpec::new(name);
+                    spec.partitions = Some(options.partitions.map_or(1, u32::from));
+                    spec.storage = options.storage.map(|storage| match storage {
+                        eventbus_nats::Storage::File => eventbus_core::TopicStorage::File,
+                        eventbus_nats::Storage::Memory => eventbus_core::TopicStorage::Memory,
+                    });
+                    spec
+                })
+                .collect(),
+            #[allow(unreachable_patterns)]
+            _ => Vec::new(),
+        }
+    }
+
     /// The engine configuration this config describes.
     pub fn pool_config(&self) -> PoolConfig {
         PoolConfig {

@@ -223,6 +223,14 @@ impl EventBus for Bus {
         self.inner.health().await
     }
 
+    async fn ensure_topic(
+        &self,
+        spec: &eventbus_core::TopicSpec,
+        mode: eventbus_core::EnsureMode,
+    ) -> Result<eventbus_core::TopicReport, Error> {
+        self.inner.ensure_topic(spec, mode).await
+    }
+
     fn connection_state(&self) -> eventbus_core::ConnectionWatch {
         self.inner.connection_state()
     }

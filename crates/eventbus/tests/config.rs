@@ -220,3 +220,40 @@ async fn a_backend_that_is_not_compiled_in_is_a_config_error() {
     let error = eventbus::connect(config).await.unwrap_err();
     assert_eq!(field(error).0, "type");
 }
+
+#[cfg(feature = "kafka")]
+#[test]
+fn kafka_topic_specs_come_from_its_topic_tables_over_the_defaults() {
+    use eventbus::TopicSpec;
+    let kafka = Config::from_toml_str(
+        "type = \"kafka\"\n[kafka]\nbootstrap_servers = [\"127.0.0.1:9092\"]\n\
+         [kafka.topic_defaults]\nreplication_factor = 3\n\
+         [kafka.topics.orders]\npartitions = 12\nretention = \"7days\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        kafka.topic_specs(),
+        [TopicSpec::new("orders")
+            .with_partitions(12)
+            .with_replicas(3)
+            .with_retention(Duration::from_secs(7 * 24 * 3600))]
+    );
+    assert!(Config::default().topic_specs().is_empty());
+}
+
+#[cfg(feature = "nats")]
+#[test]
+fn nats_topic_specs_come_from_its_topic_tables_without_the_ephemeral_ones() {
+    use eventbus::{TopicSpec, TopicStorage};
+    let nats = Config::from_toml_str(
+        "type = \"nats\"\n[nats.topics.orders]\npartitions = 4\nstorage = \"memory\"\n\
+         [nats.topics.pings]\nephemeral = true\n",
+    )
+    .unwrap();
+    assert_eq!(
+        nats.topic_specs(),
+        [TopicSpec::new("orders")
+            .with_partitions(4)
+            .with_storage(TopicStorage::Memory)]
+    );
+}

@@ -1,0 +1,204 @@
+//! `EventBus::ensure_topic` against real brokers: each mode creates, changes or only reports,
+//! and the report names every difference.
+
+// Test code: a failed unwrap or index is a failed check.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use std::time::Duration;
+
+use eventbus_core::{EnsureMode, EventBus, TopicReport, TopicSpec, TopicStorage};
+use eventbus_pool::BusSettings;
+use integration_tests::{eventually, kafka_config, nats_config};
+use test_brokers::{NatsServer, kafka_bootstrap};
+
+fn fields(report: &TopicReport) -> (Vec<&str>, Vec<&str>) {
+    (
+        report.updated.iter().map(|m| m.field).collect(),
+        report.mismatches.iter().map(|m| m.field).collect(),
+    )
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_streams_are_created_validated_and_updated_as_each_mode_allows() {
+    integration_tests::capture_logs();
+    let server = NatsServer::start();
+    let bus = eventbus_nats::NatsBus::connect(
+        BusSettings::new("nats", "topics"),
+        nats_config(&server.url()),
+    )
+    .await
+    .unwrap();
+    let spec = TopicSpec::new("managed.orders")
+        .with_retention(HOUR)
+        .with_replicas(1)
+        .with_storage(TopicStorage::File);
+
+    let missing = bus
+        .ensure_topic(&spec, EnsureMode::ValidateOnly)
+        .await
+        .unwrap();
+    assert_eq!(fields(&missing), (vec![], vec!["exists"]));
+    let created = bus
+        .ensure_topic(&spec, EnsureMode::CreateOnly)
+        .await
+        .unwrap();
+    assert!(created.created && created.matches(), "{created}");
+    assert!(
+        bus.ensure_topic(&spec, EnsureMode::ValidateOnly)
+            .await
+            .unwrap()
+            .matches()
+    );
+
+    let longer = spec.clone().with_retention(2 * HOUR);
+    let kept = bus
+        .ensure_topic(&longer, EnsureMode::CreateOnly)
+        .await
+        .unwrap();
+    assert_eq!(fields(&kept), (vec![], vec!["retention"]));
+    let updated = bus
+        .ensure_topic(&longer, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(fields(&updated), (vec!["retention"], vec![]), "{updated}");
+    assert!(
+        bus.ensure_topic(&longer, EnsureMode::ValidateOnly)
+            .await
+            .unwrap()
+            .matches()
+    );
+
+    // Storage is fixed once made; partitions are the configuration's.
+    let other = longer.with_storage(TopicStorage::Memory).with_partitions(4);
+    let differs = bus
+        .ensure_topic(&other, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&differs),
+        (vec![], vec!["partitions", "storage"]),
+        "{differs}"
+    );
+    assert!(
+        bus.ensure_topic(&TopicSpec::new("a b"), EnsureMode::CreateOnly)
+            .await
+            .is_err()
+    );
+    // The bus still publishes to the topic it manages.
+    let envelope = eventbus_core::Envelope::new("order-1", "Placed", 1, &1).unwrap();
+    bus.publish_envelope("managed.orders", &envelope)
+        .await
+        .unwrap();
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_topics_are_created_grown_and_validated_keeping_their_other_settings() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    integration_tests::capture_logs();
+    let bootstrap = kafka_bootstrap();
+    let bus = eventbus_kafka::KafkaBus::connect(
+        BusSettings::new("kafka", "topics"),
+        kafka_config(&bootstrap),
+    )
+    .await
+    .unwrap();
+    let topic = "managed.payments";
+    let spec = TopicSpec::new(topic)
+        .with_partitions(2)
+        .with_replicas(1)
+        .with_retention(HOUR);
+
+    let missing = bus
+        .ensure_topic(&spec, EnsureMode::ValidateOnly)
+        .await
+        .unwrap();
+    assert_eq!(fields(&missing), (vec![], vec!["exists"]));
+    let created = bus
+        .ensure_topic(&spec, EnsureMode::CreateOnly)
+        .await
+        .unwrap();
+    assert!(created.created, "{created}");
+    eventually("the new topic validated", || {
+        let (bus, spec) = (&bus, &spec);
+        async move {
+            bus.ensure_topic(spec, EnsureMode::ValidateOnly)
+                .await
+                .is_ok_and(|report| report.matches())
+        }
+    })
+    .await;
+
+    // A setting of the topic's own, made outside the bus: kept when retention changes.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let own = AlterConfig::new(ResourceSpecifier::Topic(topic))
+        .set("retention.ms", "3600000")
+        .set("max.message.bytes", "200000");
+    admin
+        .alter_configs([&own], &AdminOptions::new())
+        .await
+        .unwrap();
+
+    let grown = spec.clone().with_partitions(4).with_retention(2 * HOUR);
+    let validated = bus
+        .ensure_topic(&grown, EnsureMode::ValidateOnly)
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&validated),
+        (vec![], vec!["partitions", "retention"])
+    );
+    let updated = bus
+        .ensure_topic(&grown, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&updated),
+        (vec!["partitions", "retention"], vec![]),
+        "{updated}"
+    );
+    eventually("the grown topic validated", || {
+        let (bus, grown) = (&bus, &grown);
+        async move {
+            bus.ensure_topic(grown, EnsureMode::ValidateOnly)
+                .await
+                .is_ok_and(|report| report.matches())
+        }
+    })
+    .await;
+    let configs = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .unwrap();
+    let resource = configs.into_iter().next().unwrap().unwrap();
+    assert_eq!(
+        resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref()),
+        Some("200000"),
+        "the topic's own setting survived the retention change"
+    );
+
+    // Partitions never shrink, the replication factor is fixed, storage is disk.
+    let smaller = grown
+        .clone()
+        .with_partitions(1)
+        .with_replicas(3)
+        .with_storage(TopicStorage::Memory);
+    let differs = bus
+        .ensure_topic(&smaller, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(
+        fields(&differs),
+        (vec![], vec!["storage", "partitions", "replicas"]),
+        "{differs}"
+    );
+    bus.close().await.unwrap();
+}
