@@ -45,6 +45,8 @@
 mod config;
 mod heartbeat;
 mod metrics;
+#[cfg(feature = "opentelemetry")]
+pub mod opentelemetry;
 mod typed;
 
 use std::collections::HashSet;

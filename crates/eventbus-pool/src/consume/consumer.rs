@@ -393,6 +393,7 @@ impl Consumer {
             attempt = tracing::field::Empty,
             outcome = tracing::field::Empty,
         );
+        super::trace::link(&span, trace);
         match message.meta.position {
             Position::Partition { partition, offset } => {
                 span.record("partition", partition);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-use eventbus_core::{Envelope, Error, OutboundMessage, TraceContext};
+use eventbus_core::{Envelope, Error, OutboundMessage};
 use metrics::{Counter, Histogram, counter, histogram};
 use tracing::Instrument;
 
@@ -72,21 +72,22 @@ impl Runtime {
         F: FnOnce(OutboundMessage) -> Fut,
         Fut: Future<Output = Result<(), Error>>,
     {
-        let (trace, filled) = outgoing_envelope(envelope);
-        let envelope = filled.as_ref().unwrap_or(envelope);
-        let mut message = OutboundMessage::from_envelope(envelope)?;
-        if let Some(trace) = &trace {
-            trace.write_headers(&mut message.headers);
-        }
         let span = tracing::info_span!(
             "publish",
             topic,
             event_id = %envelope.event_id,
             aggregate_id = %envelope.aggregate_id,
             event_type = %envelope.event_type,
-            trace_id = trace.as_ref().map(TraceContext::trace_id),
+            trace_id = tracing::field::Empty,
             result = tracing::field::Empty,
         );
+        let (trace, filled) = outgoing_envelope(envelope, &span);
+        let envelope = filled.as_ref().unwrap_or(envelope);
+        let mut message = OutboundMessage::from_envelope(envelope)?;
+        if let Some(trace) = &trace {
+            trace.write_headers(&mut message.headers);
+            span.record("trace_id", trace.trace_id());
+        }
         self.observed(topic, span, send(message)).await
     }
 
@@ -107,16 +108,16 @@ impl Runtime {
         F: FnOnce(OutboundMessage) -> Fut,
         Fut: Future<Output = Result<(), Error>>,
     {
-        let trace = outgoing_plain(&message.headers);
-        if let Some(trace) = &trace {
-            trace.write_headers(&mut message.headers);
-        }
         let span = tracing::info_span!(
             "publish",
             topic,
-            trace_id = trace.as_ref().map(TraceContext::trace_id),
+            trace_id = tracing::field::Empty,
             result = tracing::field::Empty,
         );
+        if let Some(trace) = outgoing_plain(&message.headers, &span) {
+            trace.write_headers(&mut message.headers);
+            span.record("trace_id", trace.trace_id());
+        }
         self.observed(topic, span, send(message)).await
     }
 
