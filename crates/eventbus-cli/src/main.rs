@@ -7,6 +7,7 @@
 //! eventbus bench --backend B    the bus against its broker's raw client, as ratios
 //! eventbus config convert --from go.yaml   a Go SDK YAML configuration as eventbus.toml
 //! eventbus topics ensure --config F         the configured topics made so (or checked) on the broker
+//! eventbus dlq list|show|replay --topic T   a topic's dead letters, looked at and put back
 //! ```
 // A command-line tool prints; that is its job.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -15,6 +16,7 @@ mod bench;
 mod convert;
 mod counter;
 mod demo;
+mod dlq;
 mod output;
 mod shell;
 mod topics;
@@ -53,6 +55,11 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Dead letters: list, show and replay them (NATS and Kafka).
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
     /// Topic management.
     Topics {
@@ -133,6 +140,7 @@ fn main() -> ExitCode {
             Command::Config {
                 command: ConfigCommand::Convert(args),
             } => convert::run(&args),
+            Command::Dlq { command } => dlq::run(command).await,
             Command::Topics {
                 command: TopicsCommand::Ensure(args),
             } => topics::ensure(args).await,

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::connection::ConnectionWatch;
+use crate::dead_letter::StoredDeadLetter;
 use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::handler::{EnvelopeHandler, MessageHandler};
@@ -56,6 +57,17 @@ pub trait EventBus: Send + Sync {
     /// A watch of the bus's connection to its broker: read it now, or wait for it to change
     /// (reconnecting, connected again, closed).
     fn connection_state(&self) -> ConnectionWatch;
+
+    /// The dead letters `dead_letter_topic` holds now, oldest first: what `eventbus dlq list`
+    /// shows. Reads the topic from its start to where it ends when called, without taking
+    /// anything from the bus's subscriptions. The memory backend keeps no dead letters and
+    /// fails with `Config` (field `type`).
+    async fn dead_letters(&self, dead_letter_topic: &str) -> Result<Vec<StoredDeadLetter>, Error>;
+
+    /// Acknowledges a dead letter that was replayed: it is no longer listed. NATS deletes it
+    /// from its stream; Kafka, whose records cannot be deleted one by one, records its position
+    /// in `{dead-letter topic}.replayed`.
+    async fn remove_dead_letter(&self, letter: &StoredDeadLetter) -> Result<(), Error>;
 
     /// Stops intake, lets in-flight handlers finish up to the drain timeout, acknowledges what
     /// finished and leaves the rest for redelivery. Idempotent.

@@ -63,6 +63,102 @@ pub fn dead_letter_message(message: &Message, error: &str, attempts: u32) -> Out
     }
 }
 
+/// The headers a dead letter adds to the original message: what a replay removes.
+pub const DEAD_LETTER_HEADERS: [&str; 7] = [
+    HEADER_ORIGINAL_TOPIC,
+    HEADER_ERROR_MESSAGE,
+    HEADER_FAILED_ATTEMPTS,
+    HEADER_DEAD_LETTERED_AT,
+    HEADER_ORIGINAL_PARTITION,
+    HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_STREAM_SEQUENCE,
+];
+
+/// A dead letter as its dead-letter topic holds it: the message, with its place in that topic
+/// in `message.meta.position` (what [`EventBus::dead_letters`](crate::EventBus::dead_letters)
+/// returns).
+#[derive(Debug, Clone)]
+pub struct StoredDeadLetter {
+    /// The dead letter: its topic is the dead-letter topic.
+    pub message: Message,
+}
+
+impl StoredDeadLetter {
+    /// Where it sits in its dead-letter topic.
+    pub fn position(&self) -> Position {
+        self.message.meta.position
+    }
+
+    /// `X-Original-Topic`: where it was consumed from, and where a replay sends it.
+    pub fn original_topic(&self) -> Option<&str> {
+        self.message.headers.get_str(HEADER_ORIGINAL_TOPIC)
+    }
+
+    /// `X-Error-Message`: why it failed.
+    pub fn reason(&self) -> Option<&str> {
+        self.message.headers.get_str(HEADER_ERROR_MESSAGE)
+    }
+
+    /// `X-Failed-Attempts`.
+    pub fn attempts(&self) -> Option<u32> {
+        self.message
+            .headers
+            .get_str(HEADER_FAILED_ATTEMPTS)
+            .and_then(|attempts| attempts.parse().ok())
+    }
+
+    /// `X-Dead-Lettered-At`, parsed.
+    pub fn dead_lettered_at(&self) -> Option<OffsetDateTime> {
+        self.message
+            .headers
+            .get(HEADER_DEAD_LETTERED_AT)
+            .and_then(|at| timestamp::parse(at).ok())
+    }
+
+    /// The envelope it holds, when its payload is one.
+    pub fn envelope(&self) -> Option<crate::Envelope> {
+        crate::Envelope::from_bytes(&self.message.payload).ok()
+    }
+
+    /// The aggregate it belongs to: the envelope's, or else the record key.
+    pub fn aggregate_id(&self) -> Option<String> {
+        self.envelope()
+            .map(|envelope| envelope.aggregate_id)
+            .or_else(|| {
+                let key = self.message.key.as_ref()?;
+                std::str::from_utf8(key).ok().map(str::to_owned)
+            })
+    }
+
+    /// What a replay publishes, and where: the original key, payload and headers, without the
+    /// dead-letter headers, to `X-Original-Topic`. Fails with `Config` (field
+    /// `X-Original-Topic`) for a message that names no topic to go back to.
+    pub fn replay(&self) -> Result<(String, OutboundMessage), crate::Error> {
+        let topic = self
+            .original_topic()
+            .filter(|topic| crate::validate_topic(topic).is_ok())
+            .ok_or_else(|| {
+                crate::Error::config(
+                    HEADER_ORIGINAL_TOPIC,
+                    "the dead letter names no valid topic to go back to",
+                )
+            })?
+            .to_owned();
+        let mut headers = self.message.headers.clone();
+        for name in DEAD_LETTER_HEADERS {
+            headers.remove(name);
+        }
+        Ok((
+            topic,
+            OutboundMessage {
+                payload: self.message.payload.clone(),
+                key: self.message.key.clone(),
+                headers,
+            },
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +185,34 @@ mod tests {
         assert!(!dead.headers.contains("X-Original-Stream-Sequence"));
         let at = dead.headers.get_str("X-Dead-Lettered-At").unwrap();
         assert!(timestamp::parse(at.as_bytes()).is_ok(), "{at}");
+    }
+
+    #[test]
+    fn a_replay_is_the_original_message_back_to_its_topic() {
+        let mut message = Message::new("orders", &b"{}"[..]);
+        message.key = Some("order-1".into());
+        message.headers.append("X-Trace", "t1");
+        message.meta.position = Position::Sequence(7);
+        let written = dead_letter_message(&message, "boom", 2);
+        let mut stored = Message::new("orders.DLQ", written.payload.clone());
+        stored.key = written.key.clone();
+        stored.headers = written.headers.clone();
+        let letter = StoredDeadLetter { message: stored };
+        assert_eq!(letter.reason(), Some("boom"));
+        assert_eq!(letter.attempts(), Some(2));
+        assert!(letter.dead_lettered_at().is_some());
+        assert_eq!(letter.aggregate_id().as_deref(), Some("order-1"));
+        let (topic, replay) = letter.replay().unwrap();
+        assert_eq!(topic, "orders");
+        assert_eq!(replay.key, message.key);
+        assert_eq!(replay.payload, message.payload);
+        assert_eq!(replay.headers, message.headers);
+        let mut orphan = letter.clone();
+        orphan.message.headers.remove(HEADER_ORIGINAL_TOPIC);
+        assert_eq!(
+            orphan.replay().unwrap_err().kind(),
+            crate::ErrorKind::Config
+        );
     }
 
     #[test]

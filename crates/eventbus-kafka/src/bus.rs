@@ -296,6 +296,27 @@ impl EventBus for KafkaBus {
         self.inner.publisher.ensure_spec(spec, mode).await
     }
 
+    async fn dead_letters(
+        &self,
+        dead_letter_topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        validate_topic(dead_letter_topic)?;
+        let inner = &self.inner;
+        crate::dead_letters::read(
+            &inner.publisher.config,
+            &inner.runtime.settings().client_id,
+            dead_letter_topic,
+        )
+        .await
+    }
+
+    async fn remove_dead_letter(
+        &self,
+        letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        crate::dead_letters::remove(&self.inner.publisher, letter).await
+    }
+
     fn connection_state(&self) -> eventbus_core::ConnectionWatch {
         self.inner.group.connection_state()
     }

@@ -231,7 +231,7 @@ impl ConsumerContext for GroupContext {
 /// The record as the runtime sees it. The payload, the key and the header values are copied
 /// once, into one buffer they share (a record's headers used to cost an allocation each, a
 /// quarter of the consume path's time).
-fn record_message(record: &BorrowedMessage<'_>) -> Message {
+pub(crate) fn record_message(record: &BorrowedMessage<'_>) -> Message {
     let payload = record.payload().unwrap_or_default();
     let key = record.key();
     let borrowed = record.headers();

@@ -72,6 +72,7 @@
 
 mod bus;
 mod config;
+mod dead_letters;
 mod group;
 mod partition;
 mod producer;
@@ -82,4 +83,5 @@ pub use config::{
     AssignmentStrategy, GroupProtocol, KafkaConfig, OffsetReset, Partitioner, Properties,
     TopicOptions,
 };
+pub use dead_letters::REPLAYED_SUFFIX;
 pub use eventbus_pool::BusSettings;

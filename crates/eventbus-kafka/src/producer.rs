@@ -81,7 +81,7 @@ impl Publisher {
     /// named `….DLQ`, which a subscription reading dead letters may create first) keeps its records
     /// forever (`retention.ms=-1`) unless `[kafka.topics."<topic>"]` gives it a retention:
     /// a dead letter waits until someone looks at it.
-    async fn create_topic(&self, topic: &str, dead_letters: bool) -> Result<(), Error> {
+    pub(crate) async fn create_topic(&self, topic: &str, dead_letters: bool) -> Result<(), Error> {
         if lock(&self.known).contains(topic) {
             return Ok(());
         }

@@ -253,6 +253,23 @@ impl EventBus for MemoryBus {
         Ok(eventbus_core::TopicReport::default())
     }
 
+    /// The memory backend keeps no dead letters (they go to the dead-letter topic's
+    /// subscribers, if any): fails with `Config` (field `type`).
+    async fn dead_letters(
+        &self,
+        _dead_letter_topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        Err(no_dead_letter_store())
+    }
+
+    /// See [`dead_letters`](Self::dead_letters).
+    async fn remove_dead_letter(
+        &self,
+        _letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        Err(no_dead_letter_store())
+    }
+
     fn connection_state(&self) -> ConnectionWatch {
         self.inner.connection.subscribe()
     }
@@ -276,6 +293,14 @@ impl EventBus for MemoryBus {
         *closed = true;
         Ok(())
     }
+}
+
+/// The memory backend's answer to the dead-letter store calls.
+fn no_dead_letter_store() -> Error {
+    Error::config(
+        "type",
+        "the memory backend keeps no dead letters: subscribe to the dead-letter topic instead",
+    )
 }
 
 impl Topics {

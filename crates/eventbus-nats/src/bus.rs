@@ -556,6 +556,21 @@ impl EventBus for NatsBus {
         Ok(report)
     }
 
+    async fn dead_letters(
+        &self,
+        dead_letter_topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        validate_topic(dead_letter_topic)?;
+        crate::dead_letters::read(&self.inner.broker.js, dead_letter_topic).await
+    }
+
+    async fn remove_dead_letter(
+        &self,
+        letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        crate::dead_letters::remove(&self.inner.broker.js, letter).await
+    }
+
     fn connection_state(&self) -> ConnectionWatch {
         self.inner.connection.watch()
     }

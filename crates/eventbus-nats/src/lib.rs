@@ -80,6 +80,7 @@ mod bus;
 mod config;
 mod connection;
 mod consumer;
+mod dead_letters;
 mod fetch;
 mod group;
 mod names;

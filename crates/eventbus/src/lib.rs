@@ -233,6 +233,20 @@ impl EventBus for Bus {
         self.inner.ensure_topic(spec, mode).await
     }
 
+    async fn dead_letters(
+        &self,
+        dead_letter_topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        self.inner.dead_letters(dead_letter_topic).await
+    }
+
+    async fn remove_dead_letter(
+        &self,
+        letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        self.inner.remove_dead_letter(letter).await
+    }
+
     fn connection_state(&self) -> eventbus_core::ConnectionWatch {
         self.inner.connection_state()
     }

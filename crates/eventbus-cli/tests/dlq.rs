@@ -1,0 +1,176 @@
+//! `eventbus dlq list | show | replay` against real brokers: a service dead-letters two events,
+//! the command lists them, replays one aggregate's back to its topic (the service handles it
+//! this time), and lists what is left.
+
+// Helpers run the binary; if it cannot be run or read, the test fails right there.
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::indexing_slicing
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus::{Config, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use test_brokers::{NatsServer, kafka_bootstrap};
+
+// Each test binary uses a part of the shared helpers.
+#[allow(dead_code)]
+mod common;
+
+use common::{Scratch, eventbus, text};
+
+/// Runs `eventbus dlq {args[0]} --config {config} --topic {topic} {args[1..]}`: status, stdout,
+/// stderr.
+fn dlq(config: &Path, topic: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let mut all = vec!["dlq"];
+    all.extend_from_slice(&args[..1]);
+    all.extend([
+        "--config",
+        config.to_str().expect("UTF-8 path"),
+        "--topic",
+        topic,
+    ]);
+    all.extend_from_slice(&args[1..]);
+    let output = tokio::task::block_in_place(|| eventbus(&all, ""));
+    (
+        output.status.code(),
+        text(&output.stdout),
+        text(&output.stderr),
+    )
+}
+
+/// The data lines of `dlq list`'s output, split at its tabs.
+fn listed(stdout: &str) -> Vec<Vec<String>> {
+    stdout
+        .lines()
+        .skip(1)
+        .map(|line| line.split('\t').map(str::to_owned).collect())
+        .collect()
+}
+
+async fn poll_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dead_letters_round_trip(config: &Path, topic: &str) {
+    let bus = eventbus::connect(Config::load(Some(config)).unwrap())
+        .await
+        .unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (b, h) = (broken.clone(), handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (b, h) = (b.clone(), h.clone());
+            async move {
+                if envelope.aggregate_id != "order-2" && b.load(Ordering::SeqCst) {
+                    return Err(HandlerError::permanent("inventory service refused"));
+                }
+                h.lock().unwrap().push(envelope.aggregate_id);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for aggregate in ["order-1", "order-2", "order-3"] {
+        let envelope = Envelope::new(aggregate, "Placed", 1, &aggregate).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    let dead_letter_topic = format!("{topic}.DLQ");
+    poll_until("two dead letters stored", async || {
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .is_ok_and(|letters| letters.len() == 2)
+    })
+    .await;
+
+    let (status, stdout, stderr) = dlq(config, topic, &["list"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    let rows = listed(&stdout);
+    let mut aggregates: Vec<&str> = rows.iter().map(|row| row[2].as_str()).collect();
+    aggregates.sort_unstable();
+    assert_eq!(aggregates, ["order-1", "order-3"], "{stdout}");
+    assert!(
+        rows.iter().all(|row| row[6] == "inventory service refused"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("2 of 2 dead letters"), "{stderr}");
+
+    let (status, stdout, _) = dlq(
+        config,
+        topic,
+        &["replay", "--aggregate", "order-1", "--dry-run"],
+    );
+    assert_eq!(status, Some(0));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let (status, _, stderr) = dlq(config, topic, &["replay"]);
+    assert_eq!(status, Some(1), "a replay without a selection is refused");
+    assert!(stderr.contains("--all"), "{stderr}");
+
+    broken.store(false, Ordering::SeqCst);
+    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-1"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("replayed 1 of 1 selected"), "{stderr}");
+    poll_until("order-1 handled after its replay", async || {
+        handled.lock().unwrap().contains(&"order-1".to_owned())
+    })
+    .await;
+
+    let (status, stdout, stderr) = dlq(config, topic, &["list"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    let rows = listed(&stdout);
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert_eq!(rows[0][2], "order-3");
+    let (status, stdout, stderr) = dlq(config, topic, &["show", "--position", &rows[0][0]]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    let shown: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["original_topic"], topic);
+    assert_eq!(shown["reason"], "inventory service refused");
+    assert_eq!(shown["payload"]["aggregate_id"], "order-3");
+    bus.close().await.unwrap();
+}
+
+fn write_config(scratch: &Scratch, text: String) -> PathBuf {
+    let path = scratch.file("bus.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_nats() {
+    let server = NatsServer::start();
+    let scratch = Scratch::new("dlq-nats");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"nats\"\nclient_id = \"dlq\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
+            server.url()
+        ),
+    );
+    dead_letters_round_trip(&config, "dlq.orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_kafka() {
+    let scratch = Scratch::new("dlq-kafka");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"kafka\"\nclient_id = \"dlq\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
+            kafka_bootstrap()
+        ),
+    );
+    dead_letters_round_trip(&config, "dlq.orders").await;
+}

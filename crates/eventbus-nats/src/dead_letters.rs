@@ -1,0 +1,95 @@
+//! Reading and removing stored dead letters (`eventbus dlq`): an ordered consumer over the
+//! dead-letter subject up to where it ends when asked, and deletion from the stream.
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use eventbus_core::{DeliveryMeta, Error, Position, StoredDeadLetter};
+use futures::StreamExt;
+
+use crate::receipt::take_apart;
+
+fn read_error(topic: &str, error: impl std::fmt::Display) -> Error {
+    Error::Broker {
+        message: format!("cannot read the dead letters of {topic}: {error}"),
+        source: None,
+    }
+}
+
+/// The dead letters `topic` holds now, oldest first; none when no stream holds `topic`.
+///
+/// # Cancel safety
+///
+/// Cancel safe: the ordered consumer it reads with is ephemeral and goes away with the server's
+/// inactivity timeout; nothing is acknowledged.
+pub(crate) async fn read(
+    js: &jetstream::Context,
+    topic: &str,
+) -> Result<Vec<StoredDeadLetter>, Error> {
+    let Ok(name) = js.stream_by_subject(topic).await else {
+        return Ok(Vec::new());
+    };
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|error| read_error(topic, error))?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: topic.to_owned(),
+            deliver_policy: DeliverPolicy::All,
+            ..OrderedConfig::default()
+        })
+        .await
+        .map_err(|error| read_error(topic, error))?;
+    let mut letters = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(letters);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|error| read_error(topic, error))?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|error| read_error(topic, error))?;
+        let info = message.info().map_err(|error| read_error(topic, error))?;
+        let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        let meta = DeliveryMeta {
+            position: Position::Sequence(sequence),
+            delivery_attempt: 1,
+            timestamp: Some(published),
+        };
+        let (message, _) = take_apart(message.split().0, true, meta);
+        letters.push(StoredDeadLetter { message });
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(letters)
+}
+
+/// Deletes `letter` from the stream that holds its topic.
+pub(crate) async fn remove(
+    js: &jetstream::Context,
+    letter: &StoredDeadLetter,
+) -> Result<(), Error> {
+    let topic = letter.message.topic.as_str();
+    let Position::Sequence(sequence) = letter.position() else {
+        return Err(Error::config(
+            "position",
+            "a NATS dead letter is removed by its stream sequence",
+        ));
+    };
+    let name = js
+        .stream_by_subject(topic)
+        .await
+        .map_err(|error| Error::broker(format!("no stream holds {topic}"), error))?;
+    let stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+    stream.delete_message(sequence).await.map_err(|error| {
+        Error::broker(
+            format!("cannot delete dead letter {sequence} from stream {name}"),
+            error,
+        )
+    })?;
+    Ok(())
+}
