@@ -246,13 +246,32 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} replayed {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
+    // A parking subscription lets an aggregate's replayed events through from the first one
+    // of this replay and takes up its new events again after the last one.
+    let mut first = std::collections::HashMap::new();
+    let mut final_one = std::collections::HashMap::new();
+    for (index, letter) in selected.iter().enumerate() {
+        let aggregate = letter.aggregate_id();
+        first.entry(aggregate.clone()).or_insert(index);
+        final_one.insert(aggregate, index);
+    }
     let mut replayed = 0usize;
     let mut failure = None;
-    for letter in &selected {
+    for (index, letter) in selected.iter().enumerate() {
+        let aggregate = letter.aggregate_id();
+        let head = first.get(&aggregate) == Some(&index);
+        let last = final_one.get(&aggregate) == Some(&index);
         // Stop at the first failure: replaying the aggregate's later events before it would
         // put them out of order.
         let result = async {
-            let (to, message) = letter.replay()?;
+            let (to, mut message) = letter.replay()?;
+            message.headers.insert(eventbus::HEADER_REPLAYED, "true");
+            if head {
+                message.headers.insert(eventbus::HEADER_REPLAY_HEAD, "true");
+            }
+            if last {
+                message.headers.insert(eventbus::HEADER_REPLAY_LAST, "true");
+            }
             bus.publish(&to, message).await?;
             bus.remove_dead_letter(letter).await
         }

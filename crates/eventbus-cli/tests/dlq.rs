@@ -142,6 +142,106 @@ async fn dead_letters_round_trip(config: &Path, topic: &str) {
     bus.close().await.unwrap();
 }
 
+/// With parking on, an aggregate's events after its dead letter are parked behind it; a replay
+/// of the aggregate brings the failed event and its parked successors back in their order, and
+/// the aggregate's new events are handled again afterwards.
+async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
+    let bus = eventbus::connect(Config::load(Some(config)).unwrap())
+        .await
+        .unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (b, h) = (broken.clone(), handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (b, h) = (b.clone(), h.clone());
+            async move {
+                if envelope.event_version == 1
+                    && envelope.aggregate_id == "order-9"
+                    && b.load(Ordering::SeqCst)
+                {
+                    return Err(HandlerError::permanent("price missing"));
+                }
+                h.lock()
+                    .unwrap()
+                    .push((envelope.aggregate_id, envelope.event_version));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new().with_park_on_dead_letter(true),
+    )
+    .await
+    .unwrap();
+    for (aggregate, version) in [
+        ("order-9", 1),
+        ("order-9", 2),
+        ("order-8", 1),
+        ("order-9", 3),
+    ] {
+        let envelope = Envelope::new(aggregate, "Changed", version, &version).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    let dead_letter_topic = format!("{topic}.DLQ");
+    poll_until(
+        "the failed event and its two successors dead-lettered",
+        async || {
+            bus.dead_letters(&dead_letter_topic)
+                .await
+                .is_ok_and(|letters| letters.len() == 3)
+        },
+    )
+    .await;
+    let letters = bus.dead_letters(&dead_letter_topic).await.unwrap();
+    let parked: Vec<(i64, bool)> = letters
+        .iter()
+        .map(|letter| (letter.envelope().unwrap().event_version, letter.is_parked()))
+        .collect();
+    assert_eq!(parked, [(1, false), (2, true), (3, true)]);
+    assert_eq!(letters[0].reason(), Some("price missing"));
+    poll_until("the other aggregate handled", async || {
+        handled.lock().unwrap().contains(&("order-8".to_owned(), 1))
+    })
+    .await;
+    assert!(
+        !handled.lock().unwrap().iter().any(|(a, _)| a == "order-9"),
+        "no event of the parked aggregate ran"
+    );
+
+    broken.store(false, Ordering::SeqCst);
+    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-9"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("replayed 3 of 3 selected"), "{stderr}");
+    let versions = || -> Vec<i64> {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(aggregate, _)| aggregate == "order-9")
+            .map(|(_, version)| *version)
+            .collect()
+    };
+    poll_until("the replayed events handled", async || {
+        versions().len() == 3
+    })
+    .await;
+    assert_eq!(versions(), [1, 2, 3], "in their original order");
+    let next = Envelope::new("order-9", "Changed", 4, &4).unwrap();
+    bus.publish_envelope(topic, &next).await.unwrap();
+    poll_until("a new event handled after the replay", async || {
+        versions().len() == 4
+    })
+    .await;
+    assert_eq!(versions(), [1, 2, 3, 4]);
+    assert!(
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    bus.close().await.unwrap();
+}
+
 fn write_config(scratch: &Scratch, text: String) -> PathBuf {
     let path = scratch.file("bus.toml");
     std::fs::write(&path, text).expect("config written");
@@ -173,4 +273,31 @@ async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_kafka() 
         ),
     );
     dead_letters_round_trip(&config, "dlq.orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_are_replayed_in_their_order_on_nats() {
+    let server = NatsServer::start();
+    let scratch = Scratch::new("park-nats");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"nats\"\nclient_id = \"park\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
+            server.url()
+        ),
+    );
+    parked_events_come_back_in_order(&config, "park.orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_events_are_replayed_in_their_order_on_kafka() {
+    let scratch = Scratch::new("park-kafka");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"kafka\"\nclient_id = \"park\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
+            kafka_bootstrap()
+        ),
+    );
+    parked_events_come_back_in_order(&config, "park.orders").await;
 }

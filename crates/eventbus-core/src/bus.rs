@@ -142,6 +142,12 @@ pub struct SubscribeOptions {
     /// (at most 5 s more) is dropped and reported. `None` (the default) takes the bus's
     /// `handler_timeout`, and without one a handler may run for as long as it takes.
     pub handler_timeout: Option<Duration>,
+    /// Park an aggregate behind its dead letter (envelopes): once one of its envelopes is
+    /// dead-lettered, its later envelopes are dead-lettered too, marked `X-Parked`, instead of
+    /// being handled out of order, until `eventbus dlq replay` puts the failed one and its
+    /// parked successors back, in their order. Off by default (the aggregate moves on, as the
+    /// Go SDK does). The set of parked aggregates is kept by the running subscription.
+    pub park_on_dead_letter: bool,
 }
 
 impl SubscribeOptions {
@@ -178,6 +184,12 @@ impl SubscribeOptions {
     /// [`SubscribeOptions::handler_timeout`]).
     pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// Parks an aggregate behind its dead letter (see [`SubscribeOptions::park_on_dead_letter`]).
+    pub fn with_park_on_dead_letter(mut self, park: bool) -> Self {
+        self.park_on_dead_letter = park;
         self
     }
 

@@ -63,8 +63,21 @@ pub fn dead_letter_message(message: &Message, error: &str, attempts: u32) -> Out
     }
 }
 
-/// The headers a dead letter adds to the original message: what a replay removes.
-pub const DEAD_LETTER_HEADERS: [&str; 7] = [
+/// Header: the event was not handled but parked behind an earlier dead letter of its aggregate
+/// (`SubscribeOptions::with_park_on_dead_letter`).
+pub const HEADER_PARKED: &str = "X-Parked";
+/// Header: the message is a replay of a dead letter (`eventbus dlq replay`).
+pub const HEADER_REPLAYED: &str = "X-Replayed";
+/// Header: the first replayed message of its aggregate in one replay: a parking subscription
+/// lets the aggregate's replayed messages through from here.
+pub const HEADER_REPLAY_HEAD: &str = "X-Replay-Head";
+/// Header: the last replayed message of its aggregate in one replay: once it is handled, a
+/// parking subscription handles the aggregate's new events again.
+pub const HEADER_REPLAY_LAST: &str = "X-Replay-Last";
+
+/// The headers a dead letter adds to the original message, and those of an earlier replay:
+/// what a replay removes.
+pub const DEAD_LETTER_HEADERS: [&str; 11] = [
     HEADER_ORIGINAL_TOPIC,
     HEADER_ERROR_MESSAGE,
     HEADER_FAILED_ATTEMPTS,
@@ -72,6 +85,10 @@ pub const DEAD_LETTER_HEADERS: [&str; 7] = [
     HEADER_ORIGINAL_PARTITION,
     HEADER_ORIGINAL_OFFSET,
     HEADER_ORIGINAL_STREAM_SEQUENCE,
+    HEADER_PARKED,
+    HEADER_REPLAYED,
+    HEADER_REPLAY_HEAD,
+    HEADER_REPLAY_LAST,
 ];
 
 /// A dead letter as its dead-letter topic holds it: the message, with its place in that topic
@@ -97,6 +114,11 @@ impl StoredDeadLetter {
     /// `X-Error-Message`: why it failed.
     pub fn reason(&self) -> Option<&str> {
         self.message.headers.get_str(HEADER_ERROR_MESSAGE)
+    }
+
+    /// True for an event parked behind an earlier dead letter of its aggregate (`X-Parked`).
+    pub fn is_parked(&self) -> bool {
+        self.message.headers.contains(HEADER_PARKED)
     }
 
     /// `X-Failed-Attempts`.

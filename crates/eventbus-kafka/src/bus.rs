@@ -153,6 +153,7 @@ impl KafkaBus {
             handler,
             dead_letter,
             handler_timeout,
+            park_on_dead_letter: options.park_on_dead_letter,
             leaving: Arc::new(AtomicBool::new(false)),
         });
         let inner = self.inner.clone();

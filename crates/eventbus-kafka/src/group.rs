@@ -53,6 +53,7 @@ pub(crate) struct Entry {
     pub(crate) handler: Handler,
     pub(crate) dead_letter: Option<String>,
     pub(crate) handler_timeout: Option<Duration>,
+    pub(crate) park_on_dead_letter: bool,
     pub(crate) leaving: Arc<AtomicBool>,
 }
 
@@ -830,7 +831,8 @@ impl Group {
         );
         let spec = SubscriptionSpec::new(entry.topic.clone(), name, entry.handler.clone())
             .with_dead_letter(entry.dead_letter.clone())
-            .with_handler_timeout(entry.handler_timeout);
+            .with_handler_timeout(entry.handler_timeout)
+            .with_park_on_dead_letter(entry.park_on_dead_letter);
         match self.runtime.subscribe(spec) {
             Ok(consumer) => Some(Arc::new(Reader {
                 subscription: entry.id,

@@ -168,7 +168,8 @@ impl MemoryBus {
             SubscriptionSpec::new(topic, name, handler)
                 .with_dead_letter(dead_letter)
                 .with_subject_keys(options.subject_keys)
-                .with_handler_timeout(options.checked_handler_timeout()?),
+                .with_handler_timeout(options.checked_handler_timeout()?)
+                .with_park_on_dead_letter(options.park_on_dead_letter),
         )?;
         inner
             .topics

@@ -394,6 +394,7 @@ impl Inner {
             .with_dead_letter(dead_letter)
             .with_subject_keys(options.subject_keys)
             .with_handler_timeout(options.checked_handler_timeout()?)
+            .with_park_on_dead_letter(options.park_on_dead_letter)
             .with_progress_interval(
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );

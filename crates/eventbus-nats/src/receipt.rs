@@ -4,14 +4,17 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::message::{AckKind, Acker};
 use async_trait::async_trait;
 use bytes::Bytes;
-use eventbus_core::{DeliveryMeta, Error, Headers, Message, TRACEPARENT, TRACESTATE};
+use eventbus_core::{
+    DeliveryMeta, Error, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAYED, Headers, Message,
+    TRACEPARENT, TRACESTATE,
+};
 use eventbus_pool::consume::Receipt;
 
 use crate::publish::KEY_HEADER;
 
 /// The message for the runtime, and the NATS headers still to convert when the handler does
-/// not need them (envelope handlers see only the envelope): then only the trace context
-/// headers (`traceparent`, `tracestate`) are converted, for the runtime's span.
+/// not need them (envelope handlers see only the envelope): then only the headers the runtime
+/// reads are converted (the trace context, and a replay's marks for parking).
 pub(crate) fn take_apart(
     message: async_nats::Message,
     convert_headers: bool,
@@ -29,7 +32,13 @@ pub(crate) fn take_apart(
     } else {
         let mut delivered = delivered;
         if let Some(map) = &message.headers {
-            for name in [TRACEPARENT, TRACESTATE] {
+            for name in [
+                TRACEPARENT,
+                TRACESTATE,
+                HEADER_REPLAYED,
+                HEADER_REPLAY_HEAD,
+                HEADER_REPLAY_LAST,
+            ] {
                 if let Some(value) = map.get(name) {
                     delivered.headers.insert(name, value.as_str().to_owned());
                 }

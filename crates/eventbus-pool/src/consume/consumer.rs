@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use super::Shared;
+use super::park::{ParkCheck, ParkedBehind, Parking};
 use super::settle::{Settling, Verdict, settle};
 use super::stats::{Consumed, Stat};
 use super::trace::{incoming, with_current};
@@ -44,6 +45,9 @@ pub struct SubscriptionSpec {
     /// How long one attempt of the handler may run; `None` takes the bus's
     /// [`BusSettings::handler_timeout`](crate::BusSettings::handler_timeout).
     pub handler_timeout: Option<Duration>,
+    /// Park an aggregate behind its dead letter (envelopes with a dead-letter topic; see
+    /// `SubscribeOptions::park_on_dead_letter`).
+    pub park_on_dead_letter: bool,
 }
 
 impl SubscriptionSpec {
@@ -59,6 +63,7 @@ impl SubscriptionSpec {
             subject_keys: false,
             progress_interval: None,
             handler_timeout: None,
+            park_on_dead_letter: false,
         }
     }
 
@@ -80,6 +85,13 @@ impl SubscriptionSpec {
     /// and counted in [`ConsumeStats::handlers_dropped`](super::ConsumeStats::handlers_dropped).
     pub fn with_handler_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.handler_timeout = timeout;
+        self
+    }
+
+    /// Parks an aggregate behind its dead letter (see
+    /// [`park_on_dead_letter`](Self::park_on_dead_letter)).
+    pub fn with_park_on_dead_letter(mut self, park: bool) -> Self {
+        self.park_on_dead_letter = park;
         self
     }
 
@@ -145,6 +157,8 @@ pub struct Consumer {
     /// The spec's handler timeout, or the bus's.
     handler_timeout: Option<Duration>,
     consumed: Arc<Consumed>,
+    /// The parked aggregates, when the subscription parks.
+    parking: Option<Arc<Parking>>,
     /// What the broker holds for this subscription beyond what it delivered
     /// ([`report_lag`](Self::report_lag)); `u64::MAX` until reported.
     lag: AtomicU64,
@@ -166,6 +180,9 @@ impl Consumer {
         if handler_timeout.is_some_and(|timeout| timeout.is_zero()) {
             return Err(Error::config("handler_timeout", "must be longer than 0"));
         }
+        let parking =
+            (spec.park_on_dead_letter && spec.handler.is_envelope() && spec.dead_letter.is_some())
+                .then(Arc::default);
         let scope = runtime.pool.open_scope()?;
         let consumer = Arc::new(Self {
             topic: Arc::from(spec.topic.as_str()),
@@ -178,6 +195,7 @@ impl Consumer {
             )),
             spec,
             lag: AtomicU64::new(u64::MAX),
+            parking,
             scope,
             runtime: Arc::downgrade(runtime),
             held: Arc::default(),
@@ -218,6 +236,12 @@ impl Consumer {
     /// Messages held now (queued, running, retrying, settling).
     pub fn held(&self) -> usize {
         lock(&self.held).len()
+    }
+
+    /// Aggregates parked behind a dead letter now (or being replayed), when the subscription
+    /// parks.
+    pub fn parked_aggregates(&self) -> usize {
+        self.parking.as_ref().map_or(0, |parking| parking.len())
     }
 
     /// Records the subscription's consumer lag: messages the broker holds for it that it has
@@ -330,6 +354,14 @@ impl Consumer {
                 ),
             },
         };
+        let park = match (&self.parking, &key) {
+            (Some(parking), Some(key)) => Some(ParkCheck::new(
+                parking.clone(),
+                key.clone(),
+                &message.headers,
+            )),
+            _ => None,
+        };
         let trace = incoming(&message.headers, first.as_ref());
         let span = self.span(&message, first.as_ref(), trace.as_deref());
         let message = Arc::new(message);
@@ -342,6 +374,7 @@ impl Consumer {
                 runtime: Arc::downgrade(runtime),
                 span: span.clone(),
                 trace,
+                park: park.clone(),
             },
             message.clone(),
             first,
@@ -364,6 +397,7 @@ impl Consumer {
             guard,
             span,
             consumed: self.consumed.clone(),
+            park,
         };
         job.with_finish(move |outcome: &Outcome| {
             let verdict = Verdict::of(outcome, class, undecodable, settling.dead_letter.is_some());
@@ -472,6 +506,7 @@ struct Attempts {
     /// The message's `consume` span.
     span: tracing::Span,
     trace: Option<Arc<TraceContext>>,
+    park: Option<ParkCheck>,
 }
 
 /// The function that starts each attempt of a message: the handler with a fresh context, under
@@ -486,6 +521,9 @@ fn attempts(
     move |ctx: JobContext| -> AttemptFuture {
         if undecodable {
             return Box::pin(async { Err(HandlerError::permanent("undecodable envelope")) });
+        }
+        if shared.park.as_ref().is_some_and(|park| !park.admits()) {
+            return Box::pin(async { Err(HandlerError::permanent(ParkedBehind)) });
         }
         // A timed attempt gets a token of its own, which also fires with the subscription's.
         let timer = shared.timeout.map(|timeout| Timer {

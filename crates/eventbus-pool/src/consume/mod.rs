@@ -75,6 +75,7 @@
 
 mod consumer;
 mod monitor;
+mod park;
 mod publish;
 mod settle;
 mod stats;
@@ -232,8 +233,14 @@ impl Runtime {
             || "none".to_owned(),
             |age| format!("{:.1} s", age.as_secs_f64()),
         );
+        let parked: usize = self
+            .shared
+            .consumers()
+            .iter()
+            .map(|consumer| consumer.parked_aggregates())
+            .sum();
         let engine = format!(
-            "{pool}, {waiting} waiting on a dead-letter write, {} lanes blocked longer than {:?}, oldest job {oldest}",
+            "{pool}, {waiting} waiting on a dead-letter write, {} lanes blocked longer than {:?}, oldest job {oldest}, {parked} aggregates parked",
             ages.blocked, self.shared.settings.lane_blocked_after
         );
         let lag = self.lag();

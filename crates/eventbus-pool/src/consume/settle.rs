@@ -3,13 +3,15 @@
 use std::sync::{Arc, Weak};
 
 use eventbus_core::{
-    CancellationToken, DeliveryClass, Message, Outcome, Position, Settlement, dead_letter_message,
+    CancellationToken, DeliveryClass, HEADER_PARKED, Message, Outcome, Position, Settlement,
+    dead_letter_message,
 };
 
 use futures::FutureExt;
 
 use super::Shared;
 use super::consumer::HeldGuard;
+use super::park::{ParkCheck, ParkedBehind};
 use super::stats::{Consumed, Consumption, Counters, Stat};
 use super::transport::Receipt;
 
@@ -17,14 +19,14 @@ use super::transport::Receipt;
 #[derive(Debug)]
 pub(crate) enum Verdict {
     /// Acknowledged: handled, or (plain) failed.
-    Ack {
-        handled: bool,
-    },
+    Ack { handled: bool },
     /// Not handled here (its subscription closed before it ran, or the deadline passed).
     GiveBack,
     DeadLetter {
         reason: String,
         attempts: u32,
+        /// Parked behind an earlier dead letter of its aggregate: it never ran.
+        parked: bool,
     },
     /// Undecodable with nowhere to send it: left to the broker.
     Abandon,
@@ -43,6 +45,7 @@ impl Verdict {
             (_, Some(reason)) if dead_letters => Verdict::DeadLetter {
                 reason,
                 attempts: 0,
+                parked: false,
             },
             (_, Some(_)) => Verdict::Abandon,
             (Settlement::Ack, None) => Verdict::Ack {
@@ -50,10 +53,17 @@ impl Verdict {
             },
             // Without a dead-letter topic an envelope retries without limit, so it only gets
             // here with one.
-            (Settlement::DeadLetter, None) if dead_letters => Verdict::DeadLetter {
-                reason: outcome.failure_reason(),
-                attempts: outcome.attempts(),
-            },
+            (Settlement::DeadLetter, None) if dead_letters => {
+                let parked = matches!(
+                    outcome,
+                    Outcome::Failed { error, .. } if error.cause().downcast_ref::<ParkedBehind>().is_some()
+                );
+                Verdict::DeadLetter {
+                    reason: outcome.failure_reason(),
+                    attempts: if parked { 0 } else { outcome.attempts() },
+                    parked,
+                }
+            }
             (Settlement::DeadLetter, None) => Verdict::Abandon,
         }
     }
@@ -73,6 +83,8 @@ pub(crate) struct Settling {
     /// The message's `consume` span: settling records its outcome.
     pub(crate) span: tracing::Span,
     pub(crate) consumed: Arc<Consumed>,
+    /// The message's aggregate in a parking subscription.
+    pub(crate) park: Option<ParkCheck>,
 }
 
 /// Settles one message while its lane is held. Acks and terminates are retried with the
@@ -139,6 +151,9 @@ async fn settle_now(
 ) {
     match verdict {
         Verdict::Ack { handled } => {
+            if handled && let Some(park) = &settling.park {
+                park.handled();
+            }
             retried(runtime, "ack", || receipt.ack()).await;
             ended(
                 settling,
@@ -160,11 +175,18 @@ async fn settle_now(
             receipt.abandon();
             ended(settling, Consumption::Abandoned);
         }
-        Verdict::DeadLetter { reason, attempts } => {
+        Verdict::DeadLetter {
+            reason,
+            attempts,
+            parked,
+        } => {
             let Some(topic) = &settling.dead_letter else {
                 return;
             };
-            write_dead_letter(runtime, settling, topic, &reason, attempts).await;
+            write_dead_letter(runtime, settling, topic, &reason, attempts, parked).await;
+            if !parked && let Some(park) = &settling.park {
+                park.dead_lettered();
+            }
             retried(runtime, "terminate", || receipt.terminate()).await;
             ended(settling, Consumption::DeadLettered);
         }
@@ -214,9 +236,13 @@ async fn write_dead_letter(
     topic: &str,
     reason: &str,
     attempts: u32,
+    parked: bool,
 ) {
     let full = settling.receipt.full_message(&settling.message);
-    let letter = dead_letter_message(&full, reason, attempts);
+    let mut letter = dead_letter_message(&full, reason, attempts);
+    if parked {
+        letter.headers.insert(HEADER_PARKED, "true");
+    }
     let id = dedup_id(&settling.subscription, &full);
     let mut failures = 0u32;
     // Counts the message as waiting on its dead letter while the write fails, until it is
