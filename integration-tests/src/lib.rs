@@ -1349,6 +1349,7 @@ pub async fn trace_context_flows_from_an_event_through_its_handler_to_the_follow
     let bus = factory.bus(Settings::default()).await;
     let (first, second) = (factory.topic("trace"), factory.topic("traced"));
     let follow_ups = collect(bus.as_ref(), &second).await;
+    let originals = collect(bus.as_ref(), &first).await;
     let seen = Recorder::<Option<String>>::new();
     let (s, publisher, to) = (seen.clone(), bus.clone(), second.clone());
     bus.subscribe_envelope(
@@ -1377,6 +1378,13 @@ pub async fn trace_context_flows_from_an_event_through_its_handler_to_the_follow
     let handled = seen.wait_for("the handler ran", |e| !e.is_empty()).await;
     let incoming = eventbus_core::TraceContext::parse(handled[0].as_deref().unwrap()).unwrap();
     assert_eq!(incoming.trace_id(), TRACE);
+    // The handler got the context the broker carried in `traceparent`, parent span included
+    // (not one made up again from the envelope's trace ID).
+    let sent = originals.wait_for("the original", |e| !e.is_empty()).await;
+    let carried = eventbus_core::TraceContext::from_headers(&sent[0].headers)
+        .expect("the original carries a traceparent")
+        .unwrap();
+    assert_eq!(carried, incoming);
     let out = follow_ups
         .wait_for("the follow-up", |e| !e.is_empty())
         .await;

@@ -202,3 +202,48 @@ async fn kafka_topics_are_created_grown_and_validated_keeping_their_other_settin
     );
     bus.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_stream_lacking_its_partition_subjects_is_reported_then_covered() {
+    integration_tests::capture_logs();
+    let server = NatsServer::start();
+    // The stream exists for the bare topic only, as one made before the topic was partitioned.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "split".into(),
+        subjects: vec!["managed.split".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut config = nats_config(&server.url());
+    config.topics.insert(
+        "managed.split".into(),
+        eventbus_nats::TopicOptions {
+            partitions: Some(3),
+            ..eventbus_nats::TopicOptions::default()
+        },
+    );
+    let bus = eventbus_nats::NatsBus::connect(BusSettings::new("nats", "split"), config)
+        .await
+        .unwrap();
+    let spec = TopicSpec::new("managed.split").with_partitions(3);
+    let lacking = bus
+        .ensure_topic(&spec, EnsureMode::ValidateOnly)
+        .await
+        .unwrap();
+    assert_eq!(fields(&lacking), (vec![], vec!["partitions"]), "{lacking}");
+    let covered = bus
+        .ensure_topic(&spec, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(fields(&covered), (vec!["partitions"], vec![]), "{covered}");
+    assert!(
+        bus.ensure_topic(&spec, EnsureMode::ValidateOnly)
+            .await
+            .unwrap()
+            .matches()
+    );
+    bus.close().await.unwrap();
+}

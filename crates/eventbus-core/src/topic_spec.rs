@@ -171,21 +171,20 @@ impl fmt::Display for TopicReport {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
+        let mut parts = Vec::new();
         if self.created {
-            f.write_str("created")?;
-        } else if self.updated.is_empty() && self.mismatches.is_empty() {
-            f.write_str("as specified")?;
+            parts.push("created".to_owned());
         }
         if !self.updated.is_empty() {
-            write!(f, "updated ({})", list(&self.updated))?;
+            parts.push(format!("updated ({})", list(&self.updated)));
         }
         if !self.mismatches.is_empty() {
-            if !self.updated.is_empty() {
-                f.write_str(", ")?;
-            }
-            write!(f, "differs ({})", list(&self.mismatches))?;
+            parts.push(format!("differs ({})", list(&self.mismatches)));
         }
-        Ok(())
+        if parts.is_empty() {
+            parts.push("as specified".to_owned());
+        }
+        f.write_str(&parts.join(", "))
     }
 }
 
@@ -206,6 +205,15 @@ mod tests {
             "updated (partitions: wanted 6, has 3), differs (replicas: wanted 3, has 1)"
         );
         assert!(!report.matches());
+        let created = TopicReport {
+            created: true,
+            updated: Vec::new(),
+            mismatches: vec![TopicMismatch::missing()],
+        };
+        assert_eq!(
+            created.to_string(),
+            "created, differs (exists: wanted yes, has no)"
+        );
         assert_eq!(TopicMismatch::compare("partitions", None, 3), None);
         assert_eq!(TopicMismatch::compare("partitions", Some(3), 3), None);
     }

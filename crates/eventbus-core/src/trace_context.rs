@@ -154,7 +154,8 @@ impl TraceContext {
     }
 
     /// The same trace and state, with `span_id` as the parent: what a message sent from span
-    /// `span_id` carries.
+    /// `span_id` carries. Flags this version does not know are cleared, as W3C asks of a
+    /// participant that passes a context on.
     pub fn child(&self, span_id: [u8; 8]) -> Self {
         Self {
             parent_id: if span_id == [0; 8] {
@@ -162,6 +163,7 @@ impl TraceContext {
             } else {
                 span_id
             },
+            flags: self.flags & 1,
             ..self.clone()
         }
     }

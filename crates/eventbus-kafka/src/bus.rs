@@ -284,10 +284,6 @@ impl EventBus for KafkaBus {
         inner.runtime.add_health(report)
     }
 
-    /// Takes what the assigned partitions held when it was called (up to half the drain timeout,
-    /// at most 5 s), stops polling, lets queued and running records finish up to the drain
-    /// timeout, commits what finished and leaves the group; what did not finish is read again
-    /// by the partitions' next owner.
     async fn ensure_topic(
         &self,
         spec: &eventbus_core::TopicSpec,
@@ -322,6 +318,10 @@ impl EventBus for KafkaBus {
         self.inner.group.connection_state()
     }
 
+    /// Takes what the assigned partitions held when it was called (up to half the drain timeout,
+    /// at most 5 s), stops polling, lets queued and running records finish up to the drain
+    /// timeout, commits what finished and leaves the group; what did not finish is read again
+    /// by the partitions' next owner.
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;

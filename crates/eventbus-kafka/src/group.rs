@@ -128,18 +128,27 @@ impl ClientContext for GroupContext {
 
     /// librdkafka's statistics (every `statistics.interval.ms`, 5 s unless configured): each
     /// assigned partition's consumer lag (its end offset minus its committed offset) goes to
-    /// the readers of the partition.
+    /// one reader of the partition (the runtime sums it per topic, and the group's offsets are
+    /// the same for every subscription); a broker seen up ends an outage that no record or
+    /// commit ended (an idle bus).
     fn stats(&self, statistics: Statistics) {
+        if statistics
+            .brokers
+            .values()
+            .any(|broker| broker.state == "UP")
+        {
+            self.group.set_brokers_down(false);
+        }
         let assigned = lock(&self.group.assigned);
         for (topic, stats) in &statistics.topics {
             for (partition, stats) in &stats.partitions {
                 let Ok(lag) = u64::try_from(stats.consumer_lag) else {
                     continue;
                 };
-                if let Some(assigned) = assigned.get(&(topic.clone(), *partition)) {
-                    for reader in lock(&assigned.readers).iter() {
-                        reader.consumer.report_lag(lag);
-                    }
+                if let Some(assigned) = assigned.get(&(topic.clone(), *partition))
+                    && let Some(reader) = lock(&assigned.readers).first()
+                {
+                    reader.consumer.report_lag(lag);
                 }
             }
         }

@@ -115,8 +115,8 @@ impl Publisher {
     ///
     /// # Cancel safety
     ///
-    /// Each admin request is complete or not sent; a dropped call may leave a topic created
-    /// or partly updated, which the next call reports or finishes.
+    /// A dropped call may leave a topic created or partly updated (librdkafka completes an
+    /// admin request it has sent), which the next call reports or finishes.
     pub(crate) async fn ensure_spec(
         &self,
         spec: &TopicSpec,
@@ -207,7 +207,13 @@ impl Publisher {
             i32::try_from(partitions).unwrap_or(i32::MAX)
         });
         let replication = TopicReplication::Fixed(spec.replicas.map_or(-1, i32::from));
-        let retention = spec.retention.map(retention_ms);
+        // A dead-letter topic keeps its records for ever unless the spec says otherwise, as
+        // when the bus makes it.
+        let retention = match spec.retention {
+            Some(retention) => Some(retention_ms(retention)),
+            None if topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX) => Some("-1".to_owned()),
+            None => None,
+        };
         let mut new = NewTopic::new(topic, partitions, replication);
         if let Some(retention) = &retention {
             new = new.set("retention.ms", retention);
@@ -218,9 +224,16 @@ impl Publisher {
             .await
             .map_err(|error| Error::broker(format!("cannot create Kafka topic {topic}"), error))?
         {
-            result.map_err(|(_, code)| {
-                admin_error(format!("cannot create Kafka topic {topic}"), code)
-            })?;
+            match result {
+                // Made meanwhile by someone else: the next call compares it.
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => {
+                    return Err(admin_error(
+                        format!("cannot create Kafka topic {topic}"),
+                        code,
+                    ));
+                }
+            }
         }
         lock(&self.known).insert(topic.to_owned());
         tracing::info!(topic, ?spec, "Kafka topic created");

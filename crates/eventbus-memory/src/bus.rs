@@ -241,8 +241,6 @@ impl EventBus for MemoryBus {
         inner.runtime.add_health(report)
     }
 
-    /// Stops intake, lets queued and running messages (dead letters included) finish until the
-    /// drain timeout, then stops the engine; what is left is dropped and counted.
     /// Memory topics exist as soon as they are named and have nothing to configure: every
     /// valid topic matches its spec.
     async fn ensure_topic(
@@ -275,6 +273,8 @@ impl EventBus for MemoryBus {
         self.inner.connection.subscribe()
     }
 
+    /// Stops intake, lets queued and running messages (dead letters included) finish until the
+    /// drain timeout, then stops the engine; what is left is dropped and counted.
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;

@@ -540,10 +540,6 @@ impl EventBus for NatsBus {
         inner.runtime.add_health(report)
     }
 
-    /// Stops fetching (each subscription first takes what its open pull request still brings
-    /// and one more batch of what the consumer holds, so that what was published just before
-    /// `close` is handled), lets queued and running messages finish and acknowledges them, up
-    /// to the drain timeout; what is left is given back (nak) in lane order.
     async fn ensure_topic(
         &self,
         spec: &eventbus_core::TopicSpec,
@@ -576,6 +572,10 @@ impl EventBus for NatsBus {
         self.inner.connection.watch()
     }
 
+    /// Stops fetching (each subscription first takes what its open pull request still brings
+    /// and one more batch of what the consumer holds, so that what was published just before
+    /// `close` is handled), lets queued and running messages finish and acknowledges them, up
+    /// to the drain timeout; what is left is given back (nak) in lane order.
     async fn close(&self) -> Result<(), Error> {
         let inner = &self.inner;
         let mut closed = inner.closing.lock().await;

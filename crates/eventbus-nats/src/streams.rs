@@ -329,7 +329,25 @@ pub(crate) async fn ensure_spec(
         message: format!("cannot read stream {name}: {error}"),
         source: None,
     };
-    let Ok(name) = js.stream_by_subject(topic).await else {
+    let found = match js.stream_by_subject(topic).await {
+        Ok(name) => Some(name),
+        Err(error)
+            if matches!(
+                error.kind(),
+                async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound
+            ) =>
+        {
+            None
+        }
+        // Not knowing is not "missing": nothing is created on a failed lookup.
+        Err(error) => {
+            return Err(Error::broker(
+                format!("cannot find the stream of {topic}"),
+                error,
+            ));
+        }
+    };
+    let Some(name) = found else {
         if mode == EnsureMode::ValidateOnly {
             report.mismatches.push(TopicMismatch::missing());
             return Ok(report);
@@ -343,7 +361,13 @@ pub(crate) async fn ensure_spec(
             Some(TopicStorage::Memory) => Storage::Memory,
             _ => Storage::File,
         };
-        let mut limits = config.stream_limits;
+        // A dead-letter topic gets the dead-letter limits (no age limit by default), as when
+        // the bus makes its stream.
+        let mut limits = if topic.ends_with(eventbus_core::DEAD_LETTER_SUFFIX) {
+            config.dead_letter_limits
+        } else {
+            config.stream_limits
+        };
         if let Some(retention) = spec.retention {
             limits.max_age = Some(retention);
         }
@@ -373,6 +397,34 @@ pub(crate) async fn ensure_spec(
         report.mismatches.push(mismatch);
     }
     let mut changes = Vec::new();
+    // A partitioned topic's stream must hold every partition's subject.
+    if let Some((base, partitions)) = partitioned(&config.topics, topic) {
+        let missing: Vec<String> = subjects(base, partitions)
+            .into_iter()
+            .filter(|subject| {
+                !info
+                    .config
+                    .subjects
+                    .iter()
+                    .any(|pattern| subject_matches(pattern, subject))
+            })
+            .collect();
+        if !missing.is_empty() {
+            let mismatch = TopicMismatch {
+                field: "partitions",
+                wanted: format!("{partitions} partition subjects"),
+                actual: format!("stream {name} lacks {missing:?}"),
+            };
+            if mode == EnsureMode::CreateOrUpdate {
+                cover(js, &name, &missing).await?;
+                // A later update of the stream keeps them.
+                wanted.subjects.extend(missing);
+                report.updated.push(mismatch);
+            } else {
+                report.mismatches.push(mismatch);
+            }
+        }
+    }
     if let Some(mismatch) = TopicMismatch::compare("retention", spec.retention, info.config.max_age)
     {
         wanted.max_age = spec.retention.unwrap_or_default();

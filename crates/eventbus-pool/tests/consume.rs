@@ -598,3 +598,36 @@ async fn a_lane_held_past_lane_blocked_after_is_counted_blocked_and_degrades_the
         .close(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_finishes_its_work_once_its_token_fired_succeeded() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(4, &log);
+    let seen = log.clone();
+    let handler = Handler::Envelope(Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+        let seen = seen.clone();
+        async move {
+            seen.push(format!("run {}", envelope.event_version));
+            // Commits what it was doing when asked to stop, then returns.
+            ctx.cancellation().cancelled().await;
+            Ok(())
+        }
+    }));
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-finish", handler)
+                .with_handler_timeout(Some(Duration::from_millis(50))),
+        )
+        .unwrap();
+    consumer.deliver(delivery(&log, "a", 1, 1)).await.unwrap();
+    wait_until("a/1 acked", || log.events().contains(&"ack a/1".into())).await;
+    assert_eq!(
+        log.events(),
+        ["run 1", "ack a/1"],
+        "handled once, not retried"
+    );
+    assert_eq!(runtime.stats().handler_timeouts, 1);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}

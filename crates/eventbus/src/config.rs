@@ -569,8 +569,13 @@ impl Config {
                 .topics
                 .keys()
                 .map(|name| {
-                    // The topic's own options over `topic_defaults`.
-                    let options = self.kafka.topic(name);
+                    // The topic's own options over `topic_defaults`; a dead-letter topic keeps
+                    // its records for ever unless it names a retention itself.
+                    let mut options = self.kafka.topic(name);
+                    if name.ends_with(eventbus_core::DEAD_LETTER_SUFFIX) {
+                        options.retention =
+                            self.kafka.topics.get(name).and_then(|own| own.retention);
+                    }
                     let mut spec = eventbus_core::TopicSpec::new(name);
                     spec.partitions = options
                         .partitions

@@ -239,6 +239,14 @@ fn kafka_topic_specs_come_from_its_topic_tables_over_the_defaults() {
             .with_retention(Duration::from_secs(7 * 24 * 3600))]
     );
     assert!(Config::default().topic_specs().is_empty());
+    // A dead-letter topic keeps its records for ever unless it names a retention itself.
+    let dead_letters = Config::from_toml_str(
+        "type = \"kafka\"\n[kafka]\nbootstrap_servers = [\"127.0.0.1:9092\"]\n\
+         [kafka.topic_defaults]\nretention = \"7days\"\n\
+         [kafka.topics.\"orders.DLQ\"]\npartitions = 1\n",
+    )
+    .unwrap();
+    assert_eq!(dead_letters.topic_specs()[0].retention, None);
 }
 
 #[cfg(feature = "nats")]

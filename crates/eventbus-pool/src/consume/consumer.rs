@@ -584,9 +584,10 @@ struct Timer {
 }
 
 impl Timer {
-    /// Runs `attempt` for up to the timeout. Past it, the attempt's token fires and the attempt
-    /// fails as transient once the handler returns; a handler that does not return within the
-    /// grace period is dropped and counted.
+    /// Runs `attempt` for up to the timeout. Past it, the attempt's token fires; a handler that
+    /// still finishes its work (returns `Ok`) within the grace period succeeded, any other
+    /// return fails as transient, and a handler that does not return within the grace period is
+    /// dropped and counted.
     async fn run(self, attempt: AttemptFuture) -> Result<(), HandlerError> {
         let mut attempt = attempt;
         if let Ok(result) = tokio::time::timeout(self.timeout, &mut attempt).await {
@@ -598,8 +599,13 @@ impl Timer {
             runtime.counters.add(Stat::HandlerTimeouts, 1);
         }
         let grace = self.timeout.min(CANCEL_GRACE_MAX);
-        let returned = tokio::time::timeout(grace, attempt).await.is_ok();
-        if returned {
+        let returned = tokio::time::timeout(grace, attempt).await;
+        if let Ok(Ok(())) = returned {
+            // Its work is done: failing it would only run it again.
+            tracing::warn!(subscription = %self.subscription, timeout = ?self.timeout, "handler finished after its timeout, once its token fired");
+            return Ok(());
+        }
+        if returned.is_ok() {
             tracing::warn!(subscription = %self.subscription, timeout = ?self.timeout, "handler timed out; its attempt fails and is retried or dead-lettered");
         } else {
             if let Some(runtime) = &runtime {

@@ -28,6 +28,7 @@ pub(crate) fn start(shared: &Arc<Shared>) -> tokio::task::JoinHandle<()> {
                 break;
             }
         }
+        gauges.clear();
     })
 }
 
@@ -45,6 +46,16 @@ impl Gauges {
             oldest: gauge!(format!("{namespace}_oldest_job_age_seconds")),
             blocked: gauge!(format!("{namespace}_lanes_blocked")),
             lag: HashMap::new(),
+        }
+    }
+
+    /// Sets every gauge to 0: the runtime closed, and a frozen last value would read as a
+    /// blocked lane or a lag that no longer exists.
+    fn clear(&self) {
+        self.oldest.set(0.0);
+        self.blocked.set(0.0);
+        for gauge in self.lag.values() {
+            gauge.set(0.0);
         }
     }
 
