@@ -119,7 +119,9 @@ impl Selection {
 
 /// Connects the bus and reads the dead letters of `source`.
 async fn read(source: &Source) -> Result<(eventbus::Bus, String, Vec<StoredDeadLetter>), CliError> {
-    let config = eventbus::Config::load(Some(&source.config))?;
+    let mut config = eventbus::Config::load(Some(&source.config))?;
+    // Run beside the service, whose metrics port is taken.
+    config.metrics.listen = None;
     let topic = match &source.dead_letter_topic {
         Some(topic) => topic.clone(),
         None => eventbus::dead_letter_topic(&source.topic)?,
@@ -134,7 +136,10 @@ fn summary_line(letter: &StoredDeadLetter) -> String {
     let envelope = letter.envelope();
     let at = letter
         .dead_lettered_at()
-        .and_then(|at| at.format(&time_format()).ok())
+        .and_then(|at| {
+            at.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "-".to_owned());
     [
         position_text(letter.position()),
@@ -152,10 +157,6 @@ fn summary_line(letter: &StoredDeadLetter) -> String {
         letter.reason().unwrap_or("-").to_owned(),
     ]
     .join("\t")
-}
-
-fn time_format() -> &'static [time::format_description::BorrowedFormatItem<'static>] {
-    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z")
 }
 
 /// `eventbus dlq list`.
@@ -228,6 +229,7 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
         .iter()
         .filter(|letter| args.selection.selects(letter))
         .collect();
+    let selected = in_replay_order(&letters, selected)?;
     if args.dry_run {
         for letter in &selected {
             let (to, _) = letter.replay()?;
@@ -251,16 +253,21 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
     let mut first = std::collections::HashMap::new();
     let mut final_one = std::collections::HashMap::new();
     for (index, letter) in selected.iter().enumerate() {
-        let aggregate = letter.aggregate_id();
-        first.entry(aggregate.clone()).or_insert(index);
-        final_one.insert(aggregate, index);
+        if let Some(aggregate) = lane_of(letter) {
+            first.entry(aggregate.clone()).or_insert(index);
+            final_one.insert(aggregate, index);
+        }
     }
     let mut replayed = 0usize;
     let mut failure = None;
     for (index, letter) in selected.iter().enumerate() {
-        let aggregate = letter.aggregate_id();
-        let head = first.get(&aggregate) == Some(&index);
-        let last = final_one.get(&aggregate) == Some(&index);
+        let aggregate = lane_of(letter);
+        let head = aggregate
+            .as_ref()
+            .is_some_and(|lane| first.get(lane) == Some(&index));
+        let last = aggregate
+            .as_ref()
+            .is_some_and(|lane| final_one.get(lane) == Some(&index));
         // Stop at the first failure: replaying the aggregate's later events before it would
         // put them out of order.
         let result = async {
@@ -273,7 +280,12 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
                 message.headers.insert(eventbus::HEADER_REPLAY_LAST, "true");
             }
             bus.publish(&to, message).await?;
-            bus.remove_dead_letter(letter).await
+            bus.remove_dead_letter(letter).await.map_err(|error| {
+                CliError(format!(
+                    "published back to {to} but not removed ({error}): it is still listed, \
+                     and replaying it again publishes it twice"
+                ))
+            })
         }
         .await;
         match result {
@@ -305,11 +317,125 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
     }
 }
 
+/// The aggregate lane a parking subscription puts a dead letter in: the trimmed aggregate ID of
+/// a decodable envelope (the runtime's key), `None` for anything else.
+fn lane_of(letter: &StoredDeadLetter) -> Option<String> {
+    let envelope = letter.envelope()?;
+    envelope.aggregate().ok().map(|id| id.as_str().to_owned())
+}
+
+/// The selected dead letters in the order a replay publishes them: dead-letter order, except
+/// that each aggregate's envelopes go in `event_version` order (a replayed event that failed
+/// again is dead-lettered after its aggregate's later events: this puts it back first).
+/// Refuses a selection that holds some but not all of an aggregate's dead letters: a parking
+/// subscription would let the selected ones run before the others.
+fn in_replay_order<'a>(
+    all: &'a [StoredDeadLetter],
+    selected: Vec<&'a StoredDeadLetter>,
+) -> Result<Vec<&'a StoredDeadLetter>, CliError> {
+    let mut by_lane: std::collections::HashMap<String, Vec<&'a StoredDeadLetter>> =
+        std::collections::HashMap::new();
+    for letter in &selected {
+        if let Some(lane) = lane_of(letter) {
+            by_lane.entry(lane).or_default().push(letter);
+        }
+    }
+    for (lane, letters) in &by_lane {
+        let total = all
+            .iter()
+            .filter(|letter| lane_of(letter).as_deref() == Some(lane.as_str()))
+            .count();
+        if total != letters.len() {
+            return Err(CliError(format!(
+                "the selection holds {} of aggregate {lane}'s {total} dead letters: replay them \
+                 together (--aggregate {lane}), or a parking subscription runs them out of order",
+                letters.len()
+            )));
+        }
+    }
+    for letters in by_lane.values_mut() {
+        letters.sort_by_key(|letter| letter.envelope().map_or(i64::MIN, |e| e.event_version));
+    }
+    let mut next: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    Ok(selected
+        .into_iter()
+        .map(|letter| match lane_of(letter) {
+            Some(lane) => {
+                let slot = next.entry(lane.clone()).or_default();
+                let chosen = by_lane
+                    .get(&lane)
+                    .and_then(|letters| letters.get(*slot))
+                    .copied()
+                    .unwrap_or(letter);
+                *slot += 1;
+                chosen
+            }
+            None => letter,
+        })
+        .collect())
+}
+
 /// Runs `eventbus dlq …`.
 pub(crate) async fn run(command: DlqCommand) -> Result<ExitCode, CliError> {
     match command {
         DlqCommand::List(args) => list(args).await,
         DlqCommand::Show(args) => show(args).await,
         DlqCommand::Replay(args) => replay(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Test code: a failed unwrap is a failed check.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn letter(aggregate: &str, version: i64, sequence: u64) -> StoredDeadLetter {
+        let envelope = eventbus::Envelope::new(aggregate, "Changed", version, &version).unwrap();
+        let mut message = eventbus::Message::new("orders.DLQ", envelope.to_bytes().unwrap());
+        message.meta.position = Position::Sequence(sequence);
+        StoredDeadLetter { message }
+    }
+
+    fn versions(letters: &[&StoredDeadLetter]) -> Vec<(String, i64)> {
+        letters
+            .iter()
+            .map(|letter| {
+                let envelope = letter.envelope().unwrap();
+                (envelope.aggregate_id, envelope.event_version)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_aggregate_is_replayed_in_version_order_in_its_own_slots() {
+        // v1 of a failed again after its parked successors; b in between.
+        let all = [
+            letter("a", 2, 1),
+            letter("b", 1, 2),
+            letter("a", 3, 3),
+            letter("a", 1, 4),
+        ];
+        let ordered = in_replay_order(&all, all.iter().collect()).unwrap();
+        assert_eq!(
+            versions(&ordered),
+            [
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 1),
+                ("a".to_owned(), 2),
+                ("a".to_owned(), 3)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_selection_cutting_an_aggregate_in_two_is_refused() {
+        let all = [letter("a", 1, 1), letter("a", 2, 2), letter("b", 1, 3)];
+        let Err(error) = in_replay_order(&all, vec![&all[1], &all[2]]) else {
+            panic!("a partial selection was accepted");
+        };
+        assert!(error.to_string().contains("--aggregate a"), "{error}");
+        assert!(in_replay_order(&all, vec![&all[2]]).is_ok());
     }
 }

@@ -138,9 +138,9 @@ pub struct SubscribeOptions {
     /// How long one attempt of the handler may run. When it passes, the handler's
     /// [cancellation token](crate::HandlerContext::cancellation) fires and the attempt counts as
     /// a transient failure: retried in the aggregate's lane, then dead-lettered as usual (a plain
-    /// message is not retried), unless the handler returns `Ok` within as long again (at most
-    /// 5 s more): its work is done, and it succeeded. A handler that has not returned by then is
-    /// dropped and reported; work it spawned is not stopped. `None` (the default) takes the bus's
+    /// message is not retried), whatever the handler returns once its token fired. A handler
+    /// that has not returned when as long again has passed (at most 5 s more) is dropped and
+    /// reported; work it spawned is not stopped. `None` (the default) takes the bus's
     /// `handler_timeout`, and without one a handler may run for as long as it takes.
     pub handler_timeout: Option<Duration>,
     /// Park an aggregate behind its dead letter (envelopes): once one of its envelopes is

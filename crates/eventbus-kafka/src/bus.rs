@@ -144,6 +144,12 @@ impl KafkaBus {
             None
         };
         let handler_timeout = options.checked_handler_timeout()?;
+        if options.park_on_dead_letter && dead_letter.is_none() {
+            return Err(Error::config(
+                "park_on_dead_letter",
+                "parking needs an envelope subscription with a dead-letter topic",
+            ));
+        }
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use eventbus_core::{Error, Message, OutboundMessage, Position, StoredDeadLetter};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -76,7 +77,15 @@ fn read_topic(consumer: &BaseConsumer, topic: &str) -> Result<Vec<Message>, Erro
         let Some(polled) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
-        let record = polled.map_err(|error| read_error(topic, error))?;
+        let record = match polled {
+            // The partition's end: its last offsets may hold no record (a transaction's
+            // control record, compaction).
+            Err(KafkaError::PartitionEOF(partition)) => {
+                ends.remove(&partition);
+                continue;
+            }
+            polled => polled.map_err(|error| read_error(topic, error))?,
+        };
         let (partition, offset) = (record.partition(), record.offset());
         let Some(end) = ends.get(&partition).copied() else {
             continue;
@@ -113,7 +122,8 @@ pub(crate) async fn read(
     client
         .set("group.id", format!("{client_id}-dead-letter-reader"))
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true");
     for (name, value) in &config.consumer_properties.0 {
         client.set(name, value);
     }

@@ -154,6 +154,13 @@ impl MemoryBus {
         } else {
             None
         };
+        if options.park_on_dead_letter {
+            // A parked aggregate waits for a replay, and memory keeps no dead letters to replay.
+            return Err(Error::config(
+                "park_on_dead_letter",
+                "the memory backend keeps no dead letters to replay: parking would hold an aggregate for ever",
+            ));
+        }
         let inner = &self.inner;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);

@@ -1,6 +1,9 @@
 //! Reading and removing stored dead letters (`eventbus dlq`): an ordered consumer over the
 //! dead-letter subject up to where it ends when asked, and deletion from the stream.
 
+use std::time::Duration;
+
+use async_nats::jetstream::context::GetStreamByNameErrorKind;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use eventbus_core::{DeliveryMeta, Error, Position, StoredDeadLetter};
 use futures::StreamExt;
@@ -14,7 +17,11 @@ fn read_error(topic: &str, error: impl std::fmt::Display) -> Error {
     }
 }
 
-/// The dead letters `topic` holds now, oldest first; none when no stream holds `topic`.
+/// How long reading a dead-letter topic to its end may take.
+const READ_LIMIT: Duration = Duration::from_secs(120);
+
+/// The dead letters `topic` holds now (up to the stream's last message when called), oldest
+/// first; none when no stream holds `topic`.
 ///
 /// # Cancel safety
 ///
@@ -24,13 +31,33 @@ pub(crate) async fn read(
     js: &jetstream::Context,
     topic: &str,
 ) -> Result<Vec<StoredDeadLetter>, Error> {
-    let Ok(name) = js.stream_by_subject(topic).await else {
-        return Ok(Vec::new());
+    tokio::time::timeout(READ_LIMIT, read_to_end(js, topic))
+        .await
+        .map_err(|_| Error::Timeout {
+            operation: "reading a dead-letter topic to its end",
+            after: READ_LIMIT,
+        })?
+}
+
+async fn read_to_end(js: &jetstream::Context, topic: &str) -> Result<Vec<StoredDeadLetter>, Error> {
+    let name = match js.stream_by_subject(topic).await {
+        Ok(name) => name,
+        Err(error) if matches!(error.kind(), GetStreamByNameErrorKind::NotFound) => {
+            return Ok(Vec::new());
+        }
+        Err(error) => return Err(read_error(topic, error)),
     };
-    let stream = js
+    let mut stream = js
         .get_stream(&name)
         .await
         .map_err(|error| read_error(topic, error))?;
+    // What was stored when asked: later dead letters are for the next call.
+    let end = stream
+        .info()
+        .await
+        .map_err(|error| read_error(topic, error))?
+        .state
+        .last_sequence;
     let consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: topic.to_owned(),
@@ -51,6 +78,9 @@ pub(crate) async fn read(
         let message = message.map_err(|error| read_error(topic, error))?;
         let info = message.info().map_err(|error| read_error(topic, error))?;
         let (sequence, pending, published) = (info.stream_sequence, info.pending, info.published);
+        if sequence > end {
+            break;
+        }
         let meta = DeliveryMeta {
             position: Position::Sequence(sequence),
             delivery_attempt: 1,
@@ -58,7 +88,7 @@ pub(crate) async fn read(
         };
         let (message, _) = take_apart(message.split().0, true, meta);
         letters.push(StoredDeadLetter { message });
-        if pending == 0 {
+        if pending == 0 || sequence >= end {
             break;
         }
     }

@@ -600,7 +600,7 @@ async fn a_lane_held_past_lane_blocked_after_is_counted_blocked_and_degrades_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_that_finishes_its_work_once_its_token_fired_succeeded() {
+async fn a_handler_returning_ok_once_its_token_fired_is_still_retried() {
     let log = Arc::new(Log::default());
     let runtime = runtime(4, &log);
     let seen = log.clone();
@@ -608,7 +608,7 @@ async fn a_handler_that_finishes_its_work_once_its_token_fired_succeeded() {
         let seen = seen.clone();
         async move {
             seen.push(format!("run {}", envelope.event_version));
-            // Commits what it was doing when asked to stop, then returns.
+            // Returns Ok when asked to stop, whether or not its work is done.
             ctx.cancellation().cancelled().await;
             Ok(())
         }
@@ -620,14 +620,42 @@ async fn a_handler_that_finishes_its_work_once_its_token_fired_succeeded() {
         )
         .unwrap();
     consumer.deliver(delivery(&log, "a", 1, 1)).await.unwrap();
-    wait_until("a/1 acked", || log.events().contains(&"ack a/1".into())).await;
+    wait_until("a/1 settled", || {
+        log.events().contains(&"terminate a/1".into())
+    })
+    .await;
+    // Asked to stop, it may not have done its work: never acknowledged as handled.
     assert_eq!(
         log.events(),
-        ["run 1", "ack a/1"],
-        "handled once, not retried"
+        [
+            "run 1",
+            "run 1",
+            "dead letter to orders.DLQ (handler timed out after 50ms) id dlq:sub-finish:orders:1:0",
+            "terminate a/1"
+        ]
     );
-    assert_eq!(runtime.stats().handler_timeouts, 1);
+    assert_eq!(runtime.stats().handler_timeouts, 2);
     runtime
         .close(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_without_envelopes_or_a_dead_letter_topic_is_refused() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let plain = Handler::Plain(Arc::new(|_ctx: HandlerContext, _message: Message| async {
+        Ok(())
+    }));
+    for spec in [
+        SubscriptionSpec::new("orders", "plain", plain).with_park_on_dead_letter(true),
+        SubscriptionSpec::new("orders", "no-dlq", stuck_handler(&log, 1, true))
+            .with_dead_letter(None)
+            .with_park_on_dead_letter(true),
+    ] {
+        let Err(error) = runtime.subscribe(spec) else {
+            panic!("parking accepted where it cannot work");
+        };
+        assert!(error.to_string().contains("park_on_dead_letter"), "{error}");
+    }
 }

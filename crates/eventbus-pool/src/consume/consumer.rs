@@ -180,9 +180,13 @@ impl Consumer {
         if handler_timeout.is_some_and(|timeout| timeout.is_zero()) {
             return Err(Error::config("handler_timeout", "must be longer than 0"));
         }
-        let parking =
-            (spec.park_on_dead_letter && spec.handler.is_envelope() && spec.dead_letter.is_some())
-                .then(Arc::default);
+        if spec.park_on_dead_letter && (!spec.handler.is_envelope() || spec.dead_letter.is_none()) {
+            return Err(Error::config(
+                "park_on_dead_letter",
+                "parking needs an envelope subscription with a dead-letter topic",
+            ));
+        }
+        let parking = spec.park_on_dead_letter.then(Arc::default);
         let scope = runtime.pool.open_scope()?;
         let consumer = Arc::new(Self {
             topic: Arc::from(spec.topic.as_str()),
@@ -584,10 +588,10 @@ struct Timer {
 }
 
 impl Timer {
-    /// Runs `attempt` for up to the timeout. Past it, the attempt's token fires; a handler that
-    /// still finishes its work (returns `Ok`) within the grace period succeeded, any other
-    /// return fails as transient, and a handler that does not return within the grace period is
-    /// dropped and counted.
+    /// Runs `attempt` for up to the timeout. Past it, the attempt's token fires and the attempt
+    /// fails as transient whatever the handler returns (a handler asked to stop may return
+    /// `Ok` without having done its work, and nothing unhandled is acknowledged); a handler
+    /// that does not return within the grace period is dropped and counted.
     async fn run(self, attempt: AttemptFuture) -> Result<(), HandlerError> {
         let mut attempt = attempt;
         if let Ok(result) = tokio::time::timeout(self.timeout, &mut attempt).await {
@@ -599,13 +603,8 @@ impl Timer {
             runtime.counters.add(Stat::HandlerTimeouts, 1);
         }
         let grace = self.timeout.min(CANCEL_GRACE_MAX);
-        let returned = tokio::time::timeout(grace, attempt).await;
-        if let Ok(Ok(())) = returned {
-            // Its work is done: failing it would only run it again.
-            tracing::warn!(subscription = %self.subscription, timeout = ?self.timeout, "handler finished after its timeout, once its token fired");
-            return Ok(());
-        }
-        if returned.is_ok() {
+        let returned = tokio::time::timeout(grace, attempt).await.is_ok();
+        if returned {
             tracing::warn!(subscription = %self.subscription, timeout = ?self.timeout, "handler timed out; its attempt fails and is retried or dead-lettered");
         } else {
             if let Some(runtime) = &runtime {

@@ -6,7 +6,9 @@
 //! aggregate, `X-Replay-Head`) → replaying, where only replayed messages run → (the replay's
 //! last message of the aggregate, `X-Replay-Last`, handled) → not parked. A dead letter while
 //! replaying parks it again, so a replayed event that fails again holds its successors back
-//! too. Every check and change happens in the aggregate's lane, so they follow its order.
+//! too; a live event parked while replaying keeps the aggregate parked after the replay's last
+//! (it is in the dead-letter topic, behind the replayed ones, for the next replay). Every check
+//! and change happens in the aggregate's lane, so they follow its order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -18,7 +20,8 @@ use eventbus_core::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Park {
     Parked,
-    Replaying,
+    /// Replaying; `true` once a live event was parked meanwhile.
+    Replaying(bool),
 }
 
 /// The parked aggregates of one subscription.
@@ -73,11 +76,15 @@ impl ParkCheck {
         match parked.get(&self.key).copied() {
             None => true,
             Some(Park::Parked) if self.replay.head => {
-                parked.insert(self.key.clone(), Park::Replaying);
+                parked.insert(self.key.clone(), Park::Replaying(false));
                 true
             }
             Some(Park::Parked) => false,
-            Some(Park::Replaying) => self.replay.replayed,
+            Some(Park::Replaying(_)) if self.replay.replayed => true,
+            Some(Park::Replaying(_)) => {
+                parked.insert(self.key.clone(), Park::Replaying(true));
+                false
+            }
         }
     }
 
@@ -93,9 +100,17 @@ impl ParkCheck {
             return;
         }
         let mut parked = self.parking.lock();
-        if parked.get(&self.key) == Some(&Park::Replaying) {
-            parked.remove(&self.key);
-            tracing::info!(aggregate = %self.key, "aggregate replayed and no longer parked");
+        match parked.get(&self.key) {
+            Some(Park::Replaying(false)) => {
+                parked.remove(&self.key);
+                tracing::info!(aggregate = %self.key, "aggregate replayed and no longer parked");
+            }
+            Some(Park::Replaying(true)) => {
+                // Its live events of the meantime wait in the dead-letter topic, in order.
+                parked.insert(self.key.clone(), Park::Parked);
+                tracing::warn!(aggregate = %self.key, "aggregate replayed; events parked during the replay wait for the next one");
+            }
+            _ => {}
         }
     }
 }
@@ -137,7 +152,6 @@ mod tests {
         let head = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_HEAD]);
         assert!(head.admits());
         assert!(middle.admits(), "replaying: replayed events run");
-        assert!(!live.admits(), "replaying: live events stay parked");
         // The head fails again: its replayed successors wait behind it once more.
         head.dead_lettered();
         assert!(!middle.admits());
@@ -149,6 +163,26 @@ mod tests {
         assert_eq!(parking.len(), 1, "only the last one ends the parking");
         last.handled();
         assert_eq!(parking.len(), 0);
+        assert!(live.admits());
+    }
+
+    #[test]
+    fn a_live_event_parked_during_a_replay_keeps_the_aggregate_parked_for_the_next() {
+        let parking = Arc::new(Parking::default());
+        let live = message(&parking, &[]);
+        live.dead_lettered();
+        let head = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_HEAD]);
+        assert!(head.admits());
+        assert!(!live.admits(), "replaying: live events are parked");
+        let last = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_LAST]);
+        assert!(last.admits());
+        last.handled();
+        assert!(
+            !live.admits(),
+            "still parked: the live one waits for the next replay"
+        );
+        assert!(head.admits());
+        last.handled();
         assert!(live.admits());
     }
 }

@@ -79,8 +79,8 @@ pub(crate) fn incoming(
         None => {}
     }
     let trace_id = TraceContext::parse_trace_id(&envelope?.trace_id)?;
-    // Made up from the ID alone: not sampled (the sender's sampling decision is unknown).
-    TraceContext::new(trace_id, new_span_id(), false).map(Arc::new)
+    // Made up from the ID alone: sampled, so that the trace the sender named is followed.
+    TraceContext::new(trace_id, new_span_id(), true).map(Arc::new)
 }
 
 /// The trace context an envelope is published with, and the envelope with its `trace_id` filled
@@ -104,7 +104,7 @@ pub(crate) fn outgoing_envelope(
         (Some(named), Some(current)) if named == current.trace_id_bytes() => {
             (Some(current.child(span)), None)
         }
-        (Some(named), _) => (TraceContext::new(named, span, false), None),
+        (Some(named), _) => (TraceContext::new(named, span, true), None),
         (None, Some(current)) if envelope.trace_id.is_empty() => {
             let filled = envelope.clone().with_trace_id(current.trace_id());
             (Some(current.child(span)), Some(filled))
