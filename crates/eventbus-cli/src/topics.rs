@@ -35,7 +35,9 @@ pub(crate) struct EnsureArgs {
 /// (retention: wanted …, has …)`); exits with status 1 when a topic still differs from its
 /// configuration.
 pub(crate) async fn ensure(args: EnsureArgs) -> Result<ExitCode, CliError> {
-    let config = Config::load(Some(&args.config))?;
+    let mut config = Config::load(Some(&args.config))?;
+    // Run beside the service, whose metrics port is taken.
+    config.metrics.listen = None;
     let specs = config.topic_specs();
     if specs.is_empty() {
         eprintln!(
