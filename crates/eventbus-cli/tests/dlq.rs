@@ -142,15 +142,17 @@ async fn dead_letters_round_trip(config: &Path, topic: &str) {
     bus.close().await.unwrap();
 }
 
-/// With parking on, an aggregate's events after its dead letter are parked behind it; a replay
-/// of the aggregate brings the failed event and its parked successors back in their order, and
-/// the aggregate's new events are handled again afterwards.
-async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
+/// A service whose handler fails `order-9` v1 while `broken`, recording what it handles, with
+/// parking on.
+async fn parking_service(
+    config: &Path,
+    topic: &str,
+    broken: &Arc<AtomicBool>,
+    handled: &Arc<Mutex<Vec<(String, i64)>>>,
+) -> eventbus::Bus {
     let bus = eventbus::connect(Config::load(Some(config)).unwrap())
         .await
         .unwrap();
-    let broken = Arc::new(AtomicBool::new(true));
-    let handled = Arc::new(Mutex::new(Vec::new()));
     let (b, h) = (broken.clone(), handled.clone());
     bus.subscribe_envelope(
         topic,
@@ -173,6 +175,16 @@ async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
     )
     .await
     .unwrap();
+    bus
+}
+
+/// With parking on, an aggregate's events after its dead letter are parked behind it, also
+/// after the service restarted; a replay of the aggregate brings the failed event and its parked
+/// successors back in their order, and the aggregate's new events are handled again afterwards.
+async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let bus = parking_service(config, topic, &broken, &handled).await;
     for (aggregate, version) in [
         ("order-9", 1),
         ("order-9", 2),
@@ -183,15 +195,15 @@ async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
         bus.publish_envelope(topic, &envelope).await.unwrap();
     }
     let dead_letter_topic = format!("{topic}.DLQ");
-    poll_until(
-        "the failed event and its two successors dead-lettered",
-        async || {
+    let stored = async |count: usize| {
+        poll_until("the dead letters stored", async || {
             bus.dead_letters(&dead_letter_topic)
                 .await
-                .is_ok_and(|letters| letters.len() == 3)
-        },
-    )
-    .await;
+                .is_ok_and(|letters| letters.len() == count)
+        })
+        .await;
+    };
+    stored(3).await;
     let letters = bus.dead_letters(&dead_letter_topic).await.unwrap();
     let parked: Vec<(i64, bool)> = letters
         .iter()
@@ -203,15 +215,19 @@ async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
         handled.lock().unwrap().contains(&("order-8".to_owned(), 1))
     })
     .await;
-    assert!(
-        !handled.lock().unwrap().iter().any(|(a, _)| a == "order-9"),
-        "no event of the parked aggregate ran"
-    );
+    bus.close().await.unwrap();
+    drop(bus);
 
-    broken.store(false, Ordering::SeqCst);
-    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-9"]);
-    assert_eq!(status, Some(0), "{stdout}{stderr}");
-    assert!(stderr.contains("replayed 3 of 3 selected"), "{stderr}");
+    // Restarted: the service reads which aggregates still wait and parks the next one too.
+    let bus = parking_service(config, topic, &broken, &handled).await;
+    let fourth = Envelope::new("order-9", "Changed", 4, &4).unwrap();
+    bus.publish_envelope(topic, &fourth).await.unwrap();
+    poll_until("v4 parked after the restart", async || {
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .is_ok_and(|letters| letters.len() == 4)
+    })
+    .await;
     let versions = || -> Vec<i64> {
         handled
             .lock()
@@ -221,18 +237,27 @@ async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
             .map(|(_, version)| *version)
             .collect()
     };
+    assert!(
+        versions().is_empty(),
+        "no event of the parked aggregate ran"
+    );
+
+    broken.store(false, Ordering::SeqCst);
+    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-9"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("replayed 4 of 4 selected"), "{stderr}");
     poll_until("the replayed events handled", async || {
-        versions().len() == 3
-    })
-    .await;
-    assert_eq!(versions(), [1, 2, 3], "in their original order");
-    let next = Envelope::new("order-9", "Changed", 4, &4).unwrap();
-    bus.publish_envelope(topic, &next).await.unwrap();
-    poll_until("a new event handled after the replay", async || {
         versions().len() == 4
     })
     .await;
-    assert_eq!(versions(), [1, 2, 3, 4]);
+    assert_eq!(versions(), [1, 2, 3, 4], "in their original order");
+    let next = Envelope::new("order-9", "Changed", 5, &5).unwrap();
+    bus.publish_envelope(topic, &next).await.unwrap();
+    poll_until("a new event handled after the replay", async || {
+        versions().len() == 5
+    })
+    .await;
+    assert_eq!(versions(), [1, 2, 3, 4, 5]);
     assert!(
         bus.dead_letters(&dead_letter_topic)
             .await

@@ -25,6 +25,8 @@ pub(crate) struct Publisher {
     pub(crate) admin: AdminClient<DefaultClientContext>,
     /// Topics known to exist (created here or found).
     pub(crate) known: Mutex<HashSet<String>>,
+    /// The bus's client ID (its dead-letter reader's name).
+    pub(crate) client_id: String,
 }
 
 /// The librdkafka configuration both clients start from.
@@ -68,6 +70,7 @@ impl Publisher {
             producer,
             admin,
             known: Mutex::new(HashSet::new()),
+            client_id: client_id.to_owned(),
         })
     }
 
@@ -169,6 +172,13 @@ impl Publisher {
 
 #[async_trait]
 impl Transport for Publisher {
+    async fn dead_letters(
+        &self,
+        topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        crate::dead_letters::read(&self.config, &self.client_id, topic).await
+    }
+
     /// Dead letters keep the record's key, payload and headers (the runtime adds the reason
     /// headers); the idempotent producer stores a retried write once per producer session. A
     /// dead-letter topic the bus creates keeps its records forever unless configured otherwise.

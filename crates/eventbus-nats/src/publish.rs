@@ -178,6 +178,13 @@ impl PublishFailure {
 /// runtime's idempotency key as `Nats-Msg-Id`.
 #[async_trait]
 impl Transport for Broker {
+    async fn dead_letters(
+        &self,
+        topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        crate::dead_letters::read(&self.js, topic).await
+    }
+
     async fn publish_dead_letter(
         &self,
         topic: &str,

@@ -159,6 +159,9 @@ pub struct Consumer {
     consumed: Arc<Consumed>,
     /// The parked aggregates, when the subscription parks.
     parking: Option<Arc<Parking>>,
+    /// Fired once a parking subscription has parked again the aggregates its dead-letter topic
+    /// still holds: deliveries wait for it.
+    parking_restored: CancellationToken,
     /// What the broker holds for this subscription beyond what it delivered
     /// ([`report_lag`](Self::report_lag)); `u64::MAX` until reported.
     lag: AtomicU64,
@@ -199,7 +202,8 @@ impl Consumer {
             )),
             spec,
             lag: AtomicU64::new(u64::MAX),
-            parking,
+            parking: parking.clone(),
+            parking_restored: CancellationToken::new(),
             scope,
             runtime: Arc::downgrade(runtime),
             held: Arc::default(),
@@ -208,8 +212,22 @@ impl Consumer {
             finished: CancellationToken::new(),
             progress: Mutex::new(None),
         });
+        match (&parking, &consumer.dead_letter) {
+            (Some(parking), Some(dead_letter)) => {
+                runtime.handle.spawn(restore_parking(
+                    runtime.transport.clone(),
+                    parking.clone(),
+                    consumer.topic.clone(),
+                    dead_letter.clone(),
+                    consumer.parking_restored.clone(),
+                    consumer.finished.clone(),
+                    runtime.retry.clone(),
+                ));
+            }
+            _ => consumer.parking_restored.cancel(),
+        }
         if let Some(interval) = consumer.spec.progress_interval {
-            let task = tokio::spawn(progress_loop(
+            let task = runtime.handle.spawn(progress_loop(
                 consumer.held.clone(),
                 Arc::downgrade(runtime),
                 consumer.finished.clone(),
@@ -279,6 +297,14 @@ impl Consumer {
     /// Cancel safe: if the future is dropped before it completes, the message was not queued,
     /// nothing of it stays held, and its receipt was not used.
     pub async fn deliver(&self, delivery: Delivery) -> Result<Delivered, Error> {
+        if !self.parking_restored.is_cancelled() {
+            // A parking subscription starts once it knows which aggregates wait for a replay.
+            tokio::select! {
+                () = self.parking_restored.cancelled() => {}
+                () = self.stopping.cancelled() => return Err(Error::Closed),
+                () = self.finished.cancelled() => return Err(Error::Closed),
+            }
+        }
         let runtime = match self.runtime.upgrade() {
             Some(runtime) if !self.is_closed() => runtime,
             _ => return Err(Error::Closed),
@@ -627,6 +653,51 @@ impl std::fmt::Display for HandlerTimedOut {
 }
 
 impl std::error::Error for HandlerTimedOut {}
+
+/// Parks the aggregates of `topic` whose dead letters `dead_letter` still holds (a restarted
+/// service, a partition taken over), then fires `restored`. A failed read is retried with the
+/// engine's backoff: deliveries wait meanwhile rather than run a parked aggregate out of order.
+async fn restore_parking(
+    transport: Arc<dyn super::Transport>,
+    parking: Arc<Parking>,
+    topic: Arc<str>,
+    dead_letter: Arc<str>,
+    restored: CancellationToken,
+    finished: CancellationToken,
+    retry: crate::RetryPolicy,
+) {
+    let mut failures = 0u32;
+    loop {
+        match transport.dead_letters(&dead_letter).await {
+            Ok(letters) => {
+                for letter in letters {
+                    if letter.original_topic() != Some(&*topic) {
+                        continue;
+                    }
+                    if let Some(key) = letter
+                        .envelope()
+                        .and_then(|envelope| envelope.aggregate().ok())
+                    {
+                        parking.park(key);
+                    }
+                }
+                if parking.len() > 0 {
+                    tracing::warn!(%topic, dead_letter_topic = %dead_letter, aggregates = parking.len(), "aggregates parked again behind their dead letters");
+                }
+                restored.cancel();
+                return;
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(%topic, dead_letter_topic = %dead_letter, %error, failures, "parked aggregates not read yet; deliveries wait");
+                tokio::select! {
+                    () = tokio::time::sleep(retry.backoff(failures)) => {}
+                    () = finished.cancelled() => return,
+                }
+            }
+        }
+    }
+}
 
 /// Sends an in-progress signal for every message held longer than `interval`, until `finished`.
 async fn progress_loop(

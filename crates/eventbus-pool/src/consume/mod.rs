@@ -110,6 +110,9 @@ pub(crate) struct Shared {
     pub(crate) retry: crate::RetryPolicy,
     pub(crate) counters: Counters,
     published: PublishMetrics,
+    /// The tokio runtime the bus started on: where a consumer made on a backend's own thread
+    /// (Kafka's poll thread) spawns its tasks.
+    pub(crate) handle: tokio::runtime::Handle,
     /// Ends the monitor task.
     monitor: CancellationToken,
     monitor_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -158,6 +161,7 @@ impl Runtime {
                 retry,
                 counters,
                 published,
+                handle: tokio::runtime::Handle::current(),
                 monitor: CancellationToken::new(),
                 monitor_task: Mutex::new(None),
                 consumers: Mutex::new(Vec::new()),

@@ -34,6 +34,12 @@ impl Parking {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Parks `key` unless it is parked or replaying already (a subscription restoring what its
+    /// dead-letter topic still holds).
+    pub(crate) fn park(&self, key: AggregateId) {
+        self.lock().entry(key).or_insert(Park::Parked);
+    }
+
     /// Aggregates parked or replaying now.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use eventbus_core::{
-    EnvelopeHandler, Error, Message, MessageHandler, OutboundMessage, async_trait,
+    EnvelopeHandler, Error, Message, MessageHandler, OutboundMessage, StoredDeadLetter, async_trait,
 };
 
 /// The backend side of the runtime, for the whole bus.
@@ -20,6 +20,14 @@ pub trait Transport: Send + Sync + 'static {
         letter: OutboundMessage,
         dedup_id: Option<&str>,
     ) -> Result<(), Error>;
+
+    /// The dead letters `topic` holds now (`EventBus::dead_letters`): a parking subscription
+    /// reads them when it starts, to park again the aggregates whose dead letters still wait
+    /// for a replay. The default holds none (a transport that keeps no dead letters).
+    async fn dead_letters(&self, topic: &str) -> Result<Vec<StoredDeadLetter>, Error> {
+        let _ = topic;
+        Ok(Vec::new())
+    }
 }
 
 /// The backend's receipt of one delivery: how to settle it with the broker.
