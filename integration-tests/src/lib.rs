@@ -208,7 +208,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
-    Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, SubscribeOptions,
+    Envelope, Error, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
+    SubscribeOptions,
 };
 use tokio::sync::Notify;
 
@@ -309,6 +310,7 @@ macro_rules! conformance_suite {
             a_handler_past_its_timeout_is_cancelled_then_dead_lettered_and_the_aggregate_moves_on,
             trace_context_flows_from_an_event_through_its_handler_to_the_follow_up,
             the_connection_state_is_connected_while_open_and_closed_after_close,
+            pipelined_publishes_are_stored_in_order_and_each_reports_its_result,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -509,6 +511,100 @@ pub async fn per_aggregate_order_with_many_aggregates(factory: &dyn BusFactory) 
     }
     assert_eq!(overlap.overlaps.load(Ordering::SeqCst), 0);
     bus.close().await.unwrap();
+}
+
+/// Envelopes published pipelined (all started, then awaited) and as a batch: each resolves to
+/// where the broker stored it, one aggregate's positions rise in publish order (the broker kept
+/// the order with many in flight), the results stream reports every one in start order with
+/// its identity, and the subscriber handles each aggregate in order.
+pub async fn pipelined_publishes_are_stored_in_order_and_each_reports_its_result(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("pipelined");
+    let plain_topic = factory.topic("pipelined-plain");
+    let (aggregates, versions) = (10, 20);
+    let handled = record_versions(&*bus, &topic, SubscribeOptions::new()).await;
+    let mut results = bus.publish_results();
+    let mut started = Vec::new();
+    for version in 1..=versions {
+        for aggregate in 0..aggregates {
+            let envelope = envelope(&format!("agg-{aggregate}"), version);
+            let pending = bus.start_publish_envelope(&topic, &envelope).await.unwrap();
+            started.push((envelope, pending));
+        }
+    }
+    let batch: Vec<Envelope> = (0..aggregates)
+        .map(|aggregate| envelope(&format!("agg-{aggregate}"), versions + 1))
+        .collect();
+    let mut stored = Vec::new();
+    for (envelope, pending) in started {
+        stored.push((envelope, pending.await.unwrap()));
+    }
+    for (envelope, result) in batch
+        .iter()
+        .zip(bus.publish_envelope_batch(&topic, &batch).await)
+    {
+        stored.push((envelope.clone(), result.unwrap()));
+    }
+    let mut last: HashMap<&str, Position> = HashMap::new();
+    for (envelope, position) in &stored {
+        let rises = match (last.get(envelope.aggregate_id.as_str()), position) {
+            (None, Position::Sequence(_) | Position::Partition { .. }) => true,
+            (Some(Position::Sequence(before)), Position::Sequence(now)) => now > before,
+            (
+                Some(Position::Partition {
+                    partition: before_partition,
+                    offset: before,
+                }),
+                Position::Partition { partition, offset },
+            ) => partition == before_partition && offset > before,
+            _ => false,
+        };
+        assert!(
+            rises,
+            "{} v{} stored at {position:?} after {:?}",
+            envelope.aggregate_id,
+            envelope.event_version,
+            last.get(envelope.aggregate_id.as_str())
+        );
+        last.insert(&envelope.aggregate_id, *position);
+    }
+    for (envelope, position) in &stored {
+        let result = results.recv().await.unwrap();
+        assert_eq!(result.event_id.as_ref(), Some(&envelope.event_id));
+        assert_eq!(result.aggregate_id.as_ref(), Some(&envelope.aggregate_id));
+        assert_eq!(result.topic, topic);
+        assert_eq!(result.outcome, Ok(*position));
+    }
+    let plain = bus
+        .start_publish(&plain_topic, OutboundMessage::new(&b"not an envelope"[..]))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let result = results.recv().await.unwrap();
+    assert_eq!(
+        (result.topic, result.event_id, result.outcome),
+        (plain_topic, None, Ok(plain))
+    );
+    let expected = (aggregates * (versions + 1)) as usize;
+    let events = handled
+        .wait_for("every envelope handled", |e| e.len() >= expected)
+        .await;
+    let mut per_aggregate: HashMap<String, Vec<i64>> = HashMap::new();
+    for (aggregate, version) in events {
+        per_aggregate.entry(aggregate).or_default().push(version);
+    }
+    for (aggregate, seen) in per_aggregate {
+        assert_eq!(seen, (1..=versions + 1).collect::<Vec<_>>(), "{aggregate}");
+    }
+    bus.close().await.unwrap();
+    assert!(matches!(
+        bus.start_publish_envelope(&topic, &envelope("agg-0", 99))
+            .await,
+        Err(Error::Closed)
+    ));
 }
 
 /// A failing event is retried in its lane: later events of its aggregate wait, so the order of

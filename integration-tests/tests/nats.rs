@@ -41,7 +41,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 21] = [
+const SUITE_TOPICS: [&str; 23] = [
     "order",
     "retry",
     "exhaust",
@@ -63,6 +63,8 @@ const SUITE_TOPICS: [&str; 21] = [
     "trace",
     "traced",
     "traceplain",
+    "pipelined",
+    "pipelined-plain",
 ];
 
 #[async_trait]

@@ -13,7 +13,8 @@ use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::handler::{EnvelopeHandler, MessageHandler};
 use crate::health::HealthReport;
-use crate::message::OutboundMessage;
+use crate::message::{OutboundMessage, Position};
+use crate::pipeline::{PendingPublish, PublishResults};
 use crate::topic::{dead_letter_topic, validate_topic};
 use crate::topic_spec::{EnsureMode, TopicReport, TopicSpec};
 
@@ -29,6 +30,69 @@ pub trait EventBus: Send + Sync {
     /// Publishes an envelope to `topic`, with the envelope headers (`X-Event-ID`, ...) and, on
     /// Kafka, the aggregate ID as the record key.
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error>;
+
+    /// Starts publishing a plain message without waiting for the broker's acknowledgement: as
+    /// [`publish`](Self::publish), but returns once the message is handed to the client, with a
+    /// [`PendingPublish`] of where the broker stored it. Waits while the bus's
+    /// `publish_max_in_flight` publishes are unacknowledged. Messages started one after the
+    /// other are stored in that order on NATS and, per partition, on Kafka (docs/publishing.md).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped while waiting for room in the window, nothing was sent. Dropped while the
+    /// message is being handed to the client (a first publish to a topic also makes sure the
+    /// topic exists), the message may still be published, and no result reports it.
+    async fn start_publish(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+    ) -> Result<PendingPublish, Error>;
+
+    /// Starts publishing an envelope without waiting for the broker's acknowledgement: as
+    /// [`publish_envelope`](Self::publish_envelope), pipelined as
+    /// [`start_publish`](Self::start_publish) is. Its [`PublishResult`](crate::PublishResult)
+    /// (event ID, tenant, topic, position or error) also goes to every
+    /// [`publish_results`](Self::publish_results) stream.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`start_publish`](Self::start_publish).
+    async fn start_publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<PendingPublish, Error>;
+
+    /// Publishes `envelopes` to `topic` pipelined (all started, then all awaited) and returns
+    /// each one's result, in order. An envelope that could not be started fails alone; the
+    /// ones before it are still awaited.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped part way, the envelopes started so far are published and report their results
+    /// to the [`publish_results`](Self::publish_results) streams; the rest are not sent.
+    async fn publish_envelope_batch(
+        &self,
+        topic: &str,
+        envelopes: &[Envelope],
+    ) -> Vec<Result<Position, Error>> {
+        let mut started = Vec::with_capacity(envelopes.len());
+        for envelope in envelopes {
+            started.push(self.start_publish_envelope(topic, envelope).await);
+        }
+        let mut results = Vec::with_capacity(started.len());
+        for pending in started {
+            results.push(match pending {
+                Ok(pending) => pending.await,
+                Err(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    /// A stream of the results of the pipelined publishes started from now on, in the order
+    /// they started. Every stream gets every result.
+    fn publish_results(&self) -> PublishResults;
 
     /// Subscribes `handler` to the plain messages of `topic` (at-most-once).
     async fn subscribe(

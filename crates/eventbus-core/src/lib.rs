@@ -8,6 +8,8 @@
 //! - [`AggregateId`], [`validate_aggregate_id`] and [`extract_aggregate_id`]: the routing key
 //!   that keeps one aggregate's events in order, and where a consumed message carries it;
 //! - [`Message`], [`OutboundMessage`], [`Headers`]: what is consumed and published;
+//! - [`PendingPublish`], [`PublishResults`]: pipelined publishing, and the results an outbox
+//!   reads;
 //! - [`validate_topic`]: topic names valid on both brokers;
 //! - [`EventBus`], [`MessageHandler`], [`EnvelopeHandler`], [`SubscribeOptions`],
 //!   [`Subscription`]: the API every backend implements;
@@ -75,6 +77,7 @@ mod json;
 mod message;
 mod metrics;
 mod outcome;
+mod pipeline;
 mod secret;
 mod timestamp;
 mod topic;
@@ -109,6 +112,7 @@ pub use heartbeat::{HEARTBEAT_MAX_AGE, HEARTBEAT_TOPIC, Heartbeat, HeartbeatErro
 pub use message::{DeliveryMeta, Message, OutboundMessage, Position};
 pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
+pub use pipeline::{PendingPublish, PublishFailure, PublishResult, PublishResults, ResultsError};
 pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
 pub use topic_spec::{EnsureMode, TopicMismatch, TopicReport, TopicSpec, TopicStorage};

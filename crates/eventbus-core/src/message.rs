@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use crate::headers::Headers;
 
-/// Where a consumed message sits in its broker.
+/// Where a message sits in its broker: as consumed, or as a publish stored it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Position {

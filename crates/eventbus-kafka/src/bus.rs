@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use eventbus_core::{
     Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
-    OutboundMessage, StartPosition, SubscribeOptions, Subscription, SubscriptionControl,
-    async_trait, validate_topic,
+    OutboundMessage, PendingPublish, PublishResults, StartPosition, SubscribeOptions, Subscription,
+    SubscriptionControl, async_trait, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime};
@@ -47,6 +47,15 @@ struct Inner {
 }
 
 impl KafkaBus {
+    /// The publisher for `topic`: fails when the name is invalid or the bus closed.
+    fn open_publisher(&self, topic: &str) -> Result<&crate::producer::Publisher, Error> {
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(&self.inner.publisher)
+    }
+
     /// Starts the producer and the consumer group of `config` as `settings.client_id`, and the
     /// consume runtime on the current tokio runtime. Nothing is asked of the brokers yet: a
     /// bus starts while they are unreachable, and publishing then fails after
@@ -214,15 +223,11 @@ impl EventBus for KafkaBus {
     /// Publishes and waits for the broker's acknowledgement (`acks=all`, idempotent); the key
     /// chooses the partition.
     async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let publisher = &self.inner.publisher;
+        let publisher = self.open_publisher(topic)?;
         self.inner
             .runtime
             .publish(topic, message, |message| async move {
-                publisher.publish(topic, &message).await
+                publisher.publish(topic, &message).await.map(|_| ())
             })
             .await
     }
@@ -230,17 +235,48 @@ impl EventBus for KafkaBus {
     /// Publishes with the aggregate ID as the key (one aggregate, one partition) and the `X-*`
     /// envelope headers.
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let publisher = &self.inner.publisher;
+        let publisher = self.open_publisher(topic)?;
         self.inner
             .runtime
             .publish_envelope(topic, envelope, |message| async move {
-                publisher.publish(topic, &message).await
+                publisher.publish(topic, &message).await.map(|_| ())
             })
             .await
+    }
+
+    /// Hands the record to librdkafka's queue and returns; the pending publish resolves to its
+    /// partition and offset once the broker acknowledges it.
+    async fn start_publish(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+    ) -> Result<PendingPublish, Error> {
+        let publisher = self.open_publisher(topic)?;
+        self.inner
+            .runtime
+            .start_publish(topic, message, |message| async move {
+                publisher.start_publish(topic, &message).await
+            })
+            .await
+    }
+
+    /// As [`start_publish`](Self::start_publish), keyed by the aggregate ID.
+    async fn start_publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<PendingPublish, Error> {
+        let publisher = self.open_publisher(topic)?;
+        self.inner
+            .runtime
+            .start_publish_envelope(topic, envelope, |message| async move {
+                publisher.start_publish(topic, &message).await
+            })
+            .await
+    }
+
+    fn publish_results(&self) -> PublishResults {
+        self.inner.runtime.publish_results()
     }
 
     async fn subscribe(

@@ -169,4 +169,5 @@ pub(crate) async fn remove(publisher: &Publisher, letter: &StoredDeadLetter) -> 
             &OutboundMessage::new(marker.clone().into_bytes()).with_key(marker.into_bytes()),
         )
         .await
+        .map(|_| ())
 }

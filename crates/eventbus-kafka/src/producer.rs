@@ -5,7 +5,10 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use eventbus_core::{Error, OutboundMessage, async_trait};
+use std::future::Future;
+use std::pin::Pin;
+
+use eventbus_core::{Error, OutboundMessage, Position, async_trait};
 use eventbus_pool::consume::Transport;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,6 +20,12 @@ use rdkafka::util::Timeout;
 
 use crate::config::KafkaConfig;
 use crate::partition::lock;
+
+/// The future of a started publish's acknowledgement.
+pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
+
+/// How long a publish waits before it tries librdkafka's full queue again.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(100);
 
 /// The producer side of the bus, shared with the runtime as its [`Transport`].
 pub(crate) struct Publisher {
@@ -131,7 +140,20 @@ impl Publisher {
         &self,
         topic: &str,
         message: &OutboundMessage,
-    ) -> Result<(), Error> {
+    ) -> Result<Position, Error> {
+        self.start_publish(topic, message).await?.await
+    }
+
+    /// Hands `message` to librdkafka's queue for `topic` (made if needed) and returns the future
+    /// of the broker's acknowledgement: the record's partition and offset. While the queue is
+    /// full it tries again every 100 ms, as rdkafka's `FutureProducer::send` does, for up to
+    /// `publish_timeout`. The idempotent producer keeps the order of the records of one
+    /// partition (so of one aggregate) with many in flight, retries included.
+    pub(crate) async fn start_publish(
+        &self,
+        topic: &str,
+        message: &OutboundMessage,
+    ) -> Result<AckFuture, Error> {
         self.ensure_topic(topic).await?;
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
         for (name, value) in message.headers.iter() {
@@ -146,20 +168,43 @@ impl Publisher {
         if let Some(key) = &message.key {
             record = record.key(&key[..]);
         }
-        match self
-            .producer
-            .send(record, Timeout::After(self.config.publish_timeout))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _)) => {
-                Err(Error::Timeout {
-                    operation: "publish (waiting for the broker's acknowledgement)",
-                    after: self.config.publish_timeout,
-                })
+        let timeout = self.config.publish_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let delivery = loop {
+            match self.producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    record = returned;
+                    tokio::time::sleep(QUEUE_FULL_RETRY).await;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    return Err(Error::Timeout {
+                        operation: "publish (waiting for room in the producer's queue)",
+                        after: timeout,
+                    });
+                }
+                Err((error, _)) => return Err(broker_error("Kafka publish failed", error)),
             }
-            Err((error, _)) => Err(broker_error("Kafka publish failed", error)),
-        }
+        };
+        Ok(Box::pin(async move {
+            match delivery.await {
+                Ok(Ok(delivery)) => Ok(Position::Partition {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                }),
+                Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
+                    Err(Error::Timeout {
+                        operation: "publish (waiting for the broker's acknowledgement)",
+                        after: timeout,
+                    })
+                }
+                Ok(Err((error, _))) => Err(broker_error("Kafka publish failed", error)),
+                // librdkafka dropped the record's report: only when the producer is destroyed.
+                Err(_) => Err(Error::Closed),
+            }
+        }))
     }
 
     /// Waits until every record sent is acknowledged (or `timeout` passes).
@@ -189,6 +234,6 @@ impl Transport for Publisher {
         _dedup_id: Option<&str>,
     ) -> Result<(), Error> {
         self.create_topic(topic, true).await?;
-        self.publish(topic, &letter).await
+        self.publish(topic, &letter).await.map(|_| ())
     }
 }

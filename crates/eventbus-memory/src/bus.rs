@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use async_trait::async_trait;
 use eventbus_core::{
     ConnectionState, ConnectionWatch, DeliveryMeta, Envelope, EnvelopeHandler, Error, EventBus,
-    HealthReport, Message, MessageHandler, OffsetDateTime, OutboundMessage, Position,
-    SubscribeOptions, Subscription, SubscriptionControl, validate_topic,
+    HealthReport, Message, MessageHandler, OffsetDateTime, OutboundMessage, PendingPublish,
+    Position, PublishResults, SubscribeOptions, Subscription, SubscriptionControl, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{
@@ -106,7 +106,7 @@ impl Transport for DeadLetters {
         _dedup_id: Option<&str>,
     ) -> Result<(), Error> {
         match self.0.upgrade() {
-            Some(topics) => topics.publish(topic, letter).await,
+            Some(topics) => topics.publish(topic, letter).await.map(|_| ()),
             None => Err(Error::Closed),
         }
     }
@@ -140,6 +140,15 @@ impl MemoryBus {
     /// The ordering engine's counters.
     pub fn pool_stats(&self) -> eventbus_pool::PoolStats {
         self.inner.runtime.pool_stats()
+    }
+
+    /// The topics to publish `topic` into: fails when the name is invalid or the bus closed.
+    fn open_topic(&self, topic: &str) -> Result<&Topics, Error> {
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(&self.inner.topics)
     }
 
     fn subscribe_handler(
@@ -199,27 +208,60 @@ impl MemoryBus {
 #[async_trait]
 impl EventBus for MemoryBus {
     async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let topics = &self.inner.topics;
+        let topics = self.open_topic(topic)?;
         self.inner
             .runtime
-            .publish(topic, message, |message| topics.publish(topic, message))
+            .publish(topic, message, |message| async move {
+                topics.publish(topic, message).await.map(|_| ())
+            })
             .await
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        let topics = &self.inner.topics;
+        let topics = self.open_topic(topic)?;
         self.inner
             .runtime
-            .publish_envelope(topic, envelope, |message| topics.publish(topic, message))
+            .publish_envelope(topic, envelope, |message| async move {
+                topics.publish(topic, message).await.map(|_| ())
+            })
             .await
+    }
+
+    /// Delivers the message to the topic's subscriptions (waiting for room, as
+    /// [`publish`](Self::publish) does); the pending publish resolves at once to its sequence.
+    async fn start_publish(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+    ) -> Result<PendingPublish, Error> {
+        let topics = self.open_topic(topic)?;
+        self.inner
+            .runtime
+            .start_publish(topic, message, |message| async move {
+                let position = topics.publish(topic, message).await?;
+                Ok(std::future::ready(Ok(position)))
+            })
+            .await
+    }
+
+    /// As [`start_publish`](Self::start_publish).
+    async fn start_publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<PendingPublish, Error> {
+        let topics = self.open_topic(topic)?;
+        self.inner
+            .runtime
+            .start_publish_envelope(topic, envelope, |message| async move {
+                let position = topics.publish(topic, message).await?;
+                Ok(std::future::ready(Ok(position)))
+            })
+            .await
+    }
+
+    fn publish_results(&self) -> PublishResults {
+        self.inner.runtime.publish_results()
     }
 
     async fn subscribe(
@@ -318,7 +360,7 @@ impl Topics {
     }
 
     /// Delivers to every subscription of `topic` (no closed check: dead letters use this too).
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
+    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<Position, Error> {
         let (sequence, subscriptions) = {
             let mut topics = self.lock();
             let state = topics.entry(topic.to_owned()).or_default();
@@ -349,7 +391,7 @@ impl Topics {
                 Err(error) => return Err(error),
             }
         }
-        Ok(())
+        Ok(Position::Sequence(sequence))
     }
 }
 

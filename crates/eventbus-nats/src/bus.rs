@@ -1,5 +1,6 @@
 //! The NATS JetStream bus: subscriptions, health, close.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -9,8 +10,8 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use eventbus_core::{
     AggregateId, ConnectionWatch, Envelope, EnvelopeHandler, Error, EventBus, HealthReport,
-    HealthStatus, MessageHandler, MessageSource, OutboundMessage, SubscribeOptions, Subscription,
-    SubscriptionControl, extract_aggregate_id, validate_topic,
+    HealthStatus, MessageHandler, MessageSource, OutboundMessage, PendingPublish, PublishResults,
+    SubscribeOptions, Subscription, SubscriptionControl, extract_aggregate_id, validate_topic,
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
@@ -25,7 +26,7 @@ use crate::names::{durable_name, validate_durable_name};
 use crate::publish::Broker;
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
-use crate::streams::{Kind, stream_spec};
+use crate::streams::{Kind, StreamSpec, stream_spec};
 
 /// An event bus on NATS JetStream.
 ///
@@ -441,6 +442,54 @@ impl Inner {
     }
 }
 
+impl NatsBus {
+    /// Fails when `topic` is invalid or the bus closed.
+    fn check_open(&self, topic: &str) -> Result<(), Error> {
+        validate_topic(topic)?;
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    /// The subject a plain message of `topic` goes to (its partition's when its key names an
+    /// aggregate) and the stream that holds it.
+    fn plain_destination<'a>(
+        &self,
+        topic: &'a str,
+        message: &OutboundMessage,
+    ) -> Result<(Cow<'a, str>, StreamSpec), Error> {
+        self.check_open(topic)?;
+        let broker = &self.inner.broker;
+        let key = extract_aggregate_id(
+            &MessageSource::new(&message.payload)
+                .with_headers(&message.headers)
+                .with_key(message.key.as_deref().unwrap_or_default()),
+        );
+        Ok((
+            broker.subject(topic, key.as_ref().map(AggregateId::as_str)),
+            stream_spec(&broker.config, topic, Kind::Plain),
+        ))
+    }
+
+    /// The subject an envelope of `topic` goes to (its aggregate's partition) and the stream
+    /// that holds it.
+    fn envelope_destination<'a>(
+        &self,
+        topic: &'a str,
+        envelope: &Envelope,
+    ) -> Result<(Cow<'a, str>, StreamSpec), Error> {
+        self.check_open(topic)?;
+        let broker = &self.inner.broker;
+        // The trimmed, validated ID: the one the subscribers' lanes use.
+        let aggregate = envelope.aggregate()?;
+        Ok((
+            broker.subject(topic, Some(aggregate.as_str())),
+            stream_spec(&broker.config, topic, Kind::Envelopes),
+        ))
+    }
+}
+
 /// Where a subscription's messages come from.
 enum Source {
     Core(async_nats::Subscriber),
@@ -450,18 +499,8 @@ enum Source {
 #[async_trait]
 impl EventBus for NatsBus {
     async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
+        let (subject, stream) = self.plain_destination(topic, &message)?;
         let broker = &self.inner.broker;
-        let stream = stream_spec(&broker.config, topic, Kind::Plain);
-        let key = extract_aggregate_id(
-            &MessageSource::new(&message.payload)
-                .with_headers(&message.headers)
-                .with_key(message.key.as_deref().unwrap_or_default()),
-        );
-        let subject = broker.subject(topic, key.as_ref().map(AggregateId::as_str));
         self.inner
             .runtime
             .publish(topic, message, |message| {
@@ -471,21 +510,51 @@ impl EventBus for NatsBus {
     }
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
+        let (subject, stream) = self.envelope_destination(topic, envelope)?;
         let broker = &self.inner.broker;
-        let stream = stream_spec(&broker.config, topic, Kind::Envelopes);
-        // The trimmed, validated ID: the one the subscribers' lanes use.
-        let aggregate = envelope.aggregate()?;
-        let subject = broker.subject(topic, Some(aggregate.as_str()));
         self.inner
             .runtime
             .publish_envelope(topic, envelope, |message| {
                 broker.publish_to(&subject, message, Some(&envelope.event_id), stream)
             })
             .await
+    }
+
+    /// Writes the message to the connection and returns; the pending publish resolves to its
+    /// stream sequence once the PubAck comes (`Position::Unknown` on an ephemeral topic).
+    async fn start_publish(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+    ) -> Result<PendingPublish, Error> {
+        let (subject, stream) = self.plain_destination(topic, &message)?;
+        let broker = &self.inner.broker;
+        self.inner
+            .runtime
+            .start_publish(topic, message, |message| {
+                broker.start_publish_to(&subject, message, None, stream)
+            })
+            .await
+    }
+
+    /// As [`start_publish`](Self::start_publish), with the event ID as `Nats-Msg-Id`.
+    async fn start_publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<PendingPublish, Error> {
+        let (subject, stream) = self.envelope_destination(topic, envelope)?;
+        let broker = &self.inner.broker;
+        self.inner
+            .runtime
+            .start_publish_envelope(topic, envelope, |message| {
+                broker.start_publish_to(&subject, message, Some(&envelope.event_id), stream)
+            })
+            .await
+    }
+
+    fn publish_results(&self) -> PublishResults {
+        self.inner.runtime.publish_results()
     }
 
     async fn subscribe(

@@ -2,6 +2,9 @@
 //! dead letters for the consume runtime.
 
 use std::borrow::Cow;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -9,13 +12,16 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
-use eventbus_core::{Error, OutboundMessage};
+use eventbus_core::{Error, OutboundMessage, Position};
 use eventbus_pool::consume::Transport;
 
 use crate::config::NatsConfig;
 use crate::partition::{partition_of, partition_subject};
 use crate::stats::Counters;
 use crate::streams::{Kind, StreamSpec, Streams, stream_spec};
+
+/// The future of a started publish's acknowledgement.
+pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
 /// consumer side turns it back into [`eventbus_core::Message::key`].
@@ -115,6 +121,59 @@ impl Broker {
             }
             result => result.map_err(|failure| failure.into_error(topic)),
         }
+    }
+
+    /// Starts a publish to `topic` (a topic, or a partition's subject): core NATS for an ephemeral topic, which has no acknowledgement (the result is
+    /// [`Position::Unknown`] once the message is written), otherwise JetStream into the topic's
+    /// stream (made if needed). Returns once the message is on the connection, with the future
+    /// of its PubAck, waited for up to `publish_timeout`.
+    ///
+    /// Messages started one after the other from one bus go out on its one connection in that
+    /// order, and the server stores them in the order it reads them: so one aggregate's
+    /// messages keep their order in the stream while many are in flight. A message the stream
+    /// does not hold (the stream was deleted) fails alone, and the next start makes sure the
+    /// stream exists again.
+    pub(crate) async fn start_publish_to(
+        self: &Arc<Self>,
+        topic: &str,
+        message: OutboundMessage,
+        message_id: Option<&str>,
+        stream: StreamSpec,
+    ) -> Result<AckFuture, Error> {
+        let headers = nats_headers(&message)?;
+        if self.config.topic(topic).ephemeral {
+            self.client
+                .publish_with_headers(topic.to_owned(), headers, message.payload)
+                .await
+                .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error))?;
+            return Ok(Box::pin(std::future::ready(Ok(Position::Unknown))));
+        }
+        self.streams.ensure(&self.js, topic, stream).await?;
+        let mut publish = PublishMessage::build()
+            .payload(message.payload)
+            .headers(headers);
+        if let Some(id) = message_id {
+            publish = publish.message_id(id);
+        }
+        let ack = self
+            .js
+            .send_publish(topic.to_owned(), publish)
+            .await
+            .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error))?;
+        let timeout = self.config.publish_timeout;
+        let broker = self.clone();
+        let topic = topic.to_owned();
+        Ok(Box::pin(async move {
+            match tokio::time::timeout(timeout, ack.into_future()).await {
+                Err(_) => Err(PublishFailure::Timeout(timeout).into_error(&topic)),
+                Ok(Ok(ack)) => Ok(Position::Sequence(ack.sequence)),
+                Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
+                    broker.streams.forget(&topic).await;
+                    Err(PublishFailure::StreamNotFound.into_error(&topic))
+                }
+                Ok(Err(error)) => Err(PublishFailure::Broker(error).into_error(&topic)),
+            }
+        }))
     }
 
     /// One JetStream publish, waiting for the PubAck up to `publish_timeout`.

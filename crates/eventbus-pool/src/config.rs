@@ -157,6 +157,10 @@ pub struct BusSettings {
     /// How long an aggregate's current job may go on (running, retrying, dead-lettering) before
     /// its lane counts as blocked: in `lanes_blocked` and as a `Degraded` engine. Default 60 s.
     pub lane_blocked_after: Duration,
+    /// How many pipelined publishes (`start_publish*`) may wait for their broker's
+    /// acknowledgement at once; a further one waits for room. Also how far a
+    /// `publish_results` reader may fall behind before it misses results. Default 10,000.
+    pub publish_max_in_flight: usize,
 }
 
 impl BusSettings {
@@ -171,6 +175,7 @@ impl BusSettings {
             drain_timeout: Duration::from_secs(30),
             handler_timeout: None,
             lane_blocked_after: Duration::from_secs(60),
+            publish_max_in_flight: 10_000,
         }
     }
 
@@ -185,6 +190,12 @@ impl BusSettings {
         if self.lane_blocked_after.is_zero() {
             return Err(Error::config("lane_blocked_after", "must be longer than 0"));
         }
+        if self.publish_max_in_flight == 0 || self.publish_max_in_flight > MAX_PUBLISH_IN_FLIGHT {
+            return Err(Error::config(
+                "publish_max_in_flight",
+                format!("must be between 1 and {MAX_PUBLISH_IN_FLIGHT}"),
+            ));
+        }
         if self
             .handler_timeout
             .is_some_and(|timeout| timeout.is_zero())
@@ -195,6 +206,10 @@ impl BusSettings {
         self.pool.validate()
     }
 }
+
+/// The largest `publish_max_in_flight`: the window is a semaphore, and the results streams hold
+/// as many results.
+pub const MAX_PUBLISH_IN_FLIGHT: usize = 1 << 20;
 
 /// Checks that `namespace` can prefix Prometheus metric names: `[a-zA-Z_][a-zA-Z0-9_]*`.
 pub(crate) fn validate_namespace(namespace: &str) -> Result<(), Error> {

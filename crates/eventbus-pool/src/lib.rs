@@ -75,7 +75,8 @@ mod scope;
 mod tracker;
 
 pub use config::{
-    BusSettings, MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, PoolConfig, RetryPolicy,
+    BusSettings, MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, MAX_PUBLISH_IN_FLIGHT,
+    PoolConfig, RetryPolicy,
 };
 pub use job::{Job, JobContext, JobHandle};
 pub use pool::{LaneAges, Pool, PoolStats, ShutdownReport};

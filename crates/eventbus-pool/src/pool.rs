@@ -196,8 +196,9 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A job an actor takes: its lane (none for unkeyed jobs) and its entry.
-type Next = (Option<LaneId>, Entry);
+/// A job an actor takes: its lane (none for unkeyed jobs), its entry, and when it was taken
+/// (one clock reading serves as the lane's `since` and as the attempt's start).
+type Next = (Option<LaneId>, Entry, Instant);
 
 /// How one attempt ended.
 enum Attempt {
@@ -414,6 +415,12 @@ impl Pool {
         let mut bounded = !ACTOR_OF
             .try_with(|actor_of| *actor_of == identity)
             .unwrap_or(false);
+        // Most submissions find room at once: no wake-up registration for them.
+        match shared.enqueue(&mut shared.lock(), entry, bounded) {
+            Ok(()) => return Ok(()),
+            Err((Blocked::Closed, _)) => return Err(Error::Closed),
+            Err((Blocked::Full(_), returned)) => entry = returned,
+        }
         tokio::pin!(overflow);
         loop {
             let notified = shared.space.notified();
@@ -754,23 +761,26 @@ impl Shared {
     /// Takes the next job to run, marking its lane busy: ready lanes and retries first, then the
     /// oldest arrival whose key is free (arrivals whose key is busy are parked in their lane).
     fn take_ready(&self, state: &mut State) -> Option<Next> {
+        if state.ready.is_empty() && state.arrivals.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
         let taken = self
-            .take_from_ready(state)
-            .or_else(|| self.take_arrival(state))?;
+            .take_from_ready(state, now)
+            .or_else(|| self.take_arrival(state, now))?;
         state.running += 1;
         if !state.ready.is_empty() || !state.arrivals.is_empty() {
             self.wake_one(state);
         }
-        self.publish_gauges(state);
         Some(taken)
     }
 
-    fn take_from_ready(&self, state: &mut State) -> Option<Next> {
+    fn take_from_ready(&self, state: &mut State, now: Instant) -> Option<Next> {
         while let Some(ready) = state.ready.pop_front() {
             let id = match ready {
                 Ready::Retry(entry) => {
                     state.retrying -= 1;
-                    return Some((None, entry));
+                    return Some((None, entry, now));
                 }
                 Ready::Lane(id) => id,
             };
@@ -781,21 +791,21 @@ impl Shared {
             if let Some(entry) = lane.retry.take() {
                 lane.busy = true;
                 state.retrying -= 1;
-                return Some((Some(id), entry));
+                return Some((Some(id), entry, now));
             }
             if let Some(entry) = lane.parked.pop_front() {
                 lane.busy = true;
-                lane.since = Some(std::time::Instant::now());
+                lane.since = Some(now);
                 lane.queued -= 1;
                 state.queued -= 1;
                 self.room_freed(state);
-                return Some((Some(id), entry));
+                return Some((Some(id), entry, now));
             }
         }
         None
     }
 
-    fn take_arrival(&self, state: &mut State) -> Option<Next> {
+    fn take_arrival(&self, state: &mut State, now: Instant) -> Option<Next> {
         while let Some((lane, entry)) = state.arrivals.pop_front() {
             if let Some(id) = lane {
                 let Some(lane) = state.lanes.get_mut(id) else {
@@ -806,12 +816,12 @@ impl Shared {
                     continue;
                 }
                 lane.busy = true;
-                lane.since = Some(std::time::Instant::now());
+                lane.since = Some(now);
                 lane.queued -= 1;
             }
             state.queued -= 1;
             self.room_freed(state);
-            return Some((lane, entry));
+            return Some((lane, entry, now));
         }
         None
     }
@@ -959,6 +969,7 @@ impl Shared {
         self: &Arc<Self>,
         lane: Option<LaneId>,
         mut entry: Entry,
+        started: Instant,
         mut cancelled: Pin<&mut WaitForCancellationFutureOwned>,
     ) -> Option<Next> {
         // A scoped job watches its scope's token (a child of the pool's); an unscoped one the
@@ -985,7 +996,6 @@ impl Shared {
             attempt,
             cancellation: scope.clone().unwrap_or_else(|| self.cancel.clone()),
         };
-        let started = Instant::now();
         let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (entry.job.run)(ctx))) {
             Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
             Ok(future) => match &scope {
@@ -1104,6 +1114,7 @@ impl Shared {
                     return None;
                 }
                 if let Some(next) = self.take_ready(&mut state) {
+                    self.publish_gauges(&state);
                     return Some(next);
                 }
                 if state.closed && state.pending() == 0 {
@@ -1185,7 +1196,7 @@ async fn actor_loop(shared: Arc<Shared>) {
     tokio::pin!(cancelled);
     let mut next = None;
     loop {
-        let (lane, entry) = match next.take() {
+        let (lane, entry, taken) = match next.take() {
             Some(job) => job,
             None => match shared.wait_for_work().await {
                 Some(job) => job,
@@ -1198,7 +1209,7 @@ async fn actor_loop(shared: Arc<Shared>) {
             attempt = entry.attempts + 1
         );
         next = shared
-            .run(lane, entry, cancelled.as_mut())
+            .run(lane, entry, taken, cancelled.as_mut())
             .instrument(span)
             .await;
     }

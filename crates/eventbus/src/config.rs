@@ -88,6 +88,9 @@ pub struct Config {
     /// (`lanes_blocked`, a `Degraded` engine in the health report). Default `60s`.
     #[serde(with = "humantime_serde")]
     pub lane_blocked_after: Duration,
+    /// How many pipelined publishes (`start_publish*`) may wait for their acknowledgement at
+    /// once; also how far a `publish_results` reader may fall behind. Default `10000`.
+    pub publish_max_in_flight: usize,
     /// The Prometheus endpoint.
     pub metrics: MetricsSection,
     /// The NATS backend (cargo feature `nats`): [`eventbus_nats::NatsConfig`] as is.
@@ -142,6 +145,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             handler_timeout: None,
             lane_blocked_after: Duration::from_secs(60),
+            publish_max_in_flight: 10_000,
             metrics: MetricsSection::default(),
             #[cfg(feature = "nats")]
             nats: eventbus_nats::NatsConfig::default(),
@@ -272,6 +276,13 @@ const OVERRIDES: &[Override] = &[
         variable: "EVENTBUS_LANE_BLOCKED_AFTER",
         apply: |c, v| {
             c.lane_blocked_after = duration(v)?;
+            Ok(())
+        },
+    },
+    Override {
+        variable: "EVENTBUS_PUBLISH_MAX_IN_FLIGHT",
+        apply: |c, v| {
+            c.publish_max_in_flight = number(v)?;
             Ok(())
         },
     },
@@ -551,6 +562,7 @@ impl Config {
             drain_timeout: self.drain_timeout,
             handler_timeout: self.handler_timeout,
             lane_blocked_after: self.lane_blocked_after,
+            publish_max_in_flight: self.publish_max_in_flight,
         }
     }
 

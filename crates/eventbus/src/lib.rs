@@ -203,6 +203,34 @@ impl EventBus for Bus {
         self.inner.publish_envelope(topic, envelope).await
     }
 
+    async fn start_publish(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+    ) -> Result<eventbus_core::PendingPublish, Error> {
+        self.inner.start_publish(topic, message).await
+    }
+
+    async fn start_publish_envelope(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+    ) -> Result<eventbus_core::PendingPublish, Error> {
+        self.inner.start_publish_envelope(topic, envelope).await
+    }
+
+    async fn publish_envelope_batch(
+        &self,
+        topic: &str,
+        envelopes: &[Envelope],
+    ) -> Vec<Result<eventbus_core::Position, Error>> {
+        self.inner.publish_envelope_batch(topic, envelopes).await
+    }
+
+    fn publish_results(&self) -> eventbus_core::PublishResults {
+        self.inner.publish_results()
+    }
+
     async fn subscribe(
         &self,
         topic: &str,

@@ -143,6 +143,7 @@ fn environment_variables_override_every_field() {
             ("EVENTBUS_DRAIN_TIMEOUT", "3s"),
             ("EVENTBUS_HANDLER_TIMEOUT", "250ms"),
             ("EVENTBUS_LANE_BLOCKED_AFTER", "2m"),
+            ("EVENTBUS_PUBLISH_MAX_IN_FLIGHT", "77"),
             ("EVENTBUS_METRICS_LISTEN", "127.0.0.1:9100"),
             ("PATH", "/usr/bin"),
         ]))
@@ -162,6 +163,8 @@ fn environment_variables_override_every_field() {
     assert_eq!(config.drain_timeout, Duration::from_secs(3));
     assert_eq!(config.handler_timeout, Some(Duration::from_millis(250)));
     assert_eq!(config.lane_blocked_after, Duration::from_secs(120));
+    assert_eq!(config.publish_max_in_flight, 77);
+    assert_eq!(config.bus_settings().publish_max_in_flight, 77);
     assert_eq!(
         config.metrics.listen,
         Some("127.0.0.1:9100".parse().unwrap())
@@ -170,7 +173,7 @@ fn environment_variables_override_every_field() {
     let kafka_variables = if cfg!(feature = "kafka") { 6 } else { 0 };
     assert_eq!(
         Config::environment_variables().count(),
-        12 + nats_variables + kafka_variables
+        13 + nats_variables + kafka_variables
     );
 }
 

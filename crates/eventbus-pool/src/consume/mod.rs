@@ -93,7 +93,7 @@ pub use trace::{TracePropagation, current_trace_context, set_trace_propagation};
 pub use transport::{Delivery, Handler, Receipt, Transport};
 
 use crate::{BusSettings, LaneAges, Pool, PoolStats, ShutdownReport};
-use publish::PublishMetrics;
+use publish::{Pipeline, PublishMetrics};
 use stats::Counters;
 
 /// The consume runtime of one bus: the engine, the transport's dead-letter writer, and the
@@ -110,6 +110,7 @@ pub(crate) struct Shared {
     pub(crate) retry: crate::RetryPolicy,
     pub(crate) counters: Counters,
     published: PublishMetrics,
+    pipeline: Pipeline,
     /// The tokio runtime the bus started on: where a consumer made on a backend's own thread
     /// (Kafka's poll thread) spawns its tasks.
     pub(crate) handle: tokio::runtime::Handle,
@@ -153,6 +154,8 @@ impl Runtime {
             Pool::with_metrics_namespace(settings.pool.clone(), &settings.metrics_namespace)?;
         let counters = Counters::new(&settings.metrics_namespace);
         let published = PublishMetrics::new(&settings.metrics_namespace);
+        let handle = tokio::runtime::Handle::current();
+        let pipeline = Pipeline::start(settings.publish_max_in_flight, &handle);
         let runtime = Self {
             shared: Arc::new(Shared {
                 settings,
@@ -161,7 +164,8 @@ impl Runtime {
                 retry,
                 counters,
                 published,
-                handle: tokio::runtime::Handle::current(),
+                pipeline,
+                handle,
                 monitor: CancellationToken::new(),
                 monitor_task: Mutex::new(None),
                 consumers: Mutex::new(Vec::new()),
@@ -272,6 +276,7 @@ impl Runtime {
     /// keeps draining; dropping the `Runtime` then cancels what is left.
     pub async fn close(&self, deadline: tokio::time::Instant) -> ShutdownReport {
         self.shared.monitor.cancel();
+        self.shared.pipeline.close(deadline).await;
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let report = self.shared.pool.shutdown(remaining).await;
         let consumers: Vec<Arc<Consumer>> = self.shared.consumers().drain(..).collect();
