@@ -1,7 +1,7 @@
 //! `eventbus bench`: the bus against the raw client of its broker, in one run, as ratios.
 //!
-//! - publish: the raw client with many publishes in flight vs this bus's `publish_envelope` with
-//!   as many in flight (both wait for every acknowledgement);
+//! - publish: the raw client with many publishes in flight vs this bus's pipelined
+//!   `start_publish_envelope` with a window as large (both wait for every acknowledgement);
 //! - consume: the raw client reading (and, on NATS, acking) the topic's records vs an ordered
 //!   envelope subscription (decode, lanes, settlement, commits) over the same topic contents.
 //!
@@ -119,6 +119,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
         BenchBackend::Kafka => Backend::Kafka,
     };
     config.client_id = format!("bench-{}", std::process::id());
+    config.publish_max_in_flight = usize::try_from(args.in_flight).unwrap_or(usize::MAX);
     config.validate()?;
     let envelopes = envelopes(args.messages, args.aggregates)?;
     if args.instances.is_some() && args.backend != BenchBackend::Nats {
@@ -165,19 +166,21 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// Publishes every envelope through the bus with `in_flight` at once; returns the rate.
+/// Publishes every envelope through the bus pipelined (`start_publish_envelope` in a loop,
+/// the bus's window of `publish_max_in_flight`, which `run` sets to `--in-flight`), then waits
+/// for every acknowledgement; returns the rate.
 async fn publish_ours(
     bus: &eventbus::Bus,
     topic: &str,
     envelopes: &[Envelope],
-    in_flight: u64,
 ) -> Result<f64, CliError> {
     let started = Instant::now();
-    let mut results = futures::stream::iter(envelopes)
-        .map(|envelope| bus.publish_envelope(topic, envelope))
-        .buffered(in_flight as usize);
-    while let Some(result) = results.next().await {
-        result?;
+    let mut pending = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes {
+        pending.push(bus.start_publish_envelope(topic, envelope).await?);
+    }
+    for publish in pending {
+        publish.await?;
     }
     Ok(rate(envelopes.len() as u64, started.elapsed()))
 }
@@ -359,7 +362,7 @@ async fn nats(
     let topic = format!("bench{run}.ours");
     let warm_up = Envelope::new("bench-warm-up", "WarmedUp", 1, &serde_json::json!({}))?;
     bus.publish_envelope(&topic, &warm_up).await?;
-    let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
+    let our_publish = publish_ours(&bus, &topic, envelopes).await?;
     let count = count + 1;
 
     // Raw consume: a durable pull consumer acking each message of the stream ours filled.
@@ -630,7 +633,7 @@ async fn kafka(
 
     let bus = eventbus::connect(config.clone()).await?;
     bus.publish_envelope(&topic, &warm_up).await?;
-    let our_publish = publish_ours(&bus, &topic, envelopes, in_flight).await?;
+    let our_publish = publish_ours(&bus, &topic, envelopes).await?;
 
     // Raw publish: an idempotent FutureProducer, keys and payloads as ours, many in flight.
     let options = config.kafka.topic(&topic);

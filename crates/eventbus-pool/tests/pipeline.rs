@@ -219,8 +219,9 @@ async fn a_send_that_fails_is_returned_reports_no_result_and_frees_its_place() {
 }
 
 #[tokio::test]
-async fn close_waits_for_the_publishes_in_flight_and_refuses_new_ones() {
+async fn close_waits_for_the_publishes_in_flight_refuses_new_ones_and_ends_the_results_streams() {
     let runtime = Arc::new(runtime(4));
+    let mut results = runtime.publish_results();
     let sent = AtomicUsize::new(0);
     let (pending, ack) = start(&runtime, &envelope(1), &sent).await.unwrap();
     let closing = {
@@ -231,9 +232,20 @@ async fn close_waits_for_the_publishes_in_flight_and_refuses_new_ones() {
                 .await
         })
     };
-    // Closing refuses new publishes before anything else.
+    // Closing refuses new publishes before anything else. (The probe's send fails, so the
+    // probes themselves put nothing in flight.)
     wait_until(|| {
-        start(&runtime, &envelope(2), &sent)
+        runtime
+            .start_publish(
+                "orders",
+                OutboundMessage::new(&b"probe"[..]),
+                |_message| async {
+                    Err::<std::future::Ready<Result<Position, Error>>, _>(Error::Broker {
+                        message: "probe".into(),
+                        source: None,
+                    })
+                },
+            )
             .now_or_never()
             .is_some_and(|started| matches!(started, Err(Error::Closed)))
     })
@@ -245,6 +257,16 @@ async fn close_waits_for_the_publishes_in_flight_and_refuses_new_ones() {
     ack.send(Ok(Position::Sequence(1))).unwrap();
     closing.await.unwrap();
     assert_eq!(pending.await.unwrap(), Position::Sequence(1));
+    // The stream gives what was settled, then ends; one made after the close ends at once.
+    assert_eq!(
+        results.recv().await.unwrap().outcome,
+        Ok(Position::Sequence(1))
+    );
+    assert_eq!(results.recv().await.unwrap_err(), ResultsError::Closed);
+    assert_eq!(
+        runtime.publish_results().recv().await.unwrap_err(),
+        ResultsError::Closed
+    );
 }
 
 #[tokio::test]

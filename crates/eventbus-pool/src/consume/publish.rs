@@ -77,7 +77,8 @@ struct InFlight {
 /// settles the acknowledgements in the order the publishes started.
 pub(crate) struct Pipeline {
     window: Arc<Semaphore>,
-    results: broadcast::Sender<PublishResult>,
+    /// `None` once the runtime has closed: the streams then end.
+    results: Mutex<Option<broadcast::Sender<PublishResult>>>,
     /// `None` once the runtime closes.
     queue: Mutex<Option<mpsc::UnboundedSender<(AckFuture, InFlight)>>>,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -91,14 +92,19 @@ impl Pipeline {
         let driver = handle.spawn(drive(received, results.clone()));
         Self {
             window: Arc::new(Semaphore::new(max_in_flight)),
-            results,
+            results: Mutex::new(Some(results)),
             queue: Mutex::new(Some(queue)),
             driver: Mutex::new(Some(driver)),
         }
     }
 
     pub(crate) fn results(&self) -> PublishResults {
-        PublishResults::new(self.results.subscribe())
+        let results = self.results.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*results {
+            Some(sender) => PublishResults::new(sender.subscribe()),
+            // Closed: a stream that ends at once.
+            None => PublishResults::new(broadcast::channel(1).1),
+        }
     }
 
     fn queue(&self) -> Option<mpsc::UnboundedSender<(AckFuture, InFlight)>> {
@@ -129,6 +135,11 @@ impl Pipeline {
             tracing::warn!("publishes still unacknowledged at the close deadline");
             driver.abort();
         }
+        // Every result is out: the streams end once their readers have read them.
+        self.results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 }
 
