@@ -198,3 +198,71 @@ async fn health_reports_the_backend_and_its_engine() {
     assert!(report.components.iter().any(|c| c.name == "engine"));
     bus.close().await.unwrap();
 }
+
+/// A relay pipelining into one aggregate holds the publish window while it waits for room in
+/// that aggregate's lane; the lane's handler then pipelines a publish of its own. The handler
+/// does not wait for the window (it goes over the bound), so both go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_pipelining_while_a_relay_holds_the_window_does_not_deadlock() {
+    let mut settings = Settings {
+        pool_size: 1,
+        inbox_size: 1,
+        drain_timeout: Duration::from_secs(1),
+        ..Settings::default()
+    }
+    .bus_settings("memory");
+    settings.publish_max_in_flight = 1;
+    let bus = Arc::new(MemoryBus::new(settings).unwrap());
+    let weak = Arc::downgrade(&bus);
+    let handled = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (h, g) = (handled.clone(), gate.clone());
+    let _subscription = bus
+        .subscribe(
+            "relayed",
+            Arc::new(move |_ctx: HandlerContext, _message: Message| {
+                let (weak, h, g) = (weak.clone(), h.clone(), g.clone());
+                async move {
+                    g.acquire().await.unwrap().forget();
+                    let bus = weak.upgrade().unwrap();
+                    bus.start_publish("projections", OutboundMessage::new(&b"p"[..]))
+                        .await?
+                        .await
+                        .map_err(eventbus_core::HandlerError::transient)?;
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    let relay = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            for i in 0..10u32 {
+                let message =
+                    OutboundMessage::new(i.to_string().into_bytes()).with_key("one-aggregate");
+                drop(bus.start_publish("relayed", message).await.unwrap());
+            }
+        })
+    };
+    // The handler runs the first message (held at its gate), the lane holds the next one, and
+    // the relay holds the window waiting for room for the third.
+    integration_tests::eventually("the relay to wait for room in the lane", || {
+        let stats = bus.pool_stats();
+        async move { stats.running == 1 && stats.queued == 1 }
+    })
+    .await;
+    gate.add_permits(100);
+    tokio::time::timeout(Duration::from_secs(20), relay)
+        .await
+        .expect("the relay and the handler both went on")
+        .unwrap();
+    integration_tests::eventually("every relayed message handled", || {
+        let handled = handled.load(Ordering::SeqCst);
+        async move { handled == 10 }
+    })
+    .await;
+    bus.close().await.unwrap();
+}

@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 
 use crate::CliError;
 
+mod work;
+
 /// The backend `eventbus bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum BenchBackend {
@@ -33,18 +35,31 @@ pub(crate) enum BenchBackend {
     Kafka,
 }
 
+/// What `eventbus bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    /// Publish and consume, against the broker's raw client on the same topic contents.
+    Ratios,
+    /// Handlers doing 1 ms of I/O per event (10,000 aggregates unless `--aggregates` says
+    /// otherwise): through the broker vs the engine alone, and the Go SDK's design beside it.
+    HandlerDelay,
+}
+
 /// Options of `eventbus bench`.
 #[derive(Args, Debug)]
 pub(crate) struct BenchArgs {
     /// The backend to measure.
     #[arg(long, value_enum, default_value = "memory")]
     backend: BenchBackend,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "ratios")]
+    scenario: Scenario,
     /// Envelopes per measurement.
     #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
     messages: u64,
-    /// Aggregates the envelopes belong to.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    aggregates: u64,
+    /// Aggregates the envelopes belong to [default: 1000; 10000 for handler-delay].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    aggregates: Option<u64>,
     /// Publishes in flight at once, raw and ours.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     in_flight: u64,
@@ -121,19 +136,28 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     config.client_id = format!("bench-{}", std::process::id());
     config.publish_max_in_flight = usize::try_from(args.in_flight).unwrap_or(usize::MAX);
     config.validate()?;
-    let envelopes = envelopes(args.messages, args.aggregates)?;
-    if args.instances.is_some() && args.backend != BenchBackend::Nats {
+    let aggregates = args.aggregates.unwrap_or(match args.scenario {
+        Scenario::Ratios => 1000,
+        Scenario::HandlerDelay => 10_000,
+    });
+    let envelopes = envelopes(args.messages, aggregates)?;
+    if args.instances.is_some()
+        && (args.backend != BenchBackend::Nats || args.scenario != Scenario::Ratios)
+    {
         return Err(CliError(
-            "--instances measures NATS scale-out: use it with --backend nats".into(),
+            "--instances measures NATS scale-out: use it with --backend nats alone".into(),
         ));
     }
-    let figures = match args.backend {
-        BenchBackend::Memory => memory(config, &envelopes).await?,
-        BenchBackend::Nats => match args.instances {
+    let figures = match (args.scenario, args.backend) {
+        (Scenario::HandlerDelay, backend) => work::run(config, backend, &envelopes).await?,
+        (Scenario::Ratios, BenchBackend::Memory) => memory(config, &envelopes).await?,
+        (Scenario::Ratios, BenchBackend::Nats) => match args.instances {
             Some(instances) => scale_out(config, &envelopes, args.in_flight, instances).await?,
             None => nats(config, &envelopes, args.in_flight).await?,
         },
-        BenchBackend::Kafka => kafka(config, &envelopes, args.in_flight).await?,
+        (Scenario::Ratios, BenchBackend::Kafka) => {
+            kafka(config, &envelopes, args.in_flight).await?
+        }
     };
     let backend = args
         .backend
@@ -142,7 +166,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
         .unwrap_or_default();
     println!(
         "eventbus bench on {backend}: {} envelopes, {} aggregates, {} publishes in flight",
-        args.messages, args.aggregates, args.in_flight
+        args.messages, aggregates, args.in_flight
     );
     if args.instances.is_some() {
         println!("  scale-out: \"raw\" is one instance of the same run, \"ours\" this many");
@@ -185,14 +209,39 @@ async fn publish_ours(
     Ok(rate(envelopes.len() as u64, started.elapsed()))
 }
 
-/// Subscribes an ordered envelope handler that counts, and returns the rate at which it handled
-/// `count` envelopes, timed from the first one (as the raw consumers are: joining a group or
-/// creating a consumer is not consuming speed).
+/// Subscribes an ordered envelope handler that waits `work` (none when zero: `tokio::time::sleep`,
+/// standing for I/O) and counts, and returns the rate at which it handled `count` envelopes,
+/// timed from the first one (as the raw consumers are: joining a group or creating a consumer is
+/// not consuming speed).
 async fn consume_ours(
     bus: &eventbus::Bus,
     topic: &str,
     count: u64,
+    work: Duration,
 ) -> Result<(f64, Option<Duration>), CliError> {
+    subscribe_counting(bus, topic, count, work)
+        .await?
+        .wait()
+        .await
+}
+
+/// An ordered envelope subscription counting what it handled: [`consume_ours`] in two steps,
+/// for a backend (memory) that must be subscribed to before it is published to.
+struct Counting {
+    subscription: eventbus::Subscription,
+    handled: Arc<AtomicU64>,
+    all_handled: Arc<Notify>,
+    first: Arc<std::sync::OnceLock<(Instant, Option<Duration>)>>,
+    count: u64,
+}
+
+/// Subscribes the handler of [`consume_ours`].
+async fn subscribe_counting(
+    bus: &eventbus::Bus,
+    topic: &str,
+    count: u64,
+    work: Duration,
+) -> Result<Counting, CliError> {
     let handled = Arc::new(AtomicU64::new(0));
     let all_handled = Arc::new(Notify::new());
     let first = Arc::new(std::sync::OnceLock::new());
@@ -202,23 +251,43 @@ async fn consume_ours(
             topic,
             Arc::new(move |_ctx: HandlerContext, _envelope: Envelope| {
                 f.get_or_init(|| (Instant::now(), process_cpu()));
-                if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
-                    done.notify_one();
+                let (h, done) = (h.clone(), done.clone());
+                async move {
+                    if !work.is_zero() {
+                        tokio::time::sleep(work).await;
+                    }
+                    if h.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                        done.notify_one();
+                    }
+                    Ok(())
                 }
-                async { Ok(()) }
             }),
             SubscribeOptions::new(),
         )
         .await?;
-    all_handled_in_time(&all_handled, &handled, count).await?;
-    let cpu = process_cpu();
-    let (elapsed, cpu) = first
-        .get()
-        .map_or((Duration::ZERO, None), |(started, from)| {
-            (started.elapsed(), cpu_per_record(*from, cpu, count))
-        });
-    subscription.unsubscribe().await?;
-    Ok((rate(count, elapsed), cpu))
+    Ok(Counting {
+        subscription,
+        handled,
+        all_handled,
+        first,
+        count,
+    })
+}
+
+impl Counting {
+    /// Waits until every envelope is handled; the rate and CPU per envelope from the first.
+    async fn wait(self) -> Result<(f64, Option<Duration>), CliError> {
+        all_handled_in_time(&self.all_handled, &self.handled, self.count).await?;
+        let cpu = process_cpu();
+        let (elapsed, cpu) = self
+            .first
+            .get()
+            .map_or((Duration::ZERO, None), |(started, from)| {
+                (started.elapsed(), cpu_per_record(*from, cpu, self.count))
+            });
+        self.subscription.unsubscribe().await?;
+        Ok((rate(self.count, elapsed), cpu))
+    }
 }
 
 /// Waits (ten minutes at most) until a counting handler signals `all_handled` after `count`.
@@ -398,7 +467,7 @@ async fn nats(
     let raw_cpu = cpu_per_record(started.and_then(|(_, cpu)| cpu), process_cpu(), count);
     drop(messages);
 
-    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count).await?;
+    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count, Duration::ZERO).await?;
     bus.close().await?;
     for name in [format!("BENCH_RAW_{run}"), stream_name] {
         let _ = js.delete_stream(name).await;
@@ -728,7 +797,7 @@ async fn kafka(
     )
     .await?;
 
-    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count).await?;
+    let (our_consume, our_cpu) = consume_ours(&bus, &topic, count, Duration::ZERO).await?;
     bus.close().await?;
     Ok(vec![
         Figure {

@@ -22,7 +22,7 @@ use crate::{Envelope, Error, ErrorKind, Position};
 /// Dropping it does not stop the publish; its result still goes to the [`PublishResults`]
 /// streams.
 #[derive(Debug)]
-#[must_use = "a pending publish does nothing when dropped; await it for its result"]
+#[must_use = "the publish goes on when this is dropped; await it to learn its result"]
 pub struct PendingPublish {
     result: oneshot::Receiver<Result<Position, Error>>,
 }

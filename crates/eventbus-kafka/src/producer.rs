@@ -5,11 +5,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use std::future::Future;
-use std::pin::Pin;
-
 use eventbus_core::{Error, OutboundMessage, Position, async_trait};
-use eventbus_pool::consume::Transport;
+use eventbus_pool::consume::{AckFuture, Transport};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -20,9 +17,6 @@ use rdkafka::util::Timeout;
 
 use crate::config::KafkaConfig;
 use crate::partition::lock;
-
-/// The future of a started publish's acknowledgement.
-pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
 
 /// How long a publish waits before it tries librdkafka's full queue again.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(100);

@@ -12,7 +12,7 @@ use eventbus_core::{
 };
 use eventbus_pool::BusSettings;
 use eventbus_pool::consume::{
-    Consumer, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
+    AckFuture, Consumer, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
 };
 
 /// An in-process event bus with the full delivery contract and no broker.
@@ -237,10 +237,7 @@ impl EventBus for MemoryBus {
         let topics = self.open_topic(topic)?;
         self.inner
             .runtime
-            .start_publish(topic, message, |message| async move {
-                let position = topics.publish(topic, message).await?;
-                Ok(std::future::ready(Ok(position)))
-            })
+            .start_publish(topic, message, |message| topics.hand_over(topic, message))
             .await
     }
 
@@ -253,10 +250,7 @@ impl EventBus for MemoryBus {
         let topics = self.open_topic(topic)?;
         self.inner
             .runtime
-            .start_publish_envelope(topic, envelope, |message| async move {
-                let position = topics.publish(topic, message).await?;
-                Ok(std::future::ready(Ok(position)))
-            })
+            .start_publish_envelope(topic, envelope, |message| topics.hand_over(topic, message))
             .await
     }
 
@@ -357,6 +351,13 @@ impl Topics {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, TopicState>> {
         // No code panics while holding this lock; a poisoned map is still consistent.
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Delivers as [`publish`](Self::publish) does; the acknowledgement is the position, known
+    /// at once.
+    async fn hand_over(&self, topic: &str, message: OutboundMessage) -> Result<AckFuture, Error> {
+        let position = self.publish(topic, message).await?;
+        Ok(Box::pin(std::future::ready(Ok(position))))
     }
 
     /// Delivers to every subscription of `topic` (no closed check: dead letters use this too).

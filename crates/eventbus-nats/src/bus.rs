@@ -167,8 +167,12 @@ impl NatsBus {
         settings.validate()?;
         config.validate()?;
         let (client, connection) = connect(&config, &settings).await?;
-        let mut js = jetstream::new(client.clone());
-        js.set_timeout(config.request_timeout);
+        // async-nats bounds the PubAcks it waits for too (5,000 by default): as many as the
+        // runtime's window, so that `publish_max_in_flight` is the one bound.
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.request_timeout)
+            .max_ack_inflight(settings.publish_max_in_flight)
+            .build(client.clone());
         let streams = Streams::new(&config);
         streams.create_configured(&js).await?;
         let broker = Arc::new(Broker {

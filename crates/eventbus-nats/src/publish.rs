@@ -13,15 +13,12 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
 use eventbus_core::{Error, OutboundMessage, Position};
-use eventbus_pool::consume::Transport;
+use eventbus_pool::consume::{AckFuture, Transport};
 
 use crate::config::NatsConfig;
 use crate::partition::{partition_of, partition_subject};
 use crate::stats::Counters;
 use crate::streams::{Kind, StreamSpec, Streams, stream_spec};
-
-/// The future of a started publish's acknowledgement.
-pub(crate) type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
 
 /// The header that carries an [`OutboundMessage::key`] on NATS (which has no record key); the
 /// consumer side turns it back into [`eventbus_core::Message::key`].
@@ -88,8 +85,9 @@ impl Broker {
         }
     }
 
-    /// Publishes to `topic`: core NATS for an ephemeral topic, otherwise JetStream into the
-    /// topic's stream (created with `storage` if needed), waiting for the PubAck.
+    /// Publishes to `topic` (a topic, or a partition's subject) and waits for the PubAck (none
+    /// on an ephemeral topic). A stream that went away (a memory stream after a server restart)
+    /// is found or made again, once.
     pub(crate) async fn publish_to(
         &self,
         topic: &str,
@@ -97,36 +95,25 @@ impl Broker {
         message_id: Option<&str>,
         stream: StreamSpec,
     ) -> Result<(), Error> {
-        let headers = nats_headers(&message)?;
-        if self.config.topic(topic).ephemeral {
-            return self
-                .client
-                .publish_with_headers(topic.to_owned(), headers, message.payload)
-                .await
-                .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error));
-        }
-        self.streams.ensure(&self.js, topic, stream).await?;
         match self
-            .send(topic, &message, headers.clone(), message_id)
+            .hand_over(topic, message.clone(), message_id, stream)
+            .await?
             .await
         {
             Err(PublishFailure::StreamNotFound) => {
-                // The stream went away (a memory stream after a server restart): find or make
-                // it again, once.
                 self.streams.forget(topic).await;
-                self.streams.ensure(&self.js, topic, stream).await?;
-                self.send(topic, &message, headers, message_id)
+                self.hand_over(topic, message, message_id, stream)
+                    .await?
                     .await
-                    .map_err(|failure| failure.into_error(topic))
             }
-            result => result.map_err(|failure| failure.into_error(topic)),
+            other => other,
         }
+        .map(|_| ())
+        .map_err(|failure| failure.into_error(topic))
     }
 
-    /// Starts a publish to `topic` (a topic, or a partition's subject): core NATS for an ephemeral topic, which has no acknowledgement (the result is
-    /// [`Position::Unknown`] once the message is written), otherwise JetStream into the topic's
-    /// stream (made if needed). Returns once the message is on the connection, with the future
-    /// of its PubAck, waited for up to `publish_timeout`.
+    /// Starts a publish to `topic` (a topic, or a partition's subject): returns once the
+    /// message is on the connection, with the future of its PubAck.
     ///
     /// Messages started one after the other from one bus go out on its one connection in that
     /// order, and the server stores them in the order it reads them: so one aggregate's
@@ -140,6 +127,31 @@ impl Broker {
         message_id: Option<&str>,
         stream: StreamSpec,
     ) -> Result<AckFuture, Error> {
+        let ack = self.hand_over(topic, message, message_id, stream).await?;
+        let (broker, topic) = (self.clone(), topic.to_owned());
+        Ok(Box::pin(async move {
+            let failure = match ack.await {
+                Ok(position) => return Ok(position),
+                Err(failure) => failure,
+            };
+            if matches!(failure, PublishFailure::StreamNotFound) {
+                broker.streams.forget(&topic).await;
+            }
+            Err(failure.into_error(&topic))
+        }))
+    }
+
+    /// Hands `message` to the connection: core NATS for an ephemeral topic, which has no
+    /// acknowledgement (its future is [`Position::Unknown`] at once), otherwise JetStream into
+    /// the topic's stream (made if needed), its future the PubAck's stream sequence, waited for
+    /// up to `publish_timeout`.
+    async fn hand_over(
+        &self,
+        topic: &str,
+        message: OutboundMessage,
+        message_id: Option<&str>,
+        stream: StreamSpec,
+    ) -> Result<PendingAck, Error> {
         let headers = nats_headers(&message)?;
         if self.config.topic(topic).ephemeral {
             self.client
@@ -161,50 +173,21 @@ impl Broker {
             .await
             .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error))?;
         let timeout = self.config.publish_timeout;
-        let broker = self.clone();
-        let topic = topic.to_owned();
         Ok(Box::pin(async move {
             match tokio::time::timeout(timeout, ack.into_future()).await {
-                Err(_) => Err(PublishFailure::Timeout(timeout).into_error(&topic)),
+                Err(_) => Err(PublishFailure::Timeout(timeout)),
                 Ok(Ok(ack)) => Ok(Position::Sequence(ack.sequence)),
                 Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
-                    broker.streams.forget(&topic).await;
-                    Err(PublishFailure::StreamNotFound.into_error(&topic))
+                    Err(PublishFailure::StreamNotFound)
                 }
-                Ok(Err(error)) => Err(PublishFailure::Broker(error).into_error(&topic)),
+                Ok(Err(error)) => Err(PublishFailure::Broker(error)),
             }
         }))
     }
-
-    /// One JetStream publish, waiting for the PubAck up to `publish_timeout`.
-    async fn send(
-        &self,
-        topic: &str,
-        message: &OutboundMessage,
-        headers: HeaderMap,
-        message_id: Option<&str>,
-    ) -> Result<(), PublishFailure> {
-        let mut publish = PublishMessage::build()
-            .payload(message.payload.clone())
-            .headers(headers);
-        if let Some(id) = message_id {
-            publish = publish.message_id(id);
-        }
-        let timeout = self.config.publish_timeout;
-        let attempt = async {
-            let ack = self.js.send_publish(topic.to_owned(), publish).await?;
-            ack.await
-        };
-        match tokio::time::timeout(timeout, attempt).await {
-            Err(_) => Err(PublishFailure::Timeout(timeout)),
-            Ok(Ok(_ack)) => Ok(()),
-            Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
-                Err(PublishFailure::StreamNotFound)
-            }
-            Ok(Err(error)) => Err(PublishFailure::Broker(error)),
-        }
-    }
 }
+
+/// The PubAck of a message handed over, its failures still typed.
+type PendingAck = Pin<Box<dyn Future<Output = Result<Position, PublishFailure>> + Send>>;
 
 /// Why one JetStream publish failed.
 enum PublishFailure {

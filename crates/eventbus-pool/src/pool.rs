@@ -411,10 +411,7 @@ impl Pool {
         overflow: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         let shared = &*self.shared;
-        let identity = Arc::as_ptr(&self.shared) as usize;
-        let mut bounded = !ACTOR_OF
-            .try_with(|actor_of| *actor_of == identity)
-            .unwrap_or(false);
+        let mut bounded = !self.runs_current_task();
         // Most submissions find room at once: no wake-up registration for them.
         match shared.enqueue(&mut shared.lock(), entry, bounded) {
             Ok(()) => return Ok(()),
@@ -443,6 +440,15 @@ impl Pool {
             }
             drop(waiting);
         }
+    }
+
+    /// True when the current task is one of this pool's actors: the caller is one of its own
+    /// jobs, which must not wait for room the pool itself would have to make.
+    pub fn runs_current_task(&self) -> bool {
+        let identity = Arc::as_ptr(&self.shared) as usize;
+        ACTOR_OF
+            .try_with(|actor_of| *actor_of == identity)
+            .unwrap_or(false)
     }
 
     /// Submits a job if its lane and the pool have room, without waiting.

@@ -255,7 +255,11 @@ async fn close_waits_for_the_publishes_in_flight_refuses_new_ones_and_ends_the_r
         "close returned with a publish in flight"
     );
     ack.send(Ok(Position::Sequence(1))).unwrap();
-    closing.await.unwrap();
+    // Done once the last acknowledgement is in, long before its 30 s deadline.
+    tokio::time::timeout(Duration::from_secs(10), closing)
+        .await
+        .expect("close returns once nothing is in flight")
+        .unwrap();
     assert_eq!(pending.await.unwrap(), Position::Sequence(1));
     // The stream gives what was settled, then ends; one made after the close ends at once.
     assert_eq!(
@@ -270,14 +274,18 @@ async fn close_waits_for_the_publishes_in_flight_refuses_new_ones_and_ends_the_r
 }
 
 #[tokio::test]
-async fn close_settles_what_is_still_in_flight_at_its_deadline_as_closed() {
+async fn close_settles_what_is_still_in_flight_at_its_deadline_as_closed_results_included() {
     let runtime = runtime(4);
+    let mut results = runtime.publish_results();
     let sent = AtomicUsize::new(0);
     let (pending, _ack_never_sent) = start(&runtime, &envelope(1), &sent).await.unwrap();
     runtime
         .close(tokio::time::Instant::now() + Duration::from_millis(50))
         .await;
     assert!(matches!(pending.await, Err(Error::Closed)));
+    let result = results.recv().await.unwrap();
+    assert_eq!(result.outcome.unwrap_err().kind, ErrorKind::Closed);
+    assert_eq!(results.recv().await.unwrap_err(), ResultsError::Closed);
 }
 
 #[tokio::test]

@@ -88,6 +88,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
 pub use monitor::MONITOR_INTERVAL;
+pub use publish::AckFuture;
 pub use stats::ConsumeStats;
 pub use trace::{TracePropagation, current_trace_context, set_trace_propagation};
 pub use transport::{Delivery, Handler, Receipt, Transport};

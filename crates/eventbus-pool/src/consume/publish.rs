@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use eventbus_core::{
-    Envelope, Error, OutboundMessage, PendingPublish, Position, PublishFailure, PublishResult,
-    PublishResults,
+    CancellationToken, Envelope, Error, OutboundMessage, PendingPublish, Position, PublishFailure,
+    PublishResult, PublishResults,
 };
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -59,8 +59,9 @@ impl PublishMetrics {
     }
 }
 
-/// The future of a broker's acknowledgement of one publish.
-type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
+/// The future of a broker's acknowledgement of one publish: where it stored the message. What
+/// a backend's send resolves to when it has handed a message to its client.
+pub type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
 
 /// One publish in flight, on its way to the driver with its acknowledgement.
 struct InFlight {
@@ -69,8 +70,9 @@ struct InFlight {
     metrics: TopicMetrics,
     span: tracing::Span,
     started: Instant,
-    /// Its place in the window, given back when its result is settled.
-    permit: OwnedSemaphorePermit,
+    /// Its place in the window, given back when its result is settled (none for a handler's
+    /// publish over the bound).
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The publishes in flight of one bus: the window, the results streams and the driver task that
@@ -82,6 +84,8 @@ pub(crate) struct Pipeline {
     /// `None` once the runtime closes.
     queue: Mutex<Option<mpsc::UnboundedSender<(AckFuture, InFlight)>>>,
     driver: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Fires at the close deadline: what is still in flight settles as `Closed` at once.
+    stop: CancellationToken,
 }
 
 impl Pipeline {
@@ -89,8 +93,10 @@ impl Pipeline {
     pub(crate) fn start(max_in_flight: usize, handle: &tokio::runtime::Handle) -> Self {
         let (queue, received) = mpsc::unbounded_channel();
         let (results, _) = broadcast::channel(max_in_flight);
-        let driver = handle.spawn(drive(received, results.clone()));
+        let stop = CancellationToken::new();
+        let driver = handle.spawn(drive(received, results.clone(), stop.clone()));
         Self {
+            stop,
             window: Arc::new(Semaphore::new(max_in_flight)),
             results: Mutex::new(Some(results)),
             queue: Mutex::new(Some(queue)),
@@ -115,7 +121,9 @@ impl Pipeline {
     }
 
     /// Refuses new publishes and waits until the driver has settled every publish in flight,
-    /// or `deadline` passes (then the rest are settled as `Closed`).
+    /// or `deadline` passes: then the rest settle as `Closed` (their outcome unknown: the broker
+    /// may still store them), results included, and a message handed over after that makes its
+    /// `start_publish*` fail with `Closed`.
     pub(crate) async fn close(&self, deadline: tokio::time::Instant) {
         self.queue
             .lock()
@@ -132,8 +140,12 @@ impl Pipeline {
                 .await
                 .is_err()
         {
-            tracing::warn!("publishes still unacknowledged at the close deadline");
-            driver.abort();
+            tracing::warn!(
+                "publishes still unacknowledged at the close deadline: settled as closed"
+            );
+            self.stop.cancel();
+            // The driver settles what it holds at once and ends.
+            let _ = driver.await;
         }
         // Every result is out: the streams end once their readers have read them.
         self.results
@@ -144,16 +156,23 @@ impl Pipeline {
 }
 
 /// Settles the acknowledgements as they come, in the order the publishes started; ends once the
-/// pipeline is closed and every publish in flight is settled. A publish whose driver is aborted
-/// settles as `Closed` (its sender is dropped).
+/// pipeline is closed and every publish in flight is settled. Once `stop` fires, every ack
+/// future resolves to `Closed` at once (each watches it).
 async fn drive(
     mut queue: mpsc::UnboundedReceiver<(AckFuture, InFlight)>,
     results: broadcast::Sender<PublishResult>,
+    stop: CancellationToken,
 ) {
     let mut acks = FuturesOrdered::new();
     let mut open = true;
-    loop {
+    let mut stopping = false;
+    while open || !acks.is_empty() {
         tokio::select! {
+            // Still takes what was queued, but nothing more.
+            () = stop.cancelled(), if !stopping => {
+                stopping = true;
+                queue.close();
+            }
             received = queue.recv(), if open => match received {
                 Some((ack, in_flight)) => acks.push_back(async move { (ack.await, in_flight) }),
                 None => open = false,
@@ -161,7 +180,7 @@ async fn drive(
             Some((outcome, in_flight)) = acks.next(), if !acks.is_empty() => {
                 settle(&results, outcome, in_flight);
             }
-            else => return,
+            else => break,
         }
     }
 }
@@ -291,13 +310,23 @@ impl Runtime {
         self.shared.pipeline.results()
     }
 
-    async fn window_place(&self) -> Result<OwnedSemaphorePermit, Error> {
-        self.shared
-            .pipeline
-            .window
-            .clone()
+    /// A place in the window. A handler of this bus (a job on the engine's actors) never waits
+    /// for one: the publishes holding the window may themselves wait for room that only its
+    /// handlers make (the memory backend delivers as it publishes). It takes a free place, or
+    /// goes over the bound.
+    async fn window_place(&self) -> Result<Option<OwnedSemaphorePermit>, Error> {
+        let window = self.shared.pipeline.window.clone();
+        if self.shared.pool.runs_current_task() {
+            return match window.try_acquire_owned() {
+                Ok(permit) => Ok(Some(permit)),
+                Err(tokio::sync::TryAcquireError::NoPermits) => Ok(None),
+                Err(tokio::sync::TryAcquireError::Closed) => Err(Error::Closed),
+            };
+        }
+        window
             .acquire_owned()
             .await
+            .map(Some)
             .map_err(|_| Error::Closed)
     }
 
@@ -306,7 +335,7 @@ impl Runtime {
         topic: &str,
         span: tracing::Span,
         result: PublishResult,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
         send: impl Future<Output = Result<Ack, Error>>,
     ) -> Result<PendingPublish, Error>
     where
@@ -326,7 +355,17 @@ impl Runtime {
             }
         };
         let (settle, pending) = oneshot::channel();
-        let ack: AckFuture = Box::pin(ack.instrument(span.clone()));
+        let stop = self.shared.pipeline.stop.clone();
+        let ack: AckFuture = Box::pin(
+            async move {
+                tokio::select! {
+                    biased;
+                    acknowledged = ack => acknowledged,
+                    () = stop.cancelled() => Err(Error::Closed),
+                }
+            }
+            .instrument(span.clone()),
+        );
         let in_flight = InFlight {
             settle,
             result,
@@ -336,8 +375,8 @@ impl Runtime {
             permit,
         };
         if queue.send((ack, in_flight)).is_err() {
-            // The driver is gone only when the runtime was dropped: the publish was sent, but
-            // nothing will tell its result.
+            // Handed over after the close deadline (or the driver is gone): the message may be
+            // stored, and no result will tell.
             return Err(Error::Closed);
         }
         Ok(PendingPublish::new(pending))
