@@ -7,6 +7,11 @@
 //!
 //! On memory there is no broker: the baseline is a raw tokio channel carrying the same encoded
 //! envelopes to a task that decodes them.
+//!
+//! Those are `--scenario ratios` (the default). `--scenario handler-delay` measures handlers
+//! doing 1 ms of I/O through the broker against the engine alone and the Go SDK's design
+//! (`bench/work.rs`); `--scenario stalled` the resident memory while the handler is stalled and
+//! a million envelopes are published (`bench/stalled.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use tokio::sync::Notify;
 
 use crate::CliError;
 
+mod stalled;
 mod work;
 
 /// The backend `eventbus bench` measures.
@@ -43,6 +49,9 @@ pub(crate) enum Scenario {
     /// Handlers doing 1 ms of I/O per event (10,000 aggregates unless `--aggregates` says
     /// otherwise): through the broker vs the engine alone, and the Go SDK's design beside it.
     HandlerDelay,
+    /// Resident memory while the handler is stalled and `--messages` envelopes (1,000,000
+    /// unless it says otherwise) are published.
+    Stalled,
 }
 
 /// Options of `eventbus bench`.
@@ -54,9 +63,9 @@ pub(crate) struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum, default_value = "ratios")]
     scenario: Scenario,
-    /// Envelopes per measurement.
-    #[arg(long, default_value_t = 50_000, value_parser = clap::value_parser!(u64).range(1..))]
-    messages: u64,
+    /// Envelopes per measurement [default: 50000; 1000000 for stalled].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    messages: Option<u64>,
     /// Aggregates the envelopes belong to [default: 1000; 10000 for handler-delay].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     aggregates: Option<u64>,
@@ -74,21 +83,30 @@ pub(crate) struct BenchArgs {
 }
 
 fn envelopes(count: u64, aggregates: u64) -> Result<Vec<Envelope>, CliError> {
-    (0..count)
-        .map(|i| {
-            Envelope::new(
-                format!("order-{}", i % aggregates),
-                "OrderUpdated",
-                (i / aggregates + 1) as i64,
-                &serde_json::json!({"line": i, "total": 12.5}),
-            )
-            .map_err(CliError::from)
-        })
-        .collect()
+    (0..count).map(|i| envelope(i, aggregates)).collect()
+}
+
+/// The `i`th envelope of a run over `aggregates` aggregates (round-robin, versions rising).
+fn envelope(i: u64, aggregates: u64) -> Result<Envelope, CliError> {
+    Envelope::new(
+        format!("order-{}", i % aggregates),
+        "OrderUpdated",
+        (i / aggregates + 1) as i64,
+        &serde_json::json!({"line": i, "total": 12.5}),
+    )
+    .map_err(CliError::from)
 }
 
 fn rate(count: u64, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(f64::EPSILON)
+}
+
+/// The backend's name as `--backend` spells it.
+fn backend_name(backend: BenchBackend) -> String {
+    backend
+        .to_possible_value()
+        .map(|value| value.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// One measured pair.
@@ -137,10 +155,24 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     config.publish_max_in_flight = usize::try_from(args.in_flight).unwrap_or(usize::MAX);
     config.validate()?;
     let aggregates = args.aggregates.unwrap_or(match args.scenario {
-        Scenario::Ratios => 1000,
+        Scenario::Ratios | Scenario::Stalled => 1000,
         Scenario::HandlerDelay => 10_000,
     });
-    let envelopes = envelopes(args.messages, aggregates)?;
+    let messages = args.messages.unwrap_or(match args.scenario {
+        Scenario::Ratios | Scenario::HandlerDelay => 50_000,
+        Scenario::Stalled => 1_000_000,
+    });
+    if args.scenario == Scenario::Stalled {
+        println!(
+            "eventbus bench on {}: {messages} envelopes, {aggregates} aggregates, {} publishes in flight",
+            backend_name(args.backend),
+            args.in_flight
+        );
+        // Made one by one as they are published: the process holds no more than it must.
+        stalled::run(config, messages, aggregates).await?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let envelopes = envelopes(messages, aggregates)?;
     if args.instances.is_some()
         && (args.backend != BenchBackend::Nats || args.scenario != Scenario::Ratios)
     {
@@ -148,7 +180,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
             "--instances measures NATS scale-out: use it with --backend nats alone".into(),
         ));
     }
+    let backend = backend_name(args.backend);
     let figures = match (args.scenario, args.backend) {
+        (Scenario::Stalled, _) => Vec::new(),
         (Scenario::HandlerDelay, backend) => work::run(config, backend, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Memory) => memory(config, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Nats) => match args.instances {
@@ -159,14 +193,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
             kafka(config, &envelopes, args.in_flight).await?
         }
     };
-    let backend = args
-        .backend
-        .to_possible_value()
-        .map(|value| value.get_name().to_owned())
-        .unwrap_or_default();
     println!(
-        "eventbus bench on {backend}: {} envelopes, {} aggregates, {} publishes in flight",
-        args.messages, aggregates, args.in_flight
+        "eventbus bench on {backend}: {messages} envelopes, {aggregates} aggregates, {} publishes in flight",
+        args.in_flight
     );
     if args.instances.is_some() {
         println!("  scale-out: \"raw\" is one instance of the same run, \"ours\" this many");

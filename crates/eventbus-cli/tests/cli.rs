@@ -190,3 +190,22 @@ fn the_demo_serves_pool_metrics_while_it_runs() {
     let output = demo.wait_with_output().unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
 }
+
+/// On memory there is no broker to keep a backlog: with the handler stalled, the publisher is
+/// held back once the engine is full (here 16 actors x 10 per lane), and the bench says so.
+#[test]
+fn bench_with_a_stalled_handler_on_memory_holds_the_publisher_back_at_the_engines_bound() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(["bench", "--scenario", "stalled", "--messages", "5000"])
+        .env("EVENTBUS_POOL_POOL_SIZE", "16")
+        .env("EVENTBUS_POOL_INBOX_SIZE", "10")
+        .output()
+        .expect("eventbus runs");
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    assert!(
+        stdout.contains("the publisher was held back after"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("160 queued"), "{stdout}");
+}

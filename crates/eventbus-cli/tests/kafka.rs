@@ -90,6 +90,41 @@ fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
     }
 }
 
+/// `eventbus bench --scenario handler-delay` on Kafka prints the bus against the engine alone
+/// and against the Go SDK's design (one record at a time per partition), each as a ratio.
+#[test]
+fn bench_with_handler_delay_prints_ratios_to_the_engine_and_to_the_go_design() {
+    let (_config_dir, config) = config_file("kafka-work-bench");
+    let output = eventbus(
+        &[
+            "bench",
+            "--backend",
+            "kafka",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--scenario",
+            "handler-delay",
+            "--messages",
+            "1000",
+            "--aggregates",
+            "200",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for what in [
+        "1 ms handlers, kafka vs engine only",
+        "1 ms handlers, vs the Go design",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        assert!(line.contains("raw") && line.contains("ratio"), "{line}");
+    }
+}
+
 /// Records in `topic` (0 if it does not exist), from its partitions' watermarks.
 fn records_in(topic: &str) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()

@@ -277,3 +277,70 @@ fn topics_ensure_reports_creates_then_validates_the_configured_streams() {
     assert_eq!(status, Some(0), "{stdout}{stderr}");
     assert_eq!(stdout.trim(), "cli.managed: as specified");
 }
+
+/// `eventbus bench --scenario handler-delay` on NATS prints the bus against the engine alone
+/// and against the Go SDK's design, each as a ratio.
+#[test]
+fn bench_with_handler_delay_prints_ratios_to_the_engine_and_to_the_go_design() {
+    let server = NatsServer::start();
+    let (_config_dir, config) = config_file(&server, "work-bench");
+    let output = eventbus(
+        &[
+            "bench",
+            "--backend",
+            "nats",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--scenario",
+            "handler-delay",
+            "--messages",
+            "1000",
+            "--aggregates",
+            "200",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for what in [
+        "1 ms handlers, nats vs engine only",
+        "1 ms handlers, vs the Go design",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        assert!(line.contains("raw") && line.contains("ratio"), "{line}");
+    }
+}
+
+/// `eventbus bench --scenario stalled` on NATS publishes everything while the handler waits
+/// (the broker keeps the backlog) and prints the resident memory at each quarter.
+#[test]
+fn bench_with_a_stalled_handler_publishes_everything_and_prints_resident_memory() {
+    let server = NatsServer::start();
+    let (_config_dir, config) = config_file(&server, "stalled-bench");
+    let output = eventbus(
+        &[
+            "bench",
+            "--backend",
+            "nats",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--scenario",
+            "stalled",
+            "--messages",
+            "20000",
+        ],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    assert!(stdout.contains("20000 envelopes published in"), "{stdout}");
+    let memory = stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with("resident memory:"))
+        .unwrap_or_else(|| panic!("no resident memory line: {stdout}"));
+    // Before, the peak, the target, then one figure per quarter.
+    assert_eq!(memory.matches(" MB").count(), 3 + 4, "{memory}");
+}

@@ -57,7 +57,11 @@ pub(super) async fn run(
     bus.close().await?;
 
     let mut figures = vec![Figure {
-        what: format!("1 ms handlers, {} vs engine only", backend_name(backend)).into(),
+        what: format!(
+            "1 ms handlers, {} vs engine only",
+            super::backend_name(backend)
+        )
+        .into(),
         raw: engine,
         ours,
         cpu: engine_cpu.zip(our_cpu),
@@ -77,14 +81,6 @@ pub(super) async fn run(
         });
     }
     Ok(figures)
-}
-
-fn backend_name(backend: BenchBackend) -> &'static str {
-    match backend {
-        BenchBackend::Memory => "memory",
-        BenchBackend::Nats => "NATS",
-        BenchBackend::Kafka => "Kafka",
-    }
 }
 
 /// The engine alone: one job per envelope keyed by its aggregate, each waiting [`WORK`]; the
