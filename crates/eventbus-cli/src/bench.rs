@@ -221,13 +221,13 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
 
 /// Publishes every envelope through the bus pipelined (`start_publish_envelope` in a loop,
 /// the bus's window of `publish_max_in_flight`, which `run` sets to `--in-flight`), then waits
-/// for every acknowledgement; returns the rate.
+/// for every acknowledgement; returns the rate and the CPU per envelope.
 async fn publish_ours(
     bus: &eventbus::Bus,
     topic: &str,
     envelopes: &[Envelope],
-) -> Result<f64, CliError> {
-    let started = Instant::now();
+) -> Result<(f64, Option<Duration>), CliError> {
+    let (started, cpu_from) = (Instant::now(), process_cpu());
     let mut pending = Vec::with_capacity(envelopes.len());
     for envelope in envelopes {
         pending.push(bus.start_publish_envelope(topic, envelope).await?);
@@ -235,7 +235,11 @@ async fn publish_ours(
     for publish in pending {
         publish.await?;
     }
-    Ok(rate(envelopes.len() as u64, started.elapsed()))
+    let count = envelopes.len() as u64;
+    Ok((
+        rate(count, started.elapsed()),
+        cpu_per_record(cpu_from, process_cpu(), count),
+    ))
 }
 
 /// Subscribes an ordered envelope handler that waits `work` (none when zero: `tokio::time::sleep`,
@@ -425,7 +429,7 @@ async fn nats(
     })
     .await
     .map_err(|e| broker(&e))?;
-    let started = Instant::now();
+    let (started, cpu_from) = (Instant::now(), process_cpu());
     let mut acks = futures::stream::FuturesOrdered::new();
     for envelope in envelopes {
         // The same message as ours, encoded in the timed loop: JSON, the `X-*` headers and the
@@ -453,6 +457,7 @@ async fn nats(
         ack.map_err(|e| broker(&e))?;
     }
     let raw_publish = rate(count, started.elapsed());
+    let raw_publish_cpu = cpu_per_record(cpu_from, process_cpu(), count);
 
     // Ours makes its stream on the first publish: a warm-up envelope before the clock starts
     // (the raw stream was made before its clock started too). Both consumes read it.
@@ -460,7 +465,7 @@ async fn nats(
     let topic = format!("bench{run}.ours");
     let warm_up = Envelope::new("bench-warm-up", "WarmedUp", 1, &serde_json::json!({}))?;
     bus.publish_envelope(&topic, &warm_up).await?;
-    let our_publish = publish_ours(&bus, &topic, envelopes).await?;
+    let (our_publish, our_publish_cpu) = publish_ours(&bus, &topic, envelopes).await?;
     let count = count + 1;
 
     // Raw consume: a durable pull consumer acking each message of the stream ours filled.
@@ -506,7 +511,7 @@ async fn nats(
             what: "publish".into(),
             raw: raw_publish,
             ours: our_publish,
-            cpu: None,
+            cpu: raw_publish_cpu.zip(our_publish_cpu),
         },
         Figure {
             what: "consume".into(),
@@ -731,7 +736,7 @@ async fn kafka(
 
     let bus = eventbus::connect(config.clone()).await?;
     bus.publish_envelope(&topic, &warm_up).await?;
-    let our_publish = publish_ours(&bus, &topic, envelopes).await?;
+    let (our_publish, our_publish_cpu) = publish_ours(&bus, &topic, envelopes).await?;
 
     // Raw publish: an idempotent FutureProducer, keys and payloads as ours, many in flight.
     let options = config.kafka.topic(&topic);
@@ -770,7 +775,7 @@ async fn kafka(
         )
         .await
         .map_err(|(e, _)| broker(&e))?;
-    let started = Instant::now();
+    let (started, cpu_from) = (Instant::now(), process_cpu());
     let mut sent = futures::stream::iter(envelopes)
         .map(|envelope| {
             let (producer, raw_topic) = (&producer, &raw_topic);
@@ -805,6 +810,7 @@ async fn kafka(
         result.map_err(|e| broker(&e))?;
     }
     let raw_publish = rate(envelopes.len() as u64, started.elapsed());
+    let raw_publish_cpu = cpu_per_record(cpu_from, process_cpu(), envelopes.len() as u64);
 
     // Raw consume, twice: a bare poll loop, and one that decodes each envelope as the memory
     // baseline does (the work any consumer of these records must do). The ratio is taken to the
@@ -833,7 +839,7 @@ async fn kafka(
             what: "publish".into(),
             raw: raw_publish,
             ours: our_publish,
-            cpu: None,
+            cpu: raw_publish_cpu.zip(our_publish_cpu),
         },
         Figure {
             what: "consume".into(),

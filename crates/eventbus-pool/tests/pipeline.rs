@@ -320,3 +320,21 @@ async fn wait_until(mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_results_stream_reports_the_publishes_started_after_it_was_made() {
+    let runtime = runtime(4);
+    let sent = AtomicUsize::new(0);
+    let (before, before_ack) = start(&runtime, &envelope(1), &sent).await.unwrap();
+    let mut results = runtime.publish_results();
+    let after_envelope = envelope(2);
+    let (after, after_ack) = start(&runtime, &after_envelope, &sent).await.unwrap();
+    before_ack.send(Ok(Position::Sequence(1))).unwrap();
+    after_ack.send(Ok(Position::Sequence(2))).unwrap();
+    assert_eq!(before.await.unwrap(), Position::Sequence(1));
+    assert_eq!(after.await.unwrap(), Position::Sequence(2));
+    let result = results.recv().await.unwrap();
+    assert_names(&result, &after_envelope);
+    assert_eq!(result.outcome, Ok(Position::Sequence(2)));
+    assert!(results.try_recv().is_none());
+}

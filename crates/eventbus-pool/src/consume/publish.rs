@@ -66,7 +66,9 @@ pub type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send
 /// One publish in flight, on its way to the driver with its acknowledgement.
 struct InFlight {
     settle: oneshot::Sender<Result<Position, Error>>,
-    result: PublishResult,
+    /// Its result for the streams; `None` when no stream existed at its start (a stream
+    /// reports the publishes started after it was made).
+    result: Option<PublishResult>,
     metrics: TopicMetrics,
     span: tracing::Span,
     started: Instant,
@@ -111,6 +113,15 @@ impl Pipeline {
             // Closed: a stream that ends at once.
             None => PublishResults::new(broadcast::channel(1).1),
         }
+    }
+
+    /// True when a results stream exists: only then is a publish's result made.
+    fn reported(&self) -> bool {
+        self.results
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|sender| sender.receiver_count() > 0)
     }
 
     fn queue(&self) -> Option<mpsc::UnboundedSender<(AckFuture, InFlight)>> {
@@ -192,16 +203,18 @@ fn settle(
 ) {
     let InFlight {
         settle,
-        mut result,
+        result,
         metrics,
         span,
         started,
         permit,
     } = in_flight;
     metrics.record(&span, started, outcome.as_ref().map(|_| ()));
-    result.outcome = outcome.as_ref().copied().map_err(PublishFailure::from);
-    // No stream reads results when nobody asked for them.
-    let _ = results.send(result);
+    if let Some(mut result) = result {
+        result.outcome = outcome.as_ref().copied().map_err(PublishFailure::from);
+        // Every stream may have gone meanwhile.
+        let _ = results.send(result);
+    }
     // The caller may have dropped its `PendingPublish`.
     let _ = settle.send(outcome);
     drop(permit);
@@ -276,7 +289,11 @@ impl Runtime {
     {
         let permit = self.window_place().await?;
         let (span, message) = envelope_message(topic, envelope)?;
-        let result = PublishResult::for_envelope(topic, envelope, Ok(Position::Unknown));
+        let result = self
+            .shared
+            .pipeline
+            .reported()
+            .then(|| PublishResult::for_envelope(topic, envelope, Ok(Position::Unknown)));
         self.pipelined(topic, span, result, permit, send(message))
             .await
     }
@@ -300,7 +317,11 @@ impl Runtime {
     {
         let permit = self.window_place().await?;
         let (span, message) = plain_message(topic, message);
-        let result = PublishResult::for_message(topic, Ok(Position::Unknown));
+        let result = self
+            .shared
+            .pipeline
+            .reported()
+            .then(|| PublishResult::for_message(topic, Ok(Position::Unknown)));
         self.pipelined(topic, span, result, permit, send(message))
             .await
     }
@@ -334,7 +355,7 @@ impl Runtime {
         &self,
         topic: &str,
         span: tracing::Span,
-        result: PublishResult,
+        result: Option<PublishResult>,
         permit: Option<OwnedSemaphorePermit>,
         send: impl Future<Output = Result<Ack, Error>>,
     ) -> Result<PendingPublish, Error>
