@@ -11,7 +11,8 @@
 //! Those are `--scenario ratios` (the default). `--scenario handler-delay` measures handlers
 //! doing 1 ms of I/O through the broker against the engine alone and the Go SDK's design
 //! (`bench/work.rs`); `--scenario stalled` the resident memory while the handler is stalled and
-//! a million envelopes are published (`bench/stalled.rs`).
+//! a million envelopes are published (`bench/stalled.rs`); `--scenario engine` the ordering
+//! engine alone against the Go SDK's design and a raw channel hop (`bench/engine.rs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::CliError;
 
+mod engine;
 mod stalled;
 mod work;
 
@@ -52,6 +54,10 @@ pub(crate) enum Scenario {
     /// Resident memory while the handler is stalled and `--messages` envelopes (1,000,000
     /// unless it says otherwise) are published.
     Stalled,
+    /// The ordering engine alone, no broker (`--backend` is not used): `--messages` no-op jobs
+    /// (1,000,000 unless it says otherwise) against the Go SDK's design and a raw channel hop,
+    /// then on a single-threaded runtime by key count.
+    Engine,
 }
 
 /// Options of `eventbus bench`.
@@ -156,12 +162,19 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     config.validate()?;
     let aggregates = args.aggregates.unwrap_or(match args.scenario {
         Scenario::Ratios | Scenario::Stalled => 1000,
-        Scenario::HandlerDelay => 10_000,
+        Scenario::HandlerDelay | Scenario::Engine => 10_000,
     });
     let messages = args.messages.unwrap_or(match args.scenario {
         Scenario::Ratios | Scenario::HandlerDelay => 50_000,
-        Scenario::Stalled => 1_000_000,
+        Scenario::Stalled | Scenario::Engine => 1_000_000,
     });
+    if args.scenario == Scenario::Engine {
+        println!(
+            "eventbus bench, the engine alone: {messages} no-op jobs over {aggregates} keys (then a fifth as many on one thread)"
+        );
+        print_figures(engine::run(messages).await?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     if args.scenario == Scenario::Stalled {
         println!(
             "eventbus bench on {}: {messages} envelopes, {aggregates} aggregates, {} publishes in flight",
@@ -182,7 +195,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     }
     let backend = backend_name(args.backend);
     let figures = match (args.scenario, args.backend) {
-        (Scenario::Stalled, _) => Vec::new(),
+        (Scenario::Stalled | Scenario::Engine, _) => Vec::new(),
         (Scenario::HandlerDelay, backend) => work::run(config, backend, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Memory) => memory(config, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Nats) => match args.instances {
@@ -200,6 +213,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     if args.instances.is_some() {
         println!("  scale-out: \"raw\" is one instance of the same run, \"ours\" this many");
     }
+    print_figures(figures);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// One line per figure: raw, ours, the ratio, and the CPU per record where measured.
+fn print_figures(figures: Vec<Figure>) {
     for figure in figures {
         let cpu = figure.cpu.map_or(String::new(), |(raw, ours)| {
             format!(
@@ -216,7 +235,6 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
             figure.ours / figure.raw
         );
     }
-    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Publishes every envelope through the bus pipelined (`start_publish_envelope` in a loop,

@@ -209,3 +209,27 @@ fn bench_with_a_stalled_handler_on_memory_holds_the_publisher_back_at_the_engine
     );
     assert!(stdout.contains("160 queued"), "{stdout}");
 }
+
+/// `eventbus bench --scenario engine` prints the engine against the Go design and the raw hop,
+/// and on one thread for each key count, each as a ratio.
+#[test]
+fn bench_of_the_engine_prints_its_ratios_to_the_go_design_and_the_raw_hop() {
+    let output = eventbus(
+        &["bench", "--scenario", "engine", "--messages", "20000"],
+        "",
+    );
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for what in [
+        "engine no-op vs Go design",
+        "engine no-op vs raw mpsc hop",
+        "engine 1 thread, 10 keys, vs Go design",
+        "engine 1 thread, 100000 keys, vs Go design",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|line| line.trim_start().starts_with(what))
+            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        assert!(line.contains("ratio"), "{line}");
+    }
+}
