@@ -444,7 +444,7 @@ impl Pool {
 
     /// True when the current task is one of this pool's actors: the caller is one of its own
     /// jobs, which must not wait for room the pool itself would have to make.
-    pub fn runs_current_task(&self) -> bool {
+    pub(crate) fn runs_current_task(&self) -> bool {
         let identity = Arc::as_ptr(&self.shared) as usize;
         ACTOR_OF
             .try_with(|actor_of| *actor_of == identity)
