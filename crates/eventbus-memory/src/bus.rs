@@ -379,20 +379,29 @@ impl Topics {
                 timestamp: Some(OffsetDateTime::now_utc()),
             },
         };
-        for consumer in subscriptions {
-            let delivery = Delivery {
-                message: message.clone(),
-                receipt: self.receipt.clone(),
-                held_id: None,
-            };
-            match consumer.deliver(delivery).await {
-                Ok(_) => {}
-                // Unsubscribed meanwhile: no longer delivered to.
-                Err(Error::Closed) if consumer.is_closed() => {}
-                Err(error) => return Err(error),
+        // The last subscription takes the message itself; the others a copy each.
+        if let Some((last, others)) = subscriptions.split_last() {
+            for consumer in others {
+                self.deliver(consumer, message.clone()).await?;
             }
+            self.deliver(last, message).await?;
         }
         Ok(Position::Sequence(sequence))
+    }
+
+    /// Delivers `message` to one subscription (one unsubscribed meanwhile is skipped).
+    async fn deliver(&self, consumer: &Consumer, message: Message) -> Result<(), Error> {
+        let delivery = Delivery {
+            message,
+            receipt: self.receipt.clone(),
+            held_id: None,
+        };
+        match consumer.deliver(delivery).await {
+            Ok(_) => Ok(()),
+            // Unsubscribed meanwhile: no longer delivered to.
+            Err(Error::Closed) if consumer.is_closed() => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 }
 

@@ -15,20 +15,63 @@ use crate::scope::{Scope, UNSCOPED};
 pub(crate) type AttemptFuture =
     Pin<Box<dyn Future<Output = Result<(), HandlerError>> + Send + 'static>>;
 
-type Run = Box<dyn FnMut(JobContext) -> AttemptFuture + Send + 'static>;
-
 /// The future of a job's finishing step.
 pub(crate) type FinishFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
 pub(crate) type Finish = Box<dyn FnOnce(&Outcome) -> FinishFuture + Send + 'static>;
+
+/// What a job does, as one object: starts each of its attempts and, once the job has its
+/// outcome, gives its finishing step. The consume runtime keeps a message and everything its
+/// attempts and its settling need in one of these (one allocation per message); a job made
+/// from closures wraps them in [`Closures`].
+pub(crate) trait Work: Send + 'static {
+    /// Starts attempt `ctx.attempt()`.
+    fn attempt(&mut self, ctx: JobContext) -> AttemptFuture;
+
+    /// The finishing step for `outcome`, if the job has one.
+    fn finish(self: Box<Self>, outcome: &Outcome) -> Option<FinishFuture>;
+}
+
+/// The work of [`Job::new`]: its attempt function (its finishing step is [`Job::finish`]).
+struct Closures<F>(F);
+
+impl<F> Work for Closures<F>
+where
+    F: FnMut(JobContext) -> AttemptFuture + Send + 'static,
+{
+    fn attempt(&mut self, ctx: JobContext) -> AttemptFuture {
+        (self.0)(ctx)
+    }
+
+    fn finish(self: Box<Self>, _outcome: &Outcome) -> Option<FinishFuture> {
+        None
+    }
+}
+
+/// What is left of a job's work once its finishing step was taken (no allocation: it has no
+/// size). The pool starts no attempt after that.
+struct Finished;
+
+impl Work for Finished {
+    fn attempt(&mut self, _ctx: JobContext) -> AttemptFuture {
+        Box::pin(std::future::ready(Err(HandlerError::permanent(
+            "the job was already finished",
+        ))))
+    }
+
+    fn finish(self: Box<Self>, _outcome: &Outcome) -> Option<FinishFuture> {
+        None
+    }
+}
 
 /// A unit of work: an optional routing key, a delivery class, and a function that starts one
 /// attempt (called again for each retry).
 pub struct Job {
     pub(crate) key: Option<AggregateId>,
     pub(crate) class: DeliveryClass,
-    pub(crate) run: Run,
-    pub(crate) finish: Option<Finish>,
+    work: Box<dyn Work>,
+    /// The finishing step added with [`with_finish`](Self::with_finish).
+    finish: Option<Finish>,
     pub(crate) scope: Option<Scope>,
     pub(crate) unlimited: bool,
 }
@@ -41,13 +84,39 @@ impl Job {
         F: FnMut(JobContext) -> Fut + Send + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
+        let run = move |ctx| -> AttemptFuture { Box::pin(run(ctx)) };
+        Self::from_work(key, class, Box::new(Closures(run)))
+    }
+
+    /// A job doing `work` (its attempts and its finishing step in one object).
+    pub(crate) fn from_work(
+        key: Option<AggregateId>,
+        class: DeliveryClass,
+        work: Box<dyn Work>,
+    ) -> Self {
         Self {
             key,
             class,
-            run: Box::new(move |ctx| Box::pin(run(ctx))),
+            work,
             finish: None,
             scope: None,
             unlimited: false,
+        }
+    }
+
+    /// Starts the job's next attempt.
+    pub(crate) fn attempt(&mut self, ctx: JobContext) -> AttemptFuture {
+        self.work.attempt(ctx)
+    }
+
+    /// Takes the job's finishing step, to be called once with its outcome (it gives `None`
+    /// when the job has no finishing step). The job starts no attempt after this.
+    pub(crate) fn take_finish(&mut self) -> impl FnOnce(&Outcome) -> Option<FinishFuture> + use<> {
+        let finish = self.finish.take();
+        let work = std::mem::replace(&mut self.work, Box::new(Finished));
+        move |outcome| match finish {
+            Some(finish) => Some(finish(outcome)),
+            None => work.finish(outcome),
         }
     }
 

@@ -679,9 +679,7 @@ impl Shared {
                 let outcome = Outcome::Cancelled {
                     attempts: entry.attempts,
                 };
-                if let Some(finish) = entry.job.finish.take() {
-                    finish_job(finish, &outcome, std::future::pending()).await;
-                }
+                finish_job(entry.job.take_finish(), &outcome, std::future::pending()).await;
                 let wake = {
                     let mut state = shared.lock();
                     state.settling -= 1;
@@ -991,9 +989,7 @@ impl Shared {
             let outcome = Outcome::Cancelled {
                 attempts: entry.attempts,
             };
-            if let Some(finish) = entry.job.finish.take() {
-                finish_job(finish, &outcome, std::future::pending()).await;
-            }
+            finish_job(entry.job.take_finish(), &outcome, std::future::pending()).await;
             return self.settle(lane, entry, outcome, true);
         }
         entry.attempts += 1;
@@ -1002,7 +998,7 @@ impl Shared {
             attempt,
             cancellation: scope.clone().unwrap_or_else(|| self.cancel.clone()),
         };
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| (entry.job.run)(ctx))) {
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| entry.job.attempt(ctx))) {
             Err(panic) => Attempt::Panicked(panic_message(panic.as_ref())),
             Ok(future) => match &scope {
                 Some(token) => run_attempt(future, token.cancelled()).await,
@@ -1044,17 +1040,16 @@ impl Shared {
                 }
             }
         };
-        if let Some(finish) = entry.job.finish.take() {
-            match (&outcome, &scope) {
-                // Handing back is quick and must happen: not raced against the deadline.
-                (Outcome::Cancelled { .. }, _) => {
-                    finish_job(finish, &outcome, std::future::pending()).await;
-                }
-                // A scoped job's owner (the consume runtime) watches the scope's token in its
-                // step and gives the message back when it is cut short.
-                (_, Some(_)) => finish_job(finish, &outcome, std::future::pending()).await,
-                (_, None) => finish_job(finish, &outcome, cancelled).await,
+        let finish = entry.job.take_finish();
+        match (&outcome, &scope) {
+            // Handing back is quick and must happen: not raced against the deadline.
+            (Outcome::Cancelled { .. }, _) => {
+                finish_job(finish, &outcome, std::future::pending()).await;
             }
+            // A scoped job's owner (the consume runtime) watches the scope's token in its step
+            // and gives the message back when it is cut short.
+            (_, Some(_)) => finish_job(finish, &outcome, std::future::pending()).await,
+            (_, None) => finish_job(finish, &outcome, cancelled).await,
         }
         self.settle(lane, entry, outcome, true)
     }
@@ -1163,15 +1158,16 @@ async fn run_attempt(
     }
 }
 
-/// Runs a job's finishing step while its lane is still held, until it ends or `cancelled`
-/// fires.
+/// Runs a job's finishing step (from [`Job::take_finish`]) while its lane is still held, until
+/// it ends or `cancelled` fires.
 async fn finish_job(
-    finish: crate::job::Finish,
+    finish: impl FnOnce(&Outcome) -> Option<crate::job::FinishFuture>,
     outcome: &Outcome,
     cancelled: impl std::future::Future<Output = ()>,
 ) {
     let future = match std::panic::catch_unwind(AssertUnwindSafe(|| finish(outcome))) {
-        Ok(future) => future,
+        Ok(Some(future)) => future,
+        Ok(None) => return,
         Err(panic) => {
             tracing::error!(panic = %panic_message(panic.as_ref()), "finishing step panicked");
             return;

@@ -16,11 +16,11 @@ use tracing::Instrument;
 
 use super::Shared;
 use super::park::{ParkCheck, ParkedBehind, Parking};
-use super::settle::{Settling, Verdict, settle};
+use super::settle::{Verdict, settle};
 use super::stats::{Consumed, Stat};
 use super::trace::{incoming, with_current};
 use super::transport::{Delivery, Handler, Receipt};
-use crate::job::AttemptFuture;
+use crate::job::{AttemptFuture, FinishFuture, Work};
 use crate::{Job, JobContext, Scope, ScopeReport};
 
 /// What a subscription consumes and where its failures go.
@@ -150,13 +150,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// [`Runtime::subscribe`](super::Runtime::subscribe).
 pub struct Consumer {
     spec: SubscriptionSpec,
-    topic: Arc<str>,
-    /// The spec's name and dead-letter topic, shared with every message's settling step.
-    name: Arc<str>,
-    dead_letter: Option<Arc<str>>,
-    /// The spec's handler timeout, or the bus's.
-    handler_timeout: Option<Duration>,
-    consumed: Arc<Consumed>,
+    /// What every message's job shares.
+    subscription: Arc<Subscription>,
     /// The parked aggregates, when the subscription parks.
     parking: Option<Arc<Parking>>,
     /// Fired once a parking subscription has parked again the aggregates its dead-letter topic
@@ -191,15 +186,18 @@ impl Consumer {
         }
         let parking = spec.park_on_dead_letter.then(Arc::default);
         let scope = runtime.pool.open_scope()?;
-        let consumer = Arc::new(Self {
+        let subscription = Arc::new(Subscription {
+            handler: spec.handler.clone(),
             topic: Arc::from(spec.topic.as_str()),
             name: Arc::from(spec.name.as_str()),
             dead_letter: spec.dead_letter.as_deref().map(Arc::from),
-            handler_timeout,
-            consumed: Arc::new(Consumed::new(
-                &runtime.settings.metrics_namespace,
-                &spec.topic,
-            )),
+            timeout: handler_timeout,
+            runtime: Arc::downgrade(runtime),
+            cancel: scope.cancel.clone(),
+            consumed: Consumed::new(&runtime.settings.metrics_namespace, &spec.topic),
+        });
+        let consumer = Arc::new(Self {
+            subscription,
             spec,
             lag: AtomicU64::new(u64::MAX),
             parking: parking.clone(),
@@ -212,12 +210,12 @@ impl Consumer {
             finished: CancellationToken::new(),
             progress: Mutex::new(None),
         });
-        match (&parking, &consumer.dead_letter) {
+        match (&parking, &consumer.subscription.dead_letter) {
             (Some(parking), Some(dead_letter)) => {
                 runtime.handle.spawn(restore_parking(
                     runtime.transport.clone(),
                     parking.clone(),
-                    consumer.topic.clone(),
+                    consumer.subscription.topic.clone(),
                     dead_letter.clone(),
                     consumer.parking_restored.clone(),
                     consumer.finished.clone(),
@@ -339,7 +337,7 @@ impl Consumer {
                 }
             }
         };
-        let job = self.job(&runtime, message, receipt, guard);
+        let job = self.job(message, receipt, guard);
         // A refused job drops its guard: the message is no longer held.
         runtime
             .pool
@@ -349,13 +347,7 @@ impl Consumer {
     }
 
     /// The engine job of one message: its lane, its attempts, and its settlement.
-    fn job(
-        &self,
-        runtime: &Arc<Shared>,
-        message: Message,
-        receipt: Arc<dyn Receipt>,
-        guard: HeldGuard,
-    ) -> Job {
+    fn job(&self, message: Message, receipt: Arc<dyn Receipt>, guard: HeldGuard) -> Job {
         let (key, class, first, undecodable) = match &self.spec.handler {
             Handler::Plain(_) => {
                 let mut source = MessageSource::from_message(&message);
@@ -394,45 +386,27 @@ impl Consumer {
         };
         let trace = incoming(&message.headers, first.as_ref());
         let span = self.span(&message, first.as_ref(), trace.as_deref());
-        let message = Arc::new(message);
-        let attempts = attempts(
-            Attempts {
-                handler: self.spec.handler.clone(),
-                topic: self.topic.clone(),
-                subscription: self.name.clone(),
-                timeout: self.handler_timeout,
-                runtime: Arc::downgrade(runtime),
-                span: span.clone(),
-                trace,
-                park: park.clone(),
-            },
-            message.clone(),
-            first,
-            undecodable.is_some(),
-        );
-        let mut job = Job::new(key, class, attempts).in_scope(&self.scope);
-        if class == DeliveryClass::AtLeastOnce
+        let unlimited = class == DeliveryClass::AtLeastOnce
             && self.spec.dead_letter.is_none()
-            && undecodable.is_none()
-        {
-            job = job.with_unlimited_attempts();
-        }
-        let settling = Settling {
-            runtime: Arc::downgrade(runtime),
-            cancel: self.scope.cancel.clone(),
-            subscription: self.name.clone(),
-            dead_letter: self.dead_letter.clone(),
-            receipt,
+            && undecodable.is_none();
+        let work = MessageJob {
+            subscription: self.subscription.clone(),
+            class,
             message,
+            receipt,
             guard,
             span,
-            consumed: self.consumed.clone(),
+            trace,
             park,
+            first,
+            undecodable,
         };
-        job.with_finish(move |outcome: &Outcome| {
-            let verdict = Verdict::of(outcome, class, undecodable, settling.dead_letter.is_some());
-            settle(settling, verdict)
-        })
+        let job = Job::from_work(key, class, Box::new(work)).in_scope(&self.scope);
+        if unlimited {
+            job.with_unlimited_attempts()
+        } else {
+            job
+        }
     }
 
     /// The `consume` span of one message: every attempt runs in it, and settling records its
@@ -445,8 +419,8 @@ impl Consumer {
     ) -> tracing::Span {
         let span = tracing::info_span!(
             "consume",
-            topic = %self.topic,
-            subscription = %self.name,
+            topic = %self.subscription.topic,
+            subscription = %self.subscription.name,
             partition = tracing::field::Empty,
             offset = tracing::field::Empty,
             sequence = tracing::field::Empty,
@@ -526,40 +500,58 @@ impl Consumer {
 /// before it is dropped: 5 s (or its timeout, when shorter).
 pub const CANCEL_GRACE_MAX: Duration = Duration::from_secs(5);
 
-/// What every attempt of one subscription's messages shares.
-struct Attempts {
+/// What the jobs of one subscription's messages share.
+pub(super) struct Subscription {
     handler: Handler,
-    topic: Arc<str>,
-    subscription: Arc<str>,
+    pub(super) topic: Arc<str>,
+    /// The subscription's name (in logs, and in each dead letter's idempotency key).
+    pub(super) name: Arc<str>,
+    pub(super) dead_letter: Option<Arc<str>>,
+    /// The spec's handler timeout, or the bus's.
     timeout: Option<Duration>,
-    runtime: Weak<Shared>,
-    /// The message's `consume` span.
-    span: tracing::Span,
-    trace: Option<Arc<TraceContext>>,
-    park: Option<ParkCheck>,
+    pub(super) runtime: Weak<Shared>,
+    /// The subscription's scope token: fires at its drain deadline.
+    pub(super) cancel: Arc<CancellationToken>,
+    pub(super) consumed: Consumed,
 }
 
-/// The function that starts each attempt of a message: the handler with a fresh context, under
-/// the subscription's handler timeout. An undecodable envelope never reaches the handler. The
-/// first attempt takes the envelope decoded for its key; a retry decodes the payload again.
-fn attempts(
-    shared: Attempts,
-    message: Arc<Message>,
-    mut first: Option<Envelope>,
-    undecodable: bool,
-) -> impl FnMut(JobContext) -> AttemptFuture + Send + 'static {
-    move |ctx: JobContext| -> AttemptFuture {
-        if undecodable {
+/// One message in the engine: everything its attempts and its settling need, in one
+/// allocation. Each attempt runs the handler with a fresh context, under the subscription's
+/// handler timeout (an undecodable envelope never reaches the handler; the first attempt takes
+/// the envelope decoded for its key, a retry decodes the payload again); its finishing step
+/// settles the message ([`settle`]).
+pub(super) struct MessageJob {
+    pub(super) subscription: Arc<Subscription>,
+    class: DeliveryClass,
+    pub(super) message: Message,
+    pub(super) receipt: Arc<dyn Receipt>,
+    /// Dropped when settling ends (or is cut short at the deadline).
+    pub(super) guard: HeldGuard,
+    /// The message's `consume` span: every attempt runs in it, settling records its outcome.
+    pub(super) span: tracing::Span,
+    trace: Option<Arc<TraceContext>>,
+    /// The message's aggregate in a parking subscription.
+    pub(super) park: Option<ParkCheck>,
+    /// The envelope decoded for its key, until the first attempt takes it.
+    first: Option<Envelope>,
+    /// Why the envelope could not be decoded.
+    undecodable: Option<String>,
+}
+
+impl Work for MessageJob {
+    fn attempt(&mut self, ctx: JobContext) -> AttemptFuture {
+        if self.undecodable.is_some() {
             return Box::pin(async { Err(HandlerError::permanent("undecodable envelope")) });
         }
-        if shared.park.as_ref().is_some_and(|park| !park.admits()) {
+        if self.park.as_ref().is_some_and(|park| !park.admits()) {
             return Box::pin(async { Err(HandlerError::permanent(ParkedBehind)) });
         }
+        let shared = &*self.subscription;
         // A timed attempt gets a token of its own, which also fires with the subscription's.
         let timer = shared.timeout.map(|timeout| Timer {
             timeout,
             cancel: Arc::new(ctx.cancellation.child_token()),
-            subscription: shared.subscription.clone(),
+            subscription: shared.name.clone(),
             runtime: shared.runtime.clone(),
         });
         let cancellation = timer
@@ -567,21 +559,21 @@ fn attempts(
             .map_or_else(|| ctx.cancellation.clone(), |timer| timer.cancel.clone());
         let context = HandlerContext::new(
             shared.topic.clone(),
-            message.meta.clone(),
+            self.message.meta.clone(),
             ctx.attempt(),
             cancellation,
         )
-        .with_trace_context(shared.trace.clone());
-        shared.span.record("attempt", ctx.attempt());
+        .with_trace_context(self.trace.clone());
+        self.span.record("attempt", ctx.attempt());
         let attempt: AttemptFuture = match &shared.handler {
             Handler::Plain(handler) => {
-                let (handler, message) = (handler.clone(), Message::clone(&message));
+                let (handler, message) = (handler.clone(), self.message.clone());
                 Box::pin(async move { handler.handle(context, message).await })
             }
             Handler::Envelope(handler) => {
-                let envelope = match first.take() {
+                let envelope = match self.first.take() {
                     Some(envelope) => envelope,
-                    None => match Envelope::from_bytes(&message.payload) {
+                    None => match Envelope::from_bytes(&self.message.payload) {
                         Ok(envelope) => envelope,
                         Err(error) => {
                             return Box::pin(async { Err(HandlerError::permanent(error)) });
@@ -596,11 +588,17 @@ fn attempts(
             Some(timer) => Box::pin(timer.run(attempt)),
             None => attempt,
         };
-        if shared.trace.is_none() && shared.span.is_disabled() {
+        if self.trace.is_none() && self.span.is_disabled() {
             // Nothing to observe: spared a second allocation per attempt.
             return attempt;
         }
-        Box::pin(with_current(shared.trace.clone(), attempt).instrument(shared.span.clone()))
+        Box::pin(with_current(self.trace.clone(), attempt).instrument(self.span.clone()))
+    }
+
+    fn finish(mut self: Box<Self>, outcome: &Outcome) -> Option<FinishFuture> {
+        let dead_letters = self.subscription.dead_letter.is_some();
+        let verdict = Verdict::of(outcome, self.class, self.undecodable.take(), dead_letters);
+        Some(Box::pin(settle(self, verdict)))
     }
 }
 

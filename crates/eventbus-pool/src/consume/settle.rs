@@ -1,18 +1,17 @@
 //! Settling one message in its lane: ack, give back, or dead-letter then terminate.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use eventbus_core::{
-    CancellationToken, DeliveryClass, HEADER_PARKED, Message, Outcome, Position, Settlement,
-    dead_letter_message,
+    DeliveryClass, HEADER_PARKED, Message, Outcome, Position, Settlement, dead_letter_message,
 };
 
 use futures::FutureExt;
 
 use super::Shared;
-use super::consumer::HeldGuard;
-use super::park::{ParkCheck, ParkedBehind};
-use super::stats::{Consumed, Consumption, Counters, Stat};
+use super::consumer::MessageJob;
+use super::park::ParkedBehind;
+use super::stats::{Consumption, Counters, Stat};
 use super::transport::Receipt;
 
 /// What settling does with a message.
@@ -69,31 +68,13 @@ impl Verdict {
     }
 }
 
-/// What settling one message needs.
-pub(crate) struct Settling {
-    pub(crate) runtime: Weak<Shared>,
-    /// The subscription's scope token: fires at its drain deadline.
-    pub(crate) cancel: Arc<CancellationToken>,
-    pub(crate) subscription: Arc<str>,
-    pub(crate) dead_letter: Option<Arc<str>>,
-    pub(crate) receipt: Arc<dyn Receipt>,
-    pub(crate) message: Arc<Message>,
-    /// Dropped when settling ends (or is cut short at the deadline).
-    pub(crate) guard: HeldGuard,
-    /// The message's `consume` span: settling records its outcome.
-    pub(crate) span: tracing::Span,
-    pub(crate) consumed: Arc<Consumed>,
-    /// The message's aggregate in a parking subscription.
-    pub(crate) park: Option<ParkCheck>,
-}
-
 /// Settles one message while its lane is held. Acks and terminates are retried with the
 /// engine's backoff while they fail; a dead letter is retried until the broker accepts it (the
 /// aggregate's later messages wait). When the subscription's drain deadline cuts this short,
 /// the message is given back before the lane is released, so the broker delivers it again ahead
 /// of the aggregate's later messages.
-pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
-    let Some(runtime) = settling.runtime.upgrade() else {
+pub(super) async fn settle(settling: Box<MessageJob>, verdict: Verdict) {
+    let Some(runtime) = settling.subscription.runtime.upgrade() else {
         return;
     };
     let receipt = settling
@@ -102,8 +83,8 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
         .unwrap_or_else(|| settling.receipt.clone());
     // A job cancelled while it ran (its token already fired) settles as it must; only a
     // settlement the deadline interrupts is cut short.
-    let cut_short =
-        !matches!(verdict, Verdict::GiveBack | Verdict::Abandon) && !settling.cancel.is_cancelled();
+    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon)
+        && !settling.subscription.cancel.is_cancelled();
     {
         let work = settle_now(&runtime, &settling, &receipt, verdict);
         tokio::pin!(work);
@@ -114,8 +95,8 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
                 tokio::select! {
                     biased;
                     () = &mut work => {}
-                    () = settling.cancel.cancelled() => {
-                        tracing::warn!(subscription = %settling.subscription, "settling cut short at the drain deadline; the message is given back");
+                    () = settling.subscription.cancel.cancelled() => {
+                        tracing::warn!(subscription = %settling.subscription.name, "settling cut short at the drain deadline; the message is given back");
                         give_back(&runtime, &settling, &receipt).await;
                     }
                 }
@@ -128,24 +109,24 @@ pub(crate) async fn settle(settling: Settling, verdict: Verdict) {
 }
 
 /// Counts how a message ended, on its span and in `consumed_total`.
-fn ended(settling: &Settling, outcome: Consumption) {
-    settling.consumed.count(outcome);
+fn ended(settling: &MessageJob, outcome: Consumption) {
+    settling.subscription.consumed.count(outcome);
     settling.span.record("outcome", outcome.label());
 }
 
 /// Gives a message back to the broker (once: a failure leaves it to the broker's timeout).
-async fn give_back(runtime: &Shared, settling: &Settling, receipt: &Arc<dyn Receipt>) {
+async fn give_back(runtime: &Shared, settling: &MessageJob, receipt: &Arc<dyn Receipt>) {
     runtime.counters.add(Stat::GivenBack, 1);
     ended(settling, Consumption::GivenBack);
     if let Err(error) = receipt.give_back().await {
         runtime.counters.add(Stat::SettleFailures, 1);
-        tracing::warn!(subscription = %settling.subscription, %error, "message not given back; the broker redelivers it after its timeout");
+        tracing::warn!(subscription = %settling.subscription.name, %error, "message not given back; the broker redelivers it after its timeout");
     }
 }
 
 async fn settle_now(
     runtime: &Shared,
-    settling: &Settling,
+    settling: &MessageJob,
     receipt: &Arc<dyn Receipt>,
     verdict: Verdict,
 ) {
@@ -168,7 +149,7 @@ async fn settle_now(
         Verdict::Abandon => {
             runtime.counters.add(Stat::Undeliverable, 1);
             tracing::error!(
-                subscription = %settling.subscription,
+                subscription = %settling.subscription.name,
                 topic = %settling.message.topic,
                 "undecodable envelope with dead-lettering disabled: left to the broker"
             );
@@ -180,7 +161,7 @@ async fn settle_now(
             attempts,
             parked,
         } => {
-            let Some(topic) = &settling.dead_letter else {
+            let Some(topic) = &settling.subscription.dead_letter else {
                 return;
             };
             write_dead_letter(runtime, settling, topic, &reason, attempts, parked).await;
@@ -232,7 +213,7 @@ fn dedup_id(subscription: &str, message: &Message) -> Option<String> {
 /// broker accepts it.
 async fn write_dead_letter(
     runtime: &Shared,
-    settling: &Settling,
+    settling: &MessageJob,
     topic: &str,
     reason: &str,
     attempts: u32,
@@ -243,7 +224,7 @@ async fn write_dead_letter(
     if parked {
         letter.headers.insert(HEADER_PARKED, "true");
     }
-    let id = dedup_id(&settling.subscription, &full);
+    let id = dedup_id(&settling.subscription.name, &full);
     let mut failures = 0u32;
     // Counts the message as waiting on its dead letter while the write fails, until it is
     // written or the deadline cuts the loop short.
@@ -257,7 +238,7 @@ async fn write_dead_letter(
             Ok(()) => {
                 drop(waiting);
                 runtime.counters.add(Stat::DeadLettered, 1);
-                tracing::warn!(subscription = %settling.subscription, topic = %full.topic, dead_letter_topic = topic, reason, attempts, "dead-lettered");
+                tracing::warn!(subscription = %settling.subscription.name, topic = %full.topic, dead_letter_topic = topic, reason, attempts, "dead-lettered");
                 return;
             }
             Err(error) => {
@@ -265,7 +246,7 @@ async fn write_dead_letter(
                 waiting.get_or_insert_with(|| Waiting::new(&runtime.counters));
                 runtime.counters.add(Stat::DeadLetterFailures, 1);
                 tracing::error!(
-                    subscription = %settling.subscription,
+                    subscription = %settling.subscription.name,
                     dead_letter_topic = topic,
                     %error,
                     failures,
