@@ -8,11 +8,13 @@
 //! On memory there is no broker: the baseline is a raw tokio channel carrying the same encoded
 //! envelopes to a task that decodes them.
 //!
-//! Those are `--scenario ratios` (the default). `--scenario handler-delay` measures handlers
+//! Those are `--scenario ratios`. `--scenario handler-delay` measures handlers
 //! doing 1 ms of I/O through the broker against the engine alone and the Go SDK's design
 //! (`bench/work.rs`); `--scenario stalled` the resident memory while the handler is stalled and
 //! a million envelopes are published (`bench/stalled.rs`); `--scenario engine` the ordering
 //! engine alone against the Go SDK's design and a raw channel hop (`bench/engine.rs`).
+//! `--scenario all` (the default) runs the four, each in a process of its own, and prints every
+//! ratio with its target and whether it was met, then how many were.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,6 +48,9 @@ pub(crate) enum BenchBackend {
 /// What `eventbus bench` measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Scenario {
+    /// Every scenario below, each in a process of its own (so that one's memory does not count
+    /// in the next one's figures), then how many targets were met.
+    All,
     /// Publish and consume, against the broker's raw client on the same topic contents.
     Ratios,
     /// Handlers doing 1 ms of I/O per event (10,000 aggregates unless `--aggregates` says
@@ -67,7 +72,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, value_enum, default_value = "memory")]
     backend: BenchBackend,
     /// What to measure.
-    #[arg(long, value_enum, default_value = "ratios")]
+    #[arg(long, value_enum, default_value = "all")]
     scenario: Scenario,
     /// Envelopes per measurement [default: 50000; 1000000 for stalled].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -122,6 +127,8 @@ struct Figure {
     ours: f64,
     /// CPU time of this process per record, raw and ours, where measured (Linux).
     cpu: Option<(Duration, Duration)>,
+    /// The ratio the throughput issue aims at, if any.
+    target: Option<f64>,
 }
 
 /// CPU time used so far by every thread of this process (Linux: `/proc/self/task/*/schedstat`,
@@ -146,7 +153,14 @@ fn cpu_per_record(from: Option<Duration>, to: Option<Duration>, count: u64) -> O
 }
 
 /// `eventbus bench`.
-pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliError> {
+pub(crate) async fn run(mut args: BenchArgs) -> Result<std::process::ExitCode, CliError> {
+    if args.scenario == Scenario::All {
+        if args.instances.is_none() {
+            return run_all(&args).await;
+        }
+        // Scaling out is a measurement of its own.
+        args.scenario = Scenario::Ratios;
+    }
     let base = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -161,11 +175,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     config.publish_max_in_flight = usize::try_from(args.in_flight).unwrap_or(usize::MAX);
     config.validate()?;
     let aggregates = args.aggregates.unwrap_or(match args.scenario {
-        Scenario::Ratios | Scenario::Stalled => 1000,
+        Scenario::All | Scenario::Ratios | Scenario::Stalled => 1000,
         Scenario::HandlerDelay | Scenario::Engine => 10_000,
     });
     let messages = args.messages.unwrap_or(match args.scenario {
-        Scenario::Ratios | Scenario::HandlerDelay => 50_000,
+        Scenario::All | Scenario::Ratios | Scenario::HandlerDelay => 50_000,
         Scenario::Stalled | Scenario::Engine => 1_000_000,
     });
     if args.scenario == Scenario::Engine {
@@ -195,7 +209,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     }
     let backend = backend_name(args.backend);
     let figures = match (args.scenario, args.backend) {
-        (Scenario::Stalled | Scenario::Engine, _) => Vec::new(),
+        (Scenario::All | Scenario::Stalled | Scenario::Engine, _) => Vec::new(),
         (Scenario::HandlerDelay, backend) => work::run(config, backend, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Memory) => memory(config, &envelopes).await?,
         (Scenario::Ratios, BenchBackend::Nats) => match args.instances {
@@ -217,9 +231,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<std::process::ExitCode, CliEr
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-/// One line per figure: raw, ours, the ratio, and the CPU per record where measured.
+/// One line per figure: raw, ours, the ratio, its target and whether it was met, and the CPU
+/// per record where measured.
 fn print_figures(figures: Vec<Figure>) {
     for figure in figures {
+        let ratio = figure.ours / figure.raw;
+        let target = figure.target.map_or(String::new(), |target| {
+            format!(
+                "   {}",
+                target_verdict(ratio >= target, &format!(">= {target:.2}x"))
+            )
+        });
         let cpu = figure.cpu.map_or(String::new(), |(raw, ours)| {
             format!(
                 "   cpu/record raw {:.2} µs ours {:.2} µs",
@@ -228,13 +250,77 @@ fn print_figures(figures: Vec<Figure>) {
             )
         });
         println!(
-            "  {:<20} raw {:>10.0}/s   ours {:>10.0}/s   ratio {:.2}x{cpu}",
-            figure.what,
-            figure.raw,
-            figure.ours,
-            figure.ours / figure.raw
+            "  {:<42} raw {:>10.0}/s   ours {:>10.0}/s   ratio {ratio:.2}x{target}{cpu}",
+            figure.what, figure.raw, figure.ours,
         );
     }
+}
+
+/// `(target >= 0.80x: met)`: the words [`run_all`] counts.
+fn target_verdict(met: bool, target: &str) -> String {
+    let verdict = if met { TARGET_MET } else { TARGET_MISSED };
+    format!("(target {target}: {verdict})")
+}
+
+const TARGET_MET: &str = "met";
+const TARGET_MISSED: &str = "not met";
+
+/// The scenarios of `--scenario all`, in order.
+const EVERY_SCENARIO: [Scenario; 4] = [
+    Scenario::Engine,
+    Scenario::Ratios,
+    Scenario::HandlerDelay,
+    Scenario::Stalled,
+];
+
+/// `--scenario all`: runs this binary once per scenario with the same options, prints each
+/// one's lines as they are, then how many of the targets they printed were met.
+async fn run_all(args: &BenchArgs) -> Result<std::process::ExitCode, CliError> {
+    let program = std::env::current_exe()?;
+    let (mut met, mut missed) = (0, 0);
+    for scenario in EVERY_SCENARIO {
+        let mut command = std::process::Command::new(&program);
+        command
+            .arg("bench")
+            .arg("--scenario")
+            .arg(scenario_name(scenario));
+        command.arg("--backend").arg(backend_name(args.backend));
+        command.arg("--in-flight").arg(args.in_flight.to_string());
+        if let Some(messages) = args.messages {
+            command.arg("--messages").arg(messages.to_string());
+        }
+        if let Some(aggregates) = args.aggregates {
+            command.arg("--aggregates").arg(aggregates.to_string());
+        }
+        if let Some(config) = &args.config {
+            command.arg("--config").arg(config);
+        }
+        command.stderr(std::process::Stdio::inherit());
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .map_err(|error| CliError(format!("the scenario's process failed: {error}")))??;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        print!("{stdout}");
+        if !output.status.success() {
+            return Err(CliError(format!(
+                "eventbus bench --scenario {} failed ({})",
+                scenario_name(scenario),
+                output.status
+            )));
+        }
+        met += stdout.matches(&format!(": {TARGET_MET})")).count();
+        missed += stdout.matches(&format!(": {TARGET_MISSED})")).count();
+    }
+    println!("targets: {met} met, {missed} not met");
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The scenario's name as `--scenario` spells it.
+fn scenario_name(scenario: Scenario) -> String {
+    scenario
+        .to_possible_value()
+        .map(|value| value.get_name().to_owned())
+        .unwrap_or_default()
 }
 
 /// Publishes every envelope through the bus pipelined (`start_publish_envelope` in a loop,
@@ -418,6 +504,7 @@ async fn memory(config: Config, envelopes: &[Envelope]) -> Result<Vec<Figure>, C
         raw,
         ours,
         cpu: raw_cpu.zip(our_cpu),
+        target: None,
     }])
 }
 
@@ -530,12 +617,14 @@ async fn nats(
             raw: raw_publish,
             ours: our_publish,
             cpu: raw_publish_cpu.zip(our_publish_cpu),
+            target: Some(0.8),
         },
         Figure {
             what: "consume".into(),
             raw: raw_consume,
             ours: our_consume,
             cpu: raw_cpu.zip(our_cpu),
+            target: Some(0.9),
         },
     ])
 }
@@ -652,6 +741,7 @@ async fn scale_out(
             raw: baseline,
             ours: handled_rate,
             cpu: None,
+            target: None,
         });
     }
     Ok(figures)
@@ -858,18 +948,21 @@ async fn kafka(
             raw: raw_publish,
             ours: our_publish,
             cpu: raw_publish_cpu.zip(our_publish_cpu),
+            target: Some(0.8),
         },
         Figure {
             what: "consume".into(),
             raw: raw_consume.0,
             ours: our_consume,
             cpu: raw_consume.1.zip(our_cpu),
+            target: Some(0.8),
         },
         Figure {
             what: "consume vs bare poll".into(),
             raw: bare_consume.0,
             ours: our_consume,
             cpu: bare_consume.1.zip(our_cpu),
+            target: None,
         },
     ])
 }

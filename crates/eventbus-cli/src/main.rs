@@ -4,7 +4,7 @@
 //! eventbus demo                 ordered, retried, dead-lettered handling on the memory backend
 //! eventbus publish --topic T    stdin JSON lines → messages (or envelopes with --envelope)
 //! eventbus subscribe --topic T  messages → stdout JSON lines
-//! eventbus bench --backend B    the bus against its broker's raw client, as ratios
+//! eventbus bench --backend B    throughput as ratios to raw baselines, with their targets
 //! eventbus config convert --from go.yaml   a Go SDK YAML configuration as eventbus.toml
 //! eventbus topics ensure --config F         the configured topics made so (or checked) on the broker
 //! eventbus dlq list|show|replay --topic T   a topic's dead letters, looked at and put back

@@ -233,3 +233,46 @@ fn bench_of_the_engine_prints_its_ratios_to_the_go_design_and_the_raw_hop() {
         assert!(line.contains("ratio"), "{line}");
     }
 }
+
+/// `eventbus bench` with no scenario runs every one (each in a process of its own), prints each
+/// ratio with its target and whether it was met, and ends with the count of targets met: on
+/// memory six engine targets, the 1 ms handlers' and the stalled handler's memory.
+#[test]
+fn bench_runs_every_scenario_and_counts_the_targets_met() {
+    let output = eventbus(&["bench", "--messages", "2000", "--aggregates", "50"], "");
+    let stdout = text(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
+    for what in [
+        "engine no-op vs Go design",
+        "end to end",
+        "1 ms handlers, memory vs engine only",
+        "resident memory:",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.trim_start().starts_with(what)),
+            "no {what:?} line: {stdout}"
+        );
+    }
+    let with_target = stdout
+        .lines()
+        .filter(|line| line.contains("(target "))
+        .count();
+    assert_eq!(with_target, 8, "{stdout}");
+    let summary = stdout
+        .lines()
+        .last()
+        .and_then(|line| line.strip_prefix("targets: "))
+        .unwrap_or_else(|| panic!("no summary line: {stdout}"));
+    let counts: Vec<usize> = summary
+        .split(", ")
+        .map(|part| {
+            part.split(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("a count")
+        })
+        .collect();
+    assert_eq!(counts.iter().sum::<usize>(), 8, "{summary}");
+}

@@ -60,7 +60,7 @@ fn the_demo_runs_on_kafka_from_the_example_config_without_loss_or_reordering() {
     assert!(summary_value(&stdout, "retries") > 0, "{stdout}");
 }
 
-/// `eventbus bench --backend kafka` measures both paths against the raw client and prints a ratio
+/// `eventbus bench --backend kafka --scenario ratios` measures both paths against the raw client and prints a ratio
 /// for each.
 #[test]
 fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
@@ -72,6 +72,8 @@ fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
             "kafka",
             "--config",
             config.to_str().expect("UTF-8 path"),
+            "--scenario",
+            "ratios",
             "--messages",
             "2000",
             "--aggregates",

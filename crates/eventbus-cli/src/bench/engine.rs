@@ -38,12 +38,14 @@ pub(super) async fn run(jobs: u64) -> Result<Vec<Figure>, CliError> {
             raw: go,
             ours,
             cpu: None,
+            target: Some(1.0),
         },
         Figure {
             what: "engine no-op vs raw mpsc hop".into(),
             raw,
             ours,
             cpu: None,
+            target: Some(0.5),
         },
     ];
     let single_jobs = (jobs / 5).max(1);
@@ -62,6 +64,7 @@ pub(super) async fn run(jobs: u64) -> Result<Vec<Figure>, CliError> {
                     raw: per_second(single_jobs, go),
                     ours: per_second(single_jobs, ours),
                     cpu: None,
+                    target: Some(1.0),
                 });
             }
             figures

@@ -155,11 +155,10 @@ pub(super) async fn run(config: Config, count: u64, aggregates: u64) -> Result<(
     }
     let quarters: Vec<String> = quarters.into_iter().map(megabytes).collect();
     println!(
-        "  resident memory: {} before, peak {} (target <= {}: {}), at each quarter published: {}",
+        "  resident memory: {} before, peak {} {}, at each quarter published: {}",
         megabytes(before),
         megabytes(peak),
-        megabytes(TARGET),
-        if peak <= TARGET { "met" } else { "not met" },
+        super::target_verdict(peak <= TARGET, &format!("<= {}", megabytes(TARGET))),
         if quarters.is_empty() {
             "-".to_owned()
         } else {

@@ -67,6 +67,7 @@ pub(super) async fn run(
         raw: engine,
         ours,
         cpu: engine_cpu.zip(our_cpu),
+        target: Some(0.8),
     }];
     let sample = count.min(GO_DESIGN_SAMPLE);
     let go = match backend {
@@ -80,6 +81,7 @@ pub(super) async fn run(
             raw: go,
             ours,
             cpu: None,
+            target: None,
         });
     }
     Ok(figures)
