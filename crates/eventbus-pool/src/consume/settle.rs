@@ -97,7 +97,8 @@ pub(super) async fn settle(settling: Box<MessageJob>, verdict: Verdict) {
                     () = &mut work => {}
                     () = settling.subscription.cancel.cancelled() => {
                         tracing::warn!(subscription = %settling.subscription.name, "settling cut short at the drain deadline; the message is given back");
-                        give_back(&runtime, &settling, &receipt).await;
+                        // Boxed, as the rare path: settling's own state stays small.
+                        Box::pin(give_back(&runtime, &settling, &receipt)).await;
                     }
                 }
             } else {
@@ -164,7 +165,12 @@ async fn settle_now(
             let Some(topic) = &settling.subscription.dead_letter else {
                 return;
             };
-            write_dead_letter(runtime, settling, topic, &reason, attempts, parked).await;
+            // Boxed: the write is the largest state of settling and the rare path, so every
+            // other settlement stays small.
+            Box::pin(write_dead_letter(
+                runtime, settling, topic, &reason, attempts, parked,
+            ))
+            .await;
             if !parked && let Some(park) = &settling.park {
                 park.dead_lettered();
             }
@@ -185,7 +191,8 @@ where
         failures = failures.saturating_add(1);
         runtime.counters.add(Stat::SettleFailures, 1);
         tracing::warn!(%error, failures, what, "settling failed; retrying (the aggregate's later messages wait)");
-        tokio::time::sleep(runtime.retry.backoff(failures)).await;
+        // Boxed, as the rare path: the timer would otherwise be part of every settlement.
+        Box::pin(tokio::time::sleep(runtime.retry.backoff(failures))).await;
     }
 }
 
