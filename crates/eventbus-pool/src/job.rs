@@ -22,8 +22,8 @@ pub(crate) type Finish = Box<dyn FnOnce(&Outcome) -> FinishFuture + Send + 'stat
 
 /// What a job does, as one object: starts each of its attempts and, once the job has its
 /// outcome, gives its finishing step. The consume runtime keeps a message and everything its
-/// attempts and its settling need in one of these (one allocation per message); a job made
-/// from closures wraps them in [`Closures`].
+/// attempts and its settling need in one of these (one allocation per message); [`Job::new`]
+/// wraps its closure in [`Closures`], and [`Job::with_finish`] wraps the work in [`WithFinish`].
 pub(crate) trait Work: Send + 'static {
     /// Starts attempt `ctx.attempt()`.
     fn attempt(&mut self, ctx: JobContext) -> AttemptFuture;
@@ -32,7 +32,7 @@ pub(crate) trait Work: Send + 'static {
     fn finish(self: Box<Self>, outcome: &Outcome) -> Option<FinishFuture>;
 }
 
-/// The work of [`Job::new`]: its attempt function (its finishing step is [`Job::finish`]).
+/// The work of [`Job::new`]: its attempt function, and no finishing step.
 struct Closures<F>(F);
 
 impl<F> Work for Closures<F>
@@ -48,12 +48,38 @@ where
     }
 }
 
+/// A job's work with a finishing step added by [`Job::with_finish`]: the work's own step runs
+/// first, if it has one, then the added one.
+struct WithFinish {
+    work: Box<dyn Work>,
+    finish: Finish,
+}
+
+impl Work for WithFinish {
+    fn attempt(&mut self, ctx: JobContext) -> AttemptFuture {
+        self.work.attempt(ctx)
+    }
+
+    fn finish(self: Box<Self>, outcome: &Outcome) -> Option<FinishFuture> {
+        let earlier = self.work.finish(outcome);
+        let added = (self.finish)(outcome);
+        match earlier {
+            None => Some(added),
+            Some(earlier) => Some(Box::pin(async move {
+                earlier.await;
+                added.await;
+            })),
+        }
+    }
+}
+
 /// What is left of a job's work once its finishing step was taken (no allocation: it has no
 /// size). The pool starts no attempt after that.
 struct Finished;
 
 impl Work for Finished {
     fn attempt(&mut self, _ctx: JobContext) -> AttemptFuture {
+        debug_assert!(false, "an attempt started after the job's finishing step");
         Box::pin(std::future::ready(Err(HandlerError::permanent(
             "the job was already finished",
         ))))
@@ -64,14 +90,12 @@ impl Work for Finished {
     }
 }
 
-/// A unit of work: an optional routing key, a delivery class, and a function that starts one
-/// attempt (called again for each retry).
+/// A unit of work: an optional routing key, a delivery class, what starts one attempt (called
+/// again for each retry), and an optional finishing step.
 pub struct Job {
     pub(crate) key: Option<AggregateId>,
     pub(crate) class: DeliveryClass,
     work: Box<dyn Work>,
-    /// The finishing step added with [`with_finish`](Self::with_finish).
-    finish: Option<Finish>,
     pub(crate) scope: Option<Scope>,
     pub(crate) unlimited: bool,
 }
@@ -98,7 +122,6 @@ impl Job {
             key,
             class,
             work,
-            finish: None,
             scope: None,
             unlimited: false,
         }
@@ -112,12 +135,8 @@ impl Job {
     /// Takes the job's finishing step, to be called once with its outcome (it gives `None`
     /// when the job has no finishing step). The job starts no attempt after this.
     pub(crate) fn take_finish(&mut self) -> impl FnOnce(&Outcome) -> Option<FinishFuture> + use<> {
-        let finish = self.finish.take();
         let work = std::mem::replace(&mut self.work, Box::new(Finished));
-        move |outcome| match finish {
-            Some(finish) => Some(finish(outcome)),
-            None => work.finish(outcome),
-        }
+        move |outcome| work.finish(outcome)
     }
 
     /// Puts the job in `scope`: its lane is (scope, key), so it never waits for jobs of the same
@@ -147,7 +166,8 @@ impl Job {
     /// Adds a finishing step: once the job has its outcome, `finish` runs **before the lane is
     /// released**, so the key's next job starts only after it. A backend acknowledges or
     /// dead-letters here: a dead-letter write that has to be retried keeps the aggregate's later
-    /// messages waiting, as the delivery contract asks.
+    /// messages waiting, as the delivery contract asks. Steps added more than once run one after
+    /// the other, in the order they were added.
     ///
     /// A final outcome (succeeded, failed, panicked) is finished on the actor. For a job without
     /// a scope the step is dropped if the pool's drain deadline passes meanwhile (the outcome
@@ -182,7 +202,11 @@ impl Job {
         F: FnOnce(&Outcome) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.finish = Some(Box::new(move |outcome| Box::pin(finish(outcome))));
+        let work = std::mem::replace(&mut self.work, Box::new(Finished));
+        self.work = Box::new(WithFinish {
+            work,
+            finish: Box::new(move |outcome| Box::pin(finish(outcome))),
+        });
         self
     }
 

@@ -119,3 +119,20 @@ async fn a_panicking_finishing_step_still_settles_the_job_and_frees_the_lane() {
         .unwrap();
     assert!(matches!(next.await, Outcome::Succeeded { attempts: 1 }));
 }
+
+#[tokio::test]
+async fn finishing_steps_added_twice_both_run_in_the_order_they_were_added() {
+    let pool = pool();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (first, second) = (log.clone(), log.clone());
+    let job = Job::new(key(), DeliveryClass::AtLeastOnce, |_ctx| async { Ok(()) })
+        .with_finish(move |_outcome: &Outcome| async move {
+            tokio::task::yield_now().await;
+            first.lock().unwrap().push("first");
+        })
+        .with_finish(move |_outcome: &Outcome| async move {
+            second.lock().unwrap().push("second");
+        });
+    assert!(pool.submit(job).await.unwrap().await.is_success());
+    assert_eq!(*log.lock().unwrap(), ["first", "second"]);
+}

@@ -8,8 +8,9 @@
 //! - observing: a `consume` span per message (topic, position, aggregate, event type and ID,
 //!   trace ID, attempt, outcome), its W3C trace context made current while the handler runs
 //!   ([`current_trace_context`]), and `consumed_total{topic,outcome}`;
-//! - the attempt closure: the handler, retried in the aggregate's lane by the engine, under the
-//!   subscription's handler timeout;
+//! - the attempts: the handler, retried in the aggregate's lane by the engine, under the
+//!   subscription's handler timeout (a message's attempts and its settlement are one engine job
+//!   object, one allocation per message);
 //! - settlement inside the lane, before the aggregate's next message starts: ack; or the
 //!   dead-letter write, retried with backoff while it fails (the lane waits), then terminate;
 //!   a subscription without a dead-letter topic keeps retrying an exhausted envelope (the
