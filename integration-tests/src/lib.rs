@@ -208,8 +208,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
-    Envelope, Error, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
-    SubscribeOptions,
+    Envelope, Error, EventBus, HandlerContext, HandlerError, Message, OutboundMessage,
+    PendingPublish, Position, PublishResult, ResultsError, SubscribeOptions,
 };
 use tokio::sync::Notify;
 
@@ -1639,4 +1639,164 @@ pub async fn the_connection_state_is_connected_while_open_and_closed_after_close
         .wait_for("closed", |e| e.last() == Some(&ConnectionState::Closed))
         .await;
     assert_eq!(*bus.connection_state().borrow(), ConnectionState::Closed);
+}
+
+/// What a fault test asks of its broker: [`pipelined_publishes_across_a_broker_restart`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerAction {
+    /// SIGKILL it.
+    Kill,
+    /// Start it again on the same store and port.
+    StartAgain,
+}
+
+/// Is `position` after `before` in one aggregate's order: a higher stream sequence, or a higher
+/// offset in the same partition.
+fn position_rises(before: Option<&Position>, position: &Position) -> bool {
+    match (before, position) {
+        (None, Position::Sequence(_) | Position::Partition { .. }) => true,
+        (Some(Position::Sequence(before)), Position::Sequence(now)) => now > before,
+        (
+            Some(Position::Partition {
+                partition: before_partition,
+                offset: before,
+            }),
+            Position::Partition { partition, offset },
+        ) => partition == before_partition && offset > before,
+        _ => false,
+    }
+}
+
+/// Pipelined publishes across a broker killed and started again (`broker` does it): 20
+/// aggregates' envelopes are started back to back, the broker is killed with them in flight,
+/// more are started while it is down (it stays down until one has failed), and more once the
+/// bus is healthy again. Every publish
+/// handed over settles exactly once within the deadline, with the same outcome in its
+/// `PendingPublish` and on the results stream, in start order (none lost to lag); what was
+/// confirmed has positions rising in start order per aggregate, and is all consumed; and no
+/// aggregate's stored events go backwards (a failure leaves a gap, never a reordering).
+/// Returns how many were confirmed, how many failed, and how many were not handed over.
+pub async fn pipelined_publishes_across_a_broker_restart(
+    bus: Arc<dyn EventBus>,
+    topic: &str,
+    broker: &mut (dyn FnMut(BrokerAction) + Send),
+) -> (usize, usize, usize) {
+    let aggregates = 20;
+    let results = Recorder::<PublishResult>::new();
+    let mut stream = bus.publish_results();
+    let reader = {
+        let results = results.clone();
+        tokio::spawn(async move {
+            loop {
+                match stream.recv().await {
+                    Ok(result) => results.push(result),
+                    Err(ResultsError::Closed) => return,
+                    Err(lagged) => panic!("the results stream lost results: {lagged}"),
+                }
+            }
+        })
+    };
+    let mut started: Vec<(Envelope, PendingPublish)> = Vec::new();
+    let mut refused = 0;
+    let mut start = async |versions: std::ops::RangeInclusive<i64>,
+                           started: &mut Vec<(Envelope, PendingPublish)>| {
+        for version in versions {
+            for aggregate in 0..aggregates {
+                let envelope = envelope(&format!("agg-{aggregate}"), version);
+                match bus.start_publish_envelope(topic, &envelope).await {
+                    Ok(pending) => started.push((envelope, pending)),
+                    // Not handed over: no result is reported for it.
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+    };
+    start(1..=10, &mut started).await;
+    tokio::task::block_in_place(|| broker(BrokerAction::Kill));
+    eventually("the bus to notice the broker is gone", || {
+        let bus = bus.clone();
+        async move { !bus.health().await.is_healthy() }
+    })
+    .await;
+    start(11..=15, &mut started).await;
+    // Down for longer than the publish timeout: some publishes fail for certain.
+    results
+        .wait_for("a publish to fail while the broker is down", |r| {
+            r.iter().any(|result| result.outcome.is_err())
+        })
+        .await;
+    tokio::task::block_in_place(|| broker(BrokerAction::StartAgain));
+    eventually("the bus to recover by itself", || {
+        let bus = bus.clone();
+        async move { bus.health().await.is_healthy() }
+    })
+    .await;
+    start(16..=25, &mut started).await;
+
+    let mut outcomes = Vec::new();
+    for (envelope, pending) in started {
+        let outcome = tokio::time::timeout(DEADLINE, pending)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} v{} never settled",
+                    envelope.aggregate_id, envelope.event_version
+                )
+            });
+        outcomes.push((envelope, outcome));
+    }
+    let reported = results
+        .wait_for("a result for every publish handed over", |r| {
+            r.len() >= outcomes.len()
+        })
+        .await;
+    assert_eq!(reported.len(), outcomes.len(), "a publish reported twice");
+    let mut last: HashMap<String, Position> = HashMap::new();
+    let mut confirmed = HashSet::new();
+    for ((envelope, outcome), result) in outcomes.iter().zip(&reported) {
+        assert_eq!(result.event_id.as_ref(), Some(&envelope.event_id));
+        match (outcome, &result.outcome) {
+            (Ok(position), Ok(reported)) => {
+                assert_eq!(position, reported);
+                assert!(
+                    position_rises(last.get(&envelope.aggregate_id), position),
+                    "{} v{} confirmed at {position:?} after {:?}",
+                    envelope.aggregate_id,
+                    envelope.event_version,
+                    last.get(&envelope.aggregate_id)
+                );
+                last.insert(envelope.aggregate_id.clone(), *position);
+                confirmed.insert((envelope.aggregate_id.clone(), envelope.event_version));
+            }
+            (Err(error), Err(failure)) => assert_eq!(error.kind(), failure.kind),
+            (outcome, reported) => {
+                panic!("the publish settled as {outcome:?}, its result as {reported:?}")
+            }
+        }
+    }
+    let failed = outcomes.len() - confirmed.len();
+
+    let handled = record_versions(&*bus, topic, SubscribeOptions::new()).await;
+    let events = handled
+        .wait_for("every confirmed envelope consumed", |e| {
+            let seen: HashSet<&(String, i64)> = e.iter().collect();
+            confirmed.iter().all(|event| seen.contains(event))
+        })
+        .await;
+    let mut newest: HashMap<&str, i64> = HashMap::new();
+    let mut seen = HashSet::new();
+    for (aggregate, version) in &events {
+        if !seen.insert((aggregate, version)) {
+            // A redelivery of an event already handled.
+            continue;
+        }
+        let before = newest.insert(aggregate, *version).unwrap_or(0);
+        assert!(
+            *version > before,
+            "{aggregate} v{version} stored after v{before}: {events:?}"
+        );
+    }
+    bus.close().await.unwrap();
+    reader.await.unwrap();
+    (confirmed.len(), failed, refused)
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
 use integration_tests::{
-    DEADLINE, Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes,
-    eventually, nats_config, nats_settings, read_handled, spawn_consumer,
+    BrokerAction, DEADLINE, Recorder, assert_first_handlings_in_order,
+    assert_replays_are_in_order_suffixes, eventually, nats_config, nats_settings,
+    pipelined_publishes_across_a_broker_restart, read_handled, spawn_consumer,
 };
 use test_brokers::NatsServer;
 use tokio::sync::mpsc;
@@ -340,4 +341,30 @@ async fn a_server_crash_never_redelivers_an_event_after_newer_ones_of_its_aggreg
         bus.stats()
     );
     bus.close().await.unwrap();
+}
+
+/// Pipelined publishes with the server killed while they are in flight, more started while it
+/// is down, more once it is back: each settles once, in its `PendingPublish` and on the results
+/// stream, what was confirmed is consumed, and no aggregate's stored events go backwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_across_a_server_restart_settle_once_and_keep_each_aggregates_order() {
+    let mut server = NatsServer::start();
+    let (settings, mut config) = (
+        nats_settings("pipelined-restart"),
+        nats_config(&server.url()),
+    );
+    config.publish_timeout = Duration::from_secs(1);
+    let bus = Arc::new(NatsBus::connect(settings, config).await.unwrap());
+    let (confirmed, failed, refused) =
+        pipelined_publishes_across_a_broker_restart(bus, "faults.pipelined", &mut |action| {
+            match action {
+                BrokerAction::Kill => server.kill(),
+                BrokerAction::StartAgain => server.start_again(),
+            }
+        })
+        .await;
+    eprintln!(
+        "pipelined restart: {confirmed} confirmed, {failed} failed, {refused} not handed over"
+    );
+    assert!(confirmed > 0, "nothing was confirmed");
 }
