@@ -117,6 +117,13 @@ impl Headers {
         Self::default()
     }
 
+    /// No headers, with room for `entries` of them (a transport copying a record's headers).
+    pub fn with_capacity(entries: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(entries),
+        }
+    }
+
     /// The number of entries, repeated names counted each time.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -91,7 +91,7 @@ fn read_topic(consumer: &BaseConsumer, topic: &str) -> Result<Vec<Message>, Erro
             continue;
         };
         if offset < end {
-            records.push(record_message(&record));
+            records.push(record_message(&record, record.topic()));
         }
         if offset + 1 >= end {
             ends.remove(&partition);

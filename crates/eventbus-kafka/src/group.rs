@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::Bytes;
 use eventbus_core::{
     ConnectionState, DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position,
 };
@@ -238,39 +238,47 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// The record as the runtime sees it. The payload, the key and the header values are copied
-/// once, into one buffer they share (a record's headers used to cost an allocation each, a
-/// quarter of the consume path's time).
-pub(crate) fn record_message(record: &BorrowedMessage<'_>) -> Message {
+/// The record as the runtime sees it, consumed from `topic`. The payload, the key and the
+/// header values are copied once, into one buffer they share (a record's headers used to cost
+/// an allocation each, a quarter of the consume path's time).
+pub(crate) fn record_message(record: &BorrowedMessage<'_>, topic: &str) -> Message {
     let payload = record.payload().unwrap_or_default();
     let key = record.key();
     let borrowed = record.headers();
-    let values = borrowed.as_ref().map_or(0, |headers| {
-        headers
+    let (count, values) = borrowed.as_ref().map_or((0, 0), |headers| {
+        let values = headers
             .iter()
             .map(|header| header.value.map_or(0, <[u8]>::len))
-            .sum()
+            .sum();
+        (headers.count(), values)
     });
-    let mut buffer = BytesMut::with_capacity(payload.len() + key.map_or(0, <[u8]>::len) + values);
+    let mut buffer = Vec::with_capacity(payload.len() + key.map_or(0, <[u8]>::len) + values);
     buffer.extend_from_slice(payload);
-    let payload = buffer.split().freeze();
-    let key = key.map(|key| {
+    if let Some(key) = key {
         buffer.extend_from_slice(key);
-        buffer.split().freeze()
-    });
-    let mut headers = Headers::new();
-    if let Some(borrowed) = borrowed {
+    }
+    // Where each header's value sits in the buffer.
+    let mut values = Vec::with_capacity(count);
+    if let Some(borrowed) = &borrowed {
         for header in borrowed.iter() {
             if let Some(value) = header.value {
+                let start = buffer.len();
                 buffer.extend_from_slice(value);
-                headers.append(header.key, buffer.split().freeze());
+                values.push((header.key, start..buffer.len()));
             }
         }
+    }
+    // One shared buffer, sliced: the payload, the key, then each header value.
+    let buffer = Bytes::from(buffer);
+    let key = key.map(|key| buffer.slice(payload.len()..payload.len() + key.len()));
+    let mut headers = Headers::with_capacity(values.len());
+    for (name, range) in values {
+        headers.append(name, buffer.slice(range));
     }
     let timestamp = record.timestamp().to_millis().and_then(|millis| {
         OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000).ok()
     });
-    let mut message = Message::new(record.topic(), payload);
+    let mut message = Message::new(topic, buffer.slice(..payload.len()));
     message.key = key;
     message.headers = headers;
     message.meta = DeliveryMeta {
@@ -505,7 +513,7 @@ impl Group {
                 assigned
             }
         };
-        if !assigned.take(record.offset(), record_message(record)) {
+        if !assigned.take(record.offset(), record_message(record, topic)) {
             tracing::debug!(
                 topic,
                 partition,

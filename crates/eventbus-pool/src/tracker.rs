@@ -1,13 +1,15 @@
 //! Per-partition commit tracking for Kafka-style offsets.
 
-use std::collections::BTreeSet;
+use std::collections::VecDeque;
 
 /// Tracks one partition's dispatched and completed offsets and answers what may be committed.
 ///
 /// The committable offset is one past the contiguous completed prefix of the dispatched offsets:
 /// the smallest dispatched offset still outstanding, or, when none is, one past the last
 /// dispatched offset. Offsets never dispatched (gaps left by compaction or transaction markers)
-/// do not stall it. Every call is O(log n) in the number of outstanding offsets.
+/// do not stall it. Offsets are kept in dispatch order, so recording a dispatch is O(1)
+/// (amortised, no allocation once the queue has grown) and a completion O(log n) in the offsets
+/// dispatched since the oldest outstanding one.
 ///
 /// ```
 /// use eventbus_pool::CommitTracker;
@@ -25,7 +27,11 @@ use std::collections::BTreeSet;
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct CommitTracker {
-    outstanding: BTreeSet<i64>,
+    /// Dispatched offsets from the oldest outstanding one on, increasing, each with whether it
+    /// completed; the front is always outstanding.
+    dispatched: VecDeque<(i64, bool)>,
+    /// How many of them are outstanding.
+    outstanding: usize,
     after_last: Option<i64>,
     taken: Option<i64>,
 }
@@ -45,7 +51,8 @@ impl CommitTracker {
         if self.after_last.is_some_and(|after| offset < after) {
             return false;
         }
-        self.outstanding.insert(offset);
+        self.dispatched.push_back((offset, false));
+        self.outstanding += 1;
         self.after_last = Some(next);
         true
     }
@@ -53,13 +60,30 @@ impl CommitTracker {
     /// Records that `offset` finished (acknowledged or dead-lettered). Returns `false` when it
     /// was not outstanding.
     pub fn completed(&mut self, offset: i64) -> bool {
-        self.outstanding.remove(&offset)
+        let Ok(at) = self
+            .dispatched
+            .binary_search_by_key(&offset, |(dispatched, _)| *dispatched)
+        else {
+            return false;
+        };
+        match self.dispatched.get_mut(at) {
+            Some((_, done)) if !*done => *done = true,
+            _ => return false,
+        }
+        self.outstanding -= 1;
+        while self.dispatched.front().is_some_and(|(_, done)| *done) {
+            self.dispatched.pop_front();
+        }
+        true
     }
 
     /// The offset to commit: the next one a new consumer should read. `None` before the first
     /// dispatch.
     pub fn committable(&self) -> Option<i64> {
-        self.outstanding.first().copied().or(self.after_last)
+        match self.dispatched.front() {
+            Some((offset, _)) => Some(*offset),
+            None => self.after_last,
+        }
     }
 
     /// The committable offset if it moved since the last call, for periodic commits.
@@ -74,7 +98,7 @@ impl CommitTracker {
 
     /// Dispatched offsets not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.outstanding.len()
+        self.outstanding
     }
 }
 

@@ -81,17 +81,17 @@ pub(super) async fn settle(settling: Box<MessageJob>, verdict: Verdict) {
         .guard
         .latest_receipt()
         .unwrap_or_else(|| settling.receipt.clone());
-    // A job cancelled while it ran (its token already fired) settles as it must; only a
-    // settlement the deadline interrupts is cut short.
-    let cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon)
-        && !settling.subscription.cancel.is_cancelled();
+    let may_cut_short = !matches!(verdict, Verdict::GiveBack | Verdict::Abandon);
     {
         let work = settle_now(&runtime, &settling, &receipt, verdict);
         tokio::pin!(work);
         // Most settlements finish at the first poll (an ack handed to the client): only one that
         // waits is raced against the deadline, sparing the token's waiter list per message.
         if (&mut work).now_or_never().is_none() {
-            if cut_short {
+            // A job cancelled while it ran (its token had fired by now) settles as it must;
+            // only a settlement the deadline interrupts is cut short. (Checked here, not for
+            // every message: the token's check takes a lock shared by the whole subscription.)
+            if may_cut_short && !settling.subscription.cancel.is_cancelled() {
                 tokio::select! {
                     biased;
                     () = &mut work => {}
