@@ -549,20 +549,8 @@ pub async fn pipelined_publishes_are_stored_in_order_and_each_reports_its_result
     }
     let mut last: HashMap<&str, Position> = HashMap::new();
     for (envelope, position) in &stored {
-        let rises = match (last.get(envelope.aggregate_id.as_str()), position) {
-            (None, Position::Sequence(_) | Position::Partition { .. }) => true,
-            (Some(Position::Sequence(before)), Position::Sequence(now)) => now > before,
-            (
-                Some(Position::Partition {
-                    partition: before_partition,
-                    offset: before,
-                }),
-                Position::Partition { partition, offset },
-            ) => partition == before_partition && offset > before,
-            _ => false,
-        };
         assert!(
-            rises,
+            position_rises(last.get(envelope.aggregate_id.as_str()), position),
             "{} v{} stored at {position:?} after {:?}",
             envelope.aggregate_id,
             envelope.event_version,
