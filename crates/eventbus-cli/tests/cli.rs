@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 mod common;
 
 use common::{
-    Scratch, demo_accounting_for_every_event, eventbus, padded_envelopes,
+    Scratch, demo_accounting_for_every_event, eventbus, line_starting_with, padded_envelopes,
     subscribe_until_stdout_closes, summary_value, text,
 };
 
@@ -226,10 +226,7 @@ fn bench_of_the_engine_prints_its_ratios_to_the_go_design_and_the_raw_hop() {
         "engine 1 thread, 10 keys, vs Go design",
         "engine 1 thread, 100000 keys, vs Go design",
     ] {
-        let line = stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(what))
-            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        let line = line_starting_with(&stdout, what);
         assert!(line.contains("ratio"), "{line}");
     }
 }
@@ -248,12 +245,7 @@ fn bench_runs_every_scenario_and_counts_the_targets_met() {
         "1 ms handlers, memory vs engine only",
         "resident memory:",
     ] {
-        assert!(
-            stdout
-                .lines()
-                .any(|line| line.trim_start().starts_with(what)),
-            "no {what:?} line: {stdout}"
-        );
+        line_starting_with(&stdout, what);
     }
     let with_target = stdout
         .lines()

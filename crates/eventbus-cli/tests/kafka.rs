@@ -15,8 +15,8 @@ use test_brokers::kafka_bootstrap;
 mod common;
 
 use common::{
-    Scratch, demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
-    subscribe_until_stdout_closes, summary_value, text,
+    Scratch, demo_accounting_for_every_event, eventbus, line_starting_with, next_subscriber_prints,
+    padded_envelopes, subscribe_until_stdout_closes, summary_value, text,
 };
 
 /// A config file for the broker in a fresh directory, from `examples/kafka.toml` with the
@@ -84,10 +84,7 @@ fn bench_prints_publish_and_consume_ratios_against_the_raw_client() {
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
     for path in ["publish", "consume"] {
-        let line = stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(path))
-            .unwrap_or_else(|| panic!("no {path} line: {stdout}"));
+        let line = line_starting_with(&stdout, path);
         assert!(line.contains("raw") && line.contains("ratio"), "{line}");
     }
 }
@@ -119,10 +116,7 @@ fn bench_with_handler_delay_prints_ratios_to_the_engine_and_to_the_go_design() {
         "1 ms handlers, kafka vs engine only",
         "1 ms handlers, vs the Go design",
     ] {
-        let line = stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(what))
-            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        let line = line_starting_with(&stdout, what);
         assert!(line.contains("raw") && line.contains("ratio"), "{line}");
     }
 }

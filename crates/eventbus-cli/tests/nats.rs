@@ -16,8 +16,8 @@ use test_brokers::NatsServer;
 mod common;
 
 use common::{
-    Scratch, demo_accounting_for_every_event, eventbus, next_subscriber_prints, padded_envelopes,
-    subscribe_until_stdout_closes, summary_value, text,
+    Scratch, demo_accounting_for_every_event, eventbus, line_starting_with, next_subscriber_prints,
+    padded_envelopes, subscribe_until_stdout_closes, summary_value, text,
 };
 
 /// A config file for `server` in a fresh directory (removed when the `Scratch` is dropped).
@@ -220,10 +220,7 @@ fn bench_with_instances_prints_each_count_as_a_ratio_to_one_instance() {
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
     for count in ["1 instance,", "2 instances,"] {
-        let line = stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(count))
-            .unwrap_or_else(|| panic!("no {count} line: {stdout}"));
+        let line = line_starting_with(&stdout, count);
         assert!(line.contains("ratio"), "{line}");
     }
 }
@@ -306,10 +303,7 @@ fn bench_with_handler_delay_prints_ratios_to_the_engine_and_to_the_go_design() {
         "1 ms handlers, nats vs engine only",
         "1 ms handlers, vs the Go design",
     ] {
-        let line = stdout
-            .lines()
-            .find(|line| line.trim_start().starts_with(what))
-            .unwrap_or_else(|| panic!("no {what:?} line: {stdout}"));
+        let line = line_starting_with(&stdout, what);
         assert!(line.contains("raw") && line.contains("ratio"), "{line}");
     }
 }
@@ -337,10 +331,7 @@ fn bench_with_a_stalled_handler_publishes_everything_and_prints_resident_memory(
     let stdout = text(&output.stdout);
     assert!(output.status.success(), "{stdout}{}", text(&output.stderr));
     assert!(stdout.contains("20000 envelopes published in"), "{stdout}");
-    let memory = stdout
-        .lines()
-        .find(|line| line.trim_start().starts_with("resident memory:"))
-        .unwrap_or_else(|| panic!("no resident memory line: {stdout}"));
+    let memory = line_starting_with(&stdout, "resident memory:");
     // Before, the peak, the target, then one figure per quarter.
     assert_eq!(memory.matches(" MB").count(), 3 + 4, "{memory}");
 }

@@ -31,6 +31,15 @@ pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// The first line of `stdout` that starts with `start` (after its indentation); panics with the
+/// whole output when there is none.
+pub(crate) fn line_starting_with<'a>(stdout: &'a str, start: &str) -> &'a str {
+    stdout
+        .lines()
+        .find(|line| line.trim_start().starts_with(start))
+        .unwrap_or_else(|| panic!("no line starting with {start:?} in: {stdout}"))
+}
+
 /// The number after `label` in the demo's summary.
 pub(crate) fn summary_value(stdout: &str, label: &str) -> u64 {
     stdout
