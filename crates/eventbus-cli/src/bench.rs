@@ -924,7 +924,7 @@ async fn kafka(
     // baseline does (the work any consumer of these records must do). The ratio is taken to the
     // decoding one; the bare figure is printed beside it.
     let bare_consume = raw_kafka_consume(
-        &bootstrap,
+        &config.kafka,
         &topic,
         &format!("bench-raw-{run}"),
         count,
@@ -932,7 +932,7 @@ async fn kafka(
     )
     .await?;
     let raw_consume = raw_kafka_consume(
-        &bootstrap,
+        &config.kafka,
         &topic,
         &format!("bench-raw-decode-{run}"),
         count,
@@ -969,9 +969,11 @@ async fn kafka(
 
 /// A group member reading every record of `topic` (on a blocking thread: librdkafka's poll
 /// blocks), decoding each envelope when `decode`, committing once at the end; the rate is timed
-/// from the first record (the group join is not the client's speed).
+/// from the first record (the group join is not the client's speed). It fetches as the bus's
+/// consumer does: the bus's [`CONSUMER_DEFAULTS`](eventbus::kafka::CONSUMER_DEFAULTS), then the
+/// configured properties.
 async fn raw_kafka_consume(
-    bootstrap: &str,
+    kafka: &eventbus::kafka::KafkaConfig,
     topic: &str,
     group: &str,
     count: u64,
@@ -982,8 +984,20 @@ async fn raw_kafka_consume(
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
     let broker = |error: &dyn std::fmt::Display| CliError(format!("Kafka: {error}"));
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let mut client = ClientConfig::new();
+    let properties = kafka
+        .properties
+        .0
+        .iter()
+        .chain(&kafka.consumer_properties.0);
+    for (name, value) in eventbus::kafka::CONSUMER_DEFAULTS {
+        client.set(name, value);
+    }
+    for (name, value) in properties {
+        client.set(name, value);
+    }
+    let consumer: BaseConsumer = client
+        .set("bootstrap.servers", kafka.bootstrap_servers.join(","))
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")

@@ -19,12 +19,12 @@ use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 
 use crate::config::{GroupProtocol, KafkaConfig};
 use crate::partition::{Assigned, Reader, lock};
-use crate::producer::base_config;
+use crate::producer::set_base;
 
 /// Where "latest" was for a partition when its topic was subscribed.
 enum SubscribedEnd {
@@ -308,6 +308,45 @@ fn partition_list(entries: &[(&str, i32, Option<i64>)]) -> TopicPartitionList {
     list
 }
 
+/// The group consumer's librdkafka configuration: [`CONSUMER_DEFAULTS`](crate::CONSUMER_DEFAULTS)
+/// and the lag statistics, then [`KafkaConfig::properties`], then
+/// [`KafkaConfig::consumer_properties`] (a later one wins), and the properties the bus owns.
+fn consumer_config(config: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (name, value) in crate::CONSUMER_DEFAULTS {
+        client.set(name, value);
+    }
+    // The consumer lag of each partition comes with librdkafka's statistics.
+    client.set("statistics.interval.ms", "5000");
+    match config.group_protocol {
+        GroupProtocol::Classic => {
+            client.set(
+                "partition.assignment.strategy",
+                config.assignment_strategy.librdkafka_name(),
+            );
+        }
+        GroupProtocol::Consumer => {
+            client.set("group.protocol", "consumer");
+        }
+    }
+    set_base(&mut client, config, client_id);
+    for (name, value) in &config.consumer_properties.0 {
+        client.set(name, value);
+    }
+    client
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            match config.auto_offset_reset {
+                crate::OffsetReset::Earliest => "earliest",
+                crate::OffsetReset::Latest => "latest",
+            },
+        );
+    client
+}
+
 impl Group {
     /// Starts the consumer of `config` and its poll thread.
     pub(crate) fn start(
@@ -342,37 +381,7 @@ impl Group {
             commit_failures: metrics::counter!(format!("{namespace}_commit_failures_total")),
             paused: metrics::gauge!(format!("{namespace}_partitions_paused")),
         });
-        let mut client = base_config(config, client_id);
-        client
-            .set("group.id", &name)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set(
-                "auto.offset.reset",
-                match config.auto_offset_reset {
-                    crate::OffsetReset::Earliest => "earliest",
-                    crate::OffsetReset::Latest => "latest",
-                },
-            );
-        // A fetch the broker holds while every partition is paused would otherwise delay the
-        // first records after a resume by up to librdkafka's default 500 ms.
-        client.set("fetch.wait.max.ms", "50");
-        // The consumer lag of each partition comes with librdkafka's statistics.
-        client.set("statistics.interval.ms", "5000");
-        match config.group_protocol {
-            GroupProtocol::Classic => {
-                client.set(
-                    "partition.assignment.strategy",
-                    config.assignment_strategy.librdkafka_name(),
-                );
-            }
-            GroupProtocol::Consumer => {
-                client.set("group.protocol", "consumer");
-            }
-        }
-        for (name, value) in &config.consumer_properties.0 {
-            client.set(name, value);
-        }
+        let client = consumer_config(config, client_id, &name);
         let consumer: BaseConsumer<GroupContext> = client
             .create_with_context(GroupContext {
                 group: group.clone(),
@@ -1125,5 +1134,41 @@ impl Poller {
                 "the Kafka consumer did not close in time; left to finish in the background"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_consumer_starts_from_the_defaults_and_configured_properties_override_them() {
+        let mut config = KafkaConfig::default();
+        let client = consumer_config(&config, "svc", "svc");
+        for (name, value) in crate::CONSUMER_DEFAULTS {
+            assert_eq!(client.get(name), Some(value), "{name}");
+        }
+        config
+            .properties
+            .0
+            .insert("fetch.queue.backoff.ms".into(), "200".into());
+        config
+            .properties
+            .0
+            .insert("statistics.interval.ms".into(), "0".into());
+        config
+            .properties
+            .0
+            .insert("fetch.wait.max.ms".into(), "300".into());
+        config
+            .consumer_properties
+            .0
+            .insert("fetch.wait.max.ms".into(), "400".into());
+        let client = consumer_config(&config, "svc", "svc");
+        assert_eq!(client.get("fetch.queue.backoff.ms"), Some("200"));
+        assert_eq!(client.get("statistics.interval.ms"), Some("0"));
+        assert_eq!(client.get("fetch.wait.max.ms"), Some("400"));
+        assert_eq!(client.get("enable.auto.commit"), Some("false"));
+        assert_eq!(client.get("group.id"), Some("svc"));
     }
 }

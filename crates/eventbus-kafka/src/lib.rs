@@ -80,8 +80,8 @@ mod topics;
 
 pub use bus::KafkaBus;
 pub use config::{
-    AssignmentStrategy, GroupProtocol, KafkaConfig, OffsetReset, Partitioner, Properties,
-    TopicOptions,
+    AssignmentStrategy, CONSUMER_DEFAULTS, GroupProtocol, KafkaConfig, OffsetReset, Partitioner,
+    Properties, TopicOptions,
 };
 pub use dead_letters::REPLAYED_SUFFIX;
 pub use eventbus_pool::BusSettings;
