@@ -54,6 +54,30 @@ fn broker_error(what: &str, error: KafkaError) -> Error {
     Error::broker(what.to_owned(), error)
 }
 
+/// The position a delivery report gives a record, or an error when it gives none.
+///
+/// librdkafka reports a batch the broker refused as a duplicate (`DUPLICATE_SEQUENCE_NUMBER`)
+/// as delivered, with no offset, on the assumption that an earlier attempt stored it. That
+/// assumption does not always hold: after the producer's sequence numbers went out of step
+/// (seen here on the first records written to a topic created a moment before, with the
+/// broker just started), the record was in no log, and a dead letter reported written this way
+/// was lost while the offset of its message was committed. So a report without an offset is
+/// not a confirmation: the publish fails (`ErrorKind::Broker`), and the caller, or the runtime
+/// for a dead letter, writes it again. The cost is a possible duplicate when the earlier
+/// attempt did store it.
+fn stored_at(partition: i32, offset: i64) -> Result<Position, Error> {
+    if offset < 0 {
+        return Err(Error::Broker {
+            message: format!(
+                "Kafka publish not confirmed: partition {partition} acknowledged the record as a \
+                 duplicate of an earlier write, with no offset, so it may be in no log"
+            ),
+            source: None,
+        });
+    }
+    Ok(Position::Partition { partition, offset })
+}
+
 impl Publisher {
     pub(crate) fn new(config: KafkaConfig, client_id: &str) -> Result<Self, Error> {
         let mut producer = base_config(&config, client_id);
@@ -190,10 +214,7 @@ impl Publisher {
         };
         Ok(Box::pin(async move {
             match delivery.await {
-                Ok(Ok(delivery)) => Ok(Position::Partition {
-                    partition: delivery.partition,
-                    offset: delivery.offset,
-                }),
+                Ok(Ok(delivery)) => stored_at(delivery.partition, delivery.offset),
                 Ok(Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut), _))) => {
                     Err(Error::Timeout {
                         operation: "publish (waiting for the broker's acknowledgement)",
@@ -235,5 +256,24 @@ impl Transport for Publisher {
     ) -> Result<(), Error> {
         self.create_topic(topic, true).await?;
         self.publish(topic, &letter).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_report_without_an_offset_is_not_a_confirmation() {
+        let error = stored_at(1, -1001).unwrap_err();
+        assert_eq!(error.kind(), eventbus_core::ErrorKind::Broker);
+        assert!(error.to_string().contains("not confirmed"), "{error}");
+        assert_eq!(
+            stored_at(1, 0).unwrap(),
+            Position::Partition {
+                partition: 1,
+                offset: 0
+            }
+        );
     }
 }
