@@ -1148,18 +1148,13 @@ mod tests {
         for (name, value) in crate::CONSUMER_DEFAULTS {
             assert_eq!(client.get(name), Some(value), "{name}");
         }
-        config
-            .properties
-            .0
-            .insert("fetch.queue.backoff.ms".into(), "200".into());
-        config
-            .properties
-            .0
-            .insert("statistics.interval.ms".into(), "0".into());
-        config
-            .properties
-            .0
-            .insert("fetch.wait.max.ms".into(), "300".into());
+        for (name, value) in [
+            ("fetch.queue.backoff.ms", "200"),
+            ("statistics.interval.ms", "0"),
+            ("fetch.wait.max.ms", "300"),
+        ] {
+            config.properties.0.insert(name.into(), value.into());
+        }
         config
             .consumer_properties
             .0

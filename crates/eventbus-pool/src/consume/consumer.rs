@@ -376,10 +376,11 @@ impl Consumer {
                 ),
             },
         };
-        let park = match (&self.parking, &key) {
-            (Some(parking), Some(key)) => Some(ParkCheck::new(
+        let park = match (&self.parking, &key, &first) {
+            (Some(parking), Some(key), Some(envelope)) => Some(ParkCheck::new(
                 parking.clone(),
                 key.clone(),
+                envelope.event_version,
                 &message.headers,
             )),
             _ => None,

@@ -6,9 +6,12 @@
 //! aggregate, `X-Replay-Head`) → replaying, where only replayed messages run → (the replay's
 //! last message of the aggregate, `X-Replay-Last`, handled) → not parked. A dead letter while
 //! replaying parks it again, so a replayed event that fails again holds its successors back
-//! too; a live event parked while replaying keeps the aggregate parked after the replay's last
-//! (it is in the dead-letter topic, behind the replayed ones, for the next replay). Every check
-//! and change happens in the aggregate's lane, so they follow its order.
+//! too. A live event parked after the replay was made (while replaying, or while parked but
+//! before the replay's first message came: it was read before the replayed copies) is not in
+//! that replay: it keeps the aggregate parked after the replay's last, for the next replay. The
+//! replay holds what the dead-letter topic held when it was made, so those are the live events
+//! with a version above the replay's last one. Every check and change happens in the
+//! aggregate's lane, so they follow its order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -17,11 +20,22 @@ use eventbus_core::{
     AggregateId, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAYED, Headers,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Park {
-    Parked,
-    /// Replaying; `true` once a live event was parked meanwhile.
-    Replaying(bool),
+/// A parked aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Park {
+    /// Its replay's first message has run, and its last not yet.
+    replaying: bool,
+    /// The newest version of the live events parked since it was parked.
+    newest_live: Option<i64>,
+}
+
+impl Park {
+    fn live_parked(&mut self, version: i64) {
+        self.newest_live = Some(
+            self.newest_live
+                .map_or(version, |newest| newest.max(version)),
+        );
+    }
 }
 
 /// The parked aggregates of one subscription.
@@ -37,7 +51,7 @@ impl Parking {
     /// Parks `key` unless it is parked or replaying already (a subscription restoring what its
     /// dead-letter topic still holds).
     pub(crate) fn park(&self, key: AggregateId) {
-        self.lock().entry(key).or_insert(Park::Parked);
+        self.lock().entry(key).or_default();
     }
 
     /// Aggregates parked or replaying now.
@@ -54,19 +68,27 @@ struct Replay {
     last: bool,
 }
 
-/// One message of a parking subscription: its aggregate, and how a replay marked it.
+/// One message of a parking subscription: its aggregate and event version, and how a replay
+/// marked it.
 #[derive(Clone)]
 pub(crate) struct ParkCheck {
     parking: Arc<Parking>,
     key: AggregateId,
+    version: i64,
     replay: Replay,
 }
 
 impl ParkCheck {
-    pub(crate) fn new(parking: Arc<Parking>, key: AggregateId, headers: &Headers) -> Self {
+    pub(crate) fn new(
+        parking: Arc<Parking>,
+        key: AggregateId,
+        version: i64,
+        headers: &Headers,
+    ) -> Self {
         Self {
             parking,
             key,
+            version,
             replay: Replay {
                 replayed: headers.contains(HEADER_REPLAYED),
                 head: headers.contains(HEADER_REPLAY_HEAD),
@@ -76,47 +98,53 @@ impl ParkCheck {
     }
 
     /// Whether the message may run now (called at each attempt, in the aggregate's lane); a
-    /// replay's first message of a parked aggregate starts its replay.
+    /// replay's first message of a parked aggregate starts its replay. A live message refused
+    /// here is parked.
     pub(crate) fn admits(&self) -> bool {
         let mut parked = self.parking.lock();
-        match parked.get(&self.key).copied() {
-            None => true,
-            Some(Park::Parked) if self.replay.head => {
-                parked.insert(self.key.clone(), Park::Replaying(false));
-                true
-            }
-            Some(Park::Parked) => false,
-            Some(Park::Replaying(_)) if self.replay.replayed => true,
-            Some(Park::Replaying(_)) => {
-                parked.insert(self.key.clone(), Park::Replaying(true));
-                false
-            }
+        let Some(park) = parked.get_mut(&self.key) else {
+            return true;
+        };
+        if self.replay.replayed && (park.replaying || self.replay.head) {
+            park.replaying = true;
+            return true;
         }
+        if !self.replay.replayed {
+            park.live_parked(self.version);
+        }
+        false
     }
 
-    /// The message was dead-lettered for failing: its aggregate is parked behind it.
+    /// The message was dead-lettered for failing: its aggregate is parked behind it (the next
+    /// replay holds it and whatever was parked before it).
     pub(crate) fn dead_lettered(&self) {
-        self.parking.lock().insert(self.key.clone(), Park::Parked);
+        self.parking
+            .lock()
+            .insert(self.key.clone(), Park::default());
         tracing::warn!(aggregate = %self.key, "aggregate parked behind its dead letter");
     }
 
-    /// The message was handled: the replay's last message of its aggregate ends the parking.
+    /// The message was handled: the replay's last message of its aggregate ends the parking,
+    /// unless a live event newer than the replay was parked meanwhile.
     pub(crate) fn handled(&self) {
         if !self.replay.last {
             return;
         }
         let mut parked = self.parking.lock();
-        match parked.get(&self.key) {
-            Some(Park::Replaying(false)) => {
-                parked.remove(&self.key);
-                tracing::info!(aggregate = %self.key, "aggregate replayed and no longer parked");
-            }
-            Some(Park::Replaying(true)) => {
-                // Its live events of the meantime wait in the dead-letter topic, in order.
-                parked.insert(self.key.clone(), Park::Parked);
-                tracing::warn!(aggregate = %self.key, "aggregate replayed; events parked during the replay wait for the next one");
-            }
-            _ => {}
+        let Some(park) = parked.get_mut(&self.key) else {
+            return;
+        };
+        if !park.replaying {
+            return;
+        }
+        if park.newest_live.is_some_and(|newest| newest > self.version) {
+            // Its live events parked after the replay was made wait in the dead-letter topic,
+            // in order, for the next one.
+            park.replaying = false;
+            tracing::warn!(aggregate = %self.key, "aggregate replayed; events parked after the replay was made wait for the next one");
+        } else {
+            parked.remove(&self.key);
+            tracing::info!(aggregate = %self.key, "aggregate replayed and no longer parked");
         }
     }
 }
@@ -137,58 +165,95 @@ impl std::error::Error for ParkedBehind {}
 mod tests {
     use super::*;
 
-    fn message(parking: &Arc<Parking>, marks: &[&str]) -> ParkCheck {
+    const REPLAYED: &str = HEADER_REPLAYED;
+    const HEAD: &str = HEADER_REPLAY_HEAD;
+    const LAST: &str = HEADER_REPLAY_LAST;
+
+    fn message(parking: &Arc<Parking>, version: i64, marks: &[&str]) -> ParkCheck {
         let mut headers = Headers::new();
         for mark in marks {
             headers.insert(*mark, "true");
         }
         let key = AggregateId::new("order-1").unwrap_or_else(|_| unreachable!());
-        ParkCheck::new(parking.clone(), key, &headers)
+        ParkCheck::new(parking.clone(), key, version, &headers)
     }
 
     #[test]
     fn a_parked_aggregate_runs_only_its_replay_and_a_new_failure_parks_it_again() {
         let parking = Arc::new(Parking::default());
-        let live = message(&parking, &[]);
-        assert!(live.admits(), "nothing parked yet");
-        live.dead_lettered();
-        assert!(!live.admits(), "later live events are parked");
-        let middle = message(&parking, &[HEADER_REPLAYED]);
-        assert!(!middle.admits(), "a replay starts with its head");
-        let head = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_HEAD]);
+        let failed = message(&parking, 1, &[]);
+        assert!(failed.admits(), "nothing parked yet");
+        failed.dead_lettered();
+        assert!(
+            !message(&parking, 2, &[]).admits(),
+            "later live events are parked"
+        );
+        // The replay holds v1 and the parked v2.
+        let head = message(&parking, 1, &[REPLAYED, HEAD]);
+        let last = message(&parking, 2, &[REPLAYED, LAST]);
+        assert!(!last.admits(), "a replay starts with its head");
         assert!(head.admits());
-        assert!(middle.admits(), "replaying: replayed events run");
+        assert!(last.admits(), "replaying: replayed events run");
         // The head fails again: its replayed successors wait behind it once more.
         head.dead_lettered();
-        assert!(!middle.admits());
-        let again = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_HEAD]);
-        assert!(again.admits());
-        let last = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_LAST]);
+        assert!(!last.admits());
+        // The next replay.
+        assert!(head.admits());
         assert!(last.admits());
-        middle.handled();
+        head.handled();
         assert_eq!(parking.len(), 1, "only the last one ends the parking");
         last.handled();
         assert_eq!(parking.len(), 0);
-        assert!(live.admits());
+        assert!(message(&parking, 3, &[]).admits());
     }
 
     #[test]
     fn a_live_event_parked_during_a_replay_keeps_the_aggregate_parked_for_the_next() {
         let parking = Arc::new(Parking::default());
-        let live = message(&parking, &[]);
-        live.dead_lettered();
-        let head = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_HEAD]);
-        assert!(head.admits());
+        message(&parking, 1, &[]).dead_lettered();
+        let replay = message(&parking, 1, &[REPLAYED, HEAD, LAST]);
+        assert!(replay.admits());
+        let live = message(&parking, 2, &[]);
         assert!(!live.admits(), "replaying: live events are parked");
-        let last = message(&parking, &[HEADER_REPLAYED, HEADER_REPLAY_LAST]);
-        assert!(last.admits());
-        last.handled();
+        replay.handled();
         assert!(
             !live.admits(),
             "still parked: the live one waits for the next replay"
         );
+        let next = message(&parking, 2, &[REPLAYED, HEAD, LAST]);
+        assert!(next.admits());
+        next.handled();
+        assert!(message(&parking, 3, &[]).admits());
+    }
+
+    /// A reader behind the log reads a live event published before the replay's copies but
+    /// after the replay was made: it is parked before the replay's head comes, and is not in
+    /// the replay.
+    #[test]
+    fn a_live_event_parked_before_the_replay_came_but_newer_than_it_keeps_the_aggregate_parked() {
+        let parking = Arc::new(Parking::default());
+        message(&parking, 1, &[]).dead_lettered();
+        assert!(!message(&parking, 2, &[]).admits());
+        let replay = message(&parking, 1, &[REPLAYED, HEAD, LAST]);
+        assert!(replay.admits());
+        replay.handled();
+        assert!(
+            !message(&parking, 3, &[]).admits(),
+            "v2 waits in the dead-letter topic: v3 must not run before it"
+        );
+    }
+
+    #[test]
+    fn a_live_event_parked_before_the_replay_was_made_is_in_it_and_holds_nothing_after() {
+        let parking = Arc::new(Parking::default());
+        message(&parking, 1, &[]).dead_lettered();
+        assert!(!message(&parking, 2, &[]).admits());
+        let head = message(&parking, 1, &[REPLAYED, HEAD]);
+        let last = message(&parking, 2, &[REPLAYED, LAST]);
         assert!(head.admits());
+        assert!(last.admits());
         last.handled();
-        assert!(live.admits());
+        assert_eq!(parking.len(), 0);
+        assert!(message(&parking, 3, &[]).admits());
     }
 }
