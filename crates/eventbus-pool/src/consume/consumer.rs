@@ -673,11 +673,11 @@ async fn restore_parking(
                     if letter.original_topic() != Some(&*topic) {
                         continue;
                     }
-                    if let Some(key) = letter
-                        .envelope()
-                        .and_then(|envelope| envelope.aggregate().ok())
-                    {
-                        parking.park(key);
+                    let Some(envelope) = letter.envelope() else {
+                        continue;
+                    };
+                    if let Ok(key) = envelope.aggregate() {
+                        parking.park(key, envelope.event_version, !letter.is_parked());
                     }
                 }
                 if parking.len() > 0 {

@@ -6,12 +6,21 @@
 //! aggregate, `X-Replay-Head`) → replaying, where only replayed messages run → (the replay's
 //! last message of the aggregate, `X-Replay-Last`, handled) → not parked. A dead letter while
 //! replaying parks it again, so a replayed event that fails again holds its successors back
-//! too. A live event parked after the replay was made (while replaying, or while parked but
-//! before the replay's first message came: it was read before the replayed copies) is not in
-//! that replay: it keeps the aggregate parked after the replay's last, for the next replay. The
-//! replay holds what the dead-letter topic held when it was made, so those are the live events
-//! with a version above the replay's last one. Every check and change happens in the
-//! aggregate's lane, so they follow its order.
+//! too.
+//!
+//! A replay holds what the dead-letter topic held when it was made. Parked events that are not
+//! in it keep the aggregate parked after its last message, for the next replay:
+//! - a live event parked while replaying, always;
+//! - a live event parked before the replay's first message came but after the replay was made
+//!   (a reader behind the log reads it before the replayed copies), told apart by its version:
+//!   above the replay's last one. The same goes for the events a restarted reader finds parked
+//!   in the dead-letter topic.
+//!
+//! And a replay's first message is refused (parked) while an event of the aggregate with a lower
+//! version waits in the dead-letter topic because it failed again after that replay was made.
+//! Versions are compared only when they rise per aggregate; with repeated versions these two
+//! cases are not told apart. Every check and change happens in the aggregate's lane, so they
+//! follow its order.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -25,16 +34,28 @@ use eventbus_core::{
 struct Park {
     /// Its replay's first message has run, and its last not yet.
     replaying: bool,
-    /// The newest version of the live events parked since it was parked.
-    newest_live: Option<i64>,
+    /// A live event was parked while replaying.
+    live_while_replaying: bool,
+    /// The newest version of the events parked since it was parked (live ones, and those a
+    /// restarted reader found in the dead-letter topic).
+    newest_parked: Option<i64>,
+    /// The version of the event whose failure parked it.
+    failed: Option<i64>,
 }
 
 impl Park {
-    fn live_parked(&mut self, version: i64) {
-        self.newest_live = Some(
-            self.newest_live
+    fn parked(&mut self, version: i64) {
+        self.newest_parked = Some(
+            self.newest_parked
                 .map_or(version, |newest| newest.max(version)),
         );
+    }
+
+    fn failed(version: i64) -> Self {
+        Self {
+            failed: Some(version),
+            ..Self::default()
+        }
     }
 }
 
@@ -48,10 +69,16 @@ impl Parking {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Parks `key` unless it is parked or replaying already (a subscription restoring what its
-    /// dead-letter topic still holds).
-    pub(crate) fn park(&self, key: AggregateId) {
-        self.lock().entry(key).or_default();
+    /// Parks `key` behind its dead letter of `version` (a subscription restoring what its
+    /// dead-letter topic still holds, in the topic's order): `failed` for an event that failed,
+    /// not for one parked behind it.
+    pub(crate) fn park(&self, key: AggregateId, version: i64, failed: bool) {
+        let mut parked = self.lock();
+        let park = parked.entry(key).or_default();
+        if failed && park.failed.is_none_or(|first| version < first) {
+            park.failed = Some(version);
+        }
+        park.parked(version);
     }
 
     /// Aggregates parked or replaying now.
@@ -105,12 +132,20 @@ impl ParkCheck {
         let Some(park) = parked.get_mut(&self.key) else {
             return true;
         };
-        if self.replay.replayed && (park.replaying || self.replay.head) {
+        if self.replay.replayed && park.replaying {
+            return true;
+        }
+        // A replay made before its aggregate's failed event failed again would overtake it.
+        let behind_a_failure = park.failed.is_some_and(|failed| self.version > failed);
+        if self.replay.head && !behind_a_failure {
             park.replaying = true;
             return true;
         }
+        if park.replaying {
+            park.live_while_replaying = true;
+        }
         if !self.replay.replayed {
-            park.live_parked(self.version);
+            park.parked(self.version);
         }
         false
     }
@@ -120,12 +155,12 @@ impl ParkCheck {
     pub(crate) fn dead_lettered(&self) {
         self.parking
             .lock()
-            .insert(self.key.clone(), Park::default());
+            .insert(self.key.clone(), Park::failed(self.version));
         tracing::warn!(aggregate = %self.key, "aggregate parked behind its dead letter");
     }
 
     /// The message was handled: the replay's last message of its aggregate ends the parking,
-    /// unless a live event newer than the replay was parked meanwhile.
+    /// unless events not in the replay were parked meanwhile.
     pub(crate) fn handled(&self) {
         if !self.replay.last {
             return;
@@ -137,11 +172,16 @@ impl ParkCheck {
         if !park.replaying {
             return;
         }
-        if park.newest_live.is_some_and(|newest| newest > self.version) {
-            // Its live events parked after the replay was made wait in the dead-letter topic,
-            // in order, for the next one.
-            park.replaying = false;
-            tracing::warn!(aggregate = %self.key, "aggregate replayed; events parked after the replay was made wait for the next one");
+        let newer_parked = park
+            .newest_parked
+            .is_some_and(|newest| newest > self.version);
+        if park.live_while_replaying || newer_parked {
+            // They wait in the dead-letter topic, in order, for the next replay.
+            *park = Park {
+                newest_parked: park.newest_parked,
+                ..Park::default()
+            };
+            tracing::warn!(aggregate = %self.key, "aggregate replayed; events parked that the replay does not hold wait for the next one");
         } else {
             parked.remove(&self.key);
             tracing::info!(aggregate = %self.key, "aggregate replayed and no longer parked");
@@ -241,6 +281,59 @@ mod tests {
             !message(&parking, 3, &[]).admits(),
             "v2 waits in the dead-letter topic: v3 must not run before it"
         );
+    }
+
+    #[test]
+    fn a_live_event_parked_during_a_replay_keeps_parking_whatever_its_version() {
+        let parking = Arc::new(Parking::default());
+        message(&parking, 1, &[]).dead_lettered();
+        let replay = message(&parking, 1, &[REPLAYED, HEAD, LAST]);
+        assert!(replay.admits());
+        assert!(!message(&parking, 1, &[]).admits());
+        replay.handled();
+        assert!(
+            !message(&parking, 1, &[]).admits(),
+            "the live event parked during the replay waits in the dead-letter topic"
+        );
+    }
+
+    /// A reader started after a replay of v1 was made, with v2 parked in the dead-letter topic
+    /// (not in that replay): the replay's copy of v1 must not end the parking.
+    #[test]
+    fn a_restored_parked_event_newer_than_the_replay_keeps_the_aggregate_parked() {
+        let parking = Arc::new(Parking::default());
+        let key = AggregateId::new("order-1").unwrap_or_else(|_| unreachable!());
+        parking.park(key, 2, false);
+        let replay = message(&parking, 1, &[REPLAYED, HEAD, LAST]);
+        assert!(replay.admits());
+        replay.handled();
+        assert!(
+            !message(&parking, 3, &[]).admits(),
+            "v2 waits in the dead-letter topic: v3 must not run before it"
+        );
+    }
+
+    /// v1 fails; a replay of v1 is made; v2 is parked (a reader behind the log); a replay of
+    /// v2 is made; v1's copy fails again. v2's copy must not run before v1.
+    #[test]
+    fn a_replay_made_before_a_copy_failed_again_does_not_overtake_it() {
+        let parking = Arc::new(Parking::default());
+        message(&parking, 1, &[]).dead_lettered();
+        assert!(!message(&parking, 2, &[]).admits());
+        let first = message(&parking, 1, &[REPLAYED, HEAD, LAST]);
+        assert!(first.admits());
+        first.dead_lettered();
+        assert!(
+            !message(&parking, 2, &[REPLAYED, HEAD, LAST]).admits(),
+            "v1 waits in the dead-letter topic: v2 must not run before it"
+        );
+        // The next replay holds v1 and v2, in order.
+        let head = message(&parking, 1, &[REPLAYED, HEAD]);
+        let last = message(&parking, 2, &[REPLAYED, LAST]);
+        assert!(head.admits());
+        assert!(last.admits());
+        last.handled();
+        assert_eq!(parking.len(), 0);
     }
 
     #[test]
