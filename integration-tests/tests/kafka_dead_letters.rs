@@ -1,7 +1,8 @@
 //! Kafka dead-letter topics, against a real broker: a dead-letter topic the bus creates keeps its
 //! records with no age limit (`retention.ms=-1`), whatever `topic_defaults.retention` says, as the
 //! delivery contract asks of dead-letter destinations; a dead-letter write the broker refuses
-//! holds the aggregate and the partition's commit until it succeeds.
+//! holds the aggregate and the partition's commit until it succeeds, and one cut off at the drain
+//! deadline (unsubscribe, close) leaves the record to be read again before its successors.
 
 // Test code: a failed unwrap or expect is a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -208,4 +209,107 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
     })
     .await;
     bus.close().await.unwrap();
+}
+
+/// Rule: "dead-letter write fails: not acknowledged ... the lane stays blocked", with
+/// "Unsubscribe / Close ... running messages finish, up to the drain timeout (then they are
+/// cancelled and given back)" and "a redelivery replays a suffix in order".
+///
+/// v1 of an aggregate fails for good and its dead-letter topic refuses every record; v2 waits
+/// in the lane. At the drain deadline v1's settling is cut short: the commit must stay below
+/// v1, so the next subscription of the group reads v1 before v2.
+async fn dead_letter_write_cut_off_at_the_deadline(group: &str, close_the_bus: bool) {
+    let topic = format!("{group}.events");
+    let dead_letters = format!("{topic}.DLQ");
+    let created = admin()
+        .create_topics(
+            [&NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "64")],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for result in created {
+        result.unwrap();
+    }
+    let config = kafka_group_config(&kafka_bootstrap(), group, &topic, 1);
+    let mut settings = BusSettings::new("kafka", group);
+    settings.drain_timeout = Duration::from_secs(1);
+    let first_bus = KafkaBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
+    let first = Recorder::<i64>::new();
+    let f = first.clone();
+    let subscription = first_bus
+        .subscribe_envelope(
+            &topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let f = f.clone();
+                async move {
+                    f.push(envelope.event_version);
+                    if envelope.event_version == 1 {
+                        return Err(HandlerError::permanent("cannot apply"));
+                    }
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    for version in 1..=2 {
+        let envelope = Envelope::new("c-1", "Changed", version, &serde_json::json!({})).unwrap();
+        first_bus.publish_envelope(&topic, &envelope).await.unwrap();
+    }
+    eventually("the dead-letter write of v1 to fail", || async {
+        first_bus.stats().dead_letter_failures >= 1
+    })
+    .await;
+    assert_eq!(first.events(), [1], "v2 ran before v1 was settled");
+
+    let second_bus = if close_the_bus {
+        first_bus.close().await.unwrap();
+        KafkaBus::connect(settings, config).await.unwrap()
+    } else {
+        subscription.unsubscribe().await.unwrap();
+        first_bus
+    };
+    let second = Recorder::<i64>::new();
+    let s = second.clone();
+    second_bus
+        .subscribe_envelope(
+            &topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let s = s.clone();
+                async move {
+                    s.push(envelope.event_version);
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    let events = second
+        .wait_for("v1 and v2 on the next subscription", |e| {
+            e.contains(&1) && e.contains(&2)
+        })
+        .await;
+    assert_eq!(
+        events.first(),
+        Some(&1),
+        "the next subscription handled {events:?}: the commit passed v1, cut off at the drain \
+         deadline during its dead-letter write"
+    );
+    second_bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_leaves_a_record_cut_off_in_its_dead_letter_write_to_be_read_first() {
+    dead_letter_write_cut_off_at_the_deadline("cutoff-unsubscribe", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_leaves_a_record_cut_off_in_its_dead_letter_write_to_be_read_first() {
+    dead_letter_write_cut_off_at_the_deadline("cutoff-close", true).await;
 }
