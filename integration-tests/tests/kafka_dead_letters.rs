@@ -61,6 +61,39 @@ async fn set_max_message_bytes(topic: &str, bytes: &str) {
     }
 }
 
+/// Creates `{topic}.DLQ` refusing every record (its `max.message.bytes` is smaller than any
+/// dead letter); returns its name.
+async fn refusing_dead_letter_topic(topic: &str) -> String {
+    let dead_letters = format!("{topic}.DLQ");
+    let created = admin()
+        .create_topics(
+            [&NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "64")],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for result in created {
+        result.unwrap();
+    }
+    dead_letters
+}
+
+/// A handler recording each version into `handled` and failing v1 for good.
+fn refusing_v1(handled: &Arc<Recorder<i64>>) -> Arc<dyn eventbus_core::EnvelopeHandler> {
+    let handled = handled.clone();
+    Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+        let handled = handled.clone();
+        async move {
+            handled.push(envelope.event_version);
+            if envelope.event_version == 1 {
+                return Err(HandlerError::permanent("cannot apply"));
+            }
+            Ok(())
+        }
+    })
+}
+
 async fn retention_ms(topic: &str) -> String {
     let results = admin()
         .describe_configs(
@@ -140,40 +173,15 @@ async fn topic_defaults_retention_does_not_apply_to_dead_letter_topics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it_lands() {
     let (topic, group) = ("dlq.refused", "dlq-refused");
-    let dead_letters = format!("{topic}.DLQ");
-    let created = admin()
-        .create_topics(
-            [&NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "64")],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap();
-    for result in created {
-        result.unwrap();
-    }
+    let dead_letters = refusing_dead_letter_topic(topic).await;
     let config = kafka_group_config(&kafka_bootstrap(), group, topic, 1);
     let bus = KafkaBus::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
     let handled = Recorder::<i64>::new();
-    let h = handled.clone();
-    bus.subscribe_envelope(
-        topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push(envelope.event_version);
-                if envelope.event_version == 1 {
-                    return Err(HandlerError::permanent("cannot apply"));
-                }
-                Ok(())
-            }
-        }),
-        SubscribeOptions::new(),
-    )
-    .await
-    .unwrap();
+    bus.subscribe_envelope(topic, refusing_v1(&handled), SubscribeOptions::new())
+        .await
+        .unwrap();
     for version in 1..=2 {
         let envelope = Envelope::new("held", "Changed", version, &serde_json::json!({})).unwrap();
         bus.publish_envelope(topic, &envelope).await.unwrap();
@@ -220,18 +228,7 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
 /// v1, so the next subscription of the group reads v1 before v2.
 async fn dead_letter_write_cut_off_at_the_deadline(group: &str, close_the_bus: bool) {
     let topic = format!("{group}.events");
-    let dead_letters = format!("{topic}.DLQ");
-    let created = admin()
-        .create_topics(
-            [&NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "64")],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap();
-    for result in created {
-        result.unwrap();
-    }
+    refusing_dead_letter_topic(&topic).await;
     let config = kafka_group_config(&kafka_bootstrap(), group, &topic, 1);
     let mut settings = BusSettings::new("kafka", group);
     settings.drain_timeout = Duration::from_secs(1);
@@ -239,22 +236,8 @@ async fn dead_letter_write_cut_off_at_the_deadline(group: &str, close_the_bus: b
         .await
         .unwrap();
     let first = Recorder::<i64>::new();
-    let f = first.clone();
     let subscription = first_bus
-        .subscribe_envelope(
-            &topic,
-            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let f = f.clone();
-                async move {
-                    f.push(envelope.event_version);
-                    if envelope.event_version == 1 {
-                        return Err(HandlerError::permanent("cannot apply"));
-                    }
-                    Ok(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
+        .subscribe_envelope(&topic, refusing_v1(&first), SubscribeOptions::new())
         .await
         .unwrap();
     for version in 1..=2 {

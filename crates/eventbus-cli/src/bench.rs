@@ -970,8 +970,7 @@ async fn kafka(
 /// A group member reading every record of `topic` (on a blocking thread: librdkafka's poll
 /// blocks), decoding each envelope when `decode`, committing once at the end; the rate is timed
 /// from the first record (the group join is not the client's speed). It fetches as the bus's
-/// consumer does: the bus's [`CONSUMER_DEFAULTS`](eventbus::kafka::CONSUMER_DEFAULTS), then the
-/// configured properties.
+/// consumer does ([`KafkaConfig::consumer_tuning`](eventbus::kafka::KafkaConfig::consumer_tuning)).
 async fn raw_kafka_consume(
     kafka: &eventbus::kafka::KafkaConfig,
     topic: &str,
@@ -985,15 +984,7 @@ async fn raw_kafka_consume(
 
     let broker = |error: &dyn std::fmt::Display| CliError(format!("Kafka: {error}"));
     let mut client = ClientConfig::new();
-    let properties = kafka
-        .properties
-        .0
-        .iter()
-        .chain(&kafka.consumer_properties.0);
-    for (name, value) in eventbus::kafka::CONSUMER_DEFAULTS {
-        client.set(name, value);
-    }
-    for (name, value) in properties {
+    for (name, value) in kafka.consumer_tuning() {
         client.set(name, value);
     }
     let consumer: BaseConsumer = client

@@ -243,6 +243,16 @@ const OWNED_PROPERTIES: [&str; 6] = [
 ];
 
 impl KafkaConfig {
+    /// The librdkafka properties a consumer of this configuration is tuned with, in the order
+    /// they apply (a later one wins): [`CONSUMER_DEFAULTS`], then
+    /// [`properties`](Self::properties), then [`consumer_properties`](Self::consumer_properties).
+    pub fn consumer_tuning(&self) -> impl Iterator<Item = (&str, &str)> {
+        let configured = self.properties.0.iter().chain(&self.consumer_properties.0);
+        CONSUMER_DEFAULTS
+            .into_iter()
+            .chain(configured.map(|(name, value)| (name.as_str(), value.as_str())))
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
         if self.bootstrap_servers.is_empty()

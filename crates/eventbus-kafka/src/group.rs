@@ -24,7 +24,6 @@ use tokio::sync::oneshot;
 
 use crate::config::{GroupProtocol, KafkaConfig};
 use crate::partition::{Assigned, Reader, lock};
-use crate::producer::set_base;
 
 /// Where "latest" was for a partition when its topic was subscribed.
 enum SubscribedEnd {
@@ -313,11 +312,11 @@ fn partition_list(entries: &[(&str, i32, Option<i64>)]) -> TopicPartitionList {
 /// [`KafkaConfig::consumer_properties`] (a later one wins), and the properties the bus owns.
 fn consumer_config(config: &KafkaConfig, client_id: &str, group: &str) -> ClientConfig {
     let mut client = ClientConfig::new();
-    for (name, value) in crate::CONSUMER_DEFAULTS {
-        client.set(name, value);
-    }
-    // The consumer lag of each partition comes with librdkafka's statistics.
-    client.set("statistics.interval.ms", "5000");
+    client
+        .set("bootstrap.servers", config.bootstrap_servers.join(","))
+        .set("client.id", client_id)
+        // The consumer lag of each partition comes with librdkafka's statistics.
+        .set("statistics.interval.ms", "5000");
     match config.group_protocol {
         GroupProtocol::Classic => {
             client.set(
@@ -329,8 +328,7 @@ fn consumer_config(config: &KafkaConfig, client_id: &str, group: &str) -> Client
             client.set("group.protocol", "consumer");
         }
     }
-    set_base(&mut client, config, client_id);
-    for (name, value) in &config.consumer_properties.0 {
+    for (name, value) in config.consumer_tuning() {
         client.set(name, value);
     }
     client

@@ -35,19 +35,13 @@ pub(crate) struct Publisher {
 /// The librdkafka configuration both clients start from.
 pub(crate) fn base_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut client = ClientConfig::new();
-    set_base(&mut client, config, client_id);
-    client
-}
-
-/// Sets the servers, the client ID and [`KafkaConfig::properties`] on `client`, over what it
-/// has.
-pub(crate) fn set_base(client: &mut ClientConfig, config: &KafkaConfig, client_id: &str) {
     client
         .set("bootstrap.servers", config.bootstrap_servers.join(","))
         .set("client.id", client_id);
     for (name, value) in &config.properties.0 {
         client.set(name, value);
     }
+    client
 }
 
 fn broker_error(what: &str, error: KafkaError) -> Error {
