@@ -311,6 +311,7 @@ macro_rules! conformance_suite {
             trace_context_flows_from_an_event_through_its_handler_to_the_follow_up,
             the_connection_state_is_connected_while_open_and_closed_after_close,
             pipelined_publishes_are_stored_in_order_and_each_reports_its_result,
+            one_event_published_to_two_topics_reaches_both_topics_subscribers,
         );
     };
     (@tests $factory:expr; $($name:ident),* $(,)?) => {
@@ -593,6 +594,47 @@ pub async fn pipelined_publishes_are_stored_in_order_and_each_reports_its_result
             .await,
         Err(Error::Closed)
     ));
+}
+
+/// One envelope published to two topics (on NATS, two topics of one stream: the factory
+/// declares a stream over `shared.>`) is stored on both and reaches both topics' subscribers,
+/// through `publish_envelope` and through `start_publish_envelope`: broker-side deduplication
+/// drops a retry of one publish, never the same event on another topic.
+pub async fn one_event_published_to_two_topics_reaches_both_topics_subscribers(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory.bus(Settings::default()).await;
+    let topics = [factory.topic("shared.a"), factory.topic("shared.b")];
+    let mut handled = Vec::new();
+    for topic in &topics {
+        handled.push(record_versions(&*bus, topic, SubscribeOptions::new()).await);
+    }
+    let awaited = envelope("agg-awaited", 1);
+    for topic in &topics {
+        bus.publish_envelope(topic, &awaited).await.unwrap();
+    }
+    let pipelined = envelope("agg-pipelined", 1);
+    let mut pending = Vec::new();
+    for topic in &topics {
+        pending.push(bus.start_publish_envelope(topic, &pipelined).await.unwrap());
+    }
+    for pending in pending {
+        pending.await.unwrap();
+    }
+    for (topic, handled) in topics.iter().zip(&handled) {
+        let seen = handled
+            .wait_for(&format!("both events handled on {topic}"), |events| {
+                events.len() >= 2
+            })
+            .await;
+        let mut seen: Vec<&str> = seen
+            .iter()
+            .map(|(aggregate, _)| aggregate.as_str())
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, ["agg-awaited", "agg-pipelined"], "{topic}");
+    }
+    bus.close().await.unwrap();
 }
 
 /// A failing event is retried in its lane: later events of its aggregate wait, so the order of

@@ -15,7 +15,7 @@ use eventbus_core::{
     DeadLetter, Envelope, ErrorKind, EventBus, HEARTBEAT_TOPIC, HandlerContext, HandlerError,
     StartPosition, SubscribeOptions,
 };
-use eventbus_nats::{NatsBus, Storage, StreamDefinition, StreamLimits};
+use eventbus_nats::{NatsBus, StreamDefinition};
 use integration_tests::go_peer::{
     GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_failure,
     go_publish, heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
@@ -44,12 +44,10 @@ fn go_service<'a>(url: &'a str, topic: &'a str) -> Vec<&'a str> {
 /// The stream a Go service configured with the default `BUSINESS_STREAM` ensures when it
 /// subscribes to `topic` outside that stream: `BUSINESS_STREAM_{suffix}` over the topic alone.
 fn go_named_stream(topic: &str) -> StreamDefinition {
-    StreamDefinition {
-        name: format!("BUSINESS_STREAM_{}", topic.replace('.', "_")),
-        subjects: vec![topic.into()],
-        storage: Storage::File,
-        limits: StreamLimits::default(),
-    }
+    StreamDefinition::new(
+        format!("BUSINESS_STREAM_{}", topic.replace('.', "_")),
+        vec![topic.into()],
+    )
 }
 
 /// The Go service publishes into the stream it is configured with (`interop.>`, made at its
@@ -481,12 +479,10 @@ async fn with_the_go_services_stream_configured_here_a_go_service_can_start_late
     let server = NatsServer::start();
     let url = server.url();
     let mut config = nats_config(&url);
-    config.streams = vec![StreamDefinition {
-        name: "BUSINESS_STREAM".into(),
-        subjects: vec!["business.>".into()],
-        storage: Storage::File,
-        limits: StreamLimits::default(),
-    }];
+    config.streams = vec![StreamDefinition::new(
+        "BUSINESS_STREAM",
+        vec!["business.>".into()],
+    )];
     let bus = NatsBus::connect(nats_settings("first"), config)
         .await
         .unwrap();

@@ -18,12 +18,9 @@ struct Nats {
 #[async_trait]
 impl BusFactory for Nats {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
-        match NatsBus::connect(
-            settings.bus_settings("nats"),
-            integration_tests::nats_config(&self.server.url()),
-        )
-        .await
-        {
+        let mut config = integration_tests::nats_config(&self.server.url());
+        config.streams.push(shared_stream("conformance"));
+        match NatsBus::connect(settings.bus_settings("nats"), config).await {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("NATS bus: {error}"),
         }
@@ -34,6 +31,15 @@ impl BusFactory for Nats {
     }
 }
 
+/// A stream over `{prefix}.shared.>`: the suite's topics `shared.a` and `shared.b` live in one
+/// stream, as a Go service's `business.>` stream holds many topics.
+fn shared_stream(prefix: &str) -> eventbus_nats::StreamDefinition {
+    eventbus_nats::StreamDefinition::new(
+        format!("{}_SHARED", prefix.to_uppercase()),
+        vec![format!("{prefix}.shared.>")],
+    )
+}
+
 /// The same contract on partitioned topics: every topic of the suite split into 4 partitions,
 /// read through the group (pinned consumers, claims), by one instance.
 struct PartitionedNats {
@@ -41,7 +47,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 23] = [
+const SUITE_TOPICS: [&str; 25] = [
     "order",
     "retry",
     "exhaust",
@@ -65,6 +71,8 @@ const SUITE_TOPICS: [&str; 23] = [
     "traceplain",
     "pipelined",
     "pipelined-plain",
+    "shared.a",
+    "shared.b",
 ];
 
 #[async_trait]
@@ -80,6 +88,7 @@ impl BusFactory for PartitionedNats {
                 },
             );
         }
+        config.streams.push(shared_stream("partitioned"));
         config.scale_out.pinned_ttl = std::time::Duration::from_secs(2);
         match NatsBus::connect(settings.bus_settings("nats"), config).await {
             Ok(bus) => Arc::new(bus),

@@ -112,7 +112,7 @@ async fn gated_subscription(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_duplicates() {
+async fn envelopes_carry_their_headers_and_a_message_id_so_the_server_drops_a_retried_publish() {
     let server = NatsServer::start();
     let bus = NatsBus::connect(nats_settings("headers"), nats_config(&server.url()))
         .await
@@ -137,7 +137,11 @@ async fn envelopes_carry_their_headers_and_the_event_id_so_the_server_drops_dupl
         .unwrap();
     let headers = stored.headers;
     let header = |name: &str| headers.get(name).map(|v| v.as_str().to_owned());
-    assert_eq!(header("Nats-Msg-Id"), Some(sent.event_id.clone()));
+    assert_eq!(
+        header("Nats-Msg-Id"),
+        Some(format!("{topic}:{}", sent.event_id)),
+        "unique per (subject, event)"
+    );
     assert_eq!(header("X-Event-ID"), Some(sent.event_id.clone()));
     assert_eq!(header("X-Aggregate-ID").as_deref(), Some("order-1"));
     assert_eq!(header("X-Event-Type").as_deref(), Some("Changed"));
@@ -208,16 +212,132 @@ async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_p
     bus.close().await.unwrap();
 }
 
+/// A PubAck that names another message as the duplicate (here one a raw client stored on
+/// another subject with the ID this publish uses) is not this publish's confirmation: the
+/// publish fails, through both publish paths, instead of reporting the other message's
+/// sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_pubacked_for_another_subjects_message_fails_the_publish() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url());
+    config
+        .streams
+        .push(StreamDefinition::new("SHARED", vec!["shared.>".into()]));
+    let bus = NatsBus::connect(nats_settings("forged"), config)
+        .await
+        .unwrap();
+    let js = raw(&server).await;
+    let sent = envelope("order-1", 1);
+    let forged = async_nats::jetstream::message::PublishMessage::build()
+        .payload("someone else's".into())
+        .message_id(format!("shared.orders:{}", sent.event_id));
+    js.send_publish("shared.other", forged)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let error = bus
+        .publish_envelope("shared.orders", &sent)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Broker, "{error}");
+    assert!(error.to_string().contains("duplicate"), "{error}");
+    let pending = bus
+        .start_publish_envelope("shared.orders", &sent)
+        .await
+        .unwrap();
+    let error = pending.await.unwrap_err();
+    assert!(error.to_string().contains("duplicate"), "{error}");
+    // A retried publish of an event this subject does hold is confirmed (the same message).
+    let other = envelope("order-2", 1);
+    bus.publish_envelope("shared.orders", &other).await.unwrap();
+    let first = bus
+        .start_publish_envelope("shared.orders", &other)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let again = bus
+        .start_publish_envelope("shared.orders", &other)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(first, again, "a retry resolves to the message stored once");
+    bus.close().await.unwrap();
+}
+
+/// A Go service's `BUSINESS_STREAM` to which its plain `Publish` added a topic outside
+/// `business.>` (the Go SDK appends the topic to the stream's subjects with `UpdateStream`), and
+/// whose limits are its own: a bus connecting with the stream as `eventbus config convert`
+/// writes it binds the stream without removing the subject or changing the limits, so the Go
+/// service's later publishes to that topic are all stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_a_go_service_extended_is_bound_not_narrowed_and_its_publishes_still_land() {
+    let server = NatsServer::start();
+    let js = raw(&server).await;
+    let go_limits = |config: &jetstream::stream::Config| {
+        (config.max_age, config.max_bytes, config.max_messages)
+    };
+    let mut stream = jetstream::stream::Config {
+        name: "BUSINESS_STREAM".into(),
+        subjects: vec!["business.>".into()],
+        max_age: Duration::from_secs(3600),
+        max_bytes: 10 << 20,
+        max_messages: 500,
+        ..jetstream::stream::Config::default()
+    };
+    js.create_stream(stream.clone()).await.unwrap();
+    // The Go SDK's plain Publish of a topic its stream does not cover.
+    stream.subjects.push("health.check".into());
+    js.update_stream(stream.clone()).await.unwrap();
+    let mut config = nats_config(&server.url());
+    config.streams = vec![StreamDefinition::new(
+        "BUSINESS_STREAM",
+        vec!["business.>".into()],
+    )];
+    let bus = NatsBus::connect(nats_settings("converted"), config)
+        .await
+        .unwrap();
+    let bound = stream_of(&js, "business.orders").await.config;
+    assert_eq!(bound.subjects, ["business.>", "health.check"]);
+    assert_eq!(go_limits(&bound), go_limits(&stream), "limits kept");
+    for beat in 0..12 {
+        js.publish("health.check", format!("beat {beat}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap_or_else(|error| panic!("the Go service's publish {beat} failed: {error}"));
+    }
+    let info = stream_of(&js, "health.check").await;
+    assert_eq!(info.state.messages, 12, "every publish stored");
+    bus.close().await.unwrap();
+    // Asked explicitly, the limits are set; the subject still stays.
+    let mut config = nats_config(&server.url());
+    config.streams = vec![StreamDefinition {
+        update_limits: true,
+        ..StreamDefinition::new("BUSINESS_STREAM", vec!["business.>".into()])
+    }];
+    let bus = NatsBus::connect(nats_settings("updating"), config)
+        .await
+        .unwrap();
+    let updated = stream_of(&js, "health.check").await.config;
+    assert_eq!(updated.subjects, ["business.>", "health.check"]);
+    assert_eq!(
+        go_limits(&updated),
+        (Duration::from_secs(24 * 3600), 1 << 30, 1_000_000),
+        "the configured (default) limits"
+    );
+    bus.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
     let server = NatsServer::start();
     let (settings, mut config) = (nats_settings("configured"), nats_config(&server.url()));
-    config.streams.push(StreamDefinition {
-        name: "ORDERS".into(),
-        subjects: vec!["orders.>".into()],
-        storage: Storage::File,
-        limits: StreamLimits::default(),
-    });
+    config
+        .streams
+        .push(StreamDefinition::new("ORDERS", vec!["orders.>".into()]));
     let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
     let handled = record_envelopes(&bus, "orders.created").await;
     bus.publish_envelope("orders.created", &envelope("o-1", 1))

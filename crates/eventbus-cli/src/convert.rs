@@ -364,7 +364,8 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
             .and_then(text)
             .unwrap_or_else(|| "file".to_owned());
         out.tables.push(format!(
-            "# The Go service's stream, made here under the same name, so a Go service can start later\n\
+            "# The Go service's stream: bound when it exists (subjects only added, limits kept: \
+             update_limits = true sets them), made under the same name when it does not\n\
              [[nats.streams]]\nname = {}\nsubjects = {}\nstorage = {}",
             quoted(&name),
             list(&subjects),

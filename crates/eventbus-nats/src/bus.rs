@@ -23,7 +23,7 @@ use crate::consumer::{DurableSpec, Resume, ensure_consumer, origin_of};
 use crate::fetch::{self, Fetch};
 use crate::group;
 use crate::names::{durable_name, validate_durable_name};
-use crate::publish::Broker;
+use crate::publish::{Broker, envelope_message_id};
 use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
 use crate::streams::{Kind, StreamSpec, stream_spec};
@@ -515,11 +515,12 @@ impl EventBus for NatsBus {
 
     async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
         let (subject, stream) = self.envelope_destination(topic, envelope)?;
+        let id = envelope_message_id(&subject, &envelope.event_id);
         let broker = &self.inner.broker;
         self.inner
             .runtime
             .publish_envelope(topic, envelope, |message| {
-                broker.publish_to(&subject, message, Some(&envelope.event_id), stream)
+                broker.publish_to(&subject, message, Some(&id), stream)
             })
             .await
     }
@@ -541,18 +542,20 @@ impl EventBus for NatsBus {
             .await
     }
 
-    /// As [`start_publish`](Self::start_publish), with the event ID as `Nats-Msg-Id`.
+    /// As [`start_publish`](Self::start_publish), with `Nats-Msg-Id` unique per (subject,
+    /// event).
     async fn start_publish_envelope(
         &self,
         topic: &str,
         envelope: &Envelope,
     ) -> Result<PendingPublish, Error> {
         let (subject, stream) = self.envelope_destination(topic, envelope)?;
+        let id = envelope_message_id(&subject, &envelope.event_id);
         let broker = &self.inner.broker;
         self.inner
             .runtime
             .start_publish_envelope(topic, envelope, |message| {
-                broker.start_publish_to(&subject, message, Some(&envelope.event_id), stream)
+                broker.start_publish_to(&subject, message, Some(&id), stream)
             })
             .await
     }

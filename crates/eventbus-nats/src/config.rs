@@ -170,7 +170,13 @@ impl Default for StreamLimits {
     }
 }
 
-/// A stream this bus creates (or updates) at connect, for the topics its subjects cover.
+/// A stream that holds the topics its subjects cover: made at connect when it does not exist,
+/// **bound** when it does.
+///
+/// Binding an existing stream (one a Go service or an operator made, maybe shared with other
+/// services) never narrows it: the subjects it lacks are added, the ones it has are kept (even
+/// those this definition does not name), and its limits, storage and replicas stay as they are
+/// unless [`update_limits`](Self::update_limits) asks for this definition's limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamDefinition {
@@ -178,12 +184,30 @@ pub struct StreamDefinition {
     pub name: String,
     /// Its subjects; NATS wildcards `*` and `>` allowed.
     pub subjects: Vec<String>,
-    /// Its storage. Default file.
+    /// Its storage, when the bus makes it. Default file.
     #[serde(default = "file_storage")]
     pub storage: Storage,
-    /// Its limits. Default [`StreamLimits::default`].
+    /// Its limits, when the bus makes it (or with `update_limits`). Default
+    /// [`StreamLimits::default`].
     #[serde(default)]
     pub limits: StreamLimits,
+    /// Set an existing stream's limits to [`limits`](Self::limits) at connect. Default `false`:
+    /// an existing stream keeps its own.
+    #[serde(default)]
+    pub update_limits: bool,
+}
+
+impl StreamDefinition {
+    /// A file stream `name` over `subjects`, with the default limits, bound if it exists.
+    pub fn new(name: impl Into<String>, subjects: Vec<String>) -> Self {
+        Self {
+            name: name.into(),
+            subjects,
+            storage: Storage::File,
+            limits: StreamLimits::default(),
+            update_limits: false,
+        }
+    }
 }
 
 fn file_storage() -> Storage {
@@ -697,12 +721,7 @@ mod tests {
             ),
             (
                 NatsConfig {
-                    streams: vec![StreamDefinition {
-                        name: "bad.name".into(),
-                        subjects: vec!["a".into()],
-                        storage: Storage::File,
-                        limits: StreamLimits::default(),
-                    }],
+                    streams: vec![StreamDefinition::new("bad.name", vec!["a".into()])],
                     ..NatsConfig::default()
                 },
                 "nats.streams.name",

@@ -173,17 +173,76 @@ impl Broker {
             .await
             .map_err(|error| Error::broker(format!("cannot publish to {topic}"), error))?;
         let timeout = self.config.publish_timeout;
+        let js = self.js.clone();
+        let (subject, message_id) = (topic.to_owned(), message_id.map(str::to_owned));
         Ok(Box::pin(async move {
-            match tokio::time::timeout(timeout, ack.into_future()).await {
-                Err(_) => Err(PublishFailure::Timeout(timeout)),
-                Ok(Ok(ack)) => Ok(Position::Sequence(ack.sequence)),
+            let ack = match tokio::time::timeout(timeout, ack.into_future()).await {
+                Err(_) => return Err(PublishFailure::Timeout(timeout)),
+                Ok(Ok(ack)) => ack,
                 Ok(Err(error)) if error.kind() == PublishErrorKind::StreamNotFound => {
-                    Err(PublishFailure::StreamNotFound)
+                    return Err(PublishFailure::StreamNotFound);
                 }
-                Ok(Err(error)) => Err(PublishFailure::Broker(error)),
+                Ok(Err(error)) => return Err(PublishFailure::Broker(error)),
+            };
+            if ack.duplicate {
+                // The rare path: the stream already held a message with this ID. It confirms
+                // this publish only if it is this subject's copy of this message.
+                let stored = tokio::time::timeout(
+                    timeout,
+                    stored_copy(
+                        &js,
+                        &ack.stream,
+                        ack.sequence,
+                        &subject,
+                        message_id.as_deref(),
+                    ),
+                )
+                .await
+                .map_err(|_| PublishFailure::Timeout(timeout))?;
+                stored.map_err(PublishFailure::Duplicate)?;
             }
+            Ok(Position::Sequence(ack.sequence))
         }))
     }
+}
+
+/// The message stream `stream` stores at `sequence` is the one this publish sent: on
+/// `subject`, with `message_id` as its `Nats-Msg-Id`. Answers why not otherwise.
+async fn stored_copy(
+    js: &jetstream::Context,
+    stream: &str,
+    sequence: u64,
+    subject: &str,
+    message_id: Option<&str>,
+) -> Result<(), String> {
+    let stream_handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|error| format!("cannot read stream {stream}: {error}"))?;
+    let stored = stream_handle
+        .get_raw_message(sequence)
+        .await
+        .map_err(|error| format!("cannot read message {sequence} of stream {stream}: {error}"))?;
+    let stored_id = stored
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(HeaderValue::as_str);
+    if stored.subject.as_str() == subject && stored_id == message_id {
+        Ok(())
+    } else {
+        Err(format!(
+            "stream {stream} dropped it as a duplicate of message {sequence}, which is on {} with \
+             Nats-Msg-Id {stored_id:?}, not on {subject} with {message_id:?}",
+            stored.subject
+        ))
+    }
+}
+
+/// The `Nats-Msg-Id` of an envelope published to `subject`: unique per (subject, event), so
+/// the server drops a retried publish of one event to one subject, and never the same event
+/// published to another subject of the same stream (JetStream de-duplicates per stream).
+pub(crate) fn envelope_message_id(subject: &str, event_id: &str) -> String {
+    format!("{subject}:{event_id}")
 }
 
 /// The PubAck of a message handed over, its failures still typed.
@@ -194,6 +253,8 @@ enum PublishFailure {
     StreamNotFound,
     Timeout(Duration),
     Broker(jetstream::context::PublishError),
+    /// The server answered with another message's PubAck (a duplicate ID): why it is not ours.
+    Duplicate(String),
 }
 
 impl PublishFailure {
@@ -210,6 +271,10 @@ impl PublishFailure {
             PublishFailure::Broker(error) => {
                 Error::broker(format!("cannot publish to {topic}"), error)
             }
+            PublishFailure::Duplicate(why) => Error::Broker {
+                message: format!("not stored on {topic}: {why}"),
+                source: None,
+            },
         }
     }
 }

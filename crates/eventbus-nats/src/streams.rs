@@ -109,6 +109,59 @@ fn memory_dead_letters(topic: &str, stream: &str) -> Error {
     )
 }
 
+/// Whether a stream lookup failed because the stream does not exist.
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(error)
+            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// `existing` as binding `definition` leaves it: the definition's subjects it does not cover
+/// added (none removed), its limits set only with `update_limits`; and what changed.
+fn bound_config(
+    definition: &StreamDefinition,
+    mut existing: stream::Config,
+) -> (stream::Config, Vec<String>) {
+    let mut changes = Vec::new();
+    let missing: Vec<String> = definition
+        .subjects
+        .iter()
+        .filter(|subject| {
+            !existing
+                .subjects
+                .iter()
+                .any(|pattern| subject_matches(pattern, subject))
+        })
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        changes.push(format!("subjects {missing:?} added"));
+        existing.subjects.extend(missing);
+    }
+    if definition.update_limits {
+        let wanted = stream_config(
+            definition.name.clone(),
+            Vec::new(),
+            definition.storage,
+            definition.limits,
+        );
+        if (existing.max_age, existing.max_bytes, existing.max_messages)
+            != (wanted.max_age, wanted.max_bytes, wanted.max_messages)
+        {
+            changes.push(format!(
+                "limits set to max_age {:?}, max_bytes {}, max_messages {}",
+                wanted.max_age, wanted.max_bytes, wanted.max_messages
+            ));
+            existing.max_age = wanted.max_age;
+            existing.max_bytes = wanted.max_bytes;
+            existing.max_messages = wanted.max_messages;
+        }
+    }
+    (existing, changes)
+}
+
 impl Streams {
     pub(crate) fn new(config: &NatsConfig) -> Self {
         Self {
@@ -119,21 +172,77 @@ impl Streams {
         }
     }
 
-    /// Creates or updates the configured streams.
+    /// Makes the configured streams that do not exist and binds those that do: an existing
+    /// stream gets the configured subjects it does not cover yet and keeps everything else (its
+    /// other subjects, limits, storage and replicas), unless the definition says
+    /// `update_limits`, which sets its limits too.
+    ///
+    /// # Cancel safety
+    ///
+    /// Each stream is made or updated by one request: a dropped call leaves some streams ready
+    /// and the others as they were, and the next call goes on from there.
     pub(crate) async fn create_configured(&self, js: &jetstream::Context) -> Result<(), Error> {
         for definition in &self.definitions {
-            js.create_or_update_stream(stream_config(
-                definition.name.clone(),
+            let name = &definition.name;
+            let wanted = stream_config(
+                name.clone(),
                 definition.subjects.clone(),
                 definition.storage,
                 definition.limits,
-            ))
-            .await
-            .map_err(|error| {
-                Error::broker(format!("cannot create stream {}", definition.name), error)
-            })?;
-            tracing::info!(stream = %definition.name, subjects = ?definition.subjects, "stream ready");
+            );
+            let existing = match js.get_stream(name).await {
+                Ok(stream) => Some(stream.cached_info().config.clone()),
+                Err(error) if is_not_found(&error) => None,
+                Err(error) => {
+                    return Err(Error::broker(format!("cannot read stream {name}"), error));
+                }
+            };
+            let Some(existing) = existing else {
+                match js.create_stream(wanted).await {
+                    Ok(_) => {
+                        tracing::info!(stream = %name, subjects = ?definition.subjects, "stream created");
+                        continue;
+                    }
+                    // Made meanwhile by another instance: bound below, as any existing stream.
+                    Err(error) => match js.get_stream(name).await {
+                        Ok(stream) => {
+                            let existing = stream.cached_info().config.clone();
+                            self.bind(js, definition, existing).await?;
+                            continue;
+                        }
+                        Err(_) => {
+                            return Err(Error::broker(
+                                format!("cannot create stream {name}"),
+                                error,
+                            ));
+                        }
+                    },
+                }
+            };
+            self.bind(js, definition, existing).await?;
         }
+        Ok(())
+    }
+
+    /// Binds the existing stream whose configuration is `existing` to `definition`: adds the
+    /// subjects it lacks, and the limits when the definition says `update_limits`; updates the
+    /// stream only when that changes something.
+    async fn bind(
+        &self,
+        js: &jetstream::Context,
+        definition: &StreamDefinition,
+        existing: stream::Config,
+    ) -> Result<(), Error> {
+        let name = &definition.name;
+        let (config, changes) = bound_config(definition, existing);
+        if changes.is_empty() {
+            tracing::info!(stream = %name, subjects = ?config.subjects, "existing stream bound as it is");
+            return Ok(());
+        }
+        js.update_stream(config)
+            .await
+            .map_err(|error| Error::broker(format!("cannot update stream {name}"), error))?;
+        tracing::info!(stream = %name, ?changes, "existing stream bound and extended");
         Ok(())
     }
 
@@ -448,4 +557,57 @@ pub(crate) async fn ensure_spec(
     tracing::info!(stream = %name, topic, changes = ?changes, "stream updated");
     report.updated = changes;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn existing() -> stream::Config {
+        stream::Config {
+            name: "BUSINESS_STREAM".into(),
+            subjects: vec!["business.>".into(), "health.check".into()],
+            max_age: Duration::from_secs(3600),
+            max_bytes: 1000,
+            max_messages: 10,
+            ..stream::Config::default()
+        }
+    }
+
+    #[test]
+    fn binding_an_existing_stream_keeps_its_subjects_and_limits_and_adds_only_what_it_lacks() {
+        let definition = StreamDefinition::new(
+            "BUSINESS_STREAM",
+            vec![
+                "business.>".into(),
+                "business.orders".into(),
+                "audit".into(),
+            ],
+        );
+        let (bound, changes) = bound_config(&definition, existing());
+        assert_eq!(bound.subjects, ["business.>", "health.check", "audit"]);
+        assert_eq!(
+            (bound.max_age, bound.max_bytes, bound.max_messages),
+            (Duration::from_secs(3600), 1000, 10),
+            "limits kept"
+        );
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        let covered = StreamDefinition::new("BUSINESS_STREAM", vec!["business.>".into()]);
+        let (unchanged, changes) = bound_config(&covered, existing());
+        assert_eq!(unchanged, existing());
+        assert!(changes.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn update_limits_sets_an_existing_streams_limits_and_still_never_removes_a_subject() {
+        let definition = StreamDefinition {
+            update_limits: true,
+            ..StreamDefinition::new("BUSINESS_STREAM", vec!["business.>".into()])
+        };
+        let (bound, changes) = bound_config(&definition, existing());
+        assert_eq!(bound.subjects, ["business.>", "health.check"]);
+        assert_eq!(bound.max_age, Duration::from_secs(24 * 3600));
+        assert_eq!(bound.max_messages, 1_000_000);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+    }
 }
