@@ -248,26 +248,10 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} replayed {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    // A parking subscription lets an aggregate's replayed events through from the first one
-    // of this replay and takes up its new events again after the last one.
-    let mut first = std::collections::HashMap::new();
-    let mut final_one = std::collections::HashMap::new();
-    for (index, letter) in selected.iter().enumerate() {
-        if let Some(aggregate) = lane_of(letter) {
-            first.entry(aggregate.clone()).or_insert(index);
-            final_one.insert(aggregate, index);
-        }
-    }
+    let marks = replay_marks(&selected);
     let mut replayed = 0usize;
     let mut failure = None;
-    for (index, letter) in selected.iter().enumerate() {
-        let aggregate = lane_of(letter);
-        let head = aggregate
-            .as_ref()
-            .is_some_and(|lane| first.get(lane) == Some(&index));
-        let last = aggregate
-            .as_ref()
-            .is_some_and(|lane| final_one.get(lane) == Some(&index));
+    for (letter, ReplayMark { head, last }) in selected.iter().zip(marks) {
         // Stop at the first failure: replaying the aggregate's later events before it would
         // put them out of order.
         let result = async {
@@ -317,11 +301,68 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
     }
 }
 
-/// The aggregate lane a parking subscription puts a dead letter in: the trimmed aggregate ID of
-/// a decodable envelope (the runtime's key), `None` for anything else.
-fn lane_of(letter: &StoredDeadLetter) -> Option<String> {
+/// Where a replayed dead letter stands in its lane's replay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReplayMark {
+    /// The lane's first replayed event (`X-Replay-Head`).
+    head: bool,
+    /// The lane's last replayed event (`X-Replay-Last`).
+    last: bool,
+}
+
+/// The marks of `selected` (in replay order): a parking subscription lets a lane's replayed
+/// events through from its first one and takes up its new events again after its last one.
+/// First and last are per lane, (original topic, aggregate), as each topic's subscription
+/// parks its own: one aggregate parked on two topics sharing a dead-letter topic gets a head
+/// and a last on each.
+fn replay_marks(selected: &[&StoredDeadLetter]) -> Vec<ReplayMark> {
+    let lanes: Vec<Option<Lane>> = selected.iter().map(|letter| lane_of(letter)).collect();
+    let mut first = std::collections::HashMap::new();
+    let mut final_one = std::collections::HashMap::new();
+    for (index, lane) in lanes.iter().enumerate() {
+        if let Some(lane) = lane {
+            first.entry(lane).or_insert(index);
+            final_one.insert(lane, index);
+        }
+    }
+    lanes
+        .iter()
+        .enumerate()
+        .map(|(index, lane)| ReplayMark {
+            head: lane
+                .as_ref()
+                .is_some_and(|lane| first.get(lane) == Some(&index)),
+            last: lane
+                .as_ref()
+                .is_some_and(|lane| final_one.get(lane) == Some(&index)),
+        })
+        .collect()
+}
+
+/// The lane a parking subscription puts a dead letter in: its original topic (several topics
+/// may share one dead-letter topic) and the trimmed aggregate ID of a decodable envelope (the
+/// runtime's key); `None` for anything else.
+fn lane_of(letter: &StoredDeadLetter) -> Option<Lane> {
     let envelope = letter.envelope()?;
-    envelope.aggregate().ok().map(|id| id.as_str().to_owned())
+    let aggregate = envelope.aggregate().ok()?;
+    Some(Lane {
+        topic: letter.original_topic().unwrap_or_default().to_owned(),
+        aggregate: aggregate.as_str().to_owned(),
+    })
+}
+
+/// An aggregate of one original topic: what a parking subscription parks and a replay brings
+/// back as one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Lane {
+    topic: String,
+    aggregate: String,
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of topic {}", self.aggregate, self.topic)
+    }
 }
 
 /// The selected dead letters in the order a replay publishes them: dead-letter order, except
@@ -333,7 +374,7 @@ fn in_replay_order<'a>(
     all: &'a [StoredDeadLetter],
     selected: Vec<&'a StoredDeadLetter>,
 ) -> Result<Vec<&'a StoredDeadLetter>, CliError> {
-    let mut by_lane: std::collections::HashMap<String, Vec<&'a StoredDeadLetter>> =
+    let mut by_lane: std::collections::HashMap<Lane, Vec<&'a StoredDeadLetter>> =
         std::collections::HashMap::new();
     for letter in &selected {
         if let Some(lane) = lane_of(letter) {
@@ -343,20 +384,21 @@ fn in_replay_order<'a>(
     for (lane, letters) in &by_lane {
         let total = all
             .iter()
-            .filter(|letter| lane_of(letter).as_deref() == Some(lane.as_str()))
+            .filter(|letter| lane_of(letter).as_ref() == Some(lane))
             .count();
         if total != letters.len() {
             return Err(CliError(format!(
                 "the selection holds {} of aggregate {lane}'s {total} dead letters: replay them \
-                 together (--aggregate {lane}), or a parking subscription runs them out of order",
-                letters.len()
+                 together (--aggregate {}), or a parking subscription runs them out of order",
+                letters.len(),
+                lane.aggregate
             )));
         }
     }
     for letters in by_lane.values_mut() {
         letters.sort_by_key(|letter| letter.envelope().map_or(i64::MIN, |e| e.event_version));
     }
-    let mut next: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut next: std::collections::HashMap<Lane, usize> = std::collections::HashMap::new();
     Ok(selected
         .into_iter()
         .map(|letter| match lane_of(letter) {
@@ -427,6 +469,30 @@ mod tests {
                 ("a".to_owned(), 3)
             ]
         );
+    }
+
+    fn letter_of(topic: &str, aggregate: &str, version: i64, sequence: u64) -> StoredDeadLetter {
+        let mut letter = letter(aggregate, version, sequence);
+        letter
+            .message
+            .headers
+            .insert(eventbus::HEADER_ORIGINAL_TOPIC, topic.to_owned());
+        letter
+    }
+
+    #[test]
+    fn an_aggregate_parked_on_two_topics_gets_a_replay_head_and_last_on_each() {
+        let all = [
+            letter_of("orders", "order-1", 1, 1),
+            letter_of("payments", "order-1", 1, 2),
+            letter_of("orders", "order-1", 2, 3),
+        ];
+        let ordered = in_replay_order(&all, all.iter().collect()).unwrap();
+        let marks: Vec<(bool, bool)> = replay_marks(&ordered)
+            .into_iter()
+            .map(|mark| (mark.head, mark.last))
+            .collect();
+        assert_eq!(marks, [(true, false), (true, true), (false, true)]);
     }
 
     #[test]

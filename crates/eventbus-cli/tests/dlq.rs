@@ -267,6 +267,99 @@ async fn parked_events_come_back_in_order(config: &Path, topic: &str) {
     bus.close().await.unwrap();
 }
 
+/// One aggregate parked on two topics whose subscriptions share one dead-letter topic (the Go
+/// SDK's single `deadLetterTopic`): one replay of the aggregate brings both topics' events back,
+/// each topic's in order, and neither topic keeps the aggregate parked afterwards.
+async fn an_aggregate_parked_on_two_topics_comes_back_on_both(config: &Path, prefix: &str) {
+    let topics = [format!("{prefix}.orders"), format!("{prefix}.payments")];
+    let dead_letter_topic = format!("{prefix}.failed");
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let bus = eventbus::connect(Config::load(Some(config)).unwrap())
+        .await
+        .unwrap();
+    for topic in &topics {
+        let (b, h, t) = (broken.clone(), handled.clone(), topic.clone());
+        bus.subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (b, h, t) = (b.clone(), h.clone(), t.clone());
+                async move {
+                    if envelope.event_version == 1 && b.load(Ordering::SeqCst) {
+                        return Err(HandlerError::permanent("price missing"));
+                    }
+                    h.lock().unwrap().push((t, envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new()
+                .with_park_on_dead_letter(true)
+                .with_dead_letter(eventbus::DeadLetter::Topic(dead_letter_topic.clone())),
+        )
+        .await
+        .unwrap();
+    }
+    for (topic, version) in [(&topics[0], 1), (&topics[1], 1), (&topics[0], 2)] {
+        let envelope = Envelope::new("order-1", "Changed", version, &version).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    poll_until("the three dead letters stored", async || {
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .is_ok_and(|letters| letters.len() == 3)
+    })
+    .await;
+    broken.store(false, Ordering::SeqCst);
+    let (status, stdout, stderr) = dlq(
+        config,
+        &topics[0],
+        &[
+            "replay",
+            "--dead-letter-topic",
+            &dead_letter_topic,
+            "--aggregate",
+            "order-1",
+        ],
+    );
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("replayed 3 of 3 selected"), "{stderr}");
+    let of = |topic: &str| -> Vec<i64> {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(handled_on, _)| handled_on == topic)
+            .map(|(_, version)| *version)
+            .collect()
+    };
+    poll_until("every replayed event handled on its topic", async || {
+        of(&topics[0]).len() == 2 && of(&topics[1]).len() == 1
+    })
+    .await;
+    assert_eq!(of(&topics[0]), [1, 2]);
+    for (topic, version) in [(&topics[0], 3), (&topics[1], 2)] {
+        let envelope = Envelope::new("order-1", "Changed", version, &version).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    poll_until(
+        "new events handled on both topics after the replay",
+        async || of(&topics[0]).len() == 3 && of(&topics[1]).len() == 2,
+    )
+    .await;
+    assert_eq!(
+        (of(&topics[0]), of(&topics[1])),
+        (vec![1, 2, 3], vec![1, 2])
+    );
+    assert!(
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing parked again"
+    );
+    bus.close().await.unwrap();
+}
+
 fn write_config(scratch: &Scratch, text: String) -> PathBuf {
     let path = scratch.file("bus.toml");
     std::fs::write(&path, text).expect("config written");
@@ -325,4 +418,33 @@ async fn parked_events_are_replayed_in_their_order_on_kafka() {
         ),
     );
     parked_events_come_back_in_order(&config, "park.orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replayed_on_both_on_nats()
+{
+    let server = NatsServer::start();
+    let scratch = Scratch::new("park-two-nats");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"nats\"\nclient_id = \"park2\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
+            server.url()
+        ),
+    );
+    an_aggregate_parked_on_two_topics_comes_back_on_both(&config, "park2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replayed_on_both_on_kafka()
+ {
+    let scratch = Scratch::new("park-two-kafka");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"kafka\"\nclient_id = \"park2\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
+            kafka_bootstrap()
+        ),
+    );
+    an_aggregate_parked_on_two_topics_comes_back_on_both(&config, "park2").await;
 }
