@@ -999,3 +999,55 @@ async fn an_instance_with_another_partition_count_is_refused() {
     other.close().await.unwrap();
     running.close().await.unwrap();
 }
+
+/// Two instances that subscribe at the same moment with different partition counts: exactly one
+/// is refused (the count is written with a create that fails when another instance wrote one),
+/// and the accepted one reads every subject, so an event published to the bare topic is
+/// handled. Seven topics, each a fresh race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_with_different_partition_counts_starting_together_are_not_both_accepted() {
+    let server = NatsServer::start();
+    for round in 0..7 {
+        let topic = format!("scale.race{round}");
+        let two = connect("race", partitioned_config(&server.url(), &topic, 2)).await;
+        let three = connect("race", partitioned_config(&server.url(), &topic, 3)).await;
+        let handled = Recorder::<(String, i64)>::new();
+        let (with_two, with_three) = tokio::join!(
+            two.subscribe_envelope(&topic, handled.envelope_handler(), SubscribeOptions::new()),
+            three.subscribe_envelope(&topic, handled.envelope_handler(), SubscribeOptions::new()),
+        );
+        let accepted = match (&with_two, &with_three) {
+            (Ok(_), Err(refused)) => {
+                assert_eq!(
+                    refused.kind(),
+                    eventbus_core::ErrorKind::Config,
+                    "{refused}"
+                );
+                (&two, 3)
+            }
+            (Err(refused), Ok(_)) => {
+                assert_eq!(
+                    refused.kind(),
+                    eventbus_core::ErrorKind::Config,
+                    "{refused}"
+                );
+                (&three, 4)
+            }
+            (Ok(_), Ok(_)) => panic!("round {round}: both partition counts were accepted"),
+            (Err(a), Err(b)) => panic!("round {round}: both refused: {a}; {b}"),
+        };
+        wait_reading(accepted.0, &topic, accepted.1).await;
+        accepted
+            .0
+            .publish_envelope(&topic, &envelope(round, 1))
+            .await
+            .unwrap();
+        handled
+            .wait_for("the event handled by the accepted instance", |e| {
+                e.len() == 1
+            })
+            .await;
+        two.close().await.unwrap();
+        three.close().await.unwrap();
+    }
+}

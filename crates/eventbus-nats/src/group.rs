@@ -151,17 +151,7 @@ pub(crate) async fn subscribe(
         .await
         .map_err(|error| Error::broker(format!("cannot open bucket {bucket_name}"), error))?;
     // Every instance must split the topic alike: `claims.{n}` names a subject by its number.
-    if let Ok(Some(count)) = bucket.get(PARTITIONS_KEY).await
-        && count.as_ref() != partitions.to_string().as_bytes()
-    {
-        return Err(Error::config(
-            "nats.topics.partitions",
-            format!(
-                "the running instances read {topic} with {} partitions, this one with {partitions}: every instance needs the same number",
-                String::from_utf8_lossy(&count)
-            ),
-        ));
-    }
+    agree_partition_count(&bucket, topic, partitions).await?;
     let group = Arc::new(Group {
         inner: Arc::downgrade(inner),
         topic: topic.to_owned(),
@@ -210,6 +200,64 @@ pub(crate) async fn subscribe(
     *lock(&group.task) = Some(task);
     tracing::info!(topic, instance = %group.instance, partitions, "joined the group of a partitioned topic");
     Ok(Subscription::new(topic, GroupControl { group }))
+}
+
+/// Makes sure the group reads `topic` with `partitions` partitions: writes the count when the
+/// bucket has none (a create, which fails when another instance wrote one meanwhile) and
+/// otherwise renews it (an update at the revision read, which fails when another instance
+/// changed it meanwhile), comparing what is there each time. Instances that start at the same
+/// moment with different counts therefore cannot both pass: the second write fails and its
+/// instance reads the first one's count. Renewed every round, so the count lives as long as
+/// the group does (the bucket's `max_age` is `pinned_ttl`).
+///
+/// Fails with [`Error::Config`] (field `nats.topics.partitions`) when the group's count
+/// differs, with [`Error::Broker`] when the bucket cannot be read or written.
+async fn agree_partition_count(
+    bucket: &kv::Store,
+    topic: &str,
+    partitions: u16,
+) -> Result<(), Error> {
+    let ours = partitions.to_string();
+    let mut last_failure = String::new();
+    // Each failed write means another instance wrote the count just now: read it again.
+    for _ in 0..5 {
+        let entry = bucket.entry(PARTITIONS_KEY).await.map_err(|error| {
+            Error::broker(format!("cannot read the partition count of {topic}"), error)
+        })?;
+        let written = match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                if entry.value.as_ref() != ours.as_bytes() {
+                    return Err(Error::config(
+                        "nats.topics.partitions",
+                        format!(
+                            "the running instances read {topic} with {} partitions, this one with {partitions}: every instance needs the same number",
+                            String::from_utf8_lossy(&entry.value)
+                        ),
+                    ));
+                }
+                bucket
+                    .update(PARTITIONS_KEY, ours.clone().into(), entry.revision)
+                    .await
+                    .map(drop)
+                    .map_err(|error| error.to_string())
+            }
+            _ => bucket
+                .create(PARTITIONS_KEY, ours.clone().into())
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string()),
+        };
+        match written {
+            Ok(()) => return Ok(()),
+            Err(failure) => last_failure = failure,
+        }
+    }
+    Err(Error::Broker {
+        message: format!(
+            "cannot write the partition count of {topic}: {last_failure} (written by others at the same time, five times in a row)"
+        ),
+        source: None,
+    })
 }
 
 /// The next change the watch reports; never while there is no watch, `None` when it ended.
@@ -287,18 +335,30 @@ impl Group {
         }
     }
 
-    /// Writes this instance's membership (and the partition count the members share).
-    async fn join(&self) -> Result<(), Error> {
-        let renew = |error| Error::broker("cannot renew the group membership", error);
+    /// Renews the partition count the members share and this instance's membership. Returns
+    /// `false` when the group's count is not this instance's (another instance wrote its own
+    /// while this one could not renew it for `pinned_ttl`): then this instance is no member
+    /// (its membership is deleted, so the others assign its subjects among themselves) and reads
+    /// nothing.
+    async fn join(&self) -> Result<bool, Error> {
+        match agree_partition_count(&self.bucket, &self.topic, self.partitions).await {
+            Err(error) if error.kind() == eventbus_core::ErrorKind::Config => {
+                tracing::error!(topic = %self.topic, %error, "partition count differs from the group's; reading nothing");
+                let _ = self.bucket.delete(self.member_key()).await;
+                return Ok(false);
+            }
+            // Not known now (a reconnect, say): the membership is renewed all the same, and
+            // the count next round.
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, %error, "partition count not renewed; trying again next round");
+            }
+            Ok(()) => {}
+        }
         self.bucket
             .put(self.member_key(), self.instance.clone().into())
             .await
-            .map_err(renew)?;
-        self.bucket
-            .put(PARTITIONS_KEY, self.partitions.to_string().into())
-            .await
-            .map(drop)
-            .map_err(renew)
+            .map_err(|error| Error::broker("cannot renew the group membership", error))?;
+        Ok(true)
     }
 
     /// The live members, in the order of their IDs (this instance among them).
@@ -386,7 +446,7 @@ impl Group {
     /// One round: renew, look at the members, release what is no longer this instance's,
     /// claim what is.
     async fn step(self: &Arc<Self>) -> Result<Vec<String>, Error> {
-        self.join().await?;
+        let agreed = self.join().await?;
         self.renew_claims().await;
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             // The bus drains what it holds: its claims stay this instance's until that is done.
@@ -399,7 +459,7 @@ impl Group {
             .position(|member| *member == self.instance)
             .unwrap_or(0);
         let count = members.len();
-        let mine = |slot: u16| usize::from(slot) % count == position;
+        let mine = |slot: u16| agreed && usize::from(slot) % count == position;
         // Release first: the subjects this instance gives up start elsewhere sooner.
         let leaving: Vec<u16> = lock(&self.claims)
             .iter()
