@@ -1,6 +1,7 @@
 //! The metric reference in docs/operations.md against what `/metrics` serves: every metric a
-//! memory, a NATS and a Kafka bus serve is documented, every documented metric is served, and the
-//! example alert rules and Grafana dashboard use only served names.
+//! memory, a NATS and a Kafka bus serve is documented, every documented metric is served with
+//! the type the reference gives it (a histogram as a Prometheus histogram with `_bucket` series,
+//! never as a summary), and the example alert rules and Grafana dashboard use only served names.
 
 // Test code: a failed unwrap or index is a failed check.
 #![allow(
@@ -10,10 +11,10 @@
     clippy::panic
 )]
 
-use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+mod metric_docs;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,7 @@ use eventbus_core::{
 };
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, eventually, kafka_config, nats_config};
+use metric_docs::{Documented, documented, repository_file};
 use test_brokers::{NatsServer, kafka_bootstrap};
 
 /// The metric name prefixes of the three buses.
@@ -85,23 +87,31 @@ async fn exercise(bus: &dyn EventBus, topic: &str) {
 }
 
 fn scrape(listen: SocketAddr) -> Option<String> {
-    let mut stream = TcpStream::connect(listen).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    Some(body)
+    metric_docs::http_get(listen, "/metrics").map(|(_, body)| body)
+}
+
+/// The `# TYPE` of each metric served under `namespace`, by its name without the namespace:
+/// `consumed_total` → `counter`, ...
+fn served_types(body: &str, namespace: &str) -> BTreeMap<String, String> {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .filter_map(|(name, kind)| {
+            let name = name.strip_prefix(namespace)?.strip_prefix('_')?;
+            Some((name.to_owned(), kind.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// The metric names served under `namespace`, without it: `consumed_total`, ... (a
-/// histogram's `_bucket`, `_sum` and `_count` series count as the histogram).
+/// histogram's `_bucket`, `_sum` and `_count` series count as the histogram; a summary's `_sum`
+/// and `_count` do not, they are names of their own).
 fn served_under(body: &str, namespace: &str) -> BTreeSet<String> {
     let histograms: BTreeSet<&str> = body
         .lines()
         .filter_map(|line| line.strip_prefix("# TYPE "))
         .filter_map(|rest| rest.split_once(' '))
-        .filter(|(_, kind)| *kind == "histogram" || *kind == "summary")
+        .filter(|(_, kind)| kind.trim() == "histogram")
         .map(|(name, _)| name)
         .collect();
     body.lines()
@@ -129,26 +139,51 @@ fn served(body: &str) -> BTreeSet<String> {
         .collect()
 }
 
-fn repository_file(path: &str) -> String {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path);
-    std::fs::read_to_string(&file).unwrap_or_else(|error| panic!("{}: {error}", file.display()))
-}
-
-/// The metric names of the reference table (its first column, in backquotes).
-fn documented() -> BTreeSet<String> {
-    let guide = repository_file("docs/operations.md");
-    let table = guide
-        .split("### Metric reference")
-        .nth(1)
-        .expect("docs/operations.md has a \"Metric reference\" section");
-    table
-        .lines()
-        .skip_while(|line| !line.starts_with('|'))
-        .take_while(|line| line.starts_with('|'))
-        .skip(2)
-        .filter_map(|row| row.split('`').nth(1))
-        .map(str::to_owned)
-        .collect()
+/// Checks that what `namespace` (a bus of `backend`) serves has the types the reference gives:
+/// every documented metric it serves has that `# TYPE`, and every histogram documented for
+/// `backend` is served as a Prometheus histogram, with `_bucket` series up to `le="+Inf"`,
+/// `_sum` and `_count`. A summary (quantiles, no buckets) fails: it cannot be summed over
+/// instances, and the dashboard's `histogram_quantile(… _bucket …)` finds nothing in it.
+fn assert_served_as_documented(
+    body: &str,
+    namespace: &str,
+    backend: &str,
+    documented: &BTreeMap<String, Documented>,
+) {
+    let types = served_types(body, namespace);
+    for (name, doc) in documented {
+        let served = types.get(name);
+        if let Some(kind) = served {
+            assert_eq!(
+                *kind, doc.kind,
+                "{namespace}_{name} is served as a {kind}; docs/operations.md says {}",
+                doc.kind
+            );
+        }
+        if doc.kind != "histogram" || !doc.served_by(backend) {
+            continue;
+        }
+        assert_eq!(
+            served.map(String::as_str),
+            Some("histogram"),
+            "{namespace}_{name}: no `# TYPE {namespace}_{name} histogram` line"
+        );
+        let buckets: Vec<&str> = body
+            .lines()
+            .filter(|line| line.starts_with(&format!("{namespace}_{name}_bucket{{")))
+            .collect();
+        assert!(
+            buckets.len() >= 2 && buckets.iter().any(|line| line.contains("le=\"+Inf\"")),
+            "{namespace}_{name} is served without its buckets: {buckets:?}"
+        );
+        for suffix in ["_sum", "_count"] {
+            assert!(
+                body.lines()
+                    .any(|line| line.starts_with(&format!("{namespace}_{name}{suffix}"))),
+                "{namespace}_{name} is served without {suffix}"
+            );
+        }
+    }
 }
 
 /// The metric names an example uses after `marker`: `${namespace}_` (the dashboard's variable)
@@ -199,7 +234,8 @@ async fn the_metric_reference_lists_what_metrics_serves_and_the_examples_use_onl
 
     // The sampled ones come with the monitor's next tick, the lag with the backends' next
     // report (NATS every 5 s, Kafka with librdkafka's statistics).
-    let documented = documented();
+    let reference = documented();
+    let documented: BTreeSet<String> = reference.keys().cloned().collect();
     let mut last = BTreeSet::new();
     eventually("every documented metric served", || {
         let body = scrape(listen).unwrap_or_default();
@@ -210,6 +246,11 @@ async fn the_metric_reference_lists_what_metrics_serves_and_the_examples_use_onl
         async move { complete }
     })
     .await;
+    let body = scrape(listen).unwrap();
+    for namespace in NAMESPACES {
+        let backend = namespace.split('_').next().unwrap();
+        assert_served_as_documented(&body, namespace, backend, &reference);
+    }
     let undocumented: Vec<&String> = last.difference(&documented).collect();
     assert!(
         undocumented.is_empty(),
@@ -217,7 +258,6 @@ async fn the_metric_reference_lists_what_metrics_serves_and_the_examples_use_onl
     );
     // The dashboard's `${namespace}` may be any backend's; the alert rules name one each, and
     // must use what a bus of that backend serves.
-    let body = scrape(listen).unwrap();
     for (example, marker, serving) in [
         (
             "examples/grafana-dashboard.json",
