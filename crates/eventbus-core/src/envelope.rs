@@ -341,15 +341,15 @@ impl Envelope {
         Ok(envelope)
     }
 
-    /// The headers a published envelope carries: `X-Event-ID`, `X-Aggregate-ID`,
-    /// `X-Event-Type`, `X-Event-Version`, and when set `X-Trace-ID`, `X-Correlation-ID`,
-    /// `X-Tenant-ID`.
+    /// The headers a published envelope carries, in the order the Go SDK writes them:
+    /// `X-Event-ID`, `X-Aggregate-ID`, `X-Event-Version`, `X-Event-Type`, and when set
+    /// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
     pub fn headers(&self) -> Headers {
         let mut headers = Headers::new();
         headers.append(HEADER_EVENT_ID, header_value(&self.event_id));
         headers.append(HEADER_AGGREGATE_ID, self.aggregate_id.clone());
-        headers.append(HEADER_EVENT_TYPE, header_value(&self.event_type));
         headers.append(HEADER_EVENT_VERSION, self.event_version.to_string());
+        headers.append(HEADER_EVENT_TYPE, header_value(&self.event_type));
         if !self.trace_id.is_empty() {
             headers.append(HEADER_TRACE_ID, header_value(&self.trace_id));
         }
@@ -637,7 +637,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_mirror_the_envelope() {
+    fn headers_mirror_the_envelope_in_the_go_sdks_order() {
         let headers = sample().with_trace_id("t").with_tenant_id(9).headers();
         let pairs: Vec<(&str, &[u8])> = headers.iter().collect();
         assert_eq!(
@@ -645,8 +645,8 @@ mod tests {
             [
                 ("X-Event-ID", &b"evt-1"[..]),
                 ("X-Aggregate-ID", b"order-1"),
-                ("X-Event-Type", b"OrderPlaced"),
                 ("X-Event-Version", b"3"),
+                ("X-Event-Type", b"OrderPlaced"),
                 ("X-Trace-ID", b"t"),
                 ("X-Tenant-ID", b"9"),
             ]
