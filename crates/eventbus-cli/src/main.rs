@@ -109,10 +109,11 @@ fn main() -> ExitCode {
     // Bad flags: clap prints what is wrong and exits with status 2.
     let cli = Cli::parse();
     // Errors are logged by default; the demo's are the failures it injects on purpose, which its
-    // summary counts, so they are logged only when RUST_LOG asks for them.
+    // summary counts, so they are logged only when RUST_LOG asks for them. Warnings about the
+    // configuration (an unknown EVENTBUS_ variable, maybe a typo) always show.
     let default_filter = match cli.command {
-        Command::Demo(_) | Command::Bench(_) => "off",
-        _ => "error",
+        Command::Demo(_) | Command::Bench(_) => "off,eventbus::config=warn",
+        _ => "error,eventbus::config=warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -39,6 +39,28 @@ fn the_demo_reports_no_loss_and_no_reordering_despite_failures_and_panics() {
     );
 }
 
+/// What Kubernetes injects into every pod of a namespace with a Service named `eventbus` does
+/// not stop the binary; a typo of a known variable is warned about, naming the variable meant.
+#[test]
+fn the_environment_a_platform_writes_does_not_stop_the_demo_and_a_typo_is_named() {
+    let output = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(["demo", "--aggregates", "2", "--versions", "2"])
+        .env_remove("RUST_LOG")
+        .env("EVENTBUS_SERVICE_HOST", "10.0.0.1")
+        .env("EVENTBUS_PORT", "tcp://10.0.0.1:4222")
+        .env("EVENTBUS_PORT_4222_TCP_ADDR", "10.0.0.1")
+        .env("EVENTBUS_CLIENTID", "billing")
+        .output()
+        .expect("the eventbus binary runs");
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("EVENTBUS_CLIENTID") && stderr.contains("EVENTBUS_CLIENT_ID"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("EVENTBUS_SERVICE_HOST"), "{stderr}");
+}
+
 #[test]
 fn bad_flags_are_explained_not_panicked_on() {
     let output = eventbus(&["demo", "--failure-rate", "2"], "");

@@ -178,6 +178,26 @@ impl Default for RetrySection {
 }
 
 /// One environment override: its variable, the field it sets, and how.
+/// The known variable a typo of `name` most likely meant: the nearest by edit distance after
+/// `EVENTBUS_`, if within a third of that part's length (what a platform's own variables, such
+/// as `EVENTBUS_SERVICE_HOST`, are not).
+fn closest_variable(name: &str) -> Option<&'static str> {
+    let suffix = |variable: &'static str| variable.strip_prefix("EVENTBUS_").unwrap_or(variable);
+    let name = name.strip_prefix("EVENTBUS_").unwrap_or(name);
+    let limit = name.len() / 3;
+    OVERRIDES
+        .iter()
+        .map(|over| {
+            (
+                strsim::levenshtein(name, suffix(over.variable)),
+                over.variable,
+            )
+        })
+        .filter(|(distance, _)| *distance <= limit)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, variable)| variable)
+}
+
 struct Override {
     variable: &'static str,
     apply: fn(&mut Config, &str) -> Result<(), String>,
@@ -507,7 +527,11 @@ impl Config {
     }
 
     /// Applies `EVENTBUS_*` overrides from `variables` (usually `std::env::vars()`). An
-    /// `EVENTBUS_` variable that is not an override is an error, so a typo cannot pass.
+    /// `EVENTBUS_` variable that is not an override is ignored with a warning (a `tracing`
+    /// event naming the closest known variable, so a typo shows): platforms write such
+    /// variables themselves (Kubernetes injects `EVENTBUS_SERVICE_HOST`, `EVENTBUS_PORT`, ...
+    /// into every pod of a namespace with a Service named `eventbus`), and they must not stop
+    /// the service. A known variable with a bad value is an error.
     pub fn with_overrides(
         mut self,
         variables: impl IntoIterator<Item = (String, String)>,
@@ -517,10 +541,18 @@ impl Config {
                 continue;
             }
             let Some(over) = OVERRIDES.iter().find(|o| o.variable == name) else {
-                return Err(Error::config(
-                    &name,
-                    "unknown EVENTBUS_ variable (see docs/configuration.md)",
-                ));
+                match closest_variable(&name) {
+                    Some(closest) => tracing::warn!(
+                        variable = %name,
+                        closest,
+                        "unknown EVENTBUS_ variable ignored; did you mean {closest}? (docs/configuration.md)"
+                    ),
+                    None => tracing::warn!(
+                        variable = %name,
+                        "unknown EVENTBUS_ variable ignored (docs/configuration.md)"
+                    ),
+                }
+                continue;
             };
             (over.apply)(&mut self, &value).map_err(|reason| Error::config(&name, reason))?;
         }
@@ -649,4 +681,35 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     format!(" (line {line}, column {column})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::closest_variable;
+
+    #[test]
+    fn a_typo_is_matched_to_the_closest_known_variable() {
+        assert_eq!(
+            closest_variable("EVENTBUS_CLIENTID"),
+            Some("EVENTBUS_CLIENT_ID")
+        );
+        assert_eq!(
+            closest_variable("EVENTBUS_DRAIN_TIMOUT"),
+            Some("EVENTBUS_DRAIN_TIMEOUT")
+        );
+    }
+
+    #[test]
+    fn what_a_platform_writes_is_no_typo_of_anything() {
+        for name in [
+            "EVENTBUS_SERVICE_HOST",
+            "EVENTBUS_SERVICE_PORT",
+            "EVENTBUS_PORT",
+            "EVENTBUS_PORT_4222_TCP",
+            "EVENTBUS_PORT_4222_TCP_PROTO",
+            "EVENTBUS_PORT_4222_TCP_ADDR",
+        ] {
+            assert_eq!(closest_variable(name), None, "{name}");
+        }
+    }
 }

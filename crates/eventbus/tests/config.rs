@@ -188,16 +188,33 @@ fn bad_environment_values_name_the_variable() {
     assert!(reason.contains("lots"), "{reason}");
     let (name, _) = field(
         Config::default()
-            .with_overrides(vars(&[("EVENTBUS_POOLSIZE", "1")]))
-            .unwrap_err(),
-    );
-    assert_eq!(name, "EVENTBUS_POOLSIZE");
-    let (name, _) = field(
-        Config::default()
             .with_overrides(vars(&[("EVENTBUS_DRAIN_TIMEOUT", "forever")]))
             .unwrap_err(),
     );
     assert_eq!(name, "EVENTBUS_DRAIN_TIMEOUT");
+}
+
+/// Kubernetes writes `EVENTBUS_SERVICE_HOST`, `EVENTBUS_PORT`, `EVENTBUS_PORT_4222_TCP...` into
+/// every pod of a namespace with a Service named `eventbus`; those, and typos, are warned about
+/// and ignored, never fatal.
+#[test]
+fn unknown_environment_variables_are_ignored_not_fatal() {
+    let config = Config::default()
+        .with_overrides(vars(&[
+            ("EVENTBUS_SERVICE_HOST", "10.0.0.1"),
+            ("EVENTBUS_SERVICE_PORT", "4222"),
+            ("EVENTBUS_PORT", "tcp://10.0.0.1:4222"),
+            ("EVENTBUS_PORT_4222_TCP_ADDR", "10.0.0.1"),
+            ("EVENTBUS_POOLSIZE", "1"),
+            ("EVENTBUS_CLIENT_ID", "billing"),
+        ]))
+        .unwrap();
+    assert_eq!(config.client_id, "billing", "known variables still apply");
+    assert_eq!(
+        config.pool,
+        Config::default().pool,
+        "the typo changed nothing"
+    );
 }
 
 #[test]
