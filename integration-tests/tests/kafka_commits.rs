@@ -12,7 +12,7 @@ use eventbus_core::{
     Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
     SubscribeOptions,
 };
-use eventbus_kafka::{KafkaBus, KafkaConfig, Partitioner};
+use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, collect, eventually, kafka_group_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -459,4 +459,135 @@ async fn the_sarama_partitioner_puts_each_key_where_the_go_services_do() {
         );
     }
     bus.close().await.unwrap();
+}
+
+/// Each partition of `topic` (with `partitions` partitions): the offset `group` committed and
+/// the end offset, read by a client outside the group.
+fn committed_and_ends(group: &str, topic: &str, partitions: i32) -> Vec<(Option<i64>, i64)> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = reader
+        .committed_offsets(list, Duration::from_secs(5))
+        .unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|element| {
+            let (_, end) = reader
+                .fetch_watermarks(topic, element.partition(), Duration::from_secs(5))
+                .unwrap();
+            match element.offset() {
+                Offset::Offset(offset) => (Some(offset), end),
+                _ => (None, end),
+            }
+        })
+        .collect()
+}
+
+/// A member handles a backlog while a second member joins (a cooperative rebalance, or one of
+/// the KIP-848 protocol): commits sent while the group rebalances fail, and the partitions that
+/// stay with the first member must still end up committed. With both members idle, every
+/// partition's committed offset reaches its end offset (no handled record is left uncommitted
+/// to be handled again after a restart).
+async fn handled_records_are_committed_across_a_rebalance(protocol: GroupProtocol, name: &str) {
+    let (topic, group) = (
+        format!("commits.rebalance.{name}"),
+        format!("rebalance-{name}"),
+    );
+    let partitions = 4;
+    let mut config = config_with(&topic, partitions, &group);
+    config.group_protocol = protocol;
+    if protocol == GroupProtocol::Consumer {
+        // The broker keeps the session under this protocol.
+        config.consumer_properties.0.remove("session.timeout.ms");
+        config.consumer_properties.0.remove("heartbeat.interval.ms");
+    }
+    let handled = Recorder::<(String, i64)>::new();
+    let handler = |recorder: Arc<Recorder<(String, i64)>>| {
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let recorder = recorder.clone();
+            async move {
+                // Slow enough that records finish while the group rebalances.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                recorder.push((envelope.aggregate_id.clone(), envelope.event_version));
+                Ok::<(), HandlerError>(())
+            }
+        })
+    };
+    let first = KafkaBus::connect(BusSettings::new("kafka", "rebalance-a"), config.clone())
+        .await
+        .unwrap();
+    let second = KafkaBus::connect(BusSettings::new("kafka", "rebalance-b"), config)
+        .await
+        .unwrap();
+    first
+        .subscribe_envelope(&topic, handler(handled.clone()), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let (aggregates, versions) = (40, 10);
+    for version in 1..=versions {
+        for aggregate in 0..aggregates {
+            first
+                .publish_envelope(&topic, &envelope(&format!("agg-{aggregate}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    handled
+        .wait_for("the first member handling", |events| events.len() >= 20)
+        .await;
+    second
+        .subscribe_envelope(&topic, handler(handled.clone()), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let total = (aggregates * versions) as usize;
+    handled
+        .wait_for("every record handled", |events| {
+            events
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == total
+        })
+        .await;
+    let (group, topic) = (group.clone(), topic.clone());
+    eventually(
+        "every partition committed up to its end with both members idle",
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move {
+                let offsets = tokio::task::spawn_blocking(move || {
+                    committed_and_ends(&group, &topic, partitions)
+                })
+                .await
+                .unwrap();
+                offsets.len() == partitions as usize
+                    && offsets
+                        .iter()
+                        .all(|(committed, end)| *committed == Some(*end))
+            }
+        },
+    )
+    .await;
+    second.close().await.unwrap();
+    first.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handled_records_are_committed_across_a_cooperative_rebalance() {
+    integration_tests::capture_logs();
+    handled_records_are_committed_across_a_rebalance(GroupProtocol::Classic, "cooperative").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handled_records_are_committed_across_a_kip_848_rebalance() {
+    integration_tests::capture_logs();
+    handled_records_are_committed_across_a_rebalance(GroupProtocol::Consumer, "kip848").await;
 }

@@ -277,3 +277,62 @@ async fn a_partition_paused_when_it_moved_away_is_consumed_when_it_comes_back() 
         .await;
     first.close().await.unwrap();
 }
+
+/// One record hangs in its handler while the partition's later records (other aggregates)
+/// finish: the commit cannot pass the hung one, so the tracker holds every later record until
+/// it finishes. The partition pauses at `max_in_flight_per_partition` (4) such records, not 4
+/// unfinished ones: at most 3 later records are taken while it hangs (watched over a second of
+/// polls), and everything is handled once it finishes. Before, the count was of unfinished
+/// records only (1 here): all 40 were taken, and the tracker grew by one entry per record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_record_holds_at_most_the_in_flight_bound_of_its_partition() {
+    let topic = "pauses.hung";
+    let bus = KafkaBus::connect(settings("pauses-hung"), config("pauses-hung", &[topic]))
+        .await
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Recorder::<String>::new();
+    let (g, h) = (gate.clone(), handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                if envelope.aggregate_id == "hung" {
+                    g.acquire().await.map_err(HandlerError::permanent)?.forget();
+                }
+                h.push(envelope.aggregate_id.clone());
+                Ok::<(), HandlerError>(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    bus.publish_envelope(topic, &envelope("hung", 1))
+        .await
+        .unwrap();
+    for n in 0..40 {
+        bus.publish_envelope(topic, &envelope(&format!("later-{n}"), 1))
+            .await
+            .unwrap();
+    }
+    handled
+        .wait_for("the records up to the bound", |e| e.len() >= 3)
+        .await;
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        let taken = handled.events().len();
+        assert!(
+            taken <= 3,
+            "{taken} later records taken while the first one hangs (bound 4)"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.add_permits(1);
+    handled
+        .wait_for("every record once the hung one finished", |e| e.len() == 41)
+        .await;
+    bus.close().await.unwrap();
+}

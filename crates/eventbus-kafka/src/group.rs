@@ -15,7 +15,7 @@ use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
 };
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
@@ -100,6 +100,9 @@ pub(crate) struct Group {
     rebalances: metrics::Counter,
     commit_failures: metrics::Counter,
     paused: metrics::Gauge,
+    /// Held while an offset commit is sent and answered: commits of the commit thread and of
+    /// revokes and close go one at a time, so an older offset never lands after a newer one.
+    commit_lock: Mutex<()>,
 }
 
 /// The handle of the poll thread. The thread is never joined: with the brokers gone,
@@ -223,16 +226,6 @@ impl ConsumerContext for GroupContext {
                 tracing::warn!(%error, "cannot resume newly assigned Kafka partitions");
             }
             self.group.assign(partitions);
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.group.set_brokers_down(false),
-            Err(error) => {
-                self.group.commit_failures.increment(1);
-                tracing::warn!(group = %self.group.name, %error, "Kafka offset commit failed");
-            }
         }
     }
 }
@@ -378,6 +371,7 @@ impl Group {
             rebalances: metrics::counter!(format!("{namespace}_rebalances_total")),
             commit_failures: metrics::counter!(format!("{namespace}_commit_failures_total")),
             paused: metrics::gauge!(format!("{namespace}_partitions_paused")),
+            commit_lock: Mutex::new(()),
         });
         let client = consumer_config(config, client_id, &name);
         let consumer: BaseConsumer<GroupContext> = client
@@ -385,15 +379,26 @@ impl Group {
                 group: group.clone(),
             })
             .map_err(|error| Error::config("kafka.consumer_properties", error.to_string()))?;
+        let consumer = Arc::new(consumer);
         let (commands, receiver) = mpsc::channel();
+        let (commit_requests, requested) = mpsc::channel();
+        let committing = group.clone();
+        let commit_consumer = consumer.clone();
+        let committer = std::thread::Builder::new()
+            .name(format!("kafka-commit-{name}"))
+            .spawn(move || committing.commit_loop(&commit_consumer, &requested))
+            .map_err(|error| Error::broker("cannot start the Kafka commit thread", error))?;
         let polling = group.clone();
         let commit_interval = config.commit_interval;
         let (end, ended) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("kafka-poll-{name}"))
             .spawn(move || {
-                polling.run(&consumer, &receiver, commit_interval);
-                // Closes the consumer (librdkafka leaves the group) before the end is reported.
+                polling.run(&consumer, &receiver, commit_interval, &commit_requests);
+                // The commit thread ends with its requests; then the consumer closes
+                // (librdkafka leaves the group) before the end is reported.
+                drop(commit_requests);
+                let _ = committer.join();
                 drop(consumer);
                 let _ = end.send(());
             })
@@ -413,6 +418,7 @@ impl Group {
         consumer: &BaseConsumer<GroupContext>,
         commands: &mpsc::Receiver<Command>,
         commit_interval: Duration,
+        commit_requests: &mpsc::Sender<Vec<CommitRequest>>,
     ) {
         let mut next_commit = Instant::now() + commit_interval;
         // The partitions of the records taken in this round, flushed at its end.
@@ -482,7 +488,7 @@ impl Group {
                 assigned.flush();
             }
             if Instant::now() >= next_commit {
-                self.commit(consumer, CommitMode::Async);
+                self.request_commits(commit_requests);
                 next_commit = Instant::now() + commit_interval;
             }
             self.resume_drained(consumer);
@@ -529,7 +535,7 @@ impl Group {
             );
             return;
         }
-        if assigned.in_flight() >= self.max_in_flight
+        if assigned.uncommitted() >= self.max_in_flight
             && !assigned.paused.swap(true, Ordering::SeqCst)
         {
             let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
@@ -558,7 +564,7 @@ impl Group {
             .cloned()
             .collect();
         for assigned in paused {
-            if assigned.in_flight() <= self.max_in_flight / 2 {
+            if assigned.uncommitted() <= self.max_in_flight / 2 {
                 let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
                 if consumer.resume(&list).is_ok() {
                     // librdkafka's broker thread, with nothing left to fetch, sleeps up to a
@@ -576,10 +582,93 @@ impl Group {
         }
     }
 
-    /// Commits what moved (async, periodic) or everything committable (sync).
-    fn commit(&self, consumer: &BaseConsumer<GroupContext>, mode: CommitMode) {
-        let assigned: Vec<Arc<Assigned>> = lock(&self.assigned).values().cloned().collect();
-        commit_partitions(consumer, &assigned, mode, &self.commit_failures);
+    /// Hands the commit thread the offsets to commit now: each assigned partition's
+    /// committable offset unless the broker confirmed it already or a request for it is still
+    /// unanswered. What failed before is asked for again here.
+    fn request_commits(&self, commit_requests: &mpsc::Sender<Vec<CommitRequest>>) {
+        let requests: Vec<CommitRequest> = lock(&self.assigned)
+            .values()
+            .filter_map(|assigned| {
+                let offset = assigned.take_commit()?;
+                Some(CommitRequest {
+                    partition: assigned.clone(),
+                    offset,
+                })
+            })
+            .collect();
+        if requests.is_empty() {
+            return;
+        }
+        if let Err(mpsc::SendError(requests)) = commit_requests.send(requests) {
+            for request in requests {
+                request.partition.commit_failed(request.offset);
+            }
+        }
+    }
+
+    /// The commit thread: commits what the poll thread asks for, one request at a time, and
+    /// waits for the broker's answer (librdkafka reports nothing of an asynchronous manual
+    /// commit through rdkafka's event API: a failed one would pass unseen). A confirmed offset
+    /// counts as committed; a failed one is counted in `commit_failures_total` and asked for
+    /// again by the next periodic commit, until it succeeds or the partition is revoked.
+    fn commit_loop(
+        &self,
+        consumer: &BaseConsumer<GroupContext>,
+        requests: &mpsc::Receiver<Vec<CommitRequest>>,
+    ) {
+        while let Ok(mut batch) = requests.recv() {
+            // Requests that queued up meanwhile go in the same commit, the newest offset of
+            // each partition.
+            while let Ok(more) = requests.try_recv() {
+                for request in more {
+                    match batch
+                        .iter_mut()
+                        .find(|queued| Arc::ptr_eq(&queued.partition, &request.partition))
+                    {
+                        Some(queued) if queued.offset < request.offset => *queued = request,
+                        Some(_) => {}
+                        None => batch.push(request),
+                    }
+                }
+            }
+            let _committing = lock(&self.commit_lock);
+            // A revoke or close committed these partitions meanwhile (at least as far).
+            batch.retain(|request| {
+                !request.partition.revoked.load(Ordering::SeqCst)
+                    && request
+                        .partition
+                        .confirmed()
+                        .is_none_or(|confirmed| confirmed < request.offset)
+            });
+            if batch.is_empty() {
+                continue;
+            }
+            let entries: Vec<(&str, i32, Option<i64>)> = batch
+                .iter()
+                .map(|request| {
+                    (
+                        request.partition.topic.as_str(),
+                        request.partition.partition,
+                        Some(request.offset),
+                    )
+                })
+                .collect();
+            match consumer.commit(&partition_list(&entries), CommitMode::Sync) {
+                Ok(()) => {
+                    self.set_brokers_down(false);
+                    for request in batch {
+                        request.partition.commit_confirmed(request.offset);
+                    }
+                }
+                Err(error) => {
+                    self.commit_failures.increment(1);
+                    tracing::warn!(group = %self.name, %error, partitions = batch.len(), "Kafka offset commit failed; asked for again at the next commit");
+                    for request in batch {
+                        request.partition.commit_failed(request.offset);
+                    }
+                }
+            }
+        }
     }
 
     /// The partitions of `partitions` are taken away: their readers close (queued records are
@@ -609,7 +698,7 @@ impl Group {
         };
         self.close_partitions(&revoked, drain);
         if !lost {
-            commit_partitions(consumer, &revoked, CommitMode::Sync, &self.commit_failures);
+            self.commit_now(consumer, &revoked);
         }
         for assigned in &revoked {
             assigned.revoked.store(true, Ordering::SeqCst);
@@ -882,7 +971,7 @@ impl Group {
             self.close_partitions(&all, self.drain_timeout);
         }
         if !consumer.assignment_lost() {
-            commit_partitions(consumer, &all, CommitMode::Sync, &self.commit_failures);
+            self.commit_now(consumer, &all);
         }
         for assigned in &all {
             assigned.revoked.store(true, Ordering::SeqCst);
@@ -1069,34 +1158,39 @@ impl Group {
     }
 }
 
-/// Commits the finished offsets of `partitions`: what moved since the last periodic commit
-/// (async), or everything committable (sync: revoke and close).
-fn commit_partitions(
-    consumer: &BaseConsumer<GroupContext>,
-    partitions: &[Arc<Assigned>],
-    mode: CommitMode,
-    failures: &metrics::Counter,
-) {
-    let offsets: Vec<(String, i32, i64)> = partitions
-        .iter()
-        .filter_map(|assigned| {
-            let offset = match mode {
-                CommitMode::Async => assigned.take_commit(),
-                CommitMode::Sync => assigned.committable(),
-            }?;
-            Some((assigned.topic.clone(), assigned.partition, offset))
-        })
-        .collect();
-    if offsets.is_empty() {
-        return;
-    }
-    let entries: Vec<(&str, i32, Option<i64>)> = offsets
-        .iter()
-        .map(|(topic, partition, offset)| (topic.as_str(), *partition, Some(*offset)))
-        .collect();
-    if let Err(error) = consumer.commit(&partition_list(&entries), mode) {
-        failures.increment(1);
-        tracing::warn!(%error, "Kafka offset commit failed");
+/// An offset the poll thread asks the commit thread to commit.
+struct CommitRequest {
+    partition: Arc<Assigned>,
+    offset: i64,
+}
+
+impl Group {
+    /// Commits everything committable of `partitions` and waits for the answer (revoke and
+    /// close), in turn with the commit thread.
+    fn commit_now(&self, consumer: &BaseConsumer<GroupContext>, partitions: &[Arc<Assigned>]) {
+        let offsets: Vec<(&Arc<Assigned>, i64)> = partitions
+            .iter()
+            .filter_map(|assigned| Some((assigned, assigned.committable()?)))
+            .collect();
+        if offsets.is_empty() {
+            return;
+        }
+        let entries: Vec<(&str, i32, Option<i64>)> = offsets
+            .iter()
+            .map(|(assigned, offset)| (assigned.topic.as_str(), assigned.partition, Some(*offset)))
+            .collect();
+        let _committing = lock(&self.commit_lock);
+        match consumer.commit(&partition_list(&entries), CommitMode::Sync) {
+            Ok(()) => {
+                for (assigned, offset) in offsets {
+                    assigned.commit_confirmed(offset);
+                }
+            }
+            Err(error) => {
+                self.commit_failures.increment(1);
+                tracing::warn!(group = %self.name, %error, "Kafka offset commit failed");
+            }
+        }
     }
 }
 

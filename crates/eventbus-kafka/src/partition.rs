@@ -108,9 +108,10 @@ impl Assigned {
         Some(self.next.load(Ordering::SeqCst)).filter(|next| *next >= 0)
     }
 
-    /// Unfinished records.
-    pub(crate) fn in_flight(&self) -> usize {
-        lock(&self.tracker).in_flight()
+    /// Records taken that the commit has not passed yet: the unfinished ones and the finished
+    /// ones behind the oldest unfinished one (the tracker holds each in memory).
+    pub(crate) fn uncommitted(&self) -> usize {
+        lock(&self.tracker).uncommitted()
     }
 
     /// The offset to commit now (`None` before the first record or once revoked).
@@ -121,12 +122,28 @@ impl Assigned {
         lock(&self.tracker).committable()
     }
 
-    /// The committable offset if it moved since the last call.
+    /// The committable offset to ask the broker for, unless it confirmed it already or a
+    /// request for it is unanswered (see [`CommitTracker::take_commit`]).
     pub(crate) fn take_commit(&self) -> Option<i64> {
         if self.revoked.load(Ordering::SeqCst) {
             return None;
         }
         lock(&self.tracker).take_commit()
+    }
+
+    /// The broker confirmed a commit of `offset`.
+    pub(crate) fn commit_confirmed(&self, offset: i64) {
+        lock(&self.tracker).commit_confirmed(offset);
+    }
+
+    /// A commit of `offset` failed: it is asked for again.
+    pub(crate) fn commit_failed(&self, offset: i64) {
+        lock(&self.tracker).commit_failed(offset);
+    }
+
+    /// The highest offset the broker confirmed as committed.
+    pub(crate) fn confirmed(&self) -> Option<i64> {
+        lock(&self.tracker).confirmed()
     }
 
     /// Stops the dispatcher: records not handed over yet stay unfinished.

@@ -33,7 +33,10 @@ pub struct CommitTracker {
     /// How many of them are outstanding.
     outstanding: usize,
     after_last: Option<i64>,
-    taken: Option<i64>,
+    /// The offset last sent to the broker, not answered yet.
+    requested: Option<i64>,
+    /// The highest offset the broker confirmed.
+    confirmed: Option<i64>,
 }
 
 impl CommitTracker {
@@ -86,19 +89,52 @@ impl CommitTracker {
         }
     }
 
-    /// The committable offset if it moved since the last call, for periodic commits.
+    /// The committable offset to send in a periodic commit: `None` when the broker has
+    /// confirmed it already or a request for it is still unanswered. It counts as committed
+    /// only once [`commit_confirmed`](Self::commit_confirmed) says so; until then (a failed
+    /// request, one never answered) the next call returns it again.
     pub fn take_commit(&mut self) -> Option<i64> {
         let committable = self.committable()?;
-        if self.taken == Some(committable) {
+        if self.confirmed == Some(committable) || self.requested == Some(committable) {
             return None;
         }
-        self.taken = Some(committable);
+        self.requested = Some(committable);
         Some(committable)
+    }
+
+    /// The broker confirmed a commit of `offset`.
+    pub fn commit_confirmed(&mut self, offset: i64) {
+        if self.confirmed.is_none_or(|confirmed| confirmed < offset) {
+            self.confirmed = Some(offset);
+        }
+        if self.requested.is_some_and(|requested| requested <= offset) {
+            self.requested = None;
+        }
+    }
+
+    /// A commit of `offset` failed: the next [`take_commit`](Self::take_commit) sends it again.
+    pub fn commit_failed(&mut self, offset: i64) {
+        if self.requested == Some(offset) {
+            self.requested = None;
+        }
+    }
+
+    /// The highest offset the broker confirmed as committed, if any.
+    pub fn confirmed(&self) -> Option<i64> {
+        self.confirmed
     }
 
     /// Dispatched offsets not yet completed.
     pub fn in_flight(&self) -> usize {
         self.outstanding
+    }
+
+    /// Dispatched offsets the committable offset has not passed yet: the unfinished ones and
+    /// the finished ones behind the oldest unfinished one. What the tracker holds in memory
+    /// (one entry each), and what a consumer bounds to bound it: a hung record makes this grow
+    /// by one for every later record, while [`in_flight`](Self::in_flight) stays at one.
+    pub fn uncommitted(&self) -> usize {
+        self.dispatched.len()
     }
 }
 
@@ -125,6 +161,20 @@ mod tests {
     }
 
     #[test]
+    fn finished_offsets_behind_an_unfinished_one_count_as_uncommitted() {
+        let mut tracker = CommitTracker::new();
+        for offset in 0..10 {
+            tracker.dispatched(offset);
+        }
+        for offset in 1..10 {
+            tracker.completed(offset);
+        }
+        assert_eq!((tracker.in_flight(), tracker.uncommitted()), (1, 10));
+        tracker.completed(0);
+        assert_eq!((tracker.in_flight(), tracker.uncommitted()), (0, 0));
+    }
+
+    #[test]
     fn dispatch_must_move_forward() {
         let mut tracker = CommitTracker::new();
         assert!(tracker.dispatched(7));
@@ -136,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn take_commit_reports_each_advance_once() {
+    fn take_commit_reports_each_advance_once_while_its_request_is_unanswered() {
         let mut tracker = CommitTracker::new();
         assert_eq!(tracker.take_commit(), None);
         tracker.dispatched(0);
@@ -144,6 +194,27 @@ mod tests {
         assert_eq!(tracker.take_commit(), None);
         tracker.completed(0);
         assert_eq!(tracker.take_commit(), Some(1));
+        assert_eq!(tracker.take_commit(), None);
+        tracker.commit_confirmed(1);
+        assert_eq!(tracker.take_commit(), None);
+        assert_eq!(tracker.confirmed(), Some(1));
+    }
+
+    #[test]
+    fn a_failed_commit_is_sent_again_until_the_broker_confirms_it() {
+        let mut tracker = CommitTracker::new();
+        tracker.dispatched(0);
+        tracker.completed(0);
+        assert_eq!(tracker.take_commit(), Some(1));
+        tracker.commit_failed(1);
+        assert_eq!(tracker.take_commit(), Some(1), "sent again");
+        tracker.commit_failed(1);
+        assert_eq!(tracker.take_commit(), Some(1), "and again");
+        tracker.commit_confirmed(1);
+        assert_eq!(tracker.take_commit(), None);
+        assert_eq!(tracker.confirmed(), Some(1));
+        // An older request's failure after a newer confirmation changes nothing.
+        tracker.commit_failed(0);
         assert_eq!(tracker.take_commit(), None);
     }
 }
