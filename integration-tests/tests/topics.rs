@@ -247,3 +247,57 @@ async fn a_nats_stream_lacking_its_partition_subjects_is_reported_then_covered()
     );
     bus.close().await.unwrap();
 }
+
+/// Adding partitions to a Kafka topic that holds records moves aggregates to other partitions,
+/// where their next events can be consumed before the ones still waiting: `CreateOrUpdate`
+/// refuses it and says why (the topic keeps its partitions); only
+/// `CreateOrUpdateAllowingRepartition` adds them. A topic without records still grows under
+/// `CreateOrUpdate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_partitions_are_not_added_to_a_topic_with_records_unless_asked() {
+    use eventbus_core::Envelope;
+    integration_tests::capture_logs();
+    let bus = eventbus_kafka::KafkaBus::connect(
+        BusSettings::new("kafka", "repartition"),
+        kafka_config(&kafka_bootstrap()),
+    )
+    .await
+    .unwrap();
+    let topic = "managed.repartition";
+    let spec = TopicSpec::new(topic).with_partitions(2);
+    bus.ensure_topic(&spec, EnsureMode::CreateOnly)
+        .await
+        .unwrap();
+    let envelope = Envelope::new("order-1", "Placed", 1, &1).unwrap();
+    bus.publish_envelope(topic, &envelope).await.unwrap();
+    let grown = spec.clone().with_partitions(4);
+    let refused = bus
+        .ensure_topic(&grown, EnsureMode::CreateOrUpdate)
+        .await
+        .unwrap();
+    assert_eq!(fields(&refused), (vec![], vec!["partitions"]), "{refused}");
+    assert!(
+        refused.mismatches[0].actual.contains("holds records"),
+        "{refused}"
+    );
+    let still = bus
+        .ensure_topic(&spec, EnsureMode::ValidateOnly)
+        .await
+        .unwrap();
+    assert!(still.matches(), "the topic kept 2 partitions: {still}");
+    let asked = bus
+        .ensure_topic(&grown, EnsureMode::CreateOrUpdateAllowingRepartition)
+        .await
+        .unwrap();
+    assert_eq!(fields(&asked), (vec!["partitions"], vec![]), "{asked}");
+    eventually("the topic grown when asked", || {
+        let (bus, grown) = (&bus, &grown);
+        async move {
+            bus.ensure_topic(grown, EnsureMode::ValidateOnly)
+                .await
+                .is_ok_and(|report| report.matches())
+        }
+    })
+    .await;
+    bus.close().await.unwrap();
+}

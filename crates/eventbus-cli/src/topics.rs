@@ -14,8 +14,12 @@ use crate::CliError;
 pub(crate) enum Mode {
     /// Create missing topics; leave existing ones as they are.
     CreateOnly,
-    /// Create missing topics and change what can be changed on existing ones.
+    /// Create missing topics and change what can be changed on existing ones; partitions
+    /// are not added to a Kafka topic that holds records (its aggregates would move to other
+    /// partitions, and their events could be consumed out of order).
     CreateOrUpdate,
+    /// As create-or-update, and add partitions to Kafka topics that hold records too.
+    CreateOrUpdateAllowingRepartition,
     /// Change nothing; report every difference.
     ValidateOnly,
 }
@@ -49,6 +53,7 @@ pub(crate) async fn ensure(args: EnsureArgs) -> Result<ExitCode, CliError> {
     let mode = match args.mode {
         Mode::CreateOnly => EnsureMode::CreateOnly,
         Mode::CreateOrUpdate => EnsureMode::CreateOrUpdate,
+        Mode::CreateOrUpdateAllowingRepartition => EnsureMode::CreateOrUpdateAllowingRepartition,
         Mode::ValidateOnly => EnsureMode::ValidateOnly,
     };
     let bus = eventbus::connect(config).await?;

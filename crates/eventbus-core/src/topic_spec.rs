@@ -89,11 +89,28 @@ pub enum EnsureMode {
     /// reported).
     CreateOnly,
     /// Create it when missing, and change what can be changed on an existing one (Kafka:
-    /// more partitions, retention; NATS: retention, replicas); what cannot be changed is
-    /// reported.
+    /// retention, and more partitions while the topic holds no records; NATS: retention,
+    /// replicas); what cannot be changed is reported. Partitions are **not** added to a Kafka
+    /// topic that holds records: that moves aggregates to other partitions, where their next
+    /// events can be consumed before the ones still waiting in the old partition (reported as
+    /// a mismatch that says so).
     CreateOrUpdate,
+    /// As [`CreateOrUpdate`](Self::CreateOrUpdate), and adds partitions to a Kafka topic that
+    /// holds records too: asked for explicitly, when the events of an aggregate published
+    /// across the change may be consumed out of order (the consumers are drained first, say).
+    CreateOrUpdateAllowingRepartition,
     /// Change nothing: report how the topic differs, a missing topic included.
     ValidateOnly,
+}
+
+impl EnsureMode {
+    /// Whether an existing topic may be changed.
+    pub fn updates(self) -> bool {
+        matches!(
+            self,
+            EnsureMode::CreateOrUpdate | EnsureMode::CreateOrUpdateAllowingRepartition
+        )
+    }
 }
 
 /// One way a topic differs from its spec.

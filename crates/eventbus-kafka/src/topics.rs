@@ -138,12 +138,31 @@ impl Publisher {
             return Ok(report);
         };
         lock(&self.known).insert(topic.to_owned());
-        let update = mode == EnsureMode::CreateOrUpdate;
-        if let Some(mismatch) =
+        let update = mode.updates();
+        if let Some(mut mismatch) =
             TopicMismatch::compare("partitions", spec.partitions, described.partitions)
         {
             let wanted = spec.partitions.unwrap_or_default();
-            if update && wanted > described.partitions {
+            let refused = update
+                && wanted > described.partitions
+                && mode != EnsureMode::CreateOrUpdateAllowingRepartition
+                && self.holds_records(topic, described.partitions).await?;
+            if refused {
+                tracing::warn!(
+                    topic,
+                    wanted,
+                    partitions = described.partitions,
+                    "partitions not added: the topic holds records"
+                );
+                mismatch.actual = format!(
+                    "{}; not changed: the topic holds records, and more partitions move \
+                     aggregates to other partitions, where their next events can be consumed \
+                     before the ones still waiting (EnsureMode::CreateOrUpdateAllowingRepartition, \
+                     `topics ensure --mode create-or-update-allowing-repartition`, asks for it)",
+                    mismatch.actual
+                );
+                report.mismatches.push(mismatch);
+            } else if update && wanted > described.partitions {
                 let grow = NewPartitions::new(topic, usize::try_from(wanted).unwrap_or(usize::MAX));
                 for result in self
                     .admin
@@ -199,6 +218,28 @@ impl Publisher {
             }
         }
         Ok(report)
+    }
+
+    /// Whether any of the `partitions` of `topic` holds a record (its end offset above its
+    /// start offset).
+    async fn holds_records(&self, topic: &str, partitions: u32) -> Result<bool, Error> {
+        let producer = self.producer.clone();
+        let name = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            for partition in 0..i32::try_from(partitions).unwrap_or(i32::MAX) {
+                let (low, high) =
+                    producer
+                        .client()
+                        .fetch_watermarks(&name, partition, ADMIN_TIMEOUT)?;
+                if high > low {
+                    return Ok(true);
+                }
+            }
+            Ok::<_, KafkaError>(false)
+        })
+        .await
+        .map_err(|error| Error::broker("watermark lookup ended", error))?
+        .map_err(|error| Error::broker(format!("cannot read the offsets of {topic}"), error))
     }
 
     async fn create(&self, spec: &TopicSpec) -> Result<(), Error> {

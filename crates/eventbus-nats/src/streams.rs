@@ -524,7 +524,7 @@ pub(crate) async fn ensure_spec(
                 wanted: format!("{partitions} partition subjects"),
                 actual: format!("stream {name} lacks {missing:?}"),
             };
-            if mode == EnsureMode::CreateOrUpdate {
+            if mode.updates() {
                 cover(js, &name, &missing).await?;
                 // A later update of the stream keeps them.
                 wanted.subjects.extend(missing);
@@ -547,7 +547,7 @@ pub(crate) async fn ensure_spec(
     if changes.is_empty() {
         return Ok(report);
     }
-    if mode != EnsureMode::CreateOrUpdate {
+    if !mode.updates() {
         report.mismatches.extend(changes);
         return Ok(report);
     }
