@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use eventbus::{EventBus, OffsetDateTime, Position, StoredDeadLetter};
+use eventbus::{EventBus, OffsetDateTime, StoredDeadLetter};
 use serde_json::{Map, Value, json};
 
 use crate::CliError;
@@ -17,7 +17,8 @@ pub(crate) enum DlqCommand {
     /// Print one dead letter in full (headers, key, payload) as JSON.
     Show(ShowArgs),
     /// Publish selected dead letters back to their topic (original key, payload and headers,
-    /// without the dead-letter headers), in their order, removing each once it is published.
+    /// without the dead-letter headers), in their order; each leaves the dead-letter topic once
+    /// a subscription has handled its copy.
     Replay(ReplayArgs),
 }
 
@@ -89,15 +90,6 @@ fn parse_time(text: &str) -> Result<OffsetDateTime, String> {
         .map_err(|error| format!("not an RFC 3339 time ({error})"))
 }
 
-/// A position as `list` prints it and `show` takes it.
-fn position_text(position: Position) -> String {
-    match position {
-        Position::Sequence(sequence) => sequence.to_string(),
-        Position::Partition { partition, offset } => format!("{partition}/{offset}"),
-        _ => "-".to_owned(),
-    }
-}
-
 impl Selection {
     fn selects(&self, letter: &StoredDeadLetter) -> bool {
         let at = letter.dead_lettered_at();
@@ -142,7 +134,7 @@ fn summary_line(letter: &StoredDeadLetter) -> String {
         })
         .unwrap_or_else(|| "-".to_owned());
     [
-        position_text(letter.position()),
+        letter.position().to_string(),
         at,
         letter.aggregate_id().unwrap_or_else(|| "-".to_owned()),
         envelope
@@ -185,7 +177,7 @@ async fn show(args: ShowArgs) -> Result<ExitCode, CliError> {
     bus.close().await?;
     let Some(letter) = letters
         .iter()
-        .find(|letter| position_text(letter.position()) == args.position)
+        .find(|letter| letter.position().to_string() == args.position)
     else {
         return Err(CliError(format!(
             "no dead letter at {} in {topic}",
@@ -202,7 +194,7 @@ async fn show(args: ShowArgs) -> Result<ExitCode, CliError> {
         .unwrap_or_else(|_| String::from_utf8_lossy(&message.payload).into());
     let shown = json!({
         "topic": topic,
-        "position": position_text(letter.position()),
+        "position": letter.position().to_string(),
         "original_topic": letter.original_topic(),
         "reason": letter.reason(),
         "attempts": letter.attempts(),
@@ -254,22 +246,17 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
     for (letter, ReplayMark { head, last }) in selected.iter().zip(marks) {
         // Stop at the first failure: replaying the aggregate's later events before it would
         // put them out of order.
+        // The dead letter stays until a subscription has handled its copy (`X-Replay-Of`):
+        // a parking reader that starts meanwhile still finds its aggregate parked.
         let result = async {
             let (to, mut message) = letter.replay()?;
-            message.headers.insert(eventbus::HEADER_REPLAYED, "true");
             if head {
                 message.headers.insert(eventbus::HEADER_REPLAY_HEAD, "true");
             }
             if last {
                 message.headers.insert(eventbus::HEADER_REPLAY_LAST, "true");
             }
-            bus.publish(&to, message).await?;
-            bus.remove_dead_letter(letter).await.map_err(|error| {
-                CliError(format!(
-                    "published back to {to} but not removed ({error}): it is still listed, \
-                     and replaying it again publishes it twice"
-                ))
-            })
+            bus.publish(&to, message).await.map_err(CliError::from)
         }
         .await;
         match result {
@@ -278,10 +265,7 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
                 progress.inc(1);
             }
             Err(error) => {
-                failure = Some(format!(
-                    "dead letter {}: {error}",
-                    position_text(letter.position())
-                ));
+                failure = Some(format!("dead letter {}: {error}", letter.position()));
                 break;
             }
         }
@@ -289,7 +273,8 @@ async fn replay(args: ReplayArgs) -> Result<ExitCode, CliError> {
     progress.finish_and_clear();
     bus.close().await?;
     eprintln!(
-        "replayed {replayed} of {} selected ({} dead letters in {topic})",
+        "replayed {replayed} of {} selected ({} dead letters in {topic}; each leaves it once a \
+         subscription has handled its copy)",
         selected.len(),
         letters.len()
     );
@@ -436,7 +421,7 @@ mod tests {
     fn letter(aggregate: &str, version: i64, sequence: u64) -> StoredDeadLetter {
         let envelope = eventbus::Envelope::new(aggregate, "Changed", version, &version).unwrap();
         let mut message = eventbus::Message::new("orders.DLQ", envelope.to_bytes().unwrap());
-        message.meta.position = Position::Sequence(sequence);
+        message.meta.position = eventbus::Position::Sequence(sequence);
         StoredDeadLetter { message }
     }
 

@@ -360,6 +360,78 @@ async fn an_aggregate_parked_on_two_topics_comes_back_on_both(config: &Path, pre
     bus.close().await.unwrap();
 }
 
+/// The service is stopped with `order-9` parked (v1 failed, v2 parked); v3 is published while
+/// it is down, and the aggregate replayed while it is down, so the replayed copies come after v3
+/// in the topic. Started again, the service must not run v3 before them: the dead letters stay
+/// until their copies are handled, so the restarted reader finds the aggregate parked, parks v3,
+/// runs the copies, and keeps v3 for the next replay. Before, the replay removed the dead
+/// letters at once and the service handled 3, 1, 2.
+async fn a_replay_made_while_the_service_is_stopped_keeps_the_order(config: &Path, topic: &str) {
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let dead_letter_topic = format!("{topic}.DLQ");
+    let versions = || -> Vec<i64> {
+        handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(aggregate, _)| aggregate == "order-9")
+            .map(|(_, version)| *version)
+            .collect()
+    };
+    let bus = parking_service(config, topic, &broken, &handled).await;
+    for version in [1, 2] {
+        let envelope = Envelope::new("order-9", "Changed", version, &version).unwrap();
+        bus.publish_envelope(topic, &envelope).await.unwrap();
+    }
+    poll_until("v1 dead-lettered and v2 parked", async || {
+        bus.dead_letters(&dead_letter_topic)
+            .await
+            .is_ok_and(|letters| letters.len() == 2)
+    })
+    .await;
+    bus.close().await.unwrap();
+    drop(bus);
+
+    // While the service is down: v3 is published, then the aggregate is replayed.
+    let publisher = eventbus::connect(Config::load(Some(config)).unwrap())
+        .await
+        .unwrap();
+    let third = Envelope::new("order-9", "Changed", 3, &3).unwrap();
+    publisher.publish_envelope(topic, &third).await.unwrap();
+    publisher.close().await.unwrap();
+    drop(publisher);
+    broken.store(false, Ordering::SeqCst);
+    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-9"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    assert!(stderr.contains("replayed 2 of 2 selected"), "{stderr}");
+
+    let bus = parking_service(config, topic, &broken, &handled).await;
+    poll_until("the replayed events handled, v3 parked", async || {
+        versions().len() >= 2
+            && bus
+                .dead_letters(&dead_letter_topic)
+                .await
+                .is_ok_and(|letters| {
+                    letters
+                        .iter()
+                        .map(|letter| letter.envelope().map(|e| e.event_version))
+                        .collect::<Vec<_>>()
+                        == [Some(3)]
+                })
+    })
+    .await;
+    assert_eq!(versions(), [1, 2], "v3 never ran before the replayed ones");
+    let (status, stdout, stderr) = dlq(config, topic, &["replay", "--aggregate", "order-9"]);
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    poll_until("v3 handled after the next replay", async || {
+        versions().len() == 3
+    })
+    .await;
+    assert_eq!(versions(), [1, 2, 3]);
+    bus.close().await.unwrap();
+}
+
 fn write_config(scratch: &Scratch, text: String) -> PathBuf {
     let path = scratch.file("bus.toml");
     std::fs::write(&path, text).expect("config written");
@@ -447,4 +519,31 @@ async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replay
         ),
     );
     an_aggregate_parked_on_two_topics_comes_back_on_both(&config, "park2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_made_while_the_service_is_stopped_keeps_the_order_on_nats() {
+    let server = NatsServer::start();
+    let scratch = Scratch::new("park-stopped-nats");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"nats\"\nclient_id = \"stopped\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
+            server.url()
+        ),
+    );
+    a_replay_made_while_the_service_is_stopped_keeps_the_order(&config, "stopped.orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_made_while_the_service_is_stopped_keeps_the_order_on_kafka() {
+    let scratch = Scratch::new("park-stopped-kafka");
+    let config = write_config(
+        &scratch,
+        format!(
+            "type = \"kafka\"\nclient_id = \"stopped\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
+            kafka_bootstrap()
+        ),
+    );
+    a_replay_made_while_the_service_is_stopped_keeps_the_order(&config, "stopped.orders").await;
 }

@@ -75,9 +75,24 @@ pub const HEADER_REPLAY_HEAD: &str = "X-Replay-Head";
 /// parking subscription handles the aggregate's new events again.
 pub const HEADER_REPLAY_LAST: &str = "X-Replay-Last";
 
+/// Header: on a replayed message, the dead letter it is a copy of, as
+/// `{dead-letter topic}@{position}` (`orders.DLQ@17`, `orders.DLQ@2/35`): once a subscription
+/// has handled the copy (or dead-lettered it again), it removes that dead letter, so the dead
+/// letter stays, and keeps a parking subscription that starts meanwhile parked, until then.
+pub const HEADER_REPLAY_OF: &str = "X-Replay-Of";
+
+/// The dead letter a replayed message is a copy of, from its [`HEADER_REPLAY_OF`]: the
+/// dead-letter topic and the position there. `None` without the header, or with one that
+/// does not read.
+pub fn replayed_dead_letter(headers: &crate::Headers) -> Option<(&str, Position)> {
+    let (topic, position) = headers.get_str(HEADER_REPLAY_OF)?.rsplit_once('@')?;
+    crate::validate_topic(topic).ok()?;
+    Some((topic, Position::parse(position)?))
+}
+
 /// The headers a dead letter adds to the original message, and those of an earlier replay:
 /// what a replay removes.
-pub const DEAD_LETTER_HEADERS: [&str; 11] = [
+pub const DEAD_LETTER_HEADERS: [&str; 12] = [
     HEADER_ORIGINAL_TOPIC,
     HEADER_ERROR_MESSAGE,
     HEADER_FAILED_ATTEMPTS,
@@ -89,6 +104,7 @@ pub const DEAD_LETTER_HEADERS: [&str; 11] = [
     HEADER_REPLAYED,
     HEADER_REPLAY_HEAD,
     HEADER_REPLAY_LAST,
+    HEADER_REPLAY_OF,
 ];
 
 /// A dead letter as its dead-letter topic holds it: the message, with its place in that topic
@@ -153,8 +169,10 @@ impl StoredDeadLetter {
     }
 
     /// What a replay publishes, and where: the original key, payload and headers, without the
-    /// dead-letter headers, to `X-Original-Topic`. Fails with `Config` (field
-    /// `X-Original-Topic`) for a message that names no topic to go back to.
+    /// dead-letter headers, marked [`HEADER_REPLAYED`] and, when the dead letter's position is
+    /// known, [`HEADER_REPLAY_OF`] (the subscription that handles the copy removes the dead
+    /// letter), to `X-Original-Topic`. Fails with `Config` (field `X-Original-Topic`) for a
+    /// message that names no topic to go back to.
     pub fn replay(&self) -> Result<(String, OutboundMessage), crate::Error> {
         let topic = self
             .original_topic()
@@ -169,6 +187,13 @@ impl StoredDeadLetter {
         let mut headers = self.message.headers.clone();
         for name in DEAD_LETTER_HEADERS {
             headers.remove(name);
+        }
+        headers.insert(HEADER_REPLAYED, "true");
+        if self.position() != Position::Unknown {
+            headers.insert(
+                HEADER_REPLAY_OF,
+                format!("{}@{}", self.message.topic, self.position()),
+            );
         }
         Ok((
             topic,
@@ -219,6 +244,10 @@ mod tests {
         let mut stored = Message::new("orders.DLQ", written.payload.clone());
         stored.key = written.key.clone();
         stored.headers = written.headers.clone();
+        stored.meta.position = Position::Partition {
+            partition: 2,
+            offset: 35,
+        };
         let letter = StoredDeadLetter { message: stored };
         assert_eq!(letter.reason(), Some("boom"));
         assert_eq!(letter.attempts(), Some(2));
@@ -228,13 +257,64 @@ mod tests {
         assert_eq!(topic, "orders");
         assert_eq!(replay.key, message.key);
         assert_eq!(replay.payload, message.payload);
-        assert_eq!(replay.headers, message.headers);
+        let mut marked = message.headers.clone();
+        marked.insert(HEADER_REPLAYED, "true");
+        marked.insert(HEADER_REPLAY_OF, "orders.DLQ@2/35");
+        assert_eq!(replay.headers, marked, "the original headers, marked");
+        assert_eq!(
+            replayed_dead_letter(&replay.headers),
+            Some((
+                "orders.DLQ",
+                Position::Partition {
+                    partition: 2,
+                    offset: 35
+                }
+            ))
+        );
         let mut orphan = letter.clone();
         orphan.message.headers.remove(HEADER_ORIGINAL_TOPIC);
         assert_eq!(
             orphan.replay().unwrap_err().kind(),
             crate::ErrorKind::Config
         );
+    }
+
+    #[test]
+    fn replay_of_headers_that_do_not_read_name_no_dead_letter() {
+        for value in [
+            "",
+            "orders.DLQ",
+            "orders.DLQ@",
+            "@17",
+            "orders.DLQ@x/1",
+            "a b@1",
+            "t@-",
+        ] {
+            let mut headers = crate::Headers::new();
+            headers.insert(HEADER_REPLAY_OF, value);
+            assert_eq!(replayed_dead_letter(&headers), None, "{value:?}");
+        }
+        let mut headers = crate::Headers::new();
+        headers.insert(HEADER_REPLAY_OF, "a@b.DLQ@17");
+        assert_eq!(
+            replayed_dead_letter(&headers),
+            None,
+            "a topic cannot hold @"
+        );
+    }
+
+    #[test]
+    fn positions_read_back_what_they_print() {
+        for position in [
+            Position::Sequence(17),
+            Position::Partition {
+                partition: 2,
+                offset: 35,
+            },
+        ] {
+            assert_eq!(Position::parse(&position.to_string()), Some(position));
+        }
+        assert_eq!(Position::parse(&Position::Unknown.to_string()), None);
     }
 
     #[test]

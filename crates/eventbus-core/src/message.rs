@@ -23,6 +23,31 @@ pub enum Position {
     Unknown,
 }
 
+/// As text: `17` (a sequence), `2/35` (partition 2, offset 35), `-` (unknown); what
+/// [`Position::parse`] reads back.
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Position::Sequence(sequence) => write!(f, "{sequence}"),
+            Position::Partition { partition, offset } => write!(f, "{partition}/{offset}"),
+            Position::Unknown => f.write_str("-"),
+        }
+    }
+}
+
+impl Position {
+    /// Reads a position written by its `Display`; `None` for anything else (`-` included).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.split_once('/') {
+            Some((partition, offset)) => Some(Position::Partition {
+                partition: partition.parse().ok()?,
+                offset: offset.parse().ok()?,
+            }),
+            None => text.parse().ok().map(Position::Sequence),
+        }
+    }
+}
+
 /// Delivery metadata of a consumed message.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DeliveryMeta {

@@ -353,7 +353,12 @@ impl EventBus for KafkaBus {
         &self,
         letter: &eventbus_core::StoredDeadLetter,
     ) -> Result<(), Error> {
-        crate::dead_letters::remove(&self.inner.publisher, letter).await
+        crate::dead_letters::remove(
+            &self.inner.publisher,
+            &letter.message.topic,
+            letter.position(),
+        )
+        .await
     }
 
     fn connection_state(&self) -> eventbus_core::ConnectionWatch {

@@ -152,15 +152,20 @@ pub(crate) async fn read(
     .map_err(|error| Error::broker("the dead-letter reader ended", error))?
 }
 
-/// Records `letter` as replayed in `{topic}.replayed` (kept for ever, like the dead letters).
-pub(crate) async fn remove(publisher: &Publisher, letter: &StoredDeadLetter) -> Result<(), Error> {
-    let Position::Partition { partition, offset } = letter.position() else {
+/// Records the dead letter at `position` of `topic` as replayed in `{topic}.replayed` (kept for
+/// ever, like the dead letters). Recording one twice is no error.
+pub(crate) async fn remove(
+    publisher: &Publisher,
+    topic: &str,
+    position: Position,
+) -> Result<(), Error> {
+    let Position::Partition { partition, offset } = position else {
         return Err(Error::config(
             "position",
             "a Kafka dead letter is removed by its partition and offset",
         ));
     };
-    let markers = format!("{}{REPLAYED_SUFFIX}", letter.message.topic);
+    let markers = format!("{topic}{REPLAYED_SUFFIX}");
     publisher.create_topic(&markers, true).await?;
     let marker = marker(partition, offset);
     publisher

@@ -239,6 +239,10 @@ impl Transport for Publisher {
         crate::dead_letters::read(&self.config, &self.client_id, topic).await
     }
 
+    async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
+        crate::dead_letters::remove(self, topic, position).await
+    }
+
     /// Dead letters keep the record's key, payload and headers (the runtime adds the reason
     /// headers); the idempotent producer stores a retried write once per producer session. A
     /// dead-letter topic the bus creates keeps its records forever unless configured otherwise.

@@ -641,7 +641,12 @@ impl EventBus for NatsBus {
         &self,
         letter: &eventbus_core::StoredDeadLetter,
     ) -> Result<(), Error> {
-        crate::dead_letters::remove(&self.inner.broker.js, letter).await
+        crate::dead_letters::remove(
+            &self.inner.broker.js,
+            &letter.message.topic,
+            letter.position(),
+        )
+        .await
     }
 
     fn connection_state(&self) -> ConnectionWatch {

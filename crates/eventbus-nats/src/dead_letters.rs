@@ -95,13 +95,15 @@ async fn read_to_end(js: &jetstream::Context, topic: &str) -> Result<Vec<StoredD
     Ok(letters)
 }
 
-/// Deletes `letter` from the stream that holds its topic.
+/// Deletes the dead letter at `position` (a stream sequence) of `topic` from the stream that
+/// holds the topic. A dead letter deleted already (by another subscription's copy, or an
+/// earlier attempt whose answer was lost) is no error.
 pub(crate) async fn remove(
     js: &jetstream::Context,
-    letter: &StoredDeadLetter,
+    topic: &str,
+    position: Position,
 ) -> Result<(), Error> {
-    let topic = letter.message.topic.as_str();
-    let Position::Sequence(sequence) = letter.position() else {
+    let Position::Sequence(sequence) = position else {
         return Err(Error::config(
             "position",
             "a NATS dead letter is removed by its stream sequence",
@@ -112,14 +114,29 @@ pub(crate) async fn remove(
         .await
         .map_err(|error| Error::broker(format!("no stream holds {topic}"), error))?;
     let stream = js
-        .get_stream(&name)
+        .get_stream_no_info(&name)
         .await
         .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
-    stream.delete_message(sequence).await.map_err(|error| {
-        Error::broker(
+    match stream.delete_message(sequence).await {
+        Ok(_) => Ok(()),
+        Err(error) if is_gone(&error) => Ok(()),
+        Err(error) => Err(Error::broker(
             format!("cannot delete dead letter {sequence} from stream {name}"),
             error,
-        )
-    })?;
-    Ok(())
+        )),
+    }
+}
+
+/// Whether a delete failed because the message is not in the stream (any more).
+fn is_gone(error: &async_nats::jetstream::stream::DeleteMessageError) -> bool {
+    use async_nats::jetstream::ErrorCode;
+    match error.kind() {
+        async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(error) => {
+            // "no message found", or "message delete failed: no message found".
+            error.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                || (error.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && error.to_string().contains("no message found"))
+        }
+        _ => false,
+    }
 }

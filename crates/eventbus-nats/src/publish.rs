@@ -292,6 +292,10 @@ impl Transport for Broker {
         crate::dead_letters::read(&self.js, topic).await
     }
 
+    async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
+        crate::dead_letters::remove(&self.js, topic, position).await
+    }
+
     async fn publish_dead_letter(
         &self,
         topic: &str,

@@ -5,8 +5,8 @@ use async_nats::jetstream::message::{AckKind, Acker};
 use async_trait::async_trait;
 use bytes::Bytes;
 use eventbus_core::{
-    DeliveryMeta, Error, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAYED, Headers, Message,
-    TRACEPARENT, TRACESTATE,
+    DeliveryMeta, Error, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAY_OF, HEADER_REPLAYED,
+    Headers, Message, TRACEPARENT, TRACESTATE,
 };
 use eventbus_pool::consume::Receipt;
 
@@ -38,6 +38,7 @@ pub(crate) fn take_apart(
                 HEADER_REPLAYED,
                 HEADER_REPLAY_HEAD,
                 HEADER_REPLAY_LAST,
+                HEADER_REPLAY_OF,
             ] {
                 if let Some(value) = map.get(name) {
                     delivered.headers.insert(name, value.as_str().to_owned());

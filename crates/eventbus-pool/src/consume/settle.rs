@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use eventbus_core::{
     DeliveryClass, HEADER_PARKED, Message, Outcome, Position, Settlement, dead_letter_message,
+    replayed_dead_letter,
 };
 
 use futures::FutureExt;
@@ -136,6 +137,7 @@ async fn settle_now(
             if handled && let Some(park) = &settling.park {
                 park.handled();
             }
+            remove_replayed_dead_letter(runtime, settling).await;
             retried(runtime, "ack", || receipt.ack()).await;
             ended(
                 settling,
@@ -174,10 +176,27 @@ async fn settle_now(
             if !parked && let Some(park) = &settling.park {
                 park.dead_lettered();
             }
+            remove_replayed_dead_letter(runtime, settling).await;
             retried(runtime, "terminate", || receipt.terminate()).await;
             ended(settling, Consumption::DeadLettered);
         }
     }
+}
+
+/// A replayed copy (`X-Replay-Of`) was handled or dead-lettered again: removes the dead letter
+/// it copies, retried until the broker has done it, before the copy is settled. Until then the
+/// dead letter stays, so a parking reader that starts meanwhile (a restart, a rebalance, a
+/// replay made while the service was stopped) finds its aggregate parked and does not run a
+/// live event ahead of the replayed ones.
+async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
+    let Some((topic, position)) = replayed_dead_letter(&settling.message.headers) else {
+        return;
+    };
+    // Boxed, as the rare path.
+    Box::pin(retried(runtime, "remove the replayed dead letter", || {
+        runtime.transport.remove_dead_letter(topic, position)
+    }))
+    .await;
 }
 
 /// Runs `operation` until it succeeds, backing off between failures.

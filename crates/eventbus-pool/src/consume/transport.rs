@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use eventbus_core::{
-    EnvelopeHandler, Error, Message, MessageHandler, OutboundMessage, StoredDeadLetter, async_trait,
+    EnvelopeHandler, Error, Message, MessageHandler, OutboundMessage, Position, StoredDeadLetter,
+    async_trait,
 };
 
 /// The backend side of the runtime, for the whole bus.
@@ -27,6 +28,14 @@ pub trait Transport: Send + Sync + 'static {
     async fn dead_letters(&self, topic: &str) -> Result<Vec<StoredDeadLetter>, Error> {
         let _ = topic;
         Ok(Vec::new())
+    }
+
+    /// Removes the dead letter at `position` of `topic`: a replayed copy of it was handled (or
+    /// dead-lettered again). Idempotent: a dead letter removed already is no error. The default
+    /// does nothing (a transport that keeps no dead letters).
+    async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
+        let _ = (topic, position);
+        Ok(())
     }
 }
 
