@@ -168,11 +168,11 @@ pub struct KafkaConfig {
     /// Default 1 s.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
-    /// Records of one partition taken and not yet passed by the commit, at most (the
-    /// unfinished ones, and the finished ones behind the oldest unfinished one, which the
-    /// commit tracker keeps until it finishes): at this many the partition is paused (polling
-    /// goes on), and resumed at half. So a hung handler or a refused dead-letter write holds
-    /// at most this many records of its partition in memory, not every later one. Default 10,000: what is
+    /// Records of one partition handed to the engine and not finished, at most: at this many
+    /// the partition is paused (polling goes on), and resumed at half. Records finished behind
+    /// an unfinished one do not count and take no memory (the commit tracker keeps only the
+    /// unfinished ones), so a hung aggregate holds its own records, and the partition's other
+    /// aggregates go on. Default 10,000: what is
     /// left when a partition resumes must last until its next records arrive (librdkafka drops
     /// what it had prefetched for a paused partition and fetches again, tens of milliseconds),
     /// or the lanes run dry on every resume; with 1,000, the ordered consume ran at 18 k/s

@@ -535,7 +535,7 @@ impl Group {
             );
             return;
         }
-        if assigned.uncommitted() >= self.max_in_flight
+        if assigned.in_flight() >= self.max_in_flight
             && !assigned.paused.swap(true, Ordering::SeqCst)
         {
             let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
@@ -564,7 +564,7 @@ impl Group {
             .cloned()
             .collect();
         for assigned in paused {
-            if assigned.uncommitted() <= self.max_in_flight / 2 {
+            if assigned.in_flight() <= self.max_in_flight / 2 {
                 let list = partition_list(&[(&assigned.topic, assigned.partition, None)]);
                 if consumer.resume(&list).is_ok() {
                     // librdkafka's broker thread, with nothing left to fetch, sleeps up to a

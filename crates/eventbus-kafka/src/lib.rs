@@ -14,9 +14,8 @@
 //!   letter (acknowledged by the broker); the committed offset is one past the contiguous
 //!   finished prefix, committed every `commit_interval`, on revoke (through the consumer the
 //!   rebalance callback gets, skipped when the assignment was lost) and on close.
-//! - **Backpressure**: a partition with `max_in_flight_per_partition` records the commit has
-//!   not passed (unfinished, or finished behind an unfinished one) is paused, and resumed at
-//!   half; polling never stops, so the group session stays alive.
+//! - **Backpressure**: a partition with `max_in_flight_per_partition` unfinished records is
+//!   paused, and resumed at half; polling never stops, so the group session stays alive.
 //! - **Rebalance**: revoked partitions stop taking records, their queued records are given back
 //!   (not committed: the next owner reads them), their running ones finish up to the drain
 //!   timeout, then their finished offsets are committed. Both the classic protocol

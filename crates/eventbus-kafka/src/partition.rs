@@ -108,10 +108,9 @@ impl Assigned {
         Some(self.next.load(Ordering::SeqCst)).filter(|next| *next >= 0)
     }
 
-    /// Records taken that the commit has not passed yet: the unfinished ones and the finished
-    /// ones behind the oldest unfinished one (the tracker holds each in memory).
-    pub(crate) fn uncommitted(&self) -> usize {
-        lock(&self.tracker).uncommitted()
+    /// Unfinished records.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.tracker).in_flight()
     }
 
     /// The offset to commit now (`None` before the first record or once revoked).
