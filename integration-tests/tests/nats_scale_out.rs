@@ -1051,3 +1051,109 @@ async fn instances_with_different_partition_counts_starting_together_are_not_bot
         three.close().await.unwrap();
     }
 }
+
+/// Instances of one service, all with the same partition count, started at the same moment (a
+/// deployment scaled to eight replicas): every one of them is accepted. They agree, so none
+/// may be refused because the others renewed the count while it tried to. (Found by review:
+/// one of eight was refused in each of four runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_instances_with_the_same_partition_count_starting_together_are_all_accepted() {
+    let server = NatsServer::start();
+    let instances = 8;
+    for round in 0..10 {
+        let topic = format!("scale.same{round}");
+        let mut buses = Vec::new();
+        for _ in 0..instances {
+            buses.push(
+                NatsBus::connect(
+                    nats_settings("same"),
+                    partitioned_config(&server.url(), &topic, 2),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        let handled = Recorder::<(String, i64)>::new();
+        let subscribed = futures::future::join_all(buses.iter().map(|bus| {
+            bus.subscribe_envelope(&topic, handled.envelope_handler(), SubscribeOptions::new())
+        }))
+        .await;
+        let refused: Vec<String> = subscribed
+            .iter()
+            .filter_map(|result| result.as_ref().err().map(ToString::to_string))
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "round {round}: {} of {instances} instances with the same partition count refused: \
+             {refused:?}",
+            refused.len()
+        );
+        for bus in &buses {
+            bus.close().await.unwrap();
+        }
+    }
+}
+
+/// `config` with `pinned_ttl`.
+fn with_ttl(mut config: NatsConfig, pinned_ttl: Duration) -> NatsConfig {
+    config.scale_out = ScaleOutSettings { pinned_ttl };
+    config
+}
+
+/// An instance with another partition count is refused, and being refused changes nothing for
+/// the running group: here the refused instance also has a shorter `pinned_ttl` (1 s, the
+/// running one 10 s). Afterwards another such instance keeps being refused while the running
+/// one reads with its count: the group's count must not expire under the running instance.
+/// (Found by review: the refused instance had set the bucket's `max_age` to its 1 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_running_one() {
+    let server = NatsServer::start();
+    let topic = "scale.ttl";
+    let running = NatsBus::connect(
+        nats_settings("ttl"),
+        with_ttl(
+            partitioned_config(&server.url(), topic, 2),
+            Duration::from_secs(10),
+        ),
+    )
+    .await
+    .unwrap();
+    let handled = Recorder::<(String, i64)>::new();
+    let _subscription = running
+        .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    integration_tests::eventually("the running instance reads all 3 subjects", || async {
+        running.partitions_reading(topic).len() == 3
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut attempt = 0;
+    while tokio::time::Instant::now() < deadline {
+        attempt += 1;
+        let other = NatsBus::connect(
+            nats_settings("ttl"),
+            with_ttl(
+                partitioned_config(&server.url(), topic, 3),
+                Duration::from_secs(1),
+            ),
+        )
+        .await
+        .unwrap();
+        let result = other
+            .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+            .await;
+        let accepted = result.is_ok();
+        let reading = running.partitions_reading(topic);
+        other.close().await.unwrap();
+        assert!(
+            !accepted,
+            "attempt {attempt}: an instance with 3 partitions was accepted while the running \
+             instance reads the topic with 2 (it reads slots {reading:?})"
+        );
+        // Spaced out over the 8 s: each attempt is a new instance, the running one's count
+        // must outlive every gap between its renewals.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    running.close().await.unwrap();
+}

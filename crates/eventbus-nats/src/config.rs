@@ -358,8 +358,13 @@ impl ScaleOutSettings {
     /// How often an instance renews its membership and claims and looks at the others: a fifth
     /// of `pinned_ttl`.
     pub fn renew_interval(&self) -> Duration {
-        (self.pinned_ttl / 5).max(Duration::from_millis(10))
+        renew_interval(self.pinned_ttl)
     }
+}
+
+/// How often claims that expire after `ttl` are renewed: a fifth of it.
+pub(crate) fn renew_interval(ttl: Duration) -> Duration {
+    (ttl / 5).max(Duration::from_millis(10))
 }
 
 impl Default for NatsConfig {

@@ -3,9 +3,12 @@
 //! Every instance of a service (one `client_id`) that subscribes to a partitioned topic joins
 //! its **group**: a JetStream key-value bucket (`eventbus_{durable}`) where each instance keeps
 //! a membership key (`members.{instance}`) and a claim per subject it reads
-//! (`claims.{slot}`), renewed in rounds (every fifth of `pinned_ttl`, and at once when the
-//! watched bucket shows a member joining or leaving or a claim given up) and expiring after
-//! `pinned_ttl` (the bucket's `max_age`) when their instance stops renewing them.
+//! (`claims.{slot}`), renewed in rounds (every fifth of the bucket's `max_age`, and at once
+//! when the watched bucket shows a member joining or leaving or a claim given up) and expiring
+//! after the bucket's `max_age` when their instance stops renewing them. The bucket is made
+//! with the `pinned_ttl` of the instance that makes it; later instances bind it as it is (one
+//! with another `pinned_ttl` must not shorten the running ones' claims). The members' partition
+//! count lives there too, written with a compare-and-set and renewed every round.
 //!
 //! The topic's `n + 1` subjects (its partitions, then the bare topic, slots `0..=n`) are
 //! assigned over the live members in the order of their IDs: slot `s` to member `s mod m`, so
@@ -70,6 +73,9 @@ pub(crate) struct Group {
     handler: Handler,
     options: SubscribeOptions,
     bucket: kv::Store,
+    /// How long a claim, a membership and the partition count live without renewal: the
+    /// bucket's `max_age`.
+    ttl: Duration,
     /// Ends the group's task.
     stop: CancellationToken,
     /// The bus is closing: rounds only renew (membership and claims) while it drains.
@@ -137,19 +143,13 @@ pub(crate) async fn subscribe(
         ));
     }
     let broker = &inner.broker;
-    let bucket_name = bucket_name(&durable);
-    let bucket = broker
-        .js
-        .create_or_update_key_value(kv::Config {
-            bucket: bucket_name.clone(),
-            description: format!("members and claims of the instances reading {topic}"),
-            history: 1,
-            max_age: broker.config.scale_out.pinned_ttl,
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..kv::Config::default()
-        })
-        .await
-        .map_err(|error| Error::broker(format!("cannot open bucket {bucket_name}"), error))?;
+    let (bucket, ttl) = open_bucket(
+        &broker.js,
+        &bucket_name(&durable),
+        topic,
+        broker.config.scale_out.pinned_ttl,
+    )
+    .await?;
     // Every instance must split the topic alike: `claims.{n}` names a subject by its number.
     agree_partition_count(&bucket, topic, partitions).await?;
     let group = Arc::new(Group {
@@ -164,6 +164,7 @@ pub(crate) async fn subscribe(
         handler,
         options,
         bucket,
+        ttl,
         stop: CancellationToken::new(),
         closing: std::sync::atomic::AtomicBool::new(false),
         left: tokio::sync::Mutex::new(false),
@@ -202,6 +203,54 @@ pub(crate) async fn subscribe(
     Ok(Subscription::new(topic, GroupControl { group }))
 }
 
+/// Opens the group's bucket `name`: binds it when it exists, makes it (`max_age` =
+/// `pinned_ttl`) when it does not. An existing bucket is never changed: its `max_age` is the
+/// group's claim lifetime, which an instance with another `pinned_ttl` (refused or not) must
+/// not shorten under the running ones; it is returned, and this instance renews at its pace.
+async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    topic: &str,
+    pinned_ttl: Duration,
+) -> Result<(kv::Store, Duration), Error> {
+    let mut last_failure = String::new();
+    for _ in 0..3 {
+        match js.get_key_value(name).await {
+            Ok(store) => {
+                let ttl = match store.status().await {
+                    Ok(status) if !status.max_age().is_zero() => status.max_age(),
+                    _ => pinned_ttl,
+                };
+                if ttl != pinned_ttl {
+                    tracing::warn!(topic, bucket = name, group_ttl = ?ttl, ?pinned_ttl, "the group's claims live for its pinned_ttl, not this instance's; give every instance the same scale_out.pinned_ttl");
+                }
+                return Ok((store, ttl));
+            }
+            // Missing (or not readable now): made below, or found at the next turn.
+            Err(_) => {}
+        }
+        let made = js
+            .create_key_value(kv::Config {
+                bucket: name.to_owned(),
+                description: format!("members and claims of the instances reading {topic}"),
+                history: 1,
+                max_age: pinned_ttl,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                ..kv::Config::default()
+            })
+            .await;
+        match made {
+            Ok(store) => return Ok((store, pinned_ttl)),
+            // Made meanwhile by another instance: bound at the next turn.
+            Err(error) => last_failure = error.to_string(),
+        }
+    }
+    Err(Error::Broker {
+        message: format!("cannot open bucket {name}: {last_failure}"),
+        source: None,
+    })
+}
+
 /// Makes sure the group reads `topic` with `partitions` partitions: writes the count when the
 /// bucket has none (a create, which fails when another instance wrote one meanwhile) and
 /// otherwise renews it (an update at the revision read, which fails when another instance
@@ -225,6 +274,15 @@ async fn agree_partition_count(
             Error::broker(format!("cannot read the partition count of {topic}"), error)
         })?;
         let written = match entry {
+            // Another instance wrote (or renewed) our count just after our write failed: the
+            // group agrees, and the count was renewed just now.
+            Some(entry)
+                if entry.operation == kv::Operation::Put
+                    && !last_failure.is_empty()
+                    && entry.value.as_ref() == ours.as_bytes() =>
+            {
+                return Ok(());
+            }
             Some(entry) if entry.operation == kv::Operation::Put => {
                 if entry.value.as_ref() != ours.as_bytes() {
                     return Err(Error::config(
@@ -389,11 +447,7 @@ impl Group {
     /// whenever another instance joins or leaves or gives a subject up (the bucket is watched),
     /// until stopped.
     async fn run(self: Arc<Self>) {
-        let interval = self
-            .inner
-            .upgrade()
-            .map(|inner| inner.broker.config.scale_out.renew_interval())
-            .unwrap_or(Duration::from_secs(1));
+        let interval = crate::config::renew_interval(self.ttl);
         let mut watch = None;
         let mut members: Vec<String> = Vec::new();
         loop {
@@ -529,9 +583,7 @@ impl Group {
     /// has expired), stops its subject at once; other failures (a timeout while reconnecting)
     /// are tried again next round.
     async fn renew_claims(self: &Arc<Self>) {
-        let pinned_ttl = self.inner.upgrade().map_or(Duration::ZERO, |inner| {
-            inner.broker.config.scale_out.pinned_ttl
-        });
+        let pinned_ttl = self.ttl;
         let held: Vec<(u16, u64, tokio::time::Instant)> = lock(&self.claims)
             .iter()
             .map(|(slot, claim)| (*slot, claim.revision, claim.renewed))
@@ -825,11 +877,7 @@ impl Group {
             futures::future::join_all(lost),
         );
         tokio::pin!(giving_back);
-        let interval = self
-            .inner
-            .upgrade()
-            .map(|inner| inner.broker.config.scale_out.renew_interval())
-            .unwrap_or(Duration::from_secs(1));
+        let interval = crate::config::renew_interval(self.ttl);
         loop {
             tokio::select! {
                 _ = &mut giving_back => break,
