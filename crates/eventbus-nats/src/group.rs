@@ -215,19 +215,16 @@ async fn open_bucket(
 ) -> Result<(kv::Store, Duration), Error> {
     let mut last_failure = String::new();
     for _ in 0..3 {
-        match js.get_key_value(name).await {
-            Ok(store) => {
-                let ttl = match store.status().await {
-                    Ok(status) if !status.max_age().is_zero() => status.max_age(),
-                    _ => pinned_ttl,
-                };
-                if ttl != pinned_ttl {
-                    tracing::warn!(topic, bucket = name, group_ttl = ?ttl, ?pinned_ttl, "the group's claims live for its pinned_ttl, not this instance's; give every instance the same scale_out.pinned_ttl");
-                }
-                return Ok((store, ttl));
+        // Missing (or not readable now): made below, or found at the next turn.
+        if let Ok(store) = js.get_key_value(name).await {
+            let ttl = match store.status().await {
+                Ok(status) if !status.max_age().is_zero() => status.max_age(),
+                _ => pinned_ttl,
+            };
+            if ttl != pinned_ttl {
+                tracing::warn!(topic, bucket = name, group_ttl = ?ttl, ?pinned_ttl, "the group's claims live for its pinned_ttl, not this instance's; give every instance the same scale_out.pinned_ttl");
             }
-            // Missing (or not readable now): made below, or found at the next turn.
-            Err(_) => {}
+            return Ok((store, ttl));
         }
         let made = js
             .create_key_value(kv::Config {
