@@ -955,3 +955,70 @@ async fn a_dropped_subscribe_frees_its_durable_for_the_next_one() {
     assert_eq!(durables, [bus.durable_name(topic, 1)]);
     bus.close().await.unwrap();
 }
+
+/// Two instances of two services connect at the same moment, each declaring existing streams
+/// with one subject of its own: after both connected, every stream holds both instances'
+/// subjects (a bind is a read, then an update with what was read: the later update must not
+/// drop the subject the other just added). Found by review: the later update dropped the
+/// other's subject in the first round; changes are now made under a lock the instances share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_binding_one_existing_stream_at_once_both_keep_their_subjects() {
+    let server = NatsServer::start();
+    let js = raw(&server).await;
+    let streams = 5;
+    for round in 0..10 {
+        let mut a = nats_config(&server.url());
+        let mut b = nats_config(&server.url());
+        for index in 0..streams {
+            let name = format!("SHARED_{round}_{index}");
+            let base = format!("r{round}.s{index}.base.>");
+            js.create_stream(jetstream::stream::Config {
+                name: name.clone(),
+                subjects: vec![base.clone()],
+                ..jetstream::stream::Config::default()
+            })
+            .await
+            .unwrap();
+            a.streams.push(StreamDefinition::new(
+                name.clone(),
+                vec![base.clone(), format!("r{round}.s{index}.a")],
+            ));
+            b.streams.push(StreamDefinition::new(
+                name,
+                vec![base, format!("r{round}.s{index}.b")],
+            ));
+        }
+        let (bus_a, bus_b) = tokio::join!(
+            NatsBus::connect(nats_settings("svc-a"), a),
+            NatsBus::connect(nats_settings("svc-b"), b),
+        );
+        let (bus_a, bus_b) = (bus_a.unwrap(), bus_b.unwrap());
+        for index in 0..streams {
+            let name = format!("SHARED_{round}_{index}");
+            let subjects = js
+                .get_stream(&name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .config
+                .subjects
+                .clone();
+            for (own, bus) in [("a", &bus_a), ("b", &bus_b)] {
+                let subject = format!("r{round}.s{index}.{own}");
+                if !subjects.contains(&subject) {
+                    // What the instance whose subject was dropped sees when it publishes there.
+                    let publish = bus.publish(&subject, OutboundMessage::new(&b"x"[..])).await;
+                    panic!(
+                        "round {round}: stream {name} lost {subject} declared by instance {own} \
+                         that connected at the same moment: subjects now {subjects:?}; \
+                         instance {own} publishing to {subject}: {publish:?}"
+                    );
+                }
+            }
+        }
+        bus_a.close().await.unwrap();
+        bus_b.close().await.unwrap();
+    }
+}

@@ -328,24 +328,7 @@ async fn next_change(watch: &mut Option<kv::Watch>) -> Option<kv::Entry> {
 
 /// A bucket name for the group of `durable`: only letters, digits, `_` and `-`.
 fn bucket_name(durable: &str) -> String {
-    let clean: String = durable
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if clean == durable {
-        format!("eventbus_{clean}")
-    } else {
-        let hash = durable.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
-            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-        });
-        format!("eventbus_{clean}-{hash:08x}")
-    }
+    format!("eventbus_{}", crate::names::kv_safe(durable))
 }
 
 /// An ID for this instance: unique among the group's members (process, time and a counter).

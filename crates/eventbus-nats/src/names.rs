@@ -114,6 +114,27 @@ pub(crate) fn subject_matches(pattern: &str, subject: &str) -> bool {
     }
 }
 
+/// `name` as a key-value bucket or key name allows it: itself when it holds only letters,
+/// digits, `_` and `-`; else with every other character made `_` and a hash of the whole name
+/// appended, so two names never meet.
+pub(crate) fn kv_safe(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean == name {
+        clean
+    } else {
+        format!("{clean}-{:08x}", fnv1a(name.as_bytes()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

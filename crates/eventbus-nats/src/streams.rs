@@ -234,14 +234,11 @@ impl Streams {
         existing: stream::Config,
     ) -> Result<(), Error> {
         let name = &definition.name;
-        let (config, changes) = bound_config(definition, existing);
-        if changes.is_empty() {
-            tracing::info!(stream = %name, subjects = ?config.subjects, "existing stream bound as it is");
+        if bound_config(definition, existing).1.is_empty() {
+            tracing::info!(stream = %name, "existing stream bound as it is");
             return Ok(());
         }
-        js.update_stream(config)
-            .await
-            .map_err(|error| Error::broker(format!("cannot update stream {name}"), error))?;
+        let changes = change_stream(js, name, |config| bound_config(definition, config)).await?;
         tracing::info!(stream = %name, ?changes, "existing stream bound and extended");
         Ok(())
     }
@@ -339,11 +336,10 @@ impl Streams {
                 .iter()
                 .any(|pattern| subject_matches(pattern, topic))
             {
-                let mut config = info.config.clone();
-                config.subjects.push(topic.to_owned());
-                js.update_stream(config).await.map_err(|error| {
-                    Error::broker(format!("cannot add {topic} to stream {name}"), error)
-                })?;
+                change_stream(js, &name, |config| {
+                    with_subjects(config, &[topic.to_owned()])
+                })
+                .await?;
             }
             tracing::info!(stream = %name, topic, storage = ?spec.storage, "stream ready");
             name
@@ -370,19 +366,19 @@ impl Streams {
 
 /// Adds to stream `name` the `subjects` its patterns do not cover yet.
 async fn cover(js: &jetstream::Context, name: &str, subjects: &[String]) -> Result<(), Error> {
-    let read = |error: String| Error::Broker {
-        message: format!("cannot read stream {name}: {error}"),
-        source: None,
-    };
-    let mut stream = js
-        .get_stream(name)
-        .await
-        .map_err(|error| read(error.to_string()))?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|error| read(error.to_string()))?;
-    let mut config = info.config.clone();
+    let added = change_stream(js, name, |config| with_subjects(config, subjects)).await?;
+    if !added.is_empty() {
+        tracing::info!(
+            stream = name,
+            ?added,
+            "partition subjects added to the stream"
+        );
+    }
+    Ok(())
+}
+
+/// `config` with the `subjects` its patterns do not cover added, and what that added.
+fn with_subjects(mut config: stream::Config, subjects: &[String]) -> (stream::Config, Vec<String>) {
     let missing: Vec<String> = subjects
         .iter()
         .filter(|subject| {
@@ -393,18 +389,132 @@ async fn cover(js: &jetstream::Context, name: &str, subjects: &[String]) -> Resu
         })
         .cloned()
         .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
     config.subjects.extend(missing.iter().cloned());
-    js.update_stream(config).await.map_err(|error| {
-        Error::broker(
-            format!("cannot add the partitions {missing:?} to stream {name}"),
-            error,
-        )
-    })?;
-    tracing::info!(stream = name, partitions = ?missing, "partition subjects added to the stream");
-    Ok(())
+    let changes = missing
+        .into_iter()
+        .map(|subject| format!("subject {subject} added"))
+        .collect();
+    (config, changes)
+}
+
+/// The key-value bucket whose keys lock a stream while one instance of the bus changes it.
+const STREAM_LOCKS: &str = "eventbus_stream_updates";
+
+/// How long a stream lock lives when its holder never releases it (it died, or its call was
+/// dropped); also how long a change waits for the lock.
+const STREAM_LOCK_TTL: Duration = Duration::from_secs(30);
+
+/// Changes stream `name` as `change` says (given the stream's configuration, it returns the
+/// configuration it wants and what that changes; nothing when it is as wanted). JetStream has
+/// no compare-and-set on a stream's configuration: of two updates made from the same read, the
+/// later undoes the earlier (two instances connecting at once, each adding its subject). So the
+/// change is made under a lock the instances of the bus share (a key in the
+/// `eventbus_stream_updates` bucket, one per stream, expiring after 30 s if its holder dies),
+/// from a fresh read, and read again afterwards until the read shows nothing left to change (a
+/// client that does not take the lock, such as a Go service, may still update meanwhile).
+/// Returns what the first update changed (nothing when the stream was already as wanted).
+///
+/// # Cancel safety
+///
+/// A dropped call may leave the lock held: it expires after 30 s, and the next change waits
+/// for it until then.
+async fn change_stream<F>(
+    js: &jetstream::Context,
+    name: &str,
+    change: F,
+) -> Result<Vec<String>, Error>
+where
+    F: Fn(stream::Config) -> (stream::Config, Vec<String>),
+{
+    let read = |name: &str| {
+        let name = name.to_owned();
+        async move {
+            js.get_stream(&name)
+                .await
+                .map(|stream| stream.cached_info().config.clone())
+                .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))
+        }
+    };
+    if change(read(name).await?).1.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (locks, key, revision) = lock_stream(js, name).await?;
+    let mut made = Vec::new();
+    let mut result = Err(Error::Broker {
+        message: format!(
+            "stream {name} kept changing under this update (a client updating it at the same time)"
+        ),
+        source: None,
+    });
+    for _ in 0..5 {
+        let (config, changes) = match read(name).await {
+            Ok(config) => change(config),
+            Err(error) => {
+                result = Err(error);
+                break;
+            }
+        };
+        if changes.is_empty() {
+            result = Ok(made);
+            break;
+        }
+        if let Err(error) = js.update_stream(config).await {
+            result = Err(Error::broker(format!("cannot update stream {name}"), error));
+            break;
+        }
+        if made.is_empty() {
+            made = changes;
+        }
+    }
+    if let Err(error) = locks.delete_expect_revision(&key, Some(revision)).await {
+        tracing::debug!(stream = name, %error, "stream lock not released; it expires");
+    }
+    result
+}
+
+/// Takes the lock on stream `name`: creates its key in [`STREAM_LOCKS`] (made if missing),
+/// waiting while another instance holds it, up to [`STREAM_LOCK_TTL`].
+async fn lock_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<(async_nats::jetstream::kv::Store, String, u64), Error> {
+    use async_nats::jetstream::kv;
+    let locks = match js.get_key_value(STREAM_LOCKS).await {
+        Ok(locks) => locks,
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: STREAM_LOCKS.to_owned(),
+                description: "streams being changed by an instance of the event bus".to_owned(),
+                history: 1,
+                max_age: STREAM_LOCK_TTL,
+                storage: stream::StorageType::File,
+                ..kv::Config::default()
+            })
+            .await
+        {
+            Ok(locks) => locks,
+            // Made meanwhile by another instance.
+            Err(error) => js
+                .get_key_value(STREAM_LOCKS)
+                .await
+                .map_err(|_| Error::broker(format!("cannot open bucket {STREAM_LOCKS}"), error))?,
+        },
+    };
+    let key = crate::names::kv_safe(name);
+    let deadline = tokio::time::Instant::now() + STREAM_LOCK_TTL;
+    loop {
+        match locks.create(&key, name.to_owned().into()).await {
+            Ok(revision) => return Ok((locks, key, revision)),
+            Err(error) if tokio::time::Instant::now() >= deadline => {
+                return Err(Error::broker(
+                    format!("stream {name} stayed locked by another instance for 30 s"),
+                    error,
+                ));
+            }
+            // Held by another instance: it releases it, or it expires.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 /// Makes the stream holding `spec.name` what `spec` says as far as `mode` allows (see
@@ -551,9 +661,20 @@ pub(crate) async fn ensure_spec(
         report.mismatches.extend(changes);
         return Ok(report);
     }
-    js.update_stream(wanted)
-        .await
-        .map_err(|error| Error::broker(format!("cannot update stream {name}"), error))?;
+    let (max_age, num_replicas) = (wanted.max_age, wanted.num_replicas);
+    change_stream(js, &name, |mut config| {
+        let mut changed = Vec::new();
+        if config.max_age != max_age {
+            config.max_age = max_age;
+            changed.push(format!("max_age {max_age:?}"));
+        }
+        if config.num_replicas != num_replicas {
+            config.num_replicas = num_replicas;
+            changed.push(format!("replicas {num_replicas}"));
+        }
+        (config, changed)
+    })
+    .await?;
     tracing::info!(stream = %name, topic, changes = ?changes, "stream updated");
     report.updated = changes;
     Ok(report)
