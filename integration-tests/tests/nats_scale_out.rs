@@ -12,10 +12,14 @@
 )]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_core::{
+    Envelope, EventBus, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HandlerContext, HandlerError,
+    SubscribeOptions,
+};
 use eventbus_nats::{NatsBus, NatsConfig, ScaleOutSettings, TopicOptions, partition_of};
 use futures::StreamExt;
 use integration_tests::{
@@ -1156,4 +1160,117 @@ async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_runnin
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     running.close().await.unwrap();
+}
+
+fn one_attempt(client: &str) -> eventbus_nats::BusSettings {
+    let mut settings = nats_settings(client);
+    settings.pool.retry.max_attempts = 1;
+    settings
+}
+
+/// A Go service publishes an aggregate's events to the bare subject of a partitioned topic (as
+/// docs/nats.md describes); one fails and is parked. `eventbus dlq replay` (done here as the
+/// CLI does it: each dead letter's `replay()`, head and last marked, published with a bus of
+/// the service's configuration) brings it back and it is handled. Then the Go service's next
+/// event of that aggregate must be handled, not parked again for good. (Found by review: the
+/// bare subject's subscription kept the aggregate parked, as the copy went to its partition;
+/// the subjects of a partitioned topic now share their parked aggregates.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_back() {
+    let server = NatsServer::start();
+    let topic = "pk.orders";
+    let dead_letter_topic = format!("{topic}.DLQ");
+    let config = partitioned_config(&server.url(), topic, 2);
+    let service = NatsBus::connect(one_attempt("pk"), config.clone())
+        .await
+        .unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let handled = Recorder::<(String, i64)>::new();
+    let (b, h) = (broken.clone(), handled.clone());
+    let _subscription = service
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (b, h) = (b.clone(), h.clone());
+                async move {
+                    if envelope.event_version == 1 && b.load(Ordering::SeqCst) {
+                        return Err(HandlerError::permanent("price missing"));
+                    }
+                    h.push((envelope.aggregate_id, envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new().with_park_on_dead_letter(true),
+        )
+        .await
+        .unwrap();
+    eventually("the service reads all 3 subjects", || async {
+        service.partitions_reading(topic).len() == 3
+    })
+    .await;
+    // The Go service: a plain JetStream publish of the envelope to the bare topic.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let go_publish = |version: i64| {
+        let js = js.clone();
+        async move {
+            let envelope = Envelope::new("order-1", "Changed", version, &version).unwrap();
+            js.publish(topic, envelope.to_bytes().unwrap())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    go_publish(1).await;
+    eventually("version 1 dead-lettered", || async {
+        service
+            .dead_letters(&dead_letter_topic)
+            .await
+            .is_ok_and(|letters| letters.len() == 1)
+    })
+    .await;
+    broken.store(false, Ordering::SeqCst);
+
+    // `eventbus dlq replay --aggregate order-1`, with the service's configuration.
+    let replayer = NatsBus::connect(nats_settings("pk"), config).await.unwrap();
+    let letters = replayer.dead_letters(&dead_letter_topic).await.unwrap();
+    assert_eq!(letters.len(), 1);
+    let (to, mut message) = letters[0].replay().unwrap();
+    message.headers.insert(HEADER_REPLAY_HEAD, "true");
+    message.headers.insert(HEADER_REPLAY_LAST, "true");
+    replayer.publish(&to, message).await.unwrap();
+    replayer.close().await.unwrap();
+    handled
+        .wait_for("the replayed version 1 handled", |events| {
+            events.contains(&("order-1".to_owned(), 1))
+        })
+        .await;
+
+    // The Go service's next event of the aggregate.
+    go_publish(2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if handled.events().contains(&("order-1".to_owned(), 2)) {
+            break;
+        }
+        let letters = service.dead_letters(&dead_letter_topic).await.unwrap();
+        let parked: Vec<String> = letters
+            .iter()
+            .map(|letter| {
+                format!(
+                    "v{:?} parked={}",
+                    letter.envelope().map(|e| e.event_version),
+                    letter.is_parked()
+                )
+            })
+            .collect();
+        assert!(
+            tokio::time::Instant::now() < deadline && parked.is_empty(),
+            "after the replay the Go service's version 2 was not handled; dead letters now: \
+             {parked:?}; handled: {:?}",
+            handled.events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    service.close().await.unwrap();
 }

@@ -312,6 +312,9 @@ pub(crate) enum Target<'a> {
         topic: &'a str,
         /// The subject its durable filters.
         subject: &'a str,
+        /// The group's durable (its bare topic's): the subjects of one group share their
+        /// parked aggregates.
+        group: &'a str,
     },
 }
 
@@ -328,9 +331,13 @@ impl Inner {
         handler: Handler,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
-        let (topic, subject) = match target {
-            Target::Topic(topic) => (topic, topic),
-            Target::Partition { topic, subject } => (topic, subject),
+        let (topic, subject, group) = match target {
+            Target::Topic(topic) => (topic, topic, None),
+            Target::Partition {
+                topic,
+                subject,
+                group,
+            } => (topic, subject, Some(group)),
         };
         let partition = matches!(target, Target::Partition { .. });
         let envelopes = handler.is_envelope();
@@ -395,7 +402,7 @@ impl Inner {
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
         };
-        let subscription = SubscriptionSpec::new(topic, durable.clone(), handler)
+        let mut subscription = SubscriptionSpec::new(topic, durable.clone(), handler)
             .with_dead_letter(dead_letter)
             .with_subject_keys(options.subject_keys)
             .with_handler_timeout(options.checked_handler_timeout()?)
@@ -403,6 +410,9 @@ impl Inner {
             .with_progress_interval(
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
+        if let Some(group) = group {
+            subscription = subscription.with_park_group(group);
+        }
         let consumer = inner.runtime.subscribe(subscription)?;
         let mut fetch = Fetch::new(subject, spec, consumer, inner.connection.clone(), origin);
         if partition {

@@ -715,6 +715,7 @@ impl Group {
                 Target::Partition {
                     topic: &self.topic,
                     subject: &subject,
+                    group: &self.durable,
                 },
                 self.handler.clone(),
                 options,

@@ -48,6 +48,11 @@ pub struct SubscriptionSpec {
     /// Park an aggregate behind its dead letter (envelopes with a dead-letter topic; see
     /// `SubscribeOptions::park_on_dead_letter`).
     pub park_on_dead_letter: bool,
+    /// Parking subscriptions of one runtime with the same group share their parked aggregates:
+    /// the subjects of a partitioned topic, where an aggregate's events may come on two
+    /// subjects (its partition, and the bare topic a publisher that does not partition writes
+    /// to) and a replay on one must unpark it on the other. `None`: its own.
+    pub park_group: Option<String>,
 }
 
 impl SubscriptionSpec {
@@ -64,6 +69,7 @@ impl SubscriptionSpec {
             progress_interval: None,
             handler_timeout: None,
             park_on_dead_letter: false,
+            park_group: None,
         }
     }
 
@@ -92,6 +98,13 @@ impl SubscriptionSpec {
     /// [`park_on_dead_letter`](Self::park_on_dead_letter)).
     pub fn with_park_on_dead_letter(mut self, park: bool) -> Self {
         self.park_on_dead_letter = park;
+        self
+    }
+
+    /// Shares the parked aggregates with the runtime's other parking subscriptions of `group`
+    /// (see [`park_group`](Self::park_group)).
+    pub fn with_park_group(mut self, group: impl Into<String>) -> Self {
+        self.park_group = Some(group.into());
         self
     }
 
@@ -184,7 +197,9 @@ impl Consumer {
                 "parking needs an envelope subscription with a dead-letter topic",
             ));
         }
-        let parking = spec.park_on_dead_letter.then(Arc::default);
+        let parking = spec
+            .park_on_dead_letter
+            .then(|| runtime.parking_of(spec.park_group.as_deref()));
         let scope = runtime.pool.open_scope()?;
         let subscription = Arc::new(Subscription {
             handler: spec.handler.clone(),
@@ -259,9 +274,14 @@ impl Consumer {
     }
 
     /// Aggregates parked behind a dead letter now (or being replayed), when the subscription
-    /// parks.
+    /// parks (shared with the other subscriptions of its park group).
     pub fn parked_aggregates(&self) -> usize {
         self.parking.as_ref().map_or(0, |parking| parking.len())
+    }
+
+    /// The parked aggregates this subscription shares, for counting each group once.
+    pub(crate) fn parking(&self) -> Option<&Arc<Parking>> {
+        self.parking.as_ref()
     }
 
     /// Records the subscription's consumer lag: messages the broker holds for it that it has

@@ -84,8 +84,8 @@ mod trace;
 mod transport;
 
 use eventbus_core::{CancellationToken, Error, HealthReport, HealthStatus};
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
 pub use monitor::MONITOR_INTERVAL;
@@ -120,9 +120,31 @@ pub(crate) struct Shared {
     monitor: CancellationToken,
     monitor_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     consumers: Mutex<Vec<Arc<Consumer>>>,
+    /// The parked aggregates of each park group, while a subscription of it lives.
+    parking_groups: Mutex<HashMap<String, Weak<park::Parking>>>,
 }
 
 impl Shared {
+    /// The parked aggregates of a new parking subscription: its group's (made if none of the
+    /// group lives), or its own.
+    pub(crate) fn parking_of(&self, group: Option<&str>) -> Arc<park::Parking> {
+        let Some(group) = group else {
+            return Arc::default();
+        };
+        // Nothing panics while holding this lock.
+        let mut groups = self
+            .parking_groups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        groups.retain(|_, parking| parking.strong_count() > 0);
+        if let Some(parking) = groups.get(group).and_then(Weak::upgrade) {
+            return parking;
+        }
+        let parking = Arc::new(park::Parking::default());
+        groups.insert(group.to_owned(), Arc::downgrade(&parking));
+        parking
+    }
+
     fn lag(&self) -> BTreeMap<String, u64> {
         let mut lag = BTreeMap::new();
         for consumer in self.consumers().iter() {
@@ -171,6 +193,7 @@ impl Runtime {
                 monitor: CancellationToken::new(),
                 monitor_task: Mutex::new(None),
                 consumers: Mutex::new(Vec::new()),
+                parking_groups: Mutex::new(HashMap::new()),
             }),
         };
         let task = monitor::start(&runtime.shared);
@@ -243,11 +266,15 @@ impl Runtime {
             || "none".to_owned(),
             |age| format!("{:.1} s", age.as_secs_f64()),
         );
+        // A park group's subscriptions share their parked aggregates: counted once.
+        let mut counted = std::collections::HashSet::new();
         let parked: usize = self
             .shared
             .consumers()
             .iter()
-            .map(|consumer| consumer.parked_aggregates())
+            .filter_map(|consumer| consumer.parking())
+            .filter(|parking| counted.insert(Arc::as_ptr(parking)))
+            .map(|parking| parking.len())
             .sum();
         let engine = format!(
             "{pool}, {waiting} waiting on a dead-letter write, {} lanes blocked longer than {:?}, oldest job {oldest}, {parked} aggregates parked",
