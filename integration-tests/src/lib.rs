@@ -125,6 +125,27 @@ pub fn kafka_config(bootstrap: &str) -> eventbus_kafka::KafkaConfig {
     config
 }
 
+/// Sets the topic-level config `name` of Kafka topic `topic` on `bootstrap` to `value` (an
+/// `AlterConfigs` request, which replaces the topic's other dynamic settings).
+pub async fn set_kafka_topic_config(bootstrap: &str, topic: &str, name: &str, value: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    let results = admin
+        .alter_configs(
+            [&AlterConfig::new(ResourceSpecifier::Topic(topic)).set(name, value)],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
 /// [`kafka_config`] for consumer group `group`, with `topic` created with `partitions`
 /// partitions.
 pub fn kafka_group_config(

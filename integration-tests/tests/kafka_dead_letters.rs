@@ -13,10 +13,10 @@ use std::time::Duration;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_kafka::{KafkaBus, TopicOptions};
 use eventbus_pool::BusSettings;
-use integration_tests::{Recorder, collect, eventually, kafka_config, kafka_group_config};
-use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+use integration_tests::{
+    Recorder, collect, eventually, kafka_config, kafka_group_config, set_kafka_topic_config,
 };
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -44,20 +44,6 @@ fn committed(group: &str, topic: &str) -> Option<i64> {
     match offsets.elements().first()?.offset() {
         Offset::Offset(offset) => Some(offset),
         _ => None,
-    }
-}
-
-/// Sets `max.message.bytes` of `topic`.
-async fn set_max_message_bytes(topic: &str, bytes: &str) {
-    let results = admin()
-        .alter_configs(
-            [&AlterConfig::new(ResourceSpecifier::Topic(topic)).set("max.message.bytes", bytes)],
-            &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap();
-    for result in results {
-        result.unwrap();
     }
 }
 
@@ -204,7 +190,13 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
         "the commit passed v1 (offset 0) before its dead letter was written: {commit:?}"
     );
 
-    set_max_message_bytes(&dead_letters, "1048588").await;
+    set_kafka_topic_config(
+        &kafka_bootstrap(),
+        &dead_letters,
+        "max.message.bytes",
+        "1048588",
+    )
+    .await;
     let dead = collect(&bus, &dead_letters).await;
     dead.wait_for("v1's dead letter", |e| !e.is_empty()).await;
     handled.wait_for("v2 after v1", |e| e.len() == 2).await;

@@ -23,7 +23,17 @@ async fn member(
     name: &'static str,
     handled: &Arc<Recorder<(&'static str, String, i64)>>,
 ) -> KafkaBus {
-    let settings = BusSettings::new("kafka", name);
+    member_with(BusSettings::new("kafka", name), group, topic, name, handled).await
+}
+
+/// [`member`] with `settings`.
+async fn member_with(
+    settings: BusSettings,
+    group: &str,
+    topic: &str,
+    name: &'static str,
+    handled: &Arc<Recorder<(&'static str, String, i64)>>,
+) -> KafkaBus {
     let bus = KafkaBus::connect(
         settings,
         kafka_group_config(&kafka_bootstrap(), group, topic, 4),
@@ -148,6 +158,94 @@ async fn an_aggregate_parked_by_one_member_stays_parked_after_its_partition_move
         PARKED,
         "every v2 is in the dead-letter topic, marked parked"
     );
+    second.close().await.unwrap();
+    first.close().await.unwrap();
+}
+
+/// Rule: "dead-letter failure: not acknowledged; the DLQ write is retried with backoff; the lane
+/// stays blocked; nothing is lost", for parked events, across a rebalance. Member A parks 40
+/// aggregates; the dead-letter topic then refuses every record, and v2 of each (to be parked
+/// behind its v1) fails to be written. Member B joins while those writes fail: the partitions
+/// that move are given back with their v2 unfinished, and B (which restores the parked set from
+/// the dead-letter topic) parks them too. No v2 runs anywhere; once the topic takes records
+/// again, every v2 lands in it, marked parked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_whose_dead_letter_write_fails_during_a_rebalance_never_runs() {
+    integration_tests::capture_logs();
+    let (topic, group) = ("parking.refused", "parking-refused");
+    let dead_letter_topic = format!("{topic}.DLQ");
+    let settings = |name: &str| BusSettings {
+        // The revoke gives the refused writes back after a second.
+        drain_timeout: std::time::Duration::from_secs(1),
+        ..BusSettings::new("kafka", name)
+    };
+    let handled = Recorder::new();
+    let first = member_with(settings("refused-a"), group, topic, "a", &handled).await;
+    publish(&first, topic, "p", 1).await;
+    eventually("A to dead-letter v1 of every p-* aggregate", || async {
+        first.stats().dead_lettered >= PARKED as u64
+    })
+    .await;
+    integration_tests::set_kafka_topic_config(
+        &kafka_bootstrap(),
+        &dead_letter_topic,
+        "max.message.bytes",
+        "64",
+    )
+    .await;
+    publish(&first, topic, "p", 2).await;
+    eventually("A's parked dead-letter writes refused", || async {
+        first.stats().dead_letter_failures >= 1
+    })
+    .await;
+    let second = member_with(settings("refused-b"), group, topic, "b", &handled).await;
+    publish(&first, topic, "ok", 1).await;
+    handled
+        .wait_for(
+            "B handling some ok-* aggregates (it owns partitions)",
+            |events| {
+                events
+                    .iter()
+                    .any(|(member, aggregate, _)| *member == "b" && aggregate.starts_with("ok-"))
+            },
+        )
+        .await;
+    integration_tests::set_kafka_topic_config(
+        &kafka_bootstrap(),
+        &dead_letter_topic,
+        "max.message.bytes",
+        "1048588",
+    )
+    .await;
+    let parked_v2 = || {
+        let (bus, dead_letter_topic) = (&first, &dead_letter_topic);
+        async move {
+            let mut aggregates: Vec<String> = bus
+                .dead_letters(dead_letter_topic)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|letter| letter.is_parked())
+                .filter_map(|letter| letter.envelope())
+                .filter(|envelope| envelope.event_version == 2)
+                .map(|envelope| envelope.aggregate_id.to_string())
+                .collect();
+            aggregates.sort();
+            aggregates.dedup();
+            aggregates
+        }
+    };
+    eventually(
+        "v2 of every p-* aggregate in the dead-letter topic, parked",
+        || async { parked_v2().await.len() == PARKED },
+    )
+    .await;
+    let ran: Vec<_> = handled
+        .events()
+        .into_iter()
+        .filter(|(_, aggregate, version)| aggregate.starts_with("p-") && *version == 2)
+        .collect();
+    assert!(ran.is_empty(), "a parked v2 ran: {ran:?}");
     second.close().await.unwrap();
     first.close().await.unwrap();
 }

@@ -11,7 +11,7 @@ use eventbus_core::{Error, Message, OutboundMessage, Position, StoredDeadLetter}
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 use crate::group::record_message;
@@ -118,15 +118,7 @@ pub(crate) async fn read(
     client_id: &str,
     topic: &str,
 ) -> Result<Vec<StoredDeadLetter>, Error> {
-    let mut client = base_config(config, client_id);
-    client
-        .set("group.id", format!("{client_id}-dead-letter-reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true");
-    for (name, value) in &config.consumer_properties.0 {
-        client.set(name, value);
-    }
+    let client = reader_config(config, client_id);
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = client
@@ -152,6 +144,25 @@ pub(crate) async fn read(
     .map_err(|error| Error::broker("the dead-letter reader ended", error))?
 }
 
+/// The dead-letter reader's client: tuned as the bus's consumer is
+/// ([`KafkaConfig::consumer_tuning`]: without `fetch.queue.backoff.ms` at 10 ms, librdkafka
+/// stops fetching for a second whenever its prefetch queue fills, and a parking subscription's
+/// start-up, which reads the whole dead-letter topic, stalls on a large one), assigned to
+/// partitions (its group ID names it, it never joins or commits), reporting each partition's
+/// end.
+fn reader_config(config: &KafkaConfig, client_id: &str) -> ClientConfig {
+    let mut client = base_config(config, client_id);
+    for (name, value) in config.consumer_tuning() {
+        client.set(name, value);
+    }
+    client
+        .set("group.id", format!("{client_id}-dead-letter-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true");
+    client
+}
+
 /// Records the dead letter at `position` of `topic` as replayed in `{topic}.replayed` (kept for
 /// ever, like the dead letters). Recording one twice is no error.
 pub(crate) async fn remove(
@@ -175,4 +186,27 @@ pub(crate) async fn remove(
         )
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dead_letter_reader_is_tuned_as_the_consumer_and_never_commits() {
+        let mut config = KafkaConfig::default();
+        config
+            .consumer_properties
+            .0
+            .insert("fetch.wait.max.ms".to_owned(), "20".to_owned());
+        let client = reader_config(&config, "svc");
+        assert_eq!(client.get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(
+            client.get("fetch.wait.max.ms"),
+            Some("20"),
+            "configured wins"
+        );
+        assert_eq!(client.get("enable.auto.commit"), Some("false"));
+        assert_eq!(client.get("group.id"), Some("svc-dead-letter-reader"));
+    }
 }

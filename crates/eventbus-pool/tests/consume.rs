@@ -659,3 +659,94 @@ async fn parking_without_envelopes_or_a_dead_letter_topic_is_refused() {
         assert!(error.to_string().contains("park_on_dead_letter"), "{error}");
     }
 }
+
+/// A transport whose dead-letter topic holds `k` v1 (failed), and answers the read only once
+/// its gate opens: a parking subscription restoring its parked aggregates meanwhile.
+struct SlowDeadLetters {
+    log: Arc<Log>,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Transport for SlowDeadLetters {
+    async fn publish_dead_letter(
+        &self,
+        topic: &str,
+        letter: OutboundMessage,
+        _dedup_id: Option<&str>,
+    ) -> Result<(), Error> {
+        let parked = letter.headers.contains(eventbus_core::HEADER_PARKED);
+        self.log
+            .push(format!("dead letter to {topic} (parked: {parked})"));
+        Ok(())
+    }
+
+    async fn dead_letters(
+        &self,
+        topic: &str,
+    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
+        self.gate.acquire().await.unwrap().forget();
+        let envelope = Envelope::new("k", "Changed", 1, &1).unwrap();
+        let failed = Message::new("orders", envelope.to_bytes().unwrap());
+        let written = eventbus_core::dead_letter_message(&failed, "broken", 1);
+        let mut stored = Message::new(topic, written.payload);
+        stored.headers = written.headers;
+        stored.meta.position = Position::Sequence(1);
+        Ok(vec![eventbus_core::StoredDeadLetter { message: stored }])
+    }
+}
+
+/// The cancel-safety note of `Consumer::deliver`, while a parking subscription still reads
+/// which aggregates are parked: a delivery dropped then leaves nothing held and its receipt
+/// unused; delivered again once the parked set is known, `k` v2 is parked behind `k` v1's dead
+/// letter (never run), and another aggregate runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_while_the_parked_aggregates_are_read_leaves_nothing_held() {
+    let log = Arc::new(Log::default());
+    let gate = Arc::new(Semaphore::new(0));
+    let runtime = Runtime::new(
+        BusSettings::new("test", "t"),
+        Arc::new(SlowDeadLetters {
+            log: log.clone(),
+            gate: gate.clone(),
+        }),
+    )
+    .unwrap();
+    let handlers = Arc::new(Semaphore::new(100));
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-p", handler(&log, &handlers, 0))
+                .with_park_on_dead_letter(true),
+        )
+        .unwrap();
+    let waiting = tokio::time::timeout(
+        Duration::from_millis(50),
+        consumer.deliver(delivery(&log, "k", 2, 2)),
+    )
+    .await;
+    assert!(waiting.is_err(), "the delivery waited for the parked set");
+    assert_eq!(consumer.held(), 0, "the dropped delivery is not held");
+    assert!(log.events().is_empty(), "{:?}", log.events());
+    gate.add_permits(1);
+    assert_eq!(
+        consumer.deliver(delivery(&log, "k", 2, 2)).await.unwrap(),
+        Delivered::Queued
+    );
+    consumer.deliver(delivery(&log, "j", 2, 3)).await.unwrap();
+    wait_until("both settled", || consumer.held() == 0).await;
+    let events = log.events();
+    assert!(!events.contains(&"run k/2".to_owned()), "{events:?}");
+    assert!(
+        events.contains(&"dead letter to orders.DLQ (parked: true)".to_owned())
+            && events.contains(&"terminate k/2".to_owned()),
+        "{events:?}"
+    );
+    assert!(
+        events.contains(&"run j/2".to_owned()) && events.contains(&"ack j/2".to_owned()),
+        "{events:?}"
+    );
+    assert_eq!(consumer.parked_aggregates(), 1);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
