@@ -125,6 +125,26 @@ pub fn kafka_config(bootstrap: &str) -> eventbus_kafka::KafkaConfig {
     config
 }
 
+/// The offset consumer group `group` committed for `partition` of `topic` on `bootstrap`, read
+/// by a client outside the group (`None`: none committed, or not readable now). Blocking.
+pub fn kafka_committed(bootstrap: &str, group: &str, topic: &str, partition: i32) -> Option<i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let offsets = reader
+        .committed_offsets(list, Duration::from_secs(5))
+        .ok()?;
+    match offsets.elements().first()?.offset() {
+        rdkafka::Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
 /// Sets the topic-level config `name` of Kafka topic `topic` on `bootstrap` to `value` (an
 /// `AlterConfigs` request, which replaces the topic's other dynamic settings).
 pub async fn set_kafka_topic_config(bootstrap: &str, topic: &str, name: &str, value: &str) {

@@ -14,7 +14,7 @@ use eventbus_core::{
 };
 use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
-use integration_tests::{Recorder, collect, eventually, kafka_group_config};
+use integration_tests::{Recorder, collect, eventually, kafka_committed, kafka_group_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
@@ -32,24 +32,6 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 /// A config whose `topic` has `partitions` partitions.
 fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
     kafka_group_config(&kafka_bootstrap(), group, topic, partitions)
-}
-
-/// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.
-fn committed(group: &str, topic: &str) -> Option<i64> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let offsets = reader
-        .committed_offsets(list, Duration::from_secs(5))
-        .unwrap();
-    match offsets.elements().first()?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
 }
 
 /// Offsets 0..5 finish, offset 5 hangs in its handler, 6..=105 finish: the committed offset
@@ -100,7 +82,7 @@ async fn a_commit_never_passes_an_unfinished_record() {
         .wait_for("every record but the slow one", |e| e.len() == 105)
         .await;
     eventually("the offsets before the slow record committed", || async {
-        tokio::task::spawn_blocking(move || committed(group, topic))
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
             .await
             .unwrap()
             == Some(5)
@@ -111,9 +93,11 @@ async fn a_commit_never_passes_an_unfinished_record() {
     let watched = std::time::Instant::now();
     let mut reads = 0;
     while watched.elapsed() < Duration::from_secs(2) {
-        let now = tokio::task::spawn_blocking(move || committed(group, topic))
-            .await
-            .unwrap();
+        let now = tokio::task::spawn_blocking(move || {
+            kafka_committed(&kafka_bootstrap(), group, topic, 0)
+        })
+        .await
+        .unwrap();
         assert_eq!(now, Some(5), "a commit passed the unfinished record");
         reads += 1;
     }
@@ -123,7 +107,7 @@ async fn a_commit_never_passes_an_unfinished_record() {
         .wait_for("the slow record", |e| e.len() == 106)
         .await;
     eventually("everything committed", || async {
-        tokio::task::spawn_blocking(move || committed(group, topic))
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
             .await
             .unwrap()
             == Some(106)
@@ -213,7 +197,7 @@ async fn a_backlog_larger_than_one_poll_round_is_handled_whole_and_committed() {
         assert_eq!(seen, (1..=versions).collect::<Vec<_>>(), "{aggregate}");
     }
     eventually("the commit at the end of the backlog", || async {
-        tokio::task::spawn_blocking(move || committed(group, topic))
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
             .await
             .unwrap()
             == Some(count as i64)
@@ -303,9 +287,10 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
     }
     let at_return = steps.events();
     let took = started.elapsed();
-    let committed_at_return = tokio::task::spawn_blocking(move || committed(group, topic))
-        .await
-        .unwrap();
+    let committed_at_return =
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
+            .await
+            .unwrap();
     assert!(
         !returned_early,
         "unsubscribe returned after {took:?} while v1 was still running"
@@ -371,7 +356,7 @@ async fn a_poison_envelope_is_dead_lettered_and_the_partition_moves_on() {
         Some("cannot apply")
     );
     eventually("the commit past the poison envelope", || async {
-        tokio::task::spawn_blocking(move || committed(group, topic))
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
             .await
             .unwrap()
             == Some(11)

@@ -14,12 +14,12 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeO
 use eventbus_kafka::{KafkaBus, TopicOptions};
 use eventbus_pool::BusSettings;
 use integration_tests::{
-    Recorder, collect, eventually, kafka_config, kafka_group_config, set_kafka_topic_config,
+    Recorder, collect, eventually, kafka_committed, kafka_config, kafka_group_config,
+    set_kafka_topic_config,
 };
+use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use test_brokers::kafka_bootstrap;
 
 fn admin() -> AdminClient<DefaultClientContext> {
@@ -27,24 +27,6 @@ fn admin() -> AdminClient<DefaultClientContext> {
         .set("bootstrap.servers", kafka_bootstrap())
         .create()
         .unwrap()
-}
-
-/// The offset `group` committed for partition 0 of `topic`, read by a client outside the group.
-fn committed(group: &str, topic: &str) -> Option<i64> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let offsets = reader
-        .committed_offsets(list, Duration::from_secs(5))
-        .unwrap();
-    match offsets.elements().first()?.offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    }
 }
 
 /// Creates `{topic}.DLQ` refusing every record (its `max.message.bytes` is smaller than any
@@ -182,9 +164,10 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
         [1],
         "v2 ran while v1's dead letter was unwritten"
     );
-    let commit = tokio::task::spawn_blocking(move || committed(group, topic))
-        .await
-        .unwrap();
+    let commit =
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
+            .await
+            .unwrap();
     assert!(
         commit.is_none_or(|offset| offset == 0),
         "the commit passed v1 (offset 0) before its dead letter was written: {commit:?}"
@@ -202,7 +185,7 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
     handled.wait_for("v2 after v1", |e| e.len() == 2).await;
     assert_eq!(handled.events(), [1, 2]);
     eventually("the commit past v1 and v2", || async {
-        tokio::task::spawn_blocking(move || committed(group, topic))
+        tokio::task::spawn_blocking(move || kafka_committed(&kafka_bootstrap(), group, topic, 0))
             .await
             .unwrap()
             == Some(2)

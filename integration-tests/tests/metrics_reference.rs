@@ -23,7 +23,7 @@ use eventbus_core::{
 };
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, eventually, kafka_config, nats_config};
-use metric_docs::{Documented, documented, repository_file};
+use metric_docs::{Documented, documented, metric_names_after, repository_file};
 use test_brokers::{NatsServer, kafka_bootstrap};
 
 /// The metric name prefixes of the three buses.
@@ -189,20 +189,8 @@ fn assert_served_as_documented(
 /// The metric names an example uses after `marker`: `${namespace}_` (the dashboard's variable)
 /// or a namespace such as `kafka_eventbus_billing_`.
 fn used_by(example: &str, marker: &str) -> BTreeSet<String> {
-    repository_file(example)
-        .split(marker)
-        .skip(1)
-        .map(|piece| {
-            let name: String = piece
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .filter(|base| base.ends_with("_seconds"))
-                .map_or(name.clone(), str::to_owned)
-        })
+    metric_names_after(&repository_file(example), marker)
+        .into_iter()
         .collect()
 }
 

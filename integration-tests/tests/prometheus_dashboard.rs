@@ -31,7 +31,9 @@ use std::time::Duration;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_pool::{BusSettings, RetryPolicy};
 use integration_tests::{kafka_config, nats_config};
-use metric_docs::{Documented, documented, http_get, repository_file, repository_path};
+use metric_docs::{
+    Documented, documented, http_get, metric_names_after, repository_file, repository_path,
+};
 use serde_json::Value;
 use test_brokers::{NatsServer, free_port, kafka_bootstrap};
 use tokio::task::JoinHandle;
@@ -217,21 +219,7 @@ fn has_data(samples: &[Value]) -> bool {
 /// The metric names `expression` reads under `namespace`, without it (a histogram's
 /// `_bucket`, `_sum` and `_count` series as the histogram).
 fn metrics_read(expression: &str, namespace: &str) -> Vec<String> {
-    expression
-        .split(&format!("{namespace}_"))
-        .skip(1)
-        .map(|piece| {
-            let name: String = piece
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .filter(|base| base.ends_with("_seconds"))
-                .map_or(name.clone(), str::to_owned)
-        })
-        .collect()
+    metric_names_after(expression, &format!("{namespace}_"))
 }
 
 /// One query of one panel of the dashboard.

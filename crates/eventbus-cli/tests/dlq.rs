@@ -438,30 +438,40 @@ fn write_config(scratch: &Scratch, text: String) -> PathBuf {
     path
 }
 
+/// A NATS service configuration for `client` on `server`, one attempt per envelope.
+fn nats_service(scratch: &Scratch, client: &str, server: &NatsServer) -> PathBuf {
+    write_config(
+        scratch,
+        format!(
+            "type = \"nats\"\nclient_id = \"{client}\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
+            server.url()
+        ),
+    )
+}
+
+/// A Kafka service configuration for `client` on the test broker, one attempt per envelope.
+fn kafka_service(scratch: &Scratch, client: &str) -> PathBuf {
+    write_config(
+        scratch,
+        format!(
+            "type = \"kafka\"\nclient_id = \"{client}\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
+            kafka_bootstrap()
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_nats() {
     let server = NatsServer::start();
     let scratch = Scratch::new("dlq-nats");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"nats\"\nclient_id = \"dlq\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
-            server.url()
-        ),
-    );
+    let config = nats_service(&scratch, "dlq", &server);
     dead_letters_round_trip(&config, "dlq.orders").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_kafka() {
     let scratch = Scratch::new("dlq-kafka");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"kafka\"\nclient_id = \"dlq\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
-            kafka_bootstrap()
-        ),
-    );
+    let config = kafka_service(&scratch, "dlq");
     dead_letters_round_trip(&config, "dlq.orders").await;
 }
 
@@ -469,26 +479,14 @@ async fn dead_letters_are_listed_replayed_to_their_topic_and_removed_on_kafka() 
 async fn parked_events_are_replayed_in_their_order_on_nats() {
     let server = NatsServer::start();
     let scratch = Scratch::new("park-nats");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"nats\"\nclient_id = \"park\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
-            server.url()
-        ),
-    );
+    let config = nats_service(&scratch, "park", &server);
     parked_events_come_back_in_order(&config, "park.orders").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_events_are_replayed_in_their_order_on_kafka() {
     let scratch = Scratch::new("park-kafka");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"kafka\"\nclient_id = \"park\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
-            kafka_bootstrap()
-        ),
-    );
+    let config = kafka_service(&scratch, "park");
     parked_events_come_back_in_order(&config, "park.orders").await;
 }
 
@@ -497,13 +495,7 @@ async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replay
 {
     let server = NatsServer::start();
     let scratch = Scratch::new("park-two-nats");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"nats\"\nclient_id = \"park2\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
-            server.url()
-        ),
-    );
+    let config = nats_service(&scratch, "park2", &server);
     an_aggregate_parked_on_two_topics_comes_back_on_both(&config, "park2").await;
 }
 
@@ -511,13 +503,7 @@ async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replay
 async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replayed_on_both_on_kafka()
  {
     let scratch = Scratch::new("park-two-kafka");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"kafka\"\nclient_id = \"park2\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
-            kafka_bootstrap()
-        ),
-    );
+    let config = kafka_service(&scratch, "park2");
     an_aggregate_parked_on_two_topics_comes_back_on_both(&config, "park2").await;
 }
 
@@ -525,25 +511,13 @@ async fn an_aggregate_parked_on_two_topics_sharing_a_dead_letter_topic_is_replay
 async fn a_replay_made_while_the_service_is_stopped_keeps_the_order_on_nats() {
     let server = NatsServer::start();
     let scratch = Scratch::new("park-stopped-nats");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"nats\"\nclient_id = \"stopped\"\n[retry]\nmax_attempts = 1\n[nats]\nurls = [\"{}\"]\n",
-            server.url()
-        ),
-    );
+    let config = nats_service(&scratch, "stopped", &server);
     a_replay_made_while_the_service_is_stopped_keeps_the_order(&config, "stopped.orders").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_made_while_the_service_is_stopped_keeps_the_order_on_kafka() {
     let scratch = Scratch::new("park-stopped-kafka");
-    let config = write_config(
-        &scratch,
-        format!(
-            "type = \"kafka\"\nclient_id = \"stopped\"\n[retry]\nmax_attempts = 1\n[kafka]\nbootstrap_servers = [\"{}\"]\ncommit_interval = \"200ms\"\ntopic_defaults = {{ partitions = 3 }}\n",
-            kafka_bootstrap()
-        ),
-    );
+    let config = kafka_service(&scratch, "stopped");
     a_replay_made_while_the_service_is_stopped_keeps_the_order(&config, "stopped.orders").await;
 }

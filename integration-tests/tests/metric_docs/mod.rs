@@ -81,3 +81,23 @@ pub(crate) fn http_get(address: SocketAddr, path: &str) -> Option<(u16, String)>
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_owned()))
 }
+
+/// The metric names `text` names after each `marker` (a namespace and its `_`, or the
+/// dashboard's `${namespace}_`), in order; a histogram's `_bucket`, `_sum` and `_count` series
+/// as the histogram itself.
+pub(crate) fn metric_names_after(text: &str, marker: &str) -> Vec<String> {
+    text.split(marker)
+        .skip(1)
+        .map(|piece| {
+            let name: String = piece
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| base.ends_with("_seconds"))
+                .map_or(name.clone(), str::to_owned)
+        })
+        .collect()
+}
