@@ -128,9 +128,10 @@ pub trait EventBus: Send + Sync {
     /// fails with `Config` (field `type`).
     async fn dead_letters(&self, dead_letter_topic: &str) -> Result<Vec<StoredDeadLetter>, Error>;
 
-    /// Acknowledges a dead letter that was replayed: it is no longer listed. NATS deletes it
-    /// from its stream; Kafka, whose records cannot be deleted one by one, records its position
-    /// in `{dead-letter topic}.replayed`.
+    /// Removes a dead letter: it is no longer listed. NATS deletes it from its stream; Kafka,
+    /// whose records cannot be deleted one by one, records its position in
+    /// `{dead-letter topic}.replayed`. A replayed copy (`X-Replay-Of`) removes its dead letter
+    /// by itself once a subscription has handled it; this is for dead letters dropped by hand.
     async fn remove_dead_letter(&self, letter: &StoredDeadLetter) -> Result<(), Error>;
 
     /// Stops intake, lets in-flight handlers finish up to the drain timeout, acknowledges what
