@@ -90,9 +90,13 @@ pub fn replayed_dead_letter(headers: &crate::Headers) -> Option<(&str, Position)
     Some((topic, Position::parse(position)?))
 }
 
+/// Header: the subscription that wrote the dead letter (its durable or consumer group): only
+/// that subscription removes it once it has handled its replayed copy.
+pub const HEADER_DEAD_LETTERED_BY: &str = "X-Dead-Lettered-By";
+
 /// The headers a dead letter adds to the original message, and those of an earlier replay:
 /// what a replay removes.
-pub const DEAD_LETTER_HEADERS: [&str; 12] = [
+pub const DEAD_LETTER_HEADERS: [&str; 13] = [
     HEADER_ORIGINAL_TOPIC,
     HEADER_ERROR_MESSAGE,
     HEADER_FAILED_ATTEMPTS,
@@ -105,6 +109,7 @@ pub const DEAD_LETTER_HEADERS: [&str; 12] = [
     HEADER_REPLAY_HEAD,
     HEADER_REPLAY_LAST,
     HEADER_REPLAY_OF,
+    HEADER_DEAD_LETTERED_BY,
 ];
 
 /// A dead letter as its dead-letter topic holds it: the message, with its place in that topic
@@ -166,6 +171,22 @@ impl StoredDeadLetter {
                 let key = self.message.key.as_ref()?;
                 std::str::from_utf8(key).ok().map(str::to_owned)
             })
+    }
+
+    /// Whether this is the dead letter whose replayed copy subscription `subscription` of
+    /// `topic` handled, with `payload`: it came from `topic`, holds the same bytes, and was
+    /// written by that subscription (a dead letter that does not say who wrote it, from an
+    /// older version or another SDK, is anyone's). What the runtime checks before it removes a
+    /// dead letter an `X-Replay-Of` header names, so that a forged or stale header removes
+    /// nothing else.
+    pub fn is_dead_letter_of(&self, topic: &str, payload: &[u8], subscription: &str) -> bool {
+        self.original_topic() == Some(topic)
+            && self.message.payload.as_ref() == payload
+            && self
+                .message
+                .headers
+                .get_str(HEADER_DEAD_LETTERED_BY)
+                .is_none_or(|by| by == subscription)
     }
 
     /// What a replay publishes, and where: the original key, payload and headers, without the

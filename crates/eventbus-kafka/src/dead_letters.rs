@@ -144,6 +144,69 @@ pub(crate) async fn read(
     .map_err(|error| Error::broker("the dead-letter reader ended", error))?
 }
 
+/// The dead letter at `partition`/`offset` of `topic`; `None` when the partition no longer (or
+/// never) holds a record at that offset. Replay markers are not read here: recording a dead
+/// letter replayed twice is harmless.
+///
+/// # Cancel safety
+///
+/// The reading runs on a blocking thread; a dropped call lets it finish on its own.
+pub(crate) async fn read_at(
+    config: &KafkaConfig,
+    client_id: &str,
+    topic: &str,
+    position: Position,
+) -> Result<Option<StoredDeadLetter>, Error> {
+    let Position::Partition { partition, offset } = position else {
+        return Err(Error::config(
+            "position",
+            "a Kafka dead letter sits at a partition and offset",
+        ));
+    };
+    let client = reader_config(config, client_id);
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = client
+            .create()
+            .map_err(|error| Error::config("kafka.properties", error.to_string()))?;
+        let (low, high) = match consumer.fetch_watermarks(&topic, partition, REQUEST_TIMEOUT) {
+            Ok(watermarks) => watermarks,
+            Err(KafkaError::MetadataFetch(_)) => return Ok(None),
+            Err(error) => return Err(read_error(&topic, error)),
+        };
+        if offset < low || offset >= high {
+            return Ok(None);
+        }
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&topic, partition, Offset::Offset(offset))
+            .map_err(|error| read_error(&topic, error))?;
+        consumer
+            .assign(&list)
+            .map_err(|error| read_error(&topic, error))?;
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(record)) if record.offset() == offset => {
+                    return Ok(Some(StoredDeadLetter {
+                        message: record_message(&record, &topic),
+                    }));
+                }
+                // Past it (a compacted offset, a control record): nothing there.
+                Some(Ok(record)) if record.offset() > offset => return Ok(None),
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+                Some(Err(error)) => return Err(read_error(&topic, error)),
+                _ => {}
+            }
+        }
+        Err(Error::Timeout {
+            operation: "reading one dead letter",
+            after: REQUEST_TIMEOUT,
+        })
+    })
+    .await
+    .map_err(|error| Error::broker("the dead-letter reader ended", error))?
+}
+
 /// The dead-letter reader's client: tuned as the bus's consumer is
 /// ([`KafkaConfig::consumer_tuning`]: without `fetch.queue.backoff.ms` at 10 ms, librdkafka
 /// stops fetching for a second whenever its prefetch queue fills, and a parking subscription's

@@ -239,6 +239,14 @@ impl Transport for Publisher {
         crate::dead_letters::read(&self.config, &self.client_id, topic).await
     }
 
+    async fn dead_letter_at(
+        &self,
+        topic: &str,
+        position: Position,
+    ) -> Result<Option<eventbus_core::StoredDeadLetter>, Error> {
+        crate::dead_letters::read_at(&self.config, &self.client_id, topic, position).await
+    }
+
     async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
         crate::dead_letters::remove(self, topic, position).await
     }

@@ -117,9 +117,16 @@ pub(crate) async fn remove(
         .get_stream_no_info(&name)
         .await
         .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+    let gone = |error: &async_nats::jetstream::stream::DeleteMessageError| {
+        matches!(
+            error.kind(),
+            async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(error) if is_gone(&error)
+        )
+    };
     match stream.delete_message(sequence).await {
+        // `false`: nothing was deleted, as for a sequence holding nothing.
         Ok(_) => Ok(()),
-        Err(error) if is_gone(&error) => Ok(()),
+        Err(error) if gone(&error) => Ok(()),
         Err(error) => Err(Error::broker(
             format!("cannot delete dead letter {sequence} from stream {name}"),
             error,
@@ -127,16 +134,80 @@ pub(crate) async fn remove(
     }
 }
 
-/// Whether a delete failed because the message is not in the stream (any more).
-fn is_gone(error: &async_nats::jetstream::stream::DeleteMessageError) -> bool {
+/// Whether a JetStream error says the message is not in the stream (any more): "no message
+/// found", "sequence not found" (a sequence deleted already, or below the stream's first), a
+/// sequence past the stream's last ("stream store EOF").
+fn is_gone(error: &async_nats::jetstream::Error) -> bool {
     use async_nats::jetstream::ErrorCode;
-    match error.kind() {
-        async_nats::jetstream::stream::DeleteMessageErrorKind::JetStream(error) => {
-            // "no message found", or "message delete failed: no message found".
-            error.error_code() == ErrorCode::NO_MESSAGE_FOUND
-                || (error.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
-                    && error.to_string().contains("no message found"))
+    let code = error.error_code();
+    code == ErrorCode::NO_MESSAGE_FOUND
+        || code == ErrorCode::SEQUENCE_NOT_FOUND
+        || ((code == ErrorCode::STREAM_MESSAGE_DELETE_FAILED) && {
+            let text = error.to_string();
+            text.contains("no message found")
+                || text.contains("not found")
+                || text.contains("store EOF")
+        })
+}
+
+/// The dead letter at `position` (a stream sequence) of `topic`; `None` when the stream holds
+/// no message there, or one of another subject (a stream shared with other topics).
+pub(crate) async fn read_at(
+    js: &jetstream::Context,
+    topic: &str,
+    position: Position,
+) -> Result<Option<StoredDeadLetter>, Error> {
+    let Position::Sequence(sequence) = position else {
+        return Err(Error::config(
+            "position",
+            "a NATS dead letter sits at a stream sequence",
+        ));
+    };
+    let name = match js.stream_by_subject(topic).await {
+        Ok(name) => name,
+        Err(error) if matches!(error.kind(), GetStreamByNameErrorKind::NotFound) => {
+            return Ok(None);
         }
-        _ => false,
+        Err(error) => return Err(read_error(topic, error)),
+    };
+    let stream = js
+        .get_stream_no_info(&name)
+        .await
+        .map_err(|error| read_error(topic, error))?;
+    let stored = match stream.get_raw_message(sequence).await {
+        Ok(stored) => stored,
+        Err(error) => {
+            let gone = match error.kind() {
+                async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => true,
+                async_nats::jetstream::stream::LastRawMessageErrorKind::JetStream(error) => {
+                    is_gone(&error)
+                }
+                _ => false,
+            };
+            return if gone {
+                Ok(None)
+            } else {
+                Err(read_error(topic, error))
+            };
+        }
+    };
+    if stored.subject.as_str() != topic {
+        return Ok(None);
     }
+    let message = async_nats::Message {
+        subject: stored.subject,
+        reply: None,
+        payload: stored.payload,
+        headers: Some(stored.headers),
+        status: None,
+        description: None,
+        length: 0,
+    };
+    let meta = DeliveryMeta {
+        position,
+        delivery_attempt: 1,
+        timestamp: None,
+    };
+    let (message, _) = take_apart(message, true, meta);
+    Ok(Some(StoredDeadLetter { message }))
 }

@@ -292,6 +292,14 @@ impl Transport for Broker {
         crate::dead_letters::read(&self.js, topic).await
     }
 
+    async fn dead_letter_at(
+        &self,
+        topic: &str,
+        position: Position,
+    ) -> Result<Option<eventbus_core::StoredDeadLetter>, Error> {
+        crate::dead_letters::read_at(&self.js, topic, position).await
+    }
+
     async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
         crate::dead_letters::remove(&self.js, topic, position).await
     }

@@ -473,7 +473,7 @@ where
 }
 
 /// Takes the lock on stream `name`: creates its key in [`STREAM_LOCKS`] (made if missing),
-/// waiting while another instance holds it, up to [`STREAM_LOCK_TTL`].
+/// waiting while another instance holds it, up to twice [`STREAM_LOCK_TTL`].
 async fn lock_stream(
     js: &jetstream::Context,
     name: &str,
@@ -501,13 +501,14 @@ async fn lock_stream(
         },
     };
     let key = crate::names::kv_safe(name);
-    let deadline = tokio::time::Instant::now() + STREAM_LOCK_TTL;
+    // Longer than a lock lives: one left by a holder that died expires before this gives up.
+    let deadline = tokio::time::Instant::now() + 2 * STREAM_LOCK_TTL;
     loop {
         match locks.create(&key, name.to_owned().into()).await {
             Ok(revision) => return Ok((locks, key, revision)),
             Err(error) if tokio::time::Instant::now() >= deadline => {
                 return Err(Error::broker(
-                    format!("stream {name} stayed locked by another instance for 30 s"),
+                    format!("stream {name} stayed locked by another instance for 60 s"),
                     error,
                 ));
             }

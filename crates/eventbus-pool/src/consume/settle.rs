@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use eventbus_core::{
-    DeliveryClass, HEADER_PARKED, Message, Outcome, Position, Settlement, dead_letter_message,
-    replayed_dead_letter,
+    DeliveryClass, HEADER_DEAD_LETTERED_BY, HEADER_PARKED, Message, Outcome, Position, Settlement,
+    dead_letter_message, replayed_dead_letter,
 };
 
 use futures::FutureExt;
@@ -137,7 +137,9 @@ async fn settle_now(
             if handled && let Some(park) = &settling.park {
                 park.handled();
             }
-            remove_replayed_dead_letter(runtime, settling).await;
+            if handled {
+                remove_replayed_dead_letter(runtime, settling).await;
+            }
             retried(runtime, "ack", || receipt.ack()).await;
             ended(
                 settling,
@@ -183,19 +185,65 @@ async fn settle_now(
     }
 }
 
+/// How many times removing a replayed copy's dead letter is tried before the copy is settled
+/// without it (the dead letter then stays listed: the safe side).
+const REMOVAL_ATTEMPTS: u32 = 5;
+
 /// A replayed copy (`X-Replay-Of`) was handled or dead-lettered again: removes the dead letter
-/// it copies, retried until the broker has done it, before the copy is settled. Until then the
-/// dead letter stays, so a parking reader that starts meanwhile (a restart, a rebalance, a
-/// replay made while the service was stopped) finds its aggregate parked and does not run a
-/// live event ahead of the replayed ones.
+/// it copies, before the copy is settled. Until then the dead letter stays, so a parking
+/// reader that starts meanwhile (a restart, a rebalance, a replay made while the service was
+/// stopped) finds its aggregate parked and does not run a live event ahead of the replayed
+/// ones.
+///
+/// Only this subscription's own dead letters: the header must name its dead-letter topic, and
+/// the letter found there must be this copy's (same topic and bytes) and written by this
+/// subscription (`X-Dead-Lettered-By`, when it says), so that a forged or stale header, or
+/// another service's copy, removes nothing. A failure is tried again a few times with backoff;
+/// one that persists (a stream that denies deletes, missing permissions, a position of the
+/// wrong kind) is logged and counted, and the copy settles anyway: the dead letter stays
+/// listed, and a copy never holds its aggregate for good.
 async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
     let Some((topic, position)) = replayed_dead_letter(&settling.message.headers) else {
         return;
     };
+    let subscription = &settling.subscription;
+    if subscription.dead_letter.as_deref() != Some(topic) {
+        tracing::debug!(subscription = %subscription.name, topic, "a replayed copy of another dead-letter topic's letter: not removed here");
+        return;
+    }
     // Boxed, as the rare path.
-    Box::pin(retried(runtime, "remove the replayed dead letter", || {
-        runtime.transport.remove_dead_letter(topic, position)
-    }))
+    Box::pin(async {
+        let transport = &runtime.transport;
+        let mut failures = 0u32;
+        loop {
+            let removed = async {
+                let Some(letter) = transport.dead_letter_at(topic, position).await? else {
+                    return Ok(());
+                };
+                if !letter.is_dead_letter_of(
+                    &subscription.topic,
+                    &settling.message.payload,
+                    &subscription.name,
+                ) {
+                    tracing::warn!(subscription = %subscription.name, topic, %position, "X-Replay-Of names a dead letter that is not this copy's, or another subscription's: not removed");
+                    return Ok(());
+                }
+                transport.remove_dead_letter(topic, position).await
+            }
+            .await;
+            let Err(error) = removed else {
+                return;
+            };
+            failures += 1;
+            runtime.counters.add(Stat::SettleFailures, 1);
+            if error.kind() == eventbus_core::ErrorKind::Config || failures >= REMOVAL_ATTEMPTS {
+                tracing::error!(subscription = %subscription.name, topic, %position, %error, failures, "the replayed copy's dead letter was not removed; it stays listed");
+                return;
+            }
+            tracing::warn!(subscription = %subscription.name, topic, %position, %error, failures, "removing the replayed copy's dead letter failed; retrying");
+            tokio::time::sleep(runtime.retry.backoff(failures)).await;
+        }
+    })
     .await;
 }
 
@@ -250,6 +298,10 @@ async fn write_dead_letter(
     if parked {
         letter.headers.insert(HEADER_PARKED, "true");
     }
+    letter.headers.insert(
+        HEADER_DEAD_LETTERED_BY,
+        settling.subscription.name.to_string(),
+    );
     let id = dedup_id(&settling.subscription.name, &full);
     let mut failures = 0u32;
     // Counts the message as waiting on its dead letter while the write fails, until it is

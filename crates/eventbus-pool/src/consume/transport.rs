@@ -30,9 +30,22 @@ pub trait Transport: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The dead letter at `position` of `topic`, or `None` when there is none there (removed
+    /// already, or another message of a shared stream sits at that position). The runtime
+    /// reads it before removing it. The default holds none.
+    async fn dead_letter_at(
+        &self,
+        topic: &str,
+        position: Position,
+    ) -> Result<Option<StoredDeadLetter>, Error> {
+        let _ = (topic, position);
+        Ok(None)
+    }
+
     /// Removes the dead letter at `position` of `topic`: a replayed copy of it was handled (or
-    /// dead-lettered again). Idempotent: a dead letter removed already is no error. The default
-    /// does nothing (a transport that keeps no dead letters).
+    /// dead-lettered again). Idempotent: a dead letter removed already is no error. A position
+    /// this transport cannot have is a `Config` error. The default does nothing (a transport
+    /// that keeps no dead letters).
     async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
         let _ = (topic, position);
         Ok(())
