@@ -942,7 +942,10 @@ impl Group {
             "{}/{}/{partition}/{generation}#{}",
             self.name, entry.topic, entry.id
         );
+        // Every reader of the topic in the group, whichever member and generation, owns its
+        // dead letters: a copy is handled wherever its partition is read then.
         let spec = SubscriptionSpec::new(entry.topic.clone(), name, entry.handler.clone())
+            .with_owner(format!("{}/{}", self.name, entry.topic))
             .with_dead_letter(entry.dead_letter.clone())
             .with_handler_timeout(entry.handler_timeout)
             .with_park_on_dead_letter(entry.park_on_dead_letter);

@@ -411,7 +411,9 @@ impl Inner {
                 (!ephemeral).then(|| broker.config.consumer.progress_interval()),
             );
         if let Some(group) = group {
-            subscription = subscription.with_park_group(group);
+            // The group's subjects own each other's dead letters: a copy of one written on the
+            // bare subject is handled on the aggregate's partition.
+            subscription = subscription.with_park_group(group).with_owner(group);
         }
         let consumer = inner.runtime.subscribe(subscription)?;
         let mut fetch = Fetch::new(subject, spec, consumer, inner.connection.clone(), origin);

@@ -48,6 +48,11 @@ pub struct SubscriptionSpec {
     /// Park an aggregate behind its dead letter (envelopes with a dead-letter topic; see
     /// `SubscribeOptions::park_on_dead_letter`).
     pub park_on_dead_letter: bool,
+    /// Who writes and owns the subscription's dead letters (`X-Dead-Lettered-By`): only a
+    /// subscription of the same owner removes one once it has handled its replayed copy. A
+    /// stable identity across the subscription's parts and lifetimes: a NATS durable (a
+    /// partitioned topic's group), a Kafka consumer group and topic. `None`: the name.
+    pub owner: Option<String>,
     /// Parking subscriptions of one runtime with the same group share their parked aggregates:
     /// the subjects of a partitioned topic, where an aggregate's events may come on two
     /// subjects (its partition, and the bare topic a publisher that does not partition writes
@@ -69,6 +74,7 @@ impl SubscriptionSpec {
             progress_interval: None,
             handler_timeout: None,
             park_on_dead_letter: false,
+            owner: None,
             park_group: None,
         }
     }
@@ -98,6 +104,12 @@ impl SubscriptionSpec {
     /// [`park_on_dead_letter`](Self::park_on_dead_letter)).
     pub fn with_park_on_dead_letter(mut self, park: bool) -> Self {
         self.park_on_dead_letter = park;
+        self
+    }
+
+    /// Sets who owns the subscription's dead letters (see [`owner`](Self::owner)).
+    pub fn with_owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
         self
     }
 
@@ -205,6 +217,7 @@ impl Consumer {
             handler: spec.handler.clone(),
             topic: Arc::from(spec.topic.as_str()),
             name: Arc::from(spec.name.as_str()),
+            owner: Arc::from(spec.owner.as_deref().unwrap_or(&spec.name)),
             dead_letter: spec.dead_letter.as_deref().map(Arc::from),
             timeout: handler_timeout,
             runtime: Arc::downgrade(runtime),
@@ -527,6 +540,8 @@ pub(super) struct Subscription {
     pub(super) topic: Arc<str>,
     /// The subscription's name (in logs, and in each dead letter's idempotency key).
     pub(super) name: Arc<str>,
+    /// Who owns its dead letters (`X-Dead-Lettered-By`).
+    pub(super) owner: Arc<str>,
     pub(super) dead_letter: Option<Arc<str>>,
     /// The spec's handler timeout, or the bus's.
     timeout: Option<Duration>,

@@ -223,7 +223,7 @@ async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
                 if !letter.is_dead_letter_of(
                     &subscription.topic,
                     &settling.message.payload,
-                    &subscription.name,
+                    &subscription.owner,
                 ) {
                     tracing::warn!(subscription = %subscription.name, topic, %position, "X-Replay-Of names a dead letter that is not this copy's, or another subscription's: not removed");
                     return Ok(());
@@ -300,7 +300,7 @@ async fn write_dead_letter(
     }
     letter.headers.insert(
         HEADER_DEAD_LETTERED_BY,
-        settling.subscription.name.to_string(),
+        settling.subscription.owner.to_string(),
     );
     let id = dedup_id(&settling.subscription.name, &full);
     let mut failures = 0u32;
