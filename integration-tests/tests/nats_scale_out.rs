@@ -1155,9 +1155,13 @@ async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_runnin
             "attempt {attempt}: an instance with 3 partitions was accepted while the running \
              instance reads the topic with 2 (it reads slots {reading:?})"
         );
-        // Spaced out over the 8 s: each attempt is a new instance, the running one's count
-        // must outlive every gap between its renewals.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The next attempt comes once the running instance has renewed the count again: the
+        // count must outlive every gap between its renewals.
+        let renewed = count_revision(&server, &running, topic).await;
+        integration_tests::eventually("the running instance renewing the count", || async {
+            count_revision(&server, &running, topic).await != renewed
+        })
+        .await;
     }
     running.close().await.unwrap();
 }
@@ -1273,4 +1277,18 @@ async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_ba
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     service.close().await.unwrap();
+}
+
+/// The revision of the partition count in the group bucket of `bus`'s subscription to `topic`.
+async fn count_revision(server: &NatsServer, bus: &NatsBus, topic: &str) -> Option<u64> {
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.ok()?);
+    let bucket = js
+        .get_key_value(format!("eventbus_{}", bus.durable_name(topic, 1)))
+        .await
+        .ok()?;
+    bucket
+        .entry("partitions")
+        .await
+        .ok()?
+        .map(|entry| entry.revision)
 }
