@@ -88,11 +88,16 @@ pub async fn read_handled(
     handled: &mut Vec<(String, i64)>,
     until: usize,
 ) {
+    // Counted as they come: recounting everything per line is quadratic, and a reader that
+    // falls behind its consumers times out with their lines still queued.
+    let mut distinct: HashSet<(String, i64)> = handled.iter().cloned().collect();
     let read_all = async {
-        while handled.iter().collect::<HashSet<_>>().len() < until {
+        while distinct.len() < until {
             let line = lines.recv().await.expect("consumer output");
             let (aggregate, version) = line.split_once(' ').expect("a handled line");
-            handled.push((aggregate.to_owned(), version.parse().expect("a version")));
+            let pair = (aggregate.to_owned(), version.parse().expect("a version"));
+            distinct.insert(pair.clone());
+            handled.push(pair);
         }
     };
     tokio::time::timeout(DEADLINE * 3, read_all)
