@@ -1168,6 +1168,61 @@ async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_runnin
     running.close().await.unwrap();
 }
 
+/// An instance joining with another `pinned_ttl` (1 s, the running one 10 s) binds the
+/// group's durables as they are: their `priority_timeout` stays the running instance's, so the
+/// server does not unpin a running reader after a pause the group was configured to survive.
+/// (Found by review: the joining instance rewrote every partition's durable to its own 1 s.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_a_shorter_pinned_ttl_keeps_the_groups_pin_lifetime() {
+    let server = NatsServer::start();
+    let topic = "scale.pinttl";
+    let running = connect(
+        "pinttl",
+        with_ttl(
+            partitioned_config(&server.url(), topic, 2),
+            Duration::from_secs(10),
+        ),
+    )
+    .await;
+    let handled = Recorder::<(String, i64)>::new();
+    let _first = running
+        .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let joining = connect(
+        "pinttl",
+        with_ttl(
+            partitioned_config(&server.url(), topic, 2),
+            Duration::from_secs(1),
+        ),
+    )
+    .await;
+    let _second = joining
+        .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    eventually("both instances reading", || async {
+        !running.partitions_reading(topic).is_empty()
+            && !joining.partitions_reading(topic).is_empty()
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js.get_stream("STREAM_scale_pinttl").await.unwrap();
+    let bare = running.durable_name(topic, 1);
+    for durable in [format!("{bare}_0"), format!("{bare}_1"), bare.clone()] {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(&durable).await.unwrap();
+        let timeout = consumer.info().await.unwrap().config.priority_timeout;
+        assert_eq!(
+            timeout,
+            Duration::from_secs(10),
+            "{durable}: the joining instance changed the group's pin lifetime"
+        );
+    }
+    joining.close().await.unwrap();
+    running.close().await.unwrap();
+}
+
 fn one_attempt(client: &str) -> eventbus_nats::BusSettings {
     let mut settings = nats_settings(client);
     settings.pool.retry.max_attempts = 1;

@@ -148,6 +148,21 @@ pub(crate) async fn ensure_consumer(
                 ),
             ));
         }
+        if wanted.priority_policy == jetstream::consumer::PriorityPolicy::PinnedClient
+            && current.priority_policy == wanted.priority_policy
+            && current.priority_timeout != wanted.priority_timeout
+        {
+            // The group's pins live as long as its durables say, whichever instance made them
+            // (as its bucket's claims do): an instance with another `pinned_ttl` binds them
+            // as they are rather than shortening the running instances' pins.
+            tracing::warn!(
+                durable = %durable,
+                group = ?current.priority_timeout,
+                configured = ?wanted.priority_timeout,
+                "nats.scale_out.pinned_ttl differs from the group's; keeping the group's"
+            );
+            wanted.priority_timeout = current.priority_timeout;
+        }
         let reset_to = match resume {
             Resume::No | Resume::MissingFrom(_) => None,
             Resume::IfAbandoned => (info.num_ack_pending > 0 && info.num_waiting == 0)
