@@ -1023,6 +1023,88 @@ async fn two_instances_binding_one_existing_stream_at_once_both_keep_their_subje
     }
 }
 
+/// While another instance holds the lock of one stream (it is changing it), a publish to a topic
+/// of that stream waits for the lock, and a publish to any other topic of the same bus goes
+/// through meanwhile. Found by review: the bus held its map of known streams while waiting for
+/// the lock, so every other topic's first publish or subscribe waited up to 60 s with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_locked_by_another_instance_holds_only_its_own_topics() {
+    let server = NatsServer::start();
+    let js = raw(&server).await;
+    js.create_stream(jetstream::stream::Config {
+        name: "HELD".into(),
+        subjects: vec!["held.orders".into()],
+        ..jetstream::stream::Config::default()
+    })
+    .await
+    .unwrap();
+    // Another instance is changing HELD: it holds its key in the lock bucket.
+    let locks = js
+        .create_key_value(jetstream::kv::Config {
+            bucket: "eventbus_stream_updates".into(),
+            history: 1,
+            max_age: Duration::from_secs(30),
+            ..jetstream::kv::Config::default()
+        })
+        .await
+        .unwrap();
+    let revision = locks.create("HELD", "another".into()).await.unwrap();
+    // The partitioned topic's partitions are added to HELD, which takes its lock.
+    let mut config = nats_config(&server.url());
+    config.topics.insert(
+        "held.orders".into(),
+        TopicOptions {
+            partitions: Some(2),
+            ..TopicOptions::default()
+        },
+    );
+    let bus = Arc::new(
+        NatsBus::connect(nats_settings("held"), config)
+            .await
+            .unwrap(),
+    );
+    // Each attempt to take the lock is a publish to the key's subject, which a core subscriber
+    // sees even when JetStream refuses it (the key exists).
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let mut attempts = client
+        .subscribe("$KV.eventbus_stream_updates.HELD")
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let waiting = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.publish_envelope("held.orders", &envelope("o-1", 1))
+                .await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), attempts.next())
+        .await
+        .expect("the bus trying to take the stream's lock")
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        bus.publish_envelope("free.payments", &envelope("p-1", 1)),
+    )
+    .await
+    .expect("a publish to another stream's topic waited for the locked stream")
+    .unwrap();
+    assert!(
+        !waiting.is_finished(),
+        "the locked stream was changed under the lock"
+    );
+    locks
+        .delete_expect_revision("HELD", Some(revision))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting publish once the lock was released")
+        .unwrap()
+        .unwrap();
+    bus.close().await.unwrap();
+}
+
 /// A bus whose handler fails v1 of every aggregate for good (one attempt) and records what it
 /// handles, subscribed to `topic` with dead letters to `{topic}.DLQ`.
 async fn failing_v1(

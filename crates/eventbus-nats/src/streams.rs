@@ -60,7 +60,8 @@ pub(crate) struct Streams {
     definitions: Vec<StreamDefinition>,
     /// The topics' options: which are partitioned.
     topics: std::collections::BTreeMap<String, TopicOptions>,
-    known: tokio::sync::Mutex<HashMap<String, String>>,
+    /// Where each topic lives, once found. Never held across an await.
+    known: std::sync::Mutex<HashMap<String, String>>,
 }
 
 fn stream_config(
@@ -168,7 +169,7 @@ impl Streams {
             prefix: config.stream_prefix.clone(),
             definitions: config.streams.clone(),
             topics: config.topics.clone(),
-            known: tokio::sync::Mutex::new(HashMap::new()),
+            known: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -260,22 +261,33 @@ impl Streams {
         topic: &str,
         spec: StreamSpec,
     ) -> Result<String, Error> {
-        let mut known = self.known.lock().await;
-        if let Some(name) = known.get(topic) {
+        if let Some(name) = self.known().get(topic) {
             return Ok(name.clone());
         }
+        // Not held while the stream is found, made or extended: that may wait for another
+        // instance's stream lock (up to twice its lifetime), and every other topic of this bus
+        // would wait with it. Two calls for one topic may both do the work; it is idempotent.
         let Some((base, partitions)) = partitioned(&self.topics, topic) else {
             let name = self.find_or_create(js, topic, spec).await?;
-            known.insert(topic.to_owned(), name.clone());
+            self.known().insert(topic.to_owned(), name.clone());
             return Ok(name);
         };
         let name = self.find_or_create(js, base, spec).await?;
         let all = subjects(base, partitions);
         cover(js, &name, &all).await?;
+        let mut known = self.known();
         for subject in all {
             known.insert(subject, name.clone());
         }
         Ok(name)
+    }
+
+    /// Where the topics found so far live.
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Nothing panics while holding it.
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The stream that holds `topic`, found or made (see [`ensure`](Self::ensure)).
@@ -350,7 +362,7 @@ impl Streams {
     /// Forgets where `topic` lives (and, for a partitioned topic, its partitions) (its stream was deleted, e.g. a memory stream after a
     /// server restart), so the next [`ensure`](Self::ensure) looks again.
     pub(crate) async fn forget(&self, topic: &str) {
-        let mut known = self.known.lock().await;
+        let mut known = self.known();
         match partitioned(&self.topics, topic) {
             Some((base, partitions)) => {
                 for subject in subjects(base, partitions) {
