@@ -1223,6 +1223,68 @@ async fn an_instance_with_a_shorter_pinned_ttl_keeps_the_groups_pin_lifetime() {
     running.close().await.unwrap();
 }
 
+/// The group's rounds cost the server no consumer each: an instance watches the bucket with one
+/// consumer and reads the members without making another. After a dozen rounds of two instances,
+/// the bucket's stream has at most one consumer per instance. (Found while reading a CI failure:
+/// each round listed the bucket's keys, which makes a consumer that lingers 30 s on the server;
+/// three instances under load left 214 of them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_groups_rounds_leave_no_consumers_behind_on_the_server() {
+    let server = NatsServer::start();
+    let topic = "scale.rounds";
+    let config = partitioned_config(&server.url(), topic, 2);
+    let handled = Recorder::<(String, i64)>::new();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let bus = connect("rounds", config.clone()).await;
+        bus.subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+            .await
+            .unwrap();
+        instances.push(bus);
+    }
+    eventually("both instances reading", || async {
+        instances
+            .iter()
+            .all(|bus| !bus.partitions_reading(topic).is_empty())
+    })
+    .await;
+    // Each round renews the partition count (a new revision of its key): a dozen renewals seen
+    // are a dozen rounds at least.
+    let renewals = Arc::new(Mutex::new((None, 0usize)));
+    eventually("a dozen rounds", || {
+        let renewals = renewals.clone();
+        let (server, bus) = (&server, &instances[0]);
+        async move {
+            let revision = count_revision(server, bus, topic).await;
+            let mut renewals = renewals.lock().unwrap();
+            if revision.is_some() && revision != renewals.0 {
+                *renewals = (revision, renewals.1 + 1);
+            }
+            renewals.1 > 12
+        }
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let bucket = format!("KV_eventbus_{}", instances[0].durable_name(topic, 1));
+    let consumers = js
+        .get_stream(&bucket)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .consumer_count;
+    assert!(
+        consumers <= instances.len(),
+        "{consumers} consumers on {bucket} after a dozen rounds of {} instances",
+        instances.len()
+    );
+    for bus in &instances {
+        bus.close().await.unwrap();
+    }
+}
+
 fn one_attempt(client: &str) -> eventbus_nats::BusSettings {
     let mut settings = nats_settings(client);
     settings.pool.retry.max_attempts = 1;

@@ -405,18 +405,34 @@ impl Group {
             message: format!("cannot read the group's members: {error}"),
             source: None,
         };
-        let mut keys = self
+        // The subjects of the member keys, from the stream's info: listing the bucket's keys
+        // would make a consumer on the server per round (one that lingers for 30 s).
+        let prefix = format!("{}members.", self.bucket.prefix);
+        let mut subjects = self
             .bucket
-            .keys()
+            .stream
+            .info_with_subjects(format!("{prefix}>"))
             .await
             .map_err(|error| read(error.to_string()))?;
-        let mut members = vec![self.instance.clone()];
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|error| read(error.to_string()))?;
-            if let Some(member) = key.strip_prefix("members.")
+        let mut candidates = Vec::new();
+        while let Some(subject) = subjects.next().await {
+            let (subject, _) = subject.map_err(|error| read(error.to_string()))?;
+            if let Some(member) = subject.strip_prefix(&prefix)
                 && member != self.instance
             {
-                members.push(member.to_owned());
+                candidates.push(member.to_owned());
+            }
+        }
+        let mut members = vec![self.instance.clone()];
+        for member in candidates {
+            // A member that left has a delete marker as its last message.
+            let entry = self
+                .bucket
+                .entry(format!("members.{member}"))
+                .await
+                .map_err(|error| read(error.to_string()))?;
+            if entry.is_some_and(|entry| entry.operation == kv::Operation::Put) {
+                members.push(member);
             }
         }
         members.sort();
