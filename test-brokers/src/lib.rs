@@ -45,4 +45,4 @@ pub fn free_port() -> u16 {
 }
 
 pub use kafka::{KafkaBroker, kafka_bootstrap, kafka_libs};
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};

@@ -16,7 +16,16 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     store: PathBuf,
+    /// The health check that says it is ready: JetStream enabled (a single server), or current
+    /// with the cluster's meta leader and its streams (a cluster node).
+    health: &'static str,
 }
+
+/// Ready once JetStream is enabled.
+const SINGLE_HEALTH: &str = "/healthz?js-enabled-only=true";
+/// Ready once JetStream is current with the meta leader and every stream and consumer assigned
+/// to the node.
+const CLUSTER_HEALTH: &str = "/healthz";
 
 fn binary() -> PathBuf {
     let Some(path) = std::env::var_os("NATS_SERVER_BIN") else {
@@ -59,13 +68,7 @@ impl NatsServer {
             // A failed attempt's drop removed the directory.
             std::fs::create_dir_all(&store).expect("a JetStream store directory");
             let (port, monitor_port) = (free_port(), free_port());
-            let mut server = Self {
-                child: Self::spawn(port, monitor_port, &store, &args),
-                args: args.clone(),
-                port,
-                monitor_port,
-                store: store.clone(),
-            };
+            let mut server = Self::launch(port, monitor_port, store.clone(), args.clone());
             match server.wait_ready() {
                 Ok(()) => return server,
                 Err(exited) if attempt < START_ATTEMPTS => {
@@ -74,6 +77,18 @@ impl NatsServer {
                 }
                 Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
             }
+        }
+    }
+
+    /// Spawns a server (not waiting for it) with a single server's health check.
+    fn launch(port: u16, monitor_port: u16, store: PathBuf, args: Vec<String>) -> Self {
+        Self {
+            child: Self::spawn(port, monitor_port, &store, &args),
+            args,
+            port,
+            monitor_port,
+            store,
+            health: SINGLE_HEALTH,
         }
     }
 
@@ -103,8 +118,33 @@ impl NatsServer {
         let _ = self.child.wait();
     }
 
+    /// Stops the server with SIGSTOP: its sockets stay open, nothing is answered (a node hung,
+    /// or cut off without its connections closing). [`thaw`](Self::thaw) lets it go on.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`freeze`](Self::freeze)d server go on (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} {} failed", self.child.id());
+    }
+
+    /// The server's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the server again on the same ports with the same JetStream store (after
-    /// [`kill`](Self::kill)); returns once JetStream is ready.
+    /// [`kill`](Self::kill)); returns once JetStream is ready (a cluster node: current with
+    /// the cluster again).
     pub fn start_again(&mut self) {
         self.kill();
         self.child = Self::spawn(self.port, self.monitor_port, &self.store, &self.args);
@@ -135,16 +175,27 @@ impl NatsServer {
         }
     }
 
-    /// True when `/healthz?js-enabled-only=true` answers 200.
+    /// True when the health check answers 200 (`/healthz?js-enabled-only=true` for a single
+    /// server, `/healthz` for a cluster node).
     pub fn healthy(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.monitor_port)) else {
-            return false;
-        };
-        let request = "GET /healthz?js-enabled-only=true HTTP/1.0\r\nHost: localhost\r\n\r\n";
+        self.monitor(self.health)
+            .is_some_and(|(status, _)| status == 200)
+    }
+
+    /// Asks the monitoring endpoint for `path` (e.g. `/jsz`): the HTTP status and the body;
+    /// `None` when the server does not answer.
+    pub fn monitor(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.monitor_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        stream.write_all(request.as_bytes()).ok()?;
         let mut response = String::new();
-        stream.write_all(request.as_bytes()).is_ok()
-            && stream.read_to_string(&mut response).is_ok()
-            && response.starts_with("HTTP/1.0 200")
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_owned());
+        Some((status, body))
     }
 
     /// The client URL.
@@ -163,5 +214,98 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// A cluster of nats-servers with JetStream on loopback, joined by routes (each node solicits
+/// the others), each with its own store; every node can be killed, frozen and started again.
+/// Stopped (every node killed, its store removed) when dropped.
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and returns once each is current with the cluster (a meta leader
+    /// elected). A node that exits while starting (a port taken meanwhile) starts the whole
+    /// cluster again on other ports.
+    pub fn start(size: usize) -> Self {
+        assert!(size >= 1, "a cluster has a node");
+        let mut attempt = 1;
+        loop {
+            let ports: Vec<(u16, u16, u16)> = (0..size)
+                .map(|_| (free_port(), free_port(), free_port()))
+                .collect();
+            let run = format!("{}-{}", std::process::id(), free_port());
+            let nodes: Vec<NatsServer> = ports
+                .iter()
+                .enumerate()
+                .map(|(index, (port, monitor_port, cluster_port))| {
+                    let routes: Vec<String> = ports
+                        .iter()
+                        .enumerate()
+                        .filter(|(other, _)| *other != index)
+                        .map(|(_, (_, _, route))| format!("nats://127.0.0.1:{route}"))
+                        .collect();
+                    let args = vec![
+                        "--server_name".to_owned(),
+                        format!("n{index}"),
+                        "--cluster_name".to_owned(),
+                        "eventbus-test".to_owned(),
+                        "--cluster".to_owned(),
+                        format!("nats://127.0.0.1:{cluster_port}"),
+                        "--routes".to_owned(),
+                        routes.join(","),
+                    ];
+                    let store =
+                        std::env::temp_dir().join(format!("eventbus-nats-cluster-{run}-n{index}"));
+                    std::fs::create_dir_all(&store).expect("a JetStream store directory");
+                    let mut node = NatsServer::launch(*port, *monitor_port, store, args);
+                    node.health = CLUSTER_HEALTH;
+                    node
+                })
+                .collect();
+            let mut cluster = Self { nodes };
+            match cluster
+                .nodes
+                .iter_mut()
+                .try_for_each(NatsServer::wait_ready)
+            {
+                Ok(()) => return cluster,
+                Err(exited) if attempt < START_ATTEMPTS => {
+                    eprintln!("{exited}; starting the cluster again on other ports");
+                    attempt += 1;
+                }
+                Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
+            }
+        }
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
+    }
+
+    /// Node `index` (its URL, and killing, freezing or starting it again).
+    pub fn node(&mut self, index: usize) -> &mut NatsServer {
+        let size = self.nodes.len();
+        self.nodes
+            .get_mut(index)
+            .unwrap_or_else(|| panic!("the cluster has {size} nodes, not node {index}"))
+    }
+
+    /// The index of the node named `name` (`n0`, `n1`, ...: the server names the cluster
+    /// reports as stream and consumer leaders).
+    pub fn index_of(name: &str) -> Option<usize> {
+        name.strip_prefix('n')?.parse().ok()
+    }
+
+    /// How many nodes it has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Never: a cluster has a node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
     }
 }
