@@ -270,7 +270,10 @@ impl NatsCluster {
                 .iter_mut()
                 .try_for_each(NatsServer::wait_ready)
             {
-                Ok(()) => return cluster,
+                Ok(()) => {
+                    cluster.wait_for_meta_quorum();
+                    return cluster;
+                }
                 Err(exited) if attempt < START_ATTEMPTS => {
                     eprintln!("{exited}; starting the cluster again on other ports");
                     attempt += 1;
@@ -278,6 +281,49 @@ impl NatsCluster {
                 Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
             }
         }
+    }
+
+    /// Waits (30 s at most, then a panic) until the meta leader sees every other node as a
+    /// current peer: before that, a stream with as many replicas as nodes is refused ("no
+    /// suitable peers for placement").
+    pub fn wait_for_meta_quorum(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.meta_quorum() {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster's meta leader did not see every node current within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True when some node names a meta leader and that leader sees every other node current.
+    fn meta_quorum(&self) -> bool {
+        let meta = |node: &NatsServer| -> Option<serde_json::Value> {
+            let (status, body) = node.monitor("/jsz")?;
+            let jsz: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (status == 200).then(|| jsz.get("meta_cluster").cloned())?
+        };
+        let Some(leader) = self
+            .nodes
+            .iter()
+            .find_map(|node| meta(node)?.get("leader")?.as_str().and_then(Self::index_of))
+        else {
+            return false;
+        };
+        let Some(view) = self.nodes.get(leader).and_then(meta) else {
+            return false;
+        };
+        let peers = view
+            .get("replicas")
+            .and_then(serde_json::Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        peers.len() + 1 == self.nodes.len()
+            && peers.iter().all(|peer| {
+                peer.get("current").and_then(serde_json::Value::as_bool) == Some(true)
+                    && peer.get("offline").and_then(serde_json::Value::as_bool) != Some(true)
+            })
     }
 
     /// Every node's client URL.

@@ -176,7 +176,9 @@ impl Default for StreamLimits {
 /// Binding an existing stream (one a Go service or an operator made, maybe shared with other
 /// services) never narrows it: the subjects it lacks are added, the ones it has are kept (even
 /// those this definition does not name), and its limits, storage and replicas stay as they are
-/// unless [`update_limits`](Self::update_limits) asks for this definition's limits.
+/// unless [`update_limits`](Self::update_limits) asks for this definition's limits (and its
+/// [`replicas`](Self::replicas), when given). A stream with fewer replicas than configured is
+/// reported (a warning naming it) and kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamDefinition {
@@ -191,8 +193,13 @@ pub struct StreamDefinition {
     /// [`StreamLimits::default`].
     #[serde(default)]
     pub limits: StreamLimits,
-    /// Set an existing stream's limits to [`limits`](Self::limits) at connect. Default `false`:
-    /// an existing stream keeps its own.
+    /// Its replicas (1 to 5, on a cluster), when the bus makes it (or with `update_limits`).
+    /// Default [`NatsConfig::replicas`].
+    #[serde(default)]
+    pub replicas: Option<u16>,
+    /// Set an existing stream's limits to [`limits`](Self::limits), and its replicas to
+    /// [`replicas`](Self::replicas) when given, at connect. Default `false`: an existing stream
+    /// keeps its own.
     #[serde(default)]
     pub update_limits: bool,
 }
@@ -205,6 +212,7 @@ impl StreamDefinition {
             subjects,
             storage: Storage::File,
             limits: StreamLimits::default(),
+            replicas: None,
             update_limits: false,
         }
     }
@@ -228,6 +236,10 @@ pub struct TopicOptions {
     /// instances of a service share, each read by one instance at a time (`docs/nats.md`,
     /// "Scaling out"). `None` (the default): one subject, read by one instance.
     pub partitions: Option<u16>,
+    /// The replicas of the stream made for the topic (1 to 5, on a cluster), instead of
+    /// [`NatsConfig::replicas`]. For a dead-letter stream, set it on the dead-letter topic
+    /// (`"orders.DLQ"`).
+    pub replicas: Option<u16>,
 }
 
 /// The durable pull consumer made for each subscription.
@@ -324,6 +336,12 @@ pub struct NatsConfig {
     pub dead_letter_limits: StreamLimits,
     /// Streams created or updated at connect; a topic their subjects cover uses them.
     pub streams: Vec<StreamDefinition>,
+    /// The replicas of every stream the bus makes: the topics' and the dead letters' streams,
+    /// the declared [`streams`](Self::streams) made at connect, the scale-out groups' buckets and
+    /// the stream-lock bucket (1 to 5; more than 1 needs a JetStream cluster of at least that
+    /// many servers). A topic's own [`TopicOptions::replicas`] wins. Streams that exist keep
+    /// theirs (one with fewer is reported with a warning). Default 1.
+    pub replicas: u16,
     /// Options per topic.
     pub topics: BTreeMap<String, TopicOptions>,
     /// The durable consumers.
@@ -382,6 +400,7 @@ impl Default for NatsConfig {
             stream_limits: StreamLimits::default(),
             dead_letter_limits: StreamLimits::dead_letters(),
             streams: Vec::new(),
+            replicas: 1,
             topics: BTreeMap::new(),
             consumer: ConsumerSettings::default(),
             scale_out: ScaleOutSettings::default(),
@@ -493,7 +512,25 @@ fn name_ok(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// JetStream keeps 1 to 5 replicas of a stream.
+fn replicas_ok(field: &'static str, replicas: u16) -> Result<(), Error> {
+    if (1..=5).contains(&replicas) {
+        Ok(())
+    } else {
+        Err(Error::config(
+            field,
+            format!("{replicas}: JetStream keeps 1 to 5 replicas of a stream"),
+        ))
+    }
+}
+
 impl NatsConfig {
+    /// The replicas of the stream the bus makes for `topic` (a partition: its topic's): the
+    /// topic's own, else [`replicas`](Self::replicas).
+    pub fn replicas_of(&self, topic: &str) -> u16 {
+        self.topic(topic).replicas.unwrap_or(self.replicas)
+    }
+
     /// Checks every field; the error names the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
         if self.urls.is_empty() {
@@ -536,7 +573,11 @@ impl NatsConfig {
                 "only letters, digits, '_' and '-'",
             ));
         }
+        replicas_ok("nats.replicas", self.replicas)?;
         for stream in &self.streams {
+            if let Some(replicas) = stream.replicas {
+                replicas_ok("nats.streams.replicas", replicas)?;
+            }
             if !name_ok(&stream.name) {
                 return Err(Error::config(
                     "nats.streams.name",
@@ -553,6 +594,9 @@ impl NatsConfig {
         for (topic, options) in &self.topics {
             validate_topic(topic)
                 .map_err(|error| Error::config("nats.topics", error.to_string()))?;
+            if let Some(replicas) = options.replicas {
+                replicas_ok("nats.topics.replicas", replicas)?;
+            }
             match options.partitions {
                 Some(0) => {
                     return Err(Error::config(
@@ -847,6 +891,49 @@ mod tests {
         assert_eq!(fine.partitioned("orders"), Some(("orders", 3)));
         assert_eq!(fine.partitioned("orders.10"), None);
         assert_eq!(fine.partitioned("orders.01"), None);
+    }
+
+    #[test]
+    fn replicas_outside_one_to_five_are_refused_and_a_topics_own_win() {
+        let refused_field = |config: &NatsConfig| match config.validate() {
+            Err(Error::Config { field, .. }) => field.to_string(),
+            other => panic!("a Config error, not {other:?}"),
+        };
+        let mut config = NatsConfig {
+            replicas: 3,
+            ..NatsConfig::default()
+        };
+        config.topics.insert(
+            "audit".into(),
+            TopicOptions {
+                replicas: Some(1),
+                ..TopicOptions::default()
+            },
+        );
+        config.validate().unwrap();
+        assert_eq!(config.replicas_of("audit"), 1);
+        assert_eq!(config.replicas_of("orders"), 3);
+        for replicas in [0, 6] {
+            let bad = NatsConfig {
+                replicas,
+                ..config.clone()
+            };
+            assert_eq!(refused_field(&bad), "nats.replicas", "{replicas}");
+        }
+        let mut bad = config.clone();
+        bad.topics.insert(
+            "audit".into(),
+            TopicOptions {
+                replicas: Some(7),
+                ..TopicOptions::default()
+            },
+        );
+        assert_eq!(refused_field(&bad), "nats.topics.replicas");
+        let mut bad = config;
+        let mut stream = StreamDefinition::new("S", vec!["s.>".into()]);
+        stream.replicas = Some(0);
+        bad.streams.push(stream);
+        assert_eq!(refused_field(&bad), "nats.streams.replicas");
     }
 
     #[test]

@@ -148,6 +148,7 @@ pub(crate) async fn subscribe(
         &bucket_name(&durable),
         topic,
         broker.config.scale_out.pinned_ttl,
+        broker.config.replicas_of(topic),
     )
     .await?;
     // Every instance must split the topic alike: `claims.{n}` names a subject by its number.
@@ -204,7 +205,7 @@ pub(crate) async fn subscribe(
 }
 
 /// Opens the group's bucket `name`: binds it when it exists, makes it (`max_age` =
-/// `pinned_ttl`) when it does not. An existing bucket is never changed: its `max_age` is the
+/// `pinned_ttl`, with `replicas`) when it does not. An existing bucket is never changed: its `max_age` is the
 /// group's claim lifetime, which an instance with another `pinned_ttl` (refused or not) must
 /// not shorten under the running ones; it is returned, and this instance renews at its pace.
 async fn open_bucket(
@@ -212,6 +213,7 @@ async fn open_bucket(
     name: &str,
     topic: &str,
     pinned_ttl: Duration,
+    replicas: u16,
 ) -> Result<(kv::Store, Duration), Error> {
     let mut last_failure = String::new();
     for _ in 0..3 {
@@ -233,6 +235,7 @@ async fn open_bucket(
                 history: 1,
                 max_age: pinned_ttl,
                 storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: usize::from(replicas),
                 ..kv::Config::default()
             })
             .await;

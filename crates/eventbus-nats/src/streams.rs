@@ -26,6 +26,7 @@ pub(crate) enum Kind {
 pub(crate) struct StreamSpec {
     pub(crate) storage: Storage,
     pub(crate) limits: StreamLimits,
+    pub(crate) replicas: u16,
     pub(crate) dead_letters: bool,
 }
 
@@ -39,6 +40,7 @@ pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> Strea
         return StreamSpec {
             storage: Storage::File,
             limits: config.dead_letter_limits,
+            replicas: config.replicas_of(topic),
             dead_letters,
         };
     }
@@ -50,6 +52,7 @@ pub(crate) fn stream_spec(config: &NatsConfig, topic: &str, kind: Kind) -> Strea
     StreamSpec {
         storage: config.topic(topic).storage.unwrap_or(default),
         limits: config.stream_limits,
+        replicas: config.replicas_of(topic),
         dead_letters,
     }
 }
@@ -60,6 +63,8 @@ pub(crate) struct Streams {
     definitions: Vec<StreamDefinition>,
     /// The topics' options: which are partitioned.
     topics: std::collections::BTreeMap<String, TopicOptions>,
+    /// The replicas of a declared stream made at connect that names none.
+    replicas: u16,
     /// Where each topic lives, once found. Never held across an await.
     known: std::sync::Mutex<HashMap<String, String>>,
 }
@@ -69,6 +74,7 @@ fn stream_config(
     subjects: Vec<String>,
     storage: Storage,
     limits: StreamLimits,
+    replicas: u16,
 ) -> stream::Config {
     let to_i64 = |value: Option<u64>| value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
     stream::Config {
@@ -81,7 +87,21 @@ fn stream_config(
         max_age: limits.max_age.unwrap_or(Duration::ZERO),
         max_bytes: to_i64(limits.max_bytes),
         max_messages: to_i64(limits.max_msgs),
+        num_replicas: usize::from(replicas),
         ..stream::Config::default()
+    }
+}
+
+/// Warns when the existing stream `name` keeps fewer replicas than the configuration asks for
+/// (it is kept as it is: a stream is changed only on an explicit instruction).
+fn warn_if_fewer_replicas(name: &str, existing: usize, wanted: u16) {
+    if existing.max(1) < usize::from(wanted) {
+        tracing::warn!(
+            stream = name,
+            replicas = existing.max(1),
+            configured = wanted,
+            "the stream has fewer replicas than configured and is kept as it is: `eventbus topics ensure` (or `update_limits` on a declared stream) changes it"
+        );
     }
 }
 
@@ -120,7 +140,8 @@ fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
 }
 
 /// `existing` as binding `definition` leaves it: the definition's subjects it does not cover
-/// added (none removed), its limits set only with `update_limits`; and what changed.
+/// added (none removed), its limits (and replicas, when the definition names them) set only with
+/// `update_limits`; and what changed.
 fn bound_config(
     definition: &StreamDefinition,
     mut existing: stream::Config,
@@ -147,7 +168,14 @@ fn bound_config(
             Vec::new(),
             definition.storage,
             definition.limits,
+            definition.replicas.unwrap_or(1),
         );
+        if let Some(replicas) = definition.replicas
+            && existing.num_replicas.max(1) != usize::from(replicas)
+        {
+            changes.push(format!("replicas set to {replicas}"));
+            existing.num_replicas = usize::from(replicas);
+        }
         if (existing.max_age, existing.max_bytes, existing.max_messages)
             != (wanted.max_age, wanted.max_bytes, wanted.max_messages)
         {
@@ -169,6 +197,7 @@ impl Streams {
             prefix: config.stream_prefix.clone(),
             definitions: config.streams.clone(),
             topics: config.topics.clone(),
+            replicas: config.replicas,
             known: std::sync::Mutex::new(HashMap::new()),
         }
     }
@@ -190,6 +219,7 @@ impl Streams {
                 definition.subjects.clone(),
                 definition.storage,
                 definition.limits,
+                definition.replicas.unwrap_or(self.replicas),
             );
             let existing = match js.get_stream(name).await {
                 Ok(stream) => Some(stream.cached_info().config.clone()),
@@ -235,11 +265,21 @@ impl Streams {
         existing: stream::Config,
     ) -> Result<(), Error> {
         let name = &definition.name;
+        if !definition.update_limits {
+            warn_if_fewer_replicas(
+                name,
+                existing.num_replicas,
+                definition.replicas.unwrap_or(self.replicas),
+            );
+        }
         if bound_config(definition, existing).1.is_empty() {
             tracing::info!(stream = %name, "existing stream bound as it is");
             return Ok(());
         }
-        let changes = change_stream(js, name, |config| bound_config(definition, config)).await?;
+        let changes = change_stream(js, self.replicas, name, |config| {
+            bound_config(definition, config)
+        })
+        .await?;
         tracing::info!(stream = %name, ?changes, "existing stream bound and extended");
         Ok(())
     }
@@ -274,7 +314,7 @@ impl Streams {
         };
         let name = self.find_or_create(js, base, spec).await?;
         let all = subjects(base, partitions);
-        cover(js, &name, &all).await?;
+        cover(js, self.replicas, &name, &all).await?;
         let mut known = self.known();
         for subject in all {
             known.insert(subject, name.clone());
@@ -312,20 +352,22 @@ impl Streams {
             }
             definition.name.clone()
         } else if let Ok(name) = js.stream_by_subject(topic).await {
+            // Someone else's stream (a Go service's, an operator's), used as it is.
+            let mut stream = js
+                .get_stream(&name)
+                .await
+                .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
+            let info = stream
+                .info()
+                .await
+                .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
             if spec.dead_letters {
-                let mut stream = js
-                    .get_stream(&name)
-                    .await
-                    .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
-                let info = stream
-                    .info()
-                    .await
-                    .map_err(|error| Error::broker(format!("cannot read stream {name}"), error))?;
                 if info.config.storage == stream::StorageType::Memory {
                     return Err(memory_dead_letters(topic, &name));
                 }
                 warn_if_shared(topic, &name, &info.config.subjects);
             }
+            warn_if_fewer_replicas(&name, info.config.num_replicas, spec.replicas);
             name
         } else {
             let name = stream_name(&self.prefix, topic);
@@ -335,6 +377,7 @@ impl Streams {
                     vec![topic.to_owned()],
                     spec.storage,
                     spec.limits,
+                    spec.replicas,
                 ))
                 .await
                 .map_err(|error| Error::broker(format!("cannot create stream {name}"), error))?;
@@ -348,7 +391,7 @@ impl Streams {
                 .iter()
                 .any(|pattern| subject_matches(pattern, topic))
             {
-                change_stream(js, &name, |config| {
+                change_stream(js, self.replicas, &name, |config| {
                     with_subjects(config, &[topic.to_owned()])
                 })
                 .await?;
@@ -376,9 +419,15 @@ impl Streams {
     }
 }
 
-/// Adds to stream `name` the `subjects` its patterns do not cover yet.
-async fn cover(js: &jetstream::Context, name: &str, subjects: &[String]) -> Result<(), Error> {
-    let added = change_stream(js, name, |config| with_subjects(config, subjects)).await?;
+/// Adds to stream `name` the `subjects` its patterns do not cover yet (`replicas`: of the lock
+/// bucket, if this makes it).
+async fn cover(
+    js: &jetstream::Context,
+    replicas: u16,
+    name: &str,
+    subjects: &[String],
+) -> Result<(), Error> {
+    let added = change_stream(js, replicas, name, |config| with_subjects(config, subjects)).await?;
     if !added.is_empty() {
         tracing::info!(
             stream = name,
@@ -432,6 +481,7 @@ const STREAM_LOCK_TTL: Duration = Duration::from_secs(30);
 /// for it until then.
 async fn change_stream<F>(
     js: &jetstream::Context,
+    replicas: u16,
     name: &str,
     change: F,
 ) -> Result<Vec<String>, Error>
@@ -450,7 +500,7 @@ where
     if change(read(name).await?).1.is_empty() {
         return Ok(Vec::new());
     }
-    let (locks, key, revision) = lock_stream(js, name).await?;
+    let (locks, key, revision) = lock_stream(js, replicas, name).await?;
     let mut made = Vec::new();
     let mut result = Err(Error::Broker {
         message: format!(
@@ -484,10 +534,11 @@ where
     result
 }
 
-/// Takes the lock on stream `name`: creates its key in [`STREAM_LOCKS`] (made if missing),
-/// waiting while another instance holds it, up to twice [`STREAM_LOCK_TTL`].
+/// Takes the lock on stream `name`: creates its key in [`STREAM_LOCKS`] (made if missing, with
+/// `replicas`), waiting while another instance holds it, up to twice [`STREAM_LOCK_TTL`].
 async fn lock_stream(
     js: &jetstream::Context,
+    replicas: u16,
     name: &str,
 ) -> Result<(async_nats::jetstream::kv::Store, String, u64), Error> {
     use async_nats::jetstream::kv;
@@ -500,6 +551,7 @@ async fn lock_stream(
                 history: 1,
                 max_age: STREAM_LOCK_TTL,
                 storage: stream::StorageType::File,
+                num_replicas: usize::from(replicas),
                 ..kv::Config::default()
             })
             .await
@@ -603,8 +655,8 @@ pub(crate) async fn ensure_spec(
         if let Some(retention) = spec.retention {
             limits.max_age = Some(retention);
         }
-        let mut stream = stream_config(name.clone(), subjects_of, storage, limits);
-        stream.num_replicas = spec.replicas.map_or(1, usize::from);
+        let replicas = spec.replicas.unwrap_or_else(|| config.replicas_of(topic));
+        let stream = stream_config(name.clone(), subjects_of, storage, limits, replicas);
         js.create_stream(stream)
             .await
             .map_err(|error| Error::broker(format!("cannot create stream {name}"), error))?;
@@ -648,7 +700,7 @@ pub(crate) async fn ensure_spec(
                 actual: format!("stream {name} lacks {missing:?}"),
             };
             if mode.updates() {
-                cover(js, &name, &missing).await?;
+                cover(js, config.replicas, &name, &missing).await?;
                 // A later update of the stream keeps them.
                 wanted.subjects.extend(missing);
                 report.updated.push(mismatch);
@@ -675,7 +727,7 @@ pub(crate) async fn ensure_spec(
         return Ok(report);
     }
     let (max_age, num_replicas) = (wanted.max_age, wanted.num_replicas);
-    change_stream(js, &name, |mut config| {
+    change_stream(js, config.replicas, &name, |mut config| {
         let mut changed = Vec::new();
         if config.max_age != max_age {
             config.max_age = max_age;

@@ -393,6 +393,14 @@ const OVERRIDES: &[Override] = &[
     },
     #[cfg(feature = "nats")]
     Override {
+        variable: "EVENTBUS_NATS_REPLICAS",
+        apply: |c, v| {
+            c.nats.replicas = number(v)?;
+            Ok(())
+        },
+    },
+    #[cfg(feature = "nats")]
+    Override {
         variable: "EVENTBUS_NATS_SCALE_OUT_PINNED_TTL",
         apply: |c, v| {
             c.nats.scale_out.pinned_ttl = duration(v)?;
@@ -602,8 +610,8 @@ impl Config {
     /// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic) (and `eventbus topics
     /// ensure`): Kafka's `[kafka.topics."t"]` over `[kafka.topic_defaults]` (partitions,
     /// replication factor, retention), NATS's
-    /// `[nats.topics."t"]` (storage, partitions; ephemeral topics have no stream and are left
-    /// out). The memory backend has none.
+    /// `[nats.topics."t"]` (storage, partitions, replicas, or `nats.replicas` when above 1;
+    /// ephemeral topics have no stream and are left out). The memory backend has none.
     pub fn topic_specs(&self) -> Vec<eventbus_core::TopicSpec> {
         match self.backend {
             Backend::Memory => Vec::new(),
@@ -644,6 +652,12 @@ impl Config {
                         eventbus_nats::Storage::File => eventbus_core::TopicStorage::File,
                         eventbus_nats::Storage::Memory => eventbus_core::TopicStorage::Memory,
                     });
+                    // The topic's own replicas, or the bus-wide ones when raised above the
+                    // default: `topics ensure --mode update` never lowers a stream's replicas
+                    // to a default nobody wrote.
+                    spec.replicas = options
+                        .replicas
+                        .or((self.nats.replicas > 1).then_some(self.nats.replicas));
                     spec
                 })
                 .collect(),

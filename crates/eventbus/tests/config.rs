@@ -169,7 +169,7 @@ fn environment_variables_override_every_field() {
         config.metrics.listen,
         Some("127.0.0.1:9100".parse().unwrap())
     );
-    let nats_variables = if cfg!(feature = "nats") { 11 } else { 0 };
+    let nats_variables = if cfg!(feature = "nats") { 12 } else { 0 };
     let kafka_variables = if cfg!(feature = "kafka") { 6 } else { 0 };
     assert_eq!(
         Config::environment_variables().count(),

@@ -133,6 +133,7 @@ fn nats_environment_variables_override_the_section() {
         ("EVENTBUS_NATS_CONSUMER_MAX_DELIVER", "7"),
         ("EVENTBUS_NATS_CONSUMER_MAX_ACK_PENDING", "99"),
         ("EVENTBUS_NATS_SCALE_OUT_PINNED_TTL", "12s"),
+        ("EVENTBUS_NATS_REPLICAS", "3"),
     ]
     .map(|(name, value)| (name.to_owned(), value.to_owned()));
     let config = Config::default().with_overrides(variables).unwrap();
@@ -145,6 +146,7 @@ fn nats_environment_variables_override_the_section() {
     assert_eq!(nats.consumer.max_deliver, 7);
     assert_eq!(nats.consumer.max_ack_pending, 99);
     assert_eq!(nats.scale_out.pinned_ttl, Duration::from_secs(12));
+    assert_eq!(nats.replicas, 3);
     assert!(!format!("{config:?}").contains("tok-1"));
 }
 

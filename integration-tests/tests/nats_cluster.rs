@@ -1,0 +1,197 @@
+//! The NATS backend on a 3-node JetStream cluster (`test_brokers::NatsCluster`, three
+//! nats-servers joined by routes on loopback): replicated streams from the bus's own
+//! configuration, and streams made outside it kept as they are.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use async_nats::jetstream;
+use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_nats::{NatsBus, NatsConfig, StreamDefinition, TopicOptions};
+use futures::StreamExt;
+use integration_tests::{eventually, nats_config, nats_settings};
+use test_brokers::NatsCluster;
+
+/// A configuration naming every node of `cluster`.
+fn cluster_config(cluster: &NatsCluster) -> NatsConfig {
+    let urls = cluster.urls();
+    let mut config = nats_config(&urls[0]);
+    config.urls = urls;
+    config
+}
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::new(
+        aggregate,
+        "Changed",
+        version,
+        &serde_json::json!({"version": version}),
+    )
+    .unwrap()
+}
+
+/// The replicas of every stream on the cluster, by name.
+async fn replicas(js: &jetstream::Context) -> Vec<(String, usize)> {
+    let mut names = js.stream_names();
+    let mut all = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.unwrap();
+        let mut stream = js.get_stream(&name).await.unwrap();
+        let replicas = stream.info().await.unwrap().config.num_replicas;
+        all.push((name, replicas));
+    }
+    all.sort();
+    all
+}
+
+/// With `replicas = 3`, every stream the bus makes is R3: a topic's stream, its dead-letter
+/// stream, a partitioned topic's stream with the scale-out group's bucket, the stream-lock
+/// bucket (taken to add the partitions' subjects) and a declared stream made at connect. A
+/// topic's own `replicas` wins over the bus-wide setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_the_bus_makes_has_the_configured_replicas() {
+    let mut cluster = NatsCluster::start(3);
+    let mut config = cluster_config(&cluster);
+    config.replicas = 3;
+    config.streams.push(StreamDefinition::new(
+        "DECLARED",
+        vec!["declared.>".to_owned()],
+    ));
+    config.topics.insert(
+        "scaled.orders".to_owned(),
+        TopicOptions {
+            partitions: Some(2),
+            ..TopicOptions::default()
+        },
+    );
+    config.topics.insert(
+        "single.audit".to_owned(),
+        TopicOptions {
+            replicas: Some(1),
+            ..TopicOptions::default()
+        },
+    );
+    let mut settings = nats_settings("replicated");
+    settings.pool.retry.max_attempts = 1;
+    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let failing = std::sync::Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
+        Err::<(), HandlerError>(HandlerError::permanent("fails for good"))
+    });
+    let _orders = bus
+        .subscribe_envelope("plain.orders", failing, SubscribeOptions::new())
+        .await
+        .unwrap();
+    bus.publish_envelope("plain.orders", &envelope("o-1", 1))
+        .await
+        .unwrap();
+    bus.publish_envelope("scaled.orders", &envelope("o-2", 1))
+        .await
+        .unwrap();
+    let handled = integration_tests::Recorder::<(String, i64)>::new();
+    let _scaled = bus
+        .subscribe_envelope(
+            "scaled.orders",
+            handled.envelope_handler(),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    bus.publish_envelope("single.audit", &envelope("a-1", 1))
+        .await
+        .unwrap();
+    let js = jetstream::new(async_nats::connect(cluster.node(0).url()).await.unwrap());
+    eventually("the dead letter and the group's bucket", || async {
+        let names: Vec<String> = replicas(&js).await.into_iter().map(|(n, _)| n).collect();
+        names.iter().any(|n| n == "STREAM_plain_orders_DLQ")
+            && names
+                .iter()
+                .any(|n| n.starts_with("KV_eventbus_replicated"))
+    })
+    .await;
+    let all = replicas(&js).await;
+    let expected = [
+        "DECLARED",
+        "KV_eventbus_replicated_scaled_orders",
+        "KV_eventbus_stream_updates",
+        "STREAM_plain_orders",
+        "STREAM_plain_orders_DLQ",
+        "STREAM_scaled_orders",
+    ];
+    for name in expected {
+        let found = all.iter().find(|(n, _)| n == name);
+        assert_eq!(
+            found.map(|(_, r)| *r),
+            Some(3),
+            "{name} is R3 (streams: {all:?})"
+        );
+    }
+    let single = all.iter().find(|(n, _)| n == "STREAM_single_audit");
+    assert_eq!(single.map(|(_, r)| *r), Some(1), "streams: {all:?}");
+    bus.close().await.unwrap();
+}
+
+/// A stream made R3 outside the bus and listed in `[[nats.streams]]` stays R3 when a bus with
+/// the default `replicas` (1) connects, publishes and subscribes through it; a declared stream
+/// with `update_limits` and `replicas = 3` raises an R1 stream to R3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_stream_is_never_downgraded_and_raised_only_when_told() {
+    let mut cluster = NatsCluster::start(3);
+    let js = jetstream::new(async_nats::connect(cluster.node(0).url()).await.unwrap());
+    for (name, subjects, replicas) in [
+        ("BUSINESS_STREAM", "business.>", 3),
+        ("RAISED", "raised.>", 1),
+    ] {
+        js.create_stream(jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subjects.to_owned()],
+            num_replicas: replicas,
+            ..jetstream::stream::Config::default()
+        })
+        .await
+        .unwrap();
+        eventually(&format!("{name} with a leader"), || async {
+            let mut stream = js.get_stream(name).await.unwrap();
+            let info = stream.info().await.unwrap();
+            info.cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.leader.is_some())
+        })
+        .await;
+    }
+    let mut config = cluster_config(&cluster);
+    config.streams.push(StreamDefinition::new(
+        "BUSINESS_STREAM",
+        vec!["business.>".to_owned()],
+    ));
+    let mut raised = StreamDefinition::new("RAISED", vec!["raised.>".to_owned()]);
+    raised.replicas = Some(3);
+    raised.update_limits = true;
+    config.streams.push(raised);
+    let bus = NatsBus::connect(nats_settings("bound"), config)
+        .await
+        .unwrap();
+    let handled = integration_tests::Recorder::<(String, i64)>::new();
+    let _subscription = bus
+        .subscribe_envelope(
+            "business.orders",
+            handled.envelope_handler(),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    bus.publish_envelope("business.orders", &envelope("o-1", 1))
+        .await
+        .unwrap();
+    handled
+        .wait_for("the event", |events| events.len() == 1)
+        .await;
+    let all = replicas(&js).await;
+    let of = |name: &str| all.iter().find(|(n, _)| n == name).map(|(_, r)| *r);
+    assert_eq!(of("BUSINESS_STREAM"), Some(3), "streams: {all:?}");
+    assert_eq!(of("RAISED"), Some(3), "streams: {all:?}");
+    bus.close().await.unwrap();
+}
