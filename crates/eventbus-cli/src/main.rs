@@ -94,8 +94,10 @@ impl std::fmt::Display for CliError {
 }
 
 impl From<eventbus::Error> for CliError {
+    /// The error with its causes: "cannot publish to orders" alone does not say whether the
+    /// server was unreachable, timed out or had no stream leader.
     fn from(error: eventbus::Error) -> Self {
-        CliError(error.to_string())
+        CliError(error.report().to_string())
     }
 }
 

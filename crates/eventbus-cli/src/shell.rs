@@ -184,7 +184,9 @@ async fn publish_stdin(bus: &Bus, topic: &str, envelope: bool) -> Result<u64, Cl
             bus.publish(topic, OutboundMessage::new(line.into_bytes()))
                 .await
         };
-        result.map_err(|error| CliError(format!("standard input, line {number}: {error}")))?;
+        result.map_err(|error| {
+            CliError(format!("standard input, line {number}: {}", error.report()))
+        })?;
         published += 1;
     }
     Ok(published)

@@ -117,6 +117,16 @@ impl Error {
         }
     }
 
+    /// This error with every cause behind it, for a log line or a message to a person:
+    /// `broker error: cannot publish to orders: publish failed: JetStream error 503 …`. The
+    /// error's own [`Display`](std::fmt::Display) shows only its outermost message (the causes
+    /// are its [`source`](std::error::Error::source) chain, for error reporters that walk it);
+    /// this shows them all on one line, with line breaks and control characters in them
+    /// escaped.
+    pub fn report(&self) -> Report<'_> {
+        Report(self)
+    }
+
     /// A broker error with a message and the client library's error.
     pub fn broker(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Broker {
@@ -134,9 +144,56 @@ impl Error {
     }
 }
 
+/// An [`Error`] with its causes, on one line: see [`Error::report`].
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(&'a Error);
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self.0);
+        let mut first = true;
+        let mut last = String::new();
+        while let Some(error) = cause {
+            let text = error.to_string();
+            // A library that puts its source's text in its own message too is not repeated.
+            if !last.ends_with(&text) {
+                if !first {
+                    f.write_str(": ")?;
+                }
+                for c in text.chars() {
+                    if c.is_control() {
+                        write!(f, "{}", c.escape_default())?;
+                    } else {
+                        write!(f, "{c}")?;
+                    }
+                }
+                first = false;
+            }
+            last = text;
+            cause = error.source();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_shows_every_cause_on_one_line() {
+        let io = std::io::Error::other("connection reset\nby peer");
+        let error = Error::broker("cannot publish to orders", io);
+        assert_eq!(error.to_string(), "broker error: cannot publish to orders");
+        assert_eq!(
+            error.report().to_string(),
+            "broker error: cannot publish to orders: connection reset\\nby peer"
+        );
+        assert_eq!(
+            Error::Closed.report().to_string(),
+            Error::Closed.to_string()
+        );
+    }
 
     #[test]
     fn every_variant_reports_its_kind() {

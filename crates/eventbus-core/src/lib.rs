@@ -103,7 +103,7 @@ pub use envelope::{
     Envelope, EnvelopeError, HEADER_AGGREGATE_ID, HEADER_CORRELATION_ID, HEADER_EVENT_ID,
     HEADER_EVENT_TYPE, HEADER_EVENT_VERSION, HEADER_TENANT_ID, HEADER_TRACE_ID,
 };
-pub use error::{BoxError, Error, ErrorKind};
+pub use error::{BoxError, Error, ErrorKind, Report};
 pub use handler::{
     EnvelopeHandler, HandlerContext, HandlerError, HandlerErrorKind, MessageHandler,
 };

@@ -186,7 +186,9 @@ pub(crate) async fn ensure_consumer(
                 start_sequence: start,
             };
         } else {
-            if resume != Resume::No && info.num_ack_pending > 0 {
+            // Said only when another client is pulling: after a failed pull or a lost
+            // consumer (`MissingFrom`), the unacknowledged messages are this bus's own.
+            if resume == Resume::IfAbandoned && info.num_ack_pending > 0 && info.num_waiting > 0 {
                 tracing::warn!(
                     durable = %durable,
                     unacknowledged = info.num_ack_pending,

@@ -260,8 +260,12 @@ enum PublishFailure {
 impl PublishFailure {
     fn into_error(self, topic: &str) -> Error {
         match self {
+            // The server's "no responders": nothing stored the message.
             PublishFailure::StreamNotFound => Error::Broker {
-                message: format!("no stream holds {topic}"),
+                message: format!(
+                    "not stored: no stream answered for {topic} (no stream holds it, or its \
+                     stream has no leader now: a cluster node lost, a leader being elected)"
+                ),
                 source: None,
             },
             PublishFailure::Timeout(after) => Error::Timeout {
