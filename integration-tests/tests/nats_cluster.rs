@@ -3,6 +3,7 @@
 //! configuration, and streams made outside it kept as they are.
 
 #![allow(
+    clippy::print_stderr,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
@@ -194,4 +195,159 @@ async fn a_replicated_stream_is_never_downgraded_and_raised_only_when_told() {
     assert_eq!(of("BUSINESS_STREAM"), Some(3), "streams: {all:?}");
     assert_eq!(of("RAISED"), Some(3), "streams: {all:?}");
     bus.close().await.unwrap();
+}
+
+/// What a failover test's subscriber handled, in order, and the distinct events among them.
+#[derive(Default)]
+struct Handled {
+    all: Vec<(String, i64)>,
+    distinct: std::collections::HashSet<(String, i64)>,
+}
+
+/// The name of the node leading consumer `durable` of `stream`, once there is one.
+async fn consumer_leader(js: &jetstream::Context, stream: &str, durable: &str) -> String {
+    let mut leader = None;
+    eventually(&format!("a leader of consumer {durable}"), || async {
+        let Ok(stream) = js.get_stream(stream).await else {
+            return false;
+        };
+        let Ok(mut consumer) = stream
+            .get_consumer::<jetstream::consumer::pull::Config>(durable)
+            .await
+        else {
+            return false;
+        };
+        let Ok(info) = consumer.info().await else {
+            return false;
+        };
+        info.cluster
+            .as_ref()
+            .and_then(|cluster| cluster.leader.clone())
+            .is_some()
+    })
+    .await;
+    let stream = js.get_stream(stream).await.unwrap();
+    let mut consumer = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(durable)
+        .await
+        .unwrap();
+    if let Some(cluster) = consumer.info().await.unwrap().cluster.clone() {
+        leader = cluster.leader;
+    }
+    leader.unwrap()
+}
+
+/// On an R3 stream, the node leading the subscription's consumer is killed while 10,000
+/// envelopes over 200 aggregates are published (each aggregate's in order, a failed publish
+/// retried) and consumed: every envelope is handled, the first handlings of each aggregate in
+/// version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
+    consumer_leader_killed(None).await;
+}
+
+/// As above, the node staying down longer than `ack_wait` (15 s, `ack_wait` 10 s) before it
+/// is started again on its store: nothing the subscriber held is redelivered out of order, and
+/// nothing acknowledged is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_leader_down_longer_than_ack_wait_loses_nothing_and_keeps_order() {
+    consumer_leader_killed(Some(std::time::Duration::from_secs(15))).await;
+}
+
+/// Kills the leader of the subscription's consumer mid-stream; with `down_for`, starts it again
+/// after that long.
+async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
+    let mut cluster = NatsCluster::start(3);
+    let topic = "failover.orders";
+    let mut config = cluster_config(&cluster);
+    config.replicas = 3;
+    config.consumer.ack_wait = std::time::Duration::from_secs(10);
+    let subscriber = NatsBus::connect(nats_settings("failover"), config.clone())
+        .await
+        .unwrap();
+    let handled = std::sync::Arc::new(std::sync::Mutex::new(Handled::default()));
+    let recorder = handled.clone();
+    let _subscription = subscriber
+        .subscribe_envelope(
+            topic,
+            std::sync::Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let recorder = recorder.clone();
+                async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    let pair = (envelope.aggregate_id.clone(), envelope.event_version);
+                    let mut handled = recorder.lock().unwrap();
+                    handled.distinct.insert(pair.clone());
+                    handled.all.push(pair);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    let (aggregates, versions) = (200usize, 50i64);
+    let publisher = std::sync::Arc::new(
+        NatsBus::connect(nats_settings("failover-publisher"), config)
+            .await
+            .unwrap(),
+    );
+    let failed_publishes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (publisher_all, failed_all) = (publisher.clone(), failed_publishes.clone());
+    let publishing = futures::stream::iter(0..aggregates)
+        .map(move |aggregate| {
+            let (publisher, failed_publishes) = (&publisher_all, &failed_all);
+            let (publisher, failed) = (publisher.clone(), failed_publishes.clone());
+            async move {
+                for version in 1..=versions {
+                    let envelope = envelope(&format!("agg-{aggregate}"), version);
+                    while let Err(error) = publisher.publish_envelope(topic, &envelope).await {
+                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        eprintln!("publish failed, retried: {}", error.report());
+                    }
+                }
+            }
+        })
+        .buffer_unordered(aggregates)
+        .collect::<Vec<()>>();
+    let publishing = tokio::spawn(publishing);
+    eventually("a fifth handled", || async {
+        handled.lock().unwrap().distinct.len() >= aggregates * 10
+    })
+    .await;
+    let servers: Vec<async_nats::ServerAddr> = cluster
+        .urls()
+        .iter()
+        .map(|url| url.parse().unwrap())
+        .collect();
+    let js = jetstream::new(async_nats::connect(servers).await.unwrap());
+    let durable = subscriber.durable_name(topic, 1);
+    let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
+    let index = NatsCluster::index_of(&leader).unwrap();
+    eprintln!("killing node {leader}, the leader of consumer {durable}");
+    cluster.node(index).kill();
+    if let Some(down_for) = down_for {
+        // The fault itself lasts this long: the node is down, whatever else happens.
+        tokio::time::sleep(down_for).await;
+        tokio::task::block_in_place(|| cluster.node(index).start_again());
+        eprintln!("node {leader} started again after {down_for:?}");
+    }
+    publishing.await.unwrap();
+    let total = aggregates * usize::try_from(versions).unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while handled.lock().unwrap().distinct.len() < total {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {total} handled two minutes after the kill",
+            handled.lock().unwrap().distinct.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let all = handled.lock().unwrap().all.clone();
+    let duplicates = integration_tests::assert_first_handlings_in_order(&all, aggregates, versions);
+    eprintln!(
+        "consumer leader killed (down {down_for:?}): {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
+        failed_publishes.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    subscriber.close().await.unwrap();
+    publisher.close().await.unwrap();
 }

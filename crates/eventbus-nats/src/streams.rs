@@ -351,7 +351,7 @@ impl Streams {
                 warn_if_shared(topic, &definition.name, &definition.subjects);
             }
             definition.name.clone()
-        } else if let Ok(name) = js.stream_by_subject(topic).await {
+        } else if let Some(name) = existing_stream_of(js, topic).await? {
             // Someone else's stream (a Go service's, an operator's), used as it is.
             let mut stream = js
                 .get_stream(&name)
@@ -416,6 +416,27 @@ impl Streams {
                 known.remove(topic);
             }
         }
+    }
+}
+
+/// The stream on the server whose subjects cover `topic`, if any. Not knowing (a timeout while a
+/// cluster elects its meta leader) is an error, not "none": a stream is made only for a topic no
+/// stream covers.
+async fn existing_stream_of(js: &jetstream::Context, topic: &str) -> Result<Option<String>, Error> {
+    match js.stream_by_subject(topic).await {
+        Ok(name) => Ok(Some(name)),
+        Err(error)
+            if matches!(
+                error.kind(),
+                jetstream::context::GetStreamByNameErrorKind::NotFound
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(Error::broker(
+            format!("cannot find the stream of {topic}"),
+            error,
+        )),
     }
 }
 
@@ -613,24 +634,8 @@ pub(crate) async fn ensure_spec(
         message: format!("cannot read stream {name}: {error}"),
         source: None,
     };
-    let found = match js.stream_by_subject(topic).await {
-        Ok(name) => Some(name),
-        Err(error)
-            if matches!(
-                error.kind(),
-                async_nats::jetstream::context::GetStreamByNameErrorKind::NotFound
-            ) =>
-        {
-            None
-        }
-        // Not knowing is not "missing": nothing is created on a failed lookup.
-        Err(error) => {
-            return Err(Error::broker(
-                format!("cannot find the stream of {topic}"),
-                error,
-            ));
-        }
-    };
+    // Not knowing is not "missing": nothing is created on a failed lookup.
+    let found = existing_stream_of(js, topic).await?;
     let Some(name) = found else {
         if mode == EnsureMode::ValidateOnly {
             report.mismatches.push(TopicMismatch::missing());
