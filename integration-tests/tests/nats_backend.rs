@@ -1043,7 +1043,8 @@ async fn a_stream_locked_by_another_instance_holds_only_its_own_topics() {
         .create_key_value(jetstream::kv::Config {
             bucket: "eventbus_stream_updates".into(),
             history: 1,
-            max_age: Duration::from_secs(30),
+            // Longer than the test: the other instance's lock must not expire under it.
+            max_age: Duration::from_secs(300),
             ..jetstream::kv::Config::default()
         })
         .await

@@ -257,6 +257,10 @@ async fn the_consumer_leader_down_longer_than_ack_wait_loses_nothing_and_keeps_o
 /// Kills the leader of the subscription's consumer mid-stream; with `down_for`, starts it again
 /// after that long.
 async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
+    // One failover at a time: two 3-node clusters moving 10,000 envelopes each would share the
+    // 2 cores of the test machine, and each would measure the other.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_AT_A_TIME.lock().await;
     let mut cluster = NatsCluster::start(3);
     let topic = "failover.orders";
     let mut config = cluster_config(&cluster);
@@ -301,8 +305,15 @@ async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
                 for version in 1..=versions {
                     let envelope = envelope(&format!("agg-{aggregate}"), version);
                     while let Err(error) = publisher.publish_envelope(topic, &envelope).await {
-                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let failures = failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        assert!(
+                            failures < 20_000,
+                            "publishes keep failing: {}",
+                            error.report()
+                        );
                         eprintln!("publish failed, retried: {}", error.report());
+                        // A leader is being elected: the next try comes a little later.
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 }
             }
@@ -331,7 +342,10 @@ async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
         tokio::task::block_in_place(|| cluster.node(index).start_again());
         eprintln!("node {leader} started again after {down_for:?}");
     }
-    publishing.await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(120), publishing)
+        .await
+        .expect("every envelope published within two minutes of the kill")
+        .unwrap();
     let total = aggregates * usize::try_from(versions).unwrap();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     while handled.lock().unwrap().distinct.len() < total {

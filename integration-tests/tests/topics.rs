@@ -301,3 +301,66 @@ async fn kafka_partitions_are_not_added_to_a_topic_with_records_unless_asked() {
     .await;
     bus.close().await.unwrap();
 }
+
+/// `min_insync_replicas` is set on the topics the bus makes, on first use (a publish) and
+/// through `ensure_topic`. (Kafka 4 accepts writes on a topic whose `min.insync.replicas`
+/// exceeds its replication factor, so the single test broker shows the setting, not a refused
+/// write.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_topics_get_their_min_insync_replicas_on_first_use_and_through_ensure() {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    integration_tests::capture_logs();
+    let bootstrap = kafka_bootstrap();
+    let mut config = kafka_config(&bootstrap);
+    for topic in ["isr.first-use", "isr.ensured"] {
+        config.topics.insert(
+            topic.to_owned(),
+            eventbus_kafka::TopicOptions {
+                min_insync_replicas: Some(2),
+                ..eventbus_kafka::TopicOptions::default()
+            },
+        );
+    }
+    let bus = eventbus_kafka::KafkaBus::connect(BusSettings::new("kafka", "isr"), config)
+        .await
+        .unwrap();
+    let created = bus
+        .ensure_topic(&TopicSpec::new("isr.ensured"), EnsureMode::CreateOnly)
+        .await
+        .unwrap();
+    assert!(created.created, "{created}");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .unwrap();
+    let min_insync_of = |topic: &'static str| {
+        let admin = &admin;
+        async move {
+            let described = admin
+                .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+                .await
+                .unwrap();
+            let resource = described.into_iter().next().unwrap().unwrap();
+            resource
+                .get("min.insync.replicas")
+                .and_then(|entry| entry.value.clone())
+        }
+    };
+    // A topic just made may be described before its configuration is known everywhere.
+    eventually("isr.ensured with min.insync.replicas 2", || async {
+        min_insync_of("isr.ensured").await.as_deref() == Some("2")
+    })
+    .await;
+    bus.publish(
+        "isr.first-use",
+        eventbus_core::OutboundMessage::new(&b"x"[..]),
+    )
+    .await
+    .unwrap();
+    eventually("isr.first-use with min.insync.replicas 2", || async {
+        min_insync_of("isr.first-use").await.as_deref() == Some("2")
+    })
+    .await;
+    bus.close().await.unwrap();
+}

@@ -171,7 +171,9 @@ impl NatsServer {
                 Instant::now() < deadline,
                 "nats-server not ready within 30 s"
             );
-            std::thread::yield_now();
+            // Each check is an HTTP request: polling without a pause takes the cores the
+            // servers need to get ready.
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -185,7 +187,9 @@ impl NatsServer {
     /// Asks the monitoring endpoint for `path` (e.g. `/jsz`): the HTTP status and the body;
     /// `None` when the server does not answer.
     pub fn monitor(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.monitor_port)).ok()?;
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.monitor_port));
+        // A frozen server accepts nothing: the check fails instead of hanging.
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
         stream.write_all(request.as_bytes()).ok()?;

@@ -155,8 +155,9 @@ impl std::fmt::Display for Report<'_> {
         let mut last = String::new();
         while let Some(error) = cause {
             let text = error.to_string();
-            // A library that puts its source's text in its own message too is not repeated.
-            if !last.ends_with(&text) {
+            // A library that puts its source's text at the end of its own message too
+            // (`cannot connect: refused`, then `refused`) is not repeated.
+            if last != text && !last.ends_with(&format!(": {text}")) {
                 if !first {
                     f.write_str(": ")?;
                 }

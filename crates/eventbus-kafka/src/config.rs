@@ -99,6 +99,11 @@ pub struct TopicOptions {
     /// How long records are kept (`retention.ms`); unset uses the broker's default.
     #[serde(with = "humantime_serde")]
     pub retention: Option<Duration>,
+    /// The in-sync replicas a write with `acks=all` (the bus's) needs
+    /// (`min.insync.replicas`); unset uses the broker's default. On a cluster with a
+    /// replication factor of 3, 2 lets one broker be down without losing an acknowledged
+    /// record or refusing publishes.
+    pub min_insync_replicas: Option<i16>,
 }
 
 /// librdkafka properties passed through as they are (SASL, SSL, timeouts, ...). Values of
@@ -313,6 +318,12 @@ impl KafkaConfig {
             if options.retention.is_some_and(|age| age.is_zero()) {
                 return Err(Error::config(field, "retention must be longer than 0"));
             }
+            if options.min_insync_replicas.is_some_and(|n| n < 1) {
+                return Err(Error::config(
+                    field,
+                    "min_insync_replicas must be at least 1",
+                ));
+            }
         }
         for topic in self.topics.keys() {
             validate_topic(topic)
@@ -345,6 +356,7 @@ impl KafkaConfig {
             partitions: own.partitions.or(defaults.partitions),
             replication_factor: own.replication_factor.or(defaults.replication_factor),
             retention: own.retention.or(defaults.retention),
+            min_insync_replicas: own.min_insync_replicas.or(defaults.min_insync_replicas),
         }
     }
 

@@ -130,6 +130,10 @@ impl Publisher {
         if let Some(retention) = &retention {
             new = new.set("retention.ms", retention);
         }
+        let min_insync = options.min_insync_replicas.map(|n| n.to_string());
+        if let Some(min_insync) = &min_insync {
+            new = new.set("min.insync.replicas", min_insync);
+        }
         let admin_options =
             AdminOptions::new().request_timeout(Some(Timeout::After(Duration::from_secs(10))));
         let results = self

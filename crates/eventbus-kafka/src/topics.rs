@@ -259,6 +259,16 @@ impl Publisher {
         if let Some(retention) = &retention {
             new = new.set("retention.ms", retention);
         }
+        // Not a field of the spec (NATS has no such setting): the configuration's, as when the
+        // bus makes the topic on first use.
+        let min_insync = self
+            .config
+            .topic(topic)
+            .min_insync_replicas
+            .map(|n| n.to_string());
+        if let Some(min_insync) = &min_insync {
+            new = new.set("min.insync.replicas", min_insync);
+        }
         for result in self
             .admin
             .create_topics([&new], &admin_options())

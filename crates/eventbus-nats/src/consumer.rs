@@ -130,9 +130,36 @@ pub(crate) async fn ensure_consumer(
         wanted.priority_groups = vec![PRIORITY_GROUP.to_owned()];
         wanted.priority_timeout = broker.config.scale_out.pinned_ttl;
     }
-    if let Ok(mut existing) = stream.get_consumer::<pull::Config>(durable).await
-        && let Ok(info) = existing.info().await
+    // Only a consumer the server says is missing is made anew: one it could not be asked about
+    // (a timeout while a cluster elects the consumer's leader) is an error, or it would be
+    // re-created with this instance's settings and without the replay from its ack floor.
+    let existing = match broker
+        .js
+        .get_consumer_from_stream::<pull::Config, _, _>(durable, &stream_name)
+        .await
     {
+        Ok(existing) => Some(existing),
+        Err(error)
+            if matches!(
+                error.kind(),
+                jetstream::stream::ConsumerErrorKind::JetStream(error)
+                    if error.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+            ) =>
+        {
+            None
+        }
+        Err(error) => {
+            return Err(Error::broker(
+                format!("cannot read consumer {durable}"),
+                error,
+            ));
+        }
+    };
+    if let Some(mut existing) = existing {
+        let info = existing
+            .info()
+            .await
+            .map_err(|error| Error::broker(format!("cannot read consumer {durable}"), error))?;
         let current = &info.config;
         if current.filter_subject != topic {
             let (field, owner) = if spec.explicit {
@@ -155,7 +182,8 @@ pub(crate) async fn ensure_consumer(
             // The group's pins live as long as its durables say, whichever instance made them
             // (as its bucket's claims do): an instance with another `pinned_ttl` binds them
             // as they are rather than shortening the running instances' pins.
-            tracing::warn!(
+            // The group's bucket warned once already (`open_bucket`).
+            tracing::debug!(
                 durable = %durable,
                 group = ?current.priority_timeout,
                 configured = ?wanted.priority_timeout,

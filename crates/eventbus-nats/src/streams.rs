@@ -67,6 +67,8 @@ pub(crate) struct Streams {
     replicas: u16,
     /// Where each topic lives, once found. Never held across an await.
     known: std::sync::Mutex<HashMap<String, String>>,
+    /// The lookup of each topic in progress: one at a time per topic.
+    flights: std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn stream_config(
@@ -199,6 +201,7 @@ impl Streams {
             topics: config.topics.clone(),
             replicas: config.replicas,
             known: std::sync::Mutex::new(HashMap::new()),
+            flights: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -294,7 +297,7 @@ impl Streams {
     /// # Cancel safety
     ///
     /// Cancel safe: a dropped call leaves at most a created or updated stream that the next call
-    /// finds.
+    /// finds, and lets the next waiting call of its topic look.
     pub(crate) async fn ensure(
         &self,
         js: &jetstream::Context,
@@ -304,9 +307,24 @@ impl Streams {
         if let Some(name) = self.known().get(topic) {
             return Ok(name.clone());
         }
-        // Not held while the stream is found, made or extended: that may wait for another
-        // instance's stream lock (up to twice its lifetime), and every other topic of this bus
-        // would wait with it. Two calls for one topic may both do the work; it is idempotent.
+        // One lookup per topic at a time (a partitioned topic's subjects share their topic's):
+        // the others wait for it and read what it found, instead of asking the server all at
+        // once (200 publishes after a lost stream leader) or making one stream twice with
+        // different settings. The map of known streams is not held meanwhile: finding, making
+        // or extending a stream may wait up to a minute for another instance's stream lock,
+        // and the bus's other topics go on.
+        let flight_key = partitioned(&self.topics, topic).map_or(topic, |(base, _)| base);
+        let flight = self
+            .flights
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(flight_key.to_owned())
+            .or_default()
+            .clone();
+        let _flight = flight.lock().await;
+        if let Some(name) = self.known().get(topic) {
+            return Ok(name.clone());
+        }
         let Some((base, partitions)) = partitioned(&self.topics, topic) else {
             let name = self.find_or_create(js, topic, spec).await?;
             self.known().insert(topic.to_owned(), name.clone());

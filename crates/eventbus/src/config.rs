@@ -610,8 +610,8 @@ impl Config {
     /// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic) (and `eventbus topics
     /// ensure`): Kafka's `[kafka.topics."t"]` over `[kafka.topic_defaults]` (partitions,
     /// replication factor, retention), NATS's
-    /// `[nats.topics."t"]` (storage, partitions, replicas, or `nats.replicas` when above 1;
-    /// ephemeral topics have no stream and are left out). The memory backend has none.
+    /// `[nats.topics."t"]` (storage, partitions, replicas; ephemeral topics have no stream and
+    /// are left out). The memory backend has none.
     pub fn topic_specs(&self) -> Vec<eventbus_core::TopicSpec> {
         match self.backend {
             Backend::Memory => Vec::new(),
@@ -652,12 +652,11 @@ impl Config {
                         eventbus_nats::Storage::File => eventbus_core::TopicStorage::File,
                         eventbus_nats::Storage::Memory => eventbus_core::TopicStorage::Memory,
                     });
-                    // The topic's own replicas, or the bus-wide ones when raised above the
-                    // default: `topics ensure --mode update` never lowers a stream's replicas
-                    // to a default nobody wrote.
-                    spec.replicas = options
-                        .replicas
-                        .or((self.nats.replicas > 1).then_some(self.nats.replicas));
+                    // The topic's own replicas only: a stream is made with `nats.replicas`
+                    // when the topic names none, but an existing one is never set to the
+                    // bus-wide value (it would lower an R5 stream, or a stream shared with other
+                    // topics, to it).
+                    spec.replicas = options.replicas;
                     spec
                 })
                 .collect(),
