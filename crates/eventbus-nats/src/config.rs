@@ -193,8 +193,9 @@ pub struct StreamDefinition {
     /// [`StreamLimits::default`].
     #[serde(default)]
     pub limits: StreamLimits,
-    /// Its replicas (1 to 5, on a cluster), when the bus makes it (or with `update_limits`).
-    /// Default [`NatsConfig::replicas`].
+    /// Its replicas (1 to 5, on a cluster) when the bus makes it, default
+    /// [`NatsConfig::replicas`]; set on an existing stream only when given here and with
+    /// [`update_limits`](Self::update_limits).
     #[serde(default)]
     pub replicas: Option<u16>,
     /// Set an existing stream's limits to [`limits`](Self::limits), and its replicas to

@@ -268,7 +268,9 @@ impl Streams {
         existing: stream::Config,
     ) -> Result<(), Error> {
         let name = &definition.name;
-        if !definition.update_limits {
+        // With `update_limits` and `replicas` the stream is raised below; otherwise it keeps
+        // what it has, and fewer than configured is said.
+        if !definition.update_limits || definition.replicas.is_none() {
             warn_if_fewer_replicas(
                 name,
                 existing.num_replicas,
@@ -732,14 +734,18 @@ pub(crate) async fn ensure_spec(
             }
         }
     }
+    // Only what differs is set, from a fresh read under the stream's lock: a setting the spec
+    // does not change keeps whatever another instance or an operator made it meanwhile.
+    let mut max_age = None;
     if let Some(mismatch) = TopicMismatch::compare("retention", spec.retention, info.config.max_age)
     {
-        wanted.max_age = spec.retention.unwrap_or_default();
+        max_age = Some(spec.retention.unwrap_or_default());
         changes.push(mismatch);
     }
+    let mut num_replicas = None;
     let replicas = u16::try_from(info.config.num_replicas.max(1)).unwrap_or(u16::MAX);
     if let Some(mismatch) = TopicMismatch::compare("replicas", spec.replicas, replicas) {
-        wanted.num_replicas = spec.replicas.map_or(1, usize::from);
+        num_replicas = spec.replicas.map(usize::from);
         changes.push(mismatch);
     }
     if changes.is_empty() {
@@ -749,14 +755,17 @@ pub(crate) async fn ensure_spec(
         report.mismatches.extend(changes);
         return Ok(report);
     }
-    let (max_age, num_replicas) = (wanted.max_age, wanted.num_replicas);
     change_stream(js, config.replicas, &name, |mut config| {
         let mut changed = Vec::new();
-        if config.max_age != max_age {
+        if let Some(max_age) = max_age
+            && config.max_age != max_age
+        {
             config.max_age = max_age;
             changed.push(format!("max_age {max_age:?}"));
         }
-        if config.num_replicas != num_replicas {
+        if let Some(num_replicas) = num_replicas
+            && config.num_replicas != num_replicas
+        {
             config.num_replicas = num_replicas;
             changed.push(format!("replicas {num_replicas}"));
         }
