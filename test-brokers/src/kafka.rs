@@ -66,10 +66,32 @@ fn has_kafka_jar(dir: &Path) -> bool {
 /// Broker settings: one node, replication factors 1, no initial rebalance delay, short group
 /// timeouts so that group tests move fast (the clients lower theirs to match).
 fn server_properties(port: u16, controller_port: u16, data: &Path) -> String {
+    node_properties(
+        1,
+        port,
+        controller_port,
+        &format!("1@127.0.0.1:{controller_port}"),
+        1,
+        data,
+    )
+}
+
+/// The settings of node `node_id` of a KRaft cluster whose controllers are `voters`
+/// (`id@host:port,...`), every node both broker and controller; internal topics replicated
+/// `replication` times (at least 2 in sync when more than 1).
+fn node_properties(
+    node_id: u32,
+    port: u16,
+    controller_port: u16,
+    voters: &str,
+    replication: u32,
+    data: &Path,
+) -> String {
+    let min_isr = if replication > 1 { 2 } else { 1 };
     format!(
         "process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
@@ -77,12 +99,13 @@ inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs={data}
 num.partitions=1
-offsets.topic.replication.factor=1
+default.replication.factor={replication}
+offsets.topic.replication.factor={replication}
 offsets.topic.num.partitions=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_isr}
+share.coordinator.state.topic.replication.factor={replication}
+share.coordinator.state.topic.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 group.min.session.timeout.ms=1000
 group.consumer.session.timeout.ms=6000
@@ -414,4 +437,121 @@ fn api_versions_ok(port: u16) -> bool {
     let correlation = i32::from_be_bytes([header[4], header[5], header[6], header[7]]);
     let error = i16::from_be_bytes([header[8], header[9]]);
     correlation == 7 && error == 0
+}
+
+/// A KRaft cluster of Kafka nodes on loopback, each broker and controller (a quorum of all of
+/// them), internal topics replicated on every node (`min.insync.replicas` 2 for them), small
+/// heaps; every node can be killed, frozen and started again on its ports and store. Stopped
+/// (each node killed by PID, its store removed) when dropped.
+pub struct KafkaCluster {
+    nodes: Vec<KafkaBroker>,
+}
+
+impl KafkaCluster {
+    /// Starts `size` nodes from the jars in `KAFKA_LIBS` and returns once each answers the
+    /// Kafka protocol (which a node does only once the controllers have a quorum).
+    pub fn start(size: usize) -> Self {
+        assert!(size >= 1, "a cluster has a node");
+        let libs = kafka_libs();
+        let mut attempt = 1;
+        loop {
+            let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+            let voters: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .map(|(index, (_, controller))| format!("{}@127.0.0.1:{controller}", index + 1))
+                .collect();
+            let voters = voters.join(",");
+            let run = format!("{}-{}", std::process::id(), free_port());
+            let replication = u32::try_from(size.min(3)).unwrap_or(3);
+            let mut nodes = Vec::new();
+            for (index, (port, controller_port)) in ports.iter().enumerate() {
+                let node_id = u32::try_from(index + 1).unwrap_or(u32::MAX);
+                let dir =
+                    std::env::temp_dir().join(format!("eventbus-kafka-cluster-{run}-{node_id}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(dir.join("data")).expect("a Kafka data directory");
+                std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
+                std::fs::write(
+                    dir.join("server.properties"),
+                    node_properties(
+                        node_id,
+                        *port,
+                        *controller_port,
+                        &voters,
+                        replication,
+                        &dir.join("data"),
+                    ),
+                )
+                .expect("server.properties");
+                let output = java(&libs, &dir)
+                    .args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"])
+                    .arg(dir.join("server.properties"))
+                    .output()
+                    .expect("java runs (install Java 17)");
+                assert!(
+                    output.status.success(),
+                    "kafka-storage format failed: {}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                let mut node = KafkaBroker {
+                    libs: libs.clone(),
+                    child: KafkaBroker::spawn(&libs, &dir),
+                    watchdog: None,
+                    port: *port,
+                    controller_port: *controller_port,
+                    dir,
+                };
+                node.watch();
+                nodes.push(node);
+            }
+            let mut cluster = Self { nodes };
+            match cluster
+                .nodes
+                .iter_mut()
+                .try_for_each(KafkaBroker::wait_ready)
+            {
+                Ok(()) => return cluster,
+                Err(exited) if attempt < START_ATTEMPTS => {
+                    eprintln!("{exited}; starting the cluster again on other ports");
+                    attempt += 1;
+                }
+                Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
+            }
+        }
+    }
+
+    /// The `bootstrap.servers` value naming every node.
+    pub fn bootstrap(&self) -> String {
+        self.nodes
+            .iter()
+            .map(KafkaBroker::bootstrap)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `index` (node ID `index + 1`): its address, and killing, freezing or starting it
+    /// again.
+    pub fn node(&mut self, index: usize) -> &mut KafkaBroker {
+        let size = self.nodes.len();
+        self.nodes
+            .get_mut(index)
+            .unwrap_or_else(|| panic!("the cluster has {size} nodes, not node {index}"))
+    }
+
+    /// The index of the node with Kafka node ID `id` (as metadata names partition leaders).
+    pub fn index_of(id: i32) -> Option<usize> {
+        usize::try_from(id).ok()?.checked_sub(1)
+    }
+
+    /// How many nodes it has.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Never: a cluster has a node.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
 }

@@ -44,5 +44,5 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-pub use kafka::{KafkaBroker, kafka_bootstrap, kafka_libs};
+pub use kafka::{KafkaBroker, KafkaCluster, kafka_bootstrap, kafka_libs};
 pub use nats::{NatsCluster, NatsServer};
