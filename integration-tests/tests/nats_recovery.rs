@@ -331,3 +331,148 @@ async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved
     );
     bus.close().await.unwrap();
 }
+
+/// A delivery the subscription never received (sent to it and lost: the consumer's leader died
+/// before it arrived, a pull request given up; here another client takes it and never
+/// acknowledges it) is not left to come back after `ack_wait`, after later events of its
+/// aggregate: the gap in the consumer's delivery sequence makes the bus replay the durable in
+/// order from the first event it did not get. Found while reading a cluster failover report
+/// (an event handled after 59 later ones of its aggregate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_on_the_way_is_replayed_in_order_not_after_ack_wait() {
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url());
+    // Far longer than the test: a redelivery after ack_wait would come too late to pass.
+    config.consumer.ack_wait = Duration::from_secs(120);
+    let mut settings = nats_settings("gap");
+    // One handler and one queued job: a third message waits for room, so the bus stops pulling.
+    settings.pool.pool_size = 1;
+    settings.pool.inbox_size = 1;
+    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let topic = "orders.gap";
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Recorder::<i64>::new();
+    let (g, h) = (gate.clone(), handled.clone());
+    bus.subscribe_envelope(
+        topic,
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                if envelope.event_version == 1 {
+                    g.acquire().await.unwrap().forget();
+                }
+                h.push(envelope.event_version);
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new(),
+    )
+    .await
+    .unwrap();
+    for version in 1..=3 {
+        bus.publish_envelope(topic, &envelope("g-1", version))
+            .await
+            .unwrap();
+    }
+    // v1 runs (held at the gate), v2 queued, v3 waiting for room: the bus pulls no more.
+    let (_client, js) = raw(&server).await;
+    let durable = bus.durable_name(topic, 1);
+    let stream = js.get_stream("STREAM_orders_gap").await.unwrap();
+    let consumer: jetstream::consumer::PullConsumer = stream.get_consumer(&durable).await.unwrap();
+    eventually("the bus with no pull request open", || {
+        let mut consumer = consumer.clone();
+        async move {
+            consumer
+                .info()
+                .await
+                .is_ok_and(|info| info.num_waiting == 0 && info.num_ack_pending == 3)
+        }
+    })
+    .await;
+    for version in 4..=6 {
+        bus.publish_envelope(topic, &envelope("g-1", version))
+            .await
+            .unwrap();
+    }
+    // Another client takes v4 and never acknowledges it: for the bus, a delivery lost.
+    let mut taken = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let stolen = futures::StreamExt::next(&mut taken).await.unwrap().unwrap();
+    let stolen: Envelope = Envelope::from_bytes(&stolen.payload).unwrap();
+    assert_eq!(stolen.event_version, 4);
+    gate.add_permits(1);
+    let versions = handled
+        .wait_for("v1 to v6", |versions| {
+            (1..=6).all(|version| versions.contains(&version))
+        })
+        .await;
+    let mut first = Vec::new();
+    for version in versions {
+        if !first.contains(&version) {
+            first.push(version);
+        }
+    }
+    assert_eq!(first, [1, 2, 3, 4, 5, 6], "first handlings in order");
+    bus.close().await.unwrap();
+}
+
+/// Two processes of one service that read a topic whole share its durable as a work queue: the
+/// deliveries one does not receive went to the other, and are not taken for deliveries lost on
+/// the way (replaying the durable would hand the other's messages out again, over and over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_buses_sharing_a_whole_topics_durable_do_not_replay_each_others_deliveries() {
+    let server = NatsServer::start();
+    let topic = "orders.shared";
+    let handled = Recorder::<(usize, String, i64)>::new();
+    let mut buses = Vec::new();
+    for index in 0..2 {
+        let bus = NatsBus::connect(nats_settings("shared"), nats_config(&server.url()))
+            .await
+            .unwrap();
+        let h = handled.clone();
+        bus.subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let h = h.clone();
+                async move {
+                    h.push((index, envelope.aggregate_id, envelope.event_version));
+                    Ok(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+        buses.push(bus);
+    }
+    let total = 2_000;
+    for version in 1..=total / 20 {
+        for aggregate in 0..20 {
+            buses[0]
+                .publish_envelope(topic, &envelope(&format!("s-{aggregate}"), version))
+                .await
+                .unwrap();
+        }
+    }
+    let all = usize::try_from(total).unwrap();
+    handled
+        .wait_for("every envelope handled", |events| {
+            events
+                .iter()
+                .map(|(_, aggregate, version)| (aggregate, version))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == all
+        })
+        .await;
+    for bus in &buses {
+        bus.close().await.unwrap();
+    }
+    let events = handled.events();
+    let by_first = events.iter().filter(|(index, ..)| *index == 0).count();
+    assert!(
+        by_first > 0 && by_first < events.len(),
+        "both buses read the durable ({by_first} of {} by the first)",
+        events.len()
+    );
+    assert_eq!(events.len(), all, "every envelope handled once");
+}

@@ -22,6 +22,11 @@ use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
 use crate::stats::Stat;
 use crate::streams::{Kind, stream_spec};
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What a subscription's fetcher works with.
 pub(crate) struct Fetch {
     /// The subject its durable filters: the topic, or one partition of a partitioned topic.
@@ -49,6 +54,8 @@ pub(crate) struct Fetch {
     /// Where the durable stood when the subscription began (its first unacknowledged message),
     /// the position until a message is taken.
     origin: Option<Position>,
+    /// What it knows of the durable's deliveries, to notice ones lost on the way.
+    deliveries: Mutex<Deliveries>,
 }
 
 impl Fetch {
@@ -72,6 +79,7 @@ impl Fetch {
             connection,
             last_taken: Mutex::new(None),
             origin,
+            deliveries: Mutex::default(),
         }
     }
 
@@ -122,8 +130,45 @@ impl Fetch {
             .consumer
             .lowest_held()
             .unwrap_or_else(|| last.saturating_add(1));
+        // A delivery lost on the way is below the last taken: replayed too.
+        let start = lock(&self.deliveries)
+            .lost_from
+            .map_or(start, |lost| start.min(lost));
         Some(Position { start, last_stored })
     }
+
+    /// Reads with `consumer` from now on: when it is not the durable read so far (made again),
+    /// its deliveries are counted anew, and what was lost on the way is replayed by it.
+    fn bound(&self, consumer: &PullConsumer) {
+        let made = consumer.cached_info().created;
+        let mut deliveries = lock(&self.deliveries);
+        if deliveries.made != Some(made) {
+            *deliveries = Deliveries {
+                made: Some(made),
+                shared: deliveries.shared,
+                ..Deliveries::default()
+            };
+        }
+    }
+}
+
+/// What a fetcher knows of its durable's deliveries. The server numbers each delivery of a
+/// durable (its consumer sequence); one this fetcher never received (sent by a consumer leader
+/// that died before it arrived, or to a pull request given up) would come back only after
+/// `ack_wait`, after later events of its aggregate.
+#[derive(Debug, Default)]
+struct Deliveries {
+    /// When the durable read was made: another time means it was made again, and its
+    /// deliveries are numbered anew.
+    made: Option<OffsetDateTime>,
+    /// The consumer sequence the next delivery should have (none before the first).
+    next: Option<u64>,
+    /// The stream sequence from which messages were lost on the way, until the durable is
+    /// replayed from there.
+    lost_from: Option<u64>,
+    /// Another client pulls from this durable (a topic read whole by two processes, as a work
+    /// queue): the deliveries this fetcher does not receive are that client's, not lost.
+    shared: bool,
 }
 
 /// Fetches from the durable consumer until the subscription stops, delivering every message to
@@ -135,6 +180,7 @@ impl Fetch {
 /// next request is sent as soon as the current one has *arrived* in full (all `fetch_batch`
 /// messages received, not yet delivered), so the server prepares it while these are delivered.
 pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consumer: PullConsumer) {
+    fetch.bound(&consumer);
     let _lag = AbortOnDrop(tokio::spawn(lag_loop(consumer.clone(), fetch.clone())));
     let settings = broker.config.consumer.clone();
     let envelopes = !fetch.consumer.wants_headers();
@@ -153,6 +199,7 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             match reconcile(&broker, &fetch, envelopes).await {
                 Ok(Some(fresh)) => {
                     consumer = fresh;
+                    fetch.bound(&consumer);
                     disconnects = fetch.connection.disconnects();
                 }
                 Ok(None) => disconnects = fetch.connection.disconnects(),
@@ -177,6 +224,7 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             request(&broker, &fetch, &consumer, &settings, Wait::Expires).await
         };
         let mut failed = None;
+        let mut lost = false;
         match batch {
             Err(error) => failed = Some(error),
             Ok(mut current) => loop {
@@ -235,7 +283,18 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                     }
                 };
                 match delivered {
-                    Ok(()) => {}
+                    Ok(Taken::Delivered) => {}
+                    Ok(Taken::AfterLostDelivery) => {
+                        // Nothing more of these requests is delivered: they are read to their
+                        // end and given back, then the durable is replayed from the first
+                        // message lost, in order.
+                        give_back_the_rest(&mut current, settings.fetch_expires).await;
+                        if let Some(Ok(mut open)) = next_request.take() {
+                            give_back_the_rest(&mut open, settings.fetch_expires).await;
+                        }
+                        lost = true;
+                        break;
+                    }
                     // The runtime has shut down (close gave up waiting): stop fetching.
                     Err(Error::Closed) => break 'pulls,
                     Err(error) => {
@@ -243,6 +302,16 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                     }
                 }
             },
+        }
+        if lost && failed.is_none() && !fetch.stop.is_cancelled() {
+            match replay_what_was_lost(&broker, &fetch, &mut consumer, envelopes).await {
+                Ok(Some(fresh)) => {
+                    consumer = fresh;
+                    fetch.bound(&consumer);
+                }
+                Ok(None) => {}
+                Err(error) => failed = Some(error.to_string()),
+            }
         }
         if let Some(error) = failed {
             next_request = None;
@@ -265,7 +334,10 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             )
             .await
             {
-                Ok(fresh) => consumer = fresh,
+                Ok(fresh) => {
+                    consumer = fresh;
+                    fetch.bound(&consumer);
+                }
                 Err(error) => {
                     tracing::warn!(durable = %fetch.durable, %error, "consumer not ready")
                 }
@@ -273,6 +345,20 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         }
     }
     tracing::debug!(durable = %fetch.durable, "stopped fetching");
+}
+
+/// Waits until the messages this subscription holds are settled; one stalled for good (no
+/// dead-letter topic, a dead letter the server refuses) is not waited for beyond the progress
+/// interval. `false` when the subscription stopped meanwhile.
+async fn held_ones_settled(broker: &Broker, fetch: &Fetch) -> bool {
+    let patience = tokio::time::Instant::now() + broker.config.consumer.progress_interval();
+    while fetch.consumer.held() > 0 && tokio::time::Instant::now() < patience {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            () = fetch.stop.cancelled() => return false,
+        }
+    }
+    true
 }
 
 /// After the server was lost: once this subscription holds nothing (or only messages stalled for
@@ -285,14 +371,8 @@ async fn reconcile(
     fetch: &Fetch,
     envelopes: bool,
 ) -> Result<Option<PullConsumer>, Error> {
-    // Messages still being handled finish first; one stalled for good (no dead-letter topic, a
-    // dead letter the server refuses) is not waited for beyond the progress interval.
-    let patience = tokio::time::Instant::now() + broker.config.consumer.progress_interval();
-    while fetch.consumer.held() > 0 && tokio::time::Instant::now() < patience {
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(20)) => {}
-            () = fetch.stop.cancelled() => return Ok(None),
-        }
+    if !held_ones_settled(broker, fetch).await {
+        return Ok(None);
     }
     let kind = if envelopes {
         Kind::Envelopes
@@ -631,8 +711,23 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// What [`deliver`] did with a message.
+enum Taken {
+    /// Handed to the runtime (or given back when it refused).
+    Delivered,
+    /// Not handed over: a delivery before it never arrived. It and what follows come again
+    /// when the durable is replayed from the lost one.
+    AfterLostDelivery,
+}
+
 /// Hands one JetStream message to the runtime; gives it back when the runtime refuses it.
-async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) -> Result<(), Error> {
+/// A message whose delivery sequence skips deliveries that never arrived is not handed over
+/// ([`Taken::AfterLostDelivery`]): handling it would run it before the lost ones.
+async fn deliver(
+    broker: &Broker,
+    fetch: &Fetch,
+    message: jetstream::Message,
+) -> Result<Taken, Error> {
     let info = message.info().map_err(|error| Error::Broker {
         message: format!("message without JetStream metadata: {error}"),
         source: None,
@@ -642,6 +737,37 @@ async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) ->
         u32::try_from(info.delivered).unwrap_or(u32::MAX),
         info.published,
     );
+    let lost = {
+        let mut deliveries = lock(&fetch.deliveries);
+        let expected = deliveries.next;
+        if !deliveries.shared && expected.is_some_and(|next| info.consumer_sequence > next) {
+            let last = lock(&fetch.last_taken).map(|(taken, _)| taken);
+            // The lost ones came after the last taken (or are redeliveries of what is held).
+            let from = last.map_or(sequence, |taken| taken.saturating_add(1).min(sequence));
+            deliveries.lost_from = Some(deliveries.lost_from.map_or(from, |lost| lost.min(from)));
+            Some((expected, from))
+        } else {
+            // A lower one: a new consumer leader sends again what it had not recorded as sent.
+            deliveries.next = Some(info.consumer_sequence.saturating_add(1));
+            None
+        }
+    };
+    if let Some((expected, from)) = lost {
+        tracing::warn!(
+            durable = %fetch.durable,
+            expected = ?expected,
+            got = info.consumer_sequence,
+            from,
+            "deliveries were lost on the way; replaying the durable in order from the first lost"
+        );
+        // Back after the open requests have ended, which are read to their end first.
+        let _ = message
+            .ack_with(jetstream::AckKind::Nak(Some(
+                broker.config.consumer.fetch_expires,
+            )))
+            .await;
+        return Ok(Taken::AfterLostDelivery);
+    }
     if delivered > 1 {
         broker.counters.add(Stat::Redeliveries, 1);
     }
@@ -673,12 +799,79 @@ async fn deliver(broker: &Broker, fetch: &Fetch, message: jetstream::Message) ->
         held_id: Some(sequence),
     };
     match fetch.consumer.deliver(delivery).await {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(Taken::Delivered),
         Err(error) => {
             let _ = receipt.give_back().await;
             Err(error)
         }
     }
+}
+
+/// Reads an open pull request to its end, giving back what it brings after `delay` (when the
+/// request has ended: it would bring them again).
+async fn give_back_the_rest(open: &mut Open, delay: Duration) {
+    loop {
+        let item = match open.arrived.pop_front() {
+            Some(item) => Some(item),
+            None if open.ended => None,
+            None => {
+                let item = open.batch.next().await;
+                open.count(item.as_ref());
+                item
+            }
+        };
+        let Some(Ok(message)) = item else { break };
+        let _ = message.ack_with(jetstream::AckKind::Nak(Some(delay))).await;
+    }
+}
+
+/// After deliveries were lost on the way, and this subscription's pull requests have ended:
+/// once what it holds is settled (or stalled past the progress interval), the durable is made
+/// again from the bus's position, which now starts at the first message lost, so that the
+/// server replays it and what followed in stream order. `None` when nothing is replayed: the
+/// subscription stopped, or another client pulls from the durable (a topic read whole by two
+/// processes) and took the deliveries this one missed; from then on this subscription shares
+/// the durable as a work queue and looks for lost deliveries no more.
+async fn replay_what_was_lost(
+    broker: &Broker,
+    fetch: &Fetch,
+    consumer: &mut PullConsumer,
+    envelopes: bool,
+) -> Result<Option<PullConsumer>, Error> {
+    if !held_ones_settled(broker, fetch).await {
+        return Ok(None);
+    }
+    if fetch.pin.is_none() {
+        // A partition's pinned consumer delivers to this fetcher alone; a whole topic's durable
+        // to whoever has a request waiting.
+        let info = consumer.info().await.map_err(|error| {
+            Error::broker(format!("cannot read consumer {}", fetch.durable), error)
+        })?;
+        if info.num_waiting > 0 {
+            {
+                let mut deliveries = lock(&fetch.deliveries);
+                deliveries.shared = true;
+                deliveries.lost_from = None;
+            }
+            tracing::warn!(
+                durable = %fetch.durable,
+                "another client is pulling from this durable consumer: the two share its messages, events of one aggregate may be handled in both at once"
+            );
+            return Ok(None);
+        }
+    }
+    let Some(position) = fetch.position() else {
+        return Ok(None);
+    };
+    ensure_consumer(
+        broker,
+        &fetch.topic,
+        fetch.durable_spec(),
+        envelopes,
+        Resume::ResetTo(position),
+    )
+    .await
+    .map(Some)
 }
 
 /// Takes core NATS messages of an ephemeral topic until the subscription stops (at-most-once:
