@@ -12,8 +12,8 @@ use eventbus_core::{
     Envelope, ErrorKind, EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions,
 };
 use eventbus_nats::{
-    Auth, ConsumerSettings, NatsBus, NatsConfig, Storage, StreamDefinition, StreamLimits,
-    TopicOptions,
+    Auth, BusSettings, ConsumerSettings, NatsBus, NatsConfig, Storage, StreamDefinition,
+    StreamLimits, TopicOptions,
 };
 use futures::StreamExt;
 use integration_tests::{Recorder, eventually, nats_config, nats_settings};
@@ -485,7 +485,7 @@ async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_authentication_connects_and_a_wrong_token_is_a_broker_error() {
+async fn token_authentication_connects_and_a_wrong_token_is_a_security_error() {
     let server = NatsServer::start_with(&["--auth", "s3cret-token"]);
     let (settings, mut config) = (nats_settings("auth"), nats_config(&server.url()));
     config.auth = Auth::token("s3cret-token");
@@ -503,7 +503,7 @@ async fn token_authentication_connects_and_a_wrong_token_is_a_broker_error() {
         Ok(_) => panic!("a wrong token connected"),
         Err(error) => error,
     };
-    assert_eq!(error.kind(), ErrorKind::Broker);
+    assert_eq!(error.kind(), ErrorKind::Security, "{}", error.report());
     let shown = format!("{error} {error:?}");
     assert!(!shown.contains("wrong"), "the token leaked: {shown}");
 }
@@ -573,52 +573,80 @@ async fn nkey_authentication_connects_with_the_seed() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// `connect` with `config` fails at once with a security error whose report contains `cause`.
+async fn refused_by_security(settings: BusSettings, config: NatsConfig, cause: &str) {
+    let started = std::time::Instant::now();
+    let error = match NatsBus::connect(settings, config).await {
+        Ok(_) => panic!("connected although security should refuse it"),
+        Err(error) => error,
+    };
+    let report = error.report().to_string();
+    assert_eq!(error.kind(), ErrorKind::Security, "{report}");
+    assert!(
+        report.to_lowercase().contains(cause),
+        "the error does not name the cause ({cause}): {report}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+}
+
+/// A nats-server with TLS from `ca` (its certificate for 127.0.0.1), wanting client
+/// certificates from `ca` when `verify`.
+fn tls_server(ca: &test_brokers::TestCa, verify: bool) -> NatsServer {
+    let server = ca.issue("nats-server", &["127.0.0.1", "localhost"]);
+    let (cert, key, ca_file) = (
+        server.cert.to_str().unwrap().to_owned(),
+        server.key.to_str().unwrap().to_owned(),
+        ca.ca_file().to_str().unwrap().to_owned(),
+    );
+    let mut args = vec!["--tls", "--tlscert", &cert, "--tlskey", &key];
+    if verify {
+        args.extend(["--tlsverify", "--tlscacert", &ca_file]);
+    }
+    NatsServer::start_with(&args)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificate_is_refused() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-
-    let dir = scratch("tls");
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issue = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server_cert, server_key) = issue(vec!["127.0.0.1".into(), "localhost".into()]);
-    let (client_cert, client_key) = issue(vec!["client".into()]);
-    let file = |name: &str, contents: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
-    };
-    let ca_file = file("ca.pem", &ca.pem());
-    let server_cert = file("server.pem", &server_cert);
-    let server_key = file("server-key.pem", &server_key);
-    let client_cert = file("client.pem", &client_cert);
-    let client_key = file("client-key.pem", &client_key);
-
-    let server = NatsServer::start_with(&[
-        "--tls",
-        "--tlscert",
-        server_cert.to_str().unwrap(),
-        "--tlskey",
-        server_key.to_str().unwrap(),
-        "--tlsverify",
-        "--tlscacert",
-        ca_file.to_str().unwrap(),
-    ]);
+async fn tls_with_a_private_ca_connects_and_a_client_that_does_not_trust_it_is_refused() {
+    let ca = test_brokers::TestCa::new("nats-tls");
+    let server = tls_server(&ca, false);
     let (settings, mut config) = (nats_settings("tls"), nats_config(&server.url()));
     config.tls = eventbus_nats::TlsConfig {
         required: true,
-        ca_file: Some(ca_file.clone()),
-        client_cert: Some(client_cert),
-        client_key: Some(client_key),
+        ca_file: Some(ca.ca_file()),
+        ..eventbus_nats::TlsConfig::default()
+    };
+    let bus = NatsBus::connect(settings.clone(), config.clone())
+        .await
+        .unwrap();
+    let handled = record_envelopes(&bus, "tls.server").await;
+    bus.publish_envelope("tls.server", &envelope("t-1", 1))
+        .await
+        .unwrap();
+    handled.wait_for("the envelope", |e| e.len() == 1).await;
+    bus.close().await.unwrap();
+
+    // Trusting another CA (the system's, or one of its own), the client refuses the server.
+    let other = test_brokers::TestCa::new("nats-tls-other");
+    config.tls.ca_file = Some(other.ca_file());
+    refused_by_security(settings, config, "certificate").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_trusted_certificate_is_refused()
+ {
+    let ca = test_brokers::TestCa::new("nats-mtls");
+    let server = tls_server(&ca, true);
+    let client = ca.issue("client", &["client"]);
+    let (settings, mut config) = (nats_settings("mtls"), nats_config(&server.url()));
+    config.tls = eventbus_nats::TlsConfig {
+        required: true,
+        ca_file: Some(ca.ca_file()),
+        client_cert: Some(client.cert.clone()),
+        client_key: Some(client.key.clone()),
     };
     let bus = NatsBus::connect(settings.clone(), config.clone())
         .await
@@ -630,16 +658,17 @@ async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_certificat
     handled.wait_for("the envelope", |e| e.len() == 1).await;
     bus.close().await.unwrap();
 
-    config.tls.client_cert = None;
-    config.tls.client_key = None;
-    config.max_reconnects = Some(0);
-    config.connection_timeout = Duration::from_secs(2);
-    let refused = NatsBus::connect(settings.clone(), config).await;
-    assert!(
-        refused.is_err(),
-        "a client without a certificate was let in"
-    );
-    std::fs::remove_dir_all(dir).unwrap();
+    let mut without = config.clone();
+    without.tls.client_cert = None;
+    without.tls.client_key = None;
+    refused_by_security(settings.clone(), without, "tls").await;
+
+    let other = test_brokers::TestCa::new("nats-mtls-other");
+    let stranger = other.issue("stranger", &["stranger"]);
+    let mut untrusted = config;
+    untrusted.tls.client_cert = Some(stranger.cert);
+    untrusted.tls.client_key = Some(stranger.key);
+    refused_by_security(settings, untrusted, "tls").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

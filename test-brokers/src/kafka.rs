@@ -23,6 +23,9 @@ pub struct KafkaBroker {
     port: u16,
     controller_port: u16,
     dir: PathBuf,
+    /// The ports of the `SSL` and `SASL_SSL` listeners of a broker started with
+    /// [`start_secured`](KafkaBroker::start_secured).
+    secured: Option<(u16, u16)>,
 }
 
 /// The `bootstrap.servers` of the broker tests share: `KAFKA_BOOTSTRAP` when set (a broker run
@@ -242,6 +245,7 @@ impl KafkaBroker {
                 port,
                 controller_port,
                 dir,
+                secured: None,
             };
             broker.watch();
             match broker.wait_ready() {
@@ -253,6 +257,110 @@ impl KafkaBroker {
                 Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
             }
         }
+    }
+
+    /// Starts a broker (from `KAFKA_LIBS`) that clients reach through TLS besides plain text:
+    /// an `SSL` listener that wants a client certificate its CA trusts (mutual TLS), and a
+    /// `SASL_SSL` listener with `SCRAM-SHA-512` for `users` (name, password). Its certificate,
+    /// for `127.0.0.1` and `localhost`, comes from `ca`. The plain listener
+    /// ([`bootstrap`](Self::bootstrap)) serves the brokers' own traffic and the readiness
+    /// probe.
+    pub fn start_secured(ca: &crate::TestCa, users: &[(&str, &str)]) -> Self {
+        let libs = kafka_libs();
+        let server = ca.issue("kafka-broker", &["127.0.0.1", "localhost"]);
+        let mut attempt = 1;
+        loop {
+            let (port, controller_port) = (free_port(), free_port());
+            let (ssl_port, sasl_port) = (free_port(), free_port());
+            let dir = std::env::temp_dir().join(format!(
+                "eventbus-kafka-secured-{}-{port}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("data")).expect("a Kafka data directory");
+            std::fs::write(dir.join("log4j2.properties"), LOG4J).expect("log4j2.properties");
+            let plain = server_properties(port, controller_port, &dir.join("data"));
+            let properties = plain
+                .replace(
+                    &format!("listeners=PLAINTEXT://127.0.0.1:{port},"),
+                    &format!(
+                        "listeners=PLAINTEXT://127.0.0.1:{port},SSL://127.0.0.1:{ssl_port},SASL_SSL://127.0.0.1:{sasl_port},"
+                    ),
+                )
+                .replace(
+                    &format!("advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n"),
+                    &format!(
+                        "advertised.listeners=PLAINTEXT://127.0.0.1:{port},SSL://127.0.0.1:{ssl_port},SASL_SSL://127.0.0.1:{sasl_port}\n"
+                    ),
+                )
+                .replace(
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n",
+                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL\n",
+                )
+                + &format!(
+                    "ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={ca}
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+",
+                    keystore = server.key_and_cert.display(),
+                    ca = ca.ca_file().display(),
+                );
+            std::fs::write(dir.join("server.properties"), properties).expect("server.properties");
+            // SCRAM credentials live in the cluster's metadata, written when the store is
+            // formatted.
+            let mut format = java(&libs, &dir);
+            format.args(["kafka.tools.StorageTool", "format", "-t", CLUSTER_ID, "-c"]);
+            format.arg(dir.join("server.properties"));
+            for (name, password) in users {
+                format.args([
+                    "--add-scram",
+                    &format!("SCRAM-SHA-512=[name={name},password={password}]"),
+                ]);
+            }
+            let output = format.output().expect("java runs (install Java 17)");
+            assert!(
+                output.status.success(),
+                "kafka-storage format failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let mut broker = Self {
+                libs: libs.clone(),
+                child: Self::spawn(&libs, &dir),
+                watchdog: None,
+                port,
+                controller_port,
+                dir,
+                secured: Some((ssl_port, sasl_port)),
+            };
+            broker.watch();
+            match broker.wait_ready() {
+                Ok(()) => return broker,
+                Err(exited) if attempt < START_ATTEMPTS => {
+                    eprintln!("{exited}; starting it again on other ports");
+                    attempt += 1;
+                }
+                Err(exited) => panic!("{exited}, {START_ATTEMPTS} times"),
+            }
+        }
+    }
+
+    /// The `bootstrap.servers` of the `SSL` listener (mutual TLS) of a broker started with
+    /// [`start_secured`](Self::start_secured).
+    pub fn bootstrap_ssl(&self) -> String {
+        let (ssl, _) = self.secured.expect("a broker started with start_secured");
+        format!("127.0.0.1:{ssl}")
+    }
+
+    /// The `bootstrap.servers` of the `SASL_SSL` listener (SCRAM-SHA-512) of a broker started
+    /// with [`start_secured`](Self::start_secured).
+    pub fn bootstrap_sasl_ssl(&self) -> String {
+        let (_, sasl) = self.secured.expect("a broker started with start_secured");
+        format!("127.0.0.1:{sasl}")
     }
 
     /// One broker for the whole test process, started on first use. A watchdog process stops
@@ -502,6 +610,7 @@ impl KafkaCluster {
                     port: *port,
                     controller_port: *controller_port,
                     dir,
+                    secured: None,
                 };
                 node.watch();
                 nodes.push(node);

@@ -7,6 +7,7 @@
 //! - [`KafkaBroker`]: Apache Kafka (KRaft, one node), run by `java` from the jars in
 //!   `KAFKA_LIBS` (set by `cargo xtask test-matrix`, fetched from Maven Central by
 //!   `cargo xtask brokers install`).
+//! - [`TestCa`]: a certificate authority made at test time, for brokers run with TLS.
 
 // A broker that cannot start is a failed test, with the reason in the panic.
 #![allow(clippy::panic, clippy::expect_used)]
@@ -15,6 +16,7 @@
 
 mod kafka;
 mod nats;
+mod tls;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -46,3 +48,4 @@ pub fn free_port() -> u16 {
 
 pub use kafka::{KafkaBroker, KafkaCluster, kafka_bootstrap, kafka_libs};
 pub use nats::{NatsCluster, NatsServer};
+pub use tls::{Issued, TestCa};

@@ -64,6 +64,18 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The broker refused this client's credentials (a wrong password, token or key), or TLS
+    /// could not be set up (the broker's certificate is not trusted, the broker wants a client
+    /// certificate and got none or one it does not trust). Trying again does not help: the
+    /// configuration or the broker's security settings must change.
+    #[error("refused by the broker's security: {message}")]
+    Security {
+        /// What was refused, and the broker's or the client library's reason.
+        message: String,
+        /// The client library's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {field}: {reason}")]
     Config {
@@ -96,6 +108,8 @@ pub enum ErrorKind {
     Timeout,
     /// See [`Error::Broker`].
     Broker,
+    /// See [`Error::Security`].
+    Security,
     /// See [`Error::Config`].
     Config,
 }
@@ -113,6 +127,7 @@ impl Error {
             Error::Full { .. } => ErrorKind::Full,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Broker { .. } => ErrorKind::Broker,
+            Error::Security { .. } => ErrorKind::Security,
             Error::Config { .. } => ErrorKind::Config,
         }
     }

@@ -57,17 +57,29 @@ impl KafkaBus {
     }
 
     /// Starts the producer and the consumer group of `config` as `settings.client_id`, and the
-    /// consume runtime on the current tokio runtime. Nothing is asked of the brokers yet: a
-    /// bus starts while they are unreachable, and publishing then fails after
-    /// `publish_timeout`.
+    /// consume runtime on the current tokio runtime, once the brokers were asked for metadata
+    /// with the configuration's security settings (`kafka.properties`): a broker that refuses
+    /// the credentials, or TLS that fails (a certificate not trusted, none where the broker
+    /// wants one), fails the call with [`ErrorKind::Security`](eventbus_core::ErrorKind)
+    /// naming librdkafka's reason, within a second or two rather than a retry loop. Brokers
+    /// that cannot be reached do not fail it: the bus starts (after at most 10 s, at once
+    /// when every broker refused the connection), logs a warning, and publishing fails after
+    /// `publish_timeout` until one answers.
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: nothing is awaited; a dropped call starts nothing.
+    /// Cancel safe: only the check of the brokers is awaited, before anything starts; a
+    /// dropped call starts nothing.
     pub async fn connect(settings: BusSettings, config: KafkaConfig) -> Result<Self, Error> {
         settings.validate()?;
         config.validate()?;
         let client_id = settings.client_id.clone();
+        if crate::probe::probe(&config, &client_id).await? == crate::probe::Reached::NotYet {
+            tracing::warn!(
+                servers = ?config.bootstrap_servers,
+                "no Kafka broker answered yet; starting anyway (publishes fail after publish_timeout until one does)"
+            );
+        }
         let namespace = settings.metrics_namespace.clone();
         let publisher = Arc::new(Publisher::new(config, &client_id)?);
         let runtime = Arc::new(Runtime::new(settings, publisher.clone())?);

@@ -75,6 +75,7 @@ mod config;
 mod dead_letters;
 mod group;
 mod partition;
+mod probe;
 mod producer;
 mod topics;
 

@@ -177,16 +177,50 @@ pub(crate) async fn connect(
                 .map_err(|error| Error::config("nats.urls", format!("{url:?}: {error}")))
         })
         .collect::<Result<_, _>>()?;
-    let client = options
-        .connect(urls)
-        .await
-        .map_err(|error| Error::broker("cannot connect to NATS", error))?;
+    let client = options.connect(urls).await.map_err(connect_error)?;
     // The callback may not have run yet for the first connection.
     if client.connection_state() == async_nats::connection::State::Connected {
         state.connected.store(true, Ordering::SeqCst);
         state.set(eventbus_core::ConnectionState::Connected);
     }
     Ok((client, state))
+}
+
+/// A failed first connection as an [`Error`]: credentials refused and TLS that could not be set
+/// up are [`Error::Security`] (trying again does not help), the rest [`Error::Broker`].
+/// async-nats reports a failed TLS handshake as an I/O error carrying rustls' error: the
+/// server's certificate not trusted, or the server's alert that it wants a (trusted) client
+/// certificate.
+fn connect_error(error: async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind;
+    let tls_failed = || {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> =
+            std::error::Error::source(&error);
+        while let Some(current) = cause {
+            if current.is::<async_nats::rustls::Error>()
+                || current
+                    .downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::get_ref)
+                    .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+            cause = current.source();
+        }
+        false
+    };
+    let message = match error.kind() {
+        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+            "NATS refused the credentials (nats.auth)"
+        }
+        ConnectErrorKind::Tls => "TLS with NATS could not be set up (nats.tls)",
+        ConnectErrorKind::Io if tls_failed() => "TLS with NATS failed (nats.tls)",
+        _ => return Error::broker("cannot connect to NATS", error),
+    };
+    Error::Security {
+        message: message.to_owned(),
+        source: Some(error.into()),
+    }
 }
 
 #[cfg(test)]

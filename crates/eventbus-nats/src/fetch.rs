@@ -209,6 +209,29 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                 }
             }
         }
+        if next_request.is_none()
+            && !fetch.stop.is_cancelled()
+            && lock(&fetch.deliveries).lost_from.is_some()
+        {
+            // Deliveries were lost on the way: nothing more is pulled until the durable is
+            // replayed from the first lost (tried again, with backoff, until it is: order is
+            // not traded for progress).
+            match replay_what_was_lost(&broker, &fetch, &mut consumer, envelopes).await {
+                Ok(Some(fresh)) => {
+                    consumer = fresh;
+                    fetch.bound(&consumer);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(durable = %fetch.durable, %error, failures, "replaying the lost deliveries failed; trying again");
+                    if backoff(&fetch, failures).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
         let stopping = fetch.stop.is_cancelled();
         if stopping && next_request.is_none() && (!fetch.draining() || last_batch_taken) {
             break;
@@ -224,7 +247,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             request(&broker, &fetch, &consumer, &settings, Wait::Expires).await
         };
         let mut failed = None;
-        let mut lost = false;
         match batch {
             Err(error) => failed = Some(error),
             Ok(mut current) => loop {
@@ -292,7 +314,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                         if let Some(Ok(mut open)) = next_request.take() {
                             give_back_the_rest(&mut open, settings.fetch_expires).await;
                         }
-                        lost = true;
                         break;
                     }
                     // The runtime has shut down (close gave up waiting): stop fetching.
@@ -302,16 +323,6 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                     }
                 }
             },
-        }
-        if lost && failed.is_none() && !fetch.stop.is_cancelled() {
-            match replay_what_was_lost(&broker, &fetch, &mut consumer, envelopes).await {
-                Ok(Some(fresh)) => {
-                    consumer = fresh;
-                    fetch.bound(&consumer);
-                }
-                Ok(None) => {}
-                Err(error) => failed = Some(error.to_string()),
-            }
         }
         if let Some(error) = failed {
             next_request = None;
@@ -841,28 +852,33 @@ async fn replay_what_was_lost(
     if !held_ones_settled(broker, fetch).await {
         return Ok(None);
     }
-    if fetch.pin.is_none() {
-        // A partition's pinned consumer delivers to this fetcher alone; a whole topic's durable
-        // to whoever has a request waiting.
-        let info = consumer.info().await.map_err(|error| {
-            Error::broker(format!("cannot read consumer {}", fetch.durable), error)
-        })?;
-        if info.num_waiting > 0 {
-            {
-                let mut deliveries = lock(&fetch.deliveries);
-                deliveries.shared = true;
-                deliveries.lost_from = None;
-            }
-            tracing::warn!(
-                durable = %fetch.durable,
-                "another client is pulling from this durable consumer: the two share its messages, events of one aggregate may be handled in both at once"
-            );
-            return Ok(None);
+    let info = consumer
+        .info()
+        .await
+        .map_err(|error| Error::broker(format!("cannot read consumer {}", fetch.durable), error))?;
+    // A partition's pinned consumer delivers to this fetcher alone; a whole topic's durable to
+    // whoever has a request waiting.
+    if fetch.pin.is_none() && info.num_waiting > 0 {
+        {
+            let mut deliveries = lock(&fetch.deliveries);
+            deliveries.shared = true;
+            deliveries.lost_from = None;
         }
+        tracing::warn!(
+            durable = %fetch.durable,
+            "another client is pulling from this durable consumer: the two share its messages, events of one aggregate may be handled in both at once"
+        );
+        return Ok(None);
     }
-    let Some(position) = fetch.position() else {
+    let Some(mut position) = fetch.position() else {
         return Ok(None);
     };
+    // Never above the ack floor: what another reader of the durable holds unacknowledged (one
+    // this fetcher could not tell from a lost delivery) comes back too, rather than being left
+    // below the new durable's start.
+    position.start = position
+        .start
+        .min(info.ack_floor.stream_sequence.saturating_add(1));
     ensure_consumer(
         broker,
         &fetch.topic,
