@@ -153,8 +153,9 @@ fn java(libs: &Path, dir: &Path) -> Command {
 }
 
 /// A formatted, empty store, made once per process and copied for every broker.
+static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+
 fn template(libs: &Path) -> &'static Path {
-    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let dir =
             std::env::temp_dir().join(format!("eventbus-kafka-template-{}", std::process::id()));
@@ -385,16 +386,19 @@ listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.se
     /// so that a test killed or aborted leaves no broker behind.
     fn watch(&mut self) {
         self.stop_watchdog();
+        // The process's template store too, if it made one (a cluster's nodes and a secured
+        // broker format their own).
+        let template = TEMPLATE
+            .get()
+            .and_then(|data| data.parent())
+            .map(|template| format!(" '{}'", template.display()))
+            .unwrap_or_default();
         let script = format!(
             "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {broker} 2>/dev/null; \
-             rm -rf '{dir}' '{template}'",
+             rm -rf '{dir}'{template}",
             parent = std::process::id(),
             broker = self.child.id(),
             dir = self.dir.display(),
-            template = template(&self.libs)
-                .parent()
-                .unwrap_or(template(&self.libs))
-                .display(),
         );
         self.watchdog = Command::new("sh")
             .args(["-c", &script])
@@ -500,8 +504,9 @@ listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.se
         self.stop_watchdog();
         let pid = self.child.id();
         let dir = std::mem::take(&mut self.dir);
-        // The process's formatted template store, which the stopped watchdog would have removed.
-        if let Some(template) = template(&self.libs).parent() {
+        // The process's formatted template store (if it made one), which the stopped watchdog
+        // would have removed.
+        if let Some(template) = TEMPLATE.get().and_then(|data| data.parent()) {
             let _ = std::fs::remove_dir_all(template);
         }
         std::mem::forget(self);
@@ -559,8 +564,13 @@ impl KafkaCluster {
     /// Starts `size` nodes from the jars in `KAFKA_LIBS` and returns once each answers the
     /// Kafka protocol (which a node does only once the controllers have a quorum).
     pub fn start(size: usize) -> Self {
+        Self::start_from(&kafka_libs(), size)
+    }
+
+    /// Like [`start`](Self::start), with the jars in `libs`.
+    pub fn start_from(libs: &Path, size: usize) -> Self {
         assert!(size >= 1, "a cluster has a node");
-        let libs = kafka_libs();
+        let libs = libs.to_owned();
         let mut attempt = 1;
         loop {
             let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
@@ -638,6 +648,12 @@ impl KafkaCluster {
             .map(KafkaBroker::bootstrap)
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// Leaves every node running after this value is gone (for `cargo xtask brokers up
+    /// --cluster`); returns each node's PID and directory (store and log).
+    pub fn detach(self) -> Vec<(u32, PathBuf)> {
+        self.nodes.into_iter().map(KafkaBroker::detach).collect()
     }
 
     /// Node `index` (node ID `index + 1`): its address, and killing, freezing or starting it

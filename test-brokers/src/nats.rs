@@ -5,12 +5,13 @@
 use crate::free_port;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running nats-server.
 pub struct NatsServer {
+    binary: PathBuf,
     child: Child,
     args: Vec<String>,
     port: u16,
@@ -68,7 +69,8 @@ impl NatsServer {
             // A failed attempt's drop removed the directory.
             std::fs::create_dir_all(&store).expect("a JetStream store directory");
             let (port, monitor_port) = (free_port(), free_port());
-            let mut server = Self::launch(port, monitor_port, store.clone(), args.clone());
+            let mut server =
+                Self::launch(binary(), port, monitor_port, store.clone(), args.clone());
             match server.wait_ready() {
                 Ok(()) => return server,
                 Err(exited) if attempt < START_ATTEMPTS => {
@@ -81,9 +83,16 @@ impl NatsServer {
     }
 
     /// Spawns a server (not waiting for it) with a single server's health check.
-    fn launch(port: u16, monitor_port: u16, store: PathBuf, args: Vec<String>) -> Self {
+    fn launch(
+        binary: PathBuf,
+        port: u16,
+        monitor_port: u16,
+        store: PathBuf,
+        args: Vec<String>,
+    ) -> Self {
         Self {
-            child: Self::spawn(port, monitor_port, &store, &args),
+            child: Self::spawn(&binary, port, monitor_port, &store, &args),
+            binary,
             args,
             port,
             monitor_port,
@@ -92,8 +101,14 @@ impl NatsServer {
         }
     }
 
-    fn spawn(port: u16, monitor_port: u16, store: &PathBuf, args: &[String]) -> Child {
-        Command::new(binary())
+    fn spawn(
+        binary: &Path,
+        port: u16,
+        monitor_port: u16,
+        store: &PathBuf,
+        args: &[String],
+    ) -> Child {
+        Command::new(binary)
             .args([
                 "-a",
                 "127.0.0.1",
@@ -147,7 +162,13 @@ impl NatsServer {
     /// the cluster again).
     pub fn start_again(&mut self) {
         self.kill();
-        self.child = Self::spawn(self.port, self.monitor_port, &self.store, &self.args);
+        self.child = Self::spawn(
+            &self.binary,
+            self.port,
+            self.monitor_port,
+            &self.store,
+            &self.args,
+        );
         if let Err(exited) = self.wait_ready() {
             panic!("{exited}");
         }
@@ -207,6 +228,16 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// Leaves the server running after this value is gone (for `cargo xtask brokers up
+    /// --cluster`); returns its PID and its JetStream store. Whoever keeps them stops the
+    /// server and removes the store.
+    pub fn detach(mut self) -> (u32, PathBuf) {
+        let pid = self.child.id();
+        let store = std::mem::take(&mut self.store);
+        std::mem::forget(self);
+        (pid, store)
+    }
+
     /// True while the server accepts client connections.
     pub fn accepts_clients(&self) -> bool {
         TcpStream::connect(("127.0.0.1", self.port)).is_ok()
@@ -233,6 +264,11 @@ impl NatsCluster {
     /// elected). A node that exits while starting (a port taken meanwhile) starts the whole
     /// cluster again on other ports.
     pub fn start(size: usize) -> Self {
+        Self::start_from(&binary(), size)
+    }
+
+    /// Like [`start`](Self::start), with the nats-server at `binary`.
+    pub fn start_from(binary: &Path, size: usize) -> Self {
         assert!(size >= 1, "a cluster has a node");
         let mut attempt = 1;
         loop {
@@ -263,7 +299,8 @@ impl NatsCluster {
                     let store =
                         std::env::temp_dir().join(format!("eventbus-nats-cluster-{run}-n{index}"));
                     std::fs::create_dir_all(&store).expect("a JetStream store directory");
-                    let mut node = NatsServer::launch(*port, *monitor_port, store, args);
+                    let mut node =
+                        NatsServer::launch(binary.to_owned(), *port, *monitor_port, store, args);
                     node.health = CLUSTER_HEALTH;
                     node
                 })
@@ -328,6 +365,12 @@ impl NatsCluster {
                 peer.get("current").and_then(serde_json::Value::as_bool) == Some(true)
                     && peer.get("offline").and_then(serde_json::Value::as_bool) != Some(true)
             })
+    }
+
+    /// Leaves every node running after this value is gone (for `cargo xtask brokers up
+    /// --cluster`); returns each node's PID and JetStream store.
+    pub fn detach(self) -> Vec<(u32, PathBuf)> {
+        self.nodes.into_iter().map(NatsServer::detach).collect()
     }
 
     /// Every node's client URL.

@@ -156,6 +156,39 @@ pub(crate) fn up() -> Result<String, String> {
     Ok(format!("NATS_URL={nats} KAFKA_BOOTSTRAP={bootstrap}"))
 }
 
+/// Starts a 3-node NATS cluster (routes, JetStream) and a 3-node KRaft Kafka cluster (every
+/// node broker and controller, internal topics RF 3) on free loopback ports; returns their
+/// addresses as environment assignments. `down` stops every node by PID.
+pub(crate) fn up_cluster() -> Result<String, String> {
+    let binary = install()?;
+    let libs = install_kafka()?;
+    down()?;
+    let nats = test_brokers::NatsCluster::start_from(&binary, 3);
+    let urls = nats.urls().join(",");
+    let nats_nodes = nats.detach();
+    record("nats", &nats_nodes)?;
+    let kafka = test_brokers::KafkaCluster::start_from(&libs, 3);
+    let bootstrap = kafka.bootstrap();
+    record("kafka", &kafka.detach())?;
+    write(&dir().join("nats.url"), &urls)?;
+    write(&dir().join("kafka.bootstrap"), &bootstrap)?;
+    Ok(format!(
+        "EVENTBUS_NATS_URLS={urls} EVENTBUS_KAFKA_BOOTSTRAP_SERVERS={bootstrap}"
+    ))
+}
+
+/// Writes the PIDs (`{name}.pid`) and directories (`{name}.dir`) of started nodes, one a line,
+/// for `down`.
+fn record(name: &str, nodes: &[(u32, PathBuf)]) -> Result<(), String> {
+    let pids: Vec<String> = nodes.iter().map(|(pid, _)| pid.to_string()).collect();
+    let dirs: Vec<String> = nodes
+        .iter()
+        .map(|(_, dir)| dir.display().to_string())
+        .collect();
+    write(&dir().join(format!("{name}.pid")), &pids.join("\n"))?;
+    write(&dir().join(format!("{name}.dir")), &dirs.join("\n"))
+}
+
 /// Starts nats-server with JetStream on a free loopback port; returns its URL.
 fn up_nats() -> Result<String, String> {
     let binary = install()?;
@@ -188,24 +221,57 @@ fn up_nats() -> Result<String, String> {
     Ok(url)
 }
 
-/// Stops the brokers that `up` started, if any, by PID, and removes the Kafka broker's store.
+/// Stops the brokers that `up` (or `up --cluster`) started, if any, by PID, and removes the
+/// stores kept outside `target/brokers`.
 pub(crate) fn down() -> Result<(), String> {
     for name in ["nats.pid", "kafka.pid"] {
         let pid_file = dir().join(name);
-        let Ok(pid) = std::fs::read_to_string(&pid_file) else {
+        let Ok(pids) = std::fs::read_to_string(&pid_file) else {
             continue;
         };
-        // The broker may be gone already; `kill` then fails harmlessly.
-        let _ = Command::new("kill").arg(pid.trim()).status();
+        let pids: Vec<&str> = pids
+            .lines()
+            .map(str::trim)
+            .filter(|pid| !pid.is_empty())
+            .collect();
+        for pid in &pids {
+            // The broker may be gone already; `kill` then fails harmlessly.
+            let _ = Command::new("kill").arg(pid).status();
+        }
+        // A cluster's last Kafka node can take a while to shut down without its quorum: given
+        // 15 s, then killed.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for pid in &pids {
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if alive(pid) {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
         std::fs::remove_file(&pid_file).map_err(|e| format!("{}: {e}", pid_file.display()))?;
     }
-    // The Kafka broker's store and log, outside target/ (a temporary directory).
-    let store_file = dir().join("kafka.dir");
-    if let Ok(store) = std::fs::read_to_string(&store_file) {
-        let _ = std::fs::remove_dir_all(store.trim());
-        std::fs::remove_file(&store_file).map_err(|e| format!("{}: {e}", store_file.display()))?;
+    // Stores and logs in a temporary directory: the Kafka broker's, a cluster's nodes'.
+    for name in ["nats.dir", "kafka.dir"] {
+        let dirs_file = dir().join(name);
+        let Ok(dirs) = std::fs::read_to_string(&dirs_file) else {
+            continue;
+        };
+        for store in dirs.lines().map(str::trim).filter(|dir| !dir.is_empty()) {
+            let _ = std::fs::remove_dir_all(store);
+        }
+        std::fs::remove_file(&dirs_file).map_err(|e| format!("{}: {e}", dirs_file.display()))?;
     }
     Ok(())
+}
+
+/// True while process `pid` exists.
+fn alive(pid: &str) -> bool {
+    Command::new("kill")
+        .args(["-0", pid])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
 
 fn write(path: &Path, text: &str) -> Result<(), String> {

