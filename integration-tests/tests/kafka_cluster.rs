@@ -57,6 +57,68 @@ fn partition_leader(bootstrap: &str, topic: &str, partition: i32) -> Option<i32>
 /// is handled, the first handlings of each aggregate in version order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
+    failover(Fault::PartitionLeaderKilled).await;
+}
+
+/// As above, the group's coordinator killed (the leader of `__consumer_offsets`, one
+/// partition here): the member finds the new coordinator, commits go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_coordinator_killed_mid_stream_loses_nothing_and_keeps_order() {
+    failover(Fault::CoordinatorKilled).await;
+}
+
+/// As above, a partition's leader paused (SIGSTOP) for 15 s, longer than the member's
+/// session timeout (6 s): its sockets stay open and answer nothing, then it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_leader_paused_mid_stream_loses_nothing_and_keeps_order() {
+    failover(Fault::PartitionLeaderPaused(Duration::from_secs(15))).await;
+}
+
+/// As above, every node restarted in turn (killed, started again on its store, the next one
+/// once every replica of the topic and of `__consumer_offsets` is in sync again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_loses_nothing_and_keeps_order() {
+    failover(Fault::RollingRestart).await;
+}
+
+/// What a failover test does to the cluster once a fifth of the envelopes were handled.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    PartitionLeaderKilled,
+    CoordinatorKilled,
+    PartitionLeaderPaused(Duration),
+    RollingRestart,
+}
+
+/// True when every partition of `topics` has all its replicas in sync.
+fn in_sync(bootstrap: &str, topics: &[&str]) -> bool {
+    let Ok(client) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create::<BaseConsumer>()
+    else {
+        return false;
+    };
+    topics.iter().all(|topic| {
+        client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .is_ok_and(|metadata| {
+                metadata.topics().iter().all(|t| {
+                    !t.partitions().is_empty()
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.isr().len() == p.replicas().len() && p.leader() >= 0)
+                })
+            })
+    })
+}
+
+/// Publishes and consumes 5,000 envelopes over 200 aggregates on topics with a replication
+/// factor of 3 and `min.insync.replicas` 2, doing `fault` to the cluster mid-stream; checks
+/// that every envelope was handled and each aggregate's first handlings are in version order.
+async fn failover(fault: Fault) {
+    // One failover at a time: two 3-node clusters would share the 2 cores of the test machine.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _alone = ONE_AT_A_TIME.lock().await;
     integration_tests::capture_logs();
     let mut cluster = tokio::task::block_in_place(|| KafkaCluster::start(3));
     let bootstrap = cluster.bootstrap();
@@ -122,11 +184,51 @@ async fn a_partition_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
         handled.lock().unwrap().1.len() >= aggregates * 5
     })
     .await;
-    let leader = tokio::task::block_in_place(|| partition_leader(&bootstrap, topic, 0))
-        .expect("partition 0 has a leader");
-    let index = KafkaCluster::index_of(leader).unwrap();
-    eprintln!("killing node {leader}, the leader of {topic}/0");
-    cluster.node(index).kill();
+    match fault {
+        Fault::PartitionLeaderKilled | Fault::PartitionLeaderPaused(_) => {
+            let leader = tokio::task::block_in_place(|| partition_leader(&bootstrap, topic, 0))
+                .expect("partition 0 has a leader");
+            let index = KafkaCluster::index_of(leader).unwrap();
+            eprintln!("{fault:?}: node {leader} leads {topic}/0");
+            if let Fault::PartitionLeaderPaused(paused_for) = fault {
+                cluster.node(index).freeze();
+                tokio::time::sleep(paused_for).await;
+                cluster.node(index).thaw();
+            } else {
+                cluster.node(index).kill();
+            }
+        }
+        Fault::CoordinatorKilled => {
+            // offsets.topic.num.partitions is 1: its leader coordinates every group.
+            let coordinator = tokio::task::block_in_place(|| {
+                partition_leader(&bootstrap, "__consumer_offsets", 0)
+            })
+            .expect("__consumer_offsets has a leader");
+            let index = KafkaCluster::index_of(coordinator).unwrap();
+            eprintln!("{fault:?}: node {coordinator} coordinates the group");
+            cluster.node(index).kill();
+        }
+        Fault::RollingRestart => {
+            for node in 0..cluster.len() {
+                tokio::task::block_in_place(|| cluster.node(node).start_again());
+                let started = std::time::Instant::now();
+                eventually("every replica in sync again", || async {
+                    let bootstrap = bootstrap.clone();
+                    tokio::task::spawn_blocking(move || {
+                        in_sync(&bootstrap, &[topic, "__consumer_offsets"])
+                    })
+                    .await
+                    .unwrap()
+                })
+                .await;
+                eprintln!(
+                    "node {} restarted, replicas in sync {:?} later",
+                    node + 1,
+                    started.elapsed()
+                );
+            }
+        }
+    }
     tokio::time::timeout(Duration::from_secs(180), publishing)
         .await
         .expect("every envelope published within three minutes of the kill")
@@ -144,7 +246,7 @@ async fn a_partition_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
     let all = handled.lock().unwrap().0.clone();
     let duplicates = assert_first_handlings_in_order(&all, aggregates, versions);
     eprintln!(
-        "Kafka partition leader killed: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
+        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
         failed.load(Ordering::SeqCst)
     );
     subscriber.close().await.unwrap();

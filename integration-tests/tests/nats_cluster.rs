@@ -243,7 +243,7 @@ async fn consumer_leader(js: &jetstream::Context, stream: &str, durable: &str) -
 /// version order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
-    consumer_leader_killed(None).await;
+    failover(Fault::Kill).await;
 }
 
 /// As above, the node staying down longer than `ack_wait` (15 s, `ack_wait` 10 s) before it
@@ -251,12 +251,41 @@ async fn the_consumer_leader_killed_mid_stream_loses_nothing_and_keeps_order() {
 /// nothing acknowledged is skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_consumer_leader_down_longer_than_ack_wait_loses_nothing_and_keeps_order() {
-    consumer_leader_killed(Some(std::time::Duration::from_secs(15))).await;
+    failover(Fault::DownFor(std::time::Duration::from_secs(15))).await;
 }
 
-/// Kills the leader of the subscription's consumer mid-stream; with `down_for`, starts it again
-/// after that long.
-async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
+/// As above, the consumer's leader paused (SIGSTOP) for longer than `ack_wait`: its sockets
+/// stay open and answer nothing (a node cut off by the network without its connections
+/// closing), then it goes on (SIGCONT) with an older view of the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consumer_leader_paused_longer_than_ack_wait_loses_nothing_and_keeps_order() {
+    failover(Fault::Paused(std::time::Duration::from_secs(15))).await;
+}
+
+/// As above, every node of the cluster restarted in turn (killed, started again on its store,
+/// the next one once it is current with the cluster), as an upgrade does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_loses_nothing_and_keeps_order() {
+    failover(Fault::RollingRestart).await;
+}
+
+/// What a failover test does to the cluster once a fifth of the envelopes were handled.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Kills the consumer's leader.
+    Kill,
+    /// Kills the consumer's leader and starts it again after this long.
+    DownFor(std::time::Duration),
+    /// Pauses the consumer's leader (SIGSTOP) for this long, then lets it go on.
+    Paused(std::time::Duration),
+    /// Kills and starts again every node in turn.
+    RollingRestart,
+}
+
+/// Publishes and consumes 10,000 envelopes over 200 aggregates on an R3 stream, doing `fault`
+/// to the cluster mid-stream; checks that every envelope was handled and each aggregate's
+/// first handlings are in version order.
+async fn failover(fault: Fault) {
     // One failover at a time: two 3-node clusters moving 10,000 envelopes each would share the
     // 2 cores of the test machine, and each would measure the other.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -334,13 +363,29 @@ async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
     let durable = subscriber.durable_name(topic, 1);
     let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
     let index = NatsCluster::index_of(&leader).unwrap();
-    eprintln!("killing node {leader}, the leader of consumer {durable}");
-    cluster.node(index).kill();
-    if let Some(down_for) = down_for {
-        // The fault itself lasts this long: the node is down, whatever else happens.
-        tokio::time::sleep(down_for).await;
-        tokio::task::block_in_place(|| cluster.node(index).start_again());
-        eprintln!("node {leader} started again after {down_for:?}");
+    eprintln!("{fault:?}: node {leader} leads consumer {durable}");
+    match fault {
+        Fault::Kill => cluster.node(index).kill(),
+        Fault::DownFor(down_for) => {
+            cluster.node(index).kill();
+            // The fault itself lasts this long: the node is down, whatever else happens.
+            tokio::time::sleep(down_for).await;
+            tokio::task::block_in_place(|| cluster.node(index).start_again());
+        }
+        Fault::Paused(paused_for) => {
+            cluster.node(index).freeze();
+            tokio::time::sleep(paused_for).await;
+            cluster.node(index).thaw();
+        }
+        Fault::RollingRestart => {
+            for node in 0..cluster.len() {
+                tokio::task::block_in_place(|| {
+                    cluster.node(node).start_again();
+                    cluster.wait_for_meta_quorum();
+                });
+                eprintln!("node n{node} restarted");
+            }
+        }
     }
     tokio::time::timeout(std::time::Duration::from_secs(120), publishing)
         .await
@@ -359,7 +404,7 @@ async fn consumer_leader_killed(down_for: Option<std::time::Duration>) {
     let all = handled.lock().unwrap().all.clone();
     let duplicates = integration_tests::assert_first_handlings_in_order(&all, aggregates, versions);
     eprintln!(
-        "consumer leader killed (down {down_for:?}): {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
+        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
         failed_publishes.load(std::sync::atomic::Ordering::SeqCst)
     );
     subscriber.close().await.unwrap();
