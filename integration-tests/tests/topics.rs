@@ -86,6 +86,16 @@ async fn nats_streams_are_created_validated_and_updated_as_each_mode_allows() {
             .await
             .is_err()
     );
+    // JetStream keeps 1 to 5 replicas: 7 is refused before the server is asked.
+    let seven = bus
+        .ensure_topic(
+            &TopicSpec::new("managed.seven").with_replicas(7),
+            EnsureMode::CreateOrUpdate,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(seven.kind(), eventbus_core::ErrorKind::Config, "{seven}");
+    assert!(seven.to_string().contains("1 to 5"), "{seven}");
     // The bus still publishes to the topic it manages.
     let envelope = eventbus_core::Envelope::new("order-1", "Placed", 1, &1).unwrap();
     bus.publish_envelope("managed.orders", &envelope)

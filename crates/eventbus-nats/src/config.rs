@@ -514,7 +514,7 @@ fn name_ok(name: &str) -> bool {
 }
 
 /// JetStream keeps 1 to 5 replicas of a stream.
-fn replicas_ok(field: &'static str, replicas: u16) -> Result<(), Error> {
+pub(crate) fn replicas_ok(field: &'static str, replicas: u16) -> Result<(), Error> {
     if (1..=5).contains(&replicas) {
         Ok(())
     } else {

@@ -643,6 +643,9 @@ pub(crate) async fn ensure_spec(
 ) -> Result<eventbus_core::TopicReport, Error> {
     use eventbus_core::{EnsureMode, TopicMismatch, TopicReport, TopicStorage};
     let topic = spec.name.as_str();
+    if let Some(replicas) = spec.replicas {
+        crate::config::replicas_ok("replicas", replicas)?;
+    }
     let configured_partitions = partitioned(&config.topics, topic).map_or(1, |(_, n)| u32::from(n));
     let mut report = TopicReport::default();
     if let Some(mismatch) =
