@@ -383,6 +383,19 @@ pub fn capture_logs() {
         .try_init();
 }
 
+/// The longest time without a handling ending, from `began` (a fault's start) to the last
+/// handling: how long consuming stood still because of the fault. `times` in the order the
+/// handlings ended.
+pub fn longest_pause_after(times: &[std::time::Instant], began: std::time::Instant) -> Duration {
+    let mut previous = began;
+    let mut longest = Duration::ZERO;
+    for &time in times.iter().filter(|time| **time >= began) {
+        longest = longest.max(time.duration_since(previous));
+        previous = time;
+    }
+    longest
+}
+
 /// How long a check waits for what it expects.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

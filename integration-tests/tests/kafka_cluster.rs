@@ -34,8 +34,13 @@ fn envelope(aggregate: usize, version: i64) -> Envelope {
     .unwrap()
 }
 
-/// Every handling in order, and the distinct (aggregate, version) pairs among them.
-type Handled = (Vec<(String, i64)>, HashSet<(String, i64)>);
+/// Every handling in order, the distinct (aggregate, version) pairs among them, and when each
+/// handling ended.
+type Handled = (
+    Vec<(String, i64)>,
+    HashSet<(String, i64)>,
+    Vec<std::time::Instant>,
+);
 
 /// The node leading partition `partition` of `topic`, as the cluster's metadata says.
 fn partition_leader(bootstrap: &str, topic: &str, partition: i32) -> Option<i32> {
@@ -142,6 +147,7 @@ async fn failover(fault: Fault) {
                     let mut handled = recorder.lock().unwrap();
                     handled.1.insert(pair.clone());
                     handled.0.push(pair);
+                    handled.2.push(std::time::Instant::now());
                     Ok::<(), HandlerError>(())
                 }
             }),
@@ -184,6 +190,7 @@ async fn failover(fault: Fault) {
         handled.lock().unwrap().1.len() >= aggregates * 5
     })
     .await;
+    let fault_began = std::time::Instant::now();
     match fault {
         Fault::PartitionLeaderKilled | Fault::PartitionLeaderPaused(_) => {
             let leader = tokio::task::block_in_place(|| partition_leader(&bootstrap, topic, 0))
@@ -245,8 +252,9 @@ async fn failover(fault: Fault) {
     }
     let all = handled.lock().unwrap().0.clone();
     let duplicates = assert_first_handlings_in_order(&all, aggregates, versions);
+    let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().2, fault_began);
     eprintln!(
-        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
+        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",
         failed.load(Ordering::SeqCst)
     );
     subscriber.close().await.unwrap();

@@ -202,6 +202,8 @@ async fn a_replicated_stream_is_never_downgraded_and_raised_only_when_told() {
 struct Handled {
     all: Vec<(String, i64)>,
     distinct: std::collections::HashSet<(String, i64)>,
+    /// When each handling ended.
+    times: Vec<std::time::Instant>,
 }
 
 /// The name of the node leading consumer `durable` of `stream`, once there is one.
@@ -311,6 +313,7 @@ async fn failover(fault: Fault) {
                     let mut handled = recorder.lock().unwrap();
                     handled.distinct.insert(pair.clone());
                     handled.all.push(pair);
+                    handled.times.push(std::time::Instant::now());
                     Ok::<(), HandlerError>(())
                 }
             }),
@@ -364,6 +367,7 @@ async fn failover(fault: Fault) {
     let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
     let index = NatsCluster::index_of(&leader).unwrap();
     eprintln!("{fault:?}: node {leader} leads consumer {durable}");
+    let fault_began = std::time::Instant::now();
     match fault {
         Fault::Kill => cluster.node(index).kill(),
         Fault::DownFor(down_for) => {
@@ -403,8 +407,9 @@ async fn failover(fault: Fault) {
     }
     let all = handled.lock().unwrap().all.clone();
     let duplicates = integration_tests::assert_first_handlings_in_order(&all, aggregates, versions);
+    let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().times, fault_began);
     eprintln!(
-        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried",
+        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",
         failed_publishes.load(std::sync::atomic::Ordering::SeqCst)
     );
     subscriber.close().await.unwrap();
