@@ -288,6 +288,7 @@ enum Fault {
 /// to the cluster mid-stream; checks that every envelope was handled and each aggregate's
 /// first handlings are in version order.
 async fn failover(fault: Fault) {
+    integration_tests::capture_logs();
     // One failover at a time: two 3-node clusters moving 10,000 envelopes each would share the
     // 2 cores of the test machine, and each would measure the other.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
