@@ -1223,6 +1223,59 @@ async fn an_instance_with_a_shorter_pinned_ttl_keeps_the_groups_pin_lifetime() {
     running.close().await.unwrap();
 }
 
+/// A partition durable made anew (deleted while the group's bucket stayed) by an instance with
+/// a shorter `pinned_ttl` gets the group's pin lifetime (its bucket's `max_age`), as one bound
+/// as it is keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_durable_made_again_gets_the_groups_pin_lifetime() {
+    let server = NatsServer::start();
+    let topic = "scale.pinagain";
+    let first = connect(
+        "pinagain",
+        with_ttl(
+            partitioned_config(&server.url(), topic, 2),
+            Duration::from_secs(10),
+        ),
+    )
+    .await;
+    let handled = Recorder::<(String, i64)>::new();
+    first
+        .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let bare = first.durable_name(topic, 1);
+    first.close().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js.get_stream("STREAM_scale_pinagain").await.unwrap();
+    let durables = [format!("{bare}_0"), format!("{bare}_1"), bare.clone()];
+    for durable in &durables {
+        stream.delete_consumer(durable).await.unwrap();
+    }
+    let shorter = connect(
+        "pinagain",
+        with_ttl(
+            partitioned_config(&server.url(), topic, 2),
+            Duration::from_secs(1),
+        ),
+    )
+    .await;
+    shorter
+        .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    for durable in &durables {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+            stream.get_consumer(durable).await.unwrap();
+        let timeout = consumer.info().await.unwrap().config.priority_timeout;
+        assert_eq!(
+            timeout,
+            Duration::from_secs(10),
+            "{durable}: made again with this instance's pinned_ttl, not the group's"
+        );
+    }
+    shorter.close().await.unwrap();
+}
+
 /// The group's rounds cost the server no consumer each: an instance watches the bucket with one
 /// consumer and reads the members without making another. After a dozen rounds of two instances,
 /// the bucket's stream has at most one consumer per instance. (Found while reading a CI failure:

@@ -315,6 +315,9 @@ pub(crate) enum Target<'a> {
         /// The group's durable (its bare topic's): the subjects of one group share their
         /// parked aggregates.
         group: &'a str,
+        /// How long the group's pins live (its bucket's `max_age`): a partition durable made
+        /// anew gets it as its `priority_timeout`, whatever this instance's `pinned_ttl`.
+        pin_lifetime: Duration,
     },
 }
 
@@ -331,13 +334,14 @@ impl Inner {
         handler: Handler,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
-        let (topic, subject, group) = match target {
-            Target::Topic(topic) => (topic, topic, None),
+        let (topic, subject, group, pin_lifetime) = match target {
+            Target::Topic(topic) => (topic, topic, None, None),
             Target::Partition {
                 topic,
                 subject,
                 group,
-            } => (topic, subject, Some(group)),
+                pin_lifetime,
+            } => (topic, subject, Some(group), Some(pin_lifetime)),
         };
         let partition = matches!(target, Target::Partition { .. });
         let envelopes = handler.is_envelope();
@@ -379,6 +383,7 @@ impl Inner {
             name: &durable,
             explicit: options.durable.is_some(),
             start: options.start,
+            pin_lifetime,
         };
         let ephemeral = broker.config.topic(subject).ephemeral;
         let mut origin = None;

@@ -1,5 +1,7 @@
 //! The durable pull consumer of a subscription: created, updated, or replayed from its ack floor.
 
+use std::time::Duration;
+
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use eventbus_core::{Error, OffsetDateTime, StartPosition};
 
@@ -45,6 +47,9 @@ pub(crate) struct DurableSpec<'a> {
     pub(crate) explicit: bool,
     /// Where it starts when this bus makes it.
     pub(crate) start: StartPosition,
+    /// A partition's: how long its group's pins live (the group's bucket's `max_age`), its
+    /// `priority_timeout` when this bus makes it. `None` for a topic read whole.
+    pub(crate) pin_lifetime: Option<Duration>,
 }
 
 /// The deliver policy of a durable made to start at `start`.
@@ -128,7 +133,9 @@ pub(crate) async fn ensure_consumer(
         // pinned, until that one stops pulling for `pinned_ttl` or unpins.
         wanted.priority_policy = jetstream::consumer::PriorityPolicy::PinnedClient;
         wanted.priority_groups = vec![PRIORITY_GROUP.to_owned()];
-        wanted.priority_timeout = broker.config.scale_out.pinned_ttl;
+        wanted.priority_timeout = spec
+            .pin_lifetime
+            .unwrap_or(broker.config.scale_out.pinned_ttl);
     }
     // Only a consumer the server says is missing is made anew: one it could not be asked about
     // (a timeout while a cluster elects the consumer's leader) is an error, or it would be

@@ -42,6 +42,8 @@ pub(crate) struct Fetch {
     explicit_durable: bool,
     /// Where the durable starts when it is made.
     start: StartPosition,
+    /// A partition's durable: how long its group's pins live.
+    pin_lifetime: Option<Duration>,
     pub(crate) consumer: Arc<Consumer>,
     /// Stop fetching.
     pub(crate) stop: CancellationToken,
@@ -73,6 +75,7 @@ impl Fetch {
             durable: durable.name.to_owned(),
             explicit_durable: durable.explicit,
             start: durable.start,
+            pin_lifetime: durable.pin_lifetime,
             consumer,
             stop: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -96,6 +99,7 @@ impl Fetch {
             name: &self.durable,
             explicit: self.explicit_durable,
             start: self.start,
+            pin_lifetime: self.pin_lifetime,
         }
     }
 

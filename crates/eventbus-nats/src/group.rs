@@ -182,6 +182,7 @@ pub(crate) async fn subscribe(
             name: &durable,
             explicit: group.named,
             start: group.options.start,
+            pin_lifetime: Some(group.ttl),
         };
         ensure_consumer(
             broker,
@@ -735,6 +736,7 @@ impl Group {
                     topic: &self.topic,
                     subject: &subject,
                     group: &self.durable,
+                    pin_lifetime: self.ttl,
                 },
                 self.handler.clone(),
                 options,
