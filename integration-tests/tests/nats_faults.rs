@@ -368,3 +368,34 @@ async fn pipelined_publishes_across_a_server_restart_settle_once_and_keep_each_a
     );
     assert!(confirmed > 0, "nothing was confirmed");
 }
+
+/// A pull request open when the connection is lost dies with it: the subscription sends a new
+/// one as soon as the client is connected again, rather than waiting for the dead request to
+/// expire (60 s here, three times the test's deadline) before it takes what was published
+/// meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_request_lost_with_the_connection_is_not_waited_for() {
+    let mut server = NatsServer::start();
+    let (mut settings, mut config) = (nats_settings("lostrequest"), nats_config(&server.url()));
+    // `close` reads the open request to its end, up to the drain timeout: kept short.
+    settings.drain_timeout = Duration::from_secs(1);
+    config.consumer.fetch_expires = Duration::from_secs(60);
+    config.scale_out.pinned_ttl = Duration::from_secs(120);
+    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let topic = "faults.lostrequest";
+    let handled = Recorder::<(String, i64)>::new();
+    bus.subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    publish_until_confirmed(&bus, topic, &envelope(1, 1)).await;
+    handled.wait_for("v1", |events| events.len() == 1).await;
+    // The subscription's request now waits on the server that goes away.
+    tokio::task::block_in_place(|| server.start_again());
+    publish_until_confirmed(&bus, topic, &envelope(1, 2)).await;
+    handled
+        .wait_for("v2, published after the restart", |events| {
+            events.iter().any(|(_, version)| *version == 2)
+        })
+        .await;
+    bus.close().await.unwrap();
+}

@@ -240,6 +240,8 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
         if stopping && next_request.is_none() && (!fetch.draining() || last_batch_taken) {
             break;
         }
+        // Requests sent from now on die with the connection if it is lost.
+        let sent_at = fetch.connection.disconnects();
         let batch = if let Some(batch) = next_request.take() {
             batch
         } else if stopping {
@@ -274,6 +276,12 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                             tokio::select! {
                                 next = current.batch.next() => next,
                                 () = fetch.stop.cancelled() => continue,
+                                () = connection_lost(&fetch.connection, sent_at) => {
+                                    // The request died with the connection: what it would
+                                    // still bring is replayed once the durable is checked.
+                                    next_request = None;
+                                    break;
+                                }
                             }
                         };
                         current.count(item.as_ref());
@@ -335,6 +343,11 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             broker.counters.add(Stat::FetchErrors, 1);
             if backoff(&fetch, failures).await {
                 break;
+            }
+            if leader_away(&error) && failures < LEADER_RETRIES {
+                // A cluster electing the consumer's leader: pulling again finds it as soon as
+                // it is there, where asking about the consumer now waits `request_timeout`.
+                continue;
             }
             // The stream or consumer may be gone (a memory stream after a server restart, a
             // deleted consumer): find or make them again.
@@ -403,8 +416,11 @@ async fn reconcile(
         message: format!("cannot read consumer {}: {error}", fetch.durable),
         source: None,
     };
-    let mut existing = broker
-        .js
+    // Asked with a short timeout: while a cluster elects the consumer's leader nobody answers,
+    // and every try waits its whole timeout without pulling (the pull finds the new leader).
+    let mut quick = broker.js.clone();
+    quick.set_timeout(broker.config.request_timeout.min(RECONCILE_TIMEOUT));
+    let mut existing = quick
         .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
             &fetch.durable,
             &stream,
@@ -692,6 +708,33 @@ async fn backoff(fetch: &Fetch, failures: u32) -> bool {
     fetch.stop.is_cancelled() && !fetch.draining()
 }
 
+/// How long `reconcile` waits for the consumer's state.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many pulls in a row may fail for want of a consumer leader before the stream and the
+/// consumer are looked up again (about 3 s of backoff).
+const LEADER_RETRIES: u32 = 5;
+
+/// True for a pull that failed because the consumer has no leader now (no responders, 503) or
+/// its leader changed (409 Leadership Change): a cluster electing one. (A consumer that is gone
+/// answers no responders too, hence the bound [`LEADER_RETRIES`].)
+fn leader_away(error: &str) -> bool {
+    error.contains(" 503")
+        || error.contains("Leadership Change")
+        || error.to_ascii_lowercase().contains("no responders")
+}
+
+/// Resolves once the connection was lost after it had been lost `since` times (never while it
+/// stays up).
+async fn connection_lost(connection: &ConnectionState, since: u64) {
+    let mut watch = connection.watch();
+    while connection.disconnects() == since {
+        if watch.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// How often a subscription asks the server for its consumer's pending count.
 pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -923,4 +966,24 @@ pub(crate) async fn core_loop(fetch: Arc<Fetch>, mut subscriber: async_nats::Sub
         }
     }
     let _ = subscriber.unsubscribe().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::leader_away;
+
+    #[test]
+    fn a_pull_without_a_consumer_leader_is_told_from_other_failures() {
+        assert!(leader_away(
+            "error while processing messages from the stream: 503, None"
+        ));
+        assert!(leader_away(
+            "error while processing messages from the stream: 409, Some(\"Leadership Change\")"
+        ));
+        assert!(leader_away("pull request failed: 503 "));
+        assert!(!leader_away(
+            "error while processing messages from the stream: 409, Some(\"Consumer Deleted\")"
+        ));
+        assert!(!leader_away("pull request failed: 400 Bad Request"));
+    }
 }
