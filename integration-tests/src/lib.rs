@@ -199,6 +199,16 @@ pub fn assert_first_handlings_in_order(
     aggregates: usize,
     versions: i64,
 ) -> usize {
+    assert_first_handlings_in_order_until(handled, aggregates, |_| versions)
+}
+
+/// [`assert_first_handlings_in_order`] where each aggregate reaches its own last version,
+/// `last(aggregate)` (0 for an aggregate never handled).
+pub fn assert_first_handlings_in_order_until(
+    handled: &[(String, i64)],
+    aggregates: usize,
+    last: impl Fn(&str) -> i64,
+) -> usize {
     let mut next: HashMap<&str, i64> = HashMap::new();
     let mut duplicates = 0;
     for (aggregate, version) in handled {
@@ -215,9 +225,82 @@ pub fn assert_first_handlings_in_order(
     }
     assert_eq!(next.len(), aggregates, "every aggregate was handled");
     for (aggregate, reached) in next {
-        assert_eq!(reached, versions + 1, "{aggregate} is missing versions");
+        assert_eq!(
+            reached,
+            last(aggregate) + 1,
+            "{aggregate} is missing versions"
+        );
     }
     duplicates
+}
+
+/// The aggregates a failover test's handler refuses for good at one version, its subscription
+/// parking an aggregate behind its dead letter: `agg-0` at version 2 (dead-lettered before the
+/// fault, its later events parked across it) and `agg-1` five versions before the last
+/// (dead-lettered after the fault began).
+#[derive(Debug, Clone, Copy)]
+pub struct Poisoned {
+    versions: i64,
+}
+
+impl Poisoned {
+    /// The poisoned aggregates of a test publishing `versions` versions of each aggregate.
+    pub fn new(versions: i64) -> Self {
+        Self { versions }
+    }
+
+    /// The version at which `aggregate`'s handler fails for good, if it does.
+    pub fn at(&self, aggregate: &str) -> Option<i64> {
+        match aggregate {
+            "agg-0" => Some(2),
+            "agg-1" => Some(self.versions - 5),
+            _ => None,
+        }
+    }
+
+    /// The last version of `aggregate` its handler completes.
+    pub fn last_handled(&self, aggregate: &str) -> i64 {
+        self.at(aggregate).map_or(self.versions, |at| at - 1)
+    }
+
+    /// How many envelopes are never handled: each poisoned one and those parked behind it.
+    pub fn unhandled(&self) -> usize {
+        ["agg-0", "agg-1"]
+            .iter()
+            .filter_map(|aggregate| self.at(aggregate))
+            .map(|at| usize::try_from(self.versions - at + 1).unwrap_or(0))
+            .sum()
+    }
+
+    /// The dead letters `letters` should hold and do not: each poisoned version unparked,
+    /// every later version of its aggregate parked (duplicates allowed). Empty when all are
+    /// there.
+    pub fn missing_dead_letters(&self, letters: &[StoredDeadLetter]) -> Vec<(String, i64, bool)> {
+        let stored: HashSet<(String, i64, bool)> = letters
+            .iter()
+            .filter_map(|letter| {
+                let envelope = letter.envelope()?;
+                Some((
+                    envelope.aggregate_id.to_string(),
+                    envelope.event_version,
+                    letter.is_parked(),
+                ))
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for aggregate in ["agg-0", "agg-1"] {
+            let Some(at) = self.at(aggregate) else {
+                continue;
+            };
+            for version in at..=self.versions {
+                let wanted = (aggregate.to_owned(), version, version > at);
+                if !stored.contains(&wanted) {
+                    missing.push(wanted);
+                }
+            }
+        }
+        missing
+    }
 }
 
 /// Checks that each aggregate's handlings only ever go forward by one version or start a replay
@@ -255,7 +338,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventbus_core::{
     Envelope, Error, EventBus, HandlerContext, HandlerError, Message, OutboundMessage,
-    PendingPublish, Position, PublishResult, ResultsError, SubscribeOptions,
+    PendingPublish, Position, PublishResult, ResultsError, StoredDeadLetter, SubscribeOptions,
 };
 use tokio::sync::Notify;
 

@@ -20,7 +20,9 @@ use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeO
 use eventbus_kafka::KafkaBus;
 use eventbus_pool::BusSettings;
 use futures::StreamExt;
-use integration_tests::{assert_first_handlings_in_order, eventually, kafka_group_config};
+use integration_tests::{
+    Poisoned, assert_first_handlings_in_order_until, eventually, kafka_group_config,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use test_brokers::KafkaCluster;
 
@@ -120,6 +122,9 @@ fn in_sync(bootstrap: &str, topics: &[&str]) -> bool {
 /// Publishes and consumes 5,000 envelopes over 200 aggregates on topics with a replication
 /// factor of 3 and `min.insync.replicas` 2, doing `fault` to the cluster mid-stream; checks
 /// that every envelope was handled and each aggregate's first handlings are in version order.
+/// Two aggregates are refused for good ([`Poisoned`]), one before the fault and one after, with
+/// parking on: each one's refused event and every later one end in the dead-letter topic (RF 3
+/// too), the later ones marked parked and never handled.
 async fn failover(fault: Fault) {
     // One failover at a time: two 3-node clusters would share the 2 cores of the test machine.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -134,14 +139,21 @@ async fn failover(fault: Fault) {
     let subscriber = KafkaBus::connect(BusSettings::new("kafka", "cluster-a"), config.clone())
         .await
         .unwrap();
+    let (aggregates, versions) = (200usize, 25i64);
+    let poisoned = Poisoned::new(versions);
     let handled: Arc<Mutex<Handled>> = Arc::default();
     let recorder = handled.clone();
+    let options = SubscribeOptions::new().with_park_on_dead_letter(true);
+    let dead_letter_topic = options.dead_letter_topic(topic).unwrap().unwrap();
     let _subscription = subscriber
         .subscribe_envelope(
             topic,
             Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
                 let recorder = recorder.clone();
                 async move {
+                    if poisoned.at(&envelope.aggregate_id) == Some(envelope.event_version) {
+                        return Err(HandlerError::permanent("poisoned"));
+                    }
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     let pair = (envelope.aggregate_id.clone(), envelope.event_version);
                     let mut handled = recorder.lock().unwrap();
@@ -151,7 +163,7 @@ async fn failover(fault: Fault) {
                     Ok::<(), HandlerError>(())
                 }
             }),
-            SubscribeOptions::new(),
+            options,
         )
         .await
         .unwrap();
@@ -160,7 +172,6 @@ async fn failover(fault: Fault) {
             .await
             .unwrap(),
     );
-    let (aggregates, versions) = (200usize, 25i64);
     let failed = Arc::new(AtomicUsize::new(0));
     let (all_publisher, all_failed) = (publisher.clone(), failed.clone());
     let publishing = tokio::spawn(
@@ -240,7 +251,7 @@ async fn failover(fault: Fault) {
         .await
         .expect("every envelope published within three minutes of the kill")
         .unwrap();
-    let total = aggregates * usize::try_from(versions).unwrap();
+    let total = aggregates * usize::try_from(versions).unwrap() - poisoned.unhandled();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
     while handled.lock().unwrap().1.len() < total {
         assert!(
@@ -251,7 +262,17 @@ async fn failover(fault: Fault) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let all = handled.lock().unwrap().0.clone();
-    let duplicates = assert_first_handlings_in_order(&all, aggregates, versions);
+    let duplicates = assert_first_handlings_in_order_until(&all, aggregates, |aggregate| {
+        poisoned.last_handled(aggregate)
+    });
+    eventually(
+        "every poisoned event and those parked behind it dead-lettered",
+        || async {
+            let letters = subscriber.dead_letters(&dead_letter_topic).await;
+            letters.is_ok_and(|letters| poisoned.missing_dead_letters(&letters).is_empty())
+        },
+    )
+    .await;
     let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().2, fault_began);
     eprintln!(
         "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",

@@ -14,7 +14,7 @@ use async_nats::jetstream;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_nats::{NatsBus, NatsConfig, StreamDefinition, TopicOptions};
 use futures::StreamExt;
-use integration_tests::{eventually, nats_config, nats_settings};
+use integration_tests::{Poisoned, eventually, nats_config, nats_settings};
 use test_brokers::NatsCluster;
 
 /// A configuration naming every node of `cluster`.
@@ -204,6 +204,10 @@ struct Handled {
     distinct: std::collections::HashSet<(String, i64)>,
     /// When each handling ended.
     times: Vec<std::time::Instant>,
+    /// The aggregates being handled now.
+    running: std::collections::HashSet<String>,
+    /// Handlings begun while another of their aggregate ran.
+    overlaps: Vec<(String, i64)>,
 }
 
 /// The name of the node leading consumer `durable` of `stream`, once there is one.
@@ -271,6 +275,14 @@ async fn a_rolling_restart_of_every_node_loses_nothing_and_keeps_order() {
     failover(Fault::RollingRestart).await;
 }
 
+/// As above, on a topic split into 4 partitions read by two instances of one service: the
+/// scale-out group's claims (in its R3 bucket) survive every node's restart, no aggregate is
+/// handled on both instances at once, and every subject is read again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_keeps_the_scale_out_groups_claims_and_loses_nothing() {
+    failover_read_by(Fault::RollingRestart, Readers::TwoInstancesOf(4)).await;
+}
+
 /// What a failover test does to the cluster once a fifth of the envelopes were handled.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -286,8 +298,26 @@ enum Fault {
 
 /// Publishes and consumes 10,000 envelopes over 200 aggregates on an R3 stream, doing `fault`
 /// to the cluster mid-stream; checks that every envelope was handled and each aggregate's
-/// first handlings are in version order.
+/// first handlings are in version order. Two aggregates are refused for good ([`Poisoned`]),
+/// one before the fault and one after, with parking on: each one's refused event and every later
+/// one end in the dead-letter stream (R3 too), the later ones marked parked and never handled.
 async fn failover(fault: Fault) {
+    failover_read_by(fault, Readers::One).await;
+}
+
+/// Who reads a failover test's topic.
+#[derive(Debug, Clone, Copy)]
+enum Readers {
+    /// One subscriber reads the whole topic through one durable.
+    One,
+    /// The topic is split into this many partitions, read by two instances of one service
+    /// sharing them through the scale-out group's bucket (R3 too).
+    TwoInstancesOf(u16),
+}
+
+/// [`failover`] with the topic read by `readers`. Besides order, no aggregate is ever handled
+/// by two handlers at once, on one instance or across two.
+async fn failover_read_by(fault: Fault, readers: Readers) {
     integration_tests::capture_logs();
     // One failover at a time: two 3-node clusters moving 10,000 envelopes each would share the
     // 2 cores of the test machine, and each would measure the other.
@@ -298,31 +328,69 @@ async fn failover(fault: Fault) {
     let mut config = cluster_config(&cluster);
     config.replicas = 3;
     config.consumer.ack_wait = std::time::Duration::from_secs(10);
-    let subscriber = NatsBus::connect(nats_settings("failover"), config.clone())
-        .await
-        .unwrap();
-    let handled = std::sync::Arc::new(std::sync::Mutex::new(Handled::default()));
-    let recorder = handled.clone();
-    let _subscription = subscriber
-        .subscribe_envelope(
-            topic,
-            std::sync::Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-                let recorder = recorder.clone();
-                async move {
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-                    let pair = (envelope.aggregate_id.clone(), envelope.event_version);
-                    let mut handled = recorder.lock().unwrap();
-                    handled.distinct.insert(pair.clone());
-                    handled.all.push(pair);
-                    handled.times.push(std::time::Instant::now());
-                    Ok::<(), HandlerError>(())
-                }
-            }),
-            SubscribeOptions::new(),
-        )
-        .await
-        .unwrap();
+    let instances = match readers {
+        Readers::One => 1,
+        Readers::TwoInstancesOf(partitions) => {
+            config.topics.insert(
+                topic.to_owned(),
+                TopicOptions {
+                    partitions: Some(partitions),
+                    ..TopicOptions::default()
+                },
+            );
+            2
+        }
+    };
     let (aggregates, versions) = (200usize, 50i64);
+    let poisoned = Poisoned::new(versions);
+    let handled = std::sync::Arc::new(std::sync::Mutex::new(Handled::default()));
+    let options = SubscribeOptions::new().with_park_on_dead_letter(true);
+    let dead_letter_topic = options.dead_letter_topic(topic).unwrap().unwrap();
+    let mut subscribers = Vec::new();
+    for _ in 0..instances {
+        let subscriber = NatsBus::connect(nats_settings("failover"), config.clone())
+            .await
+            .unwrap();
+        let recorder = handled.clone();
+        subscriber
+            .subscribe_envelope(
+                topic,
+                std::sync::Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                    let recorder = recorder.clone();
+                    async move {
+                        let pair = (envelope.aggregate_id.clone(), envelope.event_version);
+                        if !recorder
+                            .lock()
+                            .unwrap()
+                            .running
+                            .insert(envelope.aggregate_id.clone())
+                        {
+                            recorder.lock().unwrap().overlaps.push(pair.clone());
+                        }
+                        let result = if poisoned.at(&envelope.aggregate_id)
+                            == Some(envelope.event_version)
+                        {
+                            Err(HandlerError::permanent("poisoned"))
+                        } else {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                            Ok(())
+                        };
+                        let mut handled = recorder.lock().unwrap();
+                        handled.running.remove(&envelope.aggregate_id);
+                        if result.is_ok() {
+                            handled.distinct.insert(pair.clone());
+                            handled.all.push(pair);
+                            handled.times.push(std::time::Instant::now());
+                        }
+                        result
+                    }
+                }),
+                options.clone(),
+            )
+            .await
+            .unwrap();
+        subscribers.push(subscriber);
+    }
     let publisher = std::sync::Arc::new(
         NatsBus::connect(nats_settings("failover-publisher"), config)
             .await
@@ -358,16 +426,27 @@ async fn failover(fault: Fault) {
         handled.lock().unwrap().distinct.len() >= aggregates * 10
     })
     .await;
-    let servers: Vec<async_nats::ServerAddr> = cluster
-        .urls()
-        .iter()
-        .map(|url| url.parse().unwrap())
-        .collect();
-    let js = jetstream::new(async_nats::connect(servers).await.unwrap());
-    let durable = subscriber.durable_name(topic, 1);
-    let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
-    let index = NatsCluster::index_of(&leader).unwrap();
-    eprintln!("{fault:?}: node {leader} leads consumer {durable}");
+    // The node leading the subscription's consumer, for a fault done to that node.
+    let index = if let (Readers::One, Fault::Kill | Fault::DownFor(_) | Fault::Paused(_)) =
+        (readers, fault)
+    {
+        let servers: Vec<async_nats::ServerAddr> = cluster
+            .urls()
+            .iter()
+            .map(|url| url.parse().unwrap())
+            .collect();
+        let js = jetstream::new(async_nats::connect(servers).await.unwrap());
+        let durable = subscribers[0].durable_name(topic, 1);
+        let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
+        eprintln!("{fault:?}: node {leader} leads consumer {durable}");
+        NatsCluster::index_of(&leader).unwrap()
+    } else {
+        assert!(
+            matches!(fault, Fault::RollingRestart),
+            "{fault:?} is done to one consumer's leader: read by one subscriber"
+        );
+        0
+    };
     let fault_began = std::time::Instant::now();
     match fault {
         Fault::Kill => cluster.node(index).kill(),
@@ -396,7 +475,7 @@ async fn failover(fault: Fault) {
         .await
         .expect("every envelope published within two minutes of the kill")
         .unwrap();
-    let total = aggregates * usize::try_from(versions).unwrap();
+    let total = aggregates * usize::try_from(versions).unwrap() - poisoned.unhandled();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     while handled.lock().unwrap().distinct.len() < total {
         assert!(
@@ -406,13 +485,42 @@ async fn failover(fault: Fault) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    let overlaps = handled.lock().unwrap().overlaps.clone();
+    assert!(
+        overlaps.is_empty(),
+        "handled while another handling of its aggregate ran: {overlaps:?}"
+    );
+    if let Readers::TwoInstancesOf(partitions) = readers {
+        // Every subject (the partitions and the bare topic) is claimed by one instance again.
+        eventually("every subject read by one instance", || async {
+            let reading: usize = subscribers
+                .iter()
+                .map(|subscriber| subscriber.partitions_reading(topic).len())
+                .sum();
+            reading == usize::from(partitions) + 1
+        })
+        .await;
+    }
     let all = handled.lock().unwrap().all.clone();
-    let duplicates = integration_tests::assert_first_handlings_in_order(&all, aggregates, versions);
+    let duplicates =
+        integration_tests::assert_first_handlings_in_order_until(&all, aggregates, |aggregate| {
+            poisoned.last_handled(aggregate)
+        });
+    eventually(
+        "every poisoned event and those parked behind it dead-lettered",
+        || async {
+            let letters = subscribers[0].dead_letters(&dead_letter_topic).await;
+            letters.is_ok_and(|letters| poisoned.missing_dead_letters(&letters).is_empty())
+        },
+    )
+    .await;
     let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().times, fault_began);
     eprintln!(
         "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",
         failed_publishes.load(std::sync::atomic::Ordering::SeqCst)
     );
-    subscriber.close().await.unwrap();
+    for subscriber in subscribers {
+        subscriber.close().await.unwrap();
+    }
     publisher.close().await.unwrap();
 }
