@@ -458,11 +458,15 @@ macro_rules! conformance_suite {
 /// Sends the buses' `info` events and every warning to the test's captured output, which the
 /// test harness prints when the test fails: a failure on a loaded CI machine then shows what the
 /// bus did (rebalances, revokes, failed commits) without a rerun. Call it first in each test;
-/// only the first call in a test binary installs the subscriber.
+/// only the first call in a test binary installs the subscriber. `RUST_LOG` replaces the levels.
 pub fn capture_logs() {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
-        .with_env_filter("warn,eventbus_kafka=info,eventbus_nats=info")
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,eventbus_kafka=info,eventbus_nats=info")
+            }),
+        )
         .try_init();
 }
 

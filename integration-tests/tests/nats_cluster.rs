@@ -516,7 +516,7 @@ async fn failover_read_by(fault: Fault, readers: Readers) {
     .await;
     let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().times, fault_began);
     eprintln!(
-        "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",
+        "{fault:?} ({readers:?}): {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",
         failed_publishes.load(std::sync::atomic::Ordering::SeqCst)
     );
     for subscriber in subscribers {

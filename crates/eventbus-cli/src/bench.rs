@@ -524,12 +524,14 @@ async fn nats(
     let run = std::process::id();
     let broker = |error: &dyn std::fmt::Display| CliError(format!("NATS: {error}"));
 
-    // Raw publish: many PubAck futures in flight, into a stream of its own.
+    // Raw publish: many PubAck futures in flight, into a stream of its own, replicated as the
+    // configuration makes ours.
     let raw_topic = format!("bench{run}.raw");
     js.create_stream(stream::Config {
         name: format!("BENCH_RAW_{run}"),
         subjects: vec![raw_topic.clone()],
         storage: stream::StorageType::File,
+        num_replicas: usize::from(config.nats.replicas),
         ..stream::Config::default()
     })
     .await

@@ -223,6 +223,22 @@ fn connect_error(error: async_nats::ConnectError) -> Error {
     }
 }
 
+/// How many requests in a row may fail for want of a leader before the bus looks further (a
+/// pull: the stream and consumer are looked up again; a read at subscribe: it fails), about
+/// 3 s of backoff.
+pub(crate) const LEADER_RETRIES: u32 = 5;
+
+/// True for a request that failed because what it asks (a consumer, a stream, a bucket) has no
+/// leader now (no responders, 503) or its leader changed (409 Leadership Change): a cluster
+/// electing one, or a replicated stream made a moment ago. (One that is gone answers no
+/// responders too, hence the bound [`LEADER_RETRIES`].)
+pub(crate) fn leader_away(error: &str) -> bool {
+    error.contains(" 503")
+        || error.contains("(503")
+        || error.contains("Leadership Change")
+        || error.to_ascii_lowercase().contains("no responders")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +250,23 @@ mod tests {
         assert_eq!(reconnect_delay(3, max), Duration::from_millis(80));
         assert_eq!(reconnect_delay(12, max), max);
         assert_eq!(reconnect_delay(usize::MAX, max), max);
+    }
+
+    #[test]
+    fn a_pull_without_a_consumer_leader_is_told_from_other_failures() {
+        assert!(leader_away(
+            "error while processing messages from the stream: 503, None"
+        ));
+        assert!(leader_away(
+            "error while processing messages from the stream: 409, Some(\"Leadership Change\")"
+        ));
+        assert!(leader_away("pull request failed: 503 "));
+        assert!(!leader_away(
+            "error while processing messages from the stream: 409, Some(\"Consumer Deleted\")"
+        ));
+        assert!(!leader_away("pull request failed: 400 Bad Request"));
+        assert!(leader_away(
+            "Error { kind: Other, source: Some(Error { kind: ErrorResponse(503, \"no responders\"), source: None }) }"
+        ));
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::PullConsumer, consumer::pull};
 use eventbus_core::{Error, OffsetDateTime, StartPosition};
 
+use crate::connection::{LEADER_RETRIES, leader_away};
 use crate::publish::Broker;
 use crate::streams::{Kind, stream_spec};
 
@@ -140,11 +141,23 @@ pub(crate) async fn ensure_consumer(
     // Only a consumer the server says is missing is made anew: one it could not be asked about
     // (a timeout while a cluster elects the consumer's leader) is an error, or it would be
     // re-created with this instance's settings and without the replay from its ack floor.
-    let existing = match broker
-        .js
-        .get_consumer_from_stream::<pull::Config, _, _>(durable, &stream_name)
-        .await
-    {
+    let mut failures = 0;
+    let found = loop {
+        let found = broker
+            .js
+            .get_consumer_from_stream::<pull::Config, _, _>(durable, &stream_name)
+            .await;
+        match found {
+            // A stream made a moment ago on a cluster may have no leader yet: asked again.
+            Err(error) if failures < LEADER_RETRIES && leader_away(&format!("{error:?}")) => {
+                failures += 1;
+                tracing::debug!(durable, %error, failures, "the stream has no leader yet; asking again");
+                tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+            }
+            found => break found,
+        }
+    };
+    let existing = match found {
         Ok(existing) => Some(existing),
         Err(error)
             if matches!(

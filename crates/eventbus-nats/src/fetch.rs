@@ -15,7 +15,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 
 use crate::config::ConsumerSettings;
-use crate::connection::ConnectionState;
+use crate::connection::{ConnectionState, LEADER_RETRIES, leader_away};
 use crate::consumer::{DurableSpec, PRIORITY_GROUP, Position, Resume, ensure_consumer};
 use crate::publish::Broker;
 use crate::receipt::{CoreReceipt, JetStreamReceipt, take_apart};
@@ -711,19 +711,6 @@ async fn backoff(fetch: &Fetch, failures: u32) -> bool {
 /// How long `reconcile` waits for the consumer's state.
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// How many pulls in a row may fail for want of a consumer leader before the stream and the
-/// consumer are looked up again (about 3 s of backoff).
-const LEADER_RETRIES: u32 = 5;
-
-/// True for a pull that failed because the consumer has no leader now (no responders, 503) or
-/// its leader changed (409 Leadership Change): a cluster electing one. (A consumer that is gone
-/// answers no responders too, hence the bound [`LEADER_RETRIES`].)
-fn leader_away(error: &str) -> bool {
-    error.contains(" 503")
-        || error.contains("Leadership Change")
-        || error.to_ascii_lowercase().contains("no responders")
-}
-
 /// Resolves once the connection was lost after it had been lost `since` times (never while it
 /// stays up).
 async fn connection_lost(connection: &ConnectionState, since: u64) {
@@ -966,24 +953,4 @@ pub(crate) async fn core_loop(fetch: Arc<Fetch>, mut subscriber: async_nats::Sub
         }
     }
     let _ = subscriber.unsubscribe().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::leader_away;
-
-    #[test]
-    fn a_pull_without_a_consumer_leader_is_told_from_other_failures() {
-        assert!(leader_away(
-            "error while processing messages from the stream: 503, None"
-        ));
-        assert!(leader_away(
-            "error while processing messages from the stream: 409, Some(\"Leadership Change\")"
-        ));
-        assert!(leader_away("pull request failed: 503 "));
-        assert!(!leader_away(
-            "error while processing messages from the stream: 409, Some(\"Consumer Deleted\")"
-        ));
-        assert!(!leader_away("pull request failed: 400 Bad Request"));
-    }
 }

@@ -41,6 +41,7 @@ use futures::StreamExt;
 use tokio::task::JoinHandle;
 
 use crate::bus::{Inner, Target};
+use crate::connection::{LEADER_RETRIES, leader_away};
 use crate::consumer::{DurableSpec, PRIORITY_GROUP, Resume, ensure_consumer};
 use crate::names::durable_name;
 use crate::partition::partition_subject;
@@ -271,9 +272,7 @@ async fn agree_partition_count(
     let mut last_failure = String::new();
     // Each failed write means another instance wrote the count just now: read it again.
     for _ in 0..5 {
-        let entry = bucket.entry(PARTITIONS_KEY).await.map_err(|error| {
-            Error::broker(format!("cannot read the partition count of {topic}"), error)
-        })?;
+        let entry = read_count(bucket, topic).await?;
         let written = match entry {
             // Another instance wrote (or renewed) our count just after our write failed: the
             // group agrees, and the count was renewed just now.
@@ -317,6 +316,28 @@ async fn agree_partition_count(
         ),
         source: None,
     })
+}
+
+/// Reads the group's partition count. A bucket made a moment ago on a cluster may have no
+/// leader yet (no responders): read again with backoff, [`LEADER_RETRIES`] times at most.
+async fn read_count(bucket: &kv::Store, topic: &str) -> Result<Option<kv::Entry>, Error> {
+    let mut failures = 0;
+    loop {
+        match bucket.entry(PARTITIONS_KEY).await {
+            Ok(entry) => return Ok(entry),
+            Err(error) if failures < LEADER_RETRIES && leader_away(&format!("{error:?}")) => {
+                failures += 1;
+                tracing::debug!(topic, %error, failures, "the group's bucket has no leader yet; reading again");
+                tokio::time::sleep(Duration::from_millis(100 << failures)).await;
+            }
+            Err(error) => {
+                return Err(Error::broker(
+                    format!("cannot read the partition count of {topic}"),
+                    error,
+                ));
+            }
+        }
+    }
 }
 
 /// The next change the watch reports; never while there is no watch, `None` when it ended.
