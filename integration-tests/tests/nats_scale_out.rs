@@ -1464,3 +1464,111 @@ async fn count_revision(server: &NatsServer, bus: &NatsBus, topic: &str) -> Opti
         .ok()?
         .map(|entry| entry.revision)
 }
+
+/// A claim lost while its reader still runs a message of an aggregate, with the server having
+/// forgotten the pin too (as it may when the consumer's leader changes; here unpinned by hand
+/// over and over, the claim deleted as its expiry in an outage would): the instance claims the
+/// subject again at once, and reads it only once its old subscription has given back what it
+/// holds (the bus subscribes to a durable again only after its unsubscribe is done). Were it
+/// read at once, the durable would be replayed from its ack floor and the running message run
+/// a second time beside the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_claim_is_not_read_again_while_its_reader_still_holds_messages() {
+    integration_tests::capture_logs();
+    let server = NatsServer::start();
+    let topic = "scale.held";
+    let config = partitioned_config(&server.url(), topic, 1);
+    let publisher = connect("held-publisher", config.clone()).await;
+    for version in 1..=5 {
+        publisher
+            .publish_envelope(topic, &envelope(7, version))
+            .await
+            .unwrap();
+    }
+    // Version 1 waits for the gate; every handling is recorded with whether another handling
+    // of the aggregate was running when it began.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let running = Arc::new(AtomicBool::new(false));
+    let handled = Recorder::<(i64, bool)>::new();
+    let mut settings = nats_settings("held");
+    settings.drain_timeout = Duration::from_secs(60);
+    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let (h, g, r) = (handled.clone(), gate.clone(), running.clone());
+    let _subscription = bus
+        .subscribe_envelope(
+            topic,
+            Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+                let (h, g, r) = (h.clone(), g.clone(), r.clone());
+                async move {
+                    let overlapped = r.swap(true, Ordering::SeqCst);
+                    h.push((envelope.event_version, overlapped));
+                    if envelope.event_version == 1 {
+                        let _permit = g.acquire().await;
+                    }
+                    r.store(false, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+            SubscribeOptions::new(),
+        )
+        .await
+        .unwrap();
+    handled
+        .wait_for("version 1 running", |events| !events.is_empty())
+        .await;
+    let subject = format!("{topic}.0");
+    let slot = partition_of("agg-7", 1);
+    assert_eq!(slot, 0, "one partition");
+    let durable = bus.durable_name(&subject, 1);
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.get_key_value("eventbus_held_scale_held")
+        .await
+        .unwrap()
+        .delete("claims.0")
+        .await
+        .unwrap();
+    let stream = js
+        .get_stream(js.stream_by_subject(&subject).await.unwrap())
+        .await
+        .unwrap();
+    // A server that keeps forgetting the pin: unpinned again and again while version 1 runs
+    // (the old reader pulls once more before it stops, and would be pinned again).
+    let forgetting = tokio::spawn(async move {
+        loop {
+            let _ = stream.unpin_consumer(&durable, "eventbus").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    // The instance notices the lost claim at its next round (a third of the 2 s pinned_ttl)
+    // and gives the subject back, which waits for version 1. Meanwhile nothing of the
+    // aggregate may run: watched for three rounds.
+    let watched = tokio::time::timeout(
+        Duration::from_secs(3),
+        handled.wait_for("another handling of agg-7", |events| events.len() > 1),
+    )
+    .await;
+    assert!(
+        watched.is_err(),
+        "agg-7 handled again while version 1 still runs: {:?}",
+        handled.events()
+    );
+    forgetting.abort();
+    gate.add_permits(1);
+    let events = handled
+        .wait_for("versions 2 to 5 after version 1", |events| {
+            let versions: HashSet<i64> = events.iter().map(|(version, _)| *version).collect();
+            versions.len() == 5
+        })
+        .await;
+    assert!(
+        events.iter().all(|(_, overlapped)| !overlapped),
+        "agg-7 handled while another of its handlings ran: {events:?}"
+    );
+    let versions: Vec<(String, i64)> = events
+        .iter()
+        .map(|(version, _)| ("agg-7".to_owned(), *version))
+        .collect();
+    assert_first_handlings_in_order(&versions, 1, 5);
+    bus.close().await.unwrap();
+    publisher.close().await.unwrap();
+}

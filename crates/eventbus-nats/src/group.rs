@@ -736,8 +736,8 @@ impl Group {
         }
     }
 
-    /// Starts reading `slot` once no other client is pinned to its consumer, unless `cancel`
-    /// fires first.
+    /// Starts reading `slot` once no other client is pinned to its consumer or pulls from it,
+    /// unless `cancel` fires first.
     async fn start(
         self: Arc<Self>,
         slot: u16,
@@ -747,7 +747,7 @@ impl Group {
         let subject = self.subject(slot);
         let durable = self.durable_of(slot);
         tokio::select! {
-            waited = self.wait_until_unpinned(&inner, &subject, &durable) => waited?,
+            waited = self.wait_until_unread(&inner, &subject, &durable) => waited?,
             () = cancel.cancelled() => return Err(Error::Closed),
         }
         let options = self.options.clone().with_durable(durable);
@@ -767,9 +767,14 @@ impl Group {
         opened
     }
 
-    /// Waits until the consumer `durable` of `subject` has no pinned client (or does not exist):
-    /// the previous reader gave it up or its pin expired.
-    async fn wait_until_unpinned(
+    /// Waits until the consumer `durable` of `subject` has no pinned client and no pull request
+    /// waiting (or does not exist): the previous reader gave it up, or its pin and its last
+    /// requests expired. A pin alone is not enough: the server may forget it (a new consumer
+    /// leader) while the previous reader, whose claim expired in an outage, still pulls; a
+    /// reader starting then would not replay what that one holds (`Resume::IfAbandoned` sees
+    /// another client pulling) and would read newer messages first. Once nobody pulls, what
+    /// the previous reader left unacknowledged is replayed in order.
+    async fn wait_until_unread(
         &self,
         inner: &Inner,
         subject: &str,
@@ -791,7 +796,7 @@ impl Group {
             .await?;
         let mut logged = false;
         loop {
-            let pinned = match broker
+            let busy = match broker
                 .js
                 .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
                     durable, &stream,
@@ -799,10 +804,13 @@ impl Group {
                 .await
             {
                 Ok(mut consumer) => match consumer.info().await {
-                    Ok(info) => info
-                        .priority_groups
-                        .iter()
-                        .any(|group| group.pinned_client_id.is_some()),
+                    Ok(info) => {
+                        info.num_waiting > 0
+                            || info
+                                .priority_groups
+                                .iter()
+                                .any(|group| group.pinned_client_id.is_some())
+                    }
                     // Not known: asked again.
                     Err(_) => true,
                 },
@@ -813,11 +821,11 @@ impl Group {
                         if error.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND
                 ),
             };
-            if !pinned {
+            if !busy {
                 return Ok(());
             }
             if !logged {
-                tracing::info!(topic = %self.topic, subject, "waiting for the previous reader's pin to expire");
+                tracing::info!(topic = %self.topic, subject, "waiting for the previous reader to stop (its pin, its pull requests)");
                 logged = true;
             }
             tokio::select! {
