@@ -258,6 +258,11 @@ impl Poisoned {
         }
     }
 
+    /// Whether the handler refuses `envelope` for good.
+    pub fn refuses(&self, envelope: &Envelope) -> bool {
+        self.at(&envelope.aggregate_id) == Some(envelope.event_version)
+    }
+
     /// The last version of `aggregate` its handler completes.
     pub fn last_handled(&self, aggregate: &str) -> i64 {
         self.at(aggregate).map_or(self.versions, |at| at - 1)
@@ -272,10 +277,23 @@ impl Poisoned {
             .sum()
     }
 
+    /// Waits (a minute at most) until `bus`'s `dead_letter_topic` holds each poisoned version
+    /// unparked and every later version of its aggregate parked.
+    pub async fn wait_dead_lettered<B: EventBus + ?Sized>(&self, bus: &B, dead_letter_topic: &str) {
+        eventually(
+            "every poisoned event and those parked behind it dead-lettered",
+            || async {
+                let letters = bus.dead_letters(dead_letter_topic).await;
+                letters.is_ok_and(|letters| self.missing_dead_letters(&letters).is_empty())
+            },
+        )
+        .await;
+    }
+
     /// The dead letters `letters` should hold and do not: each poisoned version unparked,
     /// every later version of its aggregate parked (duplicates allowed). Empty when all are
     /// there.
-    pub fn missing_dead_letters(&self, letters: &[StoredDeadLetter]) -> Vec<(String, i64, bool)> {
+    fn missing_dead_letters(&self, letters: &[StoredDeadLetter]) -> Vec<(String, i64, bool)> {
         let stored: HashSet<(String, i64, bool)> = letters
             .iter()
             .filter_map(|letter| {

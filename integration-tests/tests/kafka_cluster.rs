@@ -151,7 +151,7 @@ async fn failover(fault: Fault) {
             Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
                 let recorder = recorder.clone();
                 async move {
-                    if poisoned.at(&envelope.aggregate_id) == Some(envelope.event_version) {
+                    if poisoned.refuses(&envelope) {
                         return Err(HandlerError::permanent("poisoned"));
                     }
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -265,14 +265,9 @@ async fn failover(fault: Fault) {
     let duplicates = assert_first_handlings_in_order_until(&all, aggregates, |aggregate| {
         poisoned.last_handled(aggregate)
     });
-    eventually(
-        "every poisoned event and those parked behind it dead-lettered",
-        || async {
-            let letters = subscriber.dead_letters(&dead_letter_topic).await;
-            letters.is_ok_and(|letters| poisoned.missing_dead_letters(&letters).is_empty())
-        },
-    )
-    .await;
+    poisoned
+        .wait_dead_lettered(&subscriber, &dead_letter_topic)
+        .await;
     let pause = integration_tests::longest_pause_after(&handled.lock().unwrap().2, fault_began);
     eprintln!(
         "{fault:?}: {total} envelopes, {duplicates} handled twice, {} publishes failed and retried, longest pause in handling after the fault began {pause:?}",

@@ -399,3 +399,80 @@ async fn a_pull_request_lost_with_the_connection_is_not_waited_for() {
         .await;
     bus.close().await.unwrap();
 }
+
+/// The durable is made again (here: deleted and re-created by another client, as a cluster
+/// that lost it would have it made again) and its very first delivery goes to a request this
+/// bus never reads (a request that died with its connection, here another client's that is
+/// gone once served). The bus numbers the new durable's deliveries from what it had delivered
+/// when it was read, so the next delivery shows the gap: the lost event is replayed before the
+/// later one of its aggregate, not handled after it once `ack_wait` runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_delivery_of_a_durable_made_again_lost_on_the_way_is_replayed_in_order() {
+    use futures::StreamExt;
+    integration_tests::capture_logs();
+    let server = NatsServer::start();
+    let mut config = nats_config(&server.url());
+    config.consumer.ack_wait = Duration::from_secs(2);
+    let bus = NatsBus::connect(nats_settings("firstlost"), config)
+        .await
+        .unwrap();
+    let topic = "faults.firstlost";
+    let handled = Recorder::<(String, i64)>::new();
+    bus.subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let stream = js
+        .get_stream(js.stream_by_subject(topic).await.unwrap())
+        .await
+        .unwrap();
+    let durable = bus.durable_name(topic, 1);
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&durable).await.unwrap();
+    let config = consumer.info().await.unwrap().config.clone();
+    stream.delete_consumer(&durable).await.unwrap();
+    stream.create_consumer(config).await.unwrap();
+    let made_again: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&durable).await.unwrap();
+    // Waiting before the bus's next request (it backs off after its request was ended by the
+    // deletion), so the server serves it first.
+    let mut lost = made_again
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .unwrap();
+    // The bus found the durable made again and pulls from it too, behind that request.
+    let watched = made_again.clone();
+    eventually("the bus pulling from the durable made again", || {
+        let mut watched = watched.clone();
+        async move { watched.info().await.is_ok_and(|info| info.num_waiting == 2) }
+    })
+    .await;
+    publish_until_confirmed(&bus, topic, &envelope(1, 1)).await;
+    let taken = lost.next().await.unwrap().unwrap();
+    assert_eq!(
+        taken.info().unwrap().consumer_sequence,
+        1,
+        "the made-again durable's first delivery went to the request the bus does not read"
+    );
+    drop(lost);
+    publish_until_confirmed(&bus, topic, &envelope(1, 2)).await;
+    let events = handled
+        .wait_for("versions 1 and 2", |events| {
+            events
+                .iter()
+                .map(|(_, version)| *version)
+                .collect::<HashSet<_>>()
+                .len()
+                == 2
+        })
+        .await;
+    assert_eq!(
+        events.first().map(|(_, version)| *version),
+        Some(1),
+        "version 2 handled before version 1: {events:?}"
+    );
+    bus.close().await.unwrap();
+}

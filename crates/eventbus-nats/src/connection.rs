@@ -10,6 +10,7 @@ use eventbus_core::Error;
 use eventbus_pool::BusSettings;
 
 use crate::config::{AuthMethod, NatsConfig};
+use crate::fetch::PullFailed;
 
 /// What the bus knows about its connection, kept up to date by the client's event callback.
 pub(crate) struct ConnectionState {
@@ -231,12 +232,30 @@ pub(crate) const LEADER_RETRIES: u32 = 5;
 /// True for a request that failed because what it asks (a consumer, a stream, a bucket) has no
 /// leader now (no responders, 503) or its leader changed (409 Leadership Change): a cluster
 /// electing one, or a replicated stream made a moment ago. (One that is gone answers no
-/// responders too, hence the bound [`LEADER_RETRIES`].)
-pub(crate) fn leader_away(error: &str) -> bool {
-    error.contains(" 503")
-        || error.contains("(503")
-        || error.contains("Leadership Change")
-        || error.to_ascii_lowercase().contains("no responders")
+/// responders too, hence the bound [`LEADER_RETRIES`].) Looks through `error`'s sources for
+/// the async-nats errors that say so.
+pub(crate) fn leader_away(error: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::stream::{
+        ConsumerError, ConsumerErrorKind, DirectGetError, DirectGetErrorKind,
+    };
+    use async_nats::{StatusCode, jetstream::context};
+    std::iter::successors(Some(error), |error| error.source()).any(|error| {
+        if let Some(error) = error.downcast_ref::<PullFailed>() {
+            error.leader_away()
+        } else if let Some(error) = error.downcast_ref::<context::RequestError>() {
+            error.kind() == context::RequestErrorKind::NoResponders
+        } else if let Some(error) = error.downcast_ref::<async_nats::RequestError>() {
+            error.kind() == async_nats::RequestErrorKind::NoResponders
+        } else if let Some(error) = error.downcast_ref::<ConsumerError>() {
+            matches!(error.kind(), ConsumerErrorKind::JetStream(error) if error.code() == 503)
+        } else if let Some(error) = error.downcast_ref::<DirectGetError>() {
+            matches!(error.kind(), DirectGetErrorKind::ErrorResponse(status, _) if status == StatusCode::NO_RESPONDERS)
+        } else if let Some(error) = error.downcast_ref::<async_nats::jetstream::Error>() {
+            error.code() == 503
+        } else {
+            false
+        }
+    })
 }
 
 #[cfg(test)]
@@ -253,20 +272,38 @@ mod tests {
     }
 
     #[test]
-    fn a_pull_without_a_consumer_leader_is_told_from_other_failures() {
-        assert!(leader_away(
-            "error while processing messages from the stream: 503, None"
-        ));
-        assert!(leader_away(
-            "error while processing messages from the stream: 409, Some(\"Leadership Change\")"
-        ));
-        assert!(leader_away("pull request failed: 503 "));
-        assert!(!leader_away(
-            "error while processing messages from the stream: 409, Some(\"Consumer Deleted\")"
-        ));
-        assert!(!leader_away("pull request failed: 400 Bad Request"));
-        assert!(leader_away(
-            "Error { kind: Other, source: Some(Error { kind: ErrorResponse(503, \"no responders\"), source: None }) }"
-        ));
+    fn a_request_without_a_leader_is_told_from_other_failures() {
+        use async_nats::StatusCode;
+        use async_nats::jetstream::context::{RequestError, RequestErrorKind};
+        use async_nats::jetstream::kv::{EntryError, EntryErrorKind};
+        use async_nats::jetstream::stream::{
+            ConsumerError, ConsumerErrorKind, DirectGetError, DirectGetErrorKind,
+        };
+        let pull = |status: u16, description: &str| {
+            PullFailed::new(StatusCode::from_u16(status).unwrap(), description)
+        };
+        assert!(leader_away(&pull(503, "")));
+        assert!(leader_away(&pull(409, "Leadership Change")));
+        assert!(!leader_away(&pull(409, "Consumer Deleted")));
+        assert!(!leader_away(&pull(400, "Bad Request")));
+        let consumer_read = ConsumerError::with_source(
+            ConsumerErrorKind::Request,
+            RequestError::new(RequestErrorKind::NoResponders),
+        );
+        assert!(leader_away(&consumer_read));
+        assert!(!leader_away(&ConsumerError::new(
+            ConsumerErrorKind::TimedOut
+        )));
+        let bucket_read = EntryError::with_source(
+            EntryErrorKind::Other,
+            DirectGetError::new(DirectGetErrorKind::ErrorResponse(
+                StatusCode::NO_RESPONDERS,
+                "no responders".to_owned(),
+            )),
+        );
+        assert!(leader_away(&bucket_read));
+        let boxed: async_nats::Error = Box::new(pull(503, ""));
+        assert!(leader_away(&*boxed));
+        assert!(!leader_away(&EntryError::new(EntryErrorKind::TimedOut)));
     }
 }

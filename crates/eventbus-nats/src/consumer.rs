@@ -149,7 +149,7 @@ pub(crate) async fn ensure_consumer(
             .await;
         match found {
             // A stream made a moment ago on a cluster may have no leader yet: asked again.
-            Err(error) if failures < LEADER_RETRIES && leader_away(&format!("{error:?}")) => {
+            Err(error) if failures < LEADER_RETRIES && leader_away(&error) => {
                 failures += 1;
                 tracing::debug!(durable, %error, failures, "the stream has no leader yet; asking again");
                 tokio::time::sleep(Duration::from_millis(100 << failures)).await;

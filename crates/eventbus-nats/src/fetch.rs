@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use async_nats::jetstream::consumer::{PullConsumer, pull};
+use async_nats::jetstream::consumer::PullConsumer;
 use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime, StartPosition};
 use eventbus_pool::consume::{Consumer, Delivery, Receipt};
 use futures::stream::BoxStream;
@@ -144,11 +144,15 @@ impl Fetch {
     /// Reads with `consumer` from now on: when it is not the durable read so far (made again),
     /// its deliveries are counted anew, and what was lost on the way is replayed by it.
     fn bound(&self, consumer: &PullConsumer) {
-        let made = consumer.cached_info().created;
+        let info = consumer.cached_info();
         let mut deliveries = lock(&self.deliveries);
-        if deliveries.made != Some(made) {
+        if deliveries.made != Some(info.created) {
+            // Numbered on from what the durable had delivered when it was read: a first
+            // delivery lost on the way (to a request that died with its connection) shows as a
+            // gap like any other.
             *deliveries = Deliveries {
-                made: Some(made),
+                made: Some(info.created),
+                next: Some(info.delivered.consumer_sequence.saturating_add(1)),
                 shared: deliveries.shared,
                 ..Deliveries::default()
             };
@@ -165,7 +169,7 @@ struct Deliveries {
     /// When the durable read was made: another time means it was made again, and its
     /// deliveries are numbered anew.
     made: Option<OffsetDateTime>,
-    /// The consumer sequence the next delivery should have (none before the first).
+    /// The consumer sequence the next delivery should have.
     next: Option<u64>,
     /// The stream sequence from which messages were lost on the way, until the durable is
     /// replayed from there.
@@ -294,7 +298,7 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
                     Err(error) => {
                         // The stream or consumer went away, the server is unreachable, ...:
                         // back off and find them again rather than asking again at once.
-                        failed = Some(error.to_string());
+                        failed = Some(error);
                         break;
                     }
                 };
@@ -344,7 +348,7 @@ pub(crate) async fn pull_loop(broker: Arc<Broker>, fetch: Arc<Fetch>, mut consum
             if backoff(&fetch, failures).await {
                 break;
             }
-            if leader_away(&error) && failures < LEADER_RETRIES {
+            if leader_away(&*error) && failures < LEADER_RETRIES {
                 // A cluster electing the consumer's leader: pulling again finds it as soon as
                 // it is there, where asking about the consumer now waits `request_timeout`.
                 continue;
@@ -460,7 +464,7 @@ async fn reconcile(
 }
 
 /// What one pull request yields.
-type Item = <pull::Batch as futures::Stream>::Item;
+type Item = Result<jetstream::Message, async_nats::Error>;
 
 /// An open pull request: its stream and what arrived from it and was not delivered yet.
 struct Open {
@@ -516,83 +520,41 @@ enum Wait {
     No,
 }
 
-/// Sends a pull request for up to `fetch_batch` messages: a partition's through its pinned
-/// consumer's priority group, any other through the client's batch request.
+/// Sends a pull request for up to `fetch_batch` messages (`$JS.API.CONSUMER.MSG.NEXT`); a
+/// partition's pinned consumer is asked through its priority group [`PRIORITY_GROUP`], carrying
+/// the pin this fetcher holds (none yet: the server pins it if no other client is pinned,
+/// otherwise the request waits on standby until it expires). The pin comes with each delivered
+/// message; a request whose pin the server no longer knows ends (status 423) and forgets it, and
+/// the next request goes on standby. (async-nats' own batch requests refuse pinned consumers and
+/// report a request the server ended only as text, and its continuous pull stream cannot be
+/// stopped with its open request read to the end.)
 async fn request(
     broker: &Broker,
     fetch: &Fetch,
     consumer: &PullConsumer,
     settings: &ConsumerSettings,
     wait: Wait,
-) -> Result<Open, String> {
-    if let Some(pin) = &fetch.pin {
-        return pinned_request(broker, pin, consumer, settings, wait)
-            .await
-            .map(Open::new);
-    }
-    let batch = match wait {
-        Wait::Expires => {
-            consumer
-                .batch()
-                .max_messages(settings.fetch_batch)
-                .expires(settings.fetch_expires)
-                .messages()
-                .await
-        }
-        Wait::No => {
-            consumer
-                .fetch()
-                .max_messages(settings.fetch_batch)
-                .messages()
-                .await
-        }
-    };
-    batch
-        .map(|batch| Open::new(batch.boxed()))
-        .map_err(|error| error.to_string())
-}
-
-/// The header in which the server names the pinned client of a priority group.
-const PIN_HEADER: &str = "Nats-Pin-Id";
-
-/// A pull request of the priority group [`PRIORITY_GROUP`] of a pinned consumer, carrying the
-/// pin this fetcher holds (none yet: the server pins it if no other client is pinned, otherwise
-/// the request waits on standby until it expires). The pin comes with each delivered message; a
-/// request whose pin the server no longer knows ends (status 423) and forgets it, and the next
-/// request goes on standby. (async-nats' own batch requests refuse pinned consumers, and its
-/// continuous pull stream cannot be stopped with its open request read to the end.)
-async fn pinned_request(
-    broker: &Broker,
-    pin: &Arc<Mutex<Option<String>>>,
-    consumer: &PullConsumer,
-    settings: &ConsumerSettings,
-    wait: Wait,
-) -> Result<BoxStream<'static, Item>, String> {
+) -> Result<Open, async_nats::Error> {
     let info = consumer.cached_info();
     let subject = format!(
         "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
         info.stream_name, info.name
     );
-    let pin_id = pin.lock().unwrap_or_else(PoisonError::into_inner).clone();
+    let pin_id = fetch.pin.as_ref().and_then(|pin| lock(pin).clone());
     let expires = u64::try_from(settings.fetch_expires.as_nanos()).unwrap_or(u64::MAX);
-    let body = serde_json::to_vec(&PinnedPull {
+    let body = serde_json::to_vec(&PullBody {
         batch: settings.fetch_batch,
         expires: (wait == Wait::Expires).then_some(expires),
         no_wait: wait == Wait::No,
-        group: PRIORITY_GROUP,
+        group: fetch.pin.is_some().then_some(PRIORITY_GROUP),
         id: pin_id.as_deref(),
-    })
-    .map_err(|error| error.to_string())?;
+    })?;
     let client = &broker.client;
     let inbox = client.new_inbox();
-    let subscriber = client
-        .subscribe(inbox.clone())
-        .await
-        .map_err(|error| error.to_string())?;
+    let subscriber = client.subscribe(inbox.clone()).await?;
     client
         .publish_with_reply(subject, inbox, body.into())
-        .await
-        .map_err(|error| error.to_string())?;
+        .await?;
     // As async-nats does for its batches: the request is given up a while after it should have
     // ended, in case the server's closing status was lost.
     let give_up = tokio::time::Instant::now()
@@ -601,47 +563,54 @@ async fn pinned_request(
             Wait::No => broker.config.request_timeout,
         }
         + Duration::from_secs(5);
-    let pinned = PinnedBatch {
+    let replies = PullReplies {
         subscriber,
         context: broker.js.clone(),
-        pin: pin.clone(),
+        pin: fetch.pin.clone(),
         remaining: settings.fetch_batch,
         give_up,
     };
-    Ok(futures::stream::unfold(pinned, |mut batch| async move {
-        let item = batch.next_item().await?;
-        Some((item, batch))
-    })
-    .boxed())
+    Ok(Open::new(
+        futures::stream::unfold(replies, |mut replies| async move {
+            let item = replies.next_item().await?;
+            Some((item, replies))
+        })
+        .boxed(),
+    ))
 }
 
-/// The body of a pull request of a priority group (`$JS.API.CONSUMER.MSG.NEXT`).
+/// The header in which the server names the pinned client of a priority group.
+const PIN_HEADER: &str = "Nats-Pin-Id";
+
+/// The body of a pull request (`$JS.API.CONSUMER.MSG.NEXT`).
 #[derive(serde::Serialize)]
-struct PinnedPull<'a> {
+struct PullBody<'a> {
     batch: usize,
     /// Nanoseconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     expires: Option<u64>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     no_wait: bool,
-    group: &'a str,
+    /// The priority group of a pinned consumer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    group: Option<&'a str>,
     /// The pin held, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
 }
 
-/// The replies to one pinned pull request.
-struct PinnedBatch {
+/// The replies to one pull request.
+struct PullReplies {
     subscriber: async_nats::Subscriber,
     context: jetstream::Context,
-    /// The fetcher's pin, set from the delivered messages.
-    pin: Arc<Mutex<Option<String>>>,
+    /// A pinned consumer's fetcher's pin, set from the delivered messages.
+    pin: Option<Arc<Mutex<Option<String>>>>,
     /// Messages still to come at most.
     remaining: usize,
     give_up: tokio::time::Instant,
 }
 
-impl PinnedBatch {
+impl PullReplies {
     /// The next message, an error that ends the request, or `None` when it ended.
     async fn next_item(&mut self) -> Option<Item> {
         use async_nats::StatusCode;
@@ -652,8 +621,9 @@ impl PinnedBatch {
             match message.status {
                 None | Some(StatusCode::OK) => {
                     self.remaining -= 1;
-                    if let Some(id) = message.headers.as_ref().and_then(|h| h.get(PIN_HEADER)) {
-                        let mut pin = self.pin.lock().unwrap_or_else(PoisonError::into_inner);
+                    let id = message.headers.as_ref().and_then(|h| h.get(PIN_HEADER));
+                    if let (Some(pin), Some(id)) = (&self.pin, id) {
+                        let mut pin = lock(pin);
                         if pin.as_deref() != Some(id.as_str()) {
                             tracing::debug!(pin = id.as_str(), "pinned to the partition");
                             *pin = Some(id.as_str().to_owned());
@@ -670,16 +640,15 @@ impl PinnedBatch {
                 Some(StatusCode::PIN_ID_MISMATCH) => {
                     // Another client holds the partition now: wait on standby from here on.
                     tracing::debug!("pin lost; pulling on standby");
-                    *self.pin.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                    if let Some(pin) = &self.pin {
+                        *lock(pin) = None;
+                    }
                     return None;
                 }
                 Some(status) => {
                     self.remaining = 0;
-                    return Some(Err(format!(
-                        "pull request failed: {status} {}",
-                        message.description.unwrap_or_default()
-                    )
-                    .into()));
+                    let description = message.description.unwrap_or_default();
+                    return Some(Err(Box::new(PullFailed::new(status, &description))));
                 }
             }
         }
@@ -687,8 +656,44 @@ impl PinnedBatch {
     }
 }
 
+/// A pull request the server ended with an error status.
+#[derive(Debug)]
+pub(crate) struct PullFailed {
+    status: async_nats::StatusCode,
+    description: String,
+}
+
+impl PullFailed {
+    /// A request ended with `status` and `description`.
+    pub(crate) fn new(status: async_nats::StatusCode, description: &str) -> Self {
+        Self {
+            status,
+            description: description.to_owned(),
+        }
+    }
+
+    /// The consumer has no leader now (503) or its leader changed (409 Leadership Change).
+    pub(crate) fn leader_away(&self) -> bool {
+        self.status == async_nats::StatusCode::NO_RESPONDERS
+            || (self.status == async_nats::StatusCode::REQUEST_TERMINATED
+                && self.description.eq_ignore_ascii_case("Leadership Change"))
+    }
+}
+
+impl std::fmt::Display for PullFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pull request failed: {} {}",
+            self.status, self.description
+        )
+    }
+}
+
+impl std::error::Error for PullFailed {}
+
 /// The next item of the pipelined request, or never when there is none open.
-async fn next_of(next_request: &mut Option<Result<Open, String>>) -> Option<Item> {
+async fn next_of(next_request: &mut Option<Result<Open, async_nats::Error>>) -> Option<Item> {
     match next_request {
         Some(Ok(open)) if !open.ended => open.batch.next().await,
         _ => std::future::pending().await,
@@ -813,6 +818,13 @@ async fn deliver(
             .await;
         return Ok(Taken::AfterLostDelivery);
     }
+    tracing::trace!(
+        durable = %fetch.durable,
+        sequence,
+        consumer_sequence = info.consumer_sequence,
+        delivered,
+        "delivery taken"
+    );
     if delivered > 1 {
         broker.counters.add(Stat::Redeliveries, 1);
     }
@@ -853,7 +865,9 @@ async fn deliver(
 }
 
 /// Reads an open pull request to its end, giving back what it brings after `delay` (when the
-/// request has ended: it would bring them again).
+/// request has ended: it would bring them again). Not cut short by the subscription stopping:
+/// what the server still sends to the request would otherwise wait for `ack_wait`, and the
+/// request ends by itself within `fetch_expires` (plus the 5 s of [`request`]'s give-up).
 async fn give_back_the_rest(open: &mut Open, delay: Duration) {
     loop {
         let item = match open.arrived.pop_front() {

@@ -325,7 +325,7 @@ async fn read_count(bucket: &kv::Store, topic: &str) -> Result<Option<kv::Entry>
     loop {
         match bucket.entry(PARTITIONS_KEY).await {
             Ok(entry) => return Ok(entry),
-            Err(error) if failures < LEADER_RETRIES && leader_away(&format!("{error:?}")) => {
+            Err(error) if failures < LEADER_RETRIES && leader_away(&error) => {
                 failures += 1;
                 tracing::debug!(topic, %error, failures, "the group's bucket has no leader yet; reading again");
                 tokio::time::sleep(Duration::from_millis(100 << failures)).await;
