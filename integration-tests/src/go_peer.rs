@@ -1,5 +1,12 @@
-//! The Go service of the interop tests: `interop/go/cmd/peer` (sarama and nats.go called as the
-//! Go SDK calls them), built once per test process with `go build`, run as a child process.
+//! The Go service of the interop tests: `interop/go/cmd/peer`, a program that runs the Go SDK
+//! itself (`github.com/ChenBigdata421/jxt-core` v1.7.5) through its YAML start-up path and public
+//! API, built once per test process with `go build` and run as a child process.
+//!
+//! Where the SDK's module comes from ([`go_binary`]): the folder named by `JXT_CORE_DIR`, else
+//! `../shared/gosdk/jxt-core` beside the workspace (the unmodified extract this workplace keeps,
+//! because its Go module proxy refuses the module), through a `go.work` written into
+//! `target/go/` at test time; else the Go module proxy. Where none of them has it, the build
+//! fails loudly and says how to provide it.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -13,104 +20,315 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use crate::DEADLINE;
 
+/// The Go SDK's module path.
+pub const GO_SDK_MODULE: &str = "github.com/ChenBigdata421/jxt-core";
+
+/// The Go SDK's version the Go module requires (as a Go service would).
+pub const GO_SDK_VERSION: &str = "v1.7.5";
+
+/// The workspace's root.
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .expect("the workspace's root")
+}
+
 /// The Go module of the peer and the wire oracle.
 fn module() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../interop/go")
+    workspace().join("interop/go")
 }
 
-/// The peer's binary, built on first use (`go build`, modules from the Go module proxy) into
-/// the workspace's `target/go-peer/` (the Go build cache makes later builds quick). A missing Go
-/// fails the test here, loudly.
+/// Where the Go programs are built: `target/go/`.
+fn go_target() -> PathBuf {
+    workspace().join("target/go")
+}
+
+/// A local copy of the Go SDK's module: `JXT_CORE_DIR` (which must hold it), else
+/// `../shared/gosdk/jxt-core` beside the workspace when it exists; `None` to use the Go module
+/// proxy.
+pub fn go_sdk_copy() -> Option<PathBuf> {
+    let is_the_module = |dir: &Path| {
+        std::fs::read_to_string(dir.join("go.mod"))
+            .is_ok_and(|text| text.lines().next() == Some(&format!("module {GO_SDK_MODULE}")[..]))
+    };
+    if let Some(dir) = std::env::var_os("JXT_CORE_DIR") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            is_the_module(&dir),
+            "JXT_CORE_DIR={} does not hold the Go module {GO_SDK_MODULE} (its go.mod's first \
+             line must be `module {GO_SDK_MODULE}`)",
+            dir.display()
+        );
+        return Some(dir);
+    }
+    let shared = workspace().join("../shared/gosdk/jxt-core");
+    is_the_module(&shared).then(|| shared.canonicalize().expect("the Go SDK's folder"))
+}
+
+/// The `go.work` pointing the Go module at the local copy of the SDK, written into
+/// `target/go/` (the copy itself is only read: CI mounts it read-only).
+fn go_work(copy: &Path) -> PathBuf {
+    let dir = go_target();
+    std::fs::create_dir_all(&dir).expect("target/go");
+    let path = dir.join("go.work");
+    let text = format!(
+        "go 1.26.0\n\nuse {}\n\nreplace {GO_SDK_MODULE} {GO_SDK_VERSION} => {}\n",
+        module().display(),
+        copy.display()
+    );
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&path, text).expect("target/go/go.work written");
+    }
+    path
+}
+
+/// Builds `interop/go/cmd/{program}` against the Go SDK into `target/go/{program}` and returns
+/// its path: [`try_go_binary`] with [`go_sdk_copy`]. Panics, saying what to provide, when Go is
+/// missing or the SDK's module cannot be had; panics with Go's output when the build fails.
+pub fn go_binary(program: &str) -> PathBuf {
+    let binary = go_target().join(program);
+    try_go_binary(program, go_sdk_copy().as_deref(), &binary).unwrap_or_else(|e| panic!("{e}"));
+    binary
+}
+
+/// Builds `interop/go/cmd/{program}` into `binary`, with the Go SDK from `copy` (through a
+/// `go.work` in `target/go/`) or, without one, from the Go module proxy (its checksum then goes
+/// into `interop/go/go.sum`, as `go get` would put it). The error says how to provide the SDK
+/// when the build failed for want of it.
+pub fn try_go_binary(program: &str, copy: Option<&Path>, binary: &Path) -> Result<(), String> {
+    let mut command = Command::new("go");
+    command
+        .args(["build", "-o"])
+        .arg(binary)
+        .arg(format!("./cmd/{program}"))
+        .current_dir(module());
+    let source = match copy {
+        Some(copy) => {
+            command.env("GOWORK", go_work(copy));
+            format!("the local copy {}", copy.display())
+        }
+        None => {
+            command.env("GOWORK", "off").env("GOFLAGS", "-mod=mod");
+            "the Go module proxy".to_owned()
+        }
+    };
+    let output = command.output().map_err(|e| {
+        format!(
+            "go does not run ({e}): install Go 1.26 or newer, the interop tests build the Go SDK"
+        )
+    })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if stderr.contains(&format!("{GO_SDK_MODULE}@")) {
+        return Err(format!(
+            "the Go SDK {GO_SDK_MODULE} {GO_SDK_VERSION} could not be had from {source}:\n\
+             {stderr}\nProvide it: put its source (the module's go.mod, go.sum, LICENSE, sdk/ and \
+             storage/ at tag {GO_SDK_VERSION}) in ../shared/gosdk/jxt-core beside this workspace, \
+             or name its folder in JXT_CORE_DIR, or use a Go module proxy (GOPROXY) that serves it."
+        ));
+    }
+    Err(format!(
+        "go build of interop/go/cmd/{program} against {source} failed:\n{stderr}"
+    ))
+}
+
+/// The peer's binary, built on first use in this process ([`go_binary`]).
 pub fn go_peer() -> &'static Path {
     static PEER: OnceLock<PathBuf> = OnceLock::new();
-    PEER.get_or_init(|| {
-        let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go-peer/peer");
-        let output = Command::new("go")
-            .args(["build", "-o"])
-            .arg(&binary)
-            .arg("./cmd/peer")
-            .current_dir(module())
-            .output()
-            .expect("go runs (install Go 1.26 or newer: the interop tests build the Go peer)");
+    PEER.get_or_init(|| go_binary("peer"))
+}
+
+/// A file under `target/go/logs/` for a peer's error output (the Go SDK logs every fetch).
+fn log_file(command: &str) -> (PathBuf, std::fs::File) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = go_target().join("logs");
+    std::fs::create_dir_all(&dir).expect("target/go/logs");
+    let path = dir.join(format!(
+        "{command}-{}-{}.log",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::File::create(&path).expect("a log file");
+    (path, file)
+}
+
+/// A Go service on one broker, run through the Go peer: what it publishes and consumes goes
+/// through the Go SDK, configured by the YAML the peer writes from these settings.
+#[derive(Debug, Clone)]
+pub struct GoService {
+    bus: &'static str,
+    servers: String,
+    group: String,
+    name: String,
+}
+
+impl GoService {
+    /// A Go service on the NATS server at `url` (`eventBus.type: nats`, `nats.urls`).
+    pub fn nats(url: &str) -> Self {
+        Self {
+            bus: "nats",
+            servers: url.to_owned(),
+            group: "go-peer".into(),
+            name: "go-peer".into(),
+        }
+    }
+
+    /// A Go service on the Kafka cluster at `bootstrap` (`eventBus.type: kafka`,
+    /// `kafka.brokers`), in consumer group `go-peer` (`kafka.consumer.groupId`) and with
+    /// `autoOffsetReset: earliest`.
+    pub fn kafka(bootstrap: &str) -> Self {
+        Self {
+            bus: "kafka",
+            servers: bootstrap.to_owned(),
+            group: "go-peer".into(),
+            name: "go-peer".into(),
+        }
+    }
+
+    /// The same service in consumer group `group`.
+    pub fn with_group(mut self, group: &str) -> Self {
+        self.group = group.to_owned();
+        self
+    }
+
+    /// The same service named `name` (`eventBus.serviceName`, the NATS client name).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.to_owned();
+        self
+    }
+
+    fn args(&self, topic: &str) -> Vec<String> {
+        [
+            "-bus",
+            self.bus,
+            "-servers",
+            &self.servers,
+            "-topic",
+            topic,
+            "-group",
+            &self.group,
+            "-service",
+            &self.name,
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    }
+
+    /// Publishes `envelopes` with the SDK's `PublishEnvelope` and returns once its
+    /// publish-result channel reported every one published.
+    pub fn publish(&self, topic: &str, envelopes: &[Envelope]) {
+        if let Err(failure) = self.try_publish(topic, envelopes) {
+            panic!("the Go service's PublishEnvelope failed: {failure}");
+        }
+    }
+
+    /// [`GoService::publish`], returning the peer's output when it fails (a Go service that
+    /// does not start, say).
+    pub fn try_publish(&self, topic: &str, envelopes: &[Envelope]) -> Result<(), String> {
+        let lines: Vec<Vec<u8>> = envelopes
+            .iter()
+            .map(|e| e.to_bytes().expect("an encodable envelope").to_vec())
+            .collect();
+        self.run_with_input("publish", topic, &lines)
+    }
+
+    /// Publishes each of `messages` with the SDK's plain `Publish` (one per line).
+    pub fn publish_plain(&self, topic: &str, messages: &[&str]) {
+        let lines: Vec<Vec<u8>> = messages.iter().map(|m| m.as_bytes().to_vec()).collect();
+        if let Err(failure) = self.run_with_input("publish-plain", topic, &lines) {
+            panic!("the Go service's Publish failed: {failure}");
+        }
+    }
+
+    /// Starts the SDK's health-check publisher on `topic` and returns once the SDK counts its
+    /// first message published.
+    pub fn health_publish(&self, topic: &str) {
+        if let Err(failure) = self.run_with_input("health-publish", topic, &[]) {
+            panic!("the Go service's health-check publisher failed: {failure}");
+        }
+    }
+
+    fn run_with_input(&self, command: &str, topic: &str, lines: &[Vec<u8>]) -> Result<(), String> {
+        let (log, file) = log_file(command);
+        let mut child = Command::new(go_peer())
+            .arg(command)
+            .args(self.args(topic))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .expect("the Go peer starts");
+        let mut stdin = child.stdin.take().expect("its stdin");
+        for line in lines {
+            stdin.write_all(line).expect("written to the Go peer");
+            stdin.write_all(b"\n").expect("written to the Go peer");
+        }
+        drop(stdin);
+        let output = child.wait_with_output().expect("the Go peer ends");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let count = if command == "health-publish" {
+            1
+        } else {
+            lines.len()
+        };
+        let published = format!("\"published\":{count}");
+        if output.status.success() && stdout.contains(&published) {
+            Ok(())
+        } else {
+            Err(format!("{}: {stdout}{}", output.status, tail(&log)))
+        }
+    }
+
+    /// Starts a Go service that subscribes to `topic` with the SDK's `SubscribeEnvelope` and
+    /// closes its bus after `count` envelopes (`None`: when stopped).
+    pub fn subscribe(&self, topic: &str, count: Option<usize>) -> GoConsumer {
+        GoConsumer::start("subscribe", self.args(topic), count)
+    }
+
+    /// Starts a Go service that reads `topic` with the SDK's `Subscribe` and prints the
+    /// health-check messages the SDK's parser accepts, stopping after `count`.
+    pub fn health_read(&self, topic: &str, count: usize) -> GoConsumer {
+        GoConsumer::start("health-read", self.args(topic), Some(count))
+    }
+
+    /// Runs `peer {command}` on `topic`, which must fail within 60 s (a Go service that cannot
+    /// start, say), and returns its error output. Panics when it succeeds or keeps running.
+    pub fn failure(&self, command: &str, topic: &str) -> String {
+        let (log, file) = log_file(command);
+        let mut child = Command::new(go_peer())
+            .arg(command)
+            .args(self.args(topic))
+            .args(["-count", "1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("the Go peer starts");
+        let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the Go peer's {command} was expected to fail, and still ran after 60 s");
+        };
+        let stderr = tail(&log);
         assert!(
-            output.status.success(),
-            "go build of interop/go/cmd/peer failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
+            !status.success(),
+            "the Go peer's {command} was expected to fail, and succeeded: {stderr}"
         );
-        binary
-    })
-}
-
-/// Publishes `envelopes` through the Go peer (`kafka-publish` or `nats-publish` with `args`)
-/// and returns once the peer has every acknowledgement.
-pub fn go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) {
-    if let Err(failure) = try_go_publish(command, args, envelopes) {
-        panic!("the Go peer's {command} failed: {failure}");
+        stderr
     }
 }
 
-/// [`go_publish`], returning the peer's error output when it fails (a Go service that does not
-/// start, say).
-pub fn try_go_publish(command: &str, args: &[&str], envelopes: &[Envelope]) -> Result<(), String> {
-    let mut child = Command::new(go_peer())
-        .arg(command)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the Go peer starts");
-    let mut stdin = child.stdin.take().expect("its stdin");
-    for envelope in envelopes {
-        stdin
-            .write_all(&envelope.to_bytes().expect("an encodable envelope"))
-            .expect("written to the Go peer");
-        stdin.write_all(b"\n").expect("written to the Go peer");
-    }
-    drop(stdin);
-    let output = child.wait_with_output().expect("the Go peer ends");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let published = if envelopes.is_empty() && command == "health-publish" {
-        "\"published\":1".to_owned()
-    } else {
-        format!("\"published\":{}", envelopes.len())
-    };
-    if output.status.success() && stdout.contains(&published) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
-}
-
-/// Runs `peer {command} {args…}`, which must fail within 60 s (a Go service that cannot
-/// start, say), and returns its error output. Panics when the peer succeeds or keeps running.
-pub fn go_failure(command: &str, args: &[&str]) -> String {
-    let mut child = Command::new(go_peer())
-        .arg(command)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the Go peer starts");
-    let Some(status) = exit_within(&mut child, Duration::from_secs(60)) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the Go peer's {command} was expected to fail, and still ran after 60 s");
-    };
-    let mut stderr = String::new();
-    if let Some(mut pipe) = child.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-    }
-    assert!(
-        !status.success(),
-        "the Go peer's {command} was expected to fail, and succeeded: {stderr}"
-    );
-    stderr
+/// The last lines of a peer's log (its own message comes last).
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(20);
+    format!("(log {}):\n{}", log.display(), lines[from..].join("\n"))
 }
 
 /// One envelope the Go peer handled, as it reports it.
@@ -126,10 +344,6 @@ pub struct GoHandled {
     pub event_type: String,
     /// Its payload, as JSON.
     pub payload: serde_json::Value,
-    /// The Kafka partition (0 on NATS).
-    pub partition: i32,
-    /// The Kafka offset or the stream sequence.
-    pub offset: i64,
     /// When the peer handled it: nanoseconds since the Unix epoch, by the machine's clock.
     pub handled_at_ns: i64,
 }
@@ -138,16 +352,19 @@ pub struct GoHandled {
 pub struct GoConsumer {
     child: Child,
     lines: UnboundedReceiver<String>,
+    log: PathBuf,
 }
 
 impl GoConsumer {
-    /// Starts `peer {command} {args…}`.
-    pub fn start(command: &str, args: &[&str]) -> Self {
+    /// Starts `peer {command} {args…}`, stopping after `count` lines (`None`: when stopped).
+    fn start(command: &str, args: Vec<String>, count: Option<usize>) -> Self {
+        let (log, file) = log_file(command);
         let mut child = Command::new(go_peer())
             .arg(command)
             .args(args)
+            .args(["-count", &count.unwrap_or(0).to_string()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(file)
             .spawn()
             .expect("the Go peer starts");
         let stdout = child.stdout.take().expect("its stdout");
@@ -160,7 +377,7 @@ impl GoConsumer {
                 }
             }
         });
-        Self { child, lines }
+        Self { child, lines, log }
     }
 
     /// Reads the peer's raw output lines until `until` holds for all read so far (three
@@ -215,22 +432,47 @@ impl GoConsumer {
         }
     }
 
-    /// Waits up to 30 s for the peer to exit on its own (after `-count` envelopes).
+    /// Waits up to 30 s for the peer to exit on its own (after `count` envelopes it closes
+    /// its bus).
     pub fn wait_for_exit(&mut self) {
         let status = self.exit_within(Duration::from_secs(30));
-        let status = status.unwrap_or_else(|| panic!("the Go peer did not exit within 30 s"));
-        assert!(status.success(), "the Go peer failed: {status}");
+        let status = status
+            .unwrap_or_else(|| panic!("the Go peer did not exit within 30 s {}", tail(&self.log)));
+        assert!(
+            status.success(),
+            "the Go peer failed: {status} {}",
+            tail(&self.log)
+        );
     }
 
-    /// Stops the peer with SIGTERM (it closes its consumer: sarama commits what it marked) and
-    /// waits up to 30 s for it to exit.
+    /// Stops the Go service the ordinary way: SIGTERM, on which it calls the SDK's `Close`
+    /// (on Kafka sarama commits what it marked and leaves the group; on NATS the SDK deletes
+    /// the durables it made). Waits up to 30 s for it to exit.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        if self.exit_within(Duration::from_secs(30)).is_none() {
-            panic!("the Go peer did not exit within 30 s of SIGTERM");
+        match self.exit_within(Duration::from_secs(30)) {
+            None => panic!(
+                "the Go peer did not exit within 30 s of SIGTERM {}",
+                tail(&self.log)
+            ),
+            Some(status) if !status.success() => {
+                panic!("the Go peer's Close failed: {status} {}", tail(&self.log))
+            }
+            Some(_) => {}
         }
+    }
+
+    /// Kills the Go service (SIGKILL): nothing of the SDK's `Close` runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The file the peer's error output (the Go SDK's log) goes to.
+    pub fn log(&self) -> &Path {
+        &self.log
     }
 
     fn exit_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -261,8 +503,6 @@ fn parse(line: &str) -> GoHandled {
         event_id: text("event_id"),
         event_type: text("event_type"),
         payload: value["payload"].clone(),
-        partition: i32::try_from(value["partition"].as_i64().unwrap_or(-1)).unwrap_or(-1),
-        offset: value["offset"].as_i64().unwrap_or(-1),
         handled_at_ns: value["handled_at_ns"].as_i64().unwrap_or_default(),
     }
 }

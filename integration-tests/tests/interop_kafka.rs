@@ -1,6 +1,7 @@
-//! Side by side with the Go services on Apache Kafka: the Go peer (`interop/go/cmd/peer`,
-//! sarama configured and called as the Go SDK does) and this SDK publish to and consume from
-//! the same topics of a real broker.
+//! Side by side with the Go services on Apache Kafka: a Go service running the Go SDK itself
+//! (jxt-core v1.7.5 through `interop/go/cmd/peer`: its YAML start-up path, `PublishEnvelope`,
+//! `SubscribeEnvelope`, `Close`) and this SDK publish to and consume from the same topics of a
+//! real broker.
 
 // Test code: a failed unwrap or expect is a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,7 +17,7 @@ use eventbus_core::{
 use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
-    GoConsumer, GoHandled, assert_handled_by_go_as_sent, assert_handled_here_as_sent, go_publish,
+    GoHandled, GoService, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
     heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
 };
 use integration_tests::{
@@ -38,21 +39,14 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
     .unwrap();
     let handled = record_envelopes(&bus, topic).await;
 
-    let bootstrap = kafka_bootstrap();
-    tokio::task::block_in_place(|| {
-        go_publish(
-            "kafka-publish",
-            &["-brokers", &bootstrap, "-topic", topic],
-            &sent,
-        );
-    });
+    tokio::task::block_in_place(|| GoService::kafka(&kafka_bootstrap()).publish(topic, &sent));
 
     assert_handled_here_as_sent(&handled, &sent, 40, 25).await;
     bus.close().await.unwrap();
 }
 
-/// This SDK publishes; the Go service (sarama consumer group, its serial path) handles every
-/// event with the same fields, each aggregate's in version order.
+/// This SDK publishes; the Go service (`SubscribeEnvelope`: sarama consumer group, its actor
+/// pool) handles every event with the same fields, each aggregate's in version order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_fields() {
     let (topic, group) = ("interop.rust-to-go", "interop-rust-to-go");
@@ -67,14 +61,9 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
         bus.publish_envelope(topic, envelope).await.unwrap();
     }
 
-    let bootstrap = kafka_bootstrap();
-    let count = sent.len().to_string();
-    let mut go = GoConsumer::start(
-        "kafka-consume",
-        &[
-            "-brokers", &bootstrap, "-topic", topic, "-group", group, "-count", &count,
-        ],
-    );
+    let mut go = GoService::kafka(&kafka_bootstrap())
+        .with_group(group)
+        .subscribe(topic, Some(sent.len()));
     let mut handled: Vec<GoHandled> = Vec::new();
     go.read_until("every event published here", &mut handled, |h| {
         h.len() >= sent.len()
@@ -113,14 +102,7 @@ async fn the_go_service_and_this_sdk_put_each_aggregate_on_the_same_partition() 
     for envelope in &rust_sent[1..] {
         bus.publish_envelope(topic, envelope).await.unwrap();
     }
-    let bootstrap = kafka_bootstrap();
-    tokio::task::block_in_place(|| {
-        go_publish(
-            "kafka-publish",
-            &["-brokers", &bootstrap, "-topic", topic],
-            &go_sent,
-        );
-    });
+    tokio::task::block_in_place(|| GoService::kafka(&kafka_bootstrap()).publish(topic, &go_sent));
 
     let partitions = Recorder::<(String, i32)>::new();
     let p = partitions.clone();
@@ -190,11 +172,9 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
         publisher.publish_envelope(topic, envelope).await.unwrap();
     }
 
-    let bootstrap = kafka_bootstrap();
-    let mut go = GoConsumer::start(
-        "kafka-consume",
-        &["-brokers", &bootstrap, "-topic", topic, "-group", group],
-    );
+    let mut go = GoService::kafka(&kafka_bootstrap())
+        .with_group(group)
+        .subscribe(topic, None);
     let mut go_handled: Vec<GoHandled> = Vec::new();
     go.read_until("the first third on the Go member", &mut go_handled, |h| {
         h.len() >= thirds[0].len()
@@ -289,11 +269,9 @@ async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subsc
     for envelope in &sent {
         publisher.publish_envelope(topic, envelope).await.unwrap();
     }
-    let bootstrap = kafka_bootstrap();
-    let mut go = GoConsumer::start(
-        "kafka-consume",
-        &["-brokers", &bootstrap, "-topic", topic, "-group", group],
-    );
+    let mut go = GoService::kafka(&kafka_bootstrap())
+        .with_group(group)
+        .subscribe(topic, None);
     let mut go_handled = Vec::new();
     go.read_until("the Go member in the group", &mut go_handled, |h| {
         h.len() >= sent.len()
@@ -386,8 +364,9 @@ async fn a_subscription_cannot_name_another_group_or_a_start_position_on_kafka()
 }
 
 /// One health view for a mixed fleet on Kafka too: a Go service's health-check record (the Go
-/// SDK's JSON, a plain record on `jxt-core-health-check`) is seen by this SDK's watcher, and
-/// this SDK's heartbeat passes the Go SDK's checks in a Go service's consumer group.
+/// SDK's own health-check publisher: its JSON, a plain record on `jxt-core-health-check`) is
+/// seen by this SDK's watcher, and this SDK's heartbeat passes the Go SDK's parser in a Go
+/// service reading the topic with `Subscribe` in its own consumer group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     let bootstrap = kafka_bootstrap();
@@ -406,28 +385,17 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     )
     .await
     .unwrap();
-    tokio::task::block_in_place(|| {
-        go_publish(
-            "health-publish",
-            &[
-                "-brokers",
-                &bootstrap,
-                "-topic",
-                HEARTBEAT_TOPIC,
-                "-source",
-                "go-billing",
-            ],
-            &[],
-        );
-    });
+    tokio::task::block_in_place(|| GoService::kafka(&bootstrap).health_publish(HEARTBEAT_TOPIC));
     eventually("the Go heartbeat counted", || async {
         watcher.status().received > 0
     })
     .await;
     let seen = watcher.status().last.unwrap();
+    // Every Go service's health checker on Kafka names itself `kafka-eventbus`
+    // (kafka.go, StartHealthCheckPublisher).
     assert_eq!(
         (seen.source.as_str(), seen.event_bus_type.as_str()),
-        ("go-billing", "kafka")
+        ("kafka-eventbus", "kafka")
     );
 
     let sender = Heartbeats::start(
@@ -436,19 +404,9 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     )
     .await
     .unwrap();
-    let mut go = GoConsumer::start(
-        "health-read",
-        &[
-            "-brokers",
-            &bootstrap,
-            "-topic",
-            HEARTBEAT_TOPIC,
-            "-group",
-            "go-billing",
-            "-count",
-            "2",
-        ],
-    );
+    let mut go = GoService::kafka(&bootstrap)
+        .with_group("go-billing")
+        .health_read(HEARTBEAT_TOPIC, 2);
     let mut lines = Vec::new();
     go.read_lines_until("the Go service reading both heartbeats", &mut lines, |l| {
         l.len() >= 2
@@ -456,7 +414,7 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     .await;
     let sources = heartbeat_sources(&lines);
     assert!(
-        sources.contains("rust-billing") && sources.contains("go-billing"),
+        sources.contains("rust-billing") && sources.contains("kafka-eventbus"),
         "{lines:?}"
     );
     sender.stop().await.unwrap();

@@ -1,7 +1,8 @@
-//! Wire compatibility with the Go SDK, checked against fixtures written by the Go SDK's
-//! envelope code as restated in `interop/go/envelope` (run by `interop/go/cmd/oracle`, jsoniter
-//! 1.1.12; the test matrix checks the committed fixtures against it): the bytes we encode for
-//! the same values are the bytes Go sends, and we accept exactly the inputs Go accepts.
+//! Wire compatibility with the Go SDK, checked against fixtures written by the Go SDK's own
+//! envelope code (`github.com/ChenBigdata421/jxt-core` v1.7.5, `sdk/pkg/eventbus`, called by
+//! `interop/go/cmd/oracle`; the integration test `go_sdk` checks the committed fixtures against
+//! it): the bytes we encode for the same values are the bytes Go sends, and we accept exactly the
+//! inputs Go accepts.
 
 use eventbus_core::{Envelope, ErrorKind};
 use serde_json::Value;

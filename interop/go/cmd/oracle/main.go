@@ -1,11 +1,13 @@
 // Command oracle writes crates/eventbus-core/tests/fixtures/go_envelopes.json: what the Go
-// SDK's envelope code (restated in package envelope) produces for a set of values and accepts
-// for a set of inputs. The Rust tests compare eventbus-core against it byte for byte, and
-// `cargo xtask test-matrix` runs this and fails if the committed fixtures differ.
+// SDK's own envelope code (github.com/ChenBigdata421/jxt-core v1.7.5, sdk/pkg/eventbus:
+// NewEnvelope, Envelope.ToBytes, FromBytes) produces for a set of values and accepts for a set of
+// inputs. The Rust tests compare eventbus-core against it byte for byte, and the integration
+// test `go_sdk` (run by `cargo xtask test-matrix`) builds this against the SDK and fails if the
+// committed fixtures differ.
 //
-// Regenerate:
+// Regenerate (after the test built it into target/go/oracle):
 //
-//	cd interop/go && go run ./cmd/oracle > ../../crates/eventbus-core/tests/fixtures/go_envelopes.json
+//	target/go/oracle > crates/eventbus-core/tests/fixtures/go_envelopes.json
 package main
 
 import (
@@ -16,7 +18,7 @@ import (
 	"strings"
 	"time"
 
-	"eventbus-interop/envelope"
+	"github.com/ChenBigdata421/jxt-core/sdk/pkg/eventbus"
 )
 
 // An encode case: values both sides build an envelope from.
@@ -79,11 +81,11 @@ func main() {
 			panic(err)
 		}
 		payload, _ := hex.DecodeString(c.PayloadHex)
-		e := envelope.Envelope{
-			EventID: c.EventID, AggregateID: c.AggregateID, EventType: c.EventType,
-			EventVersion: c.EventVersion, Timestamp: ts, TraceID: c.TraceID,
-			CorrelationID: c.CorrelationID, TenantID: c.TenantID, Payload: payload,
-		}
+		e := eventbus.NewEnvelope(c.EventID, c.AggregateID, c.EventType, c.EventVersion, payload)
+		e.Timestamp = ts
+		e.TraceID = c.TraceID
+		e.CorrelationID = c.CorrelationID
+		e.TenantID = c.TenantID
 		out, err := e.ToBytes()
 		if err != nil {
 			panic(fmt.Sprintf("%s: %v", c.Name, err))
@@ -161,7 +163,7 @@ func main() {
 	var decodes []decodeCase
 	for _, in := range inputs {
 		c := decodeCase{Name: in.name, InputHex: hex.EncodeToString([]byte(in.input))}
-		e, err := envelope.FromBytes([]byte(in.input))
+		e, err := eventbus.FromBytes([]byte(in.input))
 		if err != nil {
 			c.GoError = err.Error()
 		} else {
@@ -176,7 +178,7 @@ func main() {
 	}
 
 	out := map[string]interface{}{
-		"generator": "crates/eventbus-core/tests/go-oracle/main.go, " + "jsoniter 1.1.12",
+		"generator": "interop/go/cmd/oracle: github.com/ChenBigdata421/jxt-core v1.7.5 sdk/pkg/eventbus",
 		"encode":    encodes,
 		"decode":    decodes,
 	}
