@@ -287,7 +287,20 @@ impl GoService {
     /// Starts a Go service that subscribes to `topic` with the SDK's `SubscribeEnvelope` and
     /// closes its bus after `count` envelopes (`None`: when stopped).
     pub fn subscribe(&self, topic: &str, count: Option<usize>) -> GoConsumer {
-        GoConsumer::start("subscribe", self.args(topic), count)
+        self.subscribe_working(topic, count, Duration::ZERO)
+    }
+
+    /// [`GoService::subscribe`] with a handler that works `work` on each envelope after
+    /// recording it.
+    pub fn subscribe_working(
+        &self,
+        topic: &str,
+        count: Option<usize>,
+        work: Duration,
+    ) -> GoConsumer {
+        let mut args = self.args(topic);
+        args.extend(["-work".to_owned(), format!("{}ms", work.as_millis())]);
+        GoConsumer::start("subscribe", args, count)
     }
 
     /// Starts a Go service that reads `topic` with the SDK's `Subscribe` and prints the

@@ -5,7 +5,12 @@
 //! same subjects of a real nats-server.
 
 // Test code: a failed unwrap or expect is a failed check.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stderr
+)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -195,6 +200,232 @@ async fn a_service_here_adopts_a_killed_go_services_durable_and_goes_on_where_it
         .chain(events.iter().map(|(a, v, _)| (a.clone(), *v)))
         .collect();
     assert_first_handlings_in_order(&timeline, 20, 30);
+    bus.close().await.unwrap();
+}
+
+/// How many messages the Go SDK fetches at a time (nats.go, processUnifiedPullMessages:
+/// `sub.Fetch(500, …)`): what it holds unacknowledged at most, and so the takeover's window.
+const GO_FETCH_BATCH: usize = 500;
+
+/// How a Go service is stopped in a takeover test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GoStop {
+    /// SIGTERM: the Go service calls the SDK's `Close`, which deletes its durables.
+    Graceful,
+    /// SIGKILL: its durable stays, read by nobody.
+    Killed,
+}
+
+/// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same).
+fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_nanos()).unwrap()
+}
+
+/// The takeover of `docs/migration.md`: a Go service reads `business.handover` with its durable;
+/// a service on this SDK is deployed beside it, configured by `eventbus config convert
+/// --take-over business.handover` (`take_over_from` naming that durable, `BUSINESS_STREAM` bound), and
+/// its `subscribe` waits (a call dropped while it waits makes nothing); a second Go service
+/// publishes throughout; the Go subscriber is stopped (`stop`). The service here then starts its
+/// own durable right after the Go durable's last ack floor: nothing lost, handled again at most
+/// one fetch of the Go SDK ([`GO_FETCH_BATCH`]), and every aggregate's first handlings in
+/// version order on the merged Go-then-Rust timeline.
+async fn take_over_from_a_go_service(stop: GoStop) {
+    let server = NatsServer::start();
+    let url = server.url();
+    let topic = "business.handover";
+    let durable = go_durable(topic);
+    let all = envelopes("over", 20, 60);
+    let (before, during) = all.split_at(600);
+    let go_service = GoService::nats(&url);
+    tokio::task::block_in_place(|| go_service.publish(topic, before));
+    // Handlers that work 50 ms: the Go service is stopped in the middle of its work.
+    let mut go = go_service.subscribe_working(topic, None, Duration::from_millis(50));
+    let mut go_handled: Vec<GoHandled> = Vec::new();
+    go.read_until("the Go service handling", &mut go_handled, |h| {
+        h.len() >= 100
+    })
+    .await;
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let stream = js.get_stream("BUSINESS_STREAM").await.unwrap();
+    let mut go_consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.get_consumer(&durable).await.unwrap();
+    let max_ack_pending =
+        usize::try_from(go_consumer.info().await.unwrap().config.max_ack_pending).unwrap();
+
+    // The service here runs what `eventbus config convert --take-over business.handover` wrote
+    // for the Go service's YAML (the CLI's tests check the fixture is that output).
+    let converted = eventbus::Config::from_toml_str(include_str!(
+        "../../crates/eventbus-cli/tests/fixtures/go-service.toml"
+    ))
+    .unwrap();
+    let mut config = converted.nats;
+    config.urls = vec![url.clone()];
+    assert_eq!(
+        config.topic(topic).take_over_from.as_deref(),
+        Some(durable.as_str())
+    );
+    let bus = Arc::new(
+        NatsBus::connect(nats_settings(&converted.client_id), config)
+            .await
+            .unwrap(),
+    );
+    let handled = Recorder::<(String, i64, String, i64)>::new();
+    let h = handled.clone();
+    let handler: Arc<dyn eventbus_core::EnvelopeHandler> =
+        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((
+                    envelope.aggregate_id.clone(),
+                    envelope.event_version,
+                    envelope.event_id.clone(),
+                    now_ns(),
+                ));
+                Ok::<(), HandlerError>(())
+            }
+        });
+    // Cancel safety: a subscribe dropped while it waits for the Go service made nothing.
+    let waited = tokio::time::timeout(
+        Duration::from_secs(1),
+        bus.subscribe_envelope(topic, handler.clone(), SubscribeOptions::new()),
+    )
+    .await;
+    assert!(
+        waited.is_err(),
+        "subscribe returned while the Go service still reads its durable"
+    );
+    let ours = bus.durable_name(topic, 1);
+    assert!(
+        stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&ours)
+            .await
+            .is_err(),
+        "a dropped subscribe made durable {ours}"
+    );
+    let subscribing = tokio::spawn({
+        let bus = bus.clone();
+        let handler = handler.clone();
+        async move {
+            bus.subscribe_envelope(topic, handler, SubscribeOptions::new())
+                .await
+        }
+    });
+    let publisher = {
+        let publisher = GoService::nats(&url).with_name("go-publisher");
+        let during = during.to_vec();
+        std::thread::spawn(move || publisher.publish(topic, &during))
+    };
+    let published_meanwhile: BTreeSet<&str> = during.iter().map(|e| e.event_id.as_str()).collect();
+    go.read_until(
+        "the Go service handling what was published meanwhile",
+        &mut go_handled,
+        |h| {
+            h.iter()
+                .filter(|g| published_meanwhile.contains(g.event_id.as_str()))
+                .count()
+                >= 100
+        },
+    )
+    .await;
+    assert!(
+        !subscribing.is_finished() && handled.events().is_empty(),
+        "this service read before the Go service stopped"
+    );
+    match stop {
+        GoStop::Graceful => tokio::task::block_in_place(|| go.stop()),
+        GoStop::Killed => tokio::task::block_in_place(|| go.kill()),
+    }
+    go.read_available(&mut go_handled);
+    let _subscription = tokio::time::timeout(Duration::from_secs(60), subscribing)
+        .await
+        .expect("subscribe returns once the Go service stopped")
+        .unwrap()
+        .unwrap();
+    tokio::task::block_in_place(|| publisher.join().unwrap());
+    let everything: BTreeSet<&str> = all.iter().map(|e| e.event_id.as_str()).collect();
+    let go_ids: BTreeSet<&str> = go_handled.iter().map(|g| g.event_id.as_str()).collect();
+    let events = handled
+        .wait_for("everything the Go service did not handle", |e| {
+            let mut ids = go_ids.clone();
+            ids.extend(e.iter().map(|(_, _, id, _)| id.as_str()));
+            ids == everything
+        })
+        .await;
+    let again: BTreeSet<&str> = events
+        .iter()
+        .map(|(_, _, id, _)| id.as_str())
+        .filter(|id| go_ids.contains(id))
+        .collect();
+    eprintln!(
+        "{stop:?}: the Go service handled {} of {}, this service {} ({} again; the Go durable's \
+         max_ack_pending is {max_ack_pending})",
+        go_ids.len(),
+        all.len(),
+        events.len(),
+        again.len()
+    );
+    assert!(
+        again.len() <= GO_FETCH_BATCH,
+        "handled again: {} of what the Go service handled, more than one fetch of the Go SDK",
+        again.len()
+    );
+    let mut timeline: Vec<(i64, String, i64)> = go_handled
+        .iter()
+        .map(|g| (g.handled_at_ns, g.aggregate_id.clone(), g.event_version))
+        .chain(events.iter().map(|(a, v, _, at)| (*at, a.clone(), *v)))
+        .collect();
+    timeline.sort_by_key(|(at, ..)| *at);
+    let order: Vec<(String, i64)> = timeline.into_iter().map(|(_, a, v)| (a, v)).collect();
+    assert_first_handlings_in_order(&order, 20, 60);
+    bus.close().await.unwrap();
+}
+
+/// The NATS migration survives the ordinary, graceful shutdown of the Go service (whose `Close`
+/// deletes its durable): see [`take_over_from_a_go_service`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_here_takes_over_from_a_go_service_stopped_the_ordinary_way_and_loses_nothing() {
+    take_over_from_a_go_service(GoStop::Graceful).await;
+}
+
+/// The same takeover when the Go service is killed: its durable stays, and once nobody pulls
+/// from it and nothing is acknowledged for `TAKE_OVER_IDLE`, this service starts after its ack
+/// floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_here_takes_over_from_a_killed_go_service_once_its_durable_lies_idle() {
+    take_over_from_a_go_service(GoStop::Killed).await;
+}
+
+/// Taking over from a durable that is not there (the Go service already stopped, its `Close`
+/// deleted the durable) is refused with a configuration error that says so, rather than
+/// starting somewhere the user did not choose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_over_from_a_durable_that_is_gone_is_a_configuration_error() {
+    let server = NatsServer::start();
+    let topic = "business.gone";
+    let mut config = nats_config(&server.url());
+    config.topics.insert(
+        topic.into(),
+        eventbus_nats::TopicOptions {
+            take_over_from: Some(go_durable(topic)),
+            ..eventbus_nats::TopicOptions::default()
+        },
+    );
+    let bus = NatsBus::connect(nats_settings("gone"), config)
+        .await
+        .unwrap();
+    let refused = bus
+        .subscribe_envelope(topic, noop(), SubscribeOptions::new())
+        .await
+        .expect_err("nothing to take over from");
+    assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
+    assert!(
+        refused.to_string().contains("take_over_from")
+            && refused.to_string().contains("does not exist"),
+        "{refused}"
+    );
     bus.close().await.unwrap();
 }
 

@@ -23,6 +23,24 @@ pub(crate) struct ConvertArgs {
     /// `eventbus:` key).
     #[arg(long)]
     from: PathBuf,
+    /// NATS: a topic whose Go subscriber this service replaces; written as
+    /// `[nats.topics."T"] take_over_from = "business-consumer-unified_{T, . as _}"` (repeat for
+    /// more topics; docs/migration.md, "A NATS takeover").
+    #[arg(long, value_name = "TOPIC")]
+    take_over: Vec<String>,
+}
+
+/// The durable a YAML-configured Go service reads `topic` with (nats.go,
+/// `subscribeJetStreamWithStorage`: `business-consumer` + `-unified`, `_`, the topic with `.` as
+/// `_`, `*` as `wildcard`, `>` as `all`).
+pub(crate) fn go_durable(topic: &str) -> String {
+    format!(
+        "business-consumer-unified_{}",
+        topic
+            .replace('.', "_")
+            .replace('*', "wildcard")
+            .replace('>', "all")
+    )
 }
 
 /// A YAML mapping with keys folded (lowercase, without `_` and `-`).
@@ -163,8 +181,9 @@ impl Output {
     }
 }
 
-/// Converts the Go SDK's YAML text.
-pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
+/// Converts the Go SDK's YAML text; on NATS, the bus takes over from the Go durables of the
+/// topics in `take_over`.
+pub(crate) fn convert(yaml: &str, take_over: &[String]) -> Result<String, CliError> {
     let document: Value =
         yaml_serde::from_str(yaml).map_err(|error| CliError(format!("not YAML: {error}")))?;
     let mut root = Section::new("", Some(&document));
@@ -266,17 +285,23 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
         Some(other) => out.note(format!(
             "kafka.consumer.autoOffsetReset {other:?}: earliest or latest here"
         )),
-        None if kafka_used => out.note(
-            "kafka.consumer.autoOffsetReset not set: the Go SDK's default is latest, this SDK's earliest",
-        ),
+        None if kafka_used => {
+            out.set("kafka", "auto_offset_reset = \"latest\"".to_owned());
+            out.note(
+                "kafka.consumer.autoOffsetReset not set: the Go SDK's YAML default is latest (its NewFactory and \
+                 GetDefaultConfig paths say earliest); kept as latest, where a new group starts: set earliest to \
+                 read what is already on the topic",
+            );
+        }
         None => {}
     }
+    // The Go SDK's YAML defaults (config.SetDefaults): session 30 s, heartbeat 3 s.
     let mut consumer_properties = Vec::new();
-    if let Some(session) = consumer.take("sessionTimeout").and_then(duration) {
-        consumer_properties.push(("session.timeout.ms", session));
-    }
-    if let Some(heartbeat) = consumer.take("heartbeatInterval").and_then(duration) {
-        consumer_properties.push(("heartbeat.interval.ms", heartbeat));
+    let session = consumer.take("sessionTimeout").and_then(duration);
+    let heartbeat = consumer.take("heartbeatInterval").and_then(duration);
+    if kafka_used {
+        consumer_properties.push(("session.timeout.ms", session.unwrap_or("30s".into())));
+        consumer_properties.push(("heartbeat.interval.ms", heartbeat.unwrap_or("3s".into())));
     }
     for (property, value) in consumer_properties {
         let millis = humantime::parse_duration(&value)
@@ -292,7 +317,7 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
     }
     let mut producer = kafka.section("producer");
     if producer.take("requiredAcks").is_some() {
-        out.note("kafka.producer.requiredAcks: always all (and idempotent) here, as the Go SDK forced too");
+        out.note("kafka.producer.requiredAcks: always all (and idempotent) here, as the Go SDK's YAML start-up forces too (its NewFactory and GetDefaultConfig paths use acks=1, not idempotent)");
     }
     for key in ["flushFrequency", "flushMessages", "timeout"] {
         if producer.take(key).is_some() {
@@ -337,9 +362,16 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
     {
         out.set("nats", format!("publish_timeout = {}", quoted(timeout)));
     }
+    let nats_used = backend == "nats" || !nats.entries.is_empty();
     let mut jetstream = nats.section("jetStream");
-    if let Some(Value::Bool(false)) = jetstream.take("enabled") {
-        out.note("nats.jetStream.enabled false: this SDK always uses JetStream for envelopes; core NATS per topic with [nats.topics.\"T\"] ephemeral = true");
+    match jetstream.take("enabled") {
+        Some(Value::Bool(true)) => {}
+        _ if nats_used => out.note(
+            "nats.jetstream.enabled is not true: the Go SDK then runs on core NATS (no stream, no durable, \
+             at-most-once, and PublishEnvelope reports no results); this SDK always keeps envelopes in \
+             JetStream (core NATS per topic with [nats.topics.\"T\"] ephemeral = true)",
+        ),
+        _ => {}
     }
     if let Some(wait) = jetstream.take("ackWait").and_then(duration) {
         out.set("nats.consumer", format!("ack_wait = {}", quoted(&wait)));
@@ -357,45 +389,79 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
         );
     }
     let mut stream = jetstream.section("stream");
+    let mut jet_consumer = jetstream.section("consumer");
+    if nats_used {
+        // What the Go SDK's YAML start-up really uses (eventbus.convertConfig copies only
+        // jetstream.enabled and domain; convertJetStreamConfig fills in the rest).
+        out.set(
+            "nats",
+            "# streams made here for topics outside BUSINESS_STREAM get the names the Go SDK's \
+             subscribe looks for (BUSINESS_STREAM_{topic, . as _})"
+                .to_owned(),
+        );
+        out.set("nats", "stream_prefix = \"BUSINESS_STREAM_\"".to_owned());
+        out.tables.push(
+            "# The Go services' stream (the Go SDK's YAML start-up makes it whatever the YAML names): bound \
+             as it is when it exists, made with the Go SDK's settings when it does not\n\
+             [[nats.streams]]\nname = \"BUSINESS_STREAM\"\nsubjects = [\"business.>\"]\nstorage = \"file\"\n\
+             limits = { max_msgs = 10000, max_bytes = 104857600, max_age = \"24h\" }"
+                .to_owned(),
+        );
+        out.note(
+            "BUSINESS_STREAM keeps at most 10,000 messages / 100 MiB / 24 h and discards the oldest: dead letters \
+             of business.* topics belong in a topic outside it (SubscribeOptions::with_dead_letter), or they are \
+             discarded with the rest",
+        );
+        out.note(
+            "the Go SDK's plain Publish (and its health check on jxt-core-health-check) adds its topic to \
+             BUSINESS_STREAM's subjects; a topic this SDK made a stream for first stays in that stream",
+        );
+    }
     if let Some(name) = stream.take("name").and_then(text) {
         let subjects = stream.take("subjects").map(strings).unwrap_or_default();
-        let storage = stream
-            .take("storage")
-            .and_then(text)
-            .unwrap_or_else(|| "file".to_owned());
-        out.tables.push(format!(
-            "# The Go service's stream: bound when it exists (subjects only added, limits kept: \
-             update_limits = true sets them), made under the same name when it does not\n\
-             [[nats.streams]]\nname = {}\nsubjects = {}\nstorage = {}",
-            quoted(&name),
-            list(&subjects),
-            quoted(&storage.to_lowercase())
+        out.note(format!(
+            "nats.jetstream.stream {name:?} {}: ignored by the Go SDK's YAML start-up, which uses BUSINESS_STREAM \
+             over business.> whatever the YAML says; bound here as such",
+            list(&subjects)
         ));
-        if subjects.iter().any(|s| s.contains('*') || s.contains('>')) {
+    }
+    for key in [
+        "subjects",
+        "storage",
+        "retention",
+        "replicas",
+        "maxAge",
+        "maxBytes",
+        "maxMsgs",
+        "discard",
+    ] {
+        if stream.take(key).is_some() {
             out.note(format!(
-                "nats.jetStream.stream.subjects {}: wildcard subjects; topics they cover live in {name}; dead letters of such topics need a dead-letter topic outside the wildcard when the stream is in memory (docs/migration.md)",
-                list(&subjects)
+                "nats.jetstream.stream.{key}: ignored by the Go SDK's YAML start-up (BUSINESS_STREAM: file, \
+                 10,000 messages, 100 MiB, 24 h, discard old)"
             ));
         }
-        for key in [
-            "retention",
-            "replicas",
-            "maxAge",
-            "maxBytes",
-            "maxMsgs",
-            "discard",
-        ] {
-            if stream.take(key).is_some() {
-                out.note(format!(
-                    "nats.jetStream.stream.{key}: limits are nats.streams[].limits (max_age, max_bytes, max_msgs); retention, replicas and discard keep JetStream's defaults here"
-                ));
-            }
-        }
     }
-    let mut jet_consumer = jetstream.section("consumer");
     if let Some(durable) = jet_consumer.take("durableName").and_then(text) {
         out.note(format!(
-            "nats.jetStream.consumer.durableName {durable:?}: the Go SDK read each topic with durable \"{durable}-unified_{{topic, . as _}}\"; this SDK names its own {{client_id}}_{{topic}}. To go on where the Go service stopped, subscribe with SubscribeOptions::with_durable(\"{durable}-unified_...\") (docs/migration.md)"
+            "nats.jetstream.consumer.durableName {durable:?}: ignored by the Go SDK's YAML start-up; its durables \
+             are business-consumer-unified_{{topic, . as _}}, and its Close deletes them. Take one over with \
+             [nats.topics.\"T\"] take_over_from (convert --take-over T), or adopt a killed service's with \
+             SubscribeOptions::with_durable (docs/migration.md)"
+        ));
+    }
+    if nats_used {
+        for topic in take_over {
+            out.tables.push(format!(
+                "# Take over from the Go service's durable of {topic}: wait while it reads it, then start right after its ack floor\n\
+                 [nats.topics.{}]\ntake_over_from = {}",
+                quoted(topic),
+                quoted(&go_durable(topic))
+            ));
+        }
+    } else if !take_over.is_empty() {
+        return Err(CliError(
+            "--take-over takes over NATS durables: the configuration is not for NATS".into(),
         ));
     }
     for key in [
@@ -461,6 +527,6 @@ pub(crate) fn convert(yaml: &str) -> Result<String, CliError> {
 pub(crate) fn run(args: &ConvertArgs) -> Result<std::process::ExitCode, CliError> {
     let yaml = std::fs::read_to_string(&args.from)
         .map_err(|error| CliError(format!("cannot read {}: {error}", args.from.display())))?;
-    print!("{}", convert(&yaml)?);
+    print!("{}", convert(&yaml, &args.take_over)?);
     Ok(std::process::ExitCode::SUCCESS)
 }

@@ -53,6 +53,11 @@ pub(crate) struct SubscribeArgs {
     /// Stop after this many messages.
     #[arg(long)]
     count: Option<u64>,
+    /// NATS: take over from this durable of the service this one replaces (a Go service's
+    /// `business-consumer-unified_{topic, . as _}`): wait while it is read, then start right
+    /// after its ack floor (`nats.topics."T".take_over_from`; docs/migration.md).
+    #[arg(long, value_name = "DURABLE")]
+    take_over_from: Option<String>,
     /// The bus configuration file (TOML or YAML); default: memory.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -199,7 +204,11 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Connects the bus `config` describes (memory without one), with at most [`DRAIN_TIMEOUT`].
 async fn connect(config: Option<&std::path::Path>) -> Result<Bus, CliError> {
-    let mut config = Config::load(config)?;
+    connect_with(Config::load(config)?).await
+}
+
+/// Connects a bus with `config`, its drain bounded for a command.
+async fn connect_with(mut config: Config) -> Result<Bus, CliError> {
     config.drain_timeout = config.drain_timeout.min(DRAIN_TIMEOUT);
     Ok(eventbus::connect(config).await?)
 }
@@ -241,7 +250,22 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode, CliError> {
 
 /// `eventbus subscribe`.
 pub(crate) async fn subscribe(args: SubscribeArgs) -> Result<ExitCode, CliError> {
-    let bus = connect(args.config.as_deref()).await?;
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(durable) = args.take_over_from {
+        if config.backend != Backend::Nats {
+            return Err(CliError(
+                "--take-over-from takes over a NATS durable: the configured backend is not NATS"
+                    .into(),
+            ));
+        }
+        config
+            .nats
+            .topics
+            .entry(args.topic.clone())
+            .or_default()
+            .take_over_from = Some(durable);
+    }
+    let bus = connect_with(config).await?;
     let output = Output::stdout();
     let printed = print_subscription(&bus, &args.topic, args.envelope, &output).await?;
     let work = async {

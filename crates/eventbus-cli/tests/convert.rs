@@ -11,18 +11,23 @@ mod common;
 use common::{Scratch, eventbus, text};
 
 fn convert(yaml: &str, name: &str) -> std::process::Output {
+    convert_taking_over(yaml, name, &[])
+}
+
+fn convert_taking_over(yaml: &str, name: &str, topics: &[&str]) -> std::process::Output {
     let scratch = Scratch::new(&format!("convert-{name}"));
     let path = scratch.file("go.yaml");
     std::fs::write(&path, yaml).expect("written");
-    eventbus(
-        &[
-            "config",
-            "convert",
-            "--from",
-            path.to_str().expect("UTF-8 path"),
-        ],
-        "",
-    )
+    let mut args = vec![
+        "config",
+        "convert",
+        "--from",
+        path.to_str().expect("UTF-8 path"),
+    ];
+    for topic in topics {
+        args.extend(["--take-over", topic]);
+    }
+    eventbus(&args, "")
 }
 
 const GO_NATS: &str = r#"
@@ -80,14 +85,37 @@ fn a_go_nats_configuration_becomes_an_eventbus_toml_with_a_note_on_every_differe
         std::time::Duration::from_secs(5)
     );
     assert_eq!(config.nats.consumer.max_deliver, 5);
+    // What the Go SDK's YAML start-up really uses, whatever the YAML names.
     assert_eq!(config.nats.streams.len(), 1);
-    assert_eq!(config.nats.streams[0].name, "BUSINESS_STREAM");
-    assert_eq!(config.nats.streams[0].subjects, ["business.>"]);
+    let stream = &config.nats.streams[0];
+    assert_eq!(stream.name, "BUSINESS_STREAM");
+    assert_eq!(stream.subjects, ["business.>"]);
+    assert_eq!(stream.storage, eventbus::nats::Storage::File);
+    assert_eq!(
+        (
+            stream.limits.max_msgs,
+            stream.limits.max_bytes,
+            stream.limits.max_age
+        ),
+        (
+            Some(10_000),
+            Some(100 << 20),
+            Some(std::time::Duration::from_secs(24 * 3600))
+        )
+    );
+    assert!(
+        !stream.update_limits,
+        "the Go services' stream is bound as it is"
+    );
+    assert_eq!(config.nats.stream_prefix, "BUSINESS_STREAM_");
+    assert!(config.nats.topics.is_empty(), "no takeover asked for");
     for noted in [
         "maxDeliver",
         "business-consumer-unified_",
         "with_durable",
-        "wildcard",
+        "take_over_from",
+        "ignored by the Go SDK's YAML start-up",
+        "discards the oldest",
         "deadLetterTopic",
         "maxConcurrency",
         "healthCheck",
@@ -136,9 +164,43 @@ kafka:
         toml.contains("\"session.timeout.ms\" = \"30000\""),
         "{toml}"
     );
+    assert_eq!(
+        config.kafka.auto_offset_reset,
+        eventbus::kafka::OffsetReset::Latest,
+        "the Go SDK's YAML default"
+    );
+    assert!(
+        toml.contains("\"heartbeat.interval.ms\" = \"3000\""),
+        "{toml}"
+    );
     for noted in ["autoOffsetReset not set", "requiredAcks", "flushFrequency"] {
         assert!(toml.contains(noted), "no note on {noted}:\n{toml}");
     }
+}
+
+/// The configuration the NATS takeover interop tests run (`integration-tests/tests/interop_nats.rs`
+/// reads `tests/fixtures/go-service.toml`) is exactly what `config convert --take-over` writes
+/// for the Go service's YAML.
+#[test]
+fn a_go_services_yaml_converts_to_the_configuration_the_takeover_tests_run() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let yaml = std::fs::read_to_string(fixtures.join("go-service.yaml")).expect("the Go YAML");
+    let output = convert_taking_over(&yaml, "takeover", &["business.handover"]);
+    let toml = text(&output.stdout);
+    assert!(output.status.success(), "{toml}{}", text(&output.stderr));
+    let expected = std::fs::read_to_string(fixtures.join("go-service.toml")).expect("the TOML");
+    assert_eq!(
+        toml, expected,
+        "regenerate tests/fixtures/go-service.toml with `eventbus config convert --from \
+         tests/fixtures/go-service.yaml --take-over business.handover` and look at what changed"
+    );
+    let config = eventbus::Config::from_toml_str(&toml).expect("a valid eventbus.toml");
+    assert_eq!(
+        config.nats.topics["business.handover"]
+            .take_over_from
+            .as_deref(),
+        Some("business-consumer-unified_business_handover")
+    );
 }
 
 #[test]

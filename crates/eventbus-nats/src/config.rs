@@ -224,7 +224,7 @@ fn file_storage() -> Storage {
 }
 
 /// Options of one topic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TopicOptions {
     /// The storage of the stream created for the topic, instead of the default (file for
@@ -241,6 +241,15 @@ pub struct TopicOptions {
     /// [`NatsConfig::replicas`]. For a dead-letter stream, set it on the dead-letter topic
     /// (`"orders.DLQ"`).
     pub replicas: Option<u16>,
+    /// Take over from the durable consumer of the service this one replaces, such as a Go
+    /// service's `business-consumer-unified_{topic, . as _}`: when the bus makes its own durable
+    /// for the topic (it has none yet), it waits while that durable is read, and once it is
+    /// gone (deleted by the Go SDK's `Close`) or abandoned (nobody pulling and nothing
+    /// acknowledged for [`TAKE_OVER_IDLE`](crate::TAKE_OVER_IDLE): a killed service), starts
+    /// its own durable right after that durable's ack floor. `subscribe` returns then. A durable
+    /// of that name that does not exist is a configuration error (`docs/migration.md`, "A NATS
+    /// takeover"). Not with `partitions`, nor with a subscription that names its durable.
+    pub take_over_from: Option<String>,
 }
 
 /// The durable pull consumer made for each subscription.
@@ -598,6 +607,19 @@ impl NatsConfig {
             if let Some(replicas) = options.replicas {
                 replicas_ok("nats.topics.replicas", replicas)?;
             }
+            if let Some(durable) = &options.take_over_from {
+                crate::names::validate_durable_name(durable).map_err(|error| {
+                    Error::config("nats.topics.take_over_from", format!("{topic}: {error}"))
+                })?;
+                if options.partitions.is_some() || options.ephemeral {
+                    return Err(Error::config(
+                        "nats.topics.take_over_from",
+                        format!(
+                            "{topic}: a partitioned or ephemeral topic has no one durable to take over with"
+                        ),
+                    ));
+                }
+            }
             match options.partitions {
                 Some(0) => {
                     return Err(Error::config(
@@ -677,7 +699,7 @@ impl NatsConfig {
     /// (`{topic}.{n}`) has its topic's options.
     pub fn topic(&self, topic: &str) -> TopicOptions {
         let topic = self.partitioned(topic).map_or(topic, |(topic, _)| topic);
-        self.topics.get(topic).copied().unwrap_or_default()
+        self.topics.get(topic).cloned().unwrap_or_default()
     }
 
     /// The partitioned topic that `subject` is or is a partition of, with its partition count.
@@ -814,11 +836,42 @@ mod tests {
     }
 
     #[test]
+    fn a_takeover_without_one_durable_to_start_is_refused_by_field() {
+        let taking_over = |durable: &str, partitions: Option<u16>, ephemeral: bool| NatsConfig {
+            topics: [(
+                "business.orders".to_owned(),
+                TopicOptions {
+                    take_over_from: Some(durable.to_owned()),
+                    partitions,
+                    ephemeral,
+                    ..TopicOptions::default()
+                },
+            )]
+            .into(),
+            ..NatsConfig::default()
+        };
+        for config in [
+            taking_over("business-consumer-unified_business_orders", Some(4), false),
+            taking_over("business-consumer-unified_business_orders", None, true),
+            taking_over("not.a.durable", None, false),
+        ] {
+            let refused = config.validate().expect_err("refused");
+            assert!(
+                refused.to_string().contains("nats.topics.take_over_from"),
+                "{refused}"
+            );
+        }
+        taking_over("business-consumer-unified_business_orders", None, false)
+            .validate()
+            .expect("one durable of one topic");
+    }
+
+    #[test]
     fn partition_settings_that_cannot_work_are_refused_by_field() {
         let with_topics = |topics: &[(&str, TopicOptions)]| NatsConfig {
             topics: topics
                 .iter()
-                .map(|(name, options)| ((*name).to_owned(), *options))
+                .map(|(name, options)| ((*name).to_owned(), options.clone()))
                 .collect(),
             ..NatsConfig::default()
         };

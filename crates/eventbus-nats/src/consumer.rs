@@ -288,6 +288,16 @@ pub(crate) async fn ensure_consumer(
         } else {
             tracing::info!(durable = %durable, start, "durable consumer and its stream made again; reading the new stream from its beginning");
         }
+    } else if let Some(from) = broker
+        .config
+        .topic(topic)
+        .take_over_from
+        .filter(|_| !spec.explicit)
+    {
+        let start_sequence =
+            crate::take_over::start_after(&broker.js, &stream_name, &from, topic).await?;
+        wanted.deliver_policy =
+            jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence };
     } else {
         wanted.deliver_policy = deliver_policy(spec.start);
     }

@@ -89,6 +89,7 @@ mod publish;
 mod receipt;
 mod stats;
 mod streams;
+mod take_over;
 
 pub use bus::NatsBus;
 pub use config::{
@@ -99,3 +100,4 @@ pub use eventbus_pool::BusSettings;
 pub use partition::{partition_of, partition_subject};
 pub use publish::KEY_HEADER;
 pub use stats::NatsStats;
+pub use take_over::TAKE_OVER_IDLE;

@@ -7,7 +7,7 @@
 //
 //	peer publish        -bus kafka|nats -servers S -topic T      envelopes (JSON lines) from stdin
 //	peer publish-plain  -bus kafka|nats -servers S -topic T      raw messages (lines) from stdin
-//	peer subscribe      -bus kafka|nats -servers S -topic T [-group G] [-count N]
+//	peer subscribe      -bus kafka|nats -servers S -topic T [-group G] [-count N] [-work D]
 //	                                                              handled envelopes to stdout
 //	peer health-publish -bus kafka|nats -servers S -topic T      the SDK's health-check publisher
 //	                                                              (on jxt-core-health-check, every second)
@@ -67,6 +67,7 @@ func main() {
 	offsetReset := flags.String("offset-reset", "earliest", "kafka.consumer.autoOffsetReset")
 	service := flags.String("service", "go-peer", "eventBus.serviceName")
 	count := flags.Int("count", 0, "stop after this many envelopes (0: until a signal)")
+	work := flags.Duration("work", 0, "how long the subscriber's handler works on each envelope")
 	if err := flags.Parse(os.Args[2:]); err != nil {
 		fail(err.Error())
 	}
@@ -85,7 +86,7 @@ func main() {
 	case "publish-plain":
 		err = publishPlain(ctx, bus, *topic)
 	case "subscribe":
-		err = subscribe(ctx, bus, *topic, *count)
+		err = subscribe(ctx, bus, *topic, *count, *work)
 	case "health-publish":
 		err = healthPublish(ctx, bus)
 	case "health-read":
@@ -273,11 +274,12 @@ func (o *output) write(line []byte) {
 
 // subscribe handles envelopes with SubscribeEnvelope until -count were handled or a signal
 // came; main then closes the bus, as a Go service does when it stops.
-func subscribe(ctx context.Context, bus eventbus.EventBus, topic string, count int) error {
+func subscribe(ctx context.Context, bus eventbus.EventBus, topic string, count int, work time.Duration) error {
 	out := newOutput(count)
 	err := bus.SubscribeEnvelope(ctx, topic, func(_ context.Context, e *eventbus.Envelope) error {
 		line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, json.RawMessage(e.Payload), time.Now().UnixNano()})
 		out.write(line)
+		time.Sleep(work)
 		return nil
 	})
 	if err != nil {
