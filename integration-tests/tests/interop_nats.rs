@@ -339,6 +339,16 @@ async fn take_over_from_a_go_service(stop: GoStop) {
         GoStop::Killed => tokio::task::block_in_place(|| go.kill()),
     }
     go.read_available(&mut go_handled);
+    // The Go SDK's Close deletes the durable it read with; a killed service leaves it.
+    let left = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&durable)
+        .await
+        .is_ok();
+    assert_eq!(
+        left,
+        stop == GoStop::Killed,
+        "{stop:?}: the Go durable left: {left}"
+    );
     let _subscription = tokio::time::timeout(Duration::from_secs(60), subscribing)
         .await
         .expect("subscribe returns once the Go service stopped")

@@ -266,7 +266,9 @@ impl NatsBus {
     /// Cancel safe: a dropped call frees its durable slot and starts nothing (a durable it
     /// created stays on the server and is reused by the next subscribe). For a partitioned
     /// topic, it joins no group: the membership is written only once the group runs (the
-    /// group's bucket, if made, stays).
+    /// group's bucket, if made, stays). With `nats.topics."T".take_over_from` the call waits
+    /// until the other service stops; dropped while it waits, it made no durable (tested by
+    /// the interop takeover tests).
     async fn subscribe_handler(
         &self,
         topic: &str,
