@@ -290,8 +290,8 @@ impl GoService {
         self.subscribe_working(topic, count, Duration::ZERO)
     }
 
-    /// [`GoService::subscribe`] with a handler that works `work` on each envelope after
-    /// recording it.
+    /// [`GoService::subscribe`] with a handler that works `work` on each envelope (an envelope
+    /// is reported once its handler returned, with the time it began).
     pub fn subscribe_working(
         &self,
         topic: &str,

@@ -224,45 +224,149 @@ fn now_ns() -> i64 {
     i64::try_from(since.as_nanos()).unwrap()
 }
 
-/// The takeover of `docs/migration.md`: a Go service reads `business.handover` with its durable;
-/// a service on this SDK is deployed beside it, configured by `eventbus config convert
-/// --take-over business.handover` (`take_over_from` naming that durable, `BUSINESS_STREAM` bound), and
-/// its `subscribe` waits (a call dropped while it waits makes nothing); a second Go service
-/// publishes throughout; the Go subscriber is stopped (`stop`). The service here then starts its
-/// own durable right after the Go durable's last ack floor: nothing lost, handled again at most
-/// one fetch of the Go SDK ([`GO_FETCH_BATCH`]), and every aggregate's first handlings in
-/// version order on the merged Go-then-Rust timeline.
+/// The Go service's handlings as (began, aggregate, version), merged with this service's, sorted
+/// by time; and a check that no Go handling of an aggregate began after this service's first
+/// handling of it (the two never ran one aggregate at once, nor the Go service after this one).
+fn merged_timeline(
+    go_handled: &[GoHandled],
+    here: &[(String, i64, String, i64)],
+) -> Vec<(String, i64)> {
+    let mut first_here: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (aggregate, _, _, at) in here {
+        let first = first_here.entry(aggregate.as_str()).or_insert(*at);
+        *first = (*first).min(*at);
+    }
+    let late: Vec<(&str, i64)> = go_handled
+        .iter()
+        .filter(|g| {
+            first_here
+                .get(g.aggregate_id.as_str())
+                .is_some_and(|first| g.handled_at_ns > *first)
+        })
+        .map(|g| (g.aggregate_id.as_str(), g.event_version))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the Go service handled these after this service began their aggregates: {late:?}"
+    );
+    let mut timeline: Vec<(i64, String, i64)> = go_handled
+        .iter()
+        .map(|g| (g.handled_at_ns, g.aggregate_id.clone(), g.event_version))
+        .chain(here.iter().map(|(a, v, _, at)| (*at, a.clone(), *v)))
+        .collect();
+    timeline.sort_by_key(|(at, ..)| *at);
+    timeline.into_iter().map(|(_, a, v)| (a, v)).collect()
+}
+
+/// A handler that records (aggregate, version, event ID, when it began) in `handled`.
+fn record_with_time(
+    handled: &Arc<Recorder<(String, i64, String, i64)>>,
+) -> Arc<dyn eventbus_core::EnvelopeHandler> {
+    let h = handled.clone();
+    Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
+        let h = h.clone();
+        async move {
+            h.push((
+                envelope.aggregate_id.clone(),
+                envelope.event_version,
+                envelope.event_id.clone(),
+                now_ns(),
+            ));
+            Ok::<(), HandlerError>(())
+        }
+    })
+}
+
+/// Checks what this service handled of `sent` after the Go service handled `go_handled`:
+/// nothing lost, at most [`GO_FETCH_BATCH`] handled again, and per aggregate no overlap and
+/// first handlings in version order (`aggregates` × `versions`). Returns how many were handled
+/// again.
+async fn assert_taken_over(
+    what: &str,
+    sent: &[Envelope],
+    go_handled: &[GoHandled],
+    handled: &Recorder<(String, i64, String, i64)>,
+    aggregates: usize,
+    versions: i64,
+) -> usize {
+    let everything: BTreeSet<&str> = sent.iter().map(|e| e.event_id.as_str()).collect();
+    let go_ids: BTreeSet<&str> = go_handled.iter().map(|g| g.event_id.as_str()).collect();
+    let events = handled
+        .wait_for(what, |e| {
+            let mut ids = go_ids.clone();
+            ids.extend(e.iter().map(|(_, _, id, _)| id.as_str()));
+            ids == everything
+        })
+        .await;
+    let again = events
+        .iter()
+        .map(|(_, _, id, _)| id.as_str())
+        .filter(|id| go_ids.contains(id))
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert!(
+        again <= GO_FETCH_BATCH,
+        "{what}: handled again {again} of what the Go service handled, more than one fetch of the Go SDK"
+    );
+    let order = merged_timeline(go_handled, &events);
+    assert_first_handlings_in_order(&order, aggregates, versions);
+    again
+}
+
+/// The takeover of `docs/migration.md`: a Go service reads `business.handover` (with handlers
+/// that work 20 ms) and `business.handover-b` with its durables; a service on this SDK is
+/// deployed beside it, configured by `eventbus config convert --take-over business.handover
+/// --take-over business.handover-b` (`take_over_from` naming those durables, `BUSINESS_STREAM`
+/// bound; shorter `nats.take_over` waits), and its `subscribe` waits (a call dropped while it
+/// waits makes nothing); a second Go service publishes throughout; the Go subscribers are
+/// stopped (`stop`). The service here subscribes to one topic, then to the other, and starts
+/// each durable right after the Go durable's last ack floor: nothing lost, handled again at most
+/// one fetch of the Go SDK ([`GO_FETCH_BATCH`]), no Go handling of an aggregate after this
+/// service began it, and every aggregate's first handlings in version order on the merged
+/// Go-then-Rust timeline.
 async fn take_over_from_a_go_service(stop: GoStop) {
     let server = NatsServer::start();
     let url = server.url();
-    let topic = "business.handover";
+    let (topic, other) = ("business.handover", "business.handover-b");
     let durable = go_durable(topic);
     let all = envelopes("over", 20, 60);
     let (before, during) = all.split_at(600);
+    let others = envelopes("other", 10, 10);
     let go_service = GoService::nats(&url);
-    tokio::task::block_in_place(|| go_service.publish(topic, before));
-    // Handlers that work 50 ms: the Go service is stopped in the middle of its work.
-    let mut go = go_service.subscribe_working(topic, None, Duration::from_millis(50));
+    tokio::task::block_in_place(|| {
+        go_service.publish(topic, before);
+        go_service.publish(other, &others);
+    });
+    let mut go = go_service.subscribe_working(topic, None, Duration::from_millis(20));
+    let mut go_other = go_service.subscribe(other, None);
     let mut go_handled: Vec<GoHandled> = Vec::new();
+    let mut go_other_handled: Vec<GoHandled> = Vec::new();
     go.read_until("the Go service handling", &mut go_handled, |h| {
         h.len() >= 100
     })
     .await;
+    go_other
+        .read_until(
+            "the Go service handling the other topic",
+            &mut go_other_handled,
+            |h| h.len() >= 50,
+        )
+        .await;
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
     let stream = js.get_stream("BUSINESS_STREAM").await.unwrap();
-    let mut go_consumer: async_nats::jetstream::consumer::PullConsumer =
-        stream.get_consumer(&durable).await.unwrap();
-    let max_ack_pending =
-        usize::try_from(go_consumer.info().await.unwrap().config.max_ack_pending).unwrap();
 
-    // The service here runs what `eventbus config convert --take-over business.handover` wrote
-    // for the Go service's YAML (the CLI's tests check the fixture is that output).
+    // The service here runs what `eventbus config convert --take-over …` wrote for the Go
+    // service's YAML (the CLI's tests check the fixture is that output), with shorter waits.
     let converted = eventbus::Config::from_toml_str(include_str!(
         "../../crates/eventbus-cli/tests/fixtures/go-service.toml"
     ))
     .unwrap();
     let mut config = converted.nats;
     config.urls = vec![url.clone()];
+    config.take_over = eventbus_nats::TakeOverSettings {
+        idle: Duration::from_secs(5),
+        grace: Duration::from_secs(5),
+    };
     assert_eq!(
         config.topic(topic).take_over_from.as_deref(),
         Some(durable.as_str())
@@ -273,24 +377,11 @@ async fn take_over_from_a_go_service(stop: GoStop) {
             .unwrap(),
     );
     let handled = Recorder::<(String, i64, String, i64)>::new();
-    let h = handled.clone();
-    let handler: Arc<dyn eventbus_core::EnvelopeHandler> =
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((
-                    envelope.aggregate_id.clone(),
-                    envelope.event_version,
-                    envelope.event_id.clone(),
-                    now_ns(),
-                ));
-                Ok::<(), HandlerError>(())
-            }
-        });
+    let handled_other = Recorder::<(String, i64, String, i64)>::new();
     // Cancel safety: a subscribe dropped while it waits for the Go service made nothing.
     let waited = tokio::time::timeout(
         Duration::from_secs(1),
-        bus.subscribe_envelope(topic, handler.clone(), SubscribeOptions::new()),
+        bus.subscribe_envelope(topic, record_with_time(&handled), SubscribeOptions::new()),
     )
     .await;
     assert!(
@@ -305,12 +396,18 @@ async fn take_over_from_a_go_service(stop: GoStop) {
             .is_err(),
         "a dropped subscribe made durable {ours}"
     );
+    // The service subscribes to one topic, then to the other.
     let subscribing = tokio::spawn({
         let bus = bus.clone();
-        let handler = handler.clone();
+        let (first, second) = (record_with_time(&handled), record_with_time(&handled_other));
         async move {
-            bus.subscribe_envelope(topic, handler, SubscribeOptions::new())
-                .await
+            let one = bus
+                .subscribe_envelope(topic, first, SubscribeOptions::new())
+                .await?;
+            let two = bus
+                .subscribe_envelope(other, second, SubscribeOptions::new())
+                .await?;
+            Ok::<_, eventbus_core::Error>((one, two))
         }
     });
     let publisher = {
@@ -334,11 +431,18 @@ async fn take_over_from_a_go_service(stop: GoStop) {
         !subscribing.is_finished() && handled.events().is_empty(),
         "this service read before the Go service stopped"
     );
-    match stop {
-        GoStop::Graceful => tokio::task::block_in_place(|| go.stop()),
-        GoStop::Killed => tokio::task::block_in_place(|| go.kill()),
-    }
+    tokio::task::block_in_place(|| match stop {
+        GoStop::Graceful => {
+            go.stop();
+            go_other.stop();
+        }
+        GoStop::Killed => {
+            go.kill();
+            go_other.kill();
+        }
+    });
     go.read_available(&mut go_handled);
+    go_other.read_available(&mut go_other_handled);
     // The Go SDK's Close deletes the durable it read with; a killed service leaves it.
     let left = stream
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&durable)
@@ -349,47 +453,39 @@ async fn take_over_from_a_go_service(stop: GoStop) {
         stop == GoStop::Killed,
         "{stop:?}: the Go durable left: {left}"
     );
-    let _subscription = tokio::time::timeout(Duration::from_secs(60), subscribing)
+    let _subscriptions = tokio::time::timeout(Duration::from_secs(60), subscribing)
         .await
         .expect("subscribe returns once the Go service stopped")
         .unwrap()
         .unwrap();
     tokio::task::block_in_place(|| publisher.join().unwrap());
-    let everything: BTreeSet<&str> = all.iter().map(|e| e.event_id.as_str()).collect();
-    let go_ids: BTreeSet<&str> = go_handled.iter().map(|g| g.event_id.as_str()).collect();
-    let events = handled
-        .wait_for("everything the Go service did not handle", |e| {
-            let mut ids = go_ids.clone();
-            ids.extend(e.iter().map(|(_, _, id, _)| id.as_str()));
-            ids == everything
-        })
-        .await;
-    let again: BTreeSet<&str> = events
-        .iter()
-        .map(|(_, _, id, _)| id.as_str())
-        .filter(|id| go_ids.contains(id))
-        .collect();
+    let again = assert_taken_over(
+        "everything the Go service did not handle",
+        &all,
+        &go_handled,
+        &handled,
+        20,
+        60,
+    )
+    .await;
+    let again_other = assert_taken_over(
+        "everything of the other topic the Go service did not handle",
+        &others,
+        &go_other_handled,
+        &handled_other,
+        10,
+        10,
+    )
+    .await;
     eprintln!(
-        "{stop:?}: the Go service handled {} of {}, this service {} ({} again; the Go durable's \
-         max_ack_pending is {max_ack_pending})",
-        go_ids.len(),
+        "{stop:?}: the Go service handled {} of {}, this service {} ({again} again); other topic: \
+         {} of {}, {again_other} again",
+        go_handled.len(),
         all.len(),
-        events.len(),
-        again.len()
+        handled.events().len(),
+        go_other_handled.len(),
+        others.len()
     );
-    assert!(
-        again.len() <= GO_FETCH_BATCH,
-        "handled again: {} of what the Go service handled, more than one fetch of the Go SDK",
-        again.len()
-    );
-    let mut timeline: Vec<(i64, String, i64)> = go_handled
-        .iter()
-        .map(|g| (g.handled_at_ns, g.aggregate_id.clone(), g.event_version))
-        .chain(events.iter().map(|(a, v, _, at)| (*at, a.clone(), *v)))
-        .collect();
-    timeline.sort_by_key(|(at, ..)| *at);
-    let order: Vec<(String, i64)> = timeline.into_iter().map(|(_, a, v)| (a, v)).collect();
-    assert_first_handlings_in_order(&order, 20, 60);
     bus.close().await.unwrap();
 }
 
@@ -401,8 +497,8 @@ async fn a_service_here_takes_over_from_a_go_service_stopped_the_ordinary_way_an
 }
 
 /// The same takeover when the Go service is killed: its durable stays, and once nobody pulls
-/// from it and nothing is acknowledged for `TAKE_OVER_IDLE`, this service starts after its ack
-/// floor.
+/// from it and nothing is acknowledged for `nats.take_over.idle`, this service starts after its
+/// ack floor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_here_takes_over_from_a_killed_go_service_once_its_durable_lies_idle() {
     take_over_from_a_go_service(GoStop::Killed).await;
@@ -433,9 +529,17 @@ async fn taking_over_from_a_durable_that_is_gone_is_a_configuration_error() {
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
     assert!(
         refused.to_string().contains("take_over_from")
-            && refused.to_string().contains("does not exist"),
+            && refused.to_string().contains("cannot be read"),
         "{refused}"
     );
+    // The takeover is the bus's own durable's: a subscription naming another is refused, not
+    // silently started elsewhere.
+    let named = bus
+        .subscribe_envelope(topic, noop(), SubscribeOptions::new().with_durable("mine"))
+        .await
+        .expect_err("a named durable cannot take over");
+    assert_eq!(named.kind(), ErrorKind::Config, "{named}");
+    assert!(named.to_string().contains("take_over_from"), "{named}");
     bus.close().await.unwrap();
 }
 

@@ -185,14 +185,19 @@ kafka:
 fn a_go_services_yaml_converts_to_the_configuration_the_takeover_tests_run() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let yaml = std::fs::read_to_string(fixtures.join("go-service.yaml")).expect("the Go YAML");
-    let output = convert_taking_over(&yaml, "takeover", &["business.handover"]);
+    let output = convert_taking_over(
+        &yaml,
+        "takeover",
+        &["business.handover", "business.handover-b"],
+    );
     let toml = text(&output.stdout);
     assert!(output.status.success(), "{toml}{}", text(&output.stderr));
     let expected = std::fs::read_to_string(fixtures.join("go-service.toml")).expect("the TOML");
     assert_eq!(
         toml, expected,
         "regenerate tests/fixtures/go-service.toml with `eventbus config convert --from \
-         tests/fixtures/go-service.yaml --take-over business.handover` and look at what changed"
+         tests/fixtures/go-service.yaml --take-over business.handover --take-over \
+         business.handover-b` and look at what changed"
     );
     let config = eventbus::Config::from_toml_str(&toml).expect("a valid eventbus.toml");
     assert_eq!(

@@ -175,12 +175,14 @@ impl NatsBus {
             .build(client.clone());
         let streams = Streams::new(&config);
         streams.create_configured(&js).await?;
+        let take_overs = crate::take_over::TakeOvers::start(&js, &config);
         let broker = Arc::new(Broker {
             client,
             js,
             config,
             streams,
             counters: Counters::new(&settings.metrics_namespace),
+            take_overs,
         });
         let runtime = Runtime::new(settings, broker.clone())?;
         tracing::info!(client_id = %runtime.settings().client_id, servers = ?broker.config.urls, "NATS bus connected");
@@ -267,8 +269,8 @@ impl NatsBus {
     /// created stays on the server and is reused by the next subscribe). For a partitioned
     /// topic, it joins no group: the membership is written only once the group runs (the
     /// group's bucket, if made, stays). With `nats.topics."T".take_over_from` the call waits
-    /// until the other service stops; dropped while it waits, it made no durable (tested by
-    /// the interop takeover tests).
+    /// until the other service stopped; dropped while it waits, it made no durable, and the
+    /// watch that began at `connect` goes on (tested by the interop takeover tests).
     async fn subscribe_handler(
         &self,
         topic: &str,
@@ -684,6 +686,7 @@ impl EventBus for NatsBus {
         }
         inner.closed.store(true, Ordering::SeqCst);
         inner.connection.closed();
+        inner.broker.take_overs.stop();
         let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
         // The groups stop following their members first: nothing new starts while closing.
         let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();

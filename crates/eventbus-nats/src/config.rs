@@ -242,13 +242,15 @@ pub struct TopicOptions {
     /// (`"orders.DLQ"`).
     pub replicas: Option<u16>,
     /// Take over from the durable consumer of the service this one replaces, such as a Go
-    /// service's `business-consumer-unified_{topic, . as _}`: when the bus makes its own durable
-    /// for the topic (it has none yet), it waits while that durable is read, and once it is
-    /// gone (deleted by the Go SDK's `Close`) or abandoned (nobody pulling and nothing
-    /// acknowledged for [`TAKE_OVER_IDLE`](crate::TAKE_OVER_IDLE): a killed service), starts
-    /// its own durable right after that durable's ack floor. `subscribe` returns then. A durable
-    /// of that name that does not exist is a configuration error (`docs/migration.md`, "A NATS
-    /// takeover"). Not with `partitions`, nor with a subscription that names its durable.
+    /// service's `business-consumer-unified_{topic, . as _}`. From `connect` on, the bus
+    /// watches that durable's ack floor; when it makes its own durable for the topic (it has
+    /// none yet), `subscribe` waits until that durable is gone (deleted by the Go SDK's `Close`,
+    /// and still gone after [`TakeOverSettings::grace`]) or abandoned (nobody pulling and
+    /// nothing acknowledged for [`TakeOverSettings::idle`]: a killed service), and starts its
+    /// own durable right after the last ack floor it saw. A durable of that name that did not
+    /// exist at `connect` is a configuration error at `subscribe` (`docs/migration.md`, "NATS:
+    /// taking over a Go service's durable"). Not with `partitions` or `ephemeral`, nor with a
+    /// subscription that names its durable.
     pub take_over_from: Option<String>,
 }
 
@@ -358,6 +360,36 @@ pub struct NatsConfig {
     pub consumer: ConsumerSettings,
     /// How the instances of a service share a partitioned topic.
     pub scale_out: ScaleOutSettings,
+    /// How a topic's [`TopicOptions::take_over_from`] tells that the other service stopped.
+    pub take_over: TakeOverSettings,
+}
+
+/// How the bus tells that the service it takes a topic over from ([`TopicOptions::take_over_from`])
+/// stopped: its durable deleted and still gone after `grace`, or idle for `idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TakeOverSettings {
+    /// How long the other durable may go without a pull request waiting and without its ack
+    /// floor moving before the bus takes its service for dead (killed: its durable stays). A
+    /// live Go service does not pull while a handler runs: set this above its longest handler.
+    /// Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+    /// How long after the other durable was deleted (the Go SDK's `Close`) the bus waits before
+    /// it starts: the Go SDK deletes its durables first and then still handles what it had
+    /// fetched until its `Close` returns. A durable made again meanwhile (the service restarted)
+    /// is watched again. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for TakeOverSettings {
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// How the instances of a service (one `client_id`) share the partitions of a topic
@@ -414,6 +446,7 @@ impl Default for NatsConfig {
             topics: BTreeMap::new(),
             consumer: ConsumerSettings::default(),
             scale_out: ScaleOutSettings::default(),
+            take_over: TakeOverSettings::default(),
         }
     }
 }
@@ -656,6 +689,8 @@ impl NatsConfig {
                 "must be at least twice nats.consumer.fetch_expires: a pinned instance pulls again only when its request expires",
             ));
         }
+        positive("nats.take_over.idle", self.take_over.idle)?;
+        positive("nats.take_over.grace", self.take_over.grace)?;
         let consumer = &self.consumer;
         positive("nats.consumer.ack_wait", consumer.ack_wait)?;
         positive("nats.consumer.fetch_expires", consumer.fetch_expires)?;
@@ -864,6 +899,18 @@ mod tests {
         taking_over("business-consumer-unified_business_orders", None, false)
             .validate()
             .expect("one durable of one topic");
+        let no_grace = NatsConfig {
+            take_over: TakeOverSettings {
+                grace: Duration::ZERO,
+                ..TakeOverSettings::default()
+            },
+            ..NatsConfig::default()
+        };
+        let refused = no_grace.validate().expect_err("no grace");
+        assert!(
+            refused.to_string().contains("nats.take_over.grace"),
+            "{refused}"
+        );
     }
 
     #[test]

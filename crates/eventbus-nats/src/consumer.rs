@@ -288,14 +288,16 @@ pub(crate) async fn ensure_consumer(
         } else {
             tracing::info!(durable = %durable, start, "durable consumer and its stream made again; reading the new stream from its beginning");
         }
-    } else if let Some(from) = broker
-        .config
-        .topic(topic)
-        .take_over_from
-        .filter(|_| !spec.explicit)
-    {
-        let start_sequence =
-            crate::take_over::start_after(&broker.js, &stream_name, &from, topic).await?;
+    } else if broker.config.topic(topic).take_over_from.is_some() {
+        if spec.explicit {
+            return Err(Error::config(
+                "nats.topics.take_over_from",
+                format!(
+                    "{topic}: takes over with the bus's own durable; a subscription naming its durable ({durable}) cannot"
+                ),
+            ));
+        }
+        let start_sequence = broker.take_overs.start_of(topic).await?;
         wanted.deliver_policy =
             jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence };
     } else {

@@ -94,10 +94,9 @@ mod take_over;
 pub use bus::NatsBus;
 pub use config::{
     Auth, ConsumerSettings, NatsConfig, ScaleOutSettings, Storage, StreamDefinition, StreamLimits,
-    TlsConfig, TopicOptions,
+    TakeOverSettings, TlsConfig, TopicOptions,
 };
 pub use eventbus_pool::BusSettings;
 pub use partition::{partition_of, partition_subject};
 pub use publish::KEY_HEADER;
 pub use stats::NatsStats;
-pub use take_over::TAKE_OVER_IDLE;

@@ -32,6 +32,8 @@ pub(crate) struct Broker {
     pub(crate) config: NatsConfig,
     pub(crate) streams: Streams,
     pub(crate) counters: Counters,
+    /// The watches of the topics that take over from another durable.
+    pub(crate) take_overs: crate::take_over::TakeOvers,
 }
 
 /// NATS headers from ours, plus the key header; a header NATS cannot carry is a typed error.

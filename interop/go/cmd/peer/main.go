@@ -14,9 +14,9 @@
 //	peer health-read    -bus kafka|nats -servers S -topic T [-group G] [-count N]
 //	                                                              health-check messages to stdout
 //
-// A subscriber writes one JSON line per envelope it handled ({"aggregate_id", "event_version",
-// "event_id", "event_type", "payload", "handled_at_ns"}: the wall clock, to merge its handlings
-// with another process's). It stops after -count envelopes, or on SIGTERM or SIGINT, the way a
+// A subscriber writes one JSON line per envelope it handled, once its handler did its work
+// ({"aggregate_id", "event_version", "event_id", "event_type", "payload", "handled_at_ns"}: the
+// wall clock when the handler began, to merge its handlings with another process's). It stops after -count envelopes, or on SIGTERM or SIGINT, the way a
 // Go service stops: bus.Close(). A publisher prints {"published": N} once the SDK reported every
 // envelope published on its publish-result channel, then closes the bus.
 //
@@ -273,13 +273,16 @@ func (o *output) write(line []byte) {
 }
 
 // subscribe handles envelopes with SubscribeEnvelope until -count were handled or a signal
-// came; main then closes the bus, as a Go service does when it stops.
+// came; main then closes the bus, as a Go service does when it stops. The subscription lives as
+// long as the service (a background context): Close is what stops it. A line is written when
+// the handler has done its work (so it was handled, not only begun), with the time it began.
 func subscribe(ctx context.Context, bus eventbus.EventBus, topic string, count int, work time.Duration) error {
 	out := newOutput(count)
-	err := bus.SubscribeEnvelope(ctx, topic, func(_ context.Context, e *eventbus.Envelope) error {
-		line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, json.RawMessage(e.Payload), time.Now().UnixNano()})
-		out.write(line)
+	err := bus.SubscribeEnvelope(context.Background(), topic, func(_ context.Context, e *eventbus.Envelope) error {
+		began := time.Now().UnixNano()
 		time.Sleep(work)
+		line, _ := json.Marshal(handled{e.AggregateID, e.EventVersion, e.EventID, e.EventType, json.RawMessage(e.Payload), began})
+		out.write(line)
 		return nil
 	})
 	if err != nil {
@@ -332,7 +335,7 @@ func healthPublish(ctx context.Context, bus eventbus.EventBus) error {
 func healthRead(ctx context.Context, bus eventbus.EventBus, topic string, count int) error {
 	out := newOutput(count)
 	parser := eventbus.NewHealthCheckMessageParser()
-	err := bus.Subscribe(ctx, topic, func(_ context.Context, data []byte) error {
+	err := bus.Subscribe(context.Background(), topic, func(_ context.Context, data []byte) error {
 		message, err := parser.Parse(data)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "peer: health-check message refused:", err)
