@@ -214,6 +214,9 @@ enum GoStop {
     Graceful,
     /// SIGKILL: its durable stays, read by nobody.
     Killed,
+    /// SIGTERM, started again at once (its durable made again, read from the stream's
+    /// beginning), then SIGTERM again.
+    Restarted,
 }
 
 /// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same).
@@ -363,9 +366,12 @@ async fn take_over_from_a_go_service(stop: GoStop) {
     .unwrap();
     let mut config = converted.nats;
     config.urls = vec![url.clone()];
+    // A restart must come within the grace period: the Go service's Close and start-up take
+    // a few seconds here.
+    let grace = if stop == GoStop::Restarted { 10 } else { 5 };
     config.take_over = eventbus_nats::TakeOverSettings {
         idle: Duration::from_secs(5),
-        grace: Duration::from_secs(5),
+        grace: Duration::from_secs(grace),
     };
     assert_eq!(
         config.topic(topic).take_over_from.as_deref(),
@@ -440,7 +446,27 @@ async fn take_over_from_a_go_service(stop: GoStop) {
             go.kill();
             go_other.kill();
         }
+        GoStop::Restarted => go.stop(),
     });
+    if stop == GoStop::Restarted {
+        go.read_available(&mut go_handled);
+        let mut again = go_service.subscribe_working(topic, None, Duration::from_millis(20));
+        tokio::task::block_in_place(|| go_other.stop());
+        let mut rerun: Vec<GoHandled> = Vec::new();
+        // 700 handlings of 20 ms each: longer than the grace period since the first stop.
+        again
+            .read_until("the restarted Go service handling", &mut rerun, |h| {
+                h.len() >= 700
+            })
+            .await;
+        assert!(
+            !subscribing.is_finished() && handled.events().is_empty(),
+            "this service read while the restarted Go service ran"
+        );
+        tokio::task::block_in_place(|| again.stop());
+        again.read_available(&mut rerun);
+        go_handled.extend(rerun);
+    }
     go.read_available(&mut go_handled);
     go_other.read_available(&mut go_other_handled);
     // The Go SDK's Close deletes the durable it read with; a killed service leaves it.
@@ -502,6 +528,15 @@ async fn a_service_here_takes_over_from_a_go_service_stopped_the_ordinary_way_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_here_takes_over_from_a_killed_go_service_once_its_durable_lies_idle() {
     take_over_from_a_go_service(GoStop::Killed).await;
+}
+
+/// A Go service stopped and started again while this service waits (a restart, not a
+/// retirement): its durable, deleted by the first `Close`, is made again within the grace period
+/// and read from the stream's beginning; this service waits on, and takes over only after the
+/// second stop, after the highest ack floor it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_service_restarted_while_this_one_waits_is_waited_for_again() {
+    take_over_from_a_go_service(GoStop::Restarted).await;
 }
 
 /// Taking over from a durable that is not there (the Go service already stopped, its `Close`

@@ -160,7 +160,10 @@ async fn watch_until_stopped(
             }
         }
     };
+    // The highest ack floor seen (where the bus starts), and the last one (whether it moves: a
+    // durable made again counts up from the stream's beginning).
     let mut floor = 0;
+    let mut last_seen = None;
     let mut idle_since: Option<Instant> = None;
     let mut deleted_since: Option<Instant> = None;
     let mut failures = 0;
@@ -183,7 +186,8 @@ async fn watch_until_stopped(
                     );
                 }
                 let seen = info.ack_floor.stream_sequence;
-                let moved = seen > floor;
+                let moved = last_seen.is_some_and(|last| last != seen);
+                last_seen = Some(seen);
                 floor = floor.max(seen);
                 if moved || info.num_waiting > 0 {
                     idle_since = None;
@@ -204,6 +208,7 @@ async fn watch_until_stopped(
             Err(error) if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                 failures = 0;
                 idle_since = None;
+                last_seen = None;
                 let since = *deleted_since.get_or_insert_with(|| {
                     tracing::info!(
                         durable = %from,
