@@ -551,6 +551,40 @@ pub fn payloads_by_event(envelopes: &[Envelope]) -> HashMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same), to
+/// merge this SDK's handlings with a Go service's.
+pub fn now_ns() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970");
+    i64::try_from(since.as_nanos()).expect("nanoseconds within i64")
+}
+
+/// What a handler of [`record_with_time`] records: aggregate, version, event ID, and when it
+/// began ([`now_ns`]).
+pub type HandledAt = (String, i64, String, i64);
+
+/// A handler that records every envelope it is given in `handled`, with the time it began.
+pub fn record_with_time(
+    handled: &std::sync::Arc<crate::Recorder<HandledAt>>,
+) -> std::sync::Arc<dyn eventbus_core::EnvelopeHandler> {
+    let h = handled.clone();
+    std::sync::Arc::new(
+        move |_ctx: eventbus_core::HandlerContext, envelope: Envelope| {
+            let h = h.clone();
+            async move {
+                h.push((
+                    envelope.aggregate_id.clone(),
+                    envelope.event_version,
+                    envelope.event_id.clone(),
+                    now_ns(),
+                ));
+                Ok::<(), eventbus_core::HandlerError>(())
+            }
+        },
+    )
+}
+
 /// What a subscription of this SDK recorded of an envelope: aggregate, version, event ID and
 /// payload bytes.
 pub type HandledHere = (String, i64, String, Vec<u8>);

@@ -17,8 +17,8 @@ use eventbus_core::{
 use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
-    GoHandled, GoService, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
-    heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
+    GoHandled, GoService, HandledAt, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
+    heartbeat_sources, interop_envelopes as envelopes, record_envelopes, record_with_time,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, eventually, kafka_group_config,
@@ -142,14 +142,6 @@ async fn the_go_service_and_this_sdk_put_each_aggregate_on_the_same_partition() 
     bus.close().await.unwrap();
 }
 
-/// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same).
-fn now_ns() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    i64::try_from(since.as_nanos()).unwrap()
-}
-
 /// A rolling deploy: a Go member consumes the topic; a member of this SDK joins the same
 /// consumer group (with `assignment_strategy = "range"`, the eager assignor sarama uses, so the
 /// group forms) and takes partitions over; the Go member leaves. Nothing is lost, and on the
@@ -184,22 +176,10 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
     let rust = KafkaBus::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
-    let rust_handled = Recorder::<(String, i64, String, i64)>::new();
-    let r = rust_handled.clone();
+    let rust_handled = Recorder::<HandledAt>::new();
     rust.subscribe_envelope(
         topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let r = r.clone();
-            async move {
-                r.push((
-                    envelope.aggregate_id.clone(),
-                    envelope.event_version,
-                    envelope.event_id.clone(),
-                    now_ns(),
-                ));
-                Ok::<(), HandlerError>(())
-            }
-        }),
+        record_with_time(&rust_handled),
         SubscribeOptions::new(),
     )
     .await

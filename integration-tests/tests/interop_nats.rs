@@ -23,8 +23,8 @@ use eventbus_core::{
 };
 use eventbus_nats::{NatsBus, StreamDefinition};
 use integration_tests::go_peer::{
-    GoHandled, GoService, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
-    heartbeat_sources, interop_envelopes as envelopes, record_envelopes,
+    GoHandled, GoService, HandledAt, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
+    heartbeat_sources, interop_envelopes as envelopes, record_envelopes, record_with_time,
 };
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, collect, eventually, nats_config, nats_settings,
@@ -146,21 +146,10 @@ async fn a_service_here_adopts_a_killed_go_services_durable_and_goes_on_where_it
     let bus = NatsBus::connect(nats_settings("interop-takeover"), nats_config(&url))
         .await
         .unwrap();
-    let handled = Recorder::<(String, i64, String)>::new();
-    let h = handled.clone();
+    let handled = Recorder::<HandledAt>::new();
     bus.subscribe_envelope(
         topic,
-        Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-            let h = h.clone();
-            async move {
-                h.push((
-                    envelope.aggregate_id.clone(),
-                    envelope.event_version,
-                    envelope.event_id.clone(),
-                ));
-                Ok::<(), HandlerError>(())
-            }
-        }),
+        record_with_time(&handled),
         SubscribeOptions::new().with_durable(&durable),
     )
     .await
@@ -173,13 +162,13 @@ async fn a_service_here_adopts_a_killed_go_services_durable_and_goes_on_where_it
         .collect();
     let events = handled
         .wait_for("what the Go service did not handle", |e| {
-            let ids: BTreeSet<&str> = e.iter().map(|(.., id)| id.as_str()).collect();
+            let ids: BTreeSet<&str> = e.iter().map(|(_, _, id, _)| id.as_str()).collect();
             rest.is_subset(&ids)
         })
         .await;
     let again: BTreeSet<&str> = events
         .iter()
-        .map(|(.., id)| id.as_str())
+        .map(|(_, _, id, _)| id.as_str())
         .filter(|id| go_ids.contains(id))
         .collect();
     eprintln!(
@@ -197,7 +186,7 @@ async fn a_service_here_adopts_a_killed_go_services_durable_and_goes_on_where_it
     let timeline: Vec<(String, i64)> = go_handled
         .iter()
         .map(|g| (g.aggregate_id.clone(), g.event_version))
-        .chain(events.iter().map(|(a, v, _)| (a.clone(), *v)))
+        .chain(events.iter().map(|(a, v, ..)| (a.clone(), *v)))
         .collect();
     assert_first_handlings_in_order(&timeline, 20, 30);
     bus.close().await.unwrap();
@@ -219,21 +208,10 @@ enum GoStop {
     Restarted,
 }
 
-/// Nanoseconds since the Unix epoch, by the machine's clock (the Go peer reports the same).
-fn now_ns() -> i64 {
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    i64::try_from(since.as_nanos()).unwrap()
-}
-
 /// The Go service's handlings as (began, aggregate, version), merged with this service's, sorted
 /// by time; and a check that no Go handling of an aggregate began after this service's first
 /// handling of it (the two never ran one aggregate at once, nor the Go service after this one).
-fn merged_timeline(
-    go_handled: &[GoHandled],
-    here: &[(String, i64, String, i64)],
-) -> Vec<(String, i64)> {
+fn merged_timeline(go_handled: &[GoHandled], here: &[HandledAt]) -> Vec<(String, i64)> {
     let mut first_here: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
     for (aggregate, _, _, at) in here {
         let first = first_here.entry(aggregate.as_str()).or_insert(*at);
@@ -261,25 +239,6 @@ fn merged_timeline(
     timeline.into_iter().map(|(_, a, v)| (a, v)).collect()
 }
 
-/// A handler that records (aggregate, version, event ID, when it began) in `handled`.
-fn record_with_time(
-    handled: &Arc<Recorder<(String, i64, String, i64)>>,
-) -> Arc<dyn eventbus_core::EnvelopeHandler> {
-    let h = handled.clone();
-    Arc::new(move |_ctx: HandlerContext, envelope: Envelope| {
-        let h = h.clone();
-        async move {
-            h.push((
-                envelope.aggregate_id.clone(),
-                envelope.event_version,
-                envelope.event_id.clone(),
-                now_ns(),
-            ));
-            Ok::<(), HandlerError>(())
-        }
-    })
-}
-
 /// Checks what this service handled of `sent` after the Go service handled `go_handled`:
 /// nothing lost, at most [`GO_FETCH_BATCH`] handled again, and per aggregate no overlap and
 /// first handlings in version order (`aggregates` × `versions`). Returns how many were handled
@@ -288,7 +247,7 @@ async fn assert_taken_over(
     what: &str,
     sent: &[Envelope],
     go_handled: &[GoHandled],
-    handled: &Recorder<(String, i64, String, i64)>,
+    handled: &Recorder<HandledAt>,
     aggregates: usize,
     versions: i64,
 ) -> usize {
@@ -382,8 +341,8 @@ async fn take_over_from_a_go_service(stop: GoStop) {
             .await
             .unwrap(),
     );
-    let handled = Recorder::<(String, i64, String, i64)>::new();
-    let handled_other = Recorder::<(String, i64, String, i64)>::new();
+    let handled = Recorder::<HandledAt>::new();
+    let handled_other = Recorder::<HandledAt>::new();
     // Cancel safety: a subscribe dropped while it waits for the Go service made nothing.
     let waited = tokio::time::timeout(
         Duration::from_secs(1),
