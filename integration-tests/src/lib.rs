@@ -279,7 +279,11 @@ impl Poisoned {
 
     /// Waits (a minute at most) until `bus`'s `dead_letter_topic` holds each poisoned version
     /// unparked and every later version of its aggregate parked.
-    pub async fn wait_dead_lettered<B: EventBus + ?Sized>(&self, bus: &B, dead_letter_topic: &str) {
+    pub async fn wait_dead_lettered<B: DeadLetterStore + ?Sized>(
+        &self,
+        bus: &B,
+        dead_letter_topic: &str,
+    ) {
         eventually(
             "every poisoned event and those parked behind it dead-lettered",
             || async {
@@ -355,8 +359,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
-    Envelope, Error, EventBus, HandlerContext, HandlerError, Message, OutboundMessage,
-    PendingPublish, Position, PublishResult, ResultsError, StoredDeadLetter, SubscribeOptions,
+    DeadLetterStore, Envelope, Error, EventBus, HandlerContext, HandlerError, Message,
+    OutboundMessage, PendingPublish, Position, PublishResult, ResultsError, StoredDeadLetter,
+    SubscribeOptions,
 };
 use tokio::sync::Notify;
 
@@ -396,22 +401,22 @@ impl Settings {
     pub fn bus_settings(&self, backend: &str) -> eventbus_pool::BusSettings {
         eventbus_pool::BusSettings {
             pool: self.pool_config(),
+            settlement: eventbus_core::Backoff::new(self.backoff, self.backoff * 8),
             drain_timeout: self.drain_timeout,
             ..eventbus_pool::BusSettings::new(backend, "conformance")
         }
     }
 
-    /// The engine configuration these settings describe (backoff doubling up to 8× the first).
+    /// The engine configuration these settings describe (backoff doubling up to 8× the first;
+    /// settling backs off alike).
     pub fn pool_config(&self) -> eventbus_pool::PoolConfig {
         eventbus_pool::PoolConfig {
             pool_size: self.pool_size,
             inbox_size: self.inbox_size,
             max_restarts: self.max_restarts,
-            retry: eventbus_pool::RetryPolicy {
-                max_attempts: self.max_attempts,
-                initial_backoff: self.backoff,
-                max_backoff: self.backoff * 8,
-            },
+            retry: eventbus_core::RetryPolicy::new()
+                .with_max_attempts(self.max_attempts)
+                .with_backoff(self.backoff, self.backoff * 8),
         }
     }
 }
@@ -441,6 +446,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $factory;
             per_aggregate_order_with_many_aggregates,
             retry_then_success_keeps_order,
+            a_subscriptions_retry_policy_decides_its_attempts_delays_and_giving_up,
             exhausted_retries_go_to_the_dead_letter_topic,
             undecodable_envelopes_are_dead_lettered_without_retries,
             panics_are_caught_for_both_classes,
@@ -844,6 +850,109 @@ pub async fn retry_then_success_keeps_order(factory: &dyn BusFactory) {
     assert_eq!(
         attempts[&3], 1,
         "version 3 must not have started before version 2 succeeded"
+    );
+    bus.close().await.unwrap();
+}
+
+/// A subscription's own retry policy replaces the bus's (2 attempts here): `agg-busy` v1
+/// succeeds at its 5th attempt; the policy's decision gives `agg-conflict` v1 up at its first
+/// (dead-lettered, `X-Failed-Attempts: 1`); `agg-later` v1 asks for 400 ms before its next
+/// attempt and gets them (the policy's own backoff is 1 to 5 ms). Each aggregate's v2 runs after
+/// its v1 is done.
+pub async fn a_subscriptions_retry_policy_decides_its_attempts_delays_and_giving_up(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory
+        .bus(Settings {
+            max_attempts: 2,
+            ..Settings::default()
+        })
+        .await;
+    let topic = factory.topic("policy");
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
+    let done = Recorder::<(String, i64, u32)>::new();
+    let later_attempts = Arc::new(Mutex::new(Vec::<std::time::Instant>::new()));
+    let (d, l) = (done.clone(), later_attempts.clone());
+    let policy = eventbus_core::RetryPolicy::new()
+        .with_max_attempts(5)
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
+        .with_decision(|error, _attempt| {
+            if error.to_string() == "conflict" {
+                eventbus_core::RetryDecision::GiveUp
+            } else {
+                eventbus_core::RetryDecision::Retry
+            }
+        });
+    bus.subscribe_envelope(
+        &topic,
+        Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+            let (d, l) = (d.clone(), l.clone());
+            async move {
+                let (aggregate, version) = (envelope.aggregate_id.clone(), envelope.event_version);
+                if version == 1 {
+                    match aggregate.as_str() {
+                        "agg-busy" if ctx.attempt() < 5 => {
+                            return Err(HandlerError::transient("busy"));
+                        }
+                        "agg-conflict" => return Err(HandlerError::transient("conflict")),
+                        "agg-later" => {
+                            l.lock().unwrap().push(std::time::Instant::now());
+                            if ctx.attempt() == 1 {
+                                return Err(HandlerError::transient("rate limited")
+                                    .with_retry_after(Duration::from_millis(400)));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                d.push((aggregate, version, ctx.attempt()));
+                Ok(())
+            }
+        }),
+        SubscribeOptions::new().with_retry(policy),
+    )
+    .await
+    .unwrap();
+    for aggregate in ["agg-busy", "agg-conflict", "agg-later"] {
+        for version in 1..=2 {
+            bus.publish_envelope(&topic, &envelope(aggregate, version))
+                .await
+                .unwrap();
+        }
+    }
+    let handled = done.wait_for("five handlings", |e| e.len() == 5).await;
+    let of = |aggregate: &str| -> Vec<(i64, u32)> {
+        handled
+            .iter()
+            .filter(|(a, ..)| a == aggregate)
+            .map(|(_, version, attempt)| (*version, *attempt))
+            .collect()
+    };
+    assert_eq!(
+        of("agg-busy"),
+        [(1, 5), (2, 1)],
+        "five attempts, not the bus's two"
+    );
+    assert_eq!(
+        of("agg-conflict"),
+        [(2, 1)],
+        "v1 given up, v2 handled after it"
+    );
+    assert_eq!(of("agg-later"), [(1, 2), (2, 1)]);
+    let letters = dead.wait_for("one dead letter", |e| !e.is_empty()).await;
+    assert_eq!(letters.len(), 1, "only the conflict is dead-lettered");
+    let letter = Envelope::from_bytes(&letters[0].payload).unwrap();
+    assert_eq!(
+        (letter.aggregate_id.as_str(), letter.event_version),
+        ("agg-conflict", 1)
+    );
+    assert_eq!(letters[0].headers.get_str("X-Failed-Attempts"), Some("1"));
+    let attempts = later_attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 2);
+    let waited = attempts[1].duration_since(attempts[0]);
+    assert!(
+        waited >= Duration::from_millis(400),
+        "the handler's retry-after is waited: {waited:?}"
     );
     bus.close().await.unwrap();
 }

@@ -14,7 +14,7 @@ use eventbus_core::{
     Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Position, StartPosition,
     SubscribeOptions,
 };
-use eventbus_kafka::{AssignmentStrategy, KafkaBus, Partitioner};
+use eventbus_kafka::{AssignmentStrategy, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::go_peer::{
     GoHandled, GoService, HandledAt, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
@@ -31,7 +31,7 @@ use test_brokers::kafka_bootstrap;
 async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_identical_payloads() {
     let (topic, group) = ("interop.go-to-rust", "interop-go-to-rust");
     let sent = envelopes("g2r", 40, 25);
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", group),
         kafka_group_config(&kafka_bootstrap(), group, topic, 8),
     )
@@ -51,7 +51,7 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
 async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_fields() {
     let (topic, group) = ("interop.rust-to-go", "interop-rust-to-go");
     let sent = envelopes("r2g", 40, 25);
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "interop-rust-publisher"),
         kafka_group_config(&kafka_bootstrap(), group, topic, 8),
     )
@@ -82,7 +82,7 @@ async fn the_go_service_and_this_sdk_put_each_aggregate_on_the_same_partition() 
     let (topic, group) = ("interop.co-publish", "interop-co-publish");
     let mut config = kafka_group_config(&kafka_bootstrap(), group, topic, 8);
     config.partitioner = Partitioner::Sarama;
-    let bus = KafkaBus::connect(BusSettings::new("kafka", group), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
     let go_sent = envelopes("co", 200, 1);
@@ -153,7 +153,7 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
     let thirds: Vec<&[Envelope]> = all.chunks(all.len() / 3).collect();
     let mut config = kafka_group_config(&kafka_bootstrap(), group, topic, 8);
     config.assignment_strategy = AssignmentStrategy::Range;
-    let publisher = KafkaBus::connect(
+    let publisher = eventbus_kafka::connect(
         BusSettings::new("kafka", "interop-rolling-publisher"),
         kafka_group_config(&kafka_bootstrap(), "interop-rolling-publisher", topic, 8),
     )
@@ -173,7 +173,7 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
     })
     .await;
 
-    let rust = KafkaBus::connect(BusSettings::new("kafka", group), config)
+    let rust = eventbus_kafka::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
     let rust_handled = Recorder::<HandledAt>::new();
@@ -185,9 +185,9 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
     .await
     .unwrap();
     assert!(
-        rust.assigned_partitions() > 0 && rust.assigned_partitions() < 8,
+        rust.transport().assigned_partitions() > 0 && rust.transport().assigned_partitions() < 8,
         "the group did not share the partitions: {} here",
-        rust.assigned_partitions()
+        rust.transport().assigned_partitions()
     );
     for envelope in thirds[1] {
         publisher.publish_envelope(topic, envelope).await.unwrap();
@@ -239,7 +239,7 @@ async fn a_rolling_migration_in_one_consumer_group_loses_nothing_and_keeps_order
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subscribe() {
     let (topic, group) = ("interop.assignors", "interop-assignors");
-    let publisher = KafkaBus::connect(
+    let publisher = eventbus_kafka::connect(
         BusSettings::new("kafka", "interop-assignors-publisher"),
         kafka_group_config(&kafka_bootstrap(), "interop-assignors-publisher", topic, 4),
     )
@@ -263,7 +263,7 @@ async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subsc
         config.assignment_strategy,
         AssignmentStrategy::CooperativeSticky
     );
-    let rust = KafkaBus::connect(BusSettings::new("kafka", group), config)
+    let rust = eventbus_kafka::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
     let refused = rust
@@ -300,7 +300,7 @@ async fn a_member_whose_assignor_the_go_members_do_not_share_is_refused_at_subsc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_cannot_name_another_group_or_a_start_position_on_kafka() {
     let (topic, group) = ("interop.options", "interop-options");
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", group),
         kafka_group_config(&kafka_bootstrap(), group, topic, 1),
     )
@@ -352,7 +352,7 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     let bootstrap = kafka_bootstrap();
     let group = "rust-billing";
     let bus: Arc<dyn EventBus> = Arc::new(
-        KafkaBus::connect(
+        eventbus_kafka::connect(
             BusSettings::new("kafka", group),
             kafka_group_config(&bootstrap, group, HEARTBEAT_TOPIC, 1),
         )

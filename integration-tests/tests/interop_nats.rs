@@ -21,7 +21,7 @@ use eventbus_core::{
     DeadLetter, Envelope, ErrorKind, EventBus, HEARTBEAT_TOPIC, HandlerContext, HandlerError,
     StartPosition, SubscribeOptions,
 };
-use eventbus_nats::{NatsBus, StreamDefinition};
+use eventbus_nats::StreamDefinition;
 use integration_tests::go_peer::{
     GoHandled, GoService, HandledAt, assert_handled_by_go_as_sent, assert_handled_here_as_sent,
     heartbeat_sources, interop_envelopes as envelopes, record_envelopes, record_with_time,
@@ -57,7 +57,7 @@ async fn envelopes_the_go_service_publishes_are_handled_here_in_order_with_ident
     let url = server.url();
     tokio::task::block_in_place(|| GoService::nats(&url).publish(topic, &sent));
 
-    let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
+    let bus = eventbus_nats::connect(nats_settings("interop-rust"), nats_config(&url))
         .await
         .unwrap();
     let handled = record_envelopes(&bus, topic).await;
@@ -78,7 +78,7 @@ async fn envelopes_published_here_are_handled_by_the_go_service_with_equal_field
     let url = server.url();
     let mut config = nats_config(&url);
     config.streams = vec![go_named_stream(topic)];
-    let bus = NatsBus::connect(nats_settings("interop-rust"), config)
+    let bus = eventbus_nats::connect(nats_settings("interop-rust"), config)
         .await
         .unwrap();
     for envelope in &sent {
@@ -104,7 +104,7 @@ async fn with_this_sdks_default_stream_name_a_go_service_cannot_subscribe_later(
     let server = NatsServer::start();
     let topic = "interop.default-name";
     let url = server.url();
-    let bus = NatsBus::connect(nats_settings("interop-rust"), nats_config(&url))
+    let bus = eventbus_nats::connect(nats_settings("interop-rust"), nats_config(&url))
         .await
         .unwrap();
     bus.publish_envelope(topic, &envelopes("dn", 1, 1)[0])
@@ -143,7 +143,7 @@ async fn a_service_here_adopts_a_killed_go_services_durable_and_goes_on_where_it
     go.read_available(&mut go_handled);
     let unacknowledged = pending_acks(&server, "BUSINESS_STREAM", &durable).await;
 
-    let bus = NatsBus::connect(nats_settings("interop-takeover"), nats_config(&url))
+    let bus = eventbus_nats::connect(nats_settings("interop-takeover"), nats_config(&url))
         .await
         .unwrap();
     let handled = Recorder::<HandledAt>::new();
@@ -337,7 +337,7 @@ async fn take_over_from_a_go_service(stop: GoStop) {
         Some(durable.as_str())
     );
     let bus = Arc::new(
-        NatsBus::connect(nats_settings(&converted.client_id), config)
+        eventbus_nats::connect(nats_settings(&converted.client_id), config)
             .await
             .unwrap(),
     );
@@ -353,7 +353,7 @@ async fn take_over_from_a_go_service(stop: GoStop) {
         waited.is_err(),
         "subscribe returned while the Go service still reads its durable"
     );
-    let ours = bus.durable_name(topic, 1);
+    let ours = bus.transport().durable_name(topic, 1);
     assert!(
         stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&ours)
@@ -513,7 +513,7 @@ async fn taking_over_from_a_durable_that_is_gone_is_a_configuration_error() {
             ..eventbus_nats::TopicOptions::default()
         },
     );
-    let bus = NatsBus::connect(nats_settings("gone"), config)
+    let bus = eventbus_nats::connect(nats_settings("gone"), config)
         .await
         .unwrap();
     let refused = bus
@@ -573,7 +573,7 @@ async fn a_durable_that_filters_another_subject_is_refused() {
         })
         .await
         .unwrap();
-    let bus = NatsBus::connect(nats_settings("adopt"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("adopt"), nats_config(&server.url()))
         .await
         .unwrap();
     let refused = bus
@@ -598,7 +598,7 @@ async fn a_durable_that_filters_another_subject_is_refused() {
 async fn a_new_durable_starts_where_the_subscription_says() {
     let server = NatsServer::start();
     let topic = "interop.start";
-    let bus = NatsBus::connect(nats_settings("start"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("start"), nats_config(&server.url()))
         .await
         .unwrap();
     let before = envelopes("before", 1, 5);
@@ -692,7 +692,7 @@ async fn this_sdk_binds_to_a_go_services_wildcard_stream_and_keeps_dead_letters_
         async_nats::jetstream::stream::StorageType::File
     );
 
-    let bus = NatsBus::connect(nats_settings("wild"), nats_config(&url))
+    let bus = eventbus_nats::connect(nats_settings("wild"), nats_config(&url))
         .await
         .unwrap();
     let handled = Recorder::<(String, i64)>::new();
@@ -777,7 +777,7 @@ async fn with_the_go_services_stream_configured_here_a_go_service_can_start_late
     // Default naming: the Go service does not start.
     let server = NatsServer::start();
     let url = server.url();
-    let bus = NatsBus::connect(nats_settings("first"), nats_config(&url))
+    let bus = eventbus_nats::connect(nats_settings("first"), nats_config(&url))
         .await
         .unwrap();
     bus.publish_envelope("business.orders", &sent[0])
@@ -796,7 +796,7 @@ async fn with_the_go_services_stream_configured_here_a_go_service_can_start_late
         "BUSINESS_STREAM",
         vec!["business.>".into()],
     )];
-    let bus = NatsBus::connect(nats_settings("first"), config)
+    let bus = eventbus_nats::connect(nats_settings("first"), config)
         .await
         .unwrap();
     let handled = Recorder::<(String, i64)>::new();
@@ -838,7 +838,7 @@ async fn go_and_rust_services_see_each_others_health_check_heartbeats() {
     let mut config = nats_config(&url);
     config.stream_prefix = "BUSINESS_STREAM_".into();
     let bus: Arc<dyn EventBus> = Arc::new(
-        NatsBus::connect(nats_settings("rust-billing"), config)
+        eventbus_nats::connect(nats_settings("rust-billing"), config)
             .await
             .unwrap(),
     );
@@ -890,7 +890,7 @@ fn noop() -> Arc<dyn eventbus_core::EnvelopeHandler> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_live_subscriptions_of_a_bus_never_read_one_durable() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("svc"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("svc"), nats_config(&server.url()))
         .await
         .unwrap();
     let (first, second) = tokio::join!(
@@ -919,7 +919,10 @@ async fn two_live_subscriptions_of_a_bus_never_read_one_durable() {
         "{first:?} {second:?}"
     );
     // The bus names the first subscription of `durables.b` `svc_durables_b`.
-    assert_eq!(bus.durable_name("durables.b", 1), "svc_durables_b");
+    assert_eq!(
+        bus.transport().durable_name("durables.b", 1),
+        "svc_durables_b"
+    );
     bus.subscribe_envelope(
         "durables.b",
         noop(),
@@ -942,7 +945,7 @@ async fn two_live_subscriptions_of_a_bus_never_read_one_durable() {
 async fn a_named_durable_leaves_the_buss_own_durable_where_it_was() {
     let server = NatsServer::start();
     let topic = "durables.kept";
-    let first = NatsBus::connect(nats_settings("keeper"), nats_config(&server.url()))
+    let first = eventbus_nats::connect(nats_settings("keeper"), nats_config(&server.url()))
         .await
         .unwrap();
     let handled = record_envelopes(&first, topic).await;
@@ -955,7 +958,7 @@ async fn a_named_durable_leaves_the_buss_own_durable_where_it_was() {
         .await;
     first.close().await.unwrap();
 
-    let next = NatsBus::connect(nats_settings("keeper"), nats_config(&server.url()))
+    let next = eventbus_nats::connect(nats_settings("keeper"), nats_config(&server.url()))
         .await
         .unwrap();
     next.subscribe_envelope(topic, noop(), SubscribeOptions::new().with_durable("other"))
@@ -1000,7 +1003,7 @@ async fn a_go_publisher_on_a_partitioned_topic_is_read_in_order_one_instance_at_
     let handled = Recorder::<(usize, String, i64)>::new();
     let mut instances = Vec::new();
     for instance in 0..2 {
-        let bus = NatsBus::connect(nats_settings("partitioned"), config.clone())
+        let bus = eventbus_nats::connect(nats_settings("partitioned"), config.clone())
             .await
             .unwrap();
         let h = handled.clone();
@@ -1023,7 +1026,7 @@ async fn a_go_publisher_on_a_partitioned_topic_is_read_in_order_one_instance_at_
         .unwrap();
         instances.push(bus);
     }
-    let publisher = NatsBus::connect(nats_settings("partitioned-publisher"), config)
+    let publisher = eventbus_nats::connect(nats_settings("partitioned-publisher"), config)
         .await
         .unwrap();
     let ours = envelopes("rust", 30, 10);

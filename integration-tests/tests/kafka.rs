@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use eventbus_core::EventBus;
-use eventbus_kafka::KafkaBus;
 use integration_tests::{BusFactory, Settings, kafka_config};
 use test_brokers::kafka_bootstrap;
 
@@ -34,7 +33,7 @@ impl BusFactory for Kafka {
             group_id: Some(format!("conformance-{}", self.run)),
             ..kafka_config(&kafka_bootstrap())
         };
-        match KafkaBus::connect(settings.bus_settings("kafka"), config).await {
+        match eventbus_kafka::connect(settings.bus_settings("kafka"), config).await {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("Kafka bus: {error}"),
         }

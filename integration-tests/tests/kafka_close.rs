@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-use eventbus_kafka::{KafkaBus, TopicOptions};
+use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_kafka::TopicOptions;
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, eventually, kafka_config};
 use test_brokers::KafkaBroker;
@@ -54,7 +54,7 @@ fn close_with_the_broker_gone(group: &str, gone: impl FnOnce(&mut KafkaBroker)) 
                 ..TopicOptions::default()
             },
         );
-        let bus = KafkaBus::connect(
+        let bus = eventbus_kafka::connect(
             BusSettings {
                 drain_timeout: drain,
                 ..BusSettings::new("kafka", group)
@@ -79,7 +79,7 @@ fn close_with_the_broker_gone(group: &str, gone: impl FnOnce(&mut KafkaBroker)) 
         .await
         .unwrap();
         eventually("8 partitions assigned", || async {
-            bus.assigned_partitions() == 8
+            bus.transport().assigned_partitions() == 8
         })
         .await;
         for version in 1..=16 {

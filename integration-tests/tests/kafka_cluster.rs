@@ -16,8 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-use eventbus_kafka::KafkaBus;
+use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_pool::BusSettings;
 use futures::StreamExt;
 use integration_tests::{
@@ -136,9 +135,10 @@ async fn failover(fault: Fault) {
     let mut config = kafka_group_config(&bootstrap, "cluster", topic, 4);
     config.topic_defaults.replication_factor = Some(3);
     config.topic_defaults.min_insync_replicas = Some(2);
-    let subscriber = KafkaBus::connect(BusSettings::new("kafka", "cluster-a"), config.clone())
-        .await
-        .unwrap();
+    let subscriber =
+        eventbus_kafka::connect(BusSettings::new("kafka", "cluster-a"), config.clone())
+            .await
+            .unwrap();
     let (aggregates, versions) = (200usize, 25i64);
     let poisoned = Poisoned::new(versions);
     let handled: Arc<Mutex<Handled>> = Arc::default();
@@ -168,7 +168,7 @@ async fn failover(fault: Fault) {
         .await
         .unwrap();
     let publisher = Arc::new(
-        KafkaBus::connect(BusSettings::new("kafka", "cluster-publisher"), config)
+        eventbus_kafka::connect(BusSettings::new("kafka", "cluster-publisher"), config)
             .await
             .unwrap(),
     );

@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_core::{
-    Envelope, EventBus, HandlerContext, HandlerError, Message, OutboundMessage, Position,
-    SubscribeOptions,
+    Envelope, HandlerContext, HandlerError, Message, OutboundMessage, Position, SubscribeOptions,
 };
-use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig, Partitioner};
+use eventbus_kafka::{GroupProtocol, KafkaConfig, Partitioner};
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, collect, eventually, kafka_committed, kafka_group_config};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -40,7 +39,7 @@ fn config_with(topic: &str, partitions: i32, group: &str) -> KafkaConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_never_passes_an_unfinished_record() {
     let (topic, group) = ("commits.watermark", "watermark");
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "watermark"),
         config_with(topic, 1, group),
     )
@@ -123,7 +122,7 @@ async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
     let (topic, group) = ("commits.backpressure", "backpressure");
     let mut config = config_with(topic, 1, group);
     config.max_in_flight_per_partition = 10;
-    let bus = KafkaBus::connect(BusSettings::new("kafka", "backpressure"), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", "backpressure"), config)
         .await
         .unwrap();
     for version in 1..=300 {
@@ -159,7 +158,7 @@ async fn a_partition_paused_for_backpressure_resumes_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_larger_than_one_poll_round_is_handled_whole_and_committed() {
     let (topic, group) = ("commits.backlog", "backlog");
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "backlog"),
         config_with(topic, 1, group),
     )
@@ -227,7 +226,7 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
         drain_timeout: Duration::from_secs(10),
         ..BusSettings::new("kafka", "unsubscribe")
     };
-    let bus = KafkaBus::connect(settings, config_with(topic, 1, group))
+    let bus = eventbus_kafka::connect(settings, config_with(topic, 1, group))
         .await
         .unwrap();
     for version in 1..=3 {
@@ -268,7 +267,7 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
     // first and then drains. Polled with a deadline.
     tokio::task::yield_now().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while bus.assigned_partitions() != 0 {
+    while bus.transport().assigned_partitions() != 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the revoke never started"
@@ -312,7 +311,7 @@ async fn unsubscribe_returns_only_after_the_running_record_finished_and_was_comm
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_envelope_is_dead_lettered_and_the_partition_moves_on() {
     let (topic, group) = ("commits.poison", "poison");
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "poison"),
         config_with(topic, 1, group),
     )
@@ -401,7 +400,7 @@ async fn the_sarama_partitioner_puts_each_key_where_the_go_services_do() {
     let partitions = 8;
     let mut config = config_with(topic, partitions, "sarama");
     config.partitioner = Partitioner::Sarama;
-    let bus = KafkaBus::connect(BusSettings::new("kafka", "sarama"), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", "sarama"), config)
         .await
         .unwrap();
     let seen = collect(&bus, topic).await;
@@ -506,10 +505,10 @@ async fn handled_records_are_committed_across_a_rebalance(protocol: GroupProtoco
             }
         })
     };
-    let first = KafkaBus::connect(BusSettings::new("kafka", "rebalance-a"), config.clone())
+    let first = eventbus_kafka::connect(BusSettings::new("kafka", "rebalance-a"), config.clone())
         .await
         .unwrap();
-    let second = KafkaBus::connect(BusSettings::new("kafka", "rebalance-b"), config)
+    let second = eventbus_kafka::connect(BusSettings::new("kafka", "rebalance-b"), config)
         .await
         .unwrap();
     first

@@ -1,11 +1,10 @@
-//! `KafkaBus::connect` asks the brokers before it starts anything: its cancel-safety note.
+//! `eventbus_kafka::connect` asks the brokers before it starts anything: its cancel-safety note.
 
 // Test code: a failed unwrap or expect is a failed check.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::time::Duration;
 
-use eventbus_kafka::KafkaBus;
 use eventbus_pool::BusSettings;
 use integration_tests::{eventually, kafka_config};
 
@@ -30,7 +29,8 @@ async fn a_connect_dropped_while_it_waits_for_the_brokers_leaves_no_client_runni
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = silent.local_addr().unwrap().to_string();
     assert_eq!(librdkafka_clients(), 0);
-    let connect = KafkaBus::connect(BusSettings::new("kafka", "dropped"), kafka_config(&address));
+    let connect =
+        eventbus_kafka::connect(BusSettings::new("kafka", "dropped"), kafka_config(&address));
     assert!(
         tokio::time::timeout(Duration::from_millis(800), connect)
             .await

@@ -10,8 +10,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-use eventbus_kafka::{KafkaBus, TopicOptions};
+use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_kafka::TopicOptions;
 use eventbus_pool::BusSettings;
 use integration_tests::{
     Recorder, collect, eventually, kafka_committed, kafka_config, kafka_group_config,
@@ -78,7 +78,7 @@ async fn retention_ms(topic: &str) -> String {
 }
 
 async fn dead_letter_one(config: eventbus_kafka::KafkaConfig, client: &str, topic: &str) {
-    let bus = KafkaBus::connect(BusSettings::new("kafka", client), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", client), config)
         .await
         .unwrap();
     let dead = collect(&bus, &format!("{topic}.DLQ")).await;
@@ -143,7 +143,7 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
     let (topic, group) = ("dlq.refused", "dlq-refused");
     let dead_letters = refusing_dead_letter_topic(topic).await;
     let config = kafka_group_config(&kafka_bootstrap(), group, topic, 1);
-    let bus = KafkaBus::connect(BusSettings::new("kafka", group), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", group), config)
         .await
         .unwrap();
     let handled = Recorder::<i64>::new();
@@ -156,7 +156,7 @@ async fn a_refused_dead_letter_write_holds_the_aggregate_and_the_commit_until_it
     }
     eventually(
         "the dead-letter write of v1 to be refused three times",
-        || async { bus.stats().dead_letter_failures >= 3 },
+        || async { bus.consume_stats().dead_letter_failures >= 3 },
     )
     .await;
     assert_eq!(
@@ -207,7 +207,7 @@ async fn dead_letter_write_cut_off_at_the_deadline(group: &str, close_the_bus: b
     let config = kafka_group_config(&kafka_bootstrap(), group, &topic, 1);
     let mut settings = BusSettings::new("kafka", group);
     settings.drain_timeout = Duration::from_secs(1);
-    let first_bus = KafkaBus::connect(settings.clone(), config.clone())
+    let first_bus = eventbus_kafka::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let first = Recorder::<i64>::new();
@@ -220,14 +220,14 @@ async fn dead_letter_write_cut_off_at_the_deadline(group: &str, close_the_bus: b
         first_bus.publish_envelope(&topic, &envelope).await.unwrap();
     }
     eventually("the dead-letter write of v1 to fail", || async {
-        first_bus.stats().dead_letter_failures >= 1
+        first_bus.consume_stats().dead_letter_failures >= 1
     })
     .await;
     assert_eq!(first.events(), [1], "v2 ran before v1 was settled");
 
     let second_bus = if close_the_bus {
         first_bus.close().await.unwrap();
-        KafkaBus::connect(settings, config).await.unwrap()
+        eventbus_kafka::connect(settings, config).await.unwrap()
     } else {
         subscription.unsubscribe().await.unwrap();
         first_bus

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eventbus_core::{ConnectionState, Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus_core::{ConnectionState, Envelope, HandlerContext, SubscribeOptions};
 use eventbus_kafka::{GroupProtocol, KafkaBus, KafkaConfig};
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
@@ -121,7 +121,7 @@ async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: 
         base.consumer_properties.0.remove("session.timeout.ms");
         base.consumer_properties.0.remove("heartbeat.interval.ms");
     }
-    let first = KafkaBus::connect(settings("member-a"), base.clone())
+    let first = eventbus_kafka::connect(settings("member-a"), base.clone())
         .await
         .unwrap();
     let publish = |from: i64, to: i64| {
@@ -144,10 +144,12 @@ async fn a_member_joining_and_leaving_mid_stream(protocol: GroupProtocol, name: 
     runs.wait_for("phase one", |e| distinct(e) == phase(20))
         .await;
 
-    let second = KafkaBus::connect(settings("member-b"), base).await.unwrap();
+    let second = eventbus_kafka::connect(settings("member-b"), base)
+        .await
+        .unwrap();
     subscribe_member(&second, &topic, "b", runs.clone()).await;
     eventually("partitions on the second member", || async {
-        second.assigned_partitions() > 0
+        second.transport().assigned_partitions() > 0
     })
     .await;
     publish(21, 40).await;
@@ -207,9 +209,10 @@ async fn a_consumer_process_killed_three_times_loses_nothing_and_keeps_order() {
     let bootstrap = kafka_bootstrap();
     let (topic, group) = ("faults.sigkill", "sigkill");
     let (aggregates, versions) = (100usize, 100i64);
-    let publisher = KafkaBus::connect(settings("publisher"), config(&bootstrap, topic, group, 8))
-        .await
-        .unwrap();
+    let publisher =
+        eventbus_kafka::connect(settings("publisher"), config(&bootstrap, topic, group, 8))
+            .await
+            .unwrap();
     publish_all(&publisher, topic, aggregates, versions).await;
     let total = aggregates * versions as usize;
 
@@ -249,7 +252,7 @@ async fn the_broker_killed_and_restarted_mid_stream_loses_nothing() {
     let mut broker = KafkaBroker::start();
     let (topic, group) = ("faults.broker", "broker");
     let (aggregates, versions) = (20usize, 100i64);
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         settings("restart"),
         config(&broker.bootstrap(), topic, group, 4),
     )
@@ -299,7 +302,7 @@ async fn pipelined_publishes_across_a_broker_restart_settle_once_and_keep_each_a
     let mut config = config(&broker.bootstrap(), topic, group, 4);
     config.publish_timeout = Duration::from_secs(3);
     let bus = Arc::new(
-        KafkaBus::connect(settings("pipelined-restart"), config)
+        eventbus_kafka::connect(settings("pipelined-restart"), config)
             .await
             .unwrap(),
     );

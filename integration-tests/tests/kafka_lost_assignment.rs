@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus_core::{Envelope, HandlerContext, SubscribeOptions};
 use eventbus_kafka::KafkaBus;
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{
@@ -113,17 +113,19 @@ async fn a_lost_assignment_does_not_keep_running_beside_the_new_owner() {
     let broker = KafkaBroker::start();
     let (topic, group) = ("lost.overlap", "lost-overlap");
     let config = kafka_group_config(&broker.bootstrap(), group, topic, 1);
-    let a = KafkaBus::connect(settings("lost-a"), config.clone())
+    let a = eventbus_kafka::connect(settings("lost-a"), config.clone())
         .await
         .unwrap();
     let runs = Recorder::<Run>::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     member(&a, topic, "a", runs.clone(), Some(gate.clone())).await;
     eventually("the partition on a", || async {
-        a.assigned_partitions() == 1
+        a.transport().assigned_partitions() == 1
     })
     .await;
-    let b = KafkaBus::connect(settings("lost-b"), config).await.unwrap();
+    let b = eventbus_kafka::connect(settings("lost-b"), config)
+        .await
+        .unwrap();
     member(&b, topic, "b", runs.clone(), None).await;
 
     a.publish_envelope(topic, &Envelope::new("x", "Changed", 1, &1).unwrap())
@@ -133,12 +135,16 @@ async fn a_lost_assignment_does_not_keep_running_beside_the_new_owner() {
         e.iter().any(|r| r.member == "a" && r.version == 1)
     })
     .await;
-    assert_eq!(a.assigned_partitions(), 1, "the partition stayed on a");
+    assert_eq!(
+        a.transport().assigned_partitions(),
+        1,
+        "the partition stayed on a"
+    );
 
     tokio::task::block_in_place(|| broker.freeze());
     // a's client notices the session timeout (6 s) and revokes the partition as lost.
     eventually("a's assignment lost", || async {
-        a.assigned_partitions() == 0
+        a.transport().assigned_partitions() == 0
     })
     .await;
     tokio::task::block_in_place(|| broker.thaw());
@@ -185,7 +191,7 @@ async fn a_lost_assignment_mid_stream_loses_nothing_and_keeps_order() {
     let broker = KafkaBroker::start();
     let (topic, group) = ("lost.replay", "lost-replay");
     let (aggregates, versions) = (10usize, 60i64);
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings {
             pool: PoolConfig {
                 pool_size: 8,
@@ -238,7 +244,7 @@ async fn a_lost_assignment_mid_stream_loses_nothing_and_keeps_order() {
         .await;
     tokio::task::block_in_place(|| broker.freeze());
     eventually("the assignment lost", || async {
-        bus.assigned_partitions() == 0
+        bus.transport().assigned_partitions() == 0
     })
     .await;
     tokio::task::block_in_place(|| broker.thaw());

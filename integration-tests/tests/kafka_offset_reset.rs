@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, SubscribeOptions};
-use eventbus_kafka::{AssignmentStrategy, GroupProtocol, KafkaBus, KafkaConfig, OffsetReset};
+use eventbus_core::{Envelope, SubscribeOptions};
+use eventbus_kafka::{AssignmentStrategy, GroupProtocol, KafkaConfig, OffsetReset};
 use eventbus_pool::BusSettings;
 use integration_tests::{eventually, kafka_group_config, record_versions};
 use rdkafka::ClientConfig;
@@ -78,7 +78,7 @@ async fn latest_after_subscribe(
             config.consumer_properties.0.remove("session.timeout.ms");
             config.consumer_properties.0.remove("heartbeat.interval.ms");
         }
-        let bus = KafkaBus::connect(BusSettings::new("kafka", name), config)
+        let bus = eventbus_kafka::connect(BusSettings::new("kafka", name), config)
             .await
             .unwrap();
         for aggregate in 0..8 {
@@ -149,7 +149,7 @@ async fn latest_with_the_eager_range_assignor_reads_everything_after_subscribe()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_reads_a_partition_added_after_subscribe_from_its_beginning() {
     let (topic, group) = ("reset.latest.grow", "reset-latest-grow");
-    let bus = KafkaBus::connect(BusSettings::new("kafka", "grow"), latest(topic, group, 1))
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", "grow"), latest(topic, group, 1))
         .await
         .unwrap();
     let handled = record_versions(&bus, topic, SubscribeOptions::new()).await;
@@ -185,7 +185,7 @@ async fn latest_reads_a_partition_added_after_subscribe_from_its_beginning() {
         }
     }
     eventually("the new partitions assigned", || async {
-        bus.assigned_partitions() == 3
+        bus.transport().assigned_partitions() == 3
     })
     .await;
     let events = handled
@@ -205,7 +205,7 @@ async fn latest_reads_a_partition_added_after_subscribe_from_its_beginning() {
 async fn latest_after_a_restart_keeps_what_was_published_while_down_on_every_partition() {
     let (topic, group) = ("reset.latest.restart", "reset-latest-restart");
     let producer = producer();
-    let first = KafkaBus::connect(
+    let first = eventbus_kafka::connect(
         BusSettings::new("kafka", "restart"),
         latest(topic, group, 2),
     )
@@ -222,7 +222,7 @@ async fn latest_after_a_restart_keeps_what_was_published_while_down_on_every_par
     send(&producer, topic, 0, "down-p0").await;
     send(&producer, topic, 1, "down-p1").await;
 
-    let second = KafkaBus::connect(
+    let second = eventbus_kafka::connect(
         BusSettings::new("kafka", "restart"),
         latest(topic, group, 2),
     )

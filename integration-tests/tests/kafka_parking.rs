@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_kafka::KafkaBus;
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, eventually, kafka_group_config};
@@ -34,7 +34,7 @@ async fn member_with(
     name: &'static str,
     handled: &Arc<Recorder<(&'static str, String, i64)>>,
 ) -> KafkaBus {
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         settings,
         kafka_group_config(&kafka_bootstrap(), group, topic, 4),
     )
@@ -92,7 +92,7 @@ async fn an_aggregate_parked_by_one_member_stays_parked_after_its_partition_move
     let first = member(group, topic, "a", &handled).await;
     publish(&first, topic, "p", 1).await;
     eventually("A to dead-letter v1 of every p-* aggregate", || async {
-        first.stats().dead_lettered >= PARKED as u64
+        first.consume_stats().dead_lettered >= PARKED as u64
     })
     .await;
 
@@ -183,7 +183,7 @@ async fn a_parked_event_whose_dead_letter_write_fails_during_a_rebalance_never_r
     let first = member_with(settings("refused-a"), group, topic, "a", &handled).await;
     publish(&first, topic, "p", 1).await;
     eventually("A to dead-letter v1 of every p-* aggregate", || async {
-        first.stats().dead_lettered >= PARKED as u64
+        first.consume_stats().dead_lettered >= PARKED as u64
     })
     .await;
     integration_tests::set_kafka_topic_config(
@@ -195,7 +195,7 @@ async fn a_parked_event_whose_dead_letter_write_fails_during_a_rebalance_never_r
     .await;
     publish(&first, topic, "p", 2).await;
     eventually("A's parked dead-letter writes refused", || async {
-        first.stats().dead_letter_failures >= 1
+        first.consume_stats().dead_letter_failures >= 1
     })
     .await;
     let second = member_with(settings("refused-b"), group, topic, "b", &handled).await;

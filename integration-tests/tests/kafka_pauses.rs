@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{
-    DeadLetter, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions,
-};
+use eventbus_core::RetryPolicy;
+use eventbus_core::{DeadLetter, Envelope, HandlerContext, HandlerError, SubscribeOptions};
 use eventbus_kafka::{AssignmentStrategy, KafkaBus, KafkaConfig, TopicOptions};
-use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{Recorder, eventually, kafka_config};
 use test_brokers::kafka_bootstrap;
 
@@ -127,7 +126,7 @@ async fn a_partition_paused_when_revoked_is_consumed_again_after_an_eager_rebala
     let (topic, other, group) = ("pauses.eager", "pauses.eager.other", "pauses.eager");
     let mut config = config(group, &[topic, other]);
     config.assignment_strategy = AssignmentStrategy::Range;
-    let bus = KafkaBus::connect(settings("pauses.eager"), config)
+    let bus = eventbus_kafka::connect(settings("pauses.eager"), config)
         .await
         .unwrap();
     let handled = Recorder::<i64>::new();
@@ -139,7 +138,7 @@ async fn a_partition_paused_when_revoked_is_consumed_again_after_an_eager_rebala
     // revoked (v1 cut off at the 1 s drain, v2..v4 given back) and assigned here again.
     let _other = integration_tests::collect(&bus, other).await;
     eventually("the first topic's partition assigned again", || async {
-        bus.assigned_partitions() == 2
+        bus.transport().assigned_partitions() == 2
     })
     .await;
     open(&gate_closed, &gate);
@@ -158,7 +157,7 @@ async fn a_partition_paused_when_revoked_is_consumed_again_after_an_eager_rebala
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paused_when_unsubscribed_is_consumed_again_after_resubscribing() {
     let (topic, group) = ("pauses.resubscribe", "pauses.resubscribe");
-    let bus = KafkaBus::connect(settings("pauses.resubscribe"), config(group, &[topic]))
+    let bus = eventbus_kafka::connect(settings("pauses.resubscribe"), config(group, &[topic]))
         .await
         .unwrap();
     let handled = Recorder::<i64>::new();
@@ -198,7 +197,7 @@ async fn a_partition_paused_when_it_moved_away_is_consumed_when_it_comes_back() 
             ..TopicOptions::default()
         },
     );
-    let first = KafkaBus::connect(settings("pauses.a"), config.clone())
+    let first = eventbus_kafka::connect(settings("pauses.a"), config.clone())
         .await
         .unwrap();
     // Ten aggregates over the two partitions, 10 versions each.
@@ -244,17 +243,18 @@ async fn a_partition_paused_when_it_moved_away_is_consumed_when_it_comes_back() 
     })
     .await;
 
-    let second = KafkaBus::connect(settings("pauses.b"), config)
+    let second = eventbus_kafka::connect(settings("pauses.b"), config)
         .await
         .unwrap();
     let by_second = integration_tests::collect(&second, topic).await;
     eventually("one partition moved to the second member", || async {
-        first.assigned_partitions() == 1 && second.assigned_partitions() == 1
+        first.transport().assigned_partitions() == 1
+            && second.transport().assigned_partitions() == 1
     })
     .await;
     second.close().await.unwrap();
     eventually("both partitions back on the first member", || async {
-        first.assigned_partitions() == 2
+        first.transport().assigned_partitions() == 2
     })
     .await;
     drop(by_second);
@@ -288,7 +288,7 @@ async fn a_partition_paused_when_it_moved_away_is_consumed_when_it_comes_back() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_record_holds_only_its_aggregate_and_the_partition_goes_on() {
     let topic = "pauses.hung";
-    let bus = KafkaBus::connect(settings("pauses-hung"), config("pauses-hung", &[topic]))
+    let bus = eventbus_kafka::connect(settings("pauses-hung"), config("pauses-hung", &[topic]))
         .await
         .unwrap();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -340,17 +340,15 @@ async fn an_aggregate_waiting_in_its_lane_does_not_stop_the_other_aggregates_of_
     let settings = BusSettings {
         pool: PoolConfig {
             pool_size: 8,
-            retry: RetryPolicy {
-                max_attempts: 1,
-                initial_backoff: Duration::from_millis(50),
-                max_backoff: Duration::from_millis(200),
-            },
+            retry: RetryPolicy::new()
+                .with_max_attempts(1)
+                .with_backoff(Duration::from_millis(50), Duration::from_millis(200)),
             ..PoolConfig::default()
         },
         drain_timeout: Duration::from_secs(1),
         ..BusSettings::new("kafka", "pauses-waiting")
     };
-    let bus = KafkaBus::connect(settings, config("pauses-waiting", &[topic]))
+    let bus = eventbus_kafka::connect(settings, config("pauses-waiting", &[topic]))
         .await
         .unwrap();
     let handled = Recorder::<String>::new();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions};
+use eventbus_core::{HandlerContext, Message, OutboundMessage, SubscribeOptions};
 use eventbus_kafka::KafkaBus;
 use eventbus_pool::{BusSettings, PoolConfig};
 use integration_tests::{Recorder, kafka_group_config};
@@ -97,7 +97,7 @@ fn assert_the_fast_records_ran_once(events: &[String]) {
 async fn plain_records_run_once_across_unsubscribe_and_resubscribe() {
     let (topic, group) = ("plain.resub", "plain-resub");
     let config = kafka_group_config(&kafka_bootstrap(), group, topic, 1);
-    let bus = KafkaBus::connect(settings("plain-resub", Duration::from_secs(1)), config)
+    let bus = eventbus_kafka::connect(settings("plain-resub", Duration::from_secs(1)), config)
         .await
         .unwrap();
     let seen = Recorder::<String>::new();
@@ -139,7 +139,7 @@ async fn plain_records_run_once_across_unsubscribe_and_resubscribe() {
 async fn plain_records_run_once_across_close_and_a_new_bus() {
     let (topic, group) = ("plain.close", "plain-close");
     let config = kafka_group_config(&kafka_bootstrap(), group, topic, 1);
-    let bus = KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         settings("plain-close-1", Duration::from_secs(1)),
         config.clone(),
     )
@@ -157,7 +157,7 @@ async fn plain_records_run_once_across_close_and_a_new_bus() {
     publish_all(&bus, topic).await;
     wait_for_slow_running_and_the_fast_ones_run(&seen).await;
     bus.close().await.unwrap();
-    let next = KafkaBus::connect(settings("plain-close-2", Duration::from_secs(1)), config)
+    let next = eventbus_kafka::connect(settings("plain-close-2", Duration::from_secs(1)), config)
         .await
         .unwrap();
     next.subscribe(

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use eventbus_core::{Envelope, ErrorKind, EventBus, SubscribeOptions};
+use eventbus_core::{Envelope, ErrorKind, SubscribeOptions};
 use eventbus_kafka::{KafkaBus, KafkaConfig};
 use eventbus_pool::BusSettings;
 use integration_tests::{Recorder, kafka_config};
@@ -150,7 +150,7 @@ async fn round_trip(bus: &KafkaBus, topic: &str) {
 /// contains `cause`.
 async fn refused(config: KafkaConfig, cause: &str) {
     let started = Instant::now();
-    let error = match KafkaBus::connect(settings("refused"), config).await {
+    let error = match eventbus_kafka::connect(settings("refused"), config).await {
         Ok(_) => panic!("connected although security should refuse it"),
         Err(error) => error,
     };
@@ -176,7 +176,9 @@ async fn scram_over_tls_publishes_and_consumes() {
     let secured = secured();
     let config = sasl_ssl(secured, PASSWORD);
     assert!(!format!("{config:?}").contains(PASSWORD), "{config:?}");
-    let bus = KafkaBus::connect(settings("scram"), config).await.unwrap();
+    let bus = eventbus_kafka::connect(settings("scram"), config)
+        .await
+        .unwrap();
     round_trip(&bus, "security.scram").await;
     bus.close().await.unwrap();
     assert_no_secret_logged();
@@ -185,7 +187,7 @@ async fn scram_over_tls_publishes_and_consumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_publishes_and_consumes() {
     let secured = secured();
-    let bus = KafkaBus::connect(settings("mtls"), mutual_tls(secured, Some(&secured.client)))
+    let bus = eventbus_kafka::connect(settings("mtls"), mutual_tls(secured, Some(&secured.client)))
         .await
         .unwrap();
     round_trip(&bus, "security.mtls").await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions};
-use eventbus_memory::{BusSettings, MemoryBus};
+use eventbus_memory::BusSettings;
 use integration_tests::{BusFactory, Settings};
 
 struct Memory;
@@ -17,7 +17,7 @@ struct Memory;
 #[async_trait]
 impl BusFactory for Memory {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
-        match MemoryBus::new(settings.bus_settings("memory")) {
+        match eventbus_memory::start(settings.bus_settings("memory")) {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("memory bus: {error}"),
         }
@@ -39,7 +39,7 @@ integration_tests::conformance_suite!(Memory);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_makes_publishers_wait_and_memory_stays_bounded() {
     let bus = Arc::new(
-        MemoryBus::new(
+        eventbus_memory::start(
             Settings {
                 pool_size: 1,
                 inbox_size: 5,
@@ -106,7 +106,7 @@ async fn a_slow_handler_makes_publishers_wait_and_memory_stays_bounded() {
 
 #[tokio::test]
 async fn publishing_to_an_invalid_topic_or_a_closed_bus_is_a_typed_error() {
-    let bus = MemoryBus::new(BusSettings::new("memory", "eventbus")).unwrap();
+    let bus = eventbus_memory::start(BusSettings::new("memory", "eventbus")).unwrap();
     let invalid = bus
         .publish("not a topic", OutboundMessage::new(&b"x"[..]))
         .await
@@ -140,7 +140,7 @@ async fn dead_lettering_disabled_keeps_the_envelope_in_its_lane_until_close() {
         drain_timeout: Duration::from_millis(300),
         ..Settings::default()
     };
-    let bus = MemoryBus::new(settings.bus_settings("memory")).unwrap();
+    let bus = eventbus_memory::start(settings.bus_settings("memory")).unwrap();
     let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
     let h = handled.clone();
     let handler = Arc::new(move |_ctx: HandlerContext, e: eventbus_core::Envelope| {
@@ -185,13 +185,13 @@ async fn dead_lettering_disabled_keeps_the_envelope_in_its_lane_until_close() {
         "{report:?}"
     );
     bus.close().await.unwrap();
-    let stats = bus.stats();
+    let stats = bus.transport().stats();
     assert_eq!((stats.dead_lettered, stats.dropped), (0, 2));
 }
 
 #[tokio::test]
 async fn health_reports_the_backend_and_its_engine() {
-    let bus = MemoryBus::new(BusSettings::new("memory", "eventbus")).unwrap();
+    let bus = eventbus_memory::start(BusSettings::new("memory", "eventbus")).unwrap();
     let report = bus.health().await;
     assert_eq!(report.backend, "memory");
     assert!(report.is_healthy());
@@ -212,7 +212,7 @@ async fn a_handler_pipelining_while_a_relay_holds_the_window_does_not_deadlock()
     }
     .bus_settings("memory");
     settings.publish_max_in_flight = 1;
-    let bus = Arc::new(MemoryBus::new(settings).unwrap());
+    let bus = Arc::new(eventbus_memory::start(settings).unwrap());
     let weak = Arc::downgrade(&bus);
     let handled = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(tokio::sync::Semaphore::new(0));

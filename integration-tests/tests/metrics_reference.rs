@@ -202,14 +202,14 @@ async fn the_metric_reference_lists_what_metrics_serves_and_the_examples_use_onl
         .unwrap();
     eventbus::serve_metrics(listen).unwrap();
 
-    let memory = eventbus_memory::MemoryBus::new(settings("memory")).unwrap();
+    let memory = eventbus_memory::start(settings("memory")).unwrap();
     exercise(&memory, "reference.memory").await;
     let server = NatsServer::start();
-    let nats = eventbus_nats::NatsBus::connect(settings("nats"), nats_config(&server.url()))
+    let nats = eventbus_nats::connect(settings("nats"), nats_config(&server.url()))
         .await
         .unwrap();
     exercise(&nats, "reference.nats").await;
-    let kafka = eventbus_kafka::KafkaBus::connect(
+    let kafka = eventbus_kafka::connect(
         settings("kafka"),
         eventbus_kafka::KafkaConfig {
             group_id: Some("metrics-reference".into()),

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use eventbus_core::EventBus;
-use eventbus_nats::NatsBus;
 use integration_tests::{BusFactory, Settings};
 use test_brokers::NatsServer;
 
@@ -20,7 +19,7 @@ impl BusFactory for Nats {
     async fn bus(&self, settings: Settings) -> Arc<dyn EventBus> {
         let mut config = integration_tests::nats_config(&self.server.url());
         config.streams.push(shared_stream("conformance"));
-        match NatsBus::connect(settings.bus_settings("nats"), config).await {
+        match eventbus_nats::connect(settings.bus_settings("nats"), config).await {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("NATS bus: {error}"),
         }
@@ -47,7 +46,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 25] = [
+const SUITE_TOPICS: [&str; 26] = [
     "order",
     "retry",
     "exhaust",
@@ -73,6 +72,7 @@ const SUITE_TOPICS: [&str; 25] = [
     "pipelined-plain",
     "shared.a",
     "shared.b",
+    "policy",
 ];
 
 #[async_trait]
@@ -90,7 +90,7 @@ impl BusFactory for PartitionedNats {
         }
         config.streams.push(shared_stream("partitioned"));
         config.scale_out.pinned_ttl = std::time::Duration::from_secs(2);
-        match NatsBus::connect(settings.bus_settings("nats"), config).await {
+        match eventbus_nats::connect(settings.bus_settings("nats"), config).await {
             Ok(bus) => Arc::new(bus),
             Err(error) => panic!("NATS bus: {error}"),
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::StorageType};
 use eventbus_core::{
-    Envelope, ErrorKind, EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions,
+    Envelope, ErrorKind, HandlerContext, Message, OutboundMessage, SubscribeOptions,
 };
 use eventbus_nats::{
     Auth, BusSettings, ConsumerSettings, NatsBus, NatsConfig, Storage, StreamDefinition,
@@ -70,7 +70,7 @@ async fn first_durable(
     topic: &str,
 ) -> jetstream::consumer::PullConsumer {
     let stream = js.stream_by_subject(topic).await.unwrap();
-    js.get_consumer_from_stream(bus.durable_name(topic, 1), &stream)
+    js.get_consumer_from_stream(bus.transport().durable_name(topic, 1), &stream)
         .await
         .unwrap()
 }
@@ -114,7 +114,7 @@ async fn gated_subscription(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envelopes_carry_their_headers_and_a_message_id_so_the_server_drops_a_retried_publish() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("headers"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("headers"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.created";
@@ -170,7 +170,9 @@ async fn streams_are_file_backed_for_envelopes_and_dead_letters_and_memory_for_p
         max_bytes: Some(1 << 20),
         max_msgs: Some(500),
     };
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     bus.publish_envelope("orders.placed", &envelope("o-1", 1))
         .await
         .unwrap();
@@ -223,7 +225,7 @@ async fn a_duplicate_pubacked_for_another_subjects_message_fails_the_publish() {
     config
         .streams
         .push(StreamDefinition::new("SHARED", vec!["shared.>".into()]));
-    let bus = NatsBus::connect(nats_settings("forged"), config)
+    let bus = eventbus_nats::connect(nats_settings("forged"), config)
         .await
         .unwrap();
     let js = raw(&server).await;
@@ -296,7 +298,7 @@ async fn a_stream_a_go_service_extended_is_bound_not_narrowed_and_its_publishes_
         "BUSINESS_STREAM",
         vec!["business.>".into()],
     )];
-    let bus = NatsBus::connect(nats_settings("converted"), config)
+    let bus = eventbus_nats::connect(nats_settings("converted"), config)
         .await
         .unwrap();
     let bound = stream_of(&js, "business.orders").await.config;
@@ -318,7 +320,7 @@ async fn a_stream_a_go_service_extended_is_bound_not_narrowed_and_its_publishes_
         update_limits: true,
         ..StreamDefinition::new("BUSINESS_STREAM", vec!["business.>".into()])
     }];
-    let bus = NatsBus::connect(nats_settings("updating"), config)
+    let bus = eventbus_nats::connect(nats_settings("updating"), config)
         .await
         .unwrap();
     let updated = stream_of(&js, "health.check").await.config;
@@ -338,7 +340,9 @@ async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
     config
         .streams
         .push(StreamDefinition::new("ORDERS", vec!["orders.>".into()]));
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let handled = record_envelopes(&bus, "orders.created").await;
     bus.publish_envelope("orders.created", &envelope("o-1", 1))
         .await
@@ -357,7 +361,7 @@ async fn a_configured_stream_whose_subjects_cover_the_topic_holds_it() {
 async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stopped() {
     let server = NatsServer::start();
     let topic = "orders.resumed";
-    let first = NatsBus::connect(nats_settings("billing"), nats_config(&server.url()))
+    let first = eventbus_nats::connect(nats_settings("billing"), nats_config(&server.url()))
         .await
         .unwrap();
     let handled = record_envelopes(&first, topic).await;
@@ -372,7 +376,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
 
     let js = raw(&server).await;
     let stream = js.stream_by_subject(topic).await.unwrap();
-    let durable = first.durable_name(topic, 1);
+    let durable = first.transport().durable_name(topic, 1);
     assert_eq!(durable, "billing_orders_resumed");
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_consumer_from_stream(&durable, &stream)
@@ -381,7 +385,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
     assert_eq!(consumer.info().await.unwrap().num_ack_pending, 0);
 
     // Published while nobody consumes; the next run gets exactly these.
-    let publisher = NatsBus::connect(nats_settings("publisher"), nats_config(&server.url()))
+    let publisher = eventbus_nats::connect(nats_settings("publisher"), nats_config(&server.url()))
         .await
         .unwrap();
     for version in 4..=5 {
@@ -390,7 +394,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
             .await
             .unwrap();
     }
-    let second = NatsBus::connect(nats_settings("billing"), nats_config(&server.url()))
+    let second = eventbus_nats::connect(nats_settings("billing"), nats_config(&server.url()))
         .await
         .unwrap();
     let resumed = record_envelopes(&second, topic).await;
@@ -399,7 +403,11 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
         .await;
     assert_eq!(events, [("o-1".to_owned(), 4), ("o-1".to_owned(), 5)]);
 
-    second.delete_consumer(topic, &durable).await.unwrap();
+    second
+        .transport()
+        .delete_consumer(topic, &durable)
+        .await
+        .unwrap();
     let gone: Result<jetstream::consumer::PullConsumer, _> =
         js.get_consumer_from_stream(&durable, &stream).await;
     assert!(gone.is_err(), "deleted only on the explicit call");
@@ -411,7 +419,7 @@ async fn the_durable_consumer_outlives_close_and_a_restart_resumes_where_it_stop
 async fn changed_consumer_settings_update_the_durable_consumer() {
     let server = NatsServer::start();
     let topic = "orders.tuned";
-    let bus = NatsBus::connect(nats_settings("tuned"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("tuned"), nats_config(&server.url()))
         .await
         .unwrap();
     record_envelopes(&bus, topic).await;
@@ -425,7 +433,9 @@ async fn changed_consumer_settings_update_the_durable_consumer() {
         backoff: vec![Duration::from_secs(1), Duration::from_secs(12)],
         ..config.consumer
     };
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     record_envelopes(&bus, topic).await;
     let js = raw(&server).await;
     let mut consumer = first_durable(&js, &bus, topic).await;
@@ -451,7 +461,9 @@ async fn ephemeral_topics_go_through_core_nats_without_a_stream() {
             ..TopicOptions::default()
         },
     );
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let seen = Recorder::<Message>::new();
     let s = seen.clone();
     bus.subscribe(
@@ -489,7 +501,7 @@ async fn token_authentication_connects_and_a_wrong_token_is_a_security_error() {
     let server = NatsServer::start_with(&["--auth", "s3cret-token"]);
     let (settings, mut config) = (nats_settings("auth"), nats_config(&server.url()));
     config.auth = Auth::token("s3cret-token");
-    let bus = NatsBus::connect(settings.clone(), config.clone())
+    let bus = eventbus_nats::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let health = bus.health().await;
@@ -499,7 +511,7 @@ async fn token_authentication_connects_and_a_wrong_token_is_a_security_error() {
     config.auth = Auth::token("wrong");
     config.max_reconnects = Some(0);
     config.connection_timeout = Duration::from_secs(2);
-    let error = match NatsBus::connect(settings.clone(), config).await {
+    let error = match eventbus_nats::connect(settings.clone(), config).await {
         Ok(_) => panic!("a wrong token connected"),
         Err(error) => error,
     };
@@ -513,7 +525,9 @@ async fn user_and_password_authentication_connects() {
     let server = NatsServer::start_with(&["--user", "svc", "--pass", "pa55word"]);
     let (settings, mut config) = (nats_settings("userpass"), nats_config(&server.url()));
     config.auth = Auth::user_password("svc", "pa55word");
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let handled = record_envelopes(&bus, "auth.checked").await;
     bus.publish_envelope("auth.checked", &envelope("a-1", 1))
         .await
@@ -532,7 +546,7 @@ async fn an_unreachable_server_is_a_typed_error_not_a_hang() {
         ..nats_config(&url)
     };
     let started = std::time::Instant::now();
-    let error = match NatsBus::connect(nats_settings("unreachable"), config).await {
+    let error = match eventbus_nats::connect(nats_settings("unreachable"), config).await {
         Ok(_) => panic!("connected to a stopped server"),
         Err(error) => error,
     };
@@ -563,7 +577,9 @@ async fn nkey_authentication_connects_with_the_seed() {
     let server = NatsServer::start_with(&["-c", server_config.to_str().unwrap()]);
     let (settings, mut config) = (nats_settings("nkey"), nats_config(&server.url()));
     config.auth = Auth::nkey_seed(user.seed().unwrap());
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let handled = record_envelopes(&bus, "nkey.checked").await;
     bus.publish_envelope("nkey.checked", &envelope("n-1", 1))
         .await
@@ -576,7 +592,7 @@ async fn nkey_authentication_connects_with_the_seed() {
 /// `connect` with `config` fails at once with a security error whose report contains `cause`.
 async fn refused_by_security(settings: BusSettings, config: NatsConfig, cause: &str) {
     let started = std::time::Instant::now();
-    let error = match NatsBus::connect(settings, config).await {
+    let error = match eventbus_nats::connect(settings, config).await {
         Ok(_) => panic!("connected although security should refuse it"),
         Err(error) => error,
     };
@@ -619,7 +635,7 @@ async fn tls_with_a_private_ca_connects_and_a_client_that_does_not_trust_it_is_r
         ca_file: Some(ca.ca_file()),
         ..eventbus_nats::TlsConfig::default()
     };
-    let bus = NatsBus::connect(settings.clone(), config.clone())
+    let bus = eventbus_nats::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let handled = record_envelopes(&bus, "tls.server").await;
@@ -648,7 +664,7 @@ async fn mutual_tls_with_a_private_ca_connects_and_a_client_without_a_trusted_ce
         client_cert: Some(client.cert.clone()),
         client_key: Some(client.key.clone()),
     };
-    let bus = NatsBus::connect(settings.clone(), config.clone())
+    let bus = eventbus_nats::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let handled = record_envelopes(&bus, "tls.checked").await;
@@ -680,7 +696,9 @@ async fn a_dead_server_in_the_url_list_is_passed_over() {
     let (settings, mut config) = (nats_settings("failover"), nats_config(&live.url()));
     config.urls = vec![dead_url, live.url()];
     config.connection_timeout = Duration::from_secs(2);
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let handled = record_envelopes(&bus, "failover.checked").await;
     bus.publish_envelope("failover.checked", &envelope("f-1", 1))
         .await
@@ -696,7 +714,9 @@ async fn messages_queued_at_unsubscribe_are_given_back_at_once_not_after_ack_wai
     let (mut settings, mut config) = (nats_settings("giveback"), nats_config(&server.url()));
     settings.pool.pool_size = 1;
     config.consumer.ack_wait = Duration::from_secs(60);
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let topic = "orders.given-back";
     let (subscription, gate, first_run) = gated_subscription(&bus, topic).await;
     // One runs (held at the gate) and four wait for the only actor.
@@ -762,7 +782,11 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
     let server = NatsServer::start();
     let (mut settings, config) = (nats_settings("again"), nats_config(&server.url()));
     settings.pool.pool_size = 1;
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "orders.again";
     let (subscription, gate, old) = gated_subscription(&bus, topic).await;
     old.wait_for("the first handler", |e| e.len() == 1).await;
@@ -815,7 +839,7 @@ async fn subscribing_again_while_the_old_subscription_still_runs_a_message_does_
 async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss() {
     let server = NatsServer::start();
     let topic = "orders.backlog";
-    let publisher = NatsBus::connect(
+    let publisher = eventbus_nats::connect(
         nats_settings("backlog-publisher"),
         nats_config(&server.url()),
     )
@@ -834,7 +858,7 @@ async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss()
     let (mut settings, config) = (nats_settings("backlog"), nats_config(&server.url()));
     settings.pool.pool_size = 4;
     settings.drain_timeout = Duration::from_millis(500);
-    let first = NatsBus::connect(settings.clone(), config.clone())
+    let first = eventbus_nats::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let handled = Recorder::<(String, i64)>::new();
@@ -866,7 +890,9 @@ async fn close_at_its_deadline_leaves_the_backlog_to_the_next_run_without_loss()
     let before = handled.events().len();
     assert!(before < total, "the backlog was not left: {before} handled");
 
-    let second = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let second = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let h = handled.clone();
     second
         .subscribe_envelope(
@@ -900,7 +926,7 @@ async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
     let server = NatsServer::start();
     // The default pull requests (256 messages): filled while the envelopes trickle in.
     let bus = Arc::new(
-        NatsBus::connect(nats_settings("bursts"), nats_config(&server.url()))
+        eventbus_nats::connect(nats_settings("bursts"), nats_config(&server.url()))
             .await
             .unwrap(),
     );
@@ -952,7 +978,7 @@ async fn bursts_of_concurrent_publishes_are_handled_in_order_per_aggregate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_subscribe_frees_its_durable_for_the_next_one() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("dropped"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("dropped"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.dropped";
@@ -981,7 +1007,7 @@ async fn a_dropped_subscribe_frees_its_durable_for_the_next_one() {
     while let Some(name) = names.next().await {
         durables.push(name.unwrap());
     }
-    assert_eq!(durables, [bus.durable_name(topic, 1)]);
+    assert_eq!(durables, [bus.transport().durable_name(topic, 1)]);
     bus.close().await.unwrap();
 }
 
@@ -1018,8 +1044,8 @@ async fn two_instances_binding_one_existing_stream_at_once_both_keep_their_subje
             ));
         }
         let (bus_a, bus_b) = tokio::join!(
-            NatsBus::connect(nats_settings("svc-a"), a),
-            NatsBus::connect(nats_settings("svc-b"), b),
+            eventbus_nats::connect(nats_settings("svc-a"), a),
+            eventbus_nats::connect(nats_settings("svc-b"), b),
         );
         let (bus_a, bus_b) = (bus_a.unwrap(), bus_b.unwrap());
         for index in 0..streams {
@@ -1089,7 +1115,7 @@ async fn a_stream_locked_by_another_instance_holds_only_its_own_topics() {
         },
     );
     let bus = Arc::new(
-        NatsBus::connect(nats_settings("held"), config)
+        eventbus_nats::connect(nats_settings("held"), config)
             .await
             .unwrap(),
     );
@@ -1144,7 +1170,7 @@ async fn failing_v1(
 ) -> (NatsBus, Arc<Recorder<(String, i64)>>) {
     let mut settings = nats_settings(client);
     settings.pool.retry.max_attempts = 1;
-    let bus = NatsBus::connect(settings, nats_config(&server.url()))
+    let bus = eventbus_nats::connect(settings, nats_config(&server.url()))
         .await
         .unwrap();
     let handled = Recorder::new();

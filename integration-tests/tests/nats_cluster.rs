@@ -11,8 +11,8 @@
 )]
 
 use async_nats::jetstream;
-use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-use eventbus_nats::{NatsBus, NatsConfig, StreamDefinition, TopicOptions};
+use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus_nats::{NatsConfig, StreamDefinition, TopicOptions};
 use futures::StreamExt;
 use integration_tests::{Poisoned, eventually, nats_config, nats_settings};
 use test_brokers::NatsCluster;
@@ -78,7 +78,7 @@ async fn every_stream_the_bus_makes_has_the_configured_replicas() {
     );
     let mut settings = nats_settings("replicated");
     settings.pool.retry.max_attempts = 1;
-    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let bus = eventbus_nats::connect(settings, config).await.unwrap();
     let failing = std::sync::Arc::new(|_ctx: HandlerContext, _envelope: Envelope| async {
         Err::<(), HandlerError>(HandlerError::permanent("fails for good"))
     });
@@ -172,7 +172,7 @@ async fn a_replicated_stream_is_never_downgraded_and_raised_only_when_told() {
     raised.replicas = Some(3);
     raised.update_limits = true;
     config.streams.push(raised);
-    let bus = NatsBus::connect(nats_settings("bound"), config)
+    let bus = eventbus_nats::connect(nats_settings("bound"), config)
         .await
         .unwrap();
     let handled = integration_tests::Recorder::<(String, i64)>::new();
@@ -351,7 +351,7 @@ async fn failover_read_by(fault: Fault, readers: Readers) {
     let dead_letter_topic = options.dead_letter_topic(topic).unwrap().unwrap();
     let mut subscribers = Vec::new();
     for instance in 0..instances {
-        let subscriber = NatsBus::connect(nats_settings("failover"), config.clone())
+        let subscriber = eventbus_nats::connect(nats_settings("failover"), config.clone())
             .await
             .unwrap();
         let recorder = handled.clone();
@@ -401,7 +401,7 @@ async fn failover_read_by(fault: Fault, readers: Readers) {
         subscribers.push(subscriber);
     }
     let publisher = std::sync::Arc::new(
-        NatsBus::connect(nats_settings("failover-publisher"), config)
+        eventbus_nats::connect(nats_settings("failover-publisher"), config)
             .await
             .unwrap(),
     );
@@ -445,7 +445,7 @@ async fn failover_read_by(fault: Fault, readers: Readers) {
             .map(|url| url.parse().unwrap())
             .collect();
         let js = jetstream::new(async_nats::connect(servers).await.unwrap());
-        let durable = subscribers[0].durable_name(topic, 1);
+        let durable = subscribers[0].transport().durable_name(topic, 1);
         let leader = consumer_leader(&js, "STREAM_failover_orders", &durable).await;
         eprintln!("{fault:?}: node {leader} leads consumer {durable}");
         NatsCluster::index_of(&leader).unwrap()
@@ -504,7 +504,7 @@ async fn failover_read_by(fault: Fault, readers: Readers) {
         eventually("every subject read by one instance", || async {
             let reading: usize = subscribers
                 .iter()
-                .map(|subscriber| subscriber.partitions_reading(topic).len())
+                .map(|subscriber| subscriber.transport().partitions_reading(topic).len())
                 .sum();
             reading == usize::from(partitions) + 1
         })

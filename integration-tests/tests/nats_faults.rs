@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus_core::{Envelope, HandlerContext, SubscribeOptions};
 use eventbus_nats::NatsBus;
 use integration_tests::{
     BrokerAction, DEADLINE, Recorder, assert_first_handlings_in_order,
@@ -45,7 +45,11 @@ async fn a_server_killed_and_restarted_mid_stream_loses_no_envelope_and_keeps_or
     let (settings, mut config) = (nats_settings("restart"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
     config.consumer.ack_wait = Duration::from_secs(3);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "faults.restart";
     let handled = Recorder::<(String, i64)>::new();
     let h = handled.clone();
@@ -108,7 +112,7 @@ async fn a_server_killed_and_restarted_mid_stream_loses_no_envelope_and_keeps_or
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_process_killed_mid_stream_loses_nothing_and_replays_in_order() {
     let server = NatsServer::start();
-    let publisher = NatsBus::connect(nats_settings("publisher"), nats_config(&server.url()))
+    let publisher = eventbus_nats::connect(nats_settings("publisher"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "faults.sigkill";
@@ -166,7 +170,9 @@ async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
     let server = NatsServer::start();
     let (settings, mut config) = (nats_settings("slow"), nats_config(&server.url()));
     config.consumer.ack_wait = Duration::from_secs(1);
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let topic = "faults.slow";
     let calls = Arc::new(Mutex::new(HashMap::<(String, i64), usize>::new()));
     let done = Recorder::<(String, i64)>::new();
@@ -207,7 +213,7 @@ async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
         assert_eq!(*count, 1, "{id:?} was handled {count} times");
     }
 
-    let stats = bus.stats();
+    let stats = bus.transport().stats();
     assert_eq!(
         (stats.redeliveries, stats.redeliveries_dropped),
         (0, 0),
@@ -223,7 +229,7 @@ async fn a_handler_slower_than_ack_wait_is_not_redelivered_while_it_runs() {
     let js = async_nats::jetstream::new(client);
     let stream = js.stream_by_subject(topic).await.unwrap();
     let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(bus.durable_name(topic, 1), stream)
+        .get_consumer_from_stream(bus.transport().durable_name(topic, 1), stream)
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -245,7 +251,11 @@ async fn publishing_while_the_server_is_down_fails_with_a_typed_error_in_time() 
     let mut server = NatsServer::start();
     let (settings, mut config) = (nats_settings("down"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_millis(500);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "faults.down";
     bus.publish_envelope(topic, &envelope(0, 1)).await.unwrap();
     tokio::task::block_in_place(|| server.kill());
@@ -284,7 +294,11 @@ async fn a_server_crash_never_redelivers_an_event_after_newer_ones_of_its_aggreg
     let (settings, mut config) = (nats_settings("crash"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
     config.consumer.ack_wait = ack_wait;
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "faults.crash";
     let (aggregates, versions) = (20usize, 150i64);
     for version in 1..=versions {
@@ -338,7 +352,7 @@ async fn a_server_crash_never_redelivers_an_event_after_newer_ones_of_its_aggreg
     eprintln!(
         "crash: {total} envelopes, {} handlings, stats {:?}",
         events.len(),
-        bus.stats()
+        bus.transport().stats()
     );
     bus.close().await.unwrap();
 }
@@ -354,7 +368,7 @@ async fn pipelined_publishes_across_a_server_restart_settle_once_and_keep_each_a
         nats_config(&server.url()),
     );
     config.publish_timeout = Duration::from_secs(1);
-    let bus = Arc::new(NatsBus::connect(settings, config).await.unwrap());
+    let bus = Arc::new(eventbus_nats::connect(settings, config).await.unwrap());
     let (confirmed, failed, refused) =
         pipelined_publishes_across_a_broker_restart(bus, "faults.pipelined", &mut |action| {
             match action {
@@ -381,7 +395,7 @@ async fn a_pull_request_lost_with_the_connection_is_not_waited_for() {
     settings.drain_timeout = Duration::from_secs(1);
     config.consumer.fetch_expires = Duration::from_secs(60);
     config.scale_out.pinned_ttl = Duration::from_secs(120);
-    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let bus = eventbus_nats::connect(settings, config).await.unwrap();
     let topic = "faults.lostrequest";
     let handled = Recorder::<(String, i64)>::new();
     bus.subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
@@ -413,7 +427,7 @@ async fn a_first_delivery_of_a_durable_made_again_lost_on_the_way_is_replayed_in
     let server = NatsServer::start();
     let mut config = nats_config(&server.url());
     config.consumer.ack_wait = Duration::from_secs(2);
-    let bus = NatsBus::connect(nats_settings("firstlost"), config)
+    let bus = eventbus_nats::connect(nats_settings("firstlost"), config)
         .await
         .unwrap();
     let topic = "faults.firstlost";
@@ -426,7 +440,7 @@ async fn a_first_delivery_of_a_durable_made_again_lost_on_the_way_is_replayed_in
         .get_stream(js.stream_by_subject(topic).await.unwrap())
         .await
         .unwrap();
-    let durable = bus.durable_name(topic, 1);
+    let durable = bus.transport().durable_name(topic, 1);
     let mut consumer: async_nats::jetstream::consumer::PullConsumer =
         stream.get_consumer(&durable).await.unwrap();
     let config = consumer.info().await.unwrap().config.clone();

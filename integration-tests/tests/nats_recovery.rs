@@ -11,10 +11,9 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::StorageType};
 use eventbus_core::{
-    ConnectionState, Envelope, ErrorKind, EventBus, HandlerContext, HandlerError, Message,
-    OutboundMessage, SubscribeOptions,
+    ConnectionState, Envelope, ErrorKind, HandlerContext, HandlerError, Message, OutboundMessage,
+    SubscribeOptions,
 };
-use eventbus_nats::NatsBus;
 use integration_tests::{
     Recorder, collect, eventually, nats_config, nats_settings, record_versions,
 };
@@ -32,7 +31,7 @@ fn envelope(aggregate: &str, version: i64) -> Envelope {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_published_with_nats_control_headers_is_dead_lettered_without_them() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("control"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("control"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.control";
@@ -76,7 +75,7 @@ async fn a_message_published_with_nats_control_headers_is_dead_lettered_without_
     assert_eq!(control, ["Nats-Msg-Id"], "{:?}", letter.headers);
     let id = letter.headers.get_str("Nats-Msg-Id").unwrap();
     assert!(id != event.event_id && id.starts_with("dlq:"), "{id}");
-    assert_eq!(bus.stats().dead_letter_failures, 0);
+    assert_eq!(bus.transport().stats().dead_letter_failures, 0);
 
     let dead = js.stream_by_subject("orders.control.DLQ").await.unwrap();
     let info = js
@@ -110,7 +109,7 @@ async fn dead_letters_are_refused_a_memory_stream_and_the_aggregate_waits() {
     .await
     .unwrap();
     drop(client);
-    let bus = NatsBus::connect(nats_settings("wild"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("wild"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "wild.orders";
@@ -138,7 +137,7 @@ async fn dead_letters_are_refused_a_memory_stream_and_the_aggregate_waits() {
             .unwrap();
     }
     eventually("the dead-letter write to fail", || async {
-        bus.stats().dead_letter_failures >= 2
+        bus.transport().stats().dead_letter_failures >= 2
     })
     .await;
     assert_eq!(handled.events(), [1], "v2 ran before v1 was settled");
@@ -168,7 +167,11 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
     let mut server = NatsServer::start();
     let (settings, mut config) = (nats_settings("memory-stream"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "metrics.lost";
     let seen = collect(bus.as_ref(), topic).await;
     let states = integration_tests::record_connection_states(bus.connection_state());
@@ -202,7 +205,11 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
             e.iter().any(|m| m.payload.as_ref() == b"after")
         })
         .await;
-    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    assert!(
+        bus.transport().stats().fetch_errors > 0,
+        "{:?}",
+        bus.transport().stats()
+    );
     assert!(events.len() >= 2);
     bus.close().await.unwrap();
 }
@@ -210,7 +217,7 @@ async fn a_plain_topic_is_consumed_again_after_the_server_restart_lost_its_memor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("deleted"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("deleted"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.deleted";
@@ -233,14 +240,19 @@ async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
         .await
         .unwrap();
     handled.wait_for("v1", |e| e.contains(&1)).await;
-    bus.delete_consumer(topic, &bus.durable_name(topic, 1))
+    bus.transport()
+        .delete_consumer(topic, &bus.transport().durable_name(topic, 1))
         .await
         .unwrap();
     bus.publish_envelope(topic, &envelope("d-1", 2))
         .await
         .unwrap();
     handled.wait_for("v2", |e| e.contains(&2)).await;
-    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    assert!(
+        bus.transport().stats().fetch_errors > 0,
+        "{:?}",
+        bus.transport().stats()
+    );
     bus.close().await.unwrap();
 }
 
@@ -250,7 +262,7 @@ async fn a_durable_deleted_under_a_live_subscription_is_made_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_made_again_before_anything_was_taken_keeps_the_events_published_meanwhile() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("gap"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("gap"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.gap";
@@ -263,7 +275,8 @@ async fn a_durable_made_again_before_anything_was_taken_keeps_the_events_publish
         SubscribeOptions::new().with_start(eventbus_core::StartPosition::New),
     )
     .await;
-    bus.delete_consumer(topic, &bus.durable_name(topic, 1))
+    bus.transport()
+        .delete_consumer(topic, &bus.transport().durable_name(topic, 1))
         .await
         .unwrap();
     // Published while the durable is gone (the bus notices at its next pull, then backs off).
@@ -281,14 +294,18 @@ async fn a_durable_made_again_before_anything_was_taken_keeps_the_events_publish
         !events.iter().any(|(a, _)| a == "before"),
         "New still skips what was published before subscribing: {events:?}"
     );
-    assert!(bus.stats().fetch_errors > 0, "{:?}", bus.stats());
+    assert!(
+        bus.transport().stats().fetch_errors > 0,
+        "{:?}",
+        bus.transport().stats()
+    );
     bus.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("owner"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("owner"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "shared.one";
@@ -304,7 +321,7 @@ async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved
         .unwrap();
     stream
         .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some(bus.durable_name(topic, 1)),
+            durable_name: Some(bus.transport().durable_name(topic, 1)),
             filter_subject: "shared.two".into(),
             ..Default::default()
         })
@@ -322,7 +339,7 @@ async fn a_durable_of_our_name_that_filters_another_subject_is_refused_not_moved
     assert_eq!(refused.kind(), ErrorKind::Config, "{refused}");
     let (_client, js) = raw(&server).await;
     let mut consumer: jetstream::consumer::PullConsumer = js
-        .get_consumer_from_stream(bus.durable_name(topic, 1), "SHARED")
+        .get_consumer_from_stream(bus.transport().durable_name(topic, 1), "SHARED")
         .await
         .unwrap();
     assert_eq!(
@@ -348,7 +365,7 @@ async fn a_delivery_lost_on_the_way_is_replayed_in_order_not_after_ack_wait() {
     // One handler and one queued job: a third message waits for room, so the bus stops pulling.
     settings.pool.pool_size = 1;
     settings.pool.inbox_size = 1;
-    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let bus = eventbus_nats::connect(settings, config).await.unwrap();
     let topic = "orders.gap";
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let handled = Recorder::<i64>::new();
@@ -376,7 +393,7 @@ async fn a_delivery_lost_on_the_way_is_replayed_in_order_not_after_ack_wait() {
     }
     // v1 runs (held at the gate), v2 queued, v3 waiting for room: the bus pulls no more.
     let (_client, js) = raw(&server).await;
-    let durable = bus.durable_name(topic, 1);
+    let durable = bus.transport().durable_name(topic, 1);
     let stream = js.get_stream("STREAM_orders_gap").await.unwrap();
     let consumer: jetstream::consumer::PullConsumer = stream.get_consumer(&durable).await.unwrap();
     eventually("the bus with no pull request open", || {
@@ -423,7 +440,7 @@ async fn a_delivery_lost_on_the_way_is_replayed_in_order_not_after_ack_wait() {
 async fn another_client_sharing_a_whole_topics_durable_is_not_taken_for_lost_deliveries() {
     let server = NatsServer::start();
     let topic = "orders.shared";
-    let bus = NatsBus::connect(nats_settings("shared"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("shared"), nats_config(&server.url()))
         .await
         .unwrap();
     let handled = Recorder::<(String, i64)>::new();
@@ -431,7 +448,7 @@ async fn another_client_sharing_a_whole_topics_durable_is_not_taken_for_lost_del
         .await
         .unwrap();
     let (_client, js) = raw(&server).await;
-    let durable = bus.durable_name(topic, 1);
+    let durable = bus.transport().durable_name(topic, 1);
     let stream = js.get_stream("STREAM_orders_shared").await.unwrap();
     let mut consumer: jetstream::consumer::PullConsumer =
         stream.get_consumer(&durable).await.unwrap();

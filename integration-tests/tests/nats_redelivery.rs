@@ -15,10 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{
-    Envelope, EventBus, HandlerContext, Message, OutboundMessage, SubscribeOptions,
-};
-use eventbus_nats::NatsBus;
+use eventbus_core::{Envelope, HandlerContext, Message, OutboundMessage, SubscribeOptions};
 use integration_tests::{
     Recorder, assert_first_handlings_in_order, assert_replays_are_in_order_suffixes, eventually,
     nats_config, nats_settings,
@@ -53,7 +50,9 @@ async fn a_pipelined_pull_request_read_late_loses_nothing_and_keeps_order() {
         inbox_size: 2,
         ..eventbus_pool::PoolConfig::default()
     };
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let topic = "orders.pipelined";
     for version in 1..=10 {
         bus.publish_envelope(topic, &envelope("x", version))
@@ -99,7 +98,7 @@ async fn a_pipelined_pull_request_read_late_loses_nothing_and_keeps_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_meets_a_held_message_is_still_an_in_order_suffix() {
     let server = NatsServer::start();
-    let bus = NatsBus::connect(nats_settings("remade"), nats_config(&server.url()))
+    let bus = eventbus_nats::connect(nats_settings("remade"), nats_config(&server.url()))
         .await
         .unwrap();
     let topic = "orders.remade";
@@ -131,7 +130,8 @@ async fn a_replay_that_meets_a_held_message_is_still_an_in_order_suffix() {
     handled
         .wait_for("version 3 running", |e| e.iter().any(|(_, v)| *v == 3))
         .await;
-    bus.delete_consumer(topic, &bus.durable_name(topic, 1))
+    bus.transport()
+        .delete_consumer(topic, &bus.transport().durable_name(topic, 1))
         .await
         .unwrap();
     bus.publish_envelope(topic, &envelope("k", 4))
@@ -140,7 +140,7 @@ async fn a_replay_that_meets_a_held_message_is_still_an_in_order_suffix() {
     // The durable is made again from the bus's position (the held version 3): the copy of 3
     // meets the held message and is dropped, 4 queues behind it.
     eventually("the replay reached the bus", || {
-        let (stats, pool) = (bus.stats(), bus.pool_stats());
+        let (stats, pool) = (bus.transport().stats(), bus.pool_stats());
         async move { stats.redeliveries_dropped >= 1 && pool.queued >= 1 }
     })
     .await;
@@ -163,7 +163,9 @@ async fn a_plain_message_cut_off_at_the_unsubscribe_deadline_is_not_handled_agai
     let server = NatsServer::start();
     let (mut settings, config) = (nats_settings("plaincut"), nats_config(&server.url()));
     settings.drain_timeout = Duration::from_millis(300);
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let topic = "plain.cut";
     let seen = Recorder::<Vec<u8>>::new();
     let started_once = Arc::new(AtomicBool::new(false));

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus_core::{
-    Envelope, EventBus, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HandlerContext, HandlerError,
+    Envelope, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HandlerContext, HandlerError,
     SubscribeOptions,
 };
 use eventbus_nats::{NatsBus, NatsConfig, ScaleOutSettings, TopicOptions, partition_of};
@@ -56,7 +56,7 @@ fn partitioned_config(url: &str, topic: &str, partitions: u16) -> NatsConfig {
 
 /// A bus of client `client` with `config`.
 async fn connect(client: &str, config: NatsConfig) -> NatsBus {
-    NatsBus::connect(nats_settings(client), config)
+    eventbus_nats::connect(nats_settings(client), config)
         .await
         .unwrap()
 }
@@ -138,7 +138,7 @@ async fn an_aggregates_partition_is_the_one_the_servers_partition_transform_pick
 /// Waits until `bus` reads `subjects` subjects of `topic`.
 async fn wait_reading(bus: &NatsBus, topic: &str, subjects: usize) {
     eventually(&format!("an instance reading {subjects} subjects"), || {
-        let reading = bus.partitions_reading(topic).len();
+        let reading = bus.transport().partitions_reading(topic).len();
         async move { reading == subjects }
     })
     .await;
@@ -227,7 +227,7 @@ async fn two_instances_share_the_partitions_and_never_run_one_aggregate_at_once(
     eventually("the instances read 3 and 4 of the 7 subjects", || {
         let counts: Vec<usize> = instances
             .iter()
-            .map(|bus| bus.partitions_reading(topic).len())
+            .map(|bus| bus.transport().partitions_reading(topic).len())
             .collect();
         async move { counts.iter().sum::<usize>() == 7 && counts.iter().all(|n| (3..=4).contains(n)) }
     })
@@ -679,8 +679,8 @@ async fn a_dropped_partitioned_unsubscribe_still_leaves_the_group() {
     let t = std::time::Instant::now();
     eventually("both instances reading", || {
         let counts = (
-            leaving.partitions_reading(topic).len(),
-            staying.partitions_reading(topic).len(),
+            leaving.transport().partitions_reading(topic).len(),
+            staying.transport().partitions_reading(topic).len(),
         );
         async move { counts.0 + counts.1 == 5 && counts.0 > 0 && counts.1 > 0 }
     })
@@ -748,13 +748,13 @@ async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_
     eventually("both instances reading", || {
         let counts: Vec<usize> = buses
             .iter()
-            .map(|bus| bus.partitions_reading(topic).len())
+            .map(|bus| bus.transport().partitions_reading(topic).len())
             .collect();
         async move { counts.iter().sum::<usize>() == 3 && counts.iter().all(|n| *n > 0) }
     })
     .await;
     let bucket = "eventbus_lost_scale_lost";
-    let lost = buses[1].partitions_reading(topic)[0];
+    let lost = buses[1].transport().partitions_reading(topic)[0];
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     js.get_key_value(bucket)
         .await
@@ -765,7 +765,7 @@ async fn a_claim_lost_while_reading_stops_that_reader_and_the_group_reads_every_
     eventually("every subject claimed and read again", || {
         let reading: usize = buses
             .iter()
-            .map(|bus| bus.partitions_reading(topic).len())
+            .map(|bus| bus.transport().partitions_reading(topic).len())
             .sum();
         let url = server.url();
         async move { reading == 3 && claims(&url, bucket).await.len() == 3 }
@@ -878,7 +878,7 @@ async fn close_keeps_its_claims_while_draining_so_nothing_running_is_replayed_el
     let publisher = connect("closing-publisher", config.clone()).await;
     let watched = Watched::new();
     let closing = Arc::new(
-        NatsBus::connect(settings.clone(), config.clone())
+        eventbus_nats::connect(settings.clone(), config.clone())
             .await
             .unwrap(),
     );
@@ -904,7 +904,7 @@ async fn close_keeps_its_claims_while_draining_so_nothing_running_is_replayed_el
         let closing = closing.clone();
         tokio::spawn(async move { closing.close().await })
     };
-    let other = NatsBus::connect(settings, config).await.unwrap();
+    let other = eventbus_nats::connect(settings, config).await.unwrap();
     other
         .subscribe_envelope(
             topic,
@@ -1071,7 +1071,7 @@ async fn many_instances_with_the_same_partition_count_starting_together_are_all_
         let mut buses = Vec::new();
         for _ in 0..instances {
             buses.push(
-                NatsBus::connect(
+                eventbus_nats::connect(
                     nats_settings("same"),
                     partitioned_config(&server.url(), &topic, 2),
                 )
@@ -1115,7 +1115,7 @@ fn with_ttl(mut config: NatsConfig, pinned_ttl: Duration) -> NatsConfig {
 async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_running_one() {
     let server = NatsServer::start();
     let topic = "scale.ttl";
-    let running = NatsBus::connect(
+    let running = eventbus_nats::connect(
         nats_settings("ttl"),
         with_ttl(
             partitioned_config(&server.url(), topic, 2),
@@ -1130,14 +1130,14 @@ async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_runnin
         .await
         .unwrap();
     integration_tests::eventually("the running instance reads all 3 subjects", || async {
-        running.partitions_reading(topic).len() == 3
+        running.transport().partitions_reading(topic).len() == 3
     })
     .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
     let mut attempt = 0;
     while tokio::time::Instant::now() < deadline {
         attempt += 1;
-        let other = NatsBus::connect(
+        let other = eventbus_nats::connect(
             nats_settings("ttl"),
             with_ttl(
                 partitioned_config(&server.url(), topic, 3),
@@ -1150,7 +1150,7 @@ async fn a_refused_instance_does_not_let_the_group_count_expire_under_the_runnin
             .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
             .await;
         let accepted = result.is_ok();
-        let reading = running.partitions_reading(topic);
+        let reading = running.transport().partitions_reading(topic);
         other.close().await.unwrap();
         assert!(
             !accepted,
@@ -1202,13 +1202,13 @@ async fn an_instance_with_a_shorter_pinned_ttl_keeps_the_groups_pin_lifetime() {
         .await
         .unwrap();
     eventually("both instances reading", || async {
-        !running.partitions_reading(topic).is_empty()
-            && !joining.partitions_reading(topic).is_empty()
+        !running.transport().partitions_reading(topic).is_empty()
+            && !joining.transport().partitions_reading(topic).is_empty()
     })
     .await;
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     let stream = js.get_stream("STREAM_scale_pinttl").await.unwrap();
-    let bare = running.durable_name(topic, 1);
+    let bare = running.transport().durable_name(topic, 1);
     for durable in [format!("{bare}_0"), format!("{bare}_1"), bare.clone()] {
         let mut consumer: async_nats::jetstream::consumer::PullConsumer =
             stream.get_consumer(&durable).await.unwrap();
@@ -1243,7 +1243,7 @@ async fn a_partition_durable_made_again_gets_the_groups_pin_lifetime() {
         .subscribe_envelope(topic, handled.envelope_handler(), SubscribeOptions::new())
         .await
         .unwrap();
-    let bare = first.durable_name(topic, 1);
+    let bare = first.transport().durable_name(topic, 1);
     first.close().await.unwrap();
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     let stream = js.get_stream("STREAM_scale_pinagain").await.unwrap();
@@ -1298,7 +1298,7 @@ async fn the_groups_rounds_leave_no_consumers_behind_on_the_server() {
     eventually("both instances reading", || async {
         instances
             .iter()
-            .all(|bus| !bus.partitions_reading(topic).is_empty())
+            .all(|bus| !bus.transport().partitions_reading(topic).is_empty())
     })
     .await;
     // Each round renews the partition count (a new revision of its key): a dozen renewals seen
@@ -1318,7 +1318,10 @@ async fn the_groups_rounds_leave_no_consumers_behind_on_the_server() {
     })
     .await;
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    let bucket = format!("KV_eventbus_{}", instances[0].durable_name(topic, 1));
+    let bucket = format!(
+        "KV_eventbus_{}",
+        instances[0].transport().durable_name(topic, 1)
+    );
     let consumers = js
         .get_stream(&bucket)
         .await
@@ -1357,7 +1360,7 @@ async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_ba
     let topic = "pk.orders";
     let dead_letter_topic = format!("{topic}.DLQ");
     let config = partitioned_config(&server.url(), topic, 2);
-    let service = NatsBus::connect(one_attempt("pk"), config.clone())
+    let service = eventbus_nats::connect(one_attempt("pk"), config.clone())
         .await
         .unwrap();
     let broken = Arc::new(AtomicBool::new(true));
@@ -1381,7 +1384,7 @@ async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_ba
         .await
         .unwrap();
     eventually("the service reads all 3 subjects", || async {
-        service.partitions_reading(topic).len() == 3
+        service.transport().partitions_reading(topic).len() == 3
     })
     .await;
     // The Go service: a plain JetStream publish of the envelope to the bare topic.
@@ -1408,7 +1411,9 @@ async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_ba
     broken.store(false, Ordering::SeqCst);
 
     // `eventbus dlq replay --aggregate order-1`, with the service's configuration.
-    let replayer = NatsBus::connect(nats_settings("pk"), config).await.unwrap();
+    let replayer = eventbus_nats::connect(nats_settings("pk"), config)
+        .await
+        .unwrap();
     let letters = replayer.dead_letters(&dead_letter_topic).await.unwrap();
     assert_eq!(letters.len(), 1);
     let (to, mut message) = letters[0].replay().unwrap();
@@ -1455,7 +1460,10 @@ async fn an_aggregate_parked_on_the_bare_subject_of_a_partitioned_topic_comes_ba
 async fn count_revision(server: &NatsServer, bus: &NatsBus, topic: &str) -> Option<u64> {
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.ok()?);
     let bucket = js
-        .get_key_value(format!("eventbus_{}", bus.durable_name(topic, 1)))
+        .get_key_value(format!(
+            "eventbus_{}",
+            bus.transport().durable_name(topic, 1)
+        ))
         .await
         .ok()?;
     bucket
@@ -1492,7 +1500,7 @@ async fn a_lost_claim_is_not_read_again_while_its_reader_still_holds_messages() 
     let handled = Recorder::<(i64, bool)>::new();
     let mut settings = nats_settings("held");
     settings.drain_timeout = Duration::from_secs(60);
-    let bus = NatsBus::connect(settings, config).await.unwrap();
+    let bus = eventbus_nats::connect(settings, config).await.unwrap();
     let (h, g, r) = (handled.clone(), gate.clone(), running.clone());
     let _subscription = bus
         .subscribe_envelope(
@@ -1519,7 +1527,7 @@ async fn a_lost_claim_is_not_read_again_while_its_reader_still_holds_messages() 
     let subject = format!("{topic}.0");
     let slot = partition_of("agg-7", 1);
     assert_eq!(slot, 0, "one partition");
-    let durable = bus.durable_name(&subject, 1);
+    let durable = bus.transport().durable_name(&subject, 1);
     let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     js.get_key_value("eventbus_held_scale_held")
         .await

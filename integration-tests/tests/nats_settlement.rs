@@ -15,10 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream::StorageType};
-use eventbus_core::{
-    DeadLetter, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions,
-};
-use eventbus_nats::NatsBus;
+use eventbus_core::{DeadLetter, Envelope, HandlerContext, HandlerError, SubscribeOptions};
 use integration_tests::{Recorder, eventually, nats_config, nats_settings};
 use test_brokers::NatsServer;
 
@@ -68,7 +65,9 @@ async fn unsubscribe_is_bounded_by_the_drain_timeout_when_the_fetcher_waits_for_
     settings.pool.pool_size = 2;
     settings.pool.inbox_size = 1;
     settings.drain_timeout = Duration::from_secs(1);
-    let bus = NatsBus::connect(settings.clone(), config).await.unwrap();
+    let bus = eventbus_nats::connect(settings.clone(), config)
+        .await
+        .unwrap();
     let topic = "review.fulllane";
     // Published first, so that the first pull request brings all four at once.
     for version in 1..=4 {
@@ -137,7 +136,7 @@ async fn dead_letter_write_cut_off_at_the_deadline(close_the_bus: bool) {
     // Long enough that the test sees what is nak'd at once apart from what waits for it.
     config.consumer.ack_wait = Duration::from_secs(5);
     let topic = "review.cutoff";
-    let first_bus = NatsBus::connect(settings.clone(), config.clone())
+    let first_bus = eventbus_nats::connect(settings.clone(), config.clone())
         .await
         .unwrap();
     let first = Recorder::<i64>::new();
@@ -166,14 +165,16 @@ async fn dead_letter_write_cut_off_at_the_deadline(close_the_bus: bool) {
             .unwrap();
     }
     eventually("the dead-letter write of v1 to fail", || async {
-        first_bus.stats().dead_letter_failures >= 1
+        first_bus.transport().stats().dead_letter_failures >= 1
     })
     .await;
     assert_eq!(first.events(), [1], "v2 ran before v1 was settled");
 
     let second_bus = if close_the_bus {
         first_bus.close().await.unwrap();
-        NatsBus::connect(settings.clone(), config).await.unwrap()
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap()
     } else {
         subscription.unsubscribe().await.unwrap();
         first_bus
@@ -232,7 +233,13 @@ async fn consumed_after_a_server_restart(stall: bool) {
     settings.pool.retry.max_attempts = 2;
     settings.pool.retry.initial_backoff = Duration::from_millis(10);
     settings.pool.retry.max_backoff = Duration::from_millis(100);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    settings.settlement =
+        eventbus_core::Backoff::new(Duration::from_millis(10), Duration::from_millis(100));
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "review.stalled";
     let handled = Recorder::<(String, i64)>::new();
     let h = handled.clone();
@@ -292,7 +299,7 @@ async fn consumed_after_a_server_restart(stall: bool) {
          stalled: handled {:?}, pool {:?}, stats {:?}",
         handled.events(),
         bus.pool_stats(),
-        bus.stats()
+        bus.transport().stats()
     );
     bus.close().await.unwrap();
 }
@@ -310,7 +317,11 @@ async fn a_dropped_unsubscribe_does_not_let_a_new_subscription_overtake_its_queu
     let server = NatsServer::start();
     let (mut settings, config) = (nats_settings("dropped"), nats_config(&server.url()));
     settings.drain_timeout = Duration::from_secs(20);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "review.dropped";
     let handled = Recorder::<(&'static str, i64)>::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -415,7 +426,11 @@ async fn a_dead_letter_after_the_topics_sequences_restarted_is_not_dropped_as_a_
     let (mut settings, mut config) = (nats_settings("seqdup"), nats_config(&server.url()));
     config.publish_timeout = Duration::from_secs(1);
     settings.drain_timeout = Duration::from_secs(1);
-    let bus = Arc::new(NatsBus::connect(settings.clone(), config).await.unwrap());
+    let bus = Arc::new(
+        eventbus_nats::connect(settings.clone(), config)
+            .await
+            .unwrap(),
+    );
     let topic = "mem.orders";
     let dead_letter_topic = "review.seqdup";
     let handled = Recorder::<String>::new();
@@ -436,7 +451,7 @@ async fn a_dead_letter_after_the_topics_sequences_restarted_is_not_dropped_as_a_
     let first = envelope("s-1", 1);
     bus.publish_envelope(topic, &first).await.unwrap();
     eventually("the first dead letter", || async {
-        bus.stats().dead_lettered >= 1
+        bus.transport().stats().dead_lettered >= 1
     })
     .await;
 
@@ -453,7 +468,7 @@ async fn a_dead_letter_after_the_topics_sequences_restarted_is_not_dropped_as_a_
         .wait_for("the second event handled", |e| e.contains(&second.event_id))
         .await;
     eventually("the second dead letter written", || async {
-        bus.stats().dead_lettered >= 2
+        bus.transport().stats().dead_lettered >= 2
     })
     .await;
     let client = async_nats::connect(server.url()).await.unwrap();
@@ -473,7 +488,7 @@ async fn a_dead_letter_after_the_topics_sequences_restarted_is_not_dropped_as_a_
         "both events were dead-lettered and terminated, the dead-letter stream holds {} \
          (stats {:?})",
         info.state.messages,
-        bus.stats()
+        bus.transport().stats()
     );
     bus.close().await.unwrap();
 }

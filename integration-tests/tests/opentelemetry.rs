@@ -155,7 +155,7 @@ fn one_trace_through(connect: impl AsyncFnOnce() -> Arc<dyn EventBus>) {
 fn one_trace_runs_from_a_publish_through_two_handlers_on_memory() {
     one_trace_through(async || {
         let bus: Arc<dyn EventBus> =
-            Arc::new(eventbus_memory::MemoryBus::new(BusSettings::new("memory", "otel")).unwrap());
+            Arc::new(eventbus_memory::start(BusSettings::new("memory", "otel")).unwrap());
         bus
     });
 }
@@ -165,7 +165,7 @@ fn one_trace_runs_from_a_publish_through_two_handlers_on_nats() {
     let server = NatsServer::start();
     one_trace_through(async || {
         let bus: Arc<dyn EventBus> = Arc::new(
-            eventbus_nats::NatsBus::connect(
+            eventbus_nats::connect(
                 BusSettings::new("nats", "otel"),
                 integration_tests::nats_config(&server.url()),
             )

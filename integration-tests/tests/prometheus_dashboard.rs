@@ -28,8 +28,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use eventbus_core::Backoff;
 use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-use eventbus_pool::{BusSettings, RetryPolicy};
+use eventbus_pool::BusSettings;
 use integration_tests::{kafka_config, nats_config};
 use metric_docs::{
     Documented, documented, http_get, metric_names_after, repository_file, repository_path,
@@ -321,11 +322,11 @@ struct Workload {
 /// to 200 ms (the demo's), otherwise the defaults.
 fn settings(backend: &str) -> BusSettings {
     let mut settings = BusSettings::new(backend, CLIENT_ID);
-    settings.pool.retry = RetryPolicy {
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(200),
-        ..settings.pool.retry
-    };
+    settings.pool.retry = settings
+        .pool
+        .retry
+        .with_backoff(Duration::from_millis(10), Duration::from_millis(200));
+    settings.settlement = Backoff::new(Duration::from_millis(10), Duration::from_millis(200));
     settings
 }
 
@@ -421,15 +422,14 @@ async fn every_dashboard_panel_and_alert_rule_has_data_in_a_real_prometheus_on_m
     // Fresh topics and group on a broker other tests may share.
     let run = format!("{}-{}", std::process::id(), free_port());
     let server = NatsServer::start();
-    let memory: Arc<dyn EventBus> =
-        Arc::new(eventbus_memory::MemoryBus::new(settings("memory")).unwrap());
+    let memory: Arc<dyn EventBus> = Arc::new(eventbus_memory::start(settings("memory")).unwrap());
     let nats: Arc<dyn EventBus> = Arc::new(
-        eventbus_nats::NatsBus::connect(settings("nats"), nats_config(&server.url()))
+        eventbus_nats::connect(settings("nats"), nats_config(&server.url()))
             .await
             .unwrap(),
     );
     let kafka: Arc<dyn EventBus> = Arc::new(
-        eventbus_kafka::KafkaBus::connect(
+        eventbus_kafka::connect(
             settings("kafka"),
             eventbus_kafka::KafkaConfig {
                 group_id: Some(format!("prometheus-dashboard-{run}")),

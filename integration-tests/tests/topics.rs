@@ -1,4 +1,4 @@
-//! `EventBus::ensure_topic` against real brokers: each mode creates, changes or only reports,
+//! `TopicAdmin::ensure_topic` (through the bus) against real brokers: each mode creates, changes or only reports,
 //! and the report names every difference.
 
 // Test code: a failed unwrap or index is a failed check.
@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use eventbus_core::{EnsureMode, EventBus, TopicReport, TopicSpec, TopicStorage};
+use eventbus_core::{EnsureMode, TopicReport, TopicSpec, TopicStorage};
 use eventbus_pool::BusSettings;
 use integration_tests::{eventually, kafka_config, nats_config};
 use test_brokers::{NatsServer, kafka_bootstrap};
@@ -24,7 +24,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn nats_streams_are_created_validated_and_updated_as_each_mode_allows() {
     integration_tests::capture_logs();
     let server = NatsServer::start();
-    let bus = eventbus_nats::NatsBus::connect(
+    let bus = eventbus_nats::connect(
         BusSettings::new("nats", "topics"),
         nats_config(&server.url()),
     )
@@ -110,7 +110,7 @@ async fn kafka_topics_are_created_grown_and_validated_keeping_their_other_settin
     use rdkafka::client::DefaultClientContext;
     integration_tests::capture_logs();
     let bootstrap = kafka_bootstrap();
-    let bus = eventbus_kafka::KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "topics"),
         kafka_config(&bootstrap),
     )
@@ -235,7 +235,7 @@ async fn a_nats_stream_lacking_its_partition_subjects_is_reported_then_covered()
             ..eventbus_nats::TopicOptions::default()
         },
     );
-    let bus = eventbus_nats::NatsBus::connect(BusSettings::new("nats", "split"), config)
+    let bus = eventbus_nats::connect(BusSettings::new("nats", "split"), config)
         .await
         .unwrap();
     let spec = TopicSpec::new("managed.split").with_partitions(3);
@@ -267,7 +267,7 @@ async fn a_nats_stream_lacking_its_partition_subjects_is_reported_then_covered()
 async fn kafka_partitions_are_not_added_to_a_topic_with_records_unless_asked() {
     use eventbus_core::Envelope;
     integration_tests::capture_logs();
-    let bus = eventbus_kafka::KafkaBus::connect(
+    let bus = eventbus_kafka::connect(
         BusSettings::new("kafka", "repartition"),
         kafka_config(&kafka_bootstrap()),
     )
@@ -332,7 +332,7 @@ async fn kafka_topics_get_their_min_insync_replicas_on_first_use_and_through_ens
             },
         );
     }
-    let bus = eventbus_kafka::KafkaBus::connect(BusSettings::new("kafka", "isr"), config)
+    let bus = eventbus_kafka::connect(BusSettings::new("kafka", "isr"), config)
         .await
         .unwrap();
     let created = bus

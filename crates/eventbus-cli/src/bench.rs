@@ -22,9 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use eventbus::{
-    Backend, Config, Envelope, EventBus, HandlerContext, OutboundMessage, SubscribeOptions,
-};
+use eventbus::{Backend, Config, Envelope, HandlerContext, OutboundMessage, SubscribeOptions};
 use futures::StreamExt;
 use tokio::sync::Notify;
 
@@ -646,7 +644,7 @@ async fn scale_out(
     in_flight: u64,
     instances: u64,
 ) -> Result<Vec<Figure>, CliError> {
-    use eventbus::nats::{NatsBus, TopicOptions};
+    use eventbus::nats::TopicOptions;
 
     let count = envelopes.len() as u64;
     let run = std::process::id();
@@ -669,7 +667,7 @@ async fn scale_out(
         let span = Arc::new(std::sync::Mutex::new(None::<(Instant, Instant)>));
         let mut buses = Vec::new();
         for _ in 0..members {
-            let bus = NatsBus::connect(settings.clone(), nats.clone()).await?;
+            let bus = eventbus::nats::connect(settings.clone(), nats.clone()).await?;
             let (h, done, span) = (handled.clone(), all_handled.clone(), span.clone());
             bus.subscribe_envelope(
                 &topic,
@@ -697,7 +695,7 @@ async fn scale_out(
         // The backlog is published while the subjects' consumers are paused, then they resume
         // at once: the figure is the instances' handling, not the publisher's pace.
         let paused = pause_subjects(&config, &buses, &topic).await?;
-        let publisher = NatsBus::connect(
+        let publisher = eventbus::nats::connect(
             eventbus::BusSettings::new("nats", &format!("{}-publisher", config.client_id)),
             nats.clone(),
         )
@@ -724,7 +722,7 @@ async fn scale_out(
             .map_or(0.0, |(first, last)| rate(count, last - first));
         let per_instance: Vec<String> = buses
             .iter()
-            .map(|bus| bus.partitions_reading(&topic).len().to_string())
+            .map(|bus| bus.transport().partitions_reading(&topic).len().to_string())
             .collect();
         eprintln!(
             "  {members} instance(s): subjects read {}, published at {published:.0}/s",
@@ -778,7 +776,7 @@ async fn pause_subjects(
         (0..SCALE_OUT_PARTITIONS).map(|index| eventbus::nats::partition_subject(topic, index)),
     );
     for subject in subjects {
-        let durable = bus.durable_name(&subject, 1);
+        let durable = bus.transport().durable_name(&subject, 1);
         stream
             .pause_consumer(&durable, until)
             .await
@@ -802,7 +800,7 @@ async fn wait_balanced(
     loop {
         let counts: Vec<usize> = buses
             .iter()
-            .map(|bus| bus.partitions_reading(topic).len())
+            .map(|bus| bus.transport().partitions_reading(topic).len())
             .collect();
         if counts.iter().sum::<usize>() == subjects
             && counts.iter().all(|n| (low..=high).contains(n))

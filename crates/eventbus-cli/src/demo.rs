@@ -12,8 +12,7 @@ use crate::CliError;
 use crate::counter::Counter;
 use clap::Args;
 use eventbus::{
-    Config, Envelope, EventBus, HandlerContext, HandlerError, Message, OffsetDateTime,
-    SubscribeOptions,
+    Config, Envelope, HandlerContext, HandlerError, Message, OffsetDateTime, SubscribeOptions,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 

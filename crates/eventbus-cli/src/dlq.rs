@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use eventbus::{EventBus, OffsetDateTime, StoredDeadLetter};
+use eventbus::{OffsetDateTime, StoredDeadLetter};
 use serde_json::{Map, Value, json};
 
 use crate::CliError;

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use clap::Args;
 use eventbus::{
-    Backend, Bus, Config, Envelope, EventBus, HandlerContext, HandlerError, Message,
-    OutboundMessage, Position, SubscribeOptions,
+    Backend, Bus, Config, Envelope, HandlerContext, HandlerError, Message, OutboundMessage,
+    Position, SubscribeOptions,
 };
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use eventbus::{Config, EnsureMode, EventBus};
+use eventbus::{Config, EnsureMode};
 
 use crate::CliError;
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus::{Config, Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
+use eventbus::{Config, Envelope, HandlerContext, HandlerError, SubscribeOptions};
 use test_brokers::{NatsServer, kafka_bootstrap};
 
 // Each test binary uses a part of the shared helpers.

@@ -8,20 +8,22 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::connection::ConnectionWatch;
-use crate::dead_letter::StoredDeadLetter;
 use crate::envelope::Envelope;
 use crate::error::Error;
 use crate::handler::{EnvelopeHandler, MessageHandler};
 use crate::health::HealthReport;
 use crate::message::{OutboundMessage, Position};
 use crate::pipeline::{PendingPublish, PublishResults};
+use crate::retry::RetryPolicy;
 use crate::topic::{dead_letter_topic, validate_topic};
-use crate::topic_spec::{EnsureMode, TopicReport, TopicSpec};
 
 /// An event bus: publish and subscribe on one backend (memory, NATS JetStream, Kafka).
 ///
 /// Object safe: hold it as `Arc<dyn EventBus>`. The delivery contract is the same on every
 /// backend: envelopes at-least-once and in order per aggregate, plain messages at-most-once.
+/// What not every backend offers is a trait of its own: [`DeadLetterStore`](crate::DeadLetterStore)
+/// and [`TopicAdmin`](crate::TopicAdmin). Every backend's bus (`eventbus_pool::TransportBus`)
+/// has all these methods as inherent methods too, so calling them needs no trait import.
 #[async_trait]
 pub trait EventBus: Send + Sync {
     /// Publishes a plain message to `topic`.
@@ -75,20 +77,7 @@ pub trait EventBus: Send + Sync {
         &self,
         topic: &str,
         envelopes: &[Envelope],
-    ) -> Vec<Result<Position, Error>> {
-        let mut started = Vec::with_capacity(envelopes.len());
-        for envelope in envelopes {
-            started.push(self.start_publish_envelope(topic, envelope).await);
-        }
-        let mut results = Vec::with_capacity(started.len());
-        for pending in started {
-            results.push(match pending {
-                Ok(pending) => pending.await,
-                Err(error) => Err(error),
-            });
-        }
-        results
-    }
+    ) -> Vec<Result<Position, Error>>;
 
     /// A stream of the results of the pipelined publishes started from now on, in the order
     /// they started. Every stream gets every result.
@@ -113,26 +102,9 @@ pub trait EventBus: Send + Sync {
     /// The bus's current health.
     async fn health(&self) -> HealthReport;
 
-    /// Makes `spec.name` what `spec` says, as far as `mode` allows, and reports what it did and
-    /// how the topic still differs. The memory backend has nothing to configure: every topic
-    /// exists and matches.
-    async fn ensure_topic(&self, spec: &TopicSpec, mode: EnsureMode) -> Result<TopicReport, Error>;
-
     /// A watch of the bus's connection to its broker: read it now, or wait for it to change
     /// (reconnecting, connected again, closed).
     fn connection_state(&self) -> ConnectionWatch;
-
-    /// The dead letters `dead_letter_topic` holds now, oldest first: what `eventbus dlq list`
-    /// shows. Reads the topic from its start to where it ends when called, without taking
-    /// anything from the bus's subscriptions. The memory backend keeps no dead letters and
-    /// fails with `Config` (field `type`).
-    async fn dead_letters(&self, dead_letter_topic: &str) -> Result<Vec<StoredDeadLetter>, Error>;
-
-    /// Removes a dead letter: it is no longer listed. NATS deletes it from its stream; Kafka,
-    /// whose records cannot be deleted one by one, records its position in
-    /// `{dead-letter topic}.replayed`. A replayed copy (`X-Replay-Of`) removes its dead letter
-    /// by itself once a subscription has handled it; this is for dead letters dropped by hand.
-    async fn remove_dead_letter(&self, letter: &StoredDeadLetter) -> Result<(), Error>;
 
     /// Stops intake, lets in-flight handlers finish up to the drain timeout, acknowledges what
     /// finished and leaves the rest for redelivery. Idempotent.
@@ -214,6 +186,11 @@ pub struct SubscribeOptions {
     /// parked successors back, in their order. Off by default (the aggregate moves on, as the
     /// Go SDK does). The set of parked aggregates is kept by the running subscription.
     pub park_on_dead_letter: bool,
+    /// How the handler is retried (envelopes): attempts, backoff, a decision per error, and a
+    /// handler's own delay ([`HandlerError::with_retry_after`](crate::HandlerError::with_retry_after)).
+    /// `None` (the default) takes the bus's policy (`[retry]`). Settling (acks, dead-letter
+    /// writes) is retried with the bus's settlement backoff whatever this says.
+    pub retry: Option<RetryPolicy>,
 }
 
 impl SubscribeOptions {
@@ -250,6 +227,12 @@ impl SubscribeOptions {
     /// [`SubscribeOptions::handler_timeout`]).
     pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// Retries the handler by `policy` instead of the bus's (see [`SubscribeOptions::retry`]).
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
         self
     }
 

@@ -1,7 +1,9 @@
 //! Dead-letter messages: what a failed message becomes on its dead-letter topic.
 
+use async_trait::async_trait;
 use time::OffsetDateTime;
 
+use crate::error::Error;
 use crate::headers::header_value;
 use crate::message::{Message, OutboundMessage, Position};
 use crate::timestamp;
@@ -112,9 +114,38 @@ pub const DEAD_LETTER_HEADERS: [&str; 13] = [
     HEADER_DEAD_LETTERED_BY,
 ];
 
+/// Reading and removing the dead letters a broker keeps: what `eventbus dlq list`, `replay`
+/// and `drop` use, and what a parking subscription reads when it starts.
+///
+/// A capability of its own, beside [`EventBus`](crate::EventBus): the NATS and Kafka backends
+/// keep dead letters on their dead-letter topics; the memory backend hands them to the
+/// dead-letter topic's subscribers and keeps none, so it answers every call with
+/// [`Error::Unsupported`].
+#[async_trait]
+pub trait DeadLetterStore: Send + Sync {
+    /// The dead letters `dead_letter_topic` holds now, oldest first. Reads the topic from its
+    /// start to where it ends when called, without taking anything from the bus's
+    /// subscriptions.
+    async fn dead_letters(&self, dead_letter_topic: &str) -> Result<Vec<StoredDeadLetter>, Error>;
+
+    /// The dead letter at `position` of `dead_letter_topic`, or `None` when there is none there
+    /// (removed already, or another message of a shared stream sits at that position).
+    async fn dead_letter_at(
+        &self,
+        dead_letter_topic: &str,
+        position: Position,
+    ) -> Result<Option<StoredDeadLetter>, Error>;
+
+    /// Removes a dead letter: it is no longer listed. NATS deletes it from its stream; Kafka,
+    /// whose records cannot be deleted one by one, records its position in
+    /// `{dead-letter topic}.replayed`. A replayed copy (`X-Replay-Of`) removes its dead letter
+    /// by itself once a subscription has handled it; this is for dead letters dropped by hand.
+    /// Idempotent: a dead letter removed already is no error.
+    async fn remove_dead_letter(&self, letter: &StoredDeadLetter) -> Result<(), Error>;
+}
+
 /// A dead letter as its dead-letter topic holds it: the message, with its place in that topic
-/// in `message.meta.position` (what [`EventBus::dead_letters`](crate::EventBus::dead_letters)
-/// returns).
+/// in `message.meta.position` (what [`DeadLetterStore::dead_letters`] returns).
 #[derive(Debug, Clone)]
 pub struct StoredDeadLetter {
     /// The dead letter: its topic is the dead-letter topic.

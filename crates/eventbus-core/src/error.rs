@@ -76,6 +76,15 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The backend does not offer this operation (the memory backend keeps no dead letters to
+    /// list, for example). Trying again does not help; another backend might.
+    #[error("{operation} is not supported by the {backend} backend")]
+    Unsupported {
+        /// What was asked (`dead_letters`, `ensure_topic`, ...).
+        operation: &'static str,
+        /// The backend asked (`memory`, `nats`, `kafka`).
+        backend: &'static str,
+    },
     /// A configuration value is invalid.
     #[error("invalid configuration: {field}: {reason}")]
     Config {
@@ -112,6 +121,8 @@ pub enum ErrorKind {
     Security,
     /// See [`Error::Config`].
     Config,
+    /// See [`Error::Unsupported`].
+    Unsupported,
 }
 
 impl Error {
@@ -129,6 +140,7 @@ impl Error {
             Error::Broker { .. } => ErrorKind::Broker,
             Error::Security { .. } => ErrorKind::Security,
             Error::Config { .. } => ErrorKind::Config,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
         }
     }
 
@@ -251,6 +263,13 @@ mod tests {
                 Error::config("pool.pool_size", "must be > 0"),
                 ErrorKind::Config,
             ),
+            (
+                Error::Unsupported {
+                    operation: "dead_letters",
+                    backend: "memory",
+                },
+                ErrorKind::Unsupported,
+            ),
         ];
         for (error, kind) in cases {
             assert_eq!(error.kind(), kind, "{error}");
@@ -263,6 +282,14 @@ mod tests {
         assert_eq!(
             Error::config("pool.pool_size", "must be > 0").to_string(),
             "invalid configuration: pool.pool_size: must be > 0"
+        );
+        assert_eq!(
+            Error::Unsupported {
+                operation: "dead_letters",
+                backend: "memory"
+            }
+            .to_string(),
+            "dead_letters is not supported by the memory backend"
         );
         assert_eq!(
             Error::from(AggregateIdError::Empty).to_string(),

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
@@ -106,6 +107,7 @@ pub enum HandlerErrorKind {
 pub struct HandlerError {
     kind: HandlerErrorKind,
     source: BoxError,
+    retry_after: Option<Duration>,
 }
 
 impl HandlerError {
@@ -114,6 +116,7 @@ impl HandlerError {
         Self {
             kind: HandlerErrorKind::Transient,
             source: source.into(),
+            retry_after: None,
         }
     }
 
@@ -122,7 +125,23 @@ impl HandlerError {
         Self {
             kind: HandlerErrorKind::Permanent,
             source: source.into(),
+            retry_after: None,
         }
+    }
+
+    /// Asks for the next attempt after `delay` rather than the retry policy's backoff (a
+    /// rate limit's `Retry-After`, a lock held for a known time). The attempt still counts
+    /// toward `max_attempts`; a policy's decision may still give up or pick its own delay
+    /// ([`RetryPolicy`](crate::RetryPolicy)). Meaningless on a permanent error.
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// The delay the handler asked for before the next attempt
+    /// ([`with_retry_after`](Self::with_retry_after)).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// Transient or permanent.
@@ -151,6 +170,7 @@ impl fmt::Debug for HandlerError {
         f.debug_struct("HandlerError")
             .field("kind", &self.kind)
             .field("source", &self.source)
+            .field("retry_after", &self.retry_after)
             .finish()
     }
 }

@@ -78,6 +78,7 @@ mod message;
 mod metrics;
 mod outcome;
 mod pipeline;
+mod retry;
 mod secret;
 mod timestamp;
 mod topic;
@@ -93,11 +94,11 @@ pub use bus::{
 };
 pub use connection::{ConnectionState, ConnectionWatch};
 pub use dead_letter::{
-    DEAD_LETTER_HEADERS, HEADER_DEAD_LETTERED_AT, HEADER_DEAD_LETTERED_BY, HEADER_ERROR_MESSAGE,
-    HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET, HEADER_ORIGINAL_PARTITION,
-    HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC, HEADER_PARKED, HEADER_REPLAY_HEAD,
-    HEADER_REPLAY_LAST, HEADER_REPLAY_OF, HEADER_REPLAYED, StoredDeadLetter, dead_letter_message,
-    replayed_dead_letter,
+    DEAD_LETTER_HEADERS, DeadLetterStore, HEADER_DEAD_LETTERED_AT, HEADER_DEAD_LETTERED_BY,
+    HEADER_ERROR_MESSAGE, HEADER_FAILED_ATTEMPTS, HEADER_ORIGINAL_OFFSET,
+    HEADER_ORIGINAL_PARTITION, HEADER_ORIGINAL_STREAM_SEQUENCE, HEADER_ORIGINAL_TOPIC,
+    HEADER_PARKED, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAY_OF, HEADER_REPLAYED,
+    StoredDeadLetter, dead_letter_message, replayed_dead_letter,
 };
 pub use envelope::{
     Envelope, EnvelopeError, HEADER_AGGREGATE_ID, HEADER_CORRELATION_ID, HEADER_EVENT_ID,
@@ -114,9 +115,10 @@ pub use message::{DeliveryMeta, Message, OutboundMessage, Position};
 pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
 pub use pipeline::{PendingPublish, PublishFailure, PublishResult, PublishResults, ResultsError};
+pub use retry::{Backoff, MAX_ATTEMPTS, MAX_BACKOFF, RetryDecision, RetryPolicy};
 pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
-pub use topic_spec::{EnsureMode, TopicMismatch, TopicReport, TopicSpec, TopicStorage};
+pub use topic_spec::{EnsureMode, TopicAdmin, TopicMismatch, TopicReport, TopicSpec, TopicStorage};
 pub use trace_context::{
     TRACEPARENT, TRACESTATE, TraceContext, TraceContextError, TraceContextErrorKind,
 };

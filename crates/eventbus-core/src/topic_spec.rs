@@ -1,8 +1,24 @@
 //! Topics managed from code or a deploy pipeline: what a topic should be, and what
-//! [`EventBus::ensure_topic`](crate::EventBus::ensure_topic) did about it.
+//! [`TopicAdmin::ensure_topic`](crate::TopicAdmin::ensure_topic) did about it.
 
 use std::fmt;
 use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Error;
+
+/// Making topics what a [`TopicSpec`] says: what `eventbus topics ensure` and a deploy step use.
+///
+/// A capability of its own, beside [`EventBus`](crate::EventBus). The memory backend has
+/// nothing to configure (every topic exists and matches) and reports an empty
+/// [`TopicReport`].
+#[async_trait]
+pub trait TopicAdmin: Send + Sync {
+    /// Makes `spec.name` what `spec` says, as far as `mode` allows, and reports what it did and
+    /// how the topic still differs.
+    async fn ensure_topic(&self, spec: &TopicSpec, mode: EnsureMode) -> Result<TopicReport, Error>;
+}
 
 /// Where a topic's messages are kept (NATS JetStream streams; Kafka always uses disk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,7 +97,7 @@ impl TopicSpec {
     }
 }
 
-/// What [`EventBus::ensure_topic`](crate::EventBus::ensure_topic) may do (the Go SDK's
+/// What [`TopicAdmin::ensure_topic`](crate::TopicAdmin::ensure_topic) may do (the Go SDK's
 /// `ConfigureTopic` strategies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EnsureMode {
@@ -160,7 +176,7 @@ impl fmt::Display for TopicMismatch {
     }
 }
 
-/// What [`EventBus::ensure_topic`](crate::EventBus::ensure_topic) did.
+/// What [`TopicAdmin::ensure_topic`](crate::TopicAdmin::ensure_topic) did.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct TopicReport {

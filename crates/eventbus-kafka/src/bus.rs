@@ -6,12 +6,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use eventbus_core::{
-    Envelope, EnvelopeHandler, Error, EventBus, HealthReport, HealthStatus, MessageHandler,
-    OutboundMessage, PendingPublish, PublishResults, StartPosition, SubscribeOptions, Subscription,
-    SubscriptionControl, async_trait, validate_topic,
+    ConnectionWatch, EnsureMode, Error, HealthReport, HealthStatus, StartPosition, Subscription,
+    SubscriptionControl, TopicAdmin, TopicReport, TopicSpec, async_trait, validate_topic,
 };
-use eventbus_pool::BusSettings;
-use eventbus_pool::consume::{Handler, Runtime};
+use eventbus_pool::consume::Runtime;
+use eventbus_pool::transport::{AckFuture, Outgoing, SubscribeRequest, Transport};
+use eventbus_pool::{BusSettings, ShutdownReport, TransportBus};
 
 use crate::config::KafkaConfig;
 use crate::group::{CATCH_UP, Entry, Group, Poller};
@@ -23,14 +23,18 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long subscribing a new topic waits for the group's rebalance.
 const ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 
-/// An event bus on Apache Kafka.
+/// An event bus on Apache Kafka: the [`TransportBus`] over [`KafkaTransport`], made by
+/// [`connect`](crate::connect).
 ///
 /// One consumer group per bus (`group_id`, default the client ID) consumes every subscribed
 /// topic; each assigned partition has a reader per subscription on the shared consume runtime
 /// (a scope of the engine), so records of one partition run concurrently across aggregates and
 /// in order per aggregate. Offsets are committed only up to the first unfinished record. See
 /// `docs/kafka.md`.
-pub struct KafkaBus {
+pub type KafkaBus = TransportBus<KafkaTransport>;
+
+/// The Kafka backend's transport: the producer, the consumer group and its poll thread.
+pub struct KafkaTransport {
     inner: Arc<Inner>,
 }
 
@@ -43,68 +47,52 @@ struct Inner {
     /// Serializes subscribe and unsubscribe: a topic's group membership changes one at a time.
     membership: tokio::sync::Mutex<()>,
     closed: AtomicBool,
-    closing: tokio::sync::Mutex<bool>,
 }
 
-impl KafkaBus {
-    /// The publisher for `topic`: fails when the name is invalid or the bus closed.
-    fn open_publisher(&self, topic: &str) -> Result<&crate::producer::Publisher, Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        Ok(&self.inner.publisher)
+/// Starts the producer and the consumer group of `config` as `settings.client_id`, and the
+/// consume runtime on the current tokio runtime, once the brokers were asked for metadata
+/// with the configuration's security settings (`kafka.properties`): a broker that refuses
+/// the credentials, or TLS that fails (a certificate not trusted, none where the broker
+/// wants one), fails the call with [`ErrorKind::Security`](eventbus_core::ErrorKind)
+/// naming librdkafka's reason, within a second or two rather than a retry loop. Brokers
+/// that cannot be reached do not fail it: the bus starts (after at most 10 s, at once
+/// when every broker refused the connection), logs a warning, and publishing fails after
+/// `publish_timeout` until one answers.
+///
+/// # Cancel safety
+///
+/// Cancel safe: only the check of the brokers is awaited, before anything starts; a
+/// dropped call starts nothing.
+pub async fn connect(settings: BusSettings, config: KafkaConfig) -> Result<KafkaBus, Error> {
+    settings.validate()?;
+    config.validate()?;
+    let client_id = settings.client_id.clone();
+    if crate::probe::probe(&config, &client_id).await? == crate::probe::Reached::NotYet {
+        tracing::warn!(
+            servers = ?config.bootstrap_servers,
+            "no Kafka broker answered yet; starting anyway (publishes fail after publish_timeout until one does)"
+        );
     }
+    let namespace = settings.metrics_namespace.clone();
+    let publisher = Arc::new(Publisher::new(config, &client_id)?);
+    let runtime = Arc::new(Runtime::new(settings, publisher.clone())?);
+    let (group, poller) = Group::start(&publisher.config, &client_id, runtime.clone(), &namespace)?;
+    tracing::info!(client_id, group = %group.name, servers = ?publisher.config.bootstrap_servers, "Kafka bus started");
+    let transport = KafkaTransport {
+        inner: Arc::new(Inner {
+            publisher,
+            runtime: runtime.clone(),
+            group,
+            poller,
+            next_subscription: AtomicU64::new(0),
+            membership: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        }),
+    };
+    Ok(TransportBus::new(runtime, transport))
+}
 
-    /// Starts the producer and the consumer group of `config` as `settings.client_id`, and the
-    /// consume runtime on the current tokio runtime, once the brokers were asked for metadata
-    /// with the configuration's security settings (`kafka.properties`): a broker that refuses
-    /// the credentials, or TLS that fails (a certificate not trusted, none where the broker
-    /// wants one), fails the call with [`ErrorKind::Security`](eventbus_core::ErrorKind)
-    /// naming librdkafka's reason, within a second or two rather than a retry loop. Brokers
-    /// that cannot be reached do not fail it: the bus starts (after at most 10 s, at once
-    /// when every broker refused the connection), logs a warning, and publishing fails after
-    /// `publish_timeout` until one answers.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: only the check of the brokers is awaited, before anything starts; a
-    /// dropped call starts nothing.
-    pub async fn connect(settings: BusSettings, config: KafkaConfig) -> Result<Self, Error> {
-        settings.validate()?;
-        config.validate()?;
-        let client_id = settings.client_id.clone();
-        if crate::probe::probe(&config, &client_id).await? == crate::probe::Reached::NotYet {
-            tracing::warn!(
-                servers = ?config.bootstrap_servers,
-                "no Kafka broker answered yet; starting anyway (publishes fail after publish_timeout until one does)"
-            );
-        }
-        let namespace = settings.metrics_namespace.clone();
-        let publisher = Arc::new(Publisher::new(config, &client_id)?);
-        let runtime = Arc::new(Runtime::new(settings, publisher.clone())?);
-        let (group, poller) =
-            Group::start(&publisher.config, &client_id, runtime.clone(), &namespace)?;
-        tracing::info!(client_id, group = %group.name, servers = ?publisher.config.bootstrap_servers, "Kafka bus started");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                publisher,
-                runtime,
-                group,
-                poller,
-                next_subscription: AtomicU64::new(0),
-                membership: tokio::sync::Mutex::new(()),
-                closed: AtomicBool::new(false),
-                closing: tokio::sync::Mutex::new(false),
-            }),
-        })
-    }
-
-    /// The ordering engine's counters.
-    pub fn pool_stats(&self) -> eventbus_pool::PoolStats {
-        self.inner.runtime.pool_stats()
-    }
-
+impl KafkaTransport {
     /// The consumer group of this bus.
     pub fn group_id(&self) -> &str {
         &self.inner.group.name
@@ -114,11 +102,22 @@ impl KafkaBus {
     pub fn assigned_partitions(&self) -> usize {
         self.inner.group.assigned_count()
     }
+}
 
-    /// What the consume runtime did besides handling: dead letters written and failed, records
-    /// given back.
-    pub fn stats(&self) -> eventbus_pool::consume::ConsumeStats {
-        self.inner.runtime.stats()
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    /// Hands the record to librdkafka's queue and returns; its acknowledgement is the
+    /// record's partition and offset. The key chooses the partition: an envelope's is its
+    /// aggregate ID (one aggregate, one partition).
+    async fn send(&self, outgoing: Outgoing<'_>) -> Result<AckFuture, Error> {
+        self.inner
+            .publisher
+            .start_publish(outgoing.topic, &outgoing.message)
+            .await
     }
 
     /// Subscribes `handler` to `topic`: the topic is created if missing, and joins the group's
@@ -135,13 +134,10 @@ impl KafkaBus {
     ///
     /// The work runs on a task of its own: a dropped call still completes the subscription,
     /// whose handle is then lost (it stays until `close`).
-    async fn subscribe_handler(
-        &self,
-        topic: &str,
-        handler: Handler,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        validate_topic(topic)?;
+    async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, Error> {
+        let SubscribeRequest { spec, options, .. } = request;
+        let topic = spec.topic.clone();
+        let topic = topic.as_str();
         let group = &self.inner.group.name;
         if let Some(name) = options.durable.as_ref().filter(|name| *name != group) {
             return Err(Error::config(
@@ -159,28 +155,14 @@ impl KafkaBus {
                  kafka.auto_offset_reset",
             ));
         }
-        let dead_letter = if handler.is_envelope() {
-            options.dead_letter_topic(topic)?
-        } else {
-            None
-        };
-        let handler_timeout = options.checked_handler_timeout()?;
-        if options.park_on_dead_letter && dead_letter.is_none() {
-            return Err(Error::config(
-                "park_on_dead_letter",
-                "parking needs an envelope subscription with a dead-letter topic",
-            ));
-        }
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
         let entry = Arc::new(Entry {
             id: self.inner.next_subscription.fetch_add(1, Ordering::Relaxed) + 1,
             topic: topic.to_owned(),
-            handler,
-            dead_letter,
-            handler_timeout,
-            park_on_dead_letter: options.park_on_dead_letter,
+            // Kafka records have no subject to take a key from.
+            spec: spec.with_subject_keys(false),
             leaving: Arc::new(AtomicBool::new(false)),
         });
         let inner = self.inner.clone();
@@ -228,185 +210,73 @@ impl KafkaBus {
             },
         ))
     }
-}
 
-#[async_trait]
-impl EventBus for KafkaBus {
-    /// Publishes and waits for the broker's acknowledgement (`acks=all`, idempotent); the key
-    /// chooses the partition.
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        let publisher = self.open_publisher(topic)?;
-        self.inner
-            .runtime
-            .publish(topic, message, |message| async move {
-                publisher.publish(topic, &message).await.map(|_| ())
-            })
-            .await
-    }
-
-    /// Publishes with the aggregate ID as the key (one aggregate, one partition) and the `X-*`
-    /// envelope headers.
-    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let publisher = self.open_publisher(topic)?;
-        self.inner
-            .runtime
-            .publish_envelope(topic, envelope, |message| async move {
-                publisher.publish(topic, &message).await.map(|_| ())
-            })
-            .await
-    }
-
-    /// Hands the record to librdkafka's queue and returns; the pending publish resolves to its
-    /// partition and offset once the broker acknowledges it.
-    async fn start_publish(
-        &self,
-        topic: &str,
-        message: OutboundMessage,
-    ) -> Result<PendingPublish, Error> {
-        let publisher = self.open_publisher(topic)?;
-        self.inner
-            .runtime
-            .start_publish(topic, message, |message| async move {
-                publisher.start_publish(topic, &message).await
-            })
-            .await
-    }
-
-    /// As [`start_publish`](Self::start_publish), keyed by the aggregate ID.
-    async fn start_publish_envelope(
-        &self,
-        topic: &str,
-        envelope: &Envelope,
-    ) -> Result<PendingPublish, Error> {
-        let publisher = self.open_publisher(topic)?;
-        self.inner
-            .runtime
-            .start_publish_envelope(topic, envelope, |message| async move {
-                publisher.start_publish(topic, &message).await
-            })
-            .await
-    }
-
-    fn publish_results(&self) -> PublishResults {
-        self.inner.runtime.publish_results()
-    }
-
-    async fn subscribe(
-        &self,
-        topic: &str,
-        handler: Arc<dyn MessageHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.subscribe_handler(topic, Handler::Plain(handler), options)
-            .await
-    }
-
-    async fn subscribe_envelope(
-        &self,
-        topic: &str,
-        handler: Arc<dyn EnvelopeHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.subscribe_handler(topic, Handler::Envelope(handler), options)
-            .await
-    }
-
-    async fn health(&self) -> HealthReport {
-        let inner = &self.inner;
-        let closed = inner.closed.load(Ordering::SeqCst);
-        let down = inner.group.brokers_down();
-        let report = HealthReport::new("kafka")
-            .with_component(
-                "brokers",
+    fn health(&self, report: HealthReport) -> HealthReport {
+        let group = &self.inner.group;
+        let down = group.brokers_down();
+        report.with_component(
+            "brokers",
+            if down {
+                HealthStatus::Degraded
+            } else {
+                HealthStatus::Healthy
+            },
+            Some(format!(
+                "{}; group {}, {} partitions assigned",
                 if down {
-                    HealthStatus::Degraded
+                    "every broker unreachable (the client keeps retrying)"
                 } else {
-                    HealthStatus::Healthy
+                    "reachable"
                 },
-                Some(format!(
-                    "{}; group {}, {} partitions assigned",
-                    if down {
-                        "every broker unreachable (the client keeps retrying)"
-                    } else {
-                        "reachable"
-                    },
-                    inner.group.name,
-                    inner.group.assigned_count()
-                )),
-            )
-            .with_bus_state(closed, inner.group.topics().len());
-        inner.runtime.add_health(report)
-    }
-
-    async fn ensure_topic(
-        &self,
-        spec: &eventbus_core::TopicSpec,
-        mode: eventbus_core::EnsureMode,
-    ) -> Result<eventbus_core::TopicReport, Error> {
-        validate_topic(&spec.name)?;
-        self.inner.publisher.ensure_spec(spec, mode).await
-    }
-
-    async fn dead_letters(
-        &self,
-        dead_letter_topic: &str,
-    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
-        validate_topic(dead_letter_topic)?;
-        let inner = &self.inner;
-        crate::dead_letters::read(
-            &inner.publisher.config,
-            &inner.runtime.settings().client_id,
-            dead_letter_topic,
+                group.name,
+                group.assigned_count()
+            )),
         )
-        .await
     }
 
-    async fn remove_dead_letter(
-        &self,
-        letter: &eventbus_core::StoredDeadLetter,
-    ) -> Result<(), Error> {
-        crate::dead_letters::remove(
-            &self.inner.publisher,
-            &letter.message.topic,
-            letter.position(),
-        )
-        .await
+    /// The topics the group consumes.
+    fn subscription_count(&self) -> Option<usize> {
+        Some(self.inner.group.topics().len())
     }
 
-    fn connection_state(&self) -> eventbus_core::ConnectionWatch {
+    fn connection_state(&self) -> ConnectionWatch {
         self.inner.group.connection_state()
     }
 
-    /// Takes what the assigned partitions held when it was called (up to half the drain timeout,
-    /// at most 5 s), stops polling, lets queued and running records finish up to the drain
-    /// timeout, commits what finished and leaves the group; what did not finish is read again
-    /// by the partitions' next owner.
-    async fn close(&self) -> Result<(), Error> {
+    fn topic_admin(&self) -> Option<&dyn TopicAdmin> {
+        Some(self)
+    }
+
+    /// Takes what the assigned partitions held when `close` was called (up to half the drain
+    /// timeout, at most 5 s) and stops polling; the bus then lets queued and running records
+    /// finish up to the drain timeout, and the poll thread commits what finished and leaves the
+    /// group: what did not finish is read again by the partitions' next owner.
+    async fn stop_intake(&self, _deadline: tokio::time::Instant) {
         let inner = &self.inner;
-        let mut closed = inner.closing.lock().await;
-        if *closed {
-            return Ok(());
-        }
         inner.closed.store(true, Ordering::SeqCst);
         inner.group.closed();
         let drain = inner.runtime.settings().drain_timeout;
-        let deadline = tokio::time::Instant::now() + drain;
         // Catching up takes half the drain timeout (5 s at most), draining the drain timeout;
         // committing and leaving the group get a few seconds more.
         inner
             .poller
             .close((drain / 2).min(CATCH_UP) + drain + CLOSE_GRACE)
             .await;
-        let report = inner.runtime.close(deadline).await;
-        let publisher = inner.publisher.clone();
+    }
+
+    /// Flushes the producer.
+    async fn finish_close(&self, _report: &ShutdownReport) {
+        let publisher = self.inner.publisher.clone();
         let _ = tokio::task::spawn_blocking(move || publisher.flush(CLOSE_GRACE)).await;
-        tracing::info!(
-            drained = report.drained,
-            cancelled = report.cancelled,
-            "Kafka bus closed"
-        );
-        *closed = true;
-        Ok(())
+        tracing::info!("Kafka bus closed");
+    }
+}
+
+#[async_trait]
+impl TopicAdmin for KafkaTransport {
+    async fn ensure_topic(&self, spec: &TopicSpec, mode: EnsureMode) -> Result<TopicReport, Error> {
+        validate_topic(&spec.name)?;
+        self.inner.publisher.ensure_spec(spec, mode).await
     }
 }
 

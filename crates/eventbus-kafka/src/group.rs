@@ -11,7 +11,7 @@ use bytes::Bytes;
 use eventbus_core::{
     ConnectionState, DeliveryMeta, Error, Headers, Message, OffsetDateTime, Position,
 };
-use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
+use eventbus_pool::consume::{Runtime, SubscriptionSpec};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, RebalanceProtocol,
 };
@@ -49,10 +49,8 @@ pub(crate) const CATCH_UP: Duration = Duration::from_secs(5);
 pub(crate) struct Entry {
     pub(crate) id: u64,
     pub(crate) topic: String,
-    pub(crate) handler: Handler,
-    pub(crate) dead_letter: Option<String>,
-    pub(crate) handler_timeout: Option<Duration>,
-    pub(crate) park_on_dead_letter: bool,
+    /// What each of its readers consumes (named per partition and generation).
+    pub(crate) spec: SubscriptionSpec,
     pub(crate) leaving: Arc<AtomicBool>,
 }
 
@@ -944,17 +942,17 @@ impl Group {
         );
         // Every reader of the topic in the group, whichever member and generation, owns its
         // dead letters: a copy is handled wherever its partition is read then.
-        let spec = SubscriptionSpec::new(entry.topic.clone(), name, entry.handler.clone())
-            .with_owner(format!("{}/{}", self.name, entry.topic))
-            .with_dead_letter(entry.dead_letter.clone())
-            .with_handler_timeout(entry.handler_timeout)
-            .with_park_on_dead_letter(entry.park_on_dead_letter);
+        let spec = entry
+            .spec
+            .clone()
+            .with_name(name)
+            .with_owner(format!("{}/{}", self.name, entry.topic));
         match self.runtime.subscribe(spec) {
             Ok(consumer) => Some(Arc::new(Reader {
                 subscription: entry.id,
                 consumer,
                 leaving: entry.leaving.clone(),
-                plain: !entry.handler.is_envelope(),
+                plain: !entry.spec.handler.is_envelope(),
             })),
             Err(error) => {
                 tracing::debug!(%error, "no reader: the runtime is closing");

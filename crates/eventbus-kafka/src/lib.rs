@@ -1,6 +1,7 @@
 //! Apache Kafka backend of the eventbus SDK.
 //!
-//! [`KafkaBus`] implements [`EventBus`](eventbus_core::EventBus) on Kafka through `rdkafka`
+//! [`connect`] makes a [`KafkaBus`]: the bus every backend is
+//! ([`TransportBus`](eventbus_pool::TransportBus)) over [`KafkaTransport`], on Kafka through `rdkafka`
 //! (librdkafka, built from source), with the delivery contract of every backend: envelopes
 //! at-least-once and in order per aggregate, plain messages at-most-once, many records of one
 //! partition in flight at once through the ordering engine (`eventbus-pool`).
@@ -27,7 +28,7 @@
 //!
 //! # Configuration
 //!
-//! [`KafkaBus::connect`] takes the settings every backend shares ([`BusSettings`]) and a
+//! [`connect`] takes the settings every backend shares ([`BusSettings`]) and a
 //! [`KafkaConfig`] with what only Kafka needs; any librdkafka property passes through
 //! [`KafkaConfig::properties`] (SASL, SSL), secrets redacted from `Debug` output.
 //!
@@ -35,12 +36,12 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-//! use eventbus_kafka::{BusSettings, KafkaBus, KafkaConfig};
+//! use eventbus_core::{Envelope, HandlerContext, SubscribeOptions};
+//! use eventbus_kafka::{BusSettings, KafkaConfig};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let bus = KafkaBus::connect(
+//! let bus = eventbus_kafka::connect(
 //!     BusSettings::new("kafka", "billing"),
 //!     KafkaConfig {
 //!         bootstrap_servers: vec!["127.0.0.1:9092".into()],
@@ -78,8 +79,9 @@ mod partition;
 mod probe;
 mod producer;
 mod topics;
+mod tracker;
 
-pub use bus::KafkaBus;
+pub use bus::{KafkaBus, KafkaTransport, connect};
 pub use config::{
     AssignmentStrategy, CONSUMER_DEFAULTS, GroupProtocol, KafkaConfig, OffsetReset, Partitioner,
     Properties, TopicOptions,

@@ -4,9 +4,10 @@
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use crate::tracker::CommitTracker;
 use eventbus_core::{Error, Message};
-use eventbus_pool::CommitTracker;
-use eventbus_pool::consume::{Consumer, Delivery, Receipt};
+use eventbus_pool::consume::Consumer;
+use eventbus_pool::transport::{Delivery, Receipt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use eventbus_core::{Error, OutboundMessage, Position, async_trait};
-use eventbus_pool::consume::{AckFuture, Transport};
+use eventbus_core::{DeadLetterStore, Error, OutboundMessage, Position, async_trait};
+use eventbus_pool::transport::{AckFuture, DeadLetterWriter, Outgoing};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -235,7 +235,7 @@ impl Publisher {
 }
 
 #[async_trait]
-impl Transport for Publisher {
+impl DeadLetterStore for Publisher {
     async fn dead_letters(
         &self,
         topic: &str,
@@ -251,21 +251,28 @@ impl Transport for Publisher {
         crate::dead_letters::read_at(&self.config, &self.client_id, topic, position).await
     }
 
-    async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
-        crate::dead_letters::remove(self, topic, position).await
+    async fn remove_dead_letter(
+        &self,
+        letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        crate::dead_letters::remove(self, &letter.message.topic, letter.position()).await
+    }
+}
+
+#[async_trait]
+impl DeadLetterWriter for Publisher {
+    fn store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
     }
 
     /// Dead letters keep the record's key, payload and headers (the runtime adds the reason
     /// headers); the idempotent producer stores a retried write once per producer session. A
     /// dead-letter topic the bus creates keeps its records forever unless configured otherwise.
-    async fn publish_dead_letter(
-        &self,
-        topic: &str,
-        letter: OutboundMessage,
-        _dedup_id: Option<&str>,
-    ) -> Result<(), Error> {
-        self.create_topic(topic, true).await?;
-        self.publish(topic, &letter).await.map(|_| ())
+    async fn publish_dead_letter(&self, letter: Outgoing<'_>) -> Result<(), Error> {
+        self.create_topic(letter.topic, true).await?;
+        self.publish(letter.topic, &letter.message)
+            .await
+            .map(|_| ())
     }
 }
 

@@ -109,7 +109,7 @@ impl Publisher {
     }
 
     /// Makes `spec.name` what `spec` says as far as `mode` allows (see
-    /// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic)). Kafka can add
+    /// [`TopicAdmin::ensure_topic`](eventbus_core::TopicAdmin::ensure_topic)). Kafka can add
     /// partitions and change retention; the replication factor is fixed once created, and
     /// storage is always `File`.
     ///

@@ -7,12 +7,12 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use eventbus_core::{Envelope, EventBus, HandlerContext, HandlerError, SubscribeOptions};
-//! use eventbus_memory::{BusSettings, MemoryBus};
+//! use eventbus_core::{Envelope, HandlerContext, HandlerError, SubscribeOptions};
+//! use eventbus_memory::BusSettings;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let bus = MemoryBus::new(BusSettings::new("memory", "demo"))?;
+//! let bus = eventbus_memory::start(BusSettings::new("memory", "demo"))?;
 //! let (seen, receiver) = tokio::sync::mpsc::unbounded_channel();
 //! bus.subscribe_envelope(
 //!     "orders",
@@ -41,8 +41,9 @@
 //! # }
 //! ```
 //!
-//! The bus is a transport on the consume runtime every backend shares
-//! (`eventbus_pool::consume`), so a message goes the same way as on a broker:
+//! The bus is the [`TransportBus`](eventbus_pool::TransportBus) every backend is, over
+//! [`MemoryTransport`]: the consume runtime every backend shares (`eventbus_pool::consume`)
+//! handles each message the same way as on a broker:
 //!
 //! - envelope subscriptions: decoded once; an undecodable payload goes to the dead-letter topic
 //!   at once (`X-Failed-Attempts: 0`); otherwise the handler runs in the aggregate's lane, is
@@ -54,9 +55,9 @@
 //!   `eventbus_core::extract_aggregate_id`, whatever the handler returns;
 //! - what a subscription gives back (queued at `unsubscribe`, unfinished when `close` reaches
 //!   its drain deadline): there is no broker to redeliver from, so it is dropped, logged and
-//!   counted in [`MemoryBus::stats`].
+//!   counted in [`MemoryTransport::stats`] (`bus.transport().stats()`).
 
 mod bus;
 
-pub use bus::{MemoryBus, MemoryStats};
+pub use bus::{MemoryBus, MemoryStats, MemoryTransport, start};
 pub use eventbus_pool::BusSettings;

@@ -9,16 +9,17 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_trait::async_trait;
 use eventbus_core::{
-    AggregateId, ConnectionWatch, Envelope, EnvelopeHandler, Error, EventBus, HealthReport,
-    HealthStatus, MessageHandler, MessageSource, OutboundMessage, PendingPublish, PublishResults,
-    SubscribeOptions, Subscription, SubscriptionControl, extract_aggregate_id, validate_topic,
+    AggregateId, ConnectionWatch, EnsureMode, Error, HealthReport, HealthStatus, MessageSource,
+    SubscribeOptions, Subscription, SubscriptionControl, TopicAdmin, TopicReport, TopicSpec,
+    extract_aggregate_id, validate_topic,
 };
-use eventbus_pool::BusSettings;
-use eventbus_pool::consume::{Handler, Runtime, SubscriptionSpec};
+use eventbus_pool::consume::{Runtime, SubscriptionSpec};
+use eventbus_pool::transport::{AckFuture, Outgoing, SubscribeRequest, Transport};
+use eventbus_pool::{BusSettings, ShutdownReport, TransportBus};
 use tokio::task::JoinHandle;
 
 use crate::config::NatsConfig;
-use crate::connection::{ConnectionState, connect};
+use crate::connection::ConnectionState;
 use crate::consumer::{DurableSpec, Resume, ensure_consumer, origin_of};
 use crate::fetch::{self, Fetch};
 use crate::group;
@@ -28,23 +29,28 @@ use crate::stats::{Counters, NatsStats};
 use crate::streams::Streams;
 use crate::streams::{Kind, StreamSpec, stream_spec};
 
-/// An event bus on NATS JetStream.
+/// An event bus on NATS JetStream: the [`TransportBus`] over [`NatsTransport`], made by
+/// [`connect`](crate::connect).
 ///
 /// Each topic lives in a stream (a configured one whose subjects cover it, one already on the
 /// server, or `{stream_prefix}{topic}` created on first use: file storage for envelope and
 /// dead-letter topics, memory for plain ones). Each subscription is a durable pull consumer
-/// named `{client_id}_{topic}` (see [`NatsBus::durable_name`] for the exact rule), created or
-/// updated with the configured `ack_wait`, `max_deliver`, `max_ack_pending` and `backoff`, and
-/// kept when the subscription or the bus closes: a restart resumes where the last run
+/// named `{client_id}_{topic}` (see [`NatsTransport::durable_name`] for the exact rule), created
+/// or updated with the configured `ack_wait`, `max_deliver`, `max_ack_pending` and `backoff`,
+/// and kept when the subscription or the bus closes: a restart resumes where the last run
 /// acknowledged. See `docs/nats.md`.
-pub struct NatsBus {
+pub type NatsBus = TransportBus<NatsTransport>;
+
+/// The NATS backend's transport: the connection, the streams, the subscriptions' fetchers and
+/// the groups of partitioned topics.
+pub struct NatsTransport {
     inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
     pub(crate) broker: Arc<Broker>,
     connection: Arc<ConnectionState>,
-    pub(crate) runtime: Runtime,
+    pub(crate) runtime: Arc<Runtime>,
     subscriptions: Mutex<Vec<Running>>,
     /// Durable slots per topic: in use, or closing (an unsubscribe still giving back).
     slots: Mutex<HashMap<String, BTreeMap<usize, Slot>>>,
@@ -56,7 +62,6 @@ pub(crate) struct Inner {
     /// The groups of the partitioned topics this bus reads.
     groups: Mutex<Vec<Arc<group::Group>>>,
     closed: AtomicBool,
-    closing: tokio::sync::Mutex<bool>,
 }
 
 /// A running subscription: its fetcher and the task running it.
@@ -154,65 +159,59 @@ impl Inner {
     }
 }
 
-impl NatsBus {
-    /// Connects to the servers of `config` as `settings.client_id`, creates the configured
-    /// streams and starts the consume runtime (the engine of `settings`) on the current tokio
-    /// runtime.
-    ///
-    /// # Cancel safety
-    ///
-    /// Cancel safe: a dropped call leaves nothing running (configured streams it created stay
-    /// on the server).
-    pub async fn connect(settings: BusSettings, config: NatsConfig) -> Result<Self, Error> {
-        settings.validate()?;
-        config.validate()?;
-        let (client, connection) = connect(&config, &settings).await?;
-        // async-nats bounds the PubAcks it waits for too (5,000 by default): as many as the
-        // runtime's window, so that `publish_max_in_flight` is the one bound.
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.request_timeout)
-            .max_ack_inflight(settings.publish_max_in_flight)
-            .build(client.clone());
-        let streams = Streams::new(&config);
-        streams.create_configured(&js).await?;
-        let take_overs = crate::take_over::TakeOvers::start(&js, &config);
-        let broker = Arc::new(Broker {
-            client,
-            js,
-            config,
-            streams,
-            counters: Counters::new(&settings.metrics_namespace),
-            take_overs,
-        });
-        let runtime = Runtime::new(settings, broker.clone())?;
-        tracing::info!(client_id = %runtime.settings().client_id, servers = ?broker.config.urls, "NATS bus connected");
-        Ok(Self {
-            inner: Arc::new(Inner {
-                broker,
-                connection,
-                runtime,
-                subscriptions: Mutex::new(Vec::new()),
-                slots: Mutex::new(HashMap::new()),
-                slot_freed: tokio::sync::Notify::new(),
-                read_durables: Mutex::new(HashSet::new()),
-                groups: Mutex::new(Vec::new()),
-                closed: AtomicBool::new(false),
-                closing: tokio::sync::Mutex::new(false),
-            }),
-        })
-    }
+/// Connects to the servers of `config` as `settings.client_id`, creates the configured streams
+/// and starts the consume runtime (the engine of `settings`) on the current tokio runtime.
+///
+/// # Cancel safety
+///
+/// Cancel safe: a dropped call leaves nothing running (configured streams it created stay on
+/// the server).
+pub async fn connect(settings: BusSettings, config: NatsConfig) -> Result<NatsBus, Error> {
+    settings.validate()?;
+    config.validate()?;
+    let (client, connection) = crate::connection::connect(&config, &settings).await?;
+    // async-nats bounds the PubAcks it waits for too (5,000 by default): as many as the
+    // runtime's window, so that `publish_max_in_flight` is the one bound.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(config.request_timeout)
+        .max_ack_inflight(settings.publish_max_in_flight)
+        .build(client.clone());
+    let streams = Streams::new(&config);
+    streams.create_configured(&js).await?;
+    let take_overs = crate::take_over::TakeOvers::start(&js, &config);
+    let broker = Arc::new(Broker {
+        client,
+        js,
+        config,
+        streams,
+        counters: Counters::new(&settings.metrics_namespace),
+        take_overs,
+    });
+    let runtime = Arc::new(Runtime::new(settings, broker.clone())?);
+    tracing::info!(client_id = %runtime.settings().client_id, servers = ?broker.config.urls, "NATS bus connected");
+    let transport = NatsTransport {
+        inner: Arc::new(Inner {
+            broker,
+            connection,
+            runtime: runtime.clone(),
+            subscriptions: Mutex::new(Vec::new()),
+            slots: Mutex::new(HashMap::new()),
+            slot_freed: tokio::sync::Notify::new(),
+            read_durables: Mutex::new(HashSet::new()),
+            groups: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        }),
+    };
+    Ok(TransportBus::new(runtime, transport))
+}
 
+impl NatsTransport {
     /// What the bus did besides handling: redeliveries, in-progress acks, dead letters.
     pub fn stats(&self) -> NatsStats {
         self.inner
             .broker
             .counters
             .snapshot(&self.inner.runtime.stats())
-    }
-
-    /// The ordering engine's counters.
-    pub fn pool_stats(&self) -> eventbus_pool::PoolStats {
-        self.inner.runtime.pool_stats()
     }
 
     /// The subjects of the partitioned `topic` that this instance reads now: partition numbers,
@@ -254,14 +253,57 @@ impl NatsBus {
         tracing::info!(stream, durable, "consumer deleted");
         Ok(())
     }
+}
 
-    /// Subscribes `handler` to `topic`. While an earlier subscription of the topic is
-    /// unsubscribing (giving its queued messages back to the durable), this waits for it, so
-    /// the new subscription reads them before anything newer. [`SubscribeOptions::durable`]
-    /// names the durable to read with (to adopt another service's; one that filters another
-    /// subject, or that another subscription of this bus reads, is refused);
-    /// [`SubscribeOptions::start`] says where a durable made here starts. A partitioned topic
-    /// is shared with the service's other instances (see [`crate::partition_of`]).
+#[async_trait]
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn topic_admin(&self) -> Option<&dyn TopicAdmin> {
+        Some(self)
+    }
+
+    /// Writes the message to the connection and returns; its acknowledgement is the PubAck's
+    /// stream sequence (`Position::Unknown` at once on an ephemeral topic). An envelope goes to
+    /// its aggregate's partition on a partitioned topic, with `Nats-Msg-Id` unique per
+    /// (subject, event).
+    async fn send(&self, outgoing: Outgoing<'_>) -> Result<AckFuture, Error> {
+        let destination = self.destination(&outgoing)?;
+        self.inner
+            .broker
+            .start_publish_to(
+                &destination.subject,
+                outgoing.message,
+                destination.message_id.as_deref(),
+                destination.stream,
+            )
+            .await
+    }
+
+    /// As [`send`](Self::send), waiting for the PubAck; a stream deleted meanwhile is made
+    /// anew and the message sent once more.
+    async fn publish(&self, outgoing: Outgoing<'_>) -> Result<(), Error> {
+        let destination = self.destination(&outgoing)?;
+        self.inner
+            .broker
+            .publish_to(
+                &destination.subject,
+                outgoing.message,
+                destination.message_id.as_deref(),
+                destination.stream,
+            )
+            .await
+    }
+
+    /// Opens the subscription. While an earlier subscription of the topic is unsubscribing
+    /// (giving its queued messages back to the durable), this waits for it, so the new
+    /// subscription reads them before anything newer. [`SubscribeOptions::durable`] names the
+    /// durable to read with (to adopt another service's; one that filters another subject, or
+    /// that another subscription of this bus reads, is refused); [`SubscribeOptions::start`]
+    /// says where a durable made here starts. A partitioned topic is shared with the service's
+    /// other instances (see [`crate::partition_of`]).
     ///
     /// # Cancel safety
     ///
@@ -271,14 +313,10 @@ impl NatsBus {
     /// group's bucket, if made, stays). With `nats.topics."T".take_over_from` the call waits
     /// until the other service stopped; dropped while it waits, it made no durable, and the
     /// watch that began at `connect` goes on (tested by the interop takeover tests).
-    async fn subscribe_handler(
-        &self,
-        topic: &str,
-        handler: Handler,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        validate_topic(topic)?;
+    async fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription, Error> {
         let inner = &self.inner;
+        let topic = request.topic().to_owned();
+        let topic = topic.as_str();
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
         }
@@ -298,9 +336,146 @@ impl NatsBus {
             .get(topic)
             .and_then(|o| o.partitions)
         {
-            Some(partitions) => group::subscribe(inner, topic, partitions, handler, options).await,
-            None => inner.open(Target::Topic(topic), handler, options).await,
+            Some(partitions) => {
+                group::subscribe(inner, topic, partitions, request.spec, request.options).await
+            }
+            None => {
+                inner
+                    .open(Target::Topic(topic), request.spec, request.options)
+                    .await
+            }
         }
+    }
+
+    fn health(&self, report: HealthReport) -> HealthReport {
+        let connection = &self.inner.connection;
+        let connected = connection.is_connected();
+        let last_event = connection.last_event();
+        // Reconnecting is expected to end by itself: degraded, not down.
+        let status = if connected {
+            HealthStatus::Healthy
+        } else if last_event == "closed" {
+            HealthStatus::Unhealthy
+        } else {
+            HealthStatus::Degraded
+        };
+        report.with_component(
+            "connection",
+            status,
+            Some(format!(
+                "{} (last event: {last_event}; {} disconnects)",
+                if connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                connection.disconnects()
+            )),
+        )
+    }
+
+    fn connection_state(&self) -> ConnectionWatch {
+        self.inner.connection.watch()
+    }
+
+    /// Stops fetching (each subscription first takes what its open pull request still brings
+    /// and one more batch of what the consumer holds, so that what was published just before
+    /// `close` is handled) and waits for the fetchers up to `deadline`; the bus then lets
+    /// queued and running messages finish and acknowledges them, and gives back (nak) the rest
+    /// in lane order.
+    async fn stop_intake(&self, deadline: tokio::time::Instant) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::SeqCst);
+        inner.connection.closed();
+        inner.broker.take_overs.stop();
+        // The groups stop following their members first: nothing new starts while closing.
+        for group in lock(&inner.groups).iter() {
+            group.begin_close();
+        }
+        let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
+        for running in &running {
+            running.fetch.stop(true);
+            // What the fetchers still take joins its lanes at once instead of waiting for room.
+            running.fetch.consumer.begin_stop();
+        }
+        for mut running in running {
+            if tokio::time::timeout_at(deadline, &mut running.task)
+                .await
+                .is_err()
+            {
+                // What it had fetched and not delivered is redelivered after `ack_wait`.
+                running.task.abort();
+                let _ = running.task.await;
+                tracing::warn!(topic = %running.fetch.topic, durable = %running.fetch.durable, "fetcher not done by the drain deadline: what it holds is redelivered after ack_wait");
+            }
+        }
+    }
+
+    /// Makes sure the acks are on the wire, and gives the partitions of partitioned topics to
+    /// the other instances.
+    async fn finish_close(&self, _report: &ShutdownReport) {
+        let inner = &self.inner;
+        // Acks are sent without waiting for an answer; make sure they are on the wire.
+        let flushed = tokio::time::timeout(Duration::from_secs(5), inner.broker.client.flush())
+            .await
+            .is_ok_and(|result| result.is_ok());
+        // Everything is settled or given back: the partitions go to the other instances now.
+        let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();
+        for group in &groups {
+            group.release_after_close().await;
+        }
+        tracing::info!(flushed, "NATS bus closed");
+    }
+}
+
+#[async_trait]
+impl TopicAdmin for NatsTransport {
+    async fn ensure_topic(&self, spec: &TopicSpec, mode: EnsureMode) -> Result<TopicReport, Error> {
+        validate_topic(&spec.name)?;
+        let broker = &self.inner.broker;
+        let report = crate::streams::ensure_spec(&broker.js, &broker.config, spec, mode).await?;
+        // The bus looks for the topic's stream again at its next use.
+        broker.streams.forget(&spec.name).await;
+        Ok(report)
+    }
+}
+
+/// Where a message goes: its subject, its stream, and its `Nats-Msg-Id`.
+struct Destination<'a> {
+    subject: Cow<'a, str>,
+    stream: StreamSpec,
+    message_id: Option<String>,
+}
+
+impl NatsTransport {
+    /// Where a message of `topic` goes: an envelope to its aggregate's partition, a plain
+    /// message to its key's (when its key names an aggregate).
+    fn destination<'a>(&self, outgoing: &Outgoing<'a>) -> Result<Destination<'a>, Error> {
+        let (broker, topic, message) = (&self.inner.broker, outgoing.topic, &outgoing.message);
+        Ok(match outgoing.envelope {
+            Some(envelope) => {
+                // The trimmed, validated ID: the one the subscribers' lanes use.
+                let aggregate = envelope.aggregate()?;
+                let subject = broker.subject(topic, Some(aggregate.as_str()));
+                Destination {
+                    message_id: Some(envelope_message_id(&subject, &envelope.event_id)),
+                    stream: stream_spec(&broker.config, topic, Kind::Envelopes),
+                    subject,
+                }
+            }
+            None => {
+                let key = extract_aggregate_id(
+                    &MessageSource::new(&message.payload)
+                        .with_headers(&message.headers)
+                        .with_key(message.key.as_deref().unwrap_or_default()),
+                );
+                Destination {
+                    subject: broker.subject(topic, key.as_ref().map(AggregateId::as_str)),
+                    stream: stream_spec(&broker.config, topic, Kind::Plain),
+                    message_id: None,
+                }
+            }
+        })
     }
 }
 
@@ -331,11 +506,11 @@ impl Inner {
     ///
     /// # Cancel safety
     ///
-    /// As [`NatsBus::subscribe_handler`].
+    /// As [`NatsTransport::subscribe`].
     pub(crate) async fn open(
         self: &Arc<Self>,
         target: Target<'_>,
-        handler: Handler,
+        spec: SubscriptionSpec,
         options: SubscribeOptions,
     ) -> Result<Subscription, Error> {
         let (topic, subject, group, pin_lifetime) = match target {
@@ -348,12 +523,7 @@ impl Inner {
             } => (topic, subject, Some(group), Some(pin_lifetime)),
         };
         let partition = matches!(target, Target::Partition { .. });
-        let envelopes = handler.is_envelope();
-        let dead_letter = if envelopes {
-            options.dead_letter_topic(topic)?
-        } else {
-            None
-        };
+        let envelopes = spec.handler.is_envelope();
         let inner = self;
         if inner.closed.load(Ordering::SeqCst) {
             return Err(Error::Closed);
@@ -383,7 +553,7 @@ impl Inner {
                 format!("durable {durable:?} is read by another subscription of this bus"),
             ));
         }
-        let spec = DurableSpec {
+        let durable_spec = DurableSpec {
             name: &durable,
             explicit: options.durable.is_some(),
             start: options.start,
@@ -406,26 +576,28 @@ impl Inner {
             } else {
                 Resume::IfAbandoned
             };
-            let mut consumer = ensure_consumer(broker, subject, spec, envelopes, resume).await?;
+            let mut consumer =
+                ensure_consumer(broker, subject, durable_spec, envelopes, resume).await?;
             origin = origin_of(broker, &mut consumer).await;
             lock(&inner.read_durables).insert(durable.clone());
             Source::Pull(Box::new(consumer))
         };
-        let mut subscription = SubscriptionSpec::new(topic, durable.clone(), handler)
-            .with_dead_letter(dead_letter)
-            .with_subject_keys(options.subject_keys)
-            .with_handler_timeout(options.checked_handler_timeout()?)
-            .with_park_on_dead_letter(options.park_on_dead_letter)
-            .with_progress_interval(
-                (!ephemeral).then(|| broker.config.consumer.progress_interval()),
-            );
+        let mut subscription = spec.with_name(durable.clone()).with_progress_interval(
+            (!ephemeral).then(|| broker.config.consumer.progress_interval()),
+        );
         if let Some(group) = group {
             // The group's subjects own each other's dead letters: a copy of one written on the
             // bare subject is handled on the aggregate's partition.
             subscription = subscription.with_park_group(group).with_owner(group);
         }
         let consumer = inner.runtime.subscribe(subscription)?;
-        let mut fetch = Fetch::new(subject, spec, consumer, inner.connection.clone(), origin);
+        let mut fetch = Fetch::new(
+            subject,
+            durable_spec,
+            consumer,
+            inner.connection.clone(),
+            origin,
+        );
         if partition {
             fetch = fetch.reading_a_partition_of(topic);
         }
@@ -467,272 +639,13 @@ impl Inner {
     }
 }
 
-impl NatsBus {
-    /// Fails when `topic` is invalid or the bus closed.
-    fn check_open(&self, topic: &str) -> Result<(), Error> {
-        validate_topic(topic)?;
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed);
-        }
-        Ok(())
-    }
-
-    /// The subject a plain message of `topic` goes to (its partition's when its key names an
-    /// aggregate) and the stream that holds it.
-    fn plain_destination<'a>(
-        &self,
-        topic: &'a str,
-        message: &OutboundMessage,
-    ) -> Result<(Cow<'a, str>, StreamSpec), Error> {
-        self.check_open(topic)?;
-        let broker = &self.inner.broker;
-        let key = extract_aggregate_id(
-            &MessageSource::new(&message.payload)
-                .with_headers(&message.headers)
-                .with_key(message.key.as_deref().unwrap_or_default()),
-        );
-        Ok((
-            broker.subject(topic, key.as_ref().map(AggregateId::as_str)),
-            stream_spec(&broker.config, topic, Kind::Plain),
-        ))
-    }
-
-    /// The subject an envelope of `topic` goes to (its aggregate's partition) and the stream
-    /// that holds it.
-    fn envelope_destination<'a>(
-        &self,
-        topic: &'a str,
-        envelope: &Envelope,
-    ) -> Result<(Cow<'a, str>, StreamSpec), Error> {
-        self.check_open(topic)?;
-        let broker = &self.inner.broker;
-        // The trimmed, validated ID: the one the subscribers' lanes use.
-        let aggregate = envelope.aggregate()?;
-        Ok((
-            broker.subject(topic, Some(aggregate.as_str())),
-            stream_spec(&broker.config, topic, Kind::Envelopes),
-        ))
-    }
-}
-
 /// Where a subscription's messages come from.
 enum Source {
     Core(async_nats::Subscriber),
     Pull(Box<jetstream::consumer::PullConsumer>),
 }
 
-#[async_trait]
-impl EventBus for NatsBus {
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        let (subject, stream) = self.plain_destination(topic, &message)?;
-        let broker = &self.inner.broker;
-        self.inner
-            .runtime
-            .publish(topic, message, |message| {
-                broker.publish_to(&subject, message, None, stream)
-            })
-            .await
-    }
-
-    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        let (subject, stream) = self.envelope_destination(topic, envelope)?;
-        let id = envelope_message_id(&subject, &envelope.event_id);
-        let broker = &self.inner.broker;
-        self.inner
-            .runtime
-            .publish_envelope(topic, envelope, |message| {
-                broker.publish_to(&subject, message, Some(&id), stream)
-            })
-            .await
-    }
-
-    /// Writes the message to the connection and returns; the pending publish resolves to its
-    /// stream sequence once the PubAck comes (`Position::Unknown` on an ephemeral topic).
-    async fn start_publish(
-        &self,
-        topic: &str,
-        message: OutboundMessage,
-    ) -> Result<PendingPublish, Error> {
-        let (subject, stream) = self.plain_destination(topic, &message)?;
-        let broker = &self.inner.broker;
-        self.inner
-            .runtime
-            .start_publish(topic, message, |message| {
-                broker.start_publish_to(&subject, message, None, stream)
-            })
-            .await
-    }
-
-    /// As [`start_publish`](Self::start_publish), with `Nats-Msg-Id` unique per (subject,
-    /// event).
-    async fn start_publish_envelope(
-        &self,
-        topic: &str,
-        envelope: &Envelope,
-    ) -> Result<PendingPublish, Error> {
-        let (subject, stream) = self.envelope_destination(topic, envelope)?;
-        let id = envelope_message_id(&subject, &envelope.event_id);
-        let broker = &self.inner.broker;
-        self.inner
-            .runtime
-            .start_publish_envelope(topic, envelope, |message| {
-                broker.start_publish_to(&subject, message, Some(&id), stream)
-            })
-            .await
-    }
-
-    fn publish_results(&self) -> PublishResults {
-        self.inner.runtime.publish_results()
-    }
-
-    async fn subscribe(
-        &self,
-        topic: &str,
-        handler: Arc<dyn MessageHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.subscribe_handler(topic, Handler::Plain(handler), options)
-            .await
-    }
-
-    async fn subscribe_envelope(
-        &self,
-        topic: &str,
-        handler: Arc<dyn EnvelopeHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.subscribe_handler(topic, Handler::Envelope(handler), options)
-            .await
-    }
-
-    async fn health(&self) -> HealthReport {
-        let inner = &self.inner;
-        let closed = inner.closed.load(Ordering::SeqCst);
-        let connection = &inner.connection;
-        let connected = connection.is_connected();
-        let last_event = connection.last_event();
-        // Reconnecting is expected to end by itself: degraded, not down.
-        let status = if connected {
-            HealthStatus::Healthy
-        } else if last_event == "closed" {
-            HealthStatus::Unhealthy
-        } else {
-            HealthStatus::Degraded
-        };
-        let report = HealthReport::new("nats")
-            .with_component(
-                "connection",
-                status,
-                Some(format!(
-                    "{} (last event: {last_event}; {} disconnects)",
-                    if connected {
-                        "connected"
-                    } else {
-                        "disconnected"
-                    },
-                    connection.disconnects()
-                )),
-            )
-            .with_bus_state(closed, inner.runtime.subscriptions());
-        inner.runtime.add_health(report)
-    }
-
-    async fn ensure_topic(
-        &self,
-        spec: &eventbus_core::TopicSpec,
-        mode: eventbus_core::EnsureMode,
-    ) -> Result<eventbus_core::TopicReport, Error> {
-        validate_topic(&spec.name)?;
-        let broker = &self.inner.broker;
-        let report = crate::streams::ensure_spec(&broker.js, &broker.config, spec, mode).await?;
-        // The bus looks for the topic's stream again at its next use.
-        broker.streams.forget(&spec.name).await;
-        Ok(report)
-    }
-
-    async fn dead_letters(
-        &self,
-        dead_letter_topic: &str,
-    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
-        validate_topic(dead_letter_topic)?;
-        crate::dead_letters::read(&self.inner.broker.js, dead_letter_topic).await
-    }
-
-    async fn remove_dead_letter(
-        &self,
-        letter: &eventbus_core::StoredDeadLetter,
-    ) -> Result<(), Error> {
-        crate::dead_letters::remove(
-            &self.inner.broker.js,
-            &letter.message.topic,
-            letter.position(),
-        )
-        .await
-    }
-
-    fn connection_state(&self) -> ConnectionWatch {
-        self.inner.connection.watch()
-    }
-
-    /// Stops fetching (each subscription first takes what its open pull request still brings
-    /// and one more batch of what the consumer holds, so that what was published just before
-    /// `close` is handled), lets queued and running messages finish and acknowledges them, up
-    /// to the drain timeout; what is left is given back (nak) in lane order.
-    async fn close(&self) -> Result<(), Error> {
-        let inner = &self.inner;
-        let mut closed = inner.closing.lock().await;
-        if *closed {
-            return Ok(());
-        }
-        inner.closed.store(true, Ordering::SeqCst);
-        inner.connection.closed();
-        inner.broker.take_overs.stop();
-        let deadline = tokio::time::Instant::now() + inner.runtime.settings().drain_timeout;
-        // The groups stop following their members first: nothing new starts while closing.
-        let groups: Vec<Arc<group::Group>> = lock(&inner.groups).drain(..).collect();
-        for group in &groups {
-            group.begin_close();
-        }
-        let running: Vec<Running> = lock(&inner.subscriptions).drain(..).collect();
-        for running in &running {
-            running.fetch.stop(true);
-            // What the fetchers still take joins its lanes at once instead of waiting for room.
-            running.fetch.consumer.begin_stop();
-        }
-        let mut fetchers_done = true;
-        for mut running in running {
-            if tokio::time::timeout_at(deadline, &mut running.task)
-                .await
-                .is_err()
-            {
-                // What it had fetched and not delivered is redelivered after `ack_wait`.
-                running.task.abort();
-                let _ = running.task.await;
-                fetchers_done = false;
-            }
-        }
-        let report = inner.runtime.close(deadline).await;
-        // Acks are sent without waiting for an answer; make sure they are on the wire.
-        let flushed = tokio::time::timeout(Duration::from_secs(5), inner.broker.client.flush())
-            .await
-            .is_ok_and(|result| result.is_ok());
-        // Everything is settled or given back: the partitions go to the other instances now.
-        for group in &groups {
-            group.release_after_close().await;
-        }
-        tracing::info!(
-            fetchers_done,
-            drained = report.drained,
-            cancelled = report.cancelled,
-            flushed,
-            "NATS bus closed"
-        );
-        *closed = true;
-        Ok(())
-    }
-}
-
-impl Drop for NatsBus {
+impl Drop for NatsTransport {
     /// A bus dropped without `close` stops its fetchers; the runtime, dropped with it, cancels
     /// what it holds (the server redelivers it).
     fn drop(&mut self) {

@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::PullConsumer;
 use eventbus_core::{CancellationToken, DeliveryMeta, Error, OffsetDateTime, StartPosition};
-use eventbus_pool::consume::{Consumer, Delivery, Receipt};
+use eventbus_pool::consume::Consumer;
+use eventbus_pool::transport::{Delivery, Receipt};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 

@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use eventbus_core::{
     CancellationToken, Error, SubscribeOptions, Subscription, SubscriptionControl,
 };
-use eventbus_pool::consume::Handler;
+use eventbus_pool::consume::SubscriptionSpec;
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 
@@ -71,7 +71,8 @@ pub(crate) struct Group {
     client_id: String,
     /// This instance's ID in the group.
     instance: String,
-    handler: Handler,
+    /// What each subject's subscription consumes (named per subject when it opens).
+    spec: SubscriptionSpec,
     options: SubscribeOptions,
     bucket: kv::Store,
     /// How long a claim, a membership and the partition count live without renewal: the
@@ -120,7 +121,7 @@ pub(crate) async fn subscribe(
     inner: &Arc<Inner>,
     topic: &str,
     partitions: u16,
-    handler: Handler,
+    spec: SubscriptionSpec,
     options: SubscribeOptions,
 ) -> Result<Subscription, Error> {
     let client_id = inner.runtime.settings().client_id.clone();
@@ -163,7 +164,7 @@ pub(crate) async fn subscribe(
         topic_slot: topic_claim.as_ref().map(|claim| claim.slot),
         client_id,
         instance: instance_id(),
-        handler,
+        spec,
         options,
         bucket,
         ttl,
@@ -189,7 +190,7 @@ pub(crate) async fn subscribe(
             broker,
             &subject,
             spec,
-            group.handler.is_envelope(),
+            group.spec.handler.is_envelope(),
             Resume::No,
         )
         .await?;
@@ -759,7 +760,7 @@ impl Group {
                     group: &self.durable,
                     pin_lifetime: self.ttl,
                 },
-                self.handler.clone(),
+                self.spec.clone(),
                 options,
             )
             .await;
@@ -781,7 +782,7 @@ impl Group {
         durable: &str,
     ) -> Result<(), Error> {
         let broker = &inner.broker;
-        let kind = if self.handler.is_envelope() {
+        let kind = if self.spec.handler.is_envelope() {
             Kind::Envelopes
         } else {
             Kind::Plain

@@ -1,7 +1,8 @@
 //! NATS JetStream backend of the eventbus SDK.
 //!
-//! [`NatsBus`] implements [`EventBus`](eventbus_core::EventBus) on a NATS server with
-//! JetStream, through `async-nats`, with the delivery contract of every backend: envelopes
+//! [`connect`] makes a [`NatsBus`]: the bus every backend is
+//! ([`TransportBus`](eventbus_pool::TransportBus)) over [`NatsTransport`], on a NATS server
+//! with JetStream, through `async-nats`, with the delivery contract of every backend: envelopes
 //! at-least-once and in order per aggregate, plain messages at-most-once, many messages in
 //! flight at once through the ordering engine (`eventbus-pool`).
 //!
@@ -10,8 +11,8 @@
 //!   (file storage for envelope and dead-letter topics, memory for plain ones, unless
 //!   [`TopicOptions`] say otherwise), with the [`StreamLimits`] of the configuration.
 //! - **Consumers**: each subscription is a durable pull consumer `{client_id}_{topic}` (see
-//!   [`NatsBus::durable_name`]), created or updated with [`ConsumerSettings`]; neither
-//!   `unsubscribe` nor `close` deletes it ([`NatsBus::delete_consumer`] does).
+//!   [`NatsTransport::durable_name`]), created or updated with [`ConsumerSettings`]; neither
+//!   `unsubscribe` nor `close` deletes it ([`NatsTransport::delete_consumer`] does).
 //! - **Consuming** is a transport on the consume runtime every backend shares
 //!   (`eventbus_pool::consume`): the pull loop hands each message over with a receipt (ack, nak,
 //!   term, in-progress ack); decoding, retries, dead letters and the held registry are the
@@ -23,14 +24,14 @@
 //!   ([`partition_of`] picks an aggregate's); the instances of a service share them, each read
 //!   by one instance at a time through a pinned consumer, with membership and claims in a
 //!   key-value bucket, moving when instances come, stop or die ([`ScaleOutSettings`],
-//!   [`NatsBus::partitions_reading`], `docs/nats.md` "Scaling out").
+//!   [`NatsTransport::partitions_reading`], `docs/nats.md` "Scaling out").
 //! - **Publish**: waits for the PubAck (`publish_timeout`); envelopes carry the `X-*` headers
 //!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
 //!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).
 //!
 //! # Configuration
 //!
-//! [`NatsBus::connect`] takes the settings every backend shares ([`BusSettings`]: client ID,
+//! [`connect`] takes the settings every backend shares ([`BusSettings`]: client ID,
 //! engine, drain timeout, metric namespace) and a [`NatsConfig`] with what only NATS needs.
 //! The configuration types are serde types: the facade reads [`NatsConfig`] as its `[nats]`
 //! section as is.
@@ -39,12 +40,12 @@
 //!
 //! ```no_run
 //! use std::sync::Arc;
-//! use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-//! use eventbus_nats::{BusSettings, NatsBus, NatsConfig};
+//! use eventbus_core::{Envelope, HandlerContext, SubscribeOptions};
+//! use eventbus_nats::{BusSettings, NatsConfig};
 //!
 //! # #[tokio::main]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
-//! let bus = NatsBus::connect(
+//! let bus = eventbus_nats::connect(
 //!     BusSettings::new("nats", "billing"),
 //!     NatsConfig {
 //!         urls: vec!["nats://127.0.0.1:4222".into()],
@@ -91,7 +92,7 @@ mod stats;
 mod streams;
 mod take_over;
 
-pub use bus::NatsBus;
+pub use bus::{NatsBus, NatsTransport, connect};
 pub use config::{
     Auth, ConsumerSettings, NatsConfig, ScaleOutSettings, Storage, StreamDefinition, StreamLimits,
     TakeOverSettings, TlsConfig, TopicOptions,

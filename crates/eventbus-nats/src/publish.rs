@@ -12,8 +12,8 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::{Client, HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
-use eventbus_core::{Error, OutboundMessage, Position};
-use eventbus_pool::consume::{AckFuture, Transport};
+use eventbus_core::{DeadLetterStore, Error, OutboundMessage, Position};
+use eventbus_pool::transport::{AckFuture, DeadLetterWriter, Outgoing};
 
 use crate::config::NatsConfig;
 use crate::partition::{partition_of, partition_subject};
@@ -290,7 +290,7 @@ impl PublishFailure {
 /// dead letter as a duplicate; a copied `Nats-Expected-*` would make every write fail), with the
 /// runtime's idempotency key as `Nats-Msg-Id`.
 #[async_trait]
-impl Transport for Broker {
+impl DeadLetterStore for Broker {
     async fn dead_letters(
         &self,
         topic: &str,
@@ -306,16 +306,22 @@ impl Transport for Broker {
         crate::dead_letters::read_at(&self.js, topic, position).await
     }
 
-    async fn remove_dead_letter(&self, topic: &str, position: Position) -> Result<(), Error> {
-        crate::dead_letters::remove(&self.js, topic, position).await
+    async fn remove_dead_letter(
+        &self,
+        letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
+        crate::dead_letters::remove(&self.js, &letter.message.topic, letter.position()).await
+    }
+}
+
+#[async_trait]
+impl DeadLetterWriter for Broker {
+    fn store(&self) -> Option<&dyn DeadLetterStore> {
+        Some(self)
     }
 
-    async fn publish_dead_letter(
-        &self,
-        topic: &str,
-        mut letter: OutboundMessage,
-        dedup_id: Option<&str>,
-    ) -> Result<(), Error> {
+    async fn publish_dead_letter(&self, outgoing: Outgoing<'_>) -> Result<(), Error> {
+        let (topic, mut letter) = (outgoing.topic, outgoing.message);
         let control: Vec<String> = letter
             .headers
             .iter()
@@ -327,7 +333,8 @@ impl Transport for Broker {
             letter.headers.remove(&name);
         }
         let stream = stream_spec(&self.config, topic, Kind::DeadLetters);
-        self.publish_to(topic, letter, dedup_id, stream).await
+        self.publish_to(topic, letter, outgoing.dedup_id, stream)
+            .await
     }
 }
 

@@ -8,7 +8,7 @@ use eventbus_core::{
     DeliveryMeta, Error, HEADER_REPLAY_HEAD, HEADER_REPLAY_LAST, HEADER_REPLAY_OF, HEADER_REPLAYED,
     Headers, Message, TRACEPARENT, TRACESTATE,
 };
-use eventbus_pool::consume::Receipt;
+use eventbus_pool::transport::Receipt;
 
 use crate::publish::KEY_HEADER;
 

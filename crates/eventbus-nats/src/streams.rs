@@ -624,7 +624,7 @@ async fn lock_stream(
 }
 
 /// Makes the stream holding `spec.name` what `spec` says as far as `mode` allows (see
-/// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic)). A missing stream is
+/// [`TopicAdmin::ensure_topic`](eventbus_core::TopicAdmin::ensure_topic)). A missing stream is
 /// made as `{prefix}{topic}` (file storage unless the spec says otherwise, with the partition
 /// subjects of a partitioned topic); an existing one can change its retention (`max_age`) and
 /// replicas. Storage is fixed once made, and partitions are the configuration's

@@ -1,8 +1,8 @@
-//! Pool configuration and the retry policy.
+//! The engine's configuration, and the settings every backend shares.
 
 use std::time::Duration;
 
-use eventbus_core::Error;
+use eventbus_core::{Backoff, Error, RetryPolicy};
 
 /// The largest `pool_size` accepted.
 pub const MAX_POOL_SIZE: usize = 65_536;
@@ -10,47 +10,6 @@ pub const MAX_POOL_SIZE: usize = 65_536;
 pub const MAX_INBOX_SIZE: usize = 1_000_000;
 /// The largest engine capacity (`pool_size × inbox_size`) accepted.
 pub const MAX_CAPACITY: usize = 100_000_000;
-/// The largest backoff accepted.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
-
-/// How an at-least-once job is retried inside its lane.
-///
-/// Attempt `n` (1-based) that fails waits a random delay in `[d/2, d]` with
-/// `d = min(initial_backoff × 2^(n-1), max_backoff)` before attempt `n + 1`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Attempts in all, the first included (1 = no retries). Default 3.
-    pub max_attempts: u32,
-    /// Backoff after the first failure. Default 1 s.
-    pub initial_backoff: Duration,
-    /// The longest backoff. Default 30 s.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 3,
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(30),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The delay before the attempt after failed attempt `attempt` (1-based), jitter included.
-    pub fn backoff(&self, attempt: u32) -> Duration {
-        let doublings = attempt.saturating_sub(1).min(31);
-        let ceiling = self
-            .initial_backoff
-            .checked_mul(1u32 << doublings)
-            .unwrap_or(self.max_backoff)
-            .min(self.max_backoff);
-        let half = ceiling / 2;
-        let spread = (ceiling - half).as_nanos().min(u128::from(u64::MAX)) as u64;
-        half + Duration::from_nanos(fastrand::u64(0..=spread))
-    }
-}
 
 /// Configuration of a [`Pool`](crate::Pool).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,7 +21,10 @@ pub struct PoolConfig {
     pub inbox_size: usize,
     /// The most panics one job may cause before it is not run again. Default 3.
     pub max_restarts: u32,
-    /// Retries of at-least-once jobs.
+    /// Retries of at-least-once jobs without a policy of their own ([`Job::with_retry`]): the
+    /// bus-wide policy, every subscription's default.
+    ///
+    /// [`Job::with_retry`]: crate::Job::with_retry
     pub retry: RetryPolicy,
 }
 
@@ -98,26 +60,7 @@ impl PoolConfig {
             MAX_CAPACITY,
         )?;
         range("pool.max_restarts", self.max_restarts as usize, 1000)?;
-        range("retry.max_attempts", self.retry.max_attempts as usize, 1000)?;
-        if self.retry.max_backoff > MAX_BACKOFF {
-            return Err(Error::config(
-                "retry.max_backoff",
-                format!(
-                    "{:?} is longer than {MAX_BACKOFF:?}",
-                    self.retry.max_backoff
-                ),
-            ));
-        }
-        if self.retry.initial_backoff > self.retry.max_backoff {
-            return Err(Error::config(
-                "retry.initial_backoff",
-                format!(
-                    "{:?} is longer than retry.max_backoff ({:?})",
-                    self.retry.initial_backoff, self.retry.max_backoff
-                ),
-            ));
-        }
-        Ok(())
+        self.retry.validate("retry")
     }
 
     /// The most queued jobs the pool holds.
@@ -149,6 +92,11 @@ pub struct BusSettings {
     pub metrics_namespace: String,
     /// The ordering engine and its retry policy.
     pub pool: PoolConfig,
+    /// How settling a message is retried while the broker refuses it: acks and terminates,
+    /// dead-letter writes, reading a parking subscription's dead letters, removing a replayed
+    /// copy's dead letter. Apart from the handlers' retry policies: tuning those never retunes
+    /// this. Default 1 s to 30 s.
+    pub settlement: Backoff,
     /// How long unsubscribing and closing let in-flight messages finish. Default 30 s.
     pub drain_timeout: Duration,
     /// How long one attempt of a handler may run, for subscriptions that do not set their own
@@ -172,6 +120,7 @@ impl BusSettings {
             client_id: client_id.to_owned(),
             metrics_namespace: eventbus_core::metric_namespace(backend, client_id),
             pool: PoolConfig::default(),
+            settlement: Backoff::default(),
             drain_timeout: Duration::from_secs(30),
             handler_timeout: None,
             lane_blocked_after: Duration::from_secs(60),
@@ -187,6 +136,7 @@ impl BusSettings {
         if self.drain_timeout.is_zero() {
             return Err(Error::config("drain_timeout", "must be longer than 0"));
         }
+        self.settlement.validate("settlement")?;
         if self.lane_blocked_after.is_zero() {
             return Err(Error::config("lane_blocked_after", "must be longer than 0"));
         }
@@ -298,27 +248,5 @@ mod tests {
             .kind(),
             ErrorKind::Config
         );
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_stays_under_the_cap() {
-        let policy = RetryPolicy {
-            max_attempts: 10,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        };
-        for _ in 0..200 {
-            let first = policy.backoff(1);
-            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
-            let third = policy.backoff(3);
-            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
-            let late = policy.backoff(40);
-            assert!(late >= Duration::from_millis(500) && late <= Duration::from_secs(1));
-        }
-        let zero = RetryPolicy {
-            initial_backoff: Duration::ZERO,
-            ..policy
-        };
-        assert_eq!(zero.backoff(5), Duration::ZERO);
     }
 }

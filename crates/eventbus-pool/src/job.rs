@@ -6,7 +6,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use eventbus_core::{AggregateId, CancellationToken, DeliveryClass, HandlerError, Outcome};
+use eventbus_core::{
+    AggregateId, CancellationToken, DeliveryClass, HandlerError, Outcome, RetryPolicy,
+};
 use tokio::sync::oneshot;
 
 use crate::scope::{Scope, UNSCOPED};
@@ -98,6 +100,8 @@ pub struct Job {
     work: Box<dyn Work>,
     pub(crate) scope: Option<Scope>,
     pub(crate) unlimited: bool,
+    /// Its own retry policy; `None`: the pool's.
+    pub(crate) retry: Option<Arc<RetryPolicy>>,
 }
 
 impl Job {
@@ -124,6 +128,7 @@ impl Job {
             work,
             scope: None,
             unlimited: false,
+            retry: None,
         }
     }
 
@@ -156,6 +161,15 @@ impl Job {
     /// [`PoolStats::stalled`]: crate::PoolStats::stalled
     pub fn with_unlimited_attempts(mut self) -> Self {
         self.unlimited = true;
+        self
+    }
+
+    /// Retries the job by `policy` instead of the pool's ([`PoolConfig::retry`]): a
+    /// subscription's own policy. Shared: one policy serves every job of a subscription.
+    ///
+    /// [`PoolConfig::retry`]: crate::PoolConfig::retry
+    pub fn with_retry(mut self, policy: Arc<RetryPolicy>) -> Self {
+        self.retry = Some(policy);
         self
     }
 

@@ -19,24 +19,23 @@
 //! - [`Pool::shutdown`] stops intake, drains until a deadline, cancels the rest and returns when
 //!   no task of the pool is left.
 //!
-//! [`CommitTracker`] turns out-of-order completions into a Kafka commit position.
+//! Over the engine, [`consume`] is the one consume path of every backend, [`transport`] is
+//! what a backend implements, and [`TransportBus`] is the bus written once over a transport.
 //!
 //! # Example
 //!
 //! ```
 //! use std::time::Duration;
-//! use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome};
-//! use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+//! use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome, RetryPolicy};
+//! use eventbus_pool::{Job, Pool, PoolConfig};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus_core::Error> {
 //! let pool = Pool::new(PoolConfig {
 //!     pool_size: 4,
-//!     retry: RetryPolicy {
-//!         max_attempts: 3,
-//!         initial_backoff: Duration::from_millis(10),
-//!         max_backoff: Duration::from_millis(100),
-//!     },
+//!     retry: RetryPolicy::new()
+//!         .with_max_attempts(3)
+//!         .with_backoff(Duration::from_millis(10), Duration::from_millis(100)),
 //!     ..PoolConfig::default()
 //! })?;
 //! let key = AggregateId::new("order-42")?;
@@ -65,6 +64,7 @@
 //! `lanes_active`, `in_flight`, `retries_total`, `stalled` (jobs retrying past `max_attempts`
 //! because their message has nowhere to go). No label carries an aggregate ID.
 
+mod bus;
 mod config;
 pub mod consume;
 mod job;
@@ -72,13 +72,12 @@ mod lane;
 mod metrics;
 mod pool;
 mod scope;
-mod tracker;
+pub mod transport;
 
+pub use bus::TransportBus;
 pub use config::{
-    BusSettings, MAX_BACKOFF, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, MAX_PUBLISH_IN_FLIGHT,
-    PoolConfig, RetryPolicy,
+    BusSettings, MAX_CAPACITY, MAX_INBOX_SIZE, MAX_POOL_SIZE, MAX_PUBLISH_IN_FLIGHT, PoolConfig,
 };
 pub use job::{Job, JobContext, JobHandle};
 pub use pool::{LaneAges, Pool, PoolStats, ShutdownReport};
 pub use scope::{Scope, ScopeReport};
-pub use tracker::CommitTracker;

@@ -1008,29 +1008,38 @@ impl Shared {
         self.metrics.latency.record(started.elapsed().as_secs_f64());
 
         let class = entry.job.class;
-        let unlimited = entry.job.unlimited && class == DeliveryClass::AtLeastOnce;
-        let may_retry = class == DeliveryClass::AtLeastOnce
-            && (unlimited || attempt < self.config.retry.max_attempts);
+        let at_least_once = class == DeliveryClass::AtLeastOnce;
+        let unlimited = entry.job.unlimited && at_least_once;
+        let policy = entry.job.retry.as_deref().unwrap_or(&self.config.retry);
         let outcome = match result {
             Attempt::Succeeded => Outcome::Succeeded { attempts: attempt },
             Attempt::Cancelled => Outcome::Cancelled { attempts: attempt },
-            Attempt::Failed(error) if (error.is_permanent() && !unlimited) || !may_retry => {
+            Attempt::Failed(error) => {
+                let next = if unlimited {
+                    Some(policy.delay_after(&error, attempt))
+                } else if at_least_once {
+                    policy.next_attempt(&error, attempt)
+                } else {
+                    None
+                };
+                if let Some(delay) = next {
+                    tracing::debug!(attempt, %error, ?delay, "attempt failed; retrying in its lane");
+                    return self.retry_later(lane, entry, delay);
+                }
                 tracing::warn!(attempts = attempt, %error, permanent = error.is_permanent(), "job failed");
                 Outcome::Failed {
                     attempts: attempt,
                     error,
                 }
             }
-            Attempt::Failed(error) => {
-                tracing::debug!(attempt, %error, "attempt failed; retrying in its lane");
-                return self.retry_later(lane, entry);
-            }
             Attempt::Panicked(message) => {
                 entry.panics = entry.panics.saturating_add(1);
                 self.metrics.restarted.increment(1);
+                let may_retry = at_least_once && (unlimited || attempt < policy.max_attempts);
                 if may_retry && (unlimited || entry.panics < self.config.max_restarts) {
                     tracing::warn!(attempt, panic = %message, "handler panicked; retrying in its lane");
-                    return self.retry_later(lane, entry);
+                    let delay = policy.backoff(attempt);
+                    return self.retry_later(lane, entry, delay);
                 }
                 tracing::error!(attempts = attempt, panics = entry.panics, panic = %message, "handler panicked; not run again");
                 Outcome::Panicked {
@@ -1054,11 +1063,22 @@ impl Shared {
         self.settle(lane, entry, outcome, true)
     }
 
-    /// Frees the actor and schedules the next attempt after the backoff; the lane stays busy.
+    /// Frees the actor and schedules the next attempt after `delay`; the lane stays busy.
     /// Returns the next job for this actor.
-    fn retry_later(self: &Arc<Self>, lane: Option<LaneId>, mut entry: Entry) -> Option<Next> {
+    fn retry_later(
+        self: &Arc<Self>,
+        lane: Option<LaneId>,
+        mut entry: Entry,
+        delay: Duration,
+    ) -> Option<Next> {
         self.metrics.retries.increment(1);
-        let stalls = !entry.stalled && entry.attempts >= self.config.retry.max_attempts;
+        let max_attempts = entry
+            .job
+            .retry
+            .as_deref()
+            .unwrap_or(&self.config.retry)
+            .max_attempts;
+        let stalls = !entry.stalled && entry.attempts >= max_attempts;
         if stalls {
             entry.stalled = true;
             tracing::error!(
@@ -1083,7 +1103,6 @@ impl Shared {
             self.publish_gauges(&state);
             next
         };
-        let delay = self.config.retry.backoff(entry.attempts);
         let token = self.token_of(&entry);
         let shared = self.clone();
         self.tasks.spawn(async move {

@@ -8,14 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_core::{Backoff, RetryDecision, RetryPolicy};
 use eventbus_core::{
-    DeliveryMeta, Envelope, Error, HandlerContext, HandlerError, Message, OutboundMessage,
-    Position, async_trait,
+    DeliveryMeta, Envelope, Error, HandlerContext, HandlerError, Message, Position, async_trait,
 };
-use eventbus_pool::consume::{
-    Delivered, Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport,
-};
-use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+use eventbus_pool::consume::{Delivered, Runtime, SubscriptionSpec};
+use eventbus_pool::transport::{DeadLetterWriter, Delivery, Handler, Outgoing, Receipt};
+use eventbus_pool::{BusSettings, PoolConfig};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tokio::sync::Semaphore;
 
@@ -40,13 +39,9 @@ impl Log {
 struct Broker(Arc<Log>);
 
 #[async_trait]
-impl Transport for Broker {
-    async fn publish_dead_letter(
-        &self,
-        topic: &str,
-        letter: OutboundMessage,
-        dedup_id: Option<&str>,
-    ) -> Result<(), Error> {
+impl DeadLetterWriter for Broker {
+    async fn publish_dead_letter(&self, outgoing: Outgoing<'_>) -> Result<(), Error> {
+        let (topic, letter, dedup_id) = (outgoing.topic, outgoing.message, outgoing.dedup_id);
         let failing = &self.0.failing_writes;
         if failing
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -102,13 +97,12 @@ fn runtime(pool_size: usize, log: &Arc<Log>) -> Runtime {
             pool: PoolConfig {
                 pool_size,
                 inbox_size: 10,
-                retry: RetryPolicy {
-                    max_attempts: 2,
-                    initial_backoff: Duration::from_millis(5),
-                    max_backoff: Duration::from_millis(20),
-                },
+                retry: RetryPolicy::new()
+                    .with_max_attempts(2)
+                    .with_backoff(Duration::from_millis(5), Duration::from_millis(20)),
                 ..PoolConfig::default()
             },
+            settlement: Backoff::new(Duration::from_millis(5), Duration::from_millis(20)),
             ..BusSettings::new("test", "t")
         },
         Arc::new(Broker(log.clone())),
@@ -160,6 +154,117 @@ async fn wait_until(what: &str, condition: impl Fn() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// Settling backs off by the bus's settlement backoff (5 to 20 ms here), whatever the handlers'
+/// retry policy says (10 minutes between attempts here, on the bus and on the subscription): the
+/// refused dead-letter write is tried again within milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_dead_letter_write_backs_off_by_the_settlement_backoff_not_the_retry_policy() {
+    let log = Arc::new(Log::default());
+    log.failing_writes.store(3, Ordering::SeqCst);
+    let slow = RetryPolicy::new()
+        .with_max_attempts(2)
+        .with_backoff(Duration::from_secs(600), Duration::from_secs(600));
+    let settings = BusSettings {
+        pool: PoolConfig {
+            retry: slow.clone(),
+            ..PoolConfig::default()
+        },
+        ..runtime(4, &log).settings().clone()
+    };
+    let runtime = Runtime::new(settings, Arc::new(Broker(log.clone()))).unwrap();
+    let gate = Arc::new(Semaphore::new(10));
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-settle", handler(&log, &gate, 1))
+                .with_retry(Some(slow)),
+        )
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+    wait_until("the dead letter written after three refusals", || {
+        log.events().contains(&"terminate k/1".to_owned())
+    })
+    .await;
+    assert_eq!(runtime.stats().dead_letter_failures, 3);
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
+/// A subscription's policy replaces the bus's: 4 attempts where the bus allows 2, a handler's
+/// own delay before the next attempt (here 300 ms, where the policy's backoff is 5 to 20 ms),
+/// and a decision that gives up at once on the error it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriptions_retry_policy_replaces_the_buses() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(4, &log);
+    let attempts = Arc::new(Mutex::new(Vec::<(String, u32, std::time::Instant)>::new()));
+    let a = attempts.clone();
+    let handler = Handler::Envelope(Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
+        let a = a.clone();
+        async move {
+            let aggregate = envelope.aggregate_id.clone();
+            a.lock()
+                .unwrap()
+                .push((aggregate.clone(), ctx.attempt(), std::time::Instant::now()));
+            match aggregate.as_str() {
+                "busy" if ctx.attempt() < 4 => Err(HandlerError::transient("busy")),
+                "later" if ctx.attempt() == 1 => {
+                    Err(HandlerError::transient("limited")
+                        .with_retry_after(Duration::from_millis(300)))
+                }
+                "conflict" => Err(HandlerError::transient("conflict")),
+                _ => Ok(()),
+            }
+        }
+    }));
+    let policy = RetryPolicy::new()
+        .with_max_attempts(4)
+        .with_backoff(Duration::from_millis(5), Duration::from_millis(20))
+        .with_decision(|error, _| {
+            if error.to_string() == "conflict" {
+                RetryDecision::GiveUp
+            } else {
+                RetryDecision::Retry
+            }
+        });
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new("orders", "sub-policy", handler).with_retry(Some(policy)))
+        .unwrap();
+    for (sequence, aggregate) in ["busy", "later", "conflict"].into_iter().enumerate() {
+        consumer
+            .deliver(delivery(&log, aggregate, 1, sequence as u64 + 1))
+            .await
+            .unwrap();
+    }
+    wait_until("all three settled", || {
+        let events = log.events();
+        ["ack busy/1", "ack later/1", "terminate conflict/1"]
+            .iter()
+            .all(|settled| events.contains(&(*settled).to_owned()))
+    })
+    .await;
+    let attempts = attempts.lock().unwrap().clone();
+    let of = |name: &str| -> Vec<(u32, std::time::Instant)> {
+        attempts
+            .iter()
+            .filter(|(aggregate, ..)| aggregate == name)
+            .map(|(_, attempt, at)| (*attempt, *at))
+            .collect()
+    };
+    assert_eq!(
+        of("busy").len(),
+        4,
+        "the subscription's 4 attempts, not the bus's 2"
+    );
+    assert_eq!(of("conflict").len(), 1, "given up at once");
+    let later = of("later");
+    assert_eq!(later.len(), 2);
+    assert!(later[1].1.duration_since(later[0].1) >= Duration::from_millis(300));
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,9 +632,17 @@ async fn a_handler_ignoring_its_token_is_dropped_after_the_grace_period_and_coun
             == 2
     })
     .await;
-    let stats = runtime.stats();
-    assert_eq!((stats.handler_timeouts, stats.handlers_dropped), (4, 4));
-    assert_eq!(runtime.pool_stats().running, 0, "no handler holds a lane");
+    // The drop is counted, and the lane freed, as the attempt ends: after the dead letter's
+    // write may have begun.
+    wait_until(
+        "every attempt timed out and dropped, no handler holding a lane",
+        || {
+            let stats = runtime.stats();
+            (stats.handler_timeouts, stats.handlers_dropped) == (4, 4)
+                && runtime.pool_stats().running == 0
+        },
+    )
+    .await;
     runtime
         .close(tokio::time::Instant::now() + Duration::from_secs(5))
         .await;
@@ -668,16 +781,34 @@ struct SlowDeadLetters {
 }
 
 #[async_trait]
-impl Transport for SlowDeadLetters {
-    async fn publish_dead_letter(
-        &self,
-        topic: &str,
-        letter: OutboundMessage,
-        _dedup_id: Option<&str>,
-    ) -> Result<(), Error> {
+impl DeadLetterWriter for SlowDeadLetters {
+    fn store(&self) -> Option<&dyn eventbus_core::DeadLetterStore> {
+        Some(self)
+    }
+
+    async fn publish_dead_letter(&self, outgoing: Outgoing<'_>) -> Result<(), Error> {
+        let (topic, letter) = (outgoing.topic, outgoing.message);
         let parked = letter.headers.contains(eventbus_core::HEADER_PARKED);
         self.log
             .push(format!("dead letter to {topic} (parked: {parked})"));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl eventbus_core::DeadLetterStore for SlowDeadLetters {
+    async fn dead_letter_at(
+        &self,
+        _topic: &str,
+        _position: Position,
+    ) -> Result<Option<eventbus_core::StoredDeadLetter>, Error> {
+        Ok(None)
+    }
+
+    async fn remove_dead_letter(
+        &self,
+        _letter: &eventbus_core::StoredDeadLetter,
+    ) -> Result<(), Error> {
         Ok(())
     }
 

@@ -7,18 +7,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use eventbus_core::RetryPolicy;
 use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome};
-use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, Pool, PoolConfig};
 
 fn pool(max_attempts: u32, max_restarts: u32) -> Pool {
     Pool::new(PoolConfig {
         pool_size: 2,
         max_restarts,
-        retry: RetryPolicy {
-            max_attempts,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(1),
-        },
+        retry: RetryPolicy::new()
+            .with_max_attempts(max_attempts)
+            .with_backoff(Duration::from_millis(100), Duration::from_secs(1)),
         ..PoolConfig::default()
     })
     .unwrap()

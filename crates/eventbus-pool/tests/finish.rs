@@ -6,18 +6,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_core::RetryPolicy;
 use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome};
-use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, Pool, PoolConfig};
 use tokio::sync::Notify;
 
 fn pool() -> Pool {
     Pool::new(PoolConfig {
         pool_size: 4,
-        retry: RetryPolicy {
-            max_attempts: 2,
-            initial_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(10),
-        },
+        retry: RetryPolicy::new()
+            .with_max_attempts(2)
+            .with_backoff(Duration::from_millis(10), Duration::from_millis(10)),
         ..PoolConfig::default()
     })
     .unwrap()

@@ -144,11 +144,9 @@ async fn unkeyed_jobs_spread_over_every_free_actor() {
 async fn a_retrying_lane_frees_its_actor_but_keeps_its_later_jobs_waiting() {
     let pool = Pool::new(PoolConfig {
         pool_size: 1,
-        retry: eventbus_pool::RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: Duration::from_secs(10),
-            max_backoff: Duration::from_secs(10),
-        },
+        retry: eventbus_core::RetryPolicy::new()
+            .with_max_attempts(3)
+            .with_backoff(Duration::from_secs(10), Duration::from_secs(10)),
         ..PoolConfig::default()
     })
     .unwrap();

@@ -19,11 +19,9 @@ fn the_pool_records_go_sdk_names_under_its_namespace_without_aggregate_labels() 
             let pool = Pool::with_metrics_namespace(
                 PoolConfig {
                     pool_size: 2,
-                    retry: eventbus_pool::RetryPolicy {
-                        max_attempts: 2,
-                        initial_backoff: Duration::ZERO,
-                        max_backoff: Duration::ZERO,
-                    },
+                    retry: eventbus_core::RetryPolicy::new()
+                        .with_max_attempts(2)
+                        .with_backoff(Duration::ZERO, Duration::ZERO),
                     ..PoolConfig::default()
                 },
                 "memory_eventbus_svc_a",

@@ -14,7 +14,8 @@ use eventbus_core::{
     Position, TraceContext, async_trait,
 };
 use eventbus_pool::BusSettings;
-use eventbus_pool::consume::{Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport};
+use eventbus_pool::consume::{Runtime, SubscriptionSpec};
+use eventbus_pool::transport::{DeadLetterWriter, Delivery, Handler, Outgoing, Receipt};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -88,13 +89,8 @@ impl Spans {
 struct NoDeadLetters;
 
 #[async_trait]
-impl Transport for NoDeadLetters {
-    async fn publish_dead_letter(
-        &self,
-        _: &str,
-        _: OutboundMessage,
-        _: Option<&str>,
-    ) -> Result<(), Error> {
+impl DeadLetterWriter for NoDeadLetters {
+    async fn publish_dead_letter(&self, _: Outgoing<'_>) -> Result<(), Error> {
         Ok(())
     }
 }

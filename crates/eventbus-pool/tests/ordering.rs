@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_core::RetryPolicy;
 use eventbus_core::{AggregateId, DeliveryClass, HandlerError, Outcome};
-use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, Pool, PoolConfig};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,11 +121,9 @@ async fn run_plans(
         pool_size,
         inbox_size,
         max_restarts: MAX_RESTARTS,
-        retry: RetryPolicy {
-            max_attempts: MAX_ATTEMPTS,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(4),
-        },
+        retry: RetryPolicy::new()
+            .with_max_attempts(MAX_ATTEMPTS)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(4)),
     })
     .unwrap();
     let log = Arc::new(Log::default());

@@ -14,20 +14,16 @@ use eventbus_core::{
     ResultsError, async_trait,
 };
 use eventbus_pool::BusSettings;
-use eventbus_pool::consume::{Runtime, Transport};
+use eventbus_pool::consume::Runtime;
+use eventbus_pool::transport::{DeadLetterWriter, Outgoing};
 use futures::FutureExt;
 use tokio::sync::oneshot;
 
 struct NoDeadLetters;
 
 #[async_trait]
-impl Transport for NoDeadLetters {
-    async fn publish_dead_letter(
-        &self,
-        _topic: &str,
-        _letter: OutboundMessage,
-        _dedup_id: Option<&str>,
-    ) -> Result<(), Error> {
+impl DeadLetterWriter for NoDeadLetters {
+    async fn publish_dead_letter(&self, _: Outgoing<'_>) -> Result<(), Error> {
         Ok(())
     }
 }

@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_core::RetryPolicy;
 use eventbus_core::{AggregateId, DeliveryClass, Error, HandlerError, Outcome};
-use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, Pool, PoolConfig};
 use proptest::prelude::*;
 use tokio::sync::Notify;
 
@@ -21,11 +22,9 @@ fn pool(pool_size: usize, inbox_size: usize, backoff: Duration) -> Pool {
     Pool::new(PoolConfig {
         pool_size,
         inbox_size,
-        retry: RetryPolicy {
-            max_attempts: 3,
-            initial_backoff: backoff,
-            max_backoff: backoff,
-        },
+        retry: RetryPolicy::new()
+            .with_max_attempts(3)
+            .with_backoff(backoff, backoff),
         ..PoolConfig::default()
     })
     .unwrap()

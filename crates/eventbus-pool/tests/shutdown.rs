@@ -6,8 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use eventbus_core::RetryPolicy;
 use eventbus_core::{AggregateId, DeliveryClass, Error, HandlerError, Outcome};
-use eventbus_pool::{Job, Pool, PoolConfig, RetryPolicy};
+use eventbus_pool::{Job, Pool, PoolConfig};
 use futures::FutureExt;
 use tokio::sync::{Notify, Semaphore};
 
@@ -69,11 +70,9 @@ async fn at_the_deadline_running_queued_and_retrying_jobs_are_cancelled() {
     let before = alive_tasks();
     let pool = Pool::new(PoolConfig {
         pool_size: 2,
-        retry: RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_secs(60),
-            max_backoff: Duration::from_secs(60),
-        },
+        retry: RetryPolicy::new()
+            .with_max_attempts(5)
+            .with_backoff(Duration::from_secs(60), Duration::from_secs(60)),
         ..PoolConfig::default()
     })
     .unwrap();

@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use eventbus::{Config, Envelope, EventBus, PublishResult, ResultsError};
+use eventbus::{Config, Envelope, PublishResult, ResultsError};
 use tokio::sync::mpsc;
 
 /// One tenant's outbox table: event ID → sent.

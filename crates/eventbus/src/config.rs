@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use eventbus_core::Error;
-use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+use eventbus_core::RetryPolicy;
+use eventbus_pool::{BusSettings, PoolConfig};
 use serde::{Deserialize, Serialize};
 
 /// The backend a [`Config`] selects.
@@ -599,6 +600,7 @@ impl Config {
             client_id: self.client_id.clone(),
             metrics_namespace: self.metrics_namespace(),
             pool: self.pool_config(),
+            settlement: eventbus_core::Backoff::default(),
             drain_timeout: self.drain_timeout,
             handler_timeout: self.handler_timeout,
             lane_blocked_after: self.lane_blocked_after,
@@ -607,7 +609,7 @@ impl Config {
     }
 
     /// What the configuration says each of its backend's configured topics should be, for
-    /// [`EventBus::ensure_topic`](eventbus_core::EventBus::ensure_topic) (and `eventbus topics
+    /// [`TopicAdmin::ensure_topic`](eventbus_core::TopicAdmin::ensure_topic) (and `eventbus topics
     /// ensure`): Kafka's `[kafka.topics."t"]` over `[kafka.topic_defaults]` (partitions,
     /// replication factor, retention), NATS's
     /// `[nats.topics."t"]` (storage, partitions, replicas; ephemeral topics have no stream and
@@ -671,11 +673,9 @@ impl Config {
             pool_size: self.pool.pool_size,
             inbox_size: self.pool.inbox_size,
             max_restarts: self.pool.max_restarts,
-            retry: RetryPolicy {
-                max_attempts: self.retry.max_attempts,
-                initial_backoff: self.retry.initial_backoff,
-                max_backoff: self.retry.max_backoff,
-            },
+            retry: RetryPolicy::new()
+                .with_max_attempts(self.retry.max_attempts)
+                .with_backoff(self.retry.initial_backoff, self.retry.max_backoff),
         }
     }
 

@@ -4,15 +4,14 @@
 //! reports. Go and Rust services on one topic see each other's heartbeats.
 //!
 //! ```
-//! use std::sync::Arc;
 //! use std::time::Duration;
-//! use eventbus::{Config, EventBus, HeartbeatOptions, Heartbeats};
+//! use eventbus::{Config, HeartbeatOptions, Heartbeats};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus::Error> {
-//! let bus: Arc<dyn EventBus> = Arc::new(eventbus::connect(Config::default()).await?);
+//! let bus = eventbus::connect(Config::default()).await?;
 //! let heartbeats = Heartbeats::start(
-//!     bus.clone(),
+//!     bus.as_event_bus(),
 //!     HeartbeatOptions::new("billing", "memory").with_interval(Duration::from_millis(20)),
 //! )
 //! .await?;

@@ -60,7 +60,7 @@ pub use eventbus_kafka as kafka;
 /// The NATS backend (feature `nats`): its configuration types are the `[nats]` section.
 #[cfg(feature = "nats")]
 pub use eventbus_nats as nats;
-pub use eventbus_pool::{BusSettings, PoolConfig, RetryPolicy};
+pub use eventbus_pool::{BusSettings, PoolConfig};
 pub use heartbeat::{HeartbeatOptions, HeartbeatStatus, Heartbeats, Severity};
 pub use metrics::serve_metrics;
 pub use typed::EventBusExt;
@@ -68,8 +68,8 @@ pub use typed::EventBusExt;
 /// Metric namespaces of the buses alive in this process.
 static NAMESPACES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
 
-/// Holds a metric namespace for one bus; two live buses never share one, so their metrics never
-/// mix.
+/// Holds a metric namespace for one bus (the bus keeps it: [`TransportBus::holding`](eventbus_pool::TransportBus::holding));
+/// two live buses never share one, so their metrics never mix.
 struct Namespace(String);
 
 impl Namespace {
@@ -99,11 +99,19 @@ impl Drop for Namespace {
     }
 }
 
-/// A connected bus: the configured backend behind the [`EventBus`] trait.
+/// The bus every backend is, its transport boxed: what [`Bus`] dereferences to.
+pub type AnyBus = eventbus_pool::TransportBus<Box<dyn eventbus_pool::transport::Transport>>;
+
+/// A connected bus: the configured backend's bus.
+///
+/// `Bus` dereferences to [`AnyBus`], so every method of the bus (publishing, subscribing,
+/// health, close, the dead-letter store and topic administration) is called on it directly,
+/// with no trait to import. [`as_event_bus`](Self::as_event_bus) gives the bus as an
+/// [`EventBus`] trait object to share.
 pub struct Bus {
     backend: Backend,
-    inner: Arc<dyn EventBus>,
-    _namespace: Namespace,
+    /// Holds the claim of its metrics namespace.
+    inner: Arc<AnyBus>,
 }
 
 impl Bus {
@@ -118,11 +126,22 @@ impl Bus {
     }
 }
 
+impl std::ops::Deref for Bus {
+    type Target = AnyBus;
+
+    fn deref(&self) -> &AnyBus {
+        &self.inner
+    }
+}
+
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
             .field("backend", &self.backend)
-            .field("metrics_namespace", &self._namespace.0)
+            .field(
+                "metrics_namespace",
+                &self.inner.runtime().settings().metrics_namespace,
+            )
             .finish_non_exhaustive()
     }
 }
@@ -139,7 +158,7 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
     }
     let settings = config.bus_settings();
     let namespace = Namespace::claim(settings.metrics_namespace.clone())?;
-    let inner: Arc<dyn EventBus> = match config.backend {
+    let inner = match config.backend {
         Backend::Memory => memory(settings)?,
         Backend::Nats => nats(settings, &config).await?,
         Backend::Kafka => kafka(settings, &config).await?,
@@ -147,141 +166,53 @@ pub async fn connect(config: Config) -> Result<Bus, Error> {
     tracing::info!(backend = config.backend.name(), client_id = %config.client_id, "event bus connected");
     Ok(Bus {
         backend: config.backend,
-        inner,
-        _namespace: namespace,
+        inner: Arc::new(inner.holding(namespace)),
     })
 }
 
 #[cfg(feature = "memory")]
-fn memory(settings: BusSettings) -> Result<Arc<dyn EventBus>, Error> {
-    Ok(Arc::new(eventbus_memory::MemoryBus::new(settings)?))
+fn memory(settings: BusSettings) -> Result<AnyBus, Error> {
+    Ok(eventbus_memory::start(settings)?.into_dyn())
 }
 
 #[cfg(not(feature = "memory"))]
-fn memory(_settings: BusSettings) -> Result<Arc<dyn EventBus>, Error> {
-    Err(Error::config(
-        "type",
-        "the memory backend is not compiled in: enable the `memory` feature of the eventbus crate",
-    ))
+fn memory(_settings: BusSettings) -> Result<AnyBus, Error> {
+    Err(not_compiled_in("memory", "memory"))
 }
 
 #[cfg(feature = "nats")]
-async fn nats(settings: BusSettings, config: &Config) -> Result<Arc<dyn EventBus>, Error> {
-    let bus = eventbus_nats::NatsBus::connect(settings, config.nats.clone()).await?;
-    Ok(Arc::new(bus))
+async fn nats(settings: BusSettings, config: &Config) -> Result<AnyBus, Error> {
+    Ok(eventbus_nats::connect(settings, config.nats.clone())
+        .await?
+        .into_dyn())
 }
 
 #[cfg(not(feature = "nats"))]
-async fn nats(_settings: BusSettings, _config: &Config) -> Result<Arc<dyn EventBus>, Error> {
-    Err(Error::config(
-        "type",
-        "the NATS backend is not compiled in: enable the `nats` feature of the eventbus crate",
-    ))
+async fn nats(_settings: BusSettings, _config: &Config) -> Result<AnyBus, Error> {
+    Err(not_compiled_in("NATS", "nats"))
 }
 
 #[cfg(feature = "kafka")]
-async fn kafka(settings: BusSettings, config: &Config) -> Result<Arc<dyn EventBus>, Error> {
-    let bus = eventbus_kafka::KafkaBus::connect(settings, config.kafka.clone()).await?;
-    Ok(Arc::new(bus))
+async fn kafka(settings: BusSettings, config: &Config) -> Result<AnyBus, Error> {
+    Ok(eventbus_kafka::connect(settings, config.kafka.clone())
+        .await?
+        .into_dyn())
 }
 
 #[cfg(not(feature = "kafka"))]
-async fn kafka(_settings: BusSettings, _config: &Config) -> Result<Arc<dyn EventBus>, Error> {
-    Err(Error::config(
-        "type",
-        "the Kafka backend is not compiled in: enable the `kafka` feature of the eventbus crate",
-    ))
+async fn kafka(_settings: BusSettings, _config: &Config) -> Result<AnyBus, Error> {
+    Err(not_compiled_in("Kafka", "kafka"))
 }
 
-#[async_trait]
-impl EventBus for Bus {
-    async fn publish(&self, topic: &str, message: OutboundMessage) -> Result<(), Error> {
-        self.inner.publish(topic, message).await
-    }
-
-    async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<(), Error> {
-        self.inner.publish_envelope(topic, envelope).await
-    }
-
-    async fn start_publish(
-        &self,
-        topic: &str,
-        message: OutboundMessage,
-    ) -> Result<eventbus_core::PendingPublish, Error> {
-        self.inner.start_publish(topic, message).await
-    }
-
-    async fn start_publish_envelope(
-        &self,
-        topic: &str,
-        envelope: &Envelope,
-    ) -> Result<eventbus_core::PendingPublish, Error> {
-        self.inner.start_publish_envelope(topic, envelope).await
-    }
-
-    async fn publish_envelope_batch(
-        &self,
-        topic: &str,
-        envelopes: &[Envelope],
-    ) -> Vec<Result<eventbus_core::Position, Error>> {
-        self.inner.publish_envelope_batch(topic, envelopes).await
-    }
-
-    fn publish_results(&self) -> eventbus_core::PublishResults {
-        self.inner.publish_results()
-    }
-
-    async fn subscribe(
-        &self,
-        topic: &str,
-        handler: Arc<dyn MessageHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.inner.subscribe(topic, handler, options).await
-    }
-
-    async fn subscribe_envelope(
-        &self,
-        topic: &str,
-        handler: Arc<dyn EnvelopeHandler>,
-        options: SubscribeOptions,
-    ) -> Result<Subscription, Error> {
-        self.inner.subscribe_envelope(topic, handler, options).await
-    }
-
-    async fn health(&self) -> HealthReport {
-        self.inner.health().await
-    }
-
-    async fn ensure_topic(
-        &self,
-        spec: &eventbus_core::TopicSpec,
-        mode: eventbus_core::EnsureMode,
-    ) -> Result<eventbus_core::TopicReport, Error> {
-        self.inner.ensure_topic(spec, mode).await
-    }
-
-    async fn dead_letters(
-        &self,
-        dead_letter_topic: &str,
-    ) -> Result<Vec<eventbus_core::StoredDeadLetter>, Error> {
-        self.inner.dead_letters(dead_letter_topic).await
-    }
-
-    async fn remove_dead_letter(
-        &self,
-        letter: &eventbus_core::StoredDeadLetter,
-    ) -> Result<(), Error> {
-        self.inner.remove_dead_letter(letter).await
-    }
-
-    fn connection_state(&self) -> eventbus_core::ConnectionWatch {
-        self.inner.connection_state()
-    }
-
-    async fn close(&self) -> Result<(), Error> {
-        self.inner.close().await
-    }
+/// The error for a backend whose feature is off.
+#[cfg(not(all(feature = "memory", feature = "nats", feature = "kafka")))]
+fn not_compiled_in(backend: &str, feature: &str) -> Error {
+    Error::config(
+        "type",
+        format!(
+            "the {backend} backend is not compiled in: enable the `{feature}` feature of the eventbus crate"
+        ),
+    )
 }
 
 /// The README's example, compiled with the doctests so that it cannot rot.

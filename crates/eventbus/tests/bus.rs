@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus::{
-    Config, Envelope, ErrorKind, EventBus, EventBusExt, HandlerContext, Message, SubscribeOptions,
+    Config, Envelope, ErrorKind, EventBusExt, HandlerContext, Message, SubscribeOptions,
 };
 use serde::Deserialize;
 use tokio::sync::mpsc;

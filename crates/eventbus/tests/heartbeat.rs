@@ -18,7 +18,7 @@ async fn bus(client_id: &str) -> Arc<dyn EventBus> {
         client_id: client_id.to_owned(),
         ..Config::default()
     };
-    Arc::new(eventbus::connect(config).await.unwrap())
+    eventbus::connect(config).await.unwrap().as_event_bus()
 }
 
 /// Polls `check` until it holds, for 10 s at most.

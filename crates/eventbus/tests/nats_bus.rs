@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use eventbus::{
-    Backend, Config, Envelope, ErrorKind, EventBus, EventBusExt, HandlerContext, SubscribeOptions,
+    Backend, Config, Envelope, ErrorKind, EventBusExt, HandlerContext, SubscribeOptions,
 };
 use serde::Deserialize;
 use test_brokers::NatsServer;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventbus_core::{Envelope, EventBus, HandlerContext, SubscribeOptions};
-use eventbus_nats::{ConsumerSettings, NatsBus, NatsConfig, ScaleOutSettings, TopicOptions};
+use eventbus_nats::{ConsumerSettings, NatsConfig, ScaleOutSettings, TopicOptions};
 use eventbus_pool::{BusSettings, PoolConfig};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -41,7 +41,7 @@ async fn main() {
     };
     let bus: Box<dyn EventBus> = match backend.as_str() {
         "nats" => Box::new(
-            NatsBus::connect(
+            eventbus_nats::connect(
                 settings,
                 NatsConfig {
                     urls: vec![url],
@@ -72,7 +72,7 @@ async fn main() {
             .expect("connect"),
         ),
         "kafka" => Box::new(
-            eventbus_kafka::KafkaBus::connect(settings, integration_tests::kafka_config(&url))
+            eventbus_kafka::connect(settings, integration_tests::kafka_config(&url))
                 .await
                 .expect("connect"),
         ),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbus::{Config, Envelope, EventBus, HandlerContext, SubscribeOptions};
+use eventbus::{Config, Envelope, HandlerContext, SubscribeOptions};
 use tokio::sync::Semaphore;
 
 use crate::CliError;

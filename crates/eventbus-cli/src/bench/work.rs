@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use eventbus::{Config, DeliveryClass, Envelope, EventBus};
+use eventbus::{Config, DeliveryClass, Envelope};
 use eventbus_pool::{Job, Pool};
 use futures::StreamExt;
 

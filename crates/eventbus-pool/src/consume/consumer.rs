@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use eventbus_core::{
     CancellationToken, DeliveryClass, Envelope, Error, HandlerContext, HandlerError, Message,
-    MessageSource, Outcome, Position, TraceContext, extract_aggregate_id,
+    MessageSource, Outcome, Position, RetryPolicy, TraceContext, extract_aggregate_id,
 };
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -19,8 +19,8 @@ use super::park::{ParkCheck, ParkedBehind, Parking};
 use super::settle::{Verdict, settle};
 use super::stats::{Consumed, Stat};
 use super::trace::{incoming, with_current};
-use super::transport::{Delivery, Handler, Receipt};
 use crate::job::{AttemptFuture, FinishFuture, Work};
+use crate::transport::{DeadLetterWriter, Delivery, Handler, Receipt};
 use crate::{Job, JobContext, Scope, ScopeReport};
 
 /// What a subscription consumes and where its failures go.
@@ -58,6 +58,8 @@ pub struct SubscriptionSpec {
     /// subjects (its partition, and the bare topic a publisher that does not partition writes
     /// to) and a replay on one must unpark it on the other. `None`: its own.
     pub park_group: Option<String>,
+    /// How the handler is retried; `None`: the bus's policy (`PoolConfig::retry`).
+    pub retry: Option<Arc<RetryPolicy>>,
 }
 
 impl SubscriptionSpec {
@@ -76,7 +78,20 @@ impl SubscriptionSpec {
             park_on_dead_letter: false,
             owner: None,
             park_group: None,
+            retry: None,
         }
+    }
+
+    /// Retries the handler by `policy` instead of the bus's (`None`: the bus's).
+    pub fn with_retry(mut self, policy: Option<RetryPolicy>) -> Self {
+        self.retry = policy.map(Arc::new);
+        self
+    }
+
+    /// Names the subscription (see [`name`](Self::name)).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
     }
 
     /// Sets the dead-letter topic (`None`: none).
@@ -203,6 +218,9 @@ impl Consumer {
         if handler_timeout.is_some_and(|timeout| timeout.is_zero()) {
             return Err(Error::config("handler_timeout", "must be longer than 0"));
         }
+        if let Some(policy) = &spec.retry {
+            policy.validate("retry")?;
+        }
         if spec.park_on_dead_letter && (!spec.handler.is_envelope() || spec.dead_letter.is_none()) {
             return Err(Error::config(
                 "park_on_dead_letter",
@@ -241,13 +259,13 @@ impl Consumer {
         match (&parking, &consumer.subscription.dead_letter) {
             (Some(parking), Some(dead_letter)) => {
                 runtime.handle.spawn(restore_parking(
-                    runtime.transport.clone(),
+                    runtime.dead_letters.clone(),
                     parking.clone(),
                     consumer.subscription.topic.clone(),
                     dead_letter.clone(),
                     consumer.parking_restored.clone(),
                     consumer.finished.clone(),
-                    runtime.retry.clone(),
+                    runtime.settlement,
                 ));
             }
             _ => consumer.parking_restored.cancel(),
@@ -435,7 +453,10 @@ impl Consumer {
             first,
             undecodable,
         };
-        let job = Job::from_work(key, class, Box::new(work)).in_scope(&self.scope);
+        let mut job = Job::from_work(key, class, Box::new(work)).in_scope(&self.scope);
+        if let Some(policy) = &self.spec.retry {
+            job = job.with_retry(policy.clone());
+        }
         if unlimited {
             job.with_unlimited_attempts()
         } else {
@@ -690,19 +711,24 @@ impl std::error::Error for HandlerTimedOut {}
 
 /// Parks the aggregates of `topic` whose dead letters `dead_letter` still holds (a restarted
 /// service, a partition taken over), then fires `restored`. A failed read is retried with the
-/// engine's backoff: deliveries wait meanwhile rather than run a parked aggregate out of order.
+/// settlement backoff: deliveries wait meanwhile rather than run a parked aggregate out of order.
 async fn restore_parking(
-    transport: Arc<dyn super::Transport>,
+    dead_letters: Arc<dyn DeadLetterWriter>,
     parking: Arc<Parking>,
     topic: Arc<str>,
     dead_letter: Arc<str>,
     restored: CancellationToken,
     finished: CancellationToken,
-    retry: crate::RetryPolicy,
+    settlement: eventbus_core::Backoff,
 ) {
+    let Some(store) = dead_letters.store() else {
+        // Nothing kept: nothing to park again.
+        restored.cancel();
+        return;
+    };
     let mut failures = 0u32;
     loop {
-        match transport.dead_letters(&dead_letter).await {
+        match store.dead_letters(&dead_letter).await {
             Ok(letters) => {
                 for letter in letters {
                     if letter.original_topic() != Some(&*topic) {
@@ -725,7 +751,7 @@ async fn restore_parking(
                 failures = failures.saturating_add(1);
                 tracing::warn!(%topic, dead_letter_topic = %dead_letter, %error, failures, "parked aggregates not read yet; deliveries wait");
                 tokio::select! {
-                    () = tokio::time::sleep(retry.backoff(failures)) => {}
+                    () = tokio::time::sleep(settlement.delay(failures)) => {}
                     () = finished.cancelled() => return,
                 }
             }

@@ -1,8 +1,9 @@
 //! The consume runtime: the one consume path of every backend.
 //!
-//! A backend is a transport: it fetches messages, hands each to [`Consumer::deliver`] with a
-//! [`Receipt`] (how to ack, give back, terminate or mark in progress), and writes dead letters
-//! through its [`Transport`]. Everything in between happens here, once:
+//! A backend is a transport ([`crate::transport`]): it fetches messages, hands each to
+//! [`Consumer::deliver`] with a [`Receipt`] (how to ack, give back, terminate or mark in
+//! progress), and writes dead letters through its [`DeadLetterWriter`]. Everything in between
+//! happens here, once:
 //!
 //! - envelope decode and aggregate-ID extraction (`eventbus_core::extract_aggregate_id`);
 //! - observing: a `consume` span per message (topic, position, aggregate, event type and ID,
@@ -34,15 +35,16 @@
 //! use std::time::Duration;
 //! use eventbus_core::{async_trait, Envelope, Error, HandlerContext, Message, OutboundMessage};
 //! use eventbus_pool::BusSettings;
-//! use eventbus_pool::consume::{Delivery, Handler, Receipt, Runtime, SubscriptionSpec, Transport};
+//! use eventbus_pool::consume::{Runtime, SubscriptionSpec};
+//! use eventbus_pool::transport::{DeadLetterWriter, Delivery, Handler, Outgoing, Receipt};
 //!
 //! #[derive(Default)]
 //! struct Log(Mutex<Vec<String>>);
 //!
 //! #[async_trait]
-//! impl Transport for Log {
-//!     async fn publish_dead_letter(&self, topic: &str, _: OutboundMessage, _: Option<&str>) -> Result<(), Error> {
-//!         self.0.lock().unwrap().push(format!("dead letter to {topic}"));
+//! impl DeadLetterWriter for Log {
+//!     async fn publish_dead_letter(&self, letter: Outgoing<'_>) -> Result<(), Error> {
+//!         self.0.lock().unwrap().push(format!("dead letter to {}", letter.topic));
 //!         Ok(())
 //!     }
 //! }
@@ -81,24 +83,22 @@ mod publish;
 mod settle;
 mod stats;
 mod trace;
-mod transport;
 
-use eventbus_core::{CancellationToken, Error, HealthReport, HealthStatus};
+use eventbus_core::{CancellationToken, DeadLetterStore, Error, HealthReport, HealthStatus};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 pub use consumer::{CANCEL_GRACE_MAX, Consumer, Delivered, SubscriptionSpec};
 pub use monitor::MONITOR_INTERVAL;
-pub use publish::AckFuture;
 pub use stats::ConsumeStats;
 pub use trace::{TracePropagation, current_trace_context, set_trace_propagation};
-pub use transport::{Delivery, Handler, Receipt, Transport};
 
+use crate::transport::DeadLetterWriter;
 use crate::{BusSettings, LaneAges, Pool, PoolStats, ShutdownReport};
 use publish::{Pipeline, PublishMetrics};
 use stats::Counters;
 
-/// The consume runtime of one bus: the engine, the transport's dead-letter writer, and the
+/// The consume runtime of one bus: the engine, the backend's dead-letter writer, and the
 /// subscriptions.
 pub struct Runtime {
     shared: Arc<Shared>,
@@ -108,8 +108,9 @@ pub struct Runtime {
 pub(crate) struct Shared {
     settings: BusSettings,
     pub(crate) pool: Pool,
-    pub(crate) transport: Arc<dyn Transport>,
-    pub(crate) retry: crate::RetryPolicy,
+    pub(crate) dead_letters: Arc<dyn DeadLetterWriter>,
+    /// How settling is retried (`BusSettings::settlement`).
+    pub(crate) settlement: eventbus_core::Backoff,
     pub(crate) counters: Counters,
     published: PublishMetrics,
     pipeline: Pipeline,
@@ -169,11 +170,14 @@ impl Shared {
 
 impl Runtime {
     /// Starts the engine of `settings.pool` on the current tokio runtime, with metrics under
-    /// `settings.metrics_namespace`; dead letters go out through `transport`. Fails with a
+    /// `settings.metrics_namespace`; dead letters go out through `dead_letters`. Fails with a
     /// `Config` error naming the first bad setting.
-    pub fn new(settings: BusSettings, transport: Arc<dyn Transport>) -> Result<Self, Error> {
+    pub fn new(
+        settings: BusSettings,
+        dead_letters: Arc<dyn DeadLetterWriter>,
+    ) -> Result<Self, Error> {
         settings.validate()?;
-        let retry = settings.pool.retry.clone();
+        let settlement = settings.settlement;
         let pool =
             Pool::with_metrics_namespace(settings.pool.clone(), &settings.metrics_namespace)?;
         let counters = Counters::new(&settings.metrics_namespace);
@@ -184,8 +188,8 @@ impl Runtime {
             shared: Arc::new(Shared {
                 settings,
                 pool,
-                transport,
-                retry,
+                dead_letters,
+                settlement,
                 counters,
                 published,
                 pipeline,
@@ -208,6 +212,12 @@ impl Runtime {
     /// The settings the runtime was started with (client ID, drain timeout, ...).
     pub fn settings(&self) -> &BusSettings {
         &self.shared.settings
+    }
+
+    /// Where the bus's dead letters are read back and removed, when its backend keeps them
+    /// ([`DeadLetterWriter::store`]).
+    pub fn dead_letter_store(&self) -> Option<&dyn DeadLetterStore> {
+        self.shared.dead_letters.store()
     }
 
     /// Starts consuming for one subscription: a scope of the engine, a registry of held

@@ -3,7 +3,6 @@
 //! flight (a window bounding them, results settled in the order the publishes started).
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -19,6 +18,7 @@ use tracing::Instrument;
 
 use super::Runtime;
 use super::trace::{outgoing_envelope, outgoing_plain};
+use crate::transport::AckFuture;
 
 /// Per-topic publish metrics, registered at a topic's first publish.
 pub(crate) struct PublishMetrics {
@@ -58,10 +58,6 @@ impl PublishMetrics {
         metrics
     }
 }
-
-/// The future of a broker's acknowledgement of one publish: where it stored the message. What
-/// a backend's send resolves to when it has handed a message to its client.
-pub type AckFuture = Pin<Box<dyn Future<Output = Result<Position, Error>> + Send>>;
 
 /// One publish in flight, on its way to the driver with its acknowledgement.
 struct InFlight {

@@ -13,7 +13,7 @@ use super::Shared;
 use super::consumer::MessageJob;
 use super::park::ParkedBehind;
 use super::stats::{Consumption, Counters, Stat};
-use super::transport::Receipt;
+use crate::transport::{Outgoing, Receipt};
 
 /// What settling does with a message.
 #[derive(Debug)]
@@ -213,11 +213,13 @@ async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
     }
     // Boxed, as the rare path.
     Box::pin(async {
-        let transport = &runtime.transport;
+        let Some(store) = runtime.dead_letters.store() else {
+            return;
+        };
         let mut failures = 0u32;
         loop {
             let removed = async {
-                let Some(letter) = transport.dead_letter_at(topic, position).await? else {
+                let Some(letter) = store.dead_letter_at(topic, position).await? else {
                     return Ok(());
                 };
                 if !letter.is_dead_letter_of(
@@ -228,7 +230,7 @@ async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
                     tracing::warn!(subscription = %subscription.name, topic, %position, "X-Replay-Of names a dead letter that is not this copy's, or another subscription's: not removed");
                     return Ok(());
                 }
-                transport.remove_dead_letter(topic, position).await
+                store.remove_dead_letter(&letter).await
             }
             .await;
             let Err(error) = removed else {
@@ -241,7 +243,7 @@ async fn remove_replayed_dead_letter(runtime: &Shared, settling: &MessageJob) {
                 return;
             }
             tracing::warn!(subscription = %subscription.name, topic, %position, %error, failures, "removing the replayed copy's dead letter failed; retrying");
-            tokio::time::sleep(runtime.retry.backoff(failures)).await;
+            tokio::time::sleep(runtime.settlement.delay(failures)).await;
         }
     })
     .await;
@@ -259,7 +261,7 @@ where
         runtime.counters.add(Stat::SettleFailures, 1);
         tracing::warn!(%error, failures, what, "settling failed; retrying (the aggregate's later messages wait)");
         // Boxed, as the rare path: the timer would otherwise be part of every settlement.
-        Box::pin(tokio::time::sleep(runtime.retry.backoff(failures))).await;
+        Box::pin(tokio::time::sleep(runtime.settlement.delay(failures))).await;
     }
 }
 
@@ -283,7 +285,7 @@ fn dedup_id(subscription: &str, message: &Message) -> Option<String> {
     ))
 }
 
-/// Writes a dead letter, retrying with the engine's backoff (up to its longest) until the
+/// Writes a dead letter, retrying with the settlement backoff (up to its longest) until the
 /// broker accepts it.
 async fn write_dead_letter(
     runtime: &Shared,
@@ -309,8 +311,8 @@ async fn write_dead_letter(
     let mut waiting = None;
     loop {
         match runtime
-            .transport
-            .publish_dead_letter(topic, letter.clone(), id.as_deref())
+            .dead_letters
+            .publish_dead_letter(Outgoing::new(topic, letter.clone()).with_dedup_id(id.as_deref()))
             .await
         {
             Ok(()) => {
@@ -330,7 +332,7 @@ async fn write_dead_letter(
                     failures,
                     "dead letter not written; retrying (the aggregate's later messages wait)"
                 );
-                tokio::time::sleep(runtime.retry.backoff(failures)).await;
+                tokio::time::sleep(runtime.settlement.delay(failures)).await;
             }
         }
     }
