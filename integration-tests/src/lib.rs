@@ -447,6 +447,7 @@ macro_rules! conformance_suite {
             per_aggregate_order_with_many_aggregates,
             retry_then_success_keeps_order,
             a_subscriptions_retry_policy_decides_its_attempts_delays_and_giving_up,
+            routing_by_event_type_keeps_each_aggregates_order_across_types,
             exhausted_retries_go_to_the_dead_letter_topic,
             undecodable_envelopes_are_dead_lettered_without_retries,
             panics_are_caught_for_both_classes,
@@ -954,6 +955,117 @@ pub async fn a_subscriptions_retry_policy_decides_its_attempts_delays_and_giving
         waited >= Duration::from_millis(400),
         "the handler's retry-after is waited: {waited:?}"
     );
+    bus.close().await.unwrap();
+}
+
+/// Routing by event type: one subscription whose router hands `Placed` and `Shipped` to their
+/// typed handlers, payloads decoded. Per aggregate: `Placed` v1, `Shipped` v2, an unclaimed
+/// `Refunded` v3 and a `Placed` v4 whose payload does not decode (both dead-lettered at once,
+/// with their reasons), `Shipped` v5. Each aggregate's handled events come in order across the
+/// types, and nothing is lost.
+pub async fn routing_by_event_type_keeps_each_aggregates_order_across_types(
+    factory: &dyn BusFactory,
+) {
+    let bus = factory.bus(Settings::default()).await;
+    let topic = factory.topic("routed");
+    let dead = collect(bus.as_ref(), &format!("{topic}.DLQ")).await;
+    let done = Recorder::<(String, i64, String)>::new();
+    let (placed, shipped) = (done.clone(), done.clone());
+    let router = eventbus_core::Router::new()
+        .route(
+            "Placed",
+            move |_ctx: HandlerContext, envelope: Envelope, order: HashMap<String, u64>| {
+                let placed = placed.clone();
+                async move {
+                    placed.push((
+                        envelope.aggregate_id,
+                        envelope.event_version,
+                        format!("placed {}", order["total"]),
+                    ));
+                    Ok(())
+                }
+            },
+        )
+        .unwrap()
+        .route(
+            "Shipped",
+            move |_ctx: HandlerContext, envelope: Envelope, shipment: HashMap<String, String>| {
+                let shipped = shipped.clone();
+                async move {
+                    shipped.push((
+                        envelope.aggregate_id,
+                        envelope.event_version,
+                        format!("shipped by {}", shipment["carrier"]),
+                    ));
+                    Ok(())
+                }
+            },
+        )
+        .unwrap();
+    bus.subscribe_envelope(&topic, Arc::new(router), SubscribeOptions::new())
+        .await
+        .unwrap();
+    let events = |aggregate: &str| {
+        [
+            ("Placed", 1, serde_json::json!({"total": 10})),
+            ("Shipped", 2, serde_json::json!({"carrier": "DHL"})),
+            ("Refunded", 3, serde_json::json!({"amount": 10})),
+            ("Placed", 4, serde_json::json!({"total": "ten"})),
+            ("Shipped", 5, serde_json::json!({"carrier": "UPS"})),
+        ]
+        .map(|(event_type, version, payload)| {
+            Envelope::new(aggregate, event_type, version, &payload).unwrap()
+        })
+    };
+    for aggregate in ["agg-route-a", "agg-route-b"] {
+        for event in events(aggregate) {
+            bus.publish_envelope(&topic, &event).await.unwrap();
+        }
+    }
+    let handled = done.wait_for("six handlings", |e| e.len() == 6).await;
+    for aggregate in ["agg-route-a", "agg-route-b"] {
+        let of: Vec<(i64, &str)> = handled
+            .iter()
+            .filter(|(a, ..)| a == aggregate)
+            .map(|(_, version, what)| (*version, what.as_str()))
+            .collect();
+        assert_eq!(
+            of,
+            [
+                (1, "placed 10"),
+                (2, "shipped by DHL"),
+                (5, "shipped by UPS")
+            ],
+            "{aggregate}"
+        );
+    }
+    let letters = dead.wait_for("four dead letters", |e| e.len() == 4).await;
+    let mut reasons: Vec<(String, i64, String)> = letters
+        .iter()
+        .map(|letter| {
+            let envelope = Envelope::from_bytes(&letter.payload).unwrap();
+            let reason = letter
+                .headers
+                .get_str("X-Error-Message")
+                .unwrap_or_default();
+            (
+                envelope.aggregate_id,
+                envelope.event_version,
+                reason.to_owned(),
+            )
+        })
+        .collect();
+    reasons.sort();
+    for (index, aggregate) in ["agg-route-a", "agg-route-b"].iter().enumerate() {
+        let (unclaimed, undecodable) = (&reasons[index * 2], &reasons[index * 2 + 1]);
+        assert_eq!(
+            (unclaimed.0.as_str(), unclaimed.1, unclaimed.2.as_str()),
+            (*aggregate, 3, "no handler for event type \"Refunded\"")
+        );
+        assert_eq!((undecodable.0.as_str(), undecodable.1), (*aggregate, 4));
+        assert!(undecodable.2.contains("invalid type"), "{}", undecodable.2);
+        assert_eq!(letters[0].headers.get_str("X-Failed-Attempts"), Some("1"));
+    }
     bus.close().await.unwrap();
 }
 

@@ -46,7 +46,7 @@ struct PartitionedNats {
 }
 
 /// The topics the suite uses (`factory.topic(name)`); each is partitioned.
-const SUITE_TOPICS: [&str; 26] = [
+const SUITE_TOPICS: [&str; 27] = [
     "order",
     "retry",
     "exhaust",
@@ -73,6 +73,7 @@ const SUITE_TOPICS: [&str; 26] = [
     "shared.a",
     "shared.b",
     "policy",
+    "routed",
 ];
 
 #[async_trait]

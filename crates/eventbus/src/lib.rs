@@ -2,12 +2,15 @@
 //! losing any**: the one crate a service needs.
 //!
 //! [`connect`] builds a bus from a [`Config`] (defaults, a TOML or YAML file, `EVENTBUS_*`
-//! environment overrides); the bus implements [`EventBus`]. Envelopes are delivered
-//! at-least-once, retried inside their aggregate's lane and dead-lettered to `{topic}.DLQ` when
-//! they keep failing; plain messages at-most-once. The contract is in `docs/semantics.md`.
+//! environment overrides); every method of the [`Bus`] is called on it directly, with no trait
+//! to import. Envelopes are delivered at-least-once, retried inside their aggregate's lane by
+//! the subscription's [`RetryPolicy`] and dead-lettered to `{topic}.DLQ` when they keep
+//! failing; a [`Router`] hands each event type to its own typed handler; plain messages are
+//! at-most-once. The contract is in `docs/semantics.md`.
 //!
 //! ```
-//! use eventbus::{Config, Envelope, EventBus, EventBusExt, HandlerContext, SubscribeOptions};
+//! use std::sync::Arc;
+//! use eventbus::{Config, Envelope, HandlerContext, RetryPolicy, Router, SubscribeOptions};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Serialize, Deserialize)]
@@ -16,11 +19,12 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), eventbus::Error> {
 //! let bus = eventbus::connect(Config::default()).await?;
-//! bus.subscribe_envelope_typed("orders", |_ctx: HandlerContext, envelope: Envelope, order: OrderPlaced| async move {
+//! let orders = Router::new().route("OrderPlaced", |_ctx: HandlerContext, envelope: Envelope, order: OrderPlaced| async move {
 //!     println!("{} placed for {} cents", envelope.aggregate_id, order.total_cents);
 //!     Ok(())
-//! }, SubscribeOptions::new())
-//! .await?;
+//! })?;
+//! let options = SubscribeOptions::new().with_retry(RetryPolicy::new().with_max_attempts(5));
+//! bus.subscribe_envelope("orders", Arc::new(orders), options).await?;
 //! bus.publish_envelope("orders", &Envelope::new("order-42", "OrderPlaced", 1, &OrderPlaced { total_cents: 1250 })?)
 //!     .await?;
 //! bus.close().await?; // drains in-flight handlers first
