@@ -188,9 +188,21 @@ fn steps(metadata: &Value) -> Vec<Step> {
         "doctests",
         &["test", "--locked", "--workspace", "--doc"],
     ));
+    // As docs.rs builds them: every feature, `--cfg docsrs` (which turns on `doc(cfg)` and needs
+    // the nightly toolchain), every warning (a broken intra-doc link included) an error.
     steps.push(
-        Step::cargo("docs", &["doc", "--locked", "--workspace", "--no-deps"])
-            .with_env("RUSTDOCFLAGS", "-D warnings"),
+        Step::cargo(
+            "docs (as docs.rs: nightly, --all-features, --cfg docsrs)",
+            &[
+                "+nightly",
+                "doc",
+                "--locked",
+                "--workspace",
+                "--no-deps",
+                "--all-features",
+            ],
+        )
+        .with_env("RUSTDOCFLAGS", "--cfg docsrs -D warnings"),
     );
     steps
 }

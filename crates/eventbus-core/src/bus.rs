@@ -37,7 +37,7 @@ pub trait EventBus: Send + Sync {
     /// [`publish`](Self::publish), but returns once the message is handed to the client, with a
     /// [`PendingPublish`] of where the broker stored it. Waits while the bus's
     /// `publish_max_in_flight` publishes are unacknowledged. Messages started one after the
-    /// other are stored in that order on NATS and, per partition, on Kafka (docs/publishing.md).
+    /// other are stored in that order on NATS and, per partition, on Kafka ([docs/publishing.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/publishing.md)).
     ///
     /// # Cancel safety
     ///

@@ -30,7 +30,7 @@ const ASSIGNMENT_WAIT: Duration = Duration::from_secs(30);
 /// topic; each assigned partition has a reader per subscription on the shared consume runtime
 /// (a scope of the engine), so records of one partition run concurrently across aggregates and
 /// in order per aggregate. Offsets are committed only up to the first unfinished record. See
-/// `docs/kafka.md`.
+/// [docs/kafka.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/kafka.md).
 pub type KafkaBus = TransportBus<KafkaTransport>;
 
 /// The Kafka backend's transport: the producer, the consumer group and its poll thread.
@@ -126,7 +126,7 @@ impl Transport for KafkaTransport {
     /// polled next. A group whose other members use an assignor this bus does not offer refuses
     /// the join: that is a [`Config`](eventbus_core::ErrorKind::Config) error naming
     /// `kafka.assignment_strategy`, and the topic is taken out of the group's subscription again.
-    /// [`SubscribeOptions::durable`] other than the group's name and [`SubscribeOptions::start`]
+    /// [`SubscribeOptions::durable`](eventbus_core::SubscribeOptions::durable) other than the group's name and [`SubscribeOptions::start`](eventbus_core::SubscribeOptions::start)
     /// other than `All` are configuration errors: the group and where it starts are the bus's
     /// (`kafka.group_id`, `kafka.auto_offset_reset`).
     ///

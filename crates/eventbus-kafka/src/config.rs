@@ -234,7 +234,7 @@ impl Default for KafkaConfig {
 ///   `queued.min.messages` or `queued.max.messages.kbytes` (a backlog), it waits this long
 ///   before fetching for the partition again. Its default, 1 s, stalls a consumer that drains
 ///   the queue faster than that: 0.6 s of nothing at each refill while reading a 200,000-record
-///   backlog (docs/benchmarks.md). Lower values cost a little CPU while the queue is full.
+///   backlog ([docs/benchmarks.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/benchmarks.md)). Lower values cost a little CPU while the queue is full.
 pub const CONSUMER_DEFAULTS: [(&str, &str); 2] = [
     ("fetch.wait.max.ms", "50"),
     ("fetch.queue.backoff.ms", "10"),

@@ -38,7 +38,7 @@ use crate::streams::{Kind, StreamSpec, stream_spec};
 /// named `{client_id}_{topic}` (see [`NatsTransport::durable_name`] for the exact rule), created
 /// or updated with the configured `ack_wait`, `max_deliver`, `max_ack_pending` and `backoff`,
 /// and kept when the subscription or the bus closes: a restart resumes where the last run
-/// acknowledged. See `docs/nats.md`.
+/// acknowledged. See [docs/nats.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/nats.md).
 pub type NatsBus = TransportBus<NatsTransport>;
 
 /// The NATS backend's transport: the connection, the streams, the subscriptions' fetchers and

@@ -234,7 +234,7 @@ pub struct TopicOptions {
     pub ephemeral: bool,
     /// Split the topic into this many partitions (subjects `{topic}.0` … `{topic}.{n-1}`, an
     /// aggregate's events always on one, see [`partition_of`](crate::partition_of)) that the
-    /// instances of a service share, each read by one instance at a time (`docs/nats.md`,
+    /// instances of a service share, each read by one instance at a time ([docs/nats.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/nats.md),
     /// "Scaling out"). `None` (the default): one subject, read by one instance.
     pub partitions: Option<u16>,
     /// The replicas of the stream made for the topic (1 to 5, on a cluster), instead of
@@ -248,7 +248,7 @@ pub struct TopicOptions {
     /// and still gone after [`TakeOverSettings::grace`]) or abandoned (nobody pulling and
     /// nothing acknowledged for [`TakeOverSettings::idle`]: a killed service), and starts its
     /// own durable right after the last ack floor it saw. A durable of that name that did not
-    /// exist at `connect` is a configuration error at `subscribe` (`docs/migration.md`, "NATS:
+    /// exist at `connect` is a configuration error at `subscribe` ([docs/migration.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/migration.md), "NATS:
     /// taking over a Go service's durable"). Not with `partitions` or `ephemeral`, nor with a
     /// subscription that names its durable.
     pub take_over_from: Option<String>,

@@ -24,7 +24,7 @@
 //!   ([`partition_of`] picks an aggregate's); the instances of a service share them, each read
 //!   by one instance at a time through a pinned consumer, with membership and claims in a
 //!   key-value bucket, moving when instances come, stop or die ([`ScaleOutSettings`],
-//!   [`NatsTransport::partitions_reading`], `docs/nats.md` "Scaling out").
+//!   [`NatsTransport::partitions_reading`], [docs/nats.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/nats.md) "Scaling out").
 //! - **Publish**: waits for the PubAck (`publish_timeout`); envelopes carry the `X-*` headers
 //!   and `Nats-Msg-Id` = event ID (the server drops duplicates); a message key travels in the
 //!   [`KEY_HEADER`] header. Ephemeral topics use core NATS (no stream, at-most-once).

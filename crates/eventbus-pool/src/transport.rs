@@ -22,7 +22,7 @@
 //! with the writer, and wrap both in a [`TransportBus`](crate::TransportBus): the bus then
 //! implements [`EventBus`](eventbus_core::EventBus), [`DeadLetterStore`] and
 //! [`TopicAdmin`]. The memory backend (`eventbus-memory`, ~300 lines) is the smallest
-//! complete example; `docs/architecture.md` walks through it.
+//! complete example; [docs/architecture.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/architecture.md) walks through it.
 
 use std::pin::Pin;
 use std::sync::Arc;

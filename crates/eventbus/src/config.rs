@@ -34,7 +34,7 @@ impl Backend {
     }
 }
 
-/// Everything a bus is built from. Every field has a default (see `docs/configuration.md`), so
+/// Everything a bus is built from. Every field has a default (see [docs/configuration.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/configuration.md)), so
 /// an empty file is a valid configuration.
 ///
 /// ```

@@ -6,7 +6,7 @@
 //! to import. Envelopes are delivered at-least-once, retried inside their aggregate's lane by
 //! the subscription's [`RetryPolicy`] and dead-lettered to `{topic}.DLQ` when they keep
 //! failing; a [`Router`] hands each event type to its own typed handler; plain messages are
-//! at-most-once. The contract is in `docs/semantics.md`.
+//! at-most-once. The contract is in [docs/semantics.md](https://github.com/eventbus-rs/eventbus/blob/main/docs/semantics.md).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -41,15 +41,22 @@
 //! | `nats` | NATS JetStream (`eventbus-nats`, async-nats) | the `[nats]` section |
 //! | `kafka` | Apache Kafka (`eventbus-kafka`, rdkafka with librdkafka built from source) | the `[kafka]` section |
 //!
+//! Two more features: `prometheus` (default), the exporter behind [`serve_metrics`] and
+//! `metrics.listen`; `opentelemetry`, trace context through OpenTelemetry.
+//!
 //! Every backend runs the same consume runtime (`eventbus_pool::consume`), so the delivery
 //! contract is the same on each. Metrics go through the `metrics` facade under
 //! `{type}_eventbus_{client_id}`; [`serve_metrics`] (or `metrics.listen` in the config) serves
-//! them for Prometheus.
+//! them for Prometheus (feature `prometheus`, on by default).
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod config;
 mod heartbeat;
+#[cfg(feature = "prometheus")]
 mod metrics;
 #[cfg(feature = "opentelemetry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
 pub mod opentelemetry;
 mod typed;
 
@@ -60,12 +67,16 @@ pub use config::{Backend, Config, MetricsSection, PoolSection, RetrySection};
 pub use eventbus_core::*;
 /// The Kafka backend (feature `kafka`): its configuration types are the `[kafka]` section.
 #[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub use eventbus_kafka as kafka;
 /// The NATS backend (feature `nats`): its configuration types are the `[nats]` section.
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub use eventbus_nats as nats;
 pub use eventbus_pool::{BusSettings, PoolConfig};
 pub use heartbeat::{HeartbeatOptions, HeartbeatStatus, Heartbeats, Severity};
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub use metrics::serve_metrics;
 pub use typed::EventBusExt;
 
@@ -158,7 +169,7 @@ impl std::fmt::Debug for Bus {
 pub async fn connect(config: Config) -> Result<Bus, Error> {
     config.validate()?;
     if let Some(listen) = config.metrics.listen {
-        serve_metrics(listen)?;
+        serve_configured_metrics(listen)?;
     }
     let settings = config.bus_settings();
     let namespace = Namespace::claim(settings.metrics_namespace.clone())?;
@@ -206,6 +217,19 @@ async fn kafka(settings: BusSettings, config: &Config) -> Result<AnyBus, Error> 
 #[cfg(not(feature = "kafka"))]
 async fn kafka(_settings: BusSettings, _config: &Config) -> Result<AnyBus, Error> {
     Err(not_compiled_in("Kafka", "kafka"))
+}
+
+#[cfg(feature = "prometheus")]
+fn serve_configured_metrics(listen: std::net::SocketAddr) -> Result<(), Error> {
+    serve_metrics(listen)
+}
+
+#[cfg(not(feature = "prometheus"))]
+fn serve_configured_metrics(_listen: std::net::SocketAddr) -> Result<(), Error> {
+    Err(Error::config(
+        "metrics.listen",
+        "the Prometheus exporter is not compiled in: enable the `prometheus` feature of the eventbus crate",
+    ))
 }
 
 /// The error for a backend whose feature is off.

@@ -10,14 +10,16 @@
 //!   span when published from a handler), so the next consumer continues the same trace.
 //!
 //! With `tracing-subscriber` and an `opentelemetry_sdk` tracer (what
-//! `integration-tests/tests/opentelemetry.rs` runs):
+//! `integration-tests/tests/opentelemetry.rs` runs, with an exporter):
 //!
-//! ```ignore
+//! ```
+//! use opentelemetry::trace::TracerProvider as _;
 //! use tracing_subscriber::layer::SubscriberExt;
 //!
 //! // The service installs its subscriber with the OpenTelemetry layer...
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
 //! let subscriber = tracing_subscriber::registry()
-//!     .with(tracing_opentelemetry::layer().with_tracer(tracer()));
+//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("billing")));
 //! tracing::subscriber::set_global_default(subscriber).expect("one subscriber");
 //! // ...and links the bus's spans to it.
 //! eventbus::opentelemetry::install();

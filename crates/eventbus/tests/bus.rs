@@ -128,3 +128,19 @@ async fn typed_handlers_get_the_payload_and_undecodable_payloads_are_dead_letter
     );
     bus.close().await.unwrap();
 }
+
+/// Built without the `prometheus` feature, a configuration that asks to serve metrics is refused
+/// with the setting named, rather than connecting without them.
+#[cfg(not(feature = "prometheus"))]
+#[tokio::test]
+async fn serving_metrics_without_the_prometheus_feature_is_a_config_error() {
+    let config = Config {
+        metrics: eventbus::MetricsSection {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+        },
+        ..Config::default()
+    };
+    let error = eventbus::connect(config).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Config);
+    assert!(error.to_string().contains("metrics.listen"), "{error}");
+}

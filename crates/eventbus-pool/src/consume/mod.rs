@@ -75,6 +75,9 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! [`Receipt`]: crate::transport::Receipt
+//! [`DeadLetterWriter`]: crate::transport::DeadLetterWriter
 
 mod consumer;
 mod monitor;
