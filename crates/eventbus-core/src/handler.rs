@@ -132,7 +132,8 @@ impl HandlerError {
     /// Asks for the next attempt after `delay` rather than the retry policy's backoff (a
     /// rate limit's `Retry-After`, a lock held for a known time). The attempt still counts
     /// toward `max_attempts`; a policy's decision may still give up or pick its own delay
-    /// ([`RetryPolicy`](crate::RetryPolicy)). Meaningless on a permanent error.
+    /// ([`RetryPolicy`](crate::RetryPolicy)); a delay longer than an hour is cut to an hour.
+    /// Ignored on a permanent error.
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
         self

@@ -127,27 +127,22 @@ impl RetryPolicy {
     }
 
     /// The delay before the attempt after failed attempt `attempt`, or `None` when the
-    /// message is not tried again (see the type's documentation).
+    /// message is not tried again (see the type's documentation). A delay asked for by the
+    /// decision or the handler is cut to [`MAX_BACKOFF`].
     pub fn next_attempt(&self, error: &HandlerError, attempt: u32) -> Option<Duration> {
         if error.is_permanent() || attempt >= self.max_attempts {
             return None;
         }
-        match self
+        let delay = match self
             .decide
             .as_ref()
             .map_or(RetryDecision::Retry, |decide| decide(error, attempt))
         {
-            RetryDecision::GiveUp => None,
-            RetryDecision::RetryAfter(delay) => Some(delay),
-            RetryDecision::Retry => Some(self.delay_after(error, attempt)),
-        }
-    }
-
-    /// The delay after failed attempt `attempt` when the message is tried again whatever
-    /// happens (a subscription with nowhere to send it): the handler's own delay, else the
-    /// backoff.
-    pub fn delay_after(&self, error: &HandlerError, attempt: u32) -> Duration {
-        error.retry_after().unwrap_or_else(|| self.backoff(attempt))
+            RetryDecision::GiveUp => return None,
+            RetryDecision::RetryAfter(delay) => delay,
+            RetryDecision::Retry => error.retry_after().unwrap_or_else(|| self.backoff(attempt)),
+        };
+        Some(delay.min(MAX_BACKOFF))
     }
 
     /// The backoff after failed attempt `attempt` (1-based), jitter included.

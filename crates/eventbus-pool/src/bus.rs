@@ -354,8 +354,11 @@ impl<T: Transport> TransportBus<T> {
     ///
     /// # Cancel safety
     ///
-    /// The bus refuses new calls from the first poll. Dropped during the drain, the engine
-    /// keeps draining; a later call waits for nothing that was cut short and returns.
+    /// The bus refuses new publishes and subscriptions from the first poll. Dropped before it
+    /// returns, the close stops where it was (intake may still be stopping, the engine goes on
+    /// draining up to its deadline, the transport's client is not flushed yet) and the bus is
+    /// not yet closed: a later call runs the close again, with a fresh drain deadline, and
+    /// returns once the bus is closed. Call `close` again after dropping one.
     pub async fn close(&self) -> Result<(), Error> {
         let mut closed = self.closing.lock().await;
         if *closed {

@@ -1015,10 +1015,19 @@ impl Shared {
             Attempt::Succeeded => Outcome::Succeeded { attempts: attempt },
             Attempt::Cancelled => Outcome::Cancelled { attempts: attempt },
             Attempt::Failed(error) => {
-                let next = if unlimited {
-                    Some(policy.delay_after(&error, attempt))
-                } else if at_least_once {
-                    policy.next_attempt(&error, attempt)
+                let next = if at_least_once {
+                    // The policy's decision is the service's code: a panic in it gives the
+                    // message up (or, with nowhere to send it, backs off), and the actor lives.
+                    let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        policy.next_attempt(&error, attempt)
+                    }))
+                    .unwrap_or_else(|panic| {
+                        tracing::error!(attempt, %error, panic = %panic_message(panic.as_ref()), "the retry policy's decision panicked: not retried by it");
+                        None
+                    });
+                    // A job with nowhere to go keeps trying at the policy's backoff once the
+                    // policy gives up (permanent errors included).
+                    decided.or_else(|| unlimited.then(|| policy.backoff(attempt)))
                 } else {
                     None
                 };

@@ -267,6 +267,83 @@ async fn a_subscriptions_retry_policy_replaces_the_buses() {
         .await;
 }
 
+/// A retry decision is the service's code: one that panics gives its message up (dead-lettered,
+/// with the handler's error), the actor lives on, and the aggregate's next event runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_decision_that_panics_dead_letters_its_message_and_the_aggregate_moves_on() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(1, &log);
+    let handler = Handler::Envelope(Arc::new(
+        |_ctx: HandlerContext, envelope: Envelope| async move {
+            if envelope.event_version == 1 {
+                return Err(HandlerError::transient("busy"));
+            }
+            Ok(())
+        },
+    ));
+    let policy = RetryPolicy::new()
+        .with_max_attempts(5)
+        .with_decision(|_, _| panic!("a decision that unwraps what is not there"));
+    let consumer = runtime
+        .subscribe(SubscriptionSpec::new("orders", "sub-panics", handler).with_retry(Some(policy)))
+        .unwrap();
+    for version in 1..=2 {
+        consumer
+            .deliver(delivery(&log, "k", version, version as u64))
+            .await
+            .unwrap();
+    }
+    wait_until("v1 dead-lettered and v2 acknowledged", || {
+        let events = log.events();
+        events.contains(&"terminate k/1".to_owned()) && events.contains(&"ack k/2".to_owned())
+    })
+    .await;
+    assert!(
+        log.events()
+            .iter()
+            .any(|event| event.starts_with("dead letter to orders.DLQ (busy)"))
+    );
+    let report = runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+    assert!(report.drained);
+}
+
+/// A subscription without a dead-letter topic still follows its policy's decision while
+/// attempts are left: its 10 ms, not the 10 minutes of the policy's backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_without_dead_letters_waits_its_decisions_delay_while_attempts_are_left() {
+    let log = Arc::new(Log::default());
+    let runtime = runtime(2, &log);
+    let handler = Handler::Envelope(Arc::new(
+        |ctx: HandlerContext, _envelope: Envelope| async move {
+            if ctx.attempt() < 3 {
+                return Err(HandlerError::transient("busy"));
+            }
+            Ok(())
+        },
+    ));
+    let policy = RetryPolicy::new()
+        .with_max_attempts(5)
+        .with_backoff(Duration::from_secs(600), Duration::from_secs(600))
+        .with_decision(|_, _| RetryDecision::RetryAfter(Duration::from_millis(10)));
+    let consumer = runtime
+        .subscribe(
+            SubscriptionSpec::new("orders", "sub-no-dlq", handler)
+                .with_dead_letter(None)
+                .with_retry(Some(policy)),
+        )
+        .unwrap();
+    consumer.deliver(delivery(&log, "k", 1, 1)).await.unwrap();
+    wait_until("k/1 acknowledged at its third attempt", || {
+        log.events().contains(&"ack k/1".to_owned())
+    })
+    .await;
+    runtime
+        .close(tokio::time::Instant::now() + Duration::from_secs(5))
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_dead_letter_write_is_retried_while_the_aggregate_waits() {
     let log = Arc::new(Log::default());
