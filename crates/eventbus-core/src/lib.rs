@@ -117,7 +117,7 @@ pub use metrics::metric_namespace;
 pub use outcome::{DeliveryClass, Outcome, Settlement};
 pub use pipeline::{PendingPublish, PublishFailure, PublishResult, PublishResults, ResultsError};
 pub use retry::{Backoff, MAX_ATTEMPTS, MAX_BACKOFF, RetryDecision, RetryPolicy};
-pub use route::{Router, Unclaimed, UnclaimedCount};
+pub use route::{Router, TypedHandler, Unclaimed, UnclaimedCount};
 pub use secret::Secret;
 pub use topic::{DEAD_LETTER_SUFFIX, MAX_TOPIC_LEN, TopicError, dead_letter_topic, validate_topic};
 pub use topic_spec::{EnsureMode, TopicAdmin, TopicMismatch, TopicReport, TopicSpec, TopicStorage};

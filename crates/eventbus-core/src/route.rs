@@ -32,27 +32,32 @@ pub enum Unclaimed {
     Fail,
 }
 
-/// One route: decodes the payload into its type and calls its handler.
-#[async_trait]
-trait Route: Send + Sync + 'static {
-    async fn handle(&self, ctx: HandlerContext, envelope: Envelope) -> Result<(), HandlerError>;
-}
-
-/// A route whose handler takes the payload decoded as `T`.
-struct Typed<T, F> {
+/// An envelope handler whose function takes the payload decoded as `T`: a [`Router`]'s route,
+/// and what `EventBusExt::subscribe_envelope_typed` subscribes. A payload that does not decode
+/// as `T` never will: a permanent error (dead-lettered at once, the reason naming the field).
+pub struct TypedHandler<T, F> {
     handler: F,
     payload: PhantomData<fn() -> T>,
 }
 
+impl<T, F> TypedHandler<T, F> {
+    /// The handler calling `handler` with each envelope and its payload decoded as `T`.
+    pub fn new(handler: F) -> Self {
+        Self {
+            handler,
+            payload: PhantomData,
+        }
+    }
+}
+
 #[async_trait]
-impl<T, F, Fut> Route for Typed<T, F>
+impl<T, F, Fut> EnvelopeHandler for TypedHandler<T, F>
 where
     T: DeserializeOwned + Send + 'static,
     F: Fn(HandlerContext, Envelope, T) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     async fn handle(&self, ctx: HandlerContext, envelope: Envelope) -> Result<(), HandlerError> {
-        // A payload that does not decode as its type's never will: dead-lettered at once.
         let payload: T = envelope.payload_as().map_err(HandlerError::permanent)?;
         (self.handler)(ctx, envelope, payload).await
     }
@@ -93,7 +98,7 @@ where
 /// # Ok::<(), eventbus_core::Error>(())
 /// ```
 pub struct Router {
-    routes: HashMap<String, Box<dyn Route>>,
+    routes: HashMap<String, Box<dyn EnvelopeHandler>>,
     unclaimed: Unclaimed,
     /// Envelopes no route claimed.
     unclaimed_seen: Arc<AtomicU64>,
@@ -138,13 +143,8 @@ impl Router {
                 format!("{event_type:?} has a route already"),
             ));
         }
-        self.routes.insert(
-            event_type,
-            Box::new(Typed {
-                handler,
-                payload: PhantomData,
-            }),
-        );
+        self.routes
+            .insert(event_type, Box::new(TypedHandler::new(handler)));
         Ok(self)
     }
 

@@ -23,8 +23,6 @@ async fn a_close_dropped_midway_refuses_publishes_and_a_second_close_finishes_it
             async move {
                 s.add_permits(1);
                 g.acquire().await.map_err(HandlerError::permanent)?.forget();
-                // Work that takes a while once it may go on.
-                tokio::time::sleep(Duration::from_millis(200)).await;
                 f.store(true, std::sync::atomic::Ordering::SeqCst);
                 Ok(())
             }
@@ -47,8 +45,17 @@ async fn a_close_dropped_midway_refuses_publishes_and_a_second_close_finishes_it
         .unwrap_err();
     assert_eq!(refused.kind(), ErrorKind::Closed);
 
+    // The second close runs the close again: it too waits for the running handler...
+    let mut second = std::pin::pin!(bus.close());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), &mut second)
+            .await
+            .is_err(),
+        "the second close waits for the running handler"
+    );
+    // ...and returns once it has finished.
     gate.add_permits(1);
-    tokio::time::timeout(Duration::from_secs(10), bus.close())
+    tokio::time::timeout(Duration::from_secs(10), second)
         .await
         .expect("the second close returns")
         .unwrap();

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use eventbus_core::{
     Envelope, Error, EventBus, HandlerContext, HandlerError, SubscribeOptions, Subscription,
+    TypedHandler,
 };
 use serde::de::DeserializeOwned;
 
@@ -25,19 +26,8 @@ pub trait EventBusExt: EventBus {
         F: Fn(HandlerContext, Envelope, T) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
     {
-        let handler = Arc::new(handler);
-        self.subscribe_envelope(
-            topic,
-            Arc::new(move |ctx: HandlerContext, envelope: Envelope| {
-                let handler = handler.clone();
-                async move {
-                    let payload: T = envelope.payload_as().map_err(HandlerError::permanent)?;
-                    handler(ctx, envelope, payload).await
-                }
-            }),
-            options,
-        )
-        .await
+        self.subscribe_envelope(topic, Arc::new(TypedHandler::new(handler)), options)
+            .await
     }
 }
 
